@@ -1,0 +1,145 @@
+"""The client side of a split: holds the bottom, talks to the server only through bytes."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fl_app.metrics import resident_bytes, track_peak_memory
+from fl_app.models import ClientBottom
+from fl_app.protocol import WIRE_DTYPES, StepReply, StepRequest
+from fl_app.zo import ZOEstimator, draw_seeds
+
+Exchange = Callable[[bytes], bytes]
+LABEL_FIELDS = ("labels", "score_ids", "target_ids")
+
+
+@dataclass(frozen=True)
+class ClientOptimConfig:
+    """How a client trains its bottom: ``zo`` (MeZO, forward passes only) or ``fo`` (backprop)."""
+
+    order: str = "zo"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    zo_eps: float = 1e-3
+    zo_queries: int = 10
+    seed: int = 0
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.order not in ("fo", "zo"):
+            raise ValueError(f"client order must be 'fo' or 'zo', got {self.order!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"client-lr must be a positive finite number, got {self.lr!r}")
+        if self.zo_queries < 1:
+            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
+
+
+@dataclass
+class StepStats:
+    """What one client step cost and achieved."""
+
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    peak_memory_bytes: int
+    seconds: float
+    seeds: list[int]
+    projected_grads: list[float]
+
+
+class SplitClient:
+    """Owns a bottom and its optimiser state; never touches the server's objects."""
+
+    def __init__(self, bottom: ClientBottom, params: list[torch.nn.Parameter], config: ClientOptimConfig,
+                 client_id: str = "0"):
+        self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self.steps = 0
+        self._rng = torch.Generator().manual_seed(config.seed)
+        if config.order == "zo":
+            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
+            self.optimizer = None
+        else:
+            self.zo = None
+            self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor],
+                 perturbed: torch.Tensor | None = None) -> StepRequest:
+        labels = {k: batch[k] for k in LABEL_FIELDS if k in batch}
+        return StepRequest(
+            kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
+            perturbed=None if perturbed is None else perturbed.to(self.wire_dtype),
+            meta={"client": self.client_id, "step": self.steps}, **labels)
+
+    def train_step(self, batch: dict[str, torch.Tensor], exchange: Exchange) -> StepStats:
+        """One split step; ``exchange`` carries one request to the server and returns its reply."""
+        start = time.perf_counter()
+        resident = resident_bytes(self.bottom, self.optimizer)
+        with track_peak_memory() as peak:
+            if self.zo is not None:
+                loss, up, down, seeds, grads = self._zo_step(batch, exchange)
+            else:
+                loss, up, down = self._fo_step(batch, exchange)
+                seeds, grads = [], []
+        self.steps += 1
+        return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads)
+
+    @torch.no_grad()
+    def _zo_step(self, batch, exchange: Exchange):
+        seeds = draw_seeds(self._rng, self.config.zo_queries)
+        perturbed = []
+        for seed in seeds:
+            self.zo.perturb(seed, +1.0)
+            perturbed.append(self._forward(batch).to(self.wire_dtype))
+            self.zo.perturb(seed, -2.0)
+            perturbed.append(self._forward(batch).to(self.wire_dtype))
+            self.zo.perturb(seed, +1.0)
+        clean = self._forward(batch)
+        payload = self._request("zo", clean, batch, torch.stack(perturbed)).to_bytes()
+        del perturbed, clean
+        answer = exchange(payload)
+        reply = StepReply.from_bytes(answer)
+        losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
+        if len(losses) != 2 * len(seeds):
+            raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
+        grads = [self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
+        self.zo.update(seeds, grads)
+        return reply.clean_loss, len(payload), len(answer), seeds, grads
+
+    def _fo_step(self, batch, exchange: Exchange):
+        hidden = self._forward(batch)
+        payload = self._request("fo", hidden, batch).to_bytes()
+        answer = exchange(payload)
+        reply = StepReply.from_bytes(answer)
+        if reply.grad is None or reply.grad.shape != hidden.shape:
+            raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
+                             f"expected {list(hidden.shape)}")
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            hidden.backward(reply.grad.to(hidden.dtype))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return reply.clean_loss, len(payload), len(answer)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], exchange: Exchange) -> dict[str, float]:
+        """Accuracy and mean loss of this client's bottom + the server's top over ``batches``."""
+        correct = count = 0
+        loss_sum = 0.0
+        for batch in batches:
+            reply = StepReply.from_bytes(exchange(self._request("eval", self._forward(batch), batch).to_bytes()))
+            correct += reply.correct
+            count += reply.count
+            loss_sum += reply.clean_loss * reply.count
+        if count == 0:
+            raise ValueError("evaluation set is empty")
+        return {"accuracy": correct / count, "loss": loss_sum / count, "count": count}

@@ -1,0 +1,139 @@
+"""Scenario configuration: one flat mapping of hyphenated keys, shared by the local runner and
+Flower's run-config (every key here is also declared in ``[tool.flwr.app.config]``)."""
+from __future__ import annotations
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # (client order, server order)
+
+DEFAULTS: dict[str, Any] = {
+    "mode": "hosl",
+    "model": "tiny-opt",
+    "task": "sst2",
+    "data-source": "local",
+    "data-dir": "",
+    "cut-layer": 2,
+    "num-clients": 2,
+    "num-rounds": 3,
+    "local-steps": 5,
+    "batch-size": 16,
+    "max-length": 64,
+    "n-train": 1000,
+    "n-dev": 500,
+    "n-test": 1000,
+    "partition": "iid",
+    "dirichlet-alpha": 0.5,
+    "seed": 0,
+    "client-params": "full",
+    "server-params": "full",
+    "client-lr": 1e-6,
+    "server-lr": 1e-4,
+    "zo-eps": 1e-3,
+    "zo-queries": 10,
+    "weight-decay": 0.0,
+    "lora-r": 8,
+    "lora-alpha": 16,
+    "lora-targets": "",
+    "freeze-embeddings": False,
+    "wire-dtype": "float32",
+    "eval-every": 1,
+    "eval-examples": 500,
+    "eval-test": True,
+}
+
+CHOICES = {
+    "mode": tuple(MODES),
+    "data-source": ("local", "hub"),
+    "partition": ("iid", "dirichlet"),
+    "client-params": ("full", "lora", "frozen"),
+    "server-params": ("full", "lora", "frozen"),
+    "wire-dtype": ("float32", "float16", "bfloat16"),
+}
+POSITIVE = ("num-clients", "num-rounds", "local-steps", "batch-size", "max-length", "zo-queries",
+            "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every")
+NON_NEGATIVE = ("cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Coerce ``value`` to the type of the key's default, or raise naming the key and value."""
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise ValueError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
+
+
+def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults updated with ``overrides``, type-checked and validated."""
+    config = dict(DEFAULTS)
+    for key, value in (overrides or {}).items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown config key '{key}' (value {value!r}); known keys: {', '.join(sorted(DEFAULTS))}")
+        config[key] = _coerce(key, value)
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {allowed}, got {config[key]!r}")
+    for key in POSITIVE:
+        if not config[key] > 0:
+            raise ValueError(f"config key '{key}' must be > 0, got {config[key]!r}")
+    for key in NON_NEGATIVE:
+        if config[key] < 0:
+            raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")
+    return config
+
+
+def read_scenario(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML scenario file (the same format ``flwr run --run-config`` accepts)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ValueError(f"scenario file not found: {path}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"scenario file {path} is not valid TOML: {err}") from err
+    nested = [k for k, v in raw.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"scenario file {path} must be flat key = value pairs; found tables {nested}")
+    return raw
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` from the command line into a mapping (values coerced later)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``lora-targets`` key as a tuple (comma separated; empty = family default)."""
+    return tuple(t.strip() for t in config["lora-targets"].split(",") if t.strip())

@@ -1,0 +1,57 @@
+"""Measurements shared by the runner and the Flower apps: client peak memory and timing."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def resident_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Parameters, buffers, gradients and optimizer state a party keeps between steps."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return tensor_bytes(tensors)
+
+
+@dataclass
+class PeakMemory:
+    """Result of :func:`track_peak_memory`: the transient peak above what was live at the start."""
+
+    transient_bytes: int = 0
+
+
+@contextlib.contextmanager
+def track_peak_memory() -> Iterator[PeakMemory]:
+    """Peak of CPU bytes allocated *by this thread* inside the block (torch profiler memory events).
+
+    Work a party delegates to another thread (the in-process server) is not counted, so the
+    figure is the client's own.
+    """
+    result = PeakMemory()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    result.transient_bytes = peak

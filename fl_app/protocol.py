@@ -1,0 +1,159 @@
+"""The messages a client and the server exchange: tensors with explicit dtype and shape, plus scalars.
+
+Both messages serialise to bytes with safetensors (dtype and shape travel with each tensor,
+scalars travel as JSON metadata), so the bytes counted are exactly the bytes sent.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+STEP_KINDS = ("zo", "fo", "eval")  # client update rule for the step, or evaluation only
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LABEL_KEYS = ("labels", "score_ids", "target_ids")
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A malformed message: names the field, the value found and what was expected."""
+
+
+@dataclass
+class StepRequest:
+    """Client -> server: activations at the cut for one batch and what is needed to score them.
+
+    ``perturbed`` holds the 2Q activations of a ZO step in the order (+z_1, -z_1, +z_2, -z_2, ...);
+    ``clean`` the unperturbed activations the server trains on (or evaluates).
+    """
+
+    kind: str
+    clean: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    score_ids: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    perturbed: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)  # client id, step, round: JSON scalars only
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.contiguous() for k, v in self._tensors().items()}
+        return st_save(tensors, metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {"clean": self.clean, "attention_mask": self.attention_mask, "labels": self.labels}
+        for name in ("score_ids", "target_ids", "perturbed"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest:
+        if len(payload) > max_bytes:
+            raise ProtocolError(f"request of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+        tensors, metadata = _load(payload)
+        unknown = set(tensors) - {"clean", "attention_mask", "labels", "score_ids", "target_ids", "perturbed"}
+        if unknown:
+            raise ProtocolError(f"unknown tensor field(s) {sorted(unknown)} in request")
+        for name in ("clean", "attention_mask", "labels"):
+            if name not in tensors:
+                raise ProtocolError(f"request is missing field '{name}'")
+        return cls(kind=metadata.get("kind", ""), meta=json.loads(metadata.get("meta", "{}")), **tensors)
+
+
+@dataclass
+class StepReply:
+    """Server -> client: the 2Q losses of the perturbed activations, the clean loss, and for FO
+    clients the gradient of the loss with respect to the clean activations."""
+
+    clean_loss: float
+    perturbed_losses: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    correct: int = 0
+    count: int = 0
+    error: str = ""
+
+    def to_bytes(self) -> bytes:
+        tensors = {}
+        if self.perturbed_losses is not None:
+            tensors["perturbed_losses"] = self.perturbed_losses.to(torch.float64).contiguous()
+        if self.grad is not None:
+            tensors["grad"] = self.grad.contiguous()
+        meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count, "error": self.error}
+        return st_save(tensors, metadata={"meta": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> StepReply:
+        tensors, metadata = _load(payload)
+        meta = json.loads(metadata.get("meta", "{}"))
+        return cls(perturbed_losses=tensors.get("perturbed_losses"), grad=tensors.get("grad"), **meta)
+
+
+def _load(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Deserialise a safetensors payload, turning any parse failure into a ProtocolError."""
+    try:
+        tensors = st_load(payload)
+        header_len = int.from_bytes(payload[:8], "little")
+        header = json.loads(payload[8 : 8 + header_len])
+    except Exception as err:  # safetensors raises several error types for corrupt input
+        raise ProtocolError(f"malformed frame ({len(payload)} bytes): {err}") from err
+    return tensors, header.get("__metadata__", {})
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ProtocolError(message)
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None = None) -> None:
+    """Check every field's dtype, shape and values against the server's model; raise ProtocolError."""
+    _expect(req.kind in STEP_KINDS, f"field 'kind' is '{req.kind}', expected one of {STEP_KINDS}")
+    clean = req.clean
+    _expect(clean.dtype in WIRE_DTYPES.values(), f"field 'clean' has dtype {clean.dtype}, expected a float dtype {list(WIRE_DTYPES)}")
+    _expect(clean.ndim == 3 and clean.shape[-1] == hidden_size,
+            f"field 'clean' has shape {_shape(clean)}, expected [rows, seq_len, {hidden_size}]")
+    rows, seq_len = clean.shape[:2]
+    _expect(rows > 0 and seq_len > 0, f"field 'clean' has shape {_shape(clean)}, expected non-empty rows and seq_len")
+    _expect(torch.isfinite(clean).all().item(), "field 'clean' contains NaN or Inf activations")
+    mask = req.attention_mask
+    _expect(mask.dtype in (torch.int64, torch.int32, torch.bool) and _shape(mask) == [rows, seq_len],
+            f"field 'attention_mask' has shape {_shape(mask)} dtype {mask.dtype}, expected [{rows}, {seq_len}] integer")
+    _expect(bool(((mask == 0) | (mask == 1)).all()) and bool((mask.sum(1) > 0).all()),
+            "field 'attention_mask' must be 0/1 with at least one real token per row")
+    labels = req.labels
+    _expect(labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
+            f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64")
+    batch = labels.shape[0]
+    if req.score_ids is not None:
+        ids = req.score_ids
+        _expect(ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[0] == rows == batch,
+                f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch")
+        classes = ids.shape[1]
+    elif req.target_ids is not None:
+        tgt = req.target_ids
+        _expect(tgt.dtype == torch.int64 and _shape(tgt) == [rows, seq_len] and rows % batch == 0,
+                f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows a multiple of batch {batch}")
+        classes = rows // batch
+        _expect(bool((tgt[:, 1:] != -100).any(1).all()), "field 'target_ids' has a row with no target token after position 0")
+    else:
+        _expect(rows == batch, f"field 'clean' has {rows} rows but 'labels' has {batch}")
+        classes = num_classes
+    if classes is not None:
+        _expect(bool(((labels >= 0) & (labels < classes)).all()),
+                f"field 'labels' has values {labels.tolist()} outside [0, {classes})")
+    if req.perturbed is not None:
+        pert = req.perturbed
+        _expect(req.kind == "zo", f"field 'perturbed' sent with kind '{req.kind}', only 'zo' steps carry it")
+        _expect(pert.dtype in WIRE_DTYPES.values() and pert.ndim == 4 and pert.shape[0] % 2 == 0
+                and _shape(pert)[1:] == _shape(clean),
+                f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected [2Q, {rows}, {seq_len}, {hidden_size}] float")
+        _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
+    else:
+        _expect(req.kind != "zo", "a 'zo' step request must carry field 'perturbed'")

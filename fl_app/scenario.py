@@ -1,0 +1,110 @@
+"""Build everything a scenario needs from its config: data, split model, client and server parties.
+
+The local runner and the Flower apps call the same functions, so a client built here and one
+built inside a Flower ClientApp are the same object with the same seeds.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fl_app.client_party import ClientOptimConfig, SplitClient
+from fl_app.config import MODES, lora_targets
+from fl_app.data import BatchEncoder, partition, sample_splits
+from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_model, param_counts, split_model
+from fl_app.server_party import ServerOptimConfig, SplitServer
+from fl_app.tasks import Example, Task, get_task
+from fl_app.trainable import TrainableSpec, configure_trainable
+
+
+@dataclass
+class TaskData:
+    """The sampled splits, the per-client partition of the train split and the batch encoder."""
+
+    task: Task
+    splits: dict[str, list[Example]]
+    partitions: list[list[int]]
+    encoder: BatchEncoder
+
+    def client_examples(self, index: int) -> list[Example]:
+        train = self.splits["train"]
+        return [train[i] for i in self.partitions[index]]
+
+
+def client_seed(config: Mapping[str, Any], index: int) -> int:
+    """Seed of client ``index``: distinct per client, fixed by the scenario seed."""
+    return int(config["seed"]) * 100_003 + index + 1
+
+
+def load_task_data(config: Mapping[str, Any], loaded: LoadedModel) -> TaskData:
+    """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
+    task = get_task(config["task"])
+    splits = sample_splits(task, config["n-train"], config["n-dev"], config["n-test"], seed=config["seed"],
+                           source=config["data-source"], data_dir=config["data-dir"] or None)
+    parts = partition([ex.label for ex in splits["train"]], config["num-clients"], scheme=config["partition"],
+                      alpha=config["dirichlet-alpha"], seed=config["seed"])
+    kind = "classification" if loaded.kind == "encoder" else "prompted"
+    encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=config["max-length"])
+    return TaskData(task, splits, parts, encoder)
+
+
+def load_split(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom, ServerTop]:
+    """Load the scenario's model and cut it; every party loads the same weights from the same seed.
+
+    The returned ``LoadedModel`` still provides the tokenizer and family; its model is now the top.
+    """
+    loaded = load_model(config["model"], num_labels=get_task(config["task"]).num_classes, seed=config["seed"])
+    bottom, top = split_model(loaded, config["cut-layer"])
+    return loaded, bottom, top
+
+
+def _spec(config: Mapping[str, Any], side: str) -> TrainableSpec:
+    return TrainableSpec(mode=config[f"{side}-params"], lora_r=config["lora-r"], lora_alpha=config["lora-alpha"],
+                         lora_targets=lora_targets(config),
+                         freeze_embeddings=config["freeze-embeddings"] and side == "client")
+
+
+def build_server(config: Mapping[str, Any], top: ServerTop, num_classes: int) -> SplitServer:
+    """The server party with its trainable set and optimiser per ``mode``."""
+    params = configure_trainable(top, _spec(config, "server"), top.family)
+    order = MODES[config["mode"]][1]
+    optim = ServerOptimConfig(order=order, lr=config["server-lr"], weight_decay=config["weight-decay"],
+                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"], seed=config["seed"])
+    return SplitServer(top, params, optim, num_classes=num_classes)
+
+
+def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:
+    """Client ``index`` with its own copy of the bottom (unless ``copy_bottom`` is False)."""
+    own = copy.deepcopy(bottom) if copy_bottom else bottom
+    params = configure_trainable(own, _spec(config, "client"), own.family)
+    order = MODES[config["mode"]][0]
+    optim = ClientOptimConfig(order=order, lr=config["client-lr"], weight_decay=config["weight-decay"],
+                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"],
+                              seed=client_seed(config, index), wire_dtype=config["wire-dtype"])
+    return SplitClient(own, params, optim, client_id=str(index))
+
+
+def batches(encoder: BatchEncoder, examples: list[Example], batch_size: int, seed: int,
+            shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless (shuffle) or single-pass (no shuffle) batches; each epoch reshuffled from ``seed``."""
+    if not examples:
+        raise ValueError("a client has no training examples (check num-clients, n-train and partition)")
+    order = list(range(len(examples)))
+    rng = random.Random(seed)
+    while True:
+        if shuffle:
+            rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield encoder([examples[i] for i in order[start : start + batch_size]])
+        if not shuffle:
+            return
+
+
+def describe_parties(client: SplitClient, server: SplitServer) -> dict[str, dict[str, int]]:
+    """Parameter and trainable counts per side, for results and logs."""
+    return {"client": param_counts(client.bottom), "server": param_counts(server.top)}

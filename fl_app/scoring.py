@@ -1,0 +1,46 @@
+"""Turn the server top's outputs into per-class scores and the classification loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fl_app.models import ServerTop
+
+
+def class_scores(top: ServerTop, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 score_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                 batch_size: int = 0) -> torch.Tensor:
+    """Scores ``[B, C]``: candidate log-likelihoods for decoders, classifier logits for encoders.
+
+    * ``score_ids`` ``[B, C]``: single-token candidates read at each row's last real token.
+    * ``target_ids`` ``[B*C, T]`` (-100 off-target): mean log-likelihood of each candidate's tokens;
+      ``batch_size`` B is then required.
+    """
+    if top.family == "bert":
+        return top(hidden, attention_mask)
+    final = top.hidden(hidden, attention_mask)
+    if score_ids is not None:
+        last = attention_mask.long().sum(1) - 1
+        picked = final[torch.arange(final.shape[0]), last]
+        logp = torch.log_softmax(top.head(picked).float(), dim=-1)
+        return logp.gather(1, score_ids)
+    if target_ids is None:
+        raise ValueError("a decoder batch needs 'score_ids' or 'target_ids'")
+    targets = target_ids[:, 1:]
+    where = targets != -100
+    picked = final[:, :-1][where]
+    logp = torch.log_softmax(top.head(picked).float(), dim=-1)
+    token_logp = logp.gather(1, targets[where].unsqueeze(1)).squeeze(1)
+    rows = where.nonzero()[:, 0]
+    sums = torch.zeros(final.shape[0], dtype=token_logp.dtype).index_add(0, rows, token_logp)
+    mean = sums / where.sum(1).clamp(min=1)
+    return mean.view(batch_size, -1)
+
+
+def classification_loss(scores: torch.Tensor, labels: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross entropy over the class scores; with ``weights``, sum(w * loss) / sum(w)."""
+    if weights is None:
+        return F.cross_entropy(scores, labels)
+    per_example = F.cross_entropy(scores, labels, reduction="none")
+    return (weights * per_example).sum() / weights.sum()

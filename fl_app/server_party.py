@@ -1,0 +1,126 @@
+"""The server side of a split: scores perturbed activations and trains its top (FO or ZO)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fl_app.models import ServerTop
+from fl_app.protocol import StepReply, StepRequest, validate_request
+from fl_app.scoring import class_scores, classification_loss
+from fl_app.zo import ZOEstimator, draw_seeds
+
+
+@dataclass(frozen=True)
+class ServerOptimConfig:
+    """How the server trains its top: ``fo`` (SGD with backprop) or ``zo`` (MeZO)."""
+
+    order: str = "fo"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    zo_eps: float = 1e-3
+    zo_queries: int = 1
+    seed: int = 0
+    score_chunk_rows: int = 256  # rows per forward when scoring perturbed activations together
+
+    def __post_init__(self) -> None:
+        if self.order not in ("fo", "zo"):
+            raise ValueError(f"server order must be 'fo' or 'zo', got {self.order!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"server-lr must be a positive finite number, got {self.lr!r}")
+        if self.zo_queries < 1:
+            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
+
+
+class SplitServer:
+    """Owns the top model. Handles one :class:`StepRequest` at a time, in arrival order.
+
+    Perturbed activations are scored with the weights unchanged (inference only), then the
+    clean activations drive the server's own update, as in one HOSL step.
+    """
+
+    def __init__(self, top: ServerTop, params: list[torch.nn.Parameter], config: ServerOptimConfig,
+                 num_classes: int | None = None):
+        self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
+        self.steps = 0
+        if config.order == "fo":
+            self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+            self.zo = None
+        else:
+            self.optimizer = None
+            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
+            self._rng = torch.Generator().manual_seed(config.seed)
+
+    def handle_bytes(self, payload: bytes) -> bytes:
+        """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input)."""
+        return self.handle(StepRequest.from_bytes(payload)).to_bytes()
+
+    def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
+        return class_scores(self.top, hidden, req.attention_mask, req.score_ids, req.target_ids,
+                            batch_size=req.labels.shape[0])
+
+    def _loss(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
+        return classification_loss(self._scores(hidden, req), req.labels)
+
+    @torch.no_grad()
+    def score_perturbed(self, req: StepRequest) -> torch.Tensor:
+        """Losses of the 2Q perturbed activations, several per forward when they fit in a chunk."""
+        pert = req.perturbed.float()
+        rows = pert.shape[1]
+        per_chunk = max(1, self.config.score_chunk_rows // rows)
+        losses = []
+        for start in range(0, pert.shape[0], per_chunk):
+            chunk = pert[start : start + per_chunk]
+            n = chunk.shape[0]
+            stacked = StepRequest(
+                kind="eval", clean=chunk.reshape(n * rows, *pert.shape[2:]),
+                attention_mask=req.attention_mask.repeat(n, 1), labels=req.labels.repeat(n),
+                score_ids=None if req.score_ids is None else req.score_ids.repeat(n, 1),
+                target_ids=None if req.target_ids is None else req.target_ids.repeat(n, 1))
+            scores = self._scores(stacked.clean, stacked).view(n, req.labels.shape[0], -1)
+            for i in range(n):
+                losses.append(classification_loss(scores[i], req.labels))
+        return torch.stack(losses)
+
+    def handle(self, req: StepRequest) -> StepReply:
+        """Score, then train (or only evaluate for ``kind == 'eval'``)."""
+        validate_request(req, self.top.hidden_size, self.num_classes)
+        perturbed_losses = self.score_perturbed(req) if req.perturbed is not None else None
+        clean = req.clean.float()
+        if req.kind == "eval":
+            with torch.no_grad():
+                scores = self._scores(clean, req)
+                loss = classification_loss(scores, req.labels)
+            correct = int((scores.argmax(1) == req.labels).sum())
+            return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
+        self.steps += 1
+        if self.zo is not None:
+            loss, grad = self._zo_step(clean, req), None
+        else:
+            loss, grad = self._fo_step(clean, req, need_grad=req.kind == "fo")
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"server loss is {loss} at server step {self.steps}")
+        return StepReply(clean_loss=loss, perturbed_losses=perturbed_losses, grad=grad)
+
+    def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
+        clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
+        loss = self._loss(clean, req)
+        if self.optimizer is None and not need_grad:
+            return float(loss.detach()), None
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        grad = clean.grad.to(req.clean.dtype) if need_grad else None
+        return float(loss.detach()), grad
+
+    @torch.no_grad()
+    def _zo_step(self, clean: torch.Tensor, req: StepRequest) -> float:
+        loss = float(self._loss(clean, req))
+        seeds = draw_seeds(self._rng, self.config.zo_queries)
+        grads = [self.zo.estimate(s, lambda: float(self._loss(clean, req))) for s in seeds]
+        self.zo.update(seeds, grads)
+        return loss

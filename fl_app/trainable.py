@@ -1,0 +1,65 @@
+"""Choose what each side trains: full parameters, LoRA adapters (peft) or nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+PARAM_MODES = ("full", "lora", "frozen")
+DEFAULT_LORA_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
+EMBEDDING_TYPES = (nn.Embedding,)
+
+
+@dataclass(frozen=True)
+class TrainableSpec:
+    """What one side trains. ``lora_targets`` empty means the family's default (q and v projections)."""
+
+    mode: str = "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ()
+    freeze_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in PARAM_MODES:
+            raise ValueError(f"unknown parameter mode '{self.mode}' (fields client-params/server-params); known: {', '.join(PARAM_MODES)}")
+        if self.mode == "lora" and (self.lora_r < 1 or self.lora_alpha <= 0):
+            raise ValueError(f"lora-r must be >= 1 and lora-alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(("model.classifier", "model.bert.pooler"))
+
+
+def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` on ``module`` per ``spec`` and return the trainable parameters in a fixed order.
+
+    With LoRA, a sequence-classification head (pooler + classifier, server side) stays fully
+    trainable because it starts untrained.
+    """
+    if spec.mode == "lora":
+        targets = list(spec.lora_targets or DEFAULT_LORA_TARGETS[family])
+        config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets, lora_dropout=0.0)
+        try:
+            inject_adapter_in_model(config, module)
+        except ValueError as err:
+            raise ValueError(f"lora-targets {targets} do not match modules of this part: {err}") from err
+    for name, p in module.named_parameters():
+        if spec.mode == "full":
+            p.requires_grad_(True)
+        elif spec.mode == "lora":
+            p.requires_grad_("lora_" in name or _is_head(name))
+        else:
+            p.requires_grad_(False)
+    if spec.freeze_embeddings:
+        for sub in module.modules():
+            if isinstance(sub, EMBEDDING_TYPES):
+                sub.weight.requires_grad_(False)
+    seen: set[int] = set()
+    params = []
+    for p in module.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
