@@ -11,7 +11,7 @@ import torch
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import WIRE_DTYPES, StepReply, StepRequest
-from fl_app.zo import ZOEstimator, draw_seeds
+from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 Exchange = Callable[[bytes], bytes]
 LABEL_FIELDS = ("labels", "score_ids", "target_ids")
@@ -60,8 +60,7 @@ class SplitClient:
                  client_id: str = "0"):
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
-        self.steps = 0
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
         if config.order == "zo":
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
             self.optimizer = None
@@ -95,7 +94,7 @@ class SplitClient:
 
     @torch.no_grad()
     def _zo_step(self, batch, exchange: Exchange):
-        seeds = draw_seeds(self._rng, self.config.zo_queries)
+        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
         perturbed = []
         for seed in seeds:
             self.zo.perturb(seed, +1.0)

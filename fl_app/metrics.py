@@ -5,6 +5,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,3 +56,16 @@ def track_peak_memory() -> Iterator[PeakMemory]:
         current += event.nbytes()
         peak = max(peak, current)
     result.transient_bytes = peak
+
+
+def pool_eval(reports: list[dict[str, float]]) -> dict[str, Any]:
+    """Pool per-client evaluation reports (accuracy, loss, count) into one, keeping per-client accuracy."""
+    total = sum(r["count"] for r in reports)
+    if not total:
+        return {"accuracy": None, "loss": None, "count": 0, "per_client": []}
+    return {
+        "accuracy": sum(r["accuracy"] * r["count"] for r in reports) / total,
+        "loss": sum(r["loss"] * r["count"] for r in reports) / total,
+        "count": total,
+        "per_client": [r["accuracy"] for r in reports],
+    }

@@ -89,20 +89,38 @@ def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, co
     return SplitClient(own, params, optim, client_id=str(index))
 
 
-def batches(encoder: BatchEncoder, examples: list[Example], batch_size: int, seed: int,
-            shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless (shuffle) or single-pass (no shuffle) batches; each epoch reshuffled from ``seed``."""
-    if not examples:
-        raise ValueError("a client has no training examples (check num-clients, n-train and partition)")
-    order = list(range(len(examples)))
-    rng = random.Random(seed)
-    while True:
-        if shuffle:
-            rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield encoder([examples[i] for i in order[start : start + batch_size]])
-        if not shuffle:
-            return
+class BatchStream:
+    """A client's training batches as a pure function of the step index (epochs reshuffled by seed),
+    so a client restarted from a saved step count continues with exactly the next batch."""
+
+    def __init__(self, encoder: BatchEncoder, examples: list[Example], batch_size: int, seed: int):
+        if not examples:
+            raise ValueError("a client has no training examples (check num-clients, n-train and partition)")
+        self.encoder, self.examples, self.batch_size, self.seed = encoder, examples, batch_size, seed
+        self.per_epoch = -(-len(examples) // batch_size)
+
+    def indices(self, step: int) -> list[int]:
+        """Example indices of batch number ``step``."""
+        epoch, position = divmod(step, self.per_epoch)
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return self.encoder([self.examples[i] for i in self.indices(step)])
+
+
+def eval_batches(encoder: BatchEncoder, examples: list[Example], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over ``examples`` in order."""
+    for start in range(0, len(examples), batch_size):
+        yield encoder(examples[start : start + batch_size])
+
+
+def shard(examples: list[Example], index: int, count: int) -> list[Example]:
+    """Shard ``index`` of ``count`` near-equal contiguous shards (federated evaluation)."""
+    size, extra = divmod(len(examples), count)
+    start = index * size + min(index, extra)
+    return examples[start : start + size + (index < extra)]
 
 
 def describe_parties(client: SplitClient, server: SplitServer) -> dict[str, dict[str, int]]:

@@ -9,7 +9,7 @@ import torch
 from fl_app.models import ServerTop
 from fl_app.protocol import StepReply, StepRequest, validate_request
 from fl_app.scoring import class_scores, classification_loss
-from fl_app.zo import ZOEstimator, draw_seeds
+from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,45 @@ class ServerOptimConfig:
             raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
 
 
+class UpdateLedger:
+    """What each open session's steps changed in the server's trainable weights.
+
+    A session that fails is rolled back (its applied deltas subtracted), so the shared top keeps
+    no partial update from a dropped client; a finished session is committed (record dropped).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.deltas: dict[str, list[torch.Tensor]] = {}
+
+    def track(self, key: str):
+        """Snapshot before a step; call the returned function after the step to record its delta."""
+        before = [p.detach().clone() for p in self.params]
+
+        def done() -> None:
+            with torch.no_grad():
+                steps = [p.detach() - b for p, b in zip(self.params, before)]
+                if key in self.deltas:
+                    for acc, d in zip(self.deltas[key], steps):
+                        acc.add_(d)
+                else:
+                    self.deltas[key] = steps
+        return done
+
+    def commit(self, key: str) -> None:
+        self.deltas.pop(key, None)
+
+    @torch.no_grad()
+    def rollback(self, key: str) -> bool:
+        """Undo ``key``'s updates; True if there was anything to undo."""
+        deltas = self.deltas.pop(key, None)
+        if deltas is None:
+            return False
+        for p, d in zip(self.params, deltas):
+            p.sub_(d)
+        return True
+
+
 class SplitServer:
     """Owns the top model. Handles one :class:`StepRequest` at a time, in arrival order.
 
@@ -44,17 +83,20 @@ class SplitServer:
                  num_classes: int | None = None):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.steps = 0
+        self.ledger = UpdateLedger(params)
         if config.order == "fo":
             self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
             self.zo = None
         else:
             self.optimizer = None
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
-            self._rng = torch.Generator().manual_seed(config.seed)
 
-    def handle_bytes(self, payload: bytes) -> bytes:
-        """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input)."""
-        return self.handle(StepRequest.from_bytes(payload)).to_bytes()
+    def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes:
+        """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input).
+
+        With ``session``, the step's weight change is recorded so the session can be rolled back.
+        """
+        return self.handle(StepRequest.from_bytes(payload), session).to_bytes()
 
     def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
         return class_scores(self.top, hidden, req.attention_mask, req.score_ids, req.target_ids,
@@ -83,7 +125,7 @@ class SplitServer:
                 losses.append(classification_loss(scores[i], req.labels))
         return torch.stack(losses)
 
-    def handle(self, req: StepRequest) -> StepReply:
+    def handle(self, req: StepRequest, session: str | None = None) -> StepReply:
         """Score, then train (or only evaluate for ``kind == 'eval'``)."""
         validate_request(req, self.top.hidden_size, self.num_classes)
         perturbed_losses = self.score_perturbed(req) if req.perturbed is not None else None
@@ -95,17 +137,20 @@ class SplitServer:
             correct = int((scores.argmax(1) == req.labels).sum())
             return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
         self.steps += 1
+        record = self.ledger.track(session) if session is not None and self.params else None
         if self.zo is not None:
             loss, grad = self._zo_step(clean, req), None
         else:
             loss, grad = self._fo_step(clean, req, need_grad=req.kind == "fo")
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"server loss is {loss} at server step {self.steps}")
+        if record is not None:
+            record()
         return StepReply(clean_loss=loss, perturbed_losses=perturbed_losses, grad=grad)
 
     def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
         clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
         loss = self._loss(clean, req)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"server loss is {float(loss)} at server step {self.steps}; no update applied")
         if self.optimizer is None and not need_grad:
             return float(loss.detach()), None
         if self.optimizer is not None:
@@ -120,7 +165,9 @@ class SplitServer:
     @torch.no_grad()
     def _zo_step(self, clean: torch.Tensor, req: StepRequest) -> float:
         loss = float(self._loss(clean, req))
-        seeds = draw_seeds(self._rng, self.config.zo_queries)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"server loss is {loss} at server step {self.steps}; no update applied")
+        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
         grads = [self.zo.estimate(s, lambda: float(self._loss(clean, req))) for s in seeds]
         self.zo.update(seeds, grads)
         return loss

@@ -18,7 +18,9 @@ import torch
 
 from fl_app.config import make_config, parse_overrides, read_scenario
 from fl_app.local_transport import InProcessLink
-from fl_app.scenario import batches, build_client, build_server, client_seed, describe_parties, load_split, load_task_data
+from fl_app.metrics import pool_eval
+from fl_app.scenario import (BatchStream, build_client, build_server, client_seed, describe_parties, eval_batches,
+                              load_split, load_task_data, shard)
 
 log = logging.getLogger("fl_app.train")
 
@@ -31,26 +33,22 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def eval_examples(data, split: str, limit: int) -> list:
-    """The first ``limit`` examples of a split (0 = all)."""
+def eval_examples(data, split: str, config: Mapping[str, Any]) -> list:
+    """The examples evaluated on ``split``: the first ``eval-examples`` of dev (0 = all), all of test."""
     examples = data.splits[split]
+    limit = config["eval-examples"] if split == "dev" else 0
     return examples[:limit] if limit else examples
 
 
 def evaluate_clients(clients, link: InProcessLink, data, split: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Every client's bottom with the shared top on ``split``; accuracy pooled over clients."""
-    examples = eval_examples(data, split, config["eval-examples"] if split == "dev" else 0)
-    if not examples:
-        return {"accuracy": None, "loss": None, "count": 0, "per_client": []}
-    per_client = [c.evaluate(batches(data.encoder, examples, config["batch-size"], 0, shuffle=False), link.exchange)
-                  for c in clients]
-    total = sum(r["count"] for r in per_client)
-    return {
-        "accuracy": sum(r["accuracy"] * r["count"] for r in per_client) / total,
-        "loss": sum(r["loss"] * r["count"] for r in per_client) / total,
-        "count": per_client[0]["count"],
-        "per_client": [r["accuracy"] for r in per_client],
-    }
+    """Federated evaluation: client i scores shard i of ``split`` with its bottom and the shared top."""
+    examples = eval_examples(data, split, config)
+    reports = []
+    for index, client in enumerate(clients):
+        part = shard(examples, index, len(clients))
+        if part:
+            reports.append(client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link.exchange))
+    return pool_eval(reports)
 
 
 def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -63,7 +61,7 @@ def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     clients = [build_client(config, bottom, i) for i in range(config["num-clients"])]
     del bottom
     link = InProcessLink(server)
-    streams = [batches(data.encoder, data.client_examples(i), config["batch-size"], client_seed(config, i))
+    streams = [BatchStream(data.encoder, data.client_examples(i), config["batch-size"], client_seed(config, i))
                for i in range(len(clients))]
     results: dict[str, Any] = {
         "mode": config["mode"], "config": dict(config), "parameters": describe_parties(clients[0], server),
@@ -77,7 +75,7 @@ def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     for rnd in range(1, config["num-rounds"] + 1):
         for index, (client, stream) in enumerate(zip(clients, streams)):
             for _ in range(config["local-steps"]):
-                stats = client.train_step(next(stream), link.exchange)
+                stats = client.train_step(stream.batch(client.steps), link.exchange)
                 step += 1
                 results["history"].append({
                     "round": rnd, "client": index, "step": step, "train_loss": stats.loss,

@@ -75,6 +75,11 @@ class ZOEstimator:
         return self.projected_gradient(loss_plus, loss_minus)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator fixed by (party seed, step index): seeds can be re-derived after a restart."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+
+
 def draw_seeds(rng: torch.Generator, count: int) -> list[int]:
     """Draw ``count`` seeds (63-bit ints) from a seeded torch generator."""
     return [int(s) for s in torch.randint(0, 2**62, (count,), generator=rng, dtype=torch.int64)]

@@ -1,0 +1,172 @@
+"""Direct step transport between a client session and the server: one gRPC bidirectional stream.
+
+Each request frame is a serialised :class:`~fl_app.protocol.StepRequest`, each response a
+:class:`~fl_app.protocol.StepReply`. A stream must present the session's secret token as
+metadata; unknown tokens are rejected with UNAUTHENTICATED. Frames above the size limit are
+refused by gRPC itself; malformed frames end that session with INVALID_ARGUMENT while the
+server keeps serving the others. TLS is used when a certificate and key are given.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from fl_app.protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+METHOD = "/hosl.SplitStep/Session"
+TOKEN_KEY = "x-hosl-session"
+Handler = Callable[[str, bytes], bytes]
+
+
+@dataclass
+class Session:
+    """Server-side record of one client session."""
+
+    client_id: str
+    token: str
+    status: str = "open"  # open -> done | failed
+    reason: str = ""
+    steps: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    context: grpc.ServicerContext | None = None
+
+
+def _grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
+class StepStreamServer:
+    """Serves sessions; ``handler(token, request_bytes) -> reply_bytes`` does the model work."""
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+                 max_message_bytes: int = 256 * 1024 * 1024, tls_cert: bytes | None = None,
+                 tls_key: bytes | None = None, on_failure: Callable[[Session], None] | None = None):
+        self.handler, self.on_failure = handler, on_failure
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
+                                   options=_grpc_options(max_message_bytes))
+        rpc = grpc.stream_stream_rpc_method_handler(self._serve)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),))
+        address = f"{host}:{port}"
+        if tls_cert is not None and tls_key is not None:
+            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind the step stream to {address}")
+        self.host = host
+        self._server.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def open_session(self, client_id: str) -> Session:
+        """A new session with a fresh secret token; its stream must present the token."""
+        session = Session(client_id=client_id, token=secrets.token_hex(16))
+        with self._lock:
+            self.sessions[session.token] = session
+        return session
+
+    def fail(self, session: Session, reason: str, cancel: bool = True) -> None:
+        """Mark ``session`` failed (once), cancel its stream unless told not to, run the failure callback."""
+        with self._lock:
+            if session.status != "open":
+                return
+            session.status, session.reason = "failed", reason
+        log.warning("session of client %s dropped: %s", session.client_id, reason)
+        if cancel and session.context is not None:
+            session.context.cancel()
+        if self.on_failure is not None:
+            self.on_failure(session)
+
+    def close_session(self, session: Session) -> Session:
+        """End a session: it can no longer be used; returns its final record."""
+        with self._lock:
+            if session.status == "open":
+                session.status = "done"
+            self.sessions.pop(session.token, None)
+        return session
+
+    def expire_idle(self, timeout: float) -> list[Session]:
+        """Fail sessions with no frame for ``timeout`` seconds (a stalled or vanished client)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [s for s in self.sessions.values() if s.status == "open" and now - s.last_activity > timeout]
+        for session in stale:
+            self.fail(session, f"no step for {timeout:.0f} s (step timeout)")
+        return stale
+
+    def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        token = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
+        with self._lock:
+            session = self.sessions.get(token)
+        if session is None or session.status != "open":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or closed session token")
+        session.context = context
+        try:
+            for payload in requests:
+                session.last_activity = time.monotonic()
+                session.bytes_up += len(payload)
+                answer = self.handler(token, payload)
+                session.bytes_down += len(answer)
+                session.steps += 1
+                session.last_activity = time.monotonic()
+                yield answer
+        except (ProtocolError, FloatingPointError) as err:
+            self.fail(session, f"malformed frame: {err}", cancel=False)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if not context.is_active() and session.status == "open":
+            self.fail(session, "client disconnected")
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+
+class StepStreamClient:
+    """The client end of a session: ``exchange(request_bytes) -> reply_bytes`` over one stream."""
+
+    def __init__(self, address: str, token: str, root_certificate: bytes | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024, timeout: float | None = None):
+        options = _grpc_options(max_message_bytes)
+        if root_certificate:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificate), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        call = self._channel.stream_stream(METHOD)
+        self._responses = call(iter(self._outbox.get, None), metadata=((TOKEN_KEY, token),), timeout=timeout)
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def exchange(self, payload: bytes) -> bytes:
+        self._outbox.put(payload)
+        self.bytes_up += len(payload)
+        try:
+            answer = next(self._responses)
+        except grpc.RpcError as err:
+            raise ConnectionError(f"step stream failed: {err.code().name}: {err.details()}") from err
+        except StopIteration as err:
+            raise ConnectionError("step stream closed by the server") from err
+        self.bytes_down += len(answer)
+        return answer
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._channel.close()

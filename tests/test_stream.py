@@ -1,0 +1,88 @@
+"""gRPC step stream: authenticated sessions, malformed frames end one session only, rollback."""
+import threading
+
+import grpc
+import pytest
+import torch
+
+from fl_app.protocol import ProtocolError
+from fl_app.server_party import UpdateLedger
+from fl_app.stream import StepStreamClient, StepStreamServer
+
+
+def echo_handler(token, payload):
+    if payload.startswith(b"bad"):
+        raise ProtocolError("field 'clean' has shape [1], expected [rows, seq_len, 8]")
+    return payload[::-1]
+
+
+@pytest.fixture
+def server():
+    srv = StepStreamServer(echo_handler, port=0)
+    yield srv
+    srv.stop()
+
+
+def test_session_exchanges_frames_and_counts_bytes(server):
+    session = server.open_session("c0")
+    client = StepStreamClient(server.address, session.token)
+    assert client.exchange(b"abc") == b"cba"
+    assert client.exchange(b"12345") == b"54321"
+    client.close()
+    assert session.steps == 2 and session.bytes_up == 8 and session.bytes_down == 8
+    assert server.close_session(session).status == "done"
+
+
+def test_stream_without_valid_token_is_rejected(server):
+    server.open_session("c0")
+    client = StepStreamClient(server.address, "not-the-token")
+    with pytest.raises(ConnectionError, match="UNAUTHENTICATED"):
+        client.exchange(b"hello")
+    client.close()
+
+
+def test_malformed_frame_ends_only_that_session(server):
+    failed = []
+    server.on_failure = failed.append
+    bad, good = server.open_session("bad"), server.open_session("good")
+    bad_client, good_client = StepStreamClient(server.address, bad.token), StepStreamClient(server.address, good.token)
+    with pytest.raises(ConnectionError, match="INVALID_ARGUMENT.*clean"):
+        bad_client.exchange(b"bad frame")
+    assert good_client.exchange(b"still here") == b"ereh llits"
+    assert bad.status == "failed" and "clean" in bad.reason and failed == [bad]
+    assert good.status == "open"
+    for c in (bad_client, good_client):
+        c.close()
+
+
+def test_oversized_frame_is_refused():
+    srv = StepStreamServer(echo_handler, port=0, max_message_bytes=1024)
+    try:
+        session = srv.open_session("c")
+        client = StepStreamClient(srv.address, session.token)
+        with pytest.raises(ConnectionError, match="RESOURCE_EXHAUSTED"):
+            client.exchange(b"x" * 4096)
+        client.close()
+    finally:
+        srv.stop()
+
+
+def test_idle_session_expires(server):
+    session = server.open_session("slow")
+    session.last_activity -= 100
+    assert server.expire_idle(timeout=10) == [session]
+    assert session.status == "failed" and "timeout" in session.reason
+
+
+def test_ledger_rolls_back_only_the_failed_session():
+    w = torch.nn.Parameter(torch.zeros(3))
+    ledger = UpdateLedger([w])
+    for key, delta in (("a", 1.0), ("b", 10.0), ("a", 2.0)):
+        done = ledger.track(key)
+        with torch.no_grad():
+            w.add_(delta)
+        done()
+    assert w.tolist() == [13.0] * 3
+    assert ledger.rollback("a") and w.tolist() == [10.0] * 3
+    ledger.commit("b")
+    assert not ledger.rollback("b") and w.tolist() == [10.0] * 3
