@@ -1,7 +1,7 @@
 """Compare fo-fo, hosl and zo-zo on one scenario, side by side in one process.
 
     python benchmarks/compare_modes.py sim_configs/sst2_minilm_full.toml --out runs/modes_minilm \
-        [--set key=value ...] [--modes fo-fo,hosl,zo-zo]
+        [--set key=value ...] [--mode-set MODE:key=value ...] [--modes fo-fo,hosl,zo-zo]
 
 Prints a markdown table (dev/test accuracy, client peak memory, bytes per step, seconds per step)
 including the untrained model (round 0), and writes it next to each mode's results.json.
@@ -32,13 +32,20 @@ def main() -> None:
     parser.add_argument("scenario")
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--mode-set", action="append", default=[], metavar="MODE:KEY=VALUE",
+                        help="override a key for one mode only (e.g. learning rates that differ by optimiser order)")
     parser.add_argument("--modes", default="fo-fo,hosl,zo-zo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = {**read_scenario(args.scenario), **parse_overrides(args.set)}
     rows = []
+    per_mode: dict[str, list[str]] = {}
+    for item in args.mode_set:
+        mode, _, pair = item.partition(":")
+        per_mode.setdefault(mode, []).append(pair)
     for mode in args.modes.split(","):
-        results = run(make_config({**base, "mode": mode}), Path(args.out) / mode)
+        config = make_config({**base, **parse_overrides(per_mode.get(mode, [])), "mode": mode})
+        results = run(config, Path(args.out) / mode)
         if not rows:
             untrained = results["eval"]["history"][0]
             rows.append({"mode": "untrained", "dev": untrained["accuracy"], "test": None, "mem": "-", "up": "-",

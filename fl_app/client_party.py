@@ -11,6 +11,7 @@ import torch
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import WIRE_DTYPES, StepReply, StepRequest
+from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 Exchange = Callable[[bytes], bytes]
@@ -22,6 +23,7 @@ class ClientOptimConfig:
     """How a client trains its bottom: ``zo`` (MeZO, forward passes only) or ``fo`` (backprop)."""
 
     order: str = "zo"
+    optimizer: str = "sgd"  # FO only; ZO is always MeZO's plain SGD
     lr: float = 1e-6
     weight_decay: float = 0.0
     zo_eps: float = 1e-3
@@ -61,12 +63,12 @@ class SplitClient:
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
-        if config.order == "zo":
+        if config.order == "zo" and params:
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
             self.optimizer = None
         else:
             self.zo = None
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+            self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -86,8 +88,11 @@ class SplitClient:
         with track_peak_memory() as peak:
             if self.zo is not None:
                 loss, up, down, seeds, grads = self._zo_step(batch, exchange)
-            else:
+            elif self.params:
                 loss, up, down = self._fo_step(batch, exchange)
+                seeds, grads = [], []
+            else:
+                loss, up, down = self._frozen_step(batch, exchange)
                 seeds, grads = [], []
         self.steps += 1
         return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads)
@@ -128,6 +133,13 @@ class SplitClient:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return reply.clean_loss, len(payload), len(answer)
+
+    @torch.no_grad()
+    def _frozen_step(self, batch, exchange: Exchange):
+        """Nothing to train here: send the clean activations so the server can train."""
+        payload = self._request("frozen", self._forward(batch), batch).to_bytes()
+        answer = exchange(payload)
+        return StepReply.from_bytes(answer).clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], exchange: Exchange) -> dict[str, float]:

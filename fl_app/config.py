@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "zo-eps": 1e-3,
     "zo-queries": 10,
     "weight-decay": 0.0,
+    "client-optimizer": "sgd",
+    "server-optimizer": "sgd",
     "lora-r": 8,
     "lora-alpha": 16,
     "lora-targets": "",
@@ -45,6 +47,20 @@ DEFAULTS: dict[str, Any] = {
     "eval-every": 1,
     "eval-examples": 500,
     "eval-test": True,
+    # federation (Flower apps)
+    "bottoms": "personal",
+    "fraction-train": 1.0,
+    "min-clients": 1,
+    "max-concurrent-clients": 2,
+    "step-timeout": 120.0,
+    "round-timeout": 3600.0,
+    "stream-host": "127.0.0.1",
+    "stream-port": 0,
+    "stream-advertise-host": "",
+    "stream-tls-cert": "",
+    "stream-tls-key": "",
+    "max-frame-mb": 256,
+    "out-dir": "runs/flower",
 }
 
 CHOICES = {
@@ -54,10 +70,14 @@ CHOICES = {
     "client-params": ("full", "lora", "frozen"),
     "server-params": ("full", "lora", "frozen"),
     "wire-dtype": ("float32", "float16", "bfloat16"),
+    "bottoms": ("personal", "synced"),
+    "client-optimizer": ("sgd", "adam"),
+    "server-optimizer": ("sgd", "adam"),
 }
 POSITIVE = ("num-clients", "num-rounds", "local-steps", "batch-size", "max-length", "zo-queries",
-            "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every")
-NON_NEGATIVE = ("cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
+            "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every",
+            "fraction-train", "min-clients", "max-concurrent-clients", "step-timeout", "round-timeout", "max-frame-mb")
+NON_NEGATIVE = ("stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -101,6 +121,8 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key in POSITIVE:
         if not config[key] > 0:
             raise ValueError(f"config key '{key}' must be > 0, got {config[key]!r}")
+    if config["fraction-train"] > 1:
+        raise ValueError(f"config key 'fraction-train' must be in (0, 1], got {config['fraction-train']!r}")
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-STEP_KINDS = ("zo", "fo", "eval")  # client update rule for the step, or evaluation only
+STEP_KINDS = ("zo", "fo", "frozen", "eval")  # client update rule for the step, or evaluation only
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LABEL_KEYS = ("labels", "score_ids", "target_ids")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024

@@ -73,7 +73,7 @@ def build_server(config: Mapping[str, Any], top: ServerTop, num_classes: int) ->
     """The server party with its trainable set and optimiser per ``mode``."""
     params = configure_trainable(top, _spec(config, "server"), top.family)
     order = MODES[config["mode"]][1]
-    optim = ServerOptimConfig(order=order, lr=config["server-lr"], weight_decay=config["weight-decay"],
+    optim = ServerOptimConfig(order=order, optimizer=config["server-optimizer"], lr=config["server-lr"], weight_decay=config["weight-decay"],
                               zo_eps=config["zo-eps"], zo_queries=config["zo-queries"], seed=config["seed"])
     return SplitServer(top, params, optim, num_classes=num_classes)
 
@@ -83,7 +83,7 @@ def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, co
     own = copy.deepcopy(bottom) if copy_bottom else bottom
     params = configure_trainable(own, _spec(config, "client"), own.family)
     order = MODES[config["mode"]][0]
-    optim = ClientOptimConfig(order=order, lr=config["client-lr"], weight_decay=config["weight-decay"],
+    optim = ClientOptimConfig(order=order, optimizer=config["client-optimizer"], lr=config["client-lr"], weight_decay=config["weight-decay"],
                               zo_eps=config["zo-eps"], zo_queries=config["zo-queries"],
                               seed=client_seed(config, index), wire_dtype=config["wire-dtype"])
     return SplitClient(own, params, optim, client_id=str(index))

@@ -9,6 +9,7 @@ import torch
 from fl_app.models import ServerTop
 from fl_app.protocol import StepReply, StepRequest, validate_request
 from fl_app.scoring import class_scores, classification_loss
+from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
@@ -17,6 +18,7 @@ class ServerOptimConfig:
     """How the server trains its top: ``fo`` (SGD with backprop) or ``zo`` (MeZO)."""
 
     order: str = "fo"
+    optimizer: str = "sgd"  # FO only; ZO is always MeZO's plain SGD
     lr: float = 1e-3
     weight_decay: float = 0.0
     zo_eps: float = 1e-3
@@ -85,7 +87,7 @@ class SplitServer:
         self.steps = 0
         self.ledger = UpdateLedger(params)
         if config.order == "fo":
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+            self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
             self.zo = None
         else:
             self.optimizer = None

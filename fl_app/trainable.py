@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -63,3 +64,15 @@ def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str) -> 
             seen.add(id(p))
             params.append(p)
     return params
+
+
+def make_fo_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
+                      weight_decay: float) -> torch.optim.Optimizer | None:
+    """Plain SGD (the papers' setting) or Adam for a first-order party; None with nothing to train."""
+    if not params:
+        return None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (fields client-optimizer/server-optimizer); known: sgd, adam")

@@ -1,0 +1,179 @@
+"""What a client does when the server opens a session: restore state, catch up, train, report.
+
+Flower-free: the ClientApp converts Flower records to the plain dicts used here and stores the
+returned state in ``context.state``; tests drive the same functions directly.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_app.client_party import SplitClient
+from fl_app.config import MODES
+from fl_app.metrics import pool_eval
+from fl_app.models import ClientBottom
+from fl_app.scenario import BatchStream, TaskData, build_client, client_seed, eval_batches, load_split, load_task_data, shard
+from fl_app.stream import StepStreamClient
+
+
+@dataclass
+class ClientState:
+    """Everything a client keeps between rounds: trainable weights, step count, sync position."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    synced_round: int = 0
+
+
+@dataclass
+class History:
+    """ZO updates of successful sessions, as scalars: one entry per client step."""
+
+    rounds: list[int] = field(default_factory=list)
+    clients: list[int] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seeds: list[list[int]] = field(default_factory=list)
+    grads: list[list[float]] = field(default_factory=list)
+
+    def extend(self, rnd: int, client: int, lr: float, seeds: list[list[int]], grads: list[list[float]]) -> None:
+        for step_seeds, step_grads in zip(seeds, grads):
+            self.rounds.append(rnd)
+            self.clients.append(client)
+            self.lrs.append(lr)
+            self.seeds.append(step_seeds)
+            self.grads.append(step_grads)
+
+    def since(self, rnd: int) -> History:
+        keep = [i for i, r in enumerate(self.rounds) if r > rnd]
+        return History([self.rounds[i] for i in keep], [self.clients[i] for i in keep], [self.lrs[i] for i in keep],
+                        [self.seeds[i] for i in keep], [self.grads[i] for i in keep])
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+
+@functools.lru_cache(maxsize=2)
+def _pristine(config_key: tuple) -> tuple[ClientBottom, TaskData]:
+    """The untrained bottom and the task data for a scenario (a cache of pure inputs, not state)."""
+    config = dict(config_key)
+    loaded, bottom, _top = load_split(config)
+    return bottom, load_task_data(config, loaded)
+
+
+def _config_key(config: Mapping[str, Any]) -> tuple:
+    keys = ("model", "task", "cut-layer", "seed", "n-train", "n-dev", "n-test", "data-source", "data-dir",
+            "max-length", "num-clients", "partition", "dirichlet-alpha")
+    return tuple((k, config[k]) for k in keys)
+
+
+def make_client(config: Mapping[str, Any], partition_id: int, state: ClientState | None) -> tuple[SplitClient, TaskData]:
+    """Build client ``partition_id`` from the pristine bottom and restore ``state`` onto it."""
+    bottom, data = _pristine(_config_key(config))
+    client = build_client(config, copy.deepcopy(bottom), partition_id, copy_bottom=False)
+    if state is not None:
+        restore(client, state)
+    return client, data
+
+
+def trainable_state(client: SplitClient) -> dict[str, torch.Tensor]:
+    """The client's trainable tensors by name (what must persist between rounds)."""
+    return {n: p.detach().clone() for n, p in client.bottom.named_parameters() if p.requires_grad}
+
+
+def restore(client: SplitClient, state: ClientState) -> None:
+    """Load trainable weights and the step counter; unknown or missing names are an error."""
+    named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
+    if state.weights:
+        if set(state.weights) != set(named):
+            raise ValueError(f"saved client state does not match the model: {sorted(set(state.weights) ^ set(named))[:5]}")
+        with torch.no_grad():
+            for name, value in state.weights.items():
+                named[name].copy_(value)
+    client.steps = state.steps
+
+
+def catch_up(client: SplitClient, history: History, partition_id: int, synced_round: int) -> int:
+    """Apply the other clients' ZO updates (seed, projected gradient) in history order; returns count."""
+    applied = 0
+    for rnd, who, lr, seeds, grads in zip(history.rounds, history.clients, history.lrs, history.seeds, history.grads):
+        if rnd <= synced_round or who == partition_id:
+            continue  # already applied, or our own update (already in our weights)
+        client.zo.update(seeds, grads, lr=lr)
+        applied += 1
+    return applied
+
+
+def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
+                session: Mapping[str, Any], history: History | None = None,
+                average: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], ClientState]:
+    """Run one training session over the step stream; returns the report and the state to keep.
+
+    ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps.
+    ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    config = {**config, "num-clients": num_partitions}
+    started = time.perf_counter()
+    client, data = make_client(config, partition_id, state)
+    state = state or ClientState()
+    caught_up = 0
+    if history is not None and client.zo is not None:
+        caught_up = catch_up(client, history, partition_id, state.synced_round)
+    if average:
+        restore(client, ClientState(weights=dict(average), steps=client.steps))
+    stream = BatchStream(data.encoder, data.client_examples(partition_id), config["batch-size"],
+                         client_seed(config, partition_id))
+    link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
+    losses, seeds, grads, peaks, seconds = [], [], [], [], []
+    try:
+        for _ in range(int(session["local-steps"])):
+            stats = client.train_step(stream.batch(client.steps), link.exchange)
+            losses.append(stats.loss)
+            seeds.append(stats.seeds)
+            grads.append(stats.projected_grads)
+            peaks.append(stats.peak_memory_bytes)
+            seconds.append(stats.seconds)
+    finally:
+        link.close()
+    report = {
+        "partition-id": partition_id, "steps": len(losses), "losses": losses,
+        "train-loss": sum(losses) / len(losses), "bytes-up": link.bytes_up, "bytes-down": link.bytes_down,
+        "peak-memory-bytes": max(peaks), "step-seconds": sum(seconds), "session-seconds": time.perf_counter() - started,
+        "caught-up-updates": caught_up, "seeds": seeds, "grads": grads, "lr": client.config.lr,
+    }
+    new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1)
+    return report, new_state
+
+
+def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
+                     session: Mapping[str, Any], history: History | None = None) -> dict[str, Any]:
+    """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test)."""
+    config = {**config, "num-clients": num_partitions}
+    client, data = make_client(config, partition_id, state)
+    if history is not None and client.zo is not None:
+        catch_up(client, history, partition_id, (state or ClientState()).synced_round)
+    split = session["split"]
+    examples = data.splits[split]
+    if split == "dev" and config["eval-examples"]:
+        examples = examples[: config["eval-examples"]]
+    part = shard(examples, int(session["shard"]), int(session["num-shards"]))
+    if not part:
+        return {"partition-id": partition_id, **pool_eval([])}
+    link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
+    try:
+        result = client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link.exchange)
+    finally:
+        link.close()
+    return {"partition-id": partition_id, **result, "bytes-up": link.bytes_up, "bytes-down": link.bytes_down}
+
+
+def client_order(config: Mapping[str, Any]) -> str:
+    """``zo`` or ``fo``: how clients train in this scenario's mode."""
+    return MODES[config["mode"]][0]

@@ -1,0 +1,177 @@
+"""Server-side orchestration shared by the Flower ServerApp and the tests: the shared top, the step
+stream, client selection, session bookkeeping (commit / roll back), synced history and results.
+
+Flower-free: the ServerApp only turns the session configs built here into Flower messages and
+hands the replies back.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_app.checkpoint import save_checkpoint
+from fl_app.client_session import History
+from fl_app.config import MODES
+from fl_app.metrics import pool_eval
+from fl_app.scenario import build_server, load_split
+from fl_app.stream import Session, StepStreamServer
+from fl_app.tasks import get_task
+from fl_app.train import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def waves(items: list, size: int) -> list[list]:
+    """Consecutive groups of at most ``size`` (sessions run a wave at a time)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Coordinator:
+    """Owns the server party and the step stream for one run."""
+
+    def __init__(self, config: Mapping[str, Any], out_dir: Path, tls_cert: bytes | None = None,
+                 tls_key: bytes | None = None):
+        self.config = dict(config)
+        self.out_dir = out_dir
+        torch.manual_seed(config["seed"])
+        task = get_task(config["task"])
+        _loaded, bottom, top = load_split(config)
+        del bottom, _loaded
+        self.server = build_server(config, top, task.num_classes)
+        self.client_order, _ = MODES[config["mode"]]
+        self.lock = threading.Lock()
+        self.stream = StepStreamServer(self._handle, host=config["stream-host"], port=config["stream-port"],
+                                       max_workers=max(4, 2 * config["max-concurrent-clients"]),
+                                       max_message_bytes=config["max-frame-mb"] * 2**20,
+                                       tls_cert=tls_cert, tls_key=tls_key, on_failure=self._rollback)
+        self.root_certificate = (tls_cert or b"").decode()
+        self.history = History()
+        self.average: dict[str, torch.Tensor] | None = None
+        self.results: dict[str, Any] = {
+            "mode": config["mode"], "config": dict(config), "history": [], "rounds": [],
+            "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0},
+        }
+        self.started = time.perf_counter()
+
+    @property
+    def advertised_address(self) -> str:
+        host = self.config["stream-advertise-host"] or self.config["stream-host"]
+        return f"{host}:{self.stream.port}"
+
+    def _handle(self, token: str, payload: bytes) -> bytes:
+        with self.lock:  # the top is shared: steps are applied one at a time, in arrival order
+            return self.server.handle_bytes(payload, session=token)
+
+    def _rollback(self, session: Session) -> None:
+        with self.lock:
+            if self.server.ledger.rollback(session.token):
+                log.warning("rolled back the server updates of client %s's partial session", session.client_id)
+
+    def select(self, partition_ids: list[int], rnd: int) -> list[int]:
+        """Seeded selection of ``fraction-train`` of the clients, at least ``min-clients``."""
+        want = max(self.config["min-clients"], round(self.config["fraction-train"] * len(partition_ids)))
+        want = min(want, len(partition_ids))
+        chosen = random.Random(self.config["seed"] * 7_777 + rnd).sample(sorted(partition_ids), want)
+        return sorted(chosen)
+
+    def open(self, client_id: int, rnd: int, extra: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
+        """A new session for ``client_id`` and the config its session message carries."""
+        session = self.stream.open_session(str(client_id))
+        message = {"round": rnd, "token": session.token, "address": self.advertised_address,
+                   "root-certificate": self.root_certificate, "local-steps": self.config["local-steps"],
+                   **(extra or {})}
+        return session, message
+
+    def history_for(self, synced_round: int) -> History | None:
+        """History entries a client synced through ``synced_round`` still needs (synced ZO only)."""
+        if self.config["bottoms"] != "synced" or self.client_order != "zo":
+            return None
+        return self.history.since(synced_round)
+
+    def finish_train(self, session: Session, report: Mapping[str, Any] | None, reason: str = "") -> bool:
+        """Commit a session's updates if the client reported success, otherwise roll them back."""
+        if report is None or session.status == "failed":
+            self.stream.fail(session, reason or session.reason or "no report")
+            self.stream.close_session(session)
+            return False
+        with self.lock:
+            self.server.ledger.commit(session.token)
+        self.stream.close_session(session)
+        return True
+
+    def finish_eval(self, session: Session) -> None:
+        self.stream.close_session(session)
+
+    def expire_idle(self) -> list[Session]:
+        return self.stream.expire_idle(self.config["step-timeout"])
+
+    def record_round(self, rnd: int, reports: list[dict[str, Any]], dropped: list[dict[str, Any]],
+                     evaluation: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+        """Fold one round's reports into the results, the synced history / average, and checkpoint."""
+        for rep in sorted(reports, key=lambda r: r["partition-id"]):
+            for i, loss in enumerate(rep["losses"]):
+                self.results["history"].append({
+                    "round": rnd, "client": rep["partition-id"], "train_loss": loss,
+                    "bytes_up": rep["bytes-up"] / max(1, rep["steps"]), "bytes_down": rep["bytes-down"] / max(1, rep["steps"]),
+                    "peak_memory_bytes": rep["peak-memory-bytes"]})
+            self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
+            self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
+            if self.config["bottoms"] == "synced" and self.client_order == "zo":
+                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"])
+        if self.config["bottoms"] == "synced" and self.client_order == "fo":
+            self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
+        losses = [loss for rep in reports for loss in rep["losses"]]
+        entry = {"round": rnd, "train_loss": sum(losses) / len(losses) if losses else None,
+                 "accuracy": None if evaluation is None else evaluation["accuracy"],
+                 "clients": sorted(r["partition-id"] for r in reports), "dropped": dropped, "seconds": seconds,
+                 "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
+                 "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports)}
+        self.results["rounds"].append(entry)
+        if evaluation is not None:
+            self.results["eval"]["history"].append({"round": rnd, **evaluation})
+        self.checkpoint(rnd)
+        return entry
+
+    def record_eval(self, rnd: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        result = pool_eval(reports)
+        for rep in reports:
+            self.results["comm"]["bytes_up"] += rep.get("bytes-up", 0)
+            self.results["comm"]["bytes_down"] += rep.get("bytes-down", 0)
+        return result
+
+    def checkpoint(self, rnd: int) -> None:
+        """Server weights, synced history and results so far, each written atomically."""
+        trainable = {n: p.detach() for n, p in self.server.top.named_parameters() if p.requires_grad}
+        save_checkpoint(self.out_dir / "checkpoint.pt", {"round": rnd, "server": trainable,
+                                                          "history": self.history.__dict__, "average": self.average})
+        self.write_results()
+
+    def write_results(self) -> Path:
+        history = self.results["history"]
+        if history:
+            self.results["client"]["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
+        if self.results["eval"]["history"]:
+            self.results["eval"]["accuracy"] = self.results["eval"]["history"][-1]["accuracy"]
+        self.results["wall_seconds"] = time.perf_counter() - self.started
+        path = self.out_dir / "results.json"
+        write_json_atomic(path, self.results)
+        return path.resolve()
+
+    def close(self) -> None:
+        self.stream.stop()
+
+
+def fedavg(weights: list[Mapping[str, torch.Tensor]], counts: list[int]) -> dict[str, torch.Tensor] | None:
+    """Weighted average of the clients' trainable tensors (synced FO bottoms)."""
+    pairs = [(w, c) for w, c in zip(weights, counts) if w and c]
+    if not pairs:
+        return None
+    total = sum(c for _, c in pairs)
+    return {name: sum(w[name].float() * (c / total) for w, c in pairs) for name in pairs[0][0]}

@@ -1,0 +1,218 @@
+"""Task data: loading (shipped local files or the hub), seeded sampling, client partitions, batches."""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from fl_app.tasks import Example, Task, get_task, parse_row
+
+# Local files per task: (train pool files, test file). Test = the public validation split, as in MeZO.
+LOCAL_FILES: dict[str, tuple[tuple[str, ...], str]] = {
+    "sst2": (("sst2/train.tsv.gz",), "sst2/dev.tsv.gz"),
+    "rte": (("rte/train.jsonl.gz",), "rte/val.jsonl.gz"),
+    "cb": (("cb/train.jsonl.gz",), "cb/val.jsonl.gz"),
+    "boolq": (("boolq/fewglue_train32.jsonl.gz", "boolq/fewglue_dev32.jsonl.gz"), "boolq/val.jsonl.gz"),
+    "wic": (("wic/train.jsonl.gz",), "wic/val.jsonl.gz"),
+    "wsc": (("wsc/train.jsonl.gz",), "wsc/val.jsonl.gz"),
+    "copa": (("copa/train.jsonl.gz",), "copa/val.jsonl.gz"),
+    "multirc": (("multirc/train.jsonl.gz",), "multirc/val.jsonl.gz"),
+}
+HUB_NAMES = {"sst2": ("glue", "sst2", "train", "validation")}  # others: super_glue/<task>, train / validation
+
+
+def default_data_dir() -> Path:
+    """``HOSL_DATA_DIR`` if set, else the ``data/`` folder shipped beside the package."""
+    env = os.environ.get("HOSL_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def _rows_from_files(paths: list[Path]) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ValueError(f"data file(s) not found: {missing} (field 'data-dir'; set HOSL_DATA_DIR or data-dir)")
+    files = [str(p) for p in paths]
+    if files[0].endswith((".tsv", ".tsv.gz")):
+        ds = load_dataset("csv", data_files=files, delimiter="\t", split="train", quoting=3)
+    else:
+        ds = load_dataset("json", data_files=files, split="train")
+    return [dict(row) for row in ds]
+
+
+def _flatten_multirc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MultiRC files hold one paragraph per line; each answer option is one example."""
+    out = []
+    for row in rows:
+        passage = row["passage"]
+        for question in passage["questions"]:
+            for answer in question["answers"]:
+                out.append({"paragraph": passage["text"], "question": question["question"],
+                            "answer": answer["text"], "label": answer["label"]})
+    return out
+
+
+def _flatten_wsc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**row, **row["target"]} if "target" in row else row for row in rows]
+
+
+def load_examples(task: str | Task, split: Literal["train", "test"], source: Literal["local", "hub"] = "local",
+                  data_dir: str | Path | None = None) -> list[Example]:
+    """All examples of a split: ``train`` is the pool train/dev are sampled from, ``test`` the validation set."""
+    task = get_task(task)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source == "local":
+        base = Path(data_dir) if data_dir else default_data_dir()
+        train_files, test_file = LOCAL_FILES[task.name]
+        rows = _rows_from_files([base / f for f in (train_files if split == "train" else (test_file,))])
+    elif source == "hub":
+        from datasets import load_dataset
+
+        path, name, train_split, test_split = HUB_NAMES.get(task.name, ("super_glue", task.name, "train", "validation"))
+        rows = [dict(r) for r in load_dataset(path, name, split=train_split if split == "train" else test_split)]
+    else:
+        raise ValueError(f"unknown data source {source!r} (field 'data-source'); known: local, hub")
+    if task.name == "multirc" and rows and "passage" in rows[0] and isinstance(rows[0]["passage"], dict):
+        rows = _flatten_multirc(rows)
+    if task.name == "wsc":
+        rows = _flatten_wsc(rows)
+    return [parse_row(task, row) for row in rows]
+
+
+def _take(pool: list[Example], n: int, what: str, task: Task) -> list[Example]:
+    if n > len(pool):
+        warnings.warn(f"task '{task.name}': asked for {n} {what} examples, only {len(pool)} available", stacklevel=3)
+    return pool[:n]
+
+
+def sample_splits(task: str | Task, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000, seed: int = 0,
+                  source: Literal["local", "hub"] = "local", data_dir: str | Path | None = None) -> dict[str, list[Example]]:
+    """MeZO-style seeded sampling: train and dev disjoint from the train pool, test from the test file."""
+    task = get_task(task)
+    for field, n in (("n-train", n_train), ("n-dev", n_dev), ("n-test", n_test)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{field} must be a non-negative integer, got {n!r}")
+    pool = load_examples(task, "train", source, data_dir)
+    random.Random(seed).shuffle(pool)
+    if n_train + n_dev > len(pool):  # small task: split the pool in the requested proportion
+        n_dev_small = round(len(pool) * n_dev / max(1, n_train + n_dev))
+        warnings.warn(f"task '{task.name}': train pool has {len(pool)} examples, fewer than n-train + n-dev = "
+                      f"{n_train + n_dev}; using {len(pool) - n_dev_small} train / {n_dev_small} dev", stacklevel=2)
+        n_train, n_dev = len(pool) - n_dev_small, n_dev_small
+    train = pool[:n_train]
+    dev = pool[n_train : n_train + n_dev]
+    test_pool = load_examples(task, "test", source, data_dir)
+    random.Random(seed + 1).shuffle(test_pool)
+    return {"train": train, "dev": dev, "test": _take(test_pool, n_test, "test", task)}
+
+
+def partition(labels: Sequence[int], num_clients: int, scheme: Literal["iid", "dirichlet"] = "iid",
+              alpha: float = 0.5, seed: int = 0, min_size: int = 1, max_attempts: int = 100) -> list[list[int]]:
+    """Disjoint index lists covering all examples: seeded IID split or label-skewed Dirichlet(alpha)."""
+    n = len(labels)
+    if not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num-clients must be a positive integer, got {num_clients!r}")
+    if num_clients * min_size > n:
+        raise ValueError(f"num-clients {num_clients} needs at least {num_clients * min_size} examples, have {n} (n-train)")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        order = rng.permutation(n)
+        return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
+    if scheme != "dirichlet":
+        raise ValueError(f"unknown partition scheme {scheme!r} (field 'partition'); known: iid, dirichlet")
+    if not alpha > 0:
+        raise ValueError(f"dirichlet-alpha must be > 0, got {alpha!r}")
+    labels = np.asarray(labels)
+    for _ in range(max_attempts):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            shares = rng.dirichlet([alpha] * num_clients)
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [sorted(p) for p in parts]
+    raise ValueError(f"dirichlet partition with alpha={alpha} left a client with fewer than {min_size} examples "
+                     f"after {max_attempts} draws; raise dirichlet-alpha or n-train, or lower num-clients")
+
+
+class BatchEncoder:
+    """Turns examples into model inputs.
+
+    * ``prompted`` with single-token candidates: right-padded prompts + ``score_ids`` [B, C].
+    * ``prompted`` with any multi-token candidate: B*C rows of prompt + candidate, ``target_ids``
+      marking candidate tokens (-100 elsewhere).
+    * ``classification``: (pair) inputs for an encoder with a classification head.
+    Prompts are truncated from the left so the end of the template (where the answer goes) stays.
+    """
+
+    def __init__(self, tokenizer, task: str | Task, kind: Literal["prompted", "classification"], max_length: int = 128):
+        if kind not in ("prompted", "classification"):
+            raise ValueError(f"batch kind must be 'prompted' or 'classification', got {kind!r}")
+        self.tokenizer, self.task, self.kind, self.max_length = tokenizer, get_task(task), kind, max_length
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot encode an empty batch (field 'examples')")
+        for ex in examples:
+            if not 0 <= ex.label < self.task.num_classes:
+                raise ValueError(f"field 'label' has value {ex.label} outside [0, {self.task.num_classes}) "
+                                 f"for task '{self.task.name}'")
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+        if self.kind == "classification":
+            firsts, seconds = zip(*(self.task.text_pair(ex) for ex in examples))
+            enc = self.tokenizer(list(firsts), None if seconds[0] is None else list(seconds), padding=True,
+                                 truncation=True, max_length=self.max_length, return_tensors="pt")
+            return {**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
+                    "labels": labels}
+        candidates = [[self._ids(c) for c in self.task.candidates(ex)] for ex in examples]
+        if all(len(ids) == 1 for row in candidates for ids in row):
+            rows = [self._prompt_ids(ex, 0) for ex in examples]
+            batch = self._pad(rows)
+            batch["score_ids"] = torch.tensor([[ids[0] for ids in row] for row in candidates], dtype=torch.long)
+        else:
+            rows, targets = [], []
+            for ex, cands in zip(examples, candidates):
+                for cand in cands:
+                    prompt = self._prompt_ids(ex, len(cand))
+                    rows.append(prompt + cand)
+                    targets.append([-100] * len(prompt) + cand)
+            batch = self._pad(rows)
+            batch["target_ids"] = self._pad(targets, pad=-100)["input_ids"]
+        batch["labels"] = labels
+        return batch
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_ids(self, ex: Example, reserve: int) -> list[int]:
+        ids = self.tokenizer(self.task.prompt(ex), add_special_tokens=True)["input_ids"]
+        budget = self.max_length - reserve
+        if budget < 1:
+            raise ValueError(f"max-length {self.max_length} leaves no room for the prompt")
+        if len(ids) <= budget:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        keep_bos = bos is not None and ids[0] == bos
+        return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos:]
+
+    def _pad(self, rows: list[list[int]], pad: int | None = None) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if pad is None else pad
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,131 @@
+"""Tasks parse the shipped files; sampling and partitions are seeded; batches have the right shape."""
+import warnings
+
+import pytest
+import torch
+
+from fl_app.data import BatchEncoder, load_examples, partition, sample_splits
+from fl_app.tasks import TASK_NAMES, Example, get_task, parse_row
+from fl_app.tiny_tokenizer import build_tiny_tokenizer
+
+# (rows in train pool, rows in test file, classes) as listed in data/*/PROVENANCE.md
+EXPECTED = {"sst2": (67349, 872, 2), "rte": (2490, 277, 2), "cb": (250, 56, 3), "boolq": (64, 3270, 2),
+            "wic": (5428, 638, 2), "wsc": (554, 104, 2), "copa": (400, 100, 2), "multirc": (27243, 4848, 2)}
+
+
+@pytest.fixture(scope="module")
+def causal_tok():
+    return build_tiny_tokenizer("causal")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_task_loads_from_shipped_files(name):
+    n_train, n_test, classes = EXPECTED[name]
+    task = get_task(name)
+    train, test = load_examples(name, "train"), load_examples(name, "test")
+    assert (len(train), len(test), task.num_classes) == (n_train, n_test, classes)
+    assert {ex.label for ex in train} == set(range(classes))
+    ex = train[0]
+    assert len(task.candidates(ex)) == classes and task.prompt(ex).strip()
+
+
+def test_sst2_label_counts_match_provenance():
+    labels = [ex.label for ex in load_examples("sst2", "train")]
+    assert (labels.count(0), labels.count(1)) == (29780, 37569)
+
+
+def test_sampling_is_seeded_disjoint_and_sized():
+    a, b, c = (sample_splits("rte", 100, 50, 40, seed=s) for s in (0, 0, 1))
+    assert [ex.fields for ex in a["train"]] == [ex.fields for ex in b["train"]]
+    assert [ex.fields for ex in a["train"]] != [ex.fields for ex in c["train"]]
+    assert (len(a["train"]), len(a["dev"]), len(a["test"])) == (100, 50, 40)
+    train_ids = {ex.fields["idx"] for ex in a["train"]}
+    assert not train_ids & {ex.fields["idx"] for ex in a["dev"]}
+
+
+def test_small_pool_is_split_with_a_warning():
+    with pytest.warns(UserWarning, match="cb"):
+        s = sample_splits("cb", 1000, 500, 10)
+    assert len(s["train"]) + len(s["dev"]) == 250 and len(s["dev"]) == 83
+
+
+def test_iid_partition_covers_all_disjointly():
+    parts = partition([0, 1] * 50, 7, "iid", seed=3)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(100)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parts == partition([0, 1] * 50, 7, "iid", seed=3) != partition([0, 1] * 50, 7, "iid", seed=4)
+
+
+def test_dirichlet_partition_is_label_skewed():
+    labels = [i % 2 for i in range(1000)]
+
+    def skew(parts):
+        shares = [max(sum(labels[i] for i in p), len(p) - sum(labels[i] for i in p)) / len(p) for p in parts]
+        return sum(shares) / len(shares)
+
+    dirichlet = partition(labels, 5, "dirichlet", alpha=0.1, seed=0)
+    assert sorted(i for p in dirichlet for i in p) == list(range(1000))
+    assert skew(dirichlet) > 0.8 > skew(partition(labels, 5, "iid", seed=0)) - 0.25
+
+
+@pytest.mark.parametrize("kwargs, field", [({"num_clients": 0}, "num-clients"), ({"scheme": "shards"}, "partition"),
+                                           ({"scheme": "dirichlet", "alpha": 0.0}, "dirichlet-alpha")])
+def test_bad_partition_settings_name_the_field(kwargs, field):
+    args = {"num_clients": 2, **kwargs}
+    with pytest.raises(ValueError, match=field):
+        partition([0, 1] * 10, **args)
+
+
+def test_unknown_task_and_malformed_rows():
+    with pytest.raises(ValueError, match="unknown task 'sst5'.*field 'task'"):
+        get_task("sst5")
+    rte = get_task("rte")
+    with pytest.raises(ValueError, match="missing field 'hypothesis'"):
+        parse_row(rte, {"premise": "a", "label": "entailment"})
+    with pytest.raises(ValueError, match="field 'label' has value 'maybe'"):
+        parse_row(rte, {"premise": "a", "hypothesis": "b", "label": "maybe"})
+    assert TASK_NAMES == tuple(sorted(EXPECTED))
+
+
+def test_single_token_prompted_batch(causal_tok):
+    examples = sample_splits("sst2", 4, 0, 0)["train"]
+    batch = BatchEncoder(causal_tok, "sst2", "prompted", 32)(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "score_ids", "labels"}
+    assert batch["score_ids"].shape == (4, 2) and batch["input_ids"].shape[0] == 4
+    assert causal_tok.decode(batch["score_ids"][0]) == "terrible great"
+    last = batch["attention_mask"].sum(1) - 1
+    assert causal_tok.decode(batch["input_ids"][0, last[0]]) == "was"  # prompt ends "... It was"
+
+
+def test_multi_token_candidates_expand_rows(causal_tok):
+    examples = sample_splits("copa", 3, 0, 0)["train"]
+    batch = BatchEncoder(causal_tok, "copa", "prompted", 48)(examples)
+    assert batch["input_ids"].shape[0] == 6 and batch["labels"].shape == (3,)
+    targets = batch["target_ids"]
+    for row in range(6):
+        ids = targets[row][targets[row] != -100]
+        choice = examples[row // 2].fields[f"choice{row % 2 + 1}"]
+        assert causal_tok.decode(ids) == causal_tok.decode(causal_tok(choice, add_special_tokens=False)["input_ids"])
+
+
+def test_left_truncation_keeps_the_prompt_end(causal_tok):
+    long = Example({"sentence": "good " * 100}, 1)
+    batch = BatchEncoder(causal_tok, "sst2", "prompted", 16)([long])
+    assert batch["input_ids"].shape[1] == 16
+    assert causal_tok.decode(batch["input_ids"][0, -2:]) == "it was"
+    assert batch["input_ids"][0, 0] == causal_tok.bos_token_id
+
+
+def test_classification_pairs_have_token_types():
+    tok = build_tiny_tokenizer("encoder")
+    batch = BatchEncoder(tok, "rte", "classification", 64)(sample_splits("rte", 2, 0, 0)["train"])
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert batch["token_type_ids"].max() == 1 and batch["input_ids"][0, 0] == tok.cls_token_id
+
+
+def test_bad_batches_are_rejected(causal_tok):
+    enc = BatchEncoder(causal_tok, "sst2", "prompted", 32)
+    with pytest.raises(ValueError, match="empty"):
+        enc([])
+    with pytest.raises(ValueError, match="field 'label' has value 5"):
+        enc([Example({"sentence": "x"}, 5)])
