@@ -1,8 +1,11 @@
 """Task data: loading (shipped local files or the hub), seeded sampling, client partitions, batches."""
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import random
+import urllib.parse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +30,35 @@ LOCAL_FILES: dict[str, tuple[tuple[str, ...], str]] = {
 HUB_NAMES = {"sst2": ("glue", "sst2", "train", "validation")}  # others: super_glue/<task>, train / validation
 
 
+MARKER = Path("sst2") / "train.tsv.gz"
+
+
+def _installed_source_dir() -> Path | None:
+    """Source tree of an editable (``pip install -e``) install of hosl-flower, if that is how it is installed.
+
+    Flower runs the apps from a copy of the project bundle that leaves data files out; the
+    installed distribution still points at the checkout that has them.
+    """
+    try:
+        text = importlib.metadata.distribution("hosl-flower").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    url = json.loads(text).get("url", "") if text else ""
+    return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)) if url.startswith("file://") else None
+
+
 def default_data_dir() -> Path:
-    """``HOSL_DATA_DIR`` if set, else the ``data/`` folder shipped beside the package."""
+    """``HOSL_DATA_DIR`` if set, else the ``data/`` folder beside the package, else that of the installed checkout."""
     env = os.environ.get("HOSL_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parents[1] / "data"
+    if (beside / MARKER).exists():
+        return beside
+    source = _installed_source_dir()
+    if source is not None and (source / "data" / MARKER).exists():
+        return source / "data"
+    return beside
 
 
 def _rows_from_files(paths: list[Path]) -> list[dict[str, Any]]:

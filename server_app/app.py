@@ -178,6 +178,7 @@ def evaluate_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: i
 def main(grid: Grid, context: Context) -> None:
     """Run the scenario given by the run-config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = make_config(context.run_config)
     out_dir = resolve_out_dir(config["out-dir"])
     tls_cert = Path(config["stream-tls-cert"]).read_bytes() if config["stream-tls-cert"] else None
