@@ -159,3 +159,36 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The ``lora-targets`` key as a tuple (comma separated; empty = family default)."""
     return tuple(t.strip() for t in config["lora-targets"].split(",") if t.strip())
+
+
+def toml_value(value: Any) -> str:
+    """A scalar as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def merge_scenario(path: str | Path | None, overrides: list[str]) -> str:
+    """A flat TOML text of the scenario file (if any) updated with ``key=value`` overrides, type-checked."""
+    raw = read_scenario(path) if path else {}
+    for key, value in parse_overrides(overrides).items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown config key '{key}' (value {value!r})")
+        raw[key] = _coerce(key, value)
+    make_config(raw)
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in raw.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fl_app.config [FILE] [key=value ...]``: print the merged flat scenario TOML."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args and "=" not in args[0] else None
+    sys.stdout.write(merge_scenario(path, args[1:] if path else args))
+
+
+if __name__ == "__main__":
+    main()

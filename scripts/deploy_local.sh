@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Real deployment on one machine: a SuperLink and N SuperNodes as separate processes (as they
+# would run on separate machines), then the app run on them with `flwr run`. Everything stops
+# when the run ends (or on Ctrl-C).
+#
+#   scripts/deploy_local.sh [--nodes N] [--port P] [--run-config FILE] [--set 'k=v k2=v2']
+#                           [--tls-dir DIR | --insecure] [--flwr-home DIR]
+#
+# --tls-dir DIR expects ca.crt, server.pem and server.key (server cert valid for 127.0.0.1 /
+# localhost); scripts/make_certs.sh creates a self-signed set. Without --tls-dir the script
+# refuses to run unless --insecure is given explicitly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NODES=2 PORT=9500 RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --run-config) RUN_CONFIG=$2; shift 2 ;;
+    --set) SETS=$2; shift 2 ;;
+    --tls-dir) TLS_DIR=$2; shift 2 ;;
+    --insecure) INSECURE=1; shift ;;
+    --flwr-home) FLWR_HOME_DIR=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$TLS_DIR" ] && [ "$INSECURE" -ne 1 ]; then
+  echo "give --tls-dir DIR (ca.crt, server.pem, server.key) or ask for --insecure explicitly" >&2
+  exit 2
+fi
+
+export FLWR_HOME="${FLWR_HOME_DIR:-$(mktemp -d /tmp/hosl-deploy.XXXXXX)}"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+mkdir -p "$FLWR_HOME/logs"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+if [ -n "$TLS_DIR" ]; then
+  LINK_SEC=(--ssl-ca-certfile "$TLS_DIR/ca.crt" --ssl-certfile "$TLS_DIR/server.pem" --ssl-keyfile "$TLS_DIR/server.key")
+  NODE_SEC=(--root-certificates "$TLS_DIR/ca.crt")
+  CONN_SEC="root-certificates = \"$(cd "$TLS_DIR" && pwd)/ca.crt\""
+else
+  LINK_SEC=(--insecure) NODE_SEC=(--insecure) CONN_SEC="insecure = true"
+fi
+
+flower-superlink "${LINK_SEC[@]}" --host 127.0.0.1 --port "$PORT" --disable-runtime-dependency-installation \
+  > "$FLWR_HOME/logs/superlink.log" 2>&1 &
+PIDS+=($!)
+for ((i = 0; i < NODES; i++)); do
+  flower-supernode "${NODE_SEC[@]}" --superlink "127.0.0.1:$PORT" --port $((PORT + 100 + i)) \
+    --node-config "partition-id=$i num-partitions=$NODES" > "$FLWR_HOME/logs/supernode-$i.log" 2>&1 &
+  PIDS+=($!)
+done
+
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "deploy"
+
+[superlink.deploy]
+address = "127.0.0.1:$PORT"
+$CONN_SEC
+EOF
+
+# flwr takes a TOML file or key=value pairs, not both: merge them into one checked file.
+# shellcheck disable=SC2086
+python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
+ARGS=(run . deploy --stream --run-config "$FLWR_HOME/run-config.toml")
+sleep 3
+echo "SuperLink 127.0.0.1:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
+flwr "${ARGS[@]}"

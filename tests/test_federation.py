@@ -1,0 +1,135 @@
+"""Coordinator + client sessions over the real step stream (no Flower): drops roll back, synced
+bottoms stay identical, a client that missed rounds catches up by replaying history."""
+import pytest
+import torch
+
+from fl_app.client_session import ClientState, catch_up, make_client, run_eval_session, run_session
+from fl_app.config import make_config, read_scenario
+from fl_app.coordinator import Coordinator, fedavg, waves
+from fl_app.protocol import StepRequest
+from fl_app.scenario import BatchStream
+from fl_app.stream import StepStreamClient
+
+
+def config(**over):
+    return make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-clients": 3, "local-steps": 2,
+                        "step-timeout": 5.0, **over})
+
+
+@pytest.fixture
+def coord(tmp_path):
+    made = []
+
+    def build(**over):
+        c = Coordinator(config(**over), tmp_path)
+        made.append(c)
+        return c
+
+    yield build
+    for c in made:
+        c.close()
+
+
+def server_weights(c):
+    return [p.detach().clone() for p in c.server.params]
+
+
+def session_round(c, rnd, clients, states):
+    """Run ``clients`` one after another as the ServerApp would; returns reports."""
+    reports = []
+    for pid in clients:
+        session, message = c.open(pid, rnd)
+        history = c.history_for(states[pid].synced_round if pid in states else 0)
+        report, states[pid] = run_session(c.config, pid, 3, states.get(pid), message, history)
+        assert c.finish_train(session, report)
+        reports.append(report)
+    c.record_round(rnd, reports, [], None, 0.0)
+    return reports
+
+
+def test_session_trains_and_state_round_trips(coord):
+    c = coord()
+    states = {}
+    before = server_weights(c)
+    reports = session_round(c, 1, [0, 1], states)
+    assert [r["steps"] for r in reports] == [2, 2] and all(r["bytes-up"] > 0 for r in reports)
+    assert any(not torch.equal(a, b) for a, b in zip(before, server_weights(c)))
+    assert states[0].steps == 2 and states[0].weights
+    client, _ = make_client(c.config, 0, states[0])
+    assert client.steps == 2
+    assert all(torch.equal(p, states[0].weights[n]) for n, p in client.bottom.named_parameters() if p.requires_grad)
+
+
+def test_stalled_client_is_dropped_and_its_server_updates_rolled_back(coord):
+    c = coord()
+    session_round(c, 1, [0], {})
+    committed = server_weights(c)
+    session, message = c.open(1, 2)
+    client, data = make_client(c.config, 1, None)
+    link = StepStreamClient(message["address"], message["token"])
+    stream = BatchStream(data.encoder, data.client_examples(1), 8, 0)
+    client.train_step(stream.batch(0), link.exchange)  # one step lands on the server ...
+    assert any(not torch.equal(a, b) for a, b in zip(committed, server_weights(c)))
+    session.last_activity -= 60  # ... then the client goes silent past the step timeout
+    assert c.expire_idle() == [session]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
+    assert not c.finish_train(session, None, "no reply")
+    with pytest.raises(ConnectionError):
+        client.train_step(stream.batch(1), link.exchange)
+    link.close()
+
+
+def test_malformed_frame_ends_one_session_and_others_continue(coord):
+    c = coord()
+    bad, bad_msg = c.open(2, 1)
+    link = StepStreamClient(bad_msg["address"], bad_msg["token"])
+    frame = StepRequest(kind="fo", clean=torch.full((2, 4, 32), float("nan")),
+                        attention_mask=torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0, 1]),
+                        score_ids=torch.tensor([[5, 6], [5, 6]])).to_bytes()
+    with pytest.raises(ConnectionError, match="INVALID_ARGUMENT.*NaN"):
+        link.exchange(frame)
+    link.close()
+    assert bad.status == "failed"
+    assert [r["steps"] for r in session_round(c, 1, [0], {})] == [2]
+
+
+def test_synced_bottoms_match_and_late_client_catches_up(coord):
+    c = coord(bottoms="synced")
+    states: dict[int, ClientState] = {}
+    session_round(c, 1, [0, 1], states)
+    session_round(c, 2, [0, 1], states)
+    assert len(c.history) == 8  # 2 rounds x 2 clients x 2 steps
+    latest = c.history.since(0)
+
+    def caught_up(pid):
+        client, _ = make_client(c.config, pid, states.get(pid))
+        catch_up(client, latest, pid, states[pid].synced_round if pid in states else 0)
+        return torch.cat([p.detach().reshape(-1) for p in client.params])
+
+    zero, one, late = caught_up(0), caught_up(1), caught_up(2)  # client 2 never trained
+    assert torch.allclose(zero, one, atol=1e-6) and torch.allclose(zero, late, atol=1e-6)
+    pristine, _ = make_client(c.config, 2, None)
+    assert not torch.allclose(late, torch.cat([p.detach().reshape(-1) for p in pristine.params]))
+
+
+def test_federated_eval_shards_cover_the_split(coord):
+    c = coord()
+    counts = []
+    for shard in range(3):
+        session, message = c.open(shard, 1, {"split": "dev", "shard": shard, "num-shards": 3})
+        counts.append(run_eval_session(c.config, shard, 3, None, message)["count"])
+        c.finish_eval(session)
+    assert sum(counts) == 32 and max(counts) - min(counts) <= 1
+
+
+def test_waves_and_selection():
+    assert waves(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert fedavg([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [3, 1])["w"].tolist() == [0.75, 0.75]
+
+
+def test_selection_is_seeded_fraction_with_minimum(coord):
+    c = coord(**{"fraction-train": 0.5, "min-clients": 2})
+    ids = list(range(10))
+    assert len(c.select(ids, 1)) == 5 and c.select(ids, 1) == c.select(ids, 1) != c.select(ids, 2)
+    c2 = coord(**{"fraction-train": 0.1, "min-clients": 3})
+    assert len(c2.select(ids, 1)) == 3
