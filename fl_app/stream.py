@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -39,7 +39,7 @@ class Session:
     steps: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    last_activity: float = field(default_factory=time.monotonic)
+    last_activity: float | None = None  # set when the stream connects; queued clients do not time out
     context: grpc.ServicerContext | None = None
 
 
@@ -105,10 +105,15 @@ class StepStreamServer:
         return session
 
     def expire_idle(self, timeout: float) -> list[Session]:
-        """Fail sessions with no frame for ``timeout`` seconds (a stalled or vanished client)."""
+        """Fail connected sessions with no frame for ``timeout`` seconds (a stalled or vanished client).
+
+        Sessions whose client has not connected yet (e.g. queued for a worker) are bounded by the
+        round timeout instead.
+        """
         now = time.monotonic()
         with self._lock:
-            stale = [s for s in self.sessions.values() if s.status == "open" and now - s.last_activity > timeout]
+            stale = [s for s in self.sessions.values() if s.status == "open" and s.last_activity is not None
+                     and now - s.last_activity > timeout]
         for session in stale:
             self.fail(session, f"no step for {timeout:.0f} s (step timeout)")
         return stale
@@ -120,6 +125,7 @@ class StepStreamServer:
         if session is None or session.status != "open":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or closed session token")
         session.context = context
+        session.last_activity = time.monotonic()
         try:
             for payload in requests:
                 session.last_activity = time.monotonic()

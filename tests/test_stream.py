@@ -67,10 +67,14 @@ def test_oversized_frame_is_refused():
         srv.stop()
 
 
-def test_idle_session_expires(server):
+def test_idle_session_expires_only_once_connected(server):
     session = server.open_session("slow")
+    queued = server.open_session("queued")  # never connects: bounded by the round timeout, not this one
+    client = StepStreamClient(server.address, session.token)
+    client.exchange(b"x")
     session.last_activity -= 100
-    assert server.expire_idle(timeout=10) == [session]
+    assert server.expire_idle(timeout=10) == [session] and queued.status == "open"
+    client.close()
     assert session.status == "failed" and "timeout" in session.reason
 
 

@@ -1,0 +1,121 @@
+"""The Flower apps for real: `flwr run` simulation, a loopback deployment, 100 simulated clients.
+
+Each test uses its own FLWR_HOME with runtime dependency installation disabled, and stops the
+background SuperLink that `flwr run` starts for local simulation (found by its FLWR_HOME).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fl_app.config import make_config, merge_scenario, read_scenario
+from fl_app.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def superlink_pids(flwr_home: Path | None = None) -> list[int]:
+    """PIDs of flower-superlink processes (started with ``flwr_home`` if given)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"flower-superlink" in cmd and (flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in env):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def flwr_env(tmp_path):
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    if port_in_use(39091):  # a SuperLink left by an earlier `flwr run` would run our app in its own environment
+        stop(superlink_pids())
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    yield env
+    stop(superlink_pids(home))
+
+
+def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout: int) -> str:
+    run_config = Path(env["FLWR_HOME"]) / "run.toml"
+    run_config.write_text(merge_scenario(ROOT / scenario, overrides))
+    proc = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(run_config), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
+    overrides = [f"out-dir={tmp_path / 'sim'}", "max-concurrent-clients=1", "eval-test=false"]
+    log = flwr_run(flwr_env, "sim_configs/smoke_tiny.toml", overrides, [], timeout=400)
+    assert "[hosl] round 2:" in log
+    results = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in results["rounds"])
+    assert (tmp_path / "sim" / "checkpoint.pt").exists()
+    local = run(make_config({**read_scenario(ROOT / "sim_configs/smoke_tiny.toml"), "eval-test": False}), tmp_path / "local")
+    sim_losses = [h["train_loss"] for h in results["history"]]
+    local_losses = [h["train_loss"] for h in local["history"]]
+    assert sim_losses == pytest.approx(local_losses, abs=1e-6)
+
+
+def test_loopback_deployment_with_two_supernodes(tmp_path):
+    out = tmp_path / "deploy"
+    proc = subprocess.run(
+        ["bash", "scripts/deploy_local.sh", "--insecure", "--nodes", "2", "--port", str(free_port()),
+         "--flwr-home", str(tmp_path / "home"), "--run-config", "sim_configs/smoke_tiny.toml",
+         "--set", f"out-dir={out} num-rounds=2 eval-test=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["clients"] == [0, 1] for r in results["rounds"])
+    assert len(results["history"]) == 2 * 2 * 3 and results["eval"]["accuracy"] is not None
+
+
+def test_deployment_refuses_to_run_insecure_unless_asked():
+    proc = subprocess.run(["bash", "scripts/deploy_local.sh", "--nodes", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "--insecure" in proc.stderr
+
+
+def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
+    out = tmp_path / "c100"
+    flwr_run(flwr_env, "sim_configs/tiny_100_clients.toml", [f"out-dir={out}", "eval-test=false"],
+             ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"], timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
+    assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
