@@ -90,3 +90,24 @@ def test_ledger_rolls_back_only_the_failed_session():
     assert ledger.rollback("a") and w.tolist() == [10.0] * 3
     ledger.commit("b")
     assert not ledger.rollback("b") and w.tolist() == [10.0] * 3
+
+
+def test_tls_stream_with_self_signed_certificates(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", str(root / "scripts/make_certs.sh"), str(tmp_path)], check=True, capture_output=True)
+    cert, key, ca = ((tmp_path / n).read_bytes() for n in ("server.pem", "server.key", "ca.crt"))
+    srv = StepStreamServer(echo_handler, port=0, tls_cert=cert, tls_key=key)
+    try:
+        session = srv.open_session("c")
+        secure = StepStreamClient(srv.address, session.token, root_certificate=ca)
+        assert secure.exchange(b"tls") == b"slt"
+        secure.close()
+        plain = StepStreamClient(srv.address, session.token)
+        with pytest.raises(ConnectionError):
+            plain.exchange(b"no tls")
+        plain.close()
+    finally:
+        srv.stop()
