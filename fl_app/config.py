@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "stream-tls-key": "",
     "max-frame-mb": 256,
     "out-dir": "runs/flower",
+    "probe-messages": 0,  # > 0: first time this many Flower message round trips (per-step messaging cost)
 }
 
 CHOICES = {
@@ -79,7 +80,7 @@ CHOICES = {
 POSITIVE = ("num-clients", "num-rounds", "local-steps", "batch-size", "max-length", "zo-queries",
             "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every",
             "fraction-train", "min-clients", "max-concurrent-clients", "step-timeout", "round-timeout", "max-frame-mb")
-NON_NEGATIVE = ("stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
+NON_NEGATIVE = ("probe-messages", "stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -56,7 +56,7 @@ class Coordinator:
         self.average: dict[str, torch.Tensor] | None = None
         self.results: dict[str, Any] = {
             "mode": config["mode"], "config": dict(config), "history": [], "rounds": [],
-            "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0},
+            "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0}, "step_seconds": 0.0,
         }
         self.started = time.perf_counter()
 
@@ -121,6 +121,7 @@ class Coordinator:
                     "round": rnd, "client": rep["partition-id"], "train_loss": loss,
                     "bytes_up": rep["bytes-up"] / max(1, rep["steps"]), "bytes_down": rep["bytes-down"] / max(1, rep["steps"]),
                     "peak_memory_bytes": rep["peak-memory-bytes"]})
+            self.results["step_seconds"] += rep["step-seconds"]
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
             if self.config["bottoms"] == "synced" and self.client_order == "zo":
@@ -157,6 +158,7 @@ class Coordinator:
         history = self.results["history"]
         if history:
             self.results["client"]["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
+            self.results["client"]["seconds_per_step"] = self.results["step_seconds"] / len(history)
         if self.results["eval"]["history"]:
             self.results["eval"]["accuracy"] = self.results["eval"]["history"][-1]["accuracy"]
         self.results["wall_seconds"] = time.perf_counter() - self.started

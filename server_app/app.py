@@ -87,6 +87,16 @@ def discover(grid: Grid, timeout: float) -> dict[int, int]:
     return nodes
 
 
+def probe_message_rtt(grid: Grid, node_id: int, count: int) -> list[float]:
+    """Seconds per sequential query round trip to one node: what a per-step Flower message would cost."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        exchange(grid, [Message(RecordDict(), dst_node_id=node_id, message_type="query")], 600, lambda: None)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def _reply_report(reply: Message | None) -> tuple[dict[str, Any] | None, str]:
     if reply is None:
         return None, "no reply before round-timeout"
@@ -188,6 +198,10 @@ def main(grid: Grid, context: Context) -> None:
         nodes = discover(grid, timeout=config["round-timeout"])
         print(f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config['mode']}, "
               f"bottoms {config['bottoms']}", flush=True)
+        if config["probe-messages"]:
+            rtts = probe_message_rtt(grid, nodes[min(nodes)], config["probe-messages"])
+            coord.results["flower_message_rtt_seconds"] = rtts
+            print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
         synced: dict[int, int] = {}
         for rnd in range(1, config["num-rounds"] + 1):
             started = time.perf_counter()
