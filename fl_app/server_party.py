@@ -148,6 +148,7 @@ class SplitServer:
             record()
         return StepReply(clean_loss=loss, perturbed_losses=perturbed_losses, grad=grad)
 
+    @torch.enable_grad()  # independent of the caller's grad mode (e.g. a same-thread ZO client)
     def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
         clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
         loss = self._loss(clean, req)

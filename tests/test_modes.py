@@ -116,3 +116,12 @@ def test_bad_config_names_the_key():
         make_config({"cut_layer": 2})
     with pytest.raises(ValueError, match="zo-eps"):
         make_config({"zo-eps": "-1"})
+
+
+def test_server_trains_even_when_called_under_no_grad():
+    """A ZO client runs under no_grad; a server called on the same thread must still backprop."""
+    config, client, server, data = parties()
+    batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+    before = [p.detach().clone() for p in server.params]
+    client.train_step(batch, server.handle_bytes)  # same thread, inside the client's no_grad
+    assert any(not torch.equal(a, p) for a, p in zip(before, server.params))
