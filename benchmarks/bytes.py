@@ -37,7 +37,7 @@ def measure(config: dict, out: Path) -> dict:
             reports, down_msgs, up_msgs = [], 0, 0
             for pid in (0, 1):
                 session, message = coord.open(pid, rnd)
-                history = coord.history_for(synced.get(pid, 0))
+                history = coord.history_for(pid, synced.get(pid, 0))
                 down_msgs += history_bytes(history) if history is not None else 0
                 down_msgs += weights_bytes(coord.average) if coord.average is not None else 0
                 report, states[pid] = run_session(config, pid, 2, states.get(pid), message, history, coord.average)

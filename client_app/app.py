@@ -12,7 +12,7 @@ import traceback
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import ClientState, History, run_eval_session, run_session
+from fl_app.client_session import ClientState, History, client_order, run_eval_session, run_session
 from fl_app.config import make_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def _history(record: ConfigRecord) -> History | None:
     if "h-rounds" not in record:
         return None
     q = int(record["h-queries"])
+    if q == 0:  # nothing to replay yet (first round)
+        return History()
     seeds, grads = list(record["h-seeds"]), list(record["h-grads"])
     return History(rounds=list(record["h-rounds"]), clients=list(record["h-clients"]), lrs=list(record["h-lrs"]),
                    seeds=[seeds[i : i + q] for i in range(0, len(seeds), q)],
@@ -81,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
                                 "seeds": [int(s) for step in report["seeds"] for s in step],
                                 "grads": [float(g) for step in report["grads"] for g in step]}),
     })
-    if config["bottoms"] == "synced" and report["seeds"] and not report["seeds"][0]:
+    if config["bottoms"] == "synced" and client_order(config) == "fo":  # FO clients sync by FedAvg of weights
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
     return Message(content, reply_to=msg)
 

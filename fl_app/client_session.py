@@ -49,8 +49,9 @@ class History:
             self.seeds.append(step_seeds)
             self.grads.append(step_grads)
 
-    def since(self, rnd: int) -> History:
-        keep = [i for i, r in enumerate(self.rounds) if r > rnd]
+    def since(self, rnd: int, exclude_client: int | None = None) -> History:
+        """Entries of rounds after ``rnd``, leaving out ``exclude_client``'s own (it already applied them)."""
+        keep = [i for i, r in enumerate(self.rounds) if r > rnd and self.clients[i] != exclude_client]
         return History([self.rounds[i] for i in keep], [self.clients[i] for i in keep], [self.lrs[i] for i in keep],
                         [self.seeds[i] for i in keep], [self.grads[i] for i in keep])
 

@@ -89,11 +89,11 @@ class Coordinator:
                    **(extra or {})}
         return session, message
 
-    def history_for(self, synced_round: int) -> History | None:
-        """History entries a client synced through ``synced_round`` still needs (synced ZO only)."""
+    def history_for(self, client_id: int, synced_round: int) -> History | None:
+        """History entries client ``client_id``, synced through ``synced_round``, still needs (synced ZO only)."""
         if self.config["bottoms"] != "synced" or self.client_order != "zo":
             return None
-        return self.history.since(synced_round)
+        return self.history.since(synced_round, exclude_client=client_id)
 
     def finish_train(self, session: Session, report: Mapping[str, Any] | None, reason: str = "") -> bool:
         """Commit a session's updates if the client reported success, otherwise roll them back."""
@@ -133,7 +133,9 @@ class Coordinator:
                  "accuracy": None if evaluation is None else evaluation["accuracy"],
                  "clients": sorted(r["partition-id"] for r in reports), "dropped": dropped, "seconds": seconds,
                  "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
-                 "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports)}
+                 "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports),
+                 "message_bytes_up": sum(r.get("message-bytes-up", 0) for r in reports),
+                 "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports)}
         self.results["rounds"].append(entry)
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})

@@ -126,7 +126,7 @@ def train_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int,
         for pid in wave:
             session, session_config = coord.open(pid, rnd)
             content = RecordDict({"session": ConfigRecord(session_config)})
-            history = coord.history_for(synced.get(pid, 0))
+            history = coord.history_for(pid, synced.get(pid, 0))
             if history is not None:
                 content["history"] = history_record(history)
             if coord.average is not None:
@@ -164,7 +164,7 @@ def evaluate_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: i
             session, session_config = coord.open(pid, rnd, {"split": split, "shard": clients.index(pid),
                                                             "num-shards": len(clients)})
             content = RecordDict({"session": ConfigRecord(session_config)})
-            history = coord.history_for(synced.get(pid, 0))
+            history = coord.history_for(pid, synced.get(pid, 0))
             if history is not None:
                 content["history"] = history_record(history)
             if coord.average is not None:

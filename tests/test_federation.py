@@ -39,7 +39,7 @@ def session_round(c, rnd, clients, states):
     reports = []
     for pid in clients:
         session, message = c.open(pid, rnd)
-        history = c.history_for(states[pid].synced_round if pid in states else 0)
+        history = c.history_for(pid, states[pid].synced_round if pid in states else 0)
         report, states[pid] = run_session(c.config, pid, 3, states.get(pid), message, history)
         assert c.finish_train(session, report)
         reports.append(report)

@@ -92,6 +92,21 @@ def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["hosl", "fo-fo"])
+def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
+    """Synced ZO clients receive (seed, gradient) history; synced FO clients receive averaged weights."""
+    out = tmp_path / mode
+    flwr_run(flwr_env, "sim_configs/smoke_tiny.toml",
+             [f"out-dir={out}", f"mode={mode}", "bottoms=synced", "eval-test=false", "client-lr=0.001"], [], timeout=400)
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
+    assert rounds[0]["message_bytes_down"] < 200 * 2  # round 1: session settings only
+    if mode == "hosl":  # round 2 carries the other client's 3 steps x (3 + 2Q) scalars
+        assert rounds[1]["message_bytes_down"] >= 2 * 3 * (3 + 2 * 2) * 8
+    else:  # round 2 carries the averaged trainable bottom to each client
+        assert rounds[1]["message_bytes_down"] > 2 * 50_000
+
+
 def test_loopback_deployment_with_two_supernodes(tmp_path):
     out = tmp_path / "deploy"
     proc = subprocess.run(
