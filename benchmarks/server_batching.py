@@ -14,6 +14,8 @@ import time
 import torch
 
 from fl_app.config import make_config, read_scenario
+from fl_app.local_transport import InProcessLink
+from fl_app.protocol import decode_frame
 from fl_app.scenario import BatchStream, build_client, build_server, load_split, load_task_data
 
 
@@ -29,11 +31,11 @@ def main() -> None:
     server = build_server(config, top, data.task.num_classes)
     client = build_client(config, bottom, 0)
     batch = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], 0).batch(0)
-    captured = []
-    client.train_step(batch, lambda payload: captured.append(payload) or server.handle_bytes(payload))
-    from fl_app.protocol import StepRequest
-
-    request = StepRequest.from_bytes(captured[0])
+    link = InProcessLink(server, threaded=False, record=True)
+    client.train_step(batch, link)
+    frames = [decode_frame(f) for f in link.frames]
+    request = frames[-1]
+    request.perturbed = torch.cat([part.perturbed for part in frames[:-1]])
     rows = request.clean.shape[0]
     chunks = [rows, rows * 2, rows * 5, rows * 2 * args.queries]
     timings = {c: [] for c in chunks}

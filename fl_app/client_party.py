@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
-from fl_app.protocol import WIRE_DTYPES, StepReply, StepRequest
+from fl_app.protocol import WIRE_DTYPES, PerturbedPart, StepReply, StepRequest
 from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
-Exchange = Callable[[bytes], bytes]
+
+
+class Link(Protocol):
+    """How a client reaches the server: frames without a reply, and request/reply exchanges."""
+
+    def send(self, payload: bytes) -> None: ...
+
+    def exchange(self, payload: bytes) -> bytes: ...
+
 LABEL_FIELDS = ("labels", "score_ids", "target_ids")
 
 
@@ -73,53 +82,54 @@ class SplitClient:
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
-    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor],
-                 perturbed: torch.Tensor | None = None) -> StepRequest:
+    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor]) -> StepRequest:
         labels = {k: batch[k] for k in LABEL_FIELDS if k in batch}
-        return StepRequest(
-            kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
-            perturbed=None if perturbed is None else perturbed.to(self.wire_dtype),
-            meta={"client": self.client_id, "step": self.steps}, **labels)
+        return StepRequest(kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
+                           meta={"client": self.client_id, "step": self.steps}, **labels)
 
-    def train_step(self, batch: dict[str, torch.Tensor], exchange: Exchange) -> StepStats:
-        """One split step; ``exchange`` carries one request to the server and returns its reply."""
+    def train_step(self, batch: dict[str, torch.Tensor], link: Link) -> StepStats:
+        """One split step over ``link`` (one reply per step; ZO parts are streamed without replies)."""
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         with track_peak_memory() as peak:
             if self.zo is not None:
-                loss, up, down, seeds, grads = self._zo_step(batch, exchange)
+                loss, up, down, seeds, grads = self._zo_step(batch, link)
             elif self.params:
-                loss, up, down = self._fo_step(batch, exchange)
+                loss, up, down = self._fo_step(batch, link.exchange)
                 seeds, grads = [], []
             else:
-                loss, up, down = self._frozen_step(batch, exchange)
+                loss, up, down = self._frozen_step(batch, link.exchange)
                 seeds, grads = [], []
         self.steps += 1
         return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads)
 
     @torch.no_grad()
-    def _zo_step(self, batch, exchange: Exchange):
+    def _zo_step(self, batch, link: Link):
+        """Each perturbed activation goes to the server as soon as it is computed, so the client
+        holds one at a time; the clean one follows and the reply carries all 2Q losses."""
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
-        perturbed = []
+        meta = {"client": self.client_id, "step": self.steps}
+        up = 0
         for seed in seeds:
+            for scale in (+1.0, -2.0):
+                self.zo.perturb(seed, scale)
+                part = PerturbedPart(self._forward(batch).to(self.wire_dtype).unsqueeze(0), meta).to_bytes()
+                link.send(part)
+                up += len(part)
+                del part
             self.zo.perturb(seed, +1.0)
-            perturbed.append(self._forward(batch).to(self.wire_dtype))
-            self.zo.perturb(seed, -2.0)
-            perturbed.append(self._forward(batch).to(self.wire_dtype))
-            self.zo.perturb(seed, +1.0)
-        clean = self._forward(batch)
-        payload = self._request("zo", clean, batch, torch.stack(perturbed)).to_bytes()
-        del perturbed, clean
-        answer = exchange(payload)
+        payload = self._request("zo", self._forward(batch), batch).to_bytes()
+        answer = link.exchange(payload)
+        up += len(payload)
         reply = StepReply.from_bytes(answer)
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
         if len(losses) != 2 * len(seeds):
             raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
         grads = [self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
         self.zo.update(seeds, grads)
-        return reply.clean_loss, len(payload), len(answer), seeds, grads
+        return reply.clean_loss, up, len(answer), seeds, grads
 
-    def _fo_step(self, batch, exchange: Exchange):
+    def _fo_step(self, batch, exchange):
         hidden = self._forward(batch)
         payload = self._request("fo", hidden, batch).to_bytes()
         answer = exchange(payload)
@@ -135,19 +145,19 @@ class SplitClient:
         return reply.clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
-    def _frozen_step(self, batch, exchange: Exchange):
+    def _frozen_step(self, batch, exchange):
         """Nothing to train here: send the clean activations so the server can train."""
         payload = self._request("frozen", self._forward(batch), batch).to_bytes()
         answer = exchange(payload)
         return StepReply.from_bytes(answer).clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], exchange: Exchange) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], link: Link) -> dict[str, float]:
         """Accuracy and mean loss of this client's bottom + the server's top over ``batches``."""
         correct = count = 0
         loss_sum = 0.0
         for batch in batches:
-            reply = StepReply.from_bytes(exchange(self._request("eval", self._forward(batch), batch).to_bytes()))
+            reply = StepReply.from_bytes(link.exchange(self._request("eval", self._forward(batch), batch).to_bytes()))
             correct += reply.correct
             count += reply.count
             loss_sum += reply.clean_loss * reply.count

@@ -135,7 +135,7 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
     losses, seeds, grads, peaks, seconds = [], [], [], [], []
     try:
         for _ in range(int(session["local-steps"])):
-            stats = client.train_step(stream.batch(client.steps), link.exchange)
+            stats = client.train_step(stream.batch(client.steps), link)
             losses.append(stats.loss)
             seeds.append(stats.seeds)
             grads.append(stats.projected_grads)
@@ -169,7 +169,7 @@ def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partition
         return {"partition-id": partition_id, **pool_eval([])}
     link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
     try:
-        result = client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link.exchange)
+        result = client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link)
     finally:
         link.close()
     return {"partition-id": partition_id, **result, "bytes-up": link.bytes_up, "bytes-down": link.bytes_down}

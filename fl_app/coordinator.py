@@ -71,6 +71,7 @@ class Coordinator:
 
     def _rollback(self, session: Session) -> None:
         with self.lock:
+            self.server.discard_parts(session.token)
             if self.server.ledger.rollback(session.token):
                 log.warning("rolled back the server updates of client %s's partial session", session.client_id)
 

@@ -1,4 +1,4 @@
-"""In-process transport: the server runs on its own worker thread and only sees bytes."""
+"""In-process transport: the server only ever sees bytes, as over the network."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -7,23 +7,37 @@ from fl_app.server_party import SplitServer
 
 
 class InProcessLink:
-    """Carries request bytes to a :class:`SplitServer` and reply bytes back, counting both.
+    """Carries client frames to a :class:`SplitServer` and replies back, counting bytes both ways.
 
-    The server works on a separate thread, so the client's memory tracker (per thread) does not
-    count the server's allocations.
+    By default the server works on its own worker thread, so the client's memory tracker (per
+    thread) does not count the server's allocations; ``threaded=False`` calls it directly (for
+    timing the server itself). With ``record=True`` every frame sent is kept in ``frames``.
     """
 
-    def __init__(self, server: SplitServer):
+    def __init__(self, server: SplitServer, threaded: bool = True, record: bool = False):
         self.server = server
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-server")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-server") if threaded else None
+        self.frames: list[bytes] | None = [] if record else None
         self.bytes_up = 0
         self.bytes_down = 0
 
-    def exchange(self, payload: bytes) -> bytes:
+    def _deliver(self, payload: bytes) -> bytes | None:
         self.bytes_up += len(payload)
-        answer = self._pool.submit(self.server.handle_bytes, payload).result()
+        if self.frames is not None:
+            self.frames.append(payload)
+        if self._pool is None:
+            return self.server.handle_bytes(payload)
+        return self._pool.submit(self.server.handle_bytes, payload).result()
+
+    def send(self, payload: bytes) -> None:
+        """A frame that gets no reply (a perturbed-activation part)."""
+        self._deliver(payload)
+
+    def exchange(self, payload: bytes) -> bytes:
+        answer = self._deliver(payload)
         self.bytes_down += len(answer)
         return answer
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

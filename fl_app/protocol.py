@@ -16,6 +16,7 @@ STEP_KINDS = ("zo", "fo", "frozen", "eval")  # client update rule for the step, 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LABEL_KEYS = ("labels", "score_ids", "target_ids")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+PART_KIND = "zo-part"
 
 
 class ProtocolError(ValueError):
@@ -52,9 +53,13 @@ class StepRequest:
 
     @classmethod
     def from_bytes(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest:
-        if len(payload) > max_bytes:
-            raise ProtocolError(f"request of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
-        tensors, metadata = _load(payload)
+        frame = decode_frame(payload, max_bytes)
+        if not isinstance(frame, cls):
+            raise ProtocolError("expected a step request, got a perturbed-activation part")
+        return frame
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> StepRequest:
         unknown = set(tensors) - {"clean", "attention_mask", "labels", "score_ids", "target_ids", "perturbed"}
         if unknown:
             raise ProtocolError(f"unknown tensor field(s) {sorted(unknown)} in request")
@@ -62,6 +67,41 @@ class StepRequest:
             if name not in tensors:
                 raise ProtocolError(f"request is missing field '{name}'")
         return cls(kind=metadata.get("kind", ""), meta=json.loads(metadata.get("meta", "{}")), **tensors)
+
+
+@dataclass
+class PerturbedPart:
+    """Client -> server, no reply: perturbed activations of the current ZO step, sent as soon as each
+    is computed so the client never holds all 2Q at once. The server buffers them for the session
+    and scores them, with its weights unchanged, when the step's final ``zo`` request arrives."""
+
+    perturbed: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return st_save({"perturbed": self.perturbed.contiguous()},
+                       metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
+
+
+def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest | PerturbedPart:
+    """Parse a client frame: a :class:`PerturbedPart` or a :class:`StepRequest`."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"request of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+    tensors, metadata = _load(payload)
+    if metadata.get("kind") == PART_KIND:
+        if set(tensors) != {"perturbed"}:
+            raise ProtocolError(f"a '{PART_KIND}' frame carries only field 'perturbed', got {sorted(tensors)}")
+        return PerturbedPart(tensors["perturbed"], json.loads(metadata.get("meta", "{}")))
+    return StepRequest.from_tensors(tensors, metadata)
+
+
+def validate_part(part: PerturbedPart, hidden_size: int) -> None:
+    """A part holds [k, rows, seq_len, hidden] finite float activations."""
+    pert = part.perturbed
+    _expect(pert.dtype in WIRE_DTYPES.values() and pert.ndim == 4 and pert.shape[0] > 0 and pert.shape[-1] == hidden_size,
+            f"field 'perturbed' of a part has shape {_shape(pert)} dtype {pert.dtype}, "
+            f"expected [k, rows, seq_len, {hidden_size}] float")
+    _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fl_app.models import ServerTop
-from fl_app.protocol import StepReply, StepRequest, validate_request
+from fl_app.protocol import PerturbedPart, ProtocolError, StepReply, StepRequest, decode_frame, validate_part, validate_request
 from fl_app.scoring import class_scores, classification_loss
 from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
@@ -74,6 +74,9 @@ class UpdateLedger:
         return True
 
 
+MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit
+
+
 class SplitServer:
     """Owns the top model. Handles one :class:`StepRequest` at a time, in arrival order.
 
@@ -86,6 +89,7 @@ class SplitServer:
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.steps = 0
         self.ledger = UpdateLedger(params)
+        self.parts: dict[str, list[torch.Tensor]] = {}  # streamed perturbed activations, per session
         if config.order == "fo":
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
             self.zo = None
@@ -93,12 +97,34 @@ class SplitServer:
             self.optimizer = None
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
 
-    def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes:
+    def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes | None:
         """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input).
 
-        With ``session``, the step's weight change is recorded so the session can be rolled back.
+        A perturbed-activation part is buffered and answered with ``None`` (no reply frame). With
+        ``session``, the step's weight change is recorded so the session can be rolled back.
         """
-        return self.handle(StepRequest.from_bytes(payload), session).to_bytes()
+        frame = decode_frame(payload)
+        key = session if session is not None else str(frame.meta.get("client", ""))
+        if isinstance(frame, PerturbedPart):
+            validate_part(frame, self.top.hidden_size)
+            self.parts.setdefault(key, []).append(frame.perturbed)
+            if sum(p.shape[0] for p in self.parts[key]) > 2 * MAX_QUERIES:
+                self.discard_parts(key)
+                raise ProtocolError(f"more than {2 * MAX_QUERIES} perturbed activations streamed for one step")
+            return None
+        buffered = self.parts.pop(key, [])
+        if buffered:
+            if frame.kind != "zo":
+                raise ProtocolError(f"perturbed parts were streamed but the step arrived with kind '{frame.kind}'")
+            if {tuple(p.shape[1:]) for p in buffered} != {tuple(frame.clean.shape)}:
+                raise ProtocolError(f"field 'perturbed' parts have shapes {[list(p.shape) for p in buffered]}, "
+                                    f"expected [k, {', '.join(map(str, frame.clean.shape))}]")
+            frame.perturbed = torch.cat(buffered + ([frame.perturbed] if frame.perturbed is not None else []))
+        return self.handle(frame, session).to_bytes()
+
+    def discard_parts(self, key: str) -> None:
+        """Forget a session's streamed parts (its step will never complete)."""
+        self.parts.pop(key, None)
 
     def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
         return class_scores(self.top, hidden, req.attention_mask, req.score_ids, req.target_ids,

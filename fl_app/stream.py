@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 METHOD = "/hosl.SplitStep/Session"
 TOKEN_KEY = "x-hosl-session"
-Handler = Callable[[str, bytes], bytes]
+Handler = Callable[[str, bytes], "bytes | None"]  # None: the frame needs no reply
 
 
 @dataclass
@@ -131,9 +131,11 @@ class StepStreamServer:
                 session.last_activity = time.monotonic()
                 session.bytes_up += len(payload)
                 answer = self.handler(token, payload)
+                session.last_activity = time.monotonic()
+                if answer is None:
+                    continue
                 session.bytes_down += len(answer)
                 session.steps += 1
-                session.last_activity = time.monotonic()
                 yield answer
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
@@ -160,6 +162,11 @@ class StepStreamClient:
         self._responses = call(iter(self._outbox.get, None), metadata=((TOKEN_KEY, token),), timeout=timeout)
         self.bytes_up = 0
         self.bytes_down = 0
+
+    def send(self, payload: bytes) -> None:
+        """Send a frame that gets no reply (a perturbed-activation part)."""
+        self._outbox.put(payload)
+        self.bytes_up += len(payload)
 
     def exchange(self, payload: bytes) -> bytes:
         self._outbox.put(payload)

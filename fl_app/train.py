@@ -47,7 +47,7 @@ def evaluate_clients(clients, link: InProcessLink, data, split: str, config: Map
     for index, client in enumerate(clients):
         part = shard(examples, index, len(clients))
         if part:
-            reports.append(client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link.exchange))
+            reports.append(client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link))
     return pool_eval(reports)
 
 
@@ -75,7 +75,7 @@ def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     for rnd in range(1, config["num-rounds"] + 1):
         for index, (client, stream) in enumerate(zip(clients, streams)):
             for _ in range(config["local-steps"]):
-                stats = client.train_step(stream.batch(client.steps), link.exchange)
+                stats = client.train_step(stream.batch(client.steps), link)
                 step += 1
                 results["history"].append({
                     "round": rnd, "client": index, "step": step, "train_loss": stats.loss,

@@ -68,14 +68,14 @@ def test_stalled_client_is_dropped_and_its_server_updates_rolled_back(coord):
     client, data = make_client(c.config, 1, None)
     link = StepStreamClient(message["address"], message["token"])
     stream = BatchStream(data.encoder, data.client_examples(1), 8, 0)
-    client.train_step(stream.batch(0), link.exchange)  # one step lands on the server ...
+    client.train_step(stream.batch(0), link)  # one step lands on the server ...
     assert any(not torch.equal(a, b) for a, b in zip(committed, server_weights(c)))
     session.last_activity -= 60  # ... then the client goes silent past the step timeout
     assert c.expire_idle() == [session]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
     assert not c.finish_train(session, None, "no reply")
     with pytest.raises(ConnectionError):
-        client.train_step(stream.batch(1), link.exchange)
+        client.train_step(stream.batch(1), link)
     link.close()
 
 

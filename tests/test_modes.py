@@ -28,7 +28,7 @@ def loss_drop(steps=25, **over):
     config, client, server, data = parties(**over)
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     link = InProcessLink(server)
-    losses = [client.train_step(batch, link.exchange).loss for _ in range(steps)]
+    losses = [client.train_step(batch, link).loss for _ in range(steps)]
     link.close()
     return losses[0], losses[-1]
 
@@ -72,13 +72,14 @@ def test_runner_writes_results_and_is_deterministic(tmp_path):
 def test_bytes_per_step_are_the_payload_sizes():
     config, client, server, data = parties(**{"zo-queries": 3})
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
-    seen = []
-    link = InProcessLink(server)
-    stats = client.train_step(batch, lambda b: seen.append(len(b)) or link.exchange(b))
+    link = InProcessLink(server, record=True)
+    stats = client.train_step(batch, link)
     rows, seq = batch["input_ids"].shape
-    activations = (2 * 3 + 1) * rows * seq * 32 * 4
-    assert stats.bytes_up == seen[0] == link.bytes_up
-    assert activations < stats.bytes_up < activations + 4096
+    activation = rows * seq * 32 * 4
+    assert len(link.frames) == 2 * 3 + 1  # one frame per perturbed activation, then the clean step
+    assert all(activation < len(f) < activation + 1024 for f in link.frames[:-1])
+    assert stats.bytes_up == sum(map(len, link.frames)) == link.bytes_up
+    assert 7 * activation < stats.bytes_up < 7 * activation + 8192
     assert stats.bytes_down == link.bytes_down < 1024  # 2Q losses and a scalar
 
 
@@ -88,7 +89,7 @@ def test_half_precision_wire_halves_upload_with_small_loss_error():
         config, client, server, data = parties(**{"wire-dtype": dtype})
         batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
         link = InProcessLink(server)
-        stats = client.train_step(batch, link.exchange)
+        stats = client.train_step(batch, link)
         losses[dtype] = (stats.loss, stats.bytes_up)
     assert abs(losses["float16"][0] - losses["float32"][0]) < 1e-3
     assert losses["float16"][1] < 0.55 * losses["float32"][1]
@@ -123,5 +124,28 @@ def test_server_trains_even_when_called_under_no_grad():
     config, client, server, data = parties()
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     before = [p.detach().clone() for p in server.params]
-    client.train_step(batch, server.handle_bytes)  # same thread, inside the client's no_grad
+    client.train_step(batch, InProcessLink(server, threaded=False))  # same thread, inside the client's no_grad
     assert any(not torch.equal(a, p) for a, p in zip(before, server.params))
+
+
+def test_streamed_parts_are_validated_and_bounded():
+    from fl_app.protocol import PerturbedPart, ProtocolError, StepRequest
+
+    _, client, server, data = parties()
+    batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+    rows, seq = batch["input_ids"].shape
+    with pytest.raises(ProtocolError, match="perturbed"):
+        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 31), {"client": "x"}).to_bytes())
+    with pytest.raises(ProtocolError, match="NaN"):
+        server.handle_bytes(PerturbedPart(torch.full((1, rows, seq, 32), float("nan")), {"client": "x"}).to_bytes())
+    server.handle_bytes(PerturbedPart(torch.zeros(2, rows, seq + 1, 32), {"client": "y"}).to_bytes())
+    clean = StepRequest(kind="zo", clean=torch.zeros(rows, seq, 32), attention_mask=batch["attention_mask"],
+                        labels=batch["labels"], score_ids=batch["score_ids"], meta={"client": "y"})
+    with pytest.raises(ProtocolError, match="parts have shapes"):
+        server.handle_bytes(clean.to_bytes())
+    assert "y" not in server.parts  # a failed step leaves nothing buffered
+    server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "z"}).to_bytes())
+    fo = StepRequest(kind="fo", clean=torch.zeros(rows, seq, 32), attention_mask=batch["attention_mask"],
+                     labels=batch["labels"], score_ids=batch["score_ids"], meta={"client": "z"})
+    with pytest.raises(ProtocolError, match="kind 'fo'"):
+        server.handle_bytes(fo.to_bytes())
