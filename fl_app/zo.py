@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 
+Z_CHUNK = 1 << 20  # elements of z generated at a time (4 MiB in fp32)
+
+
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -31,11 +34,16 @@ class ZOEstimator:
             raise ValueError("ZO estimator needs at least one trainable parameter (check client-params / server-params)")
         self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
 
-    def _directions(self, seed: int) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    def _directions(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(slice of a parameter, its z) in a fixed order; z comes in chunks of at most Z_CHUNK
+        elements, so the extra memory is bounded whatever the size of the largest tensor."""
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         for p in self.params:
-            z = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-            yield p, z
+            flat = p.data.view(-1)
+            for start in range(0, flat.numel(), Z_CHUNK):
+                piece = flat[start : start + Z_CHUNK]
+                z = torch.randn(piece.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+                yield piece, z
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:

@@ -78,3 +78,19 @@ def test_non_finite_losses_are_not_applied():
     zo = ZOEstimator(list(small_mlp().parameters()), eps=1e-3, lr=0.1)
     with pytest.raises(FloatingPointError):
         zo.projected_gradient(float("nan"), 1.0)
+
+
+def test_z_is_generated_in_bounded_chunks():
+    """A tensor larger than one chunk still gets a full, seed-determined direction, in pieces."""
+    import fl_app.zo as zo_module
+
+    big = torch.nn.Parameter(torch.zeros(3 * zo_module.Z_CHUNK + 5))
+    zo = ZOEstimator([big], eps=1.0, lr=0.1)
+    pieces = list(zo._directions(5))
+    assert [z.numel() for _, z in pieces] == [zo_module.Z_CHUNK] * 3 + [5]
+    zo.perturb(5, 1.0)
+    first = big.detach().clone()
+    assert first.std().item() == pytest.approx(1.0, abs=0.01) and first.abs().min() > 0
+    zo.perturb(5, -1.0)
+    zo.perturb(5, 1.0)
+    assert torch.equal(big.detach(), first)
