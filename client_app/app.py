@@ -50,6 +50,17 @@ def _history(record: ConfigRecord) -> History | None:
                    seeds=[seeds[i : i + q] for i in range(0, len(seeds), q)],
                    grads=[grads[i : i + q] for i in range(0, len(grads), q)])
 
+def _session_inputs(msg: Message, context: Context):
+    """(config, session settings, partition id, partition count, synced history, averaged bottom)."""
+    config = make_config(context.run_config)
+    session = dict(msg.content.config_records["session"])
+    partition_id, num_partitions = _partition(context)
+    records, arrays = msg.content.config_records, msg.content.array_records
+    history = _history(records["history"]) if "history" in records else None
+    average = arrays["average"].to_torch_state_dict() if "average" in arrays else None
+    return config, session, partition_id, num_partitions, history, average
+
+
 def _error_reply(msg: Message, context: Context, err: Exception) -> Message:
     log.error("client session failed: %s", err)
     partition_id = int(context.node_config.get("partition-id", -1))
@@ -63,15 +74,12 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})}),
                    reply_to=msg)
 
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one training session over the step stream and report."""
     try:
-        config = make_config(context.run_config)
-        session = dict(msg.content.config_records["session"])
-        partition_id, num_partitions = _partition(context)
-        average = msg.content.array_records["average"].to_torch_state_dict() if "average" in msg.content.array_records else None
-        history = _history(msg.content.config_records["history"]) if "history" in msg.content.config_records else None
+        config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
         report, state = run_session(config, partition_id, num_partitions, _load_state(context), session, history, average)
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
@@ -87,15 +95,12 @@ def train(msg: Message, context: Context) -> Message:
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
     return Message(content, reply_to=msg)
 
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
     try:
-        config = make_config(context.run_config)
-        session = dict(msg.content.config_records["session"])
-        partition_id, num_partitions = _partition(context)
-        history = _history(msg.content.config_records["history"]) if "history" in msg.content.config_records else None
-        average = msg.content.array_records["average"].to_torch_state_dict() if "average" in msg.content.array_records else None
+        config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
         state = _load_state(context)
         if average:
             state = ClientState(weights=average, steps=state.steps if state else 0,

@@ -1,7 +1,6 @@
 """The client side of a split: holds the bottom, talks to the server only through bytes."""
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import WIRE_DTYPES, PerturbedPart, StepReply, StepRequest
-from fl_app.trainable import make_fo_optimizer
+from fl_app.trainable import check_optim_settings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
@@ -41,14 +40,9 @@ class ClientOptimConfig:
     wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.order not in ("fo", "zo"):
-            raise ValueError(f"client order must be 'fo' or 'zo', got {self.order!r}")
+        check_optim_settings("client", self.order, self.lr, self.zo_queries)
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"client-lr must be a positive finite number, got {self.lr!r}")
-        if self.zo_queries < 1:
-            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from fl_app.models import ServerTop
 from fl_app.protocol import PerturbedPart, ProtocolError, StepReply, StepRequest, decode_frame, validate_part, validate_request
 from fl_app.scoring import class_scores, classification_loss
-from fl_app.trainable import make_fo_optimizer
+from fl_app.trainable import check_optim_settings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
@@ -27,12 +27,7 @@ class ServerOptimConfig:
     score_chunk_rows: int = 256  # rows per forward when scoring perturbed activations together
 
     def __post_init__(self) -> None:
-        if self.order not in ("fo", "zo"):
-            raise ValueError(f"server order must be 'fo' or 'zo', got {self.order!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"server-lr must be a positive finite number, got {self.lr!r}")
-        if self.zo_queries < 1:
-            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
+        check_optim_settings("server", self.order, self.lr, self.zo_queries)
 
 
 class UpdateLedger:

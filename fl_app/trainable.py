@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -76,3 +78,13 @@ def make_fo_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r} (fields client-optimizer/server-optimizer); known: sgd, adam")
+
+
+def check_optim_settings(side: str, order: str, lr: float, zo_queries: int) -> None:
+    """Shared checks of a party's optimiser settings; ``side`` is "client" or "server"."""
+    if order not in ("fo", "zo"):
+        raise ValueError(f"{side} order must be 'fo' or 'zo', got {order!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{side}-lr must be a positive finite number, got {lr!r}")
+    if zo_queries < 1:
+        raise ValueError(f"zo-queries must be >= 1, got {zo_queries!r}")

@@ -116,6 +116,17 @@ def _unflatten(report: dict[str, Any], queries: int) -> dict[str, Any]:
     return report
 
 
+def session_content(coord: Coordinator, pid: int, session_config: dict[str, Any], synced: dict[int, int]) -> RecordDict:
+    """A session message: settings, plus the synced history (ZO) or averaged bottom (FO) if any."""
+    content = RecordDict({"session": ConfigRecord(session_config)})
+    history = coord.history_for(pid, synced.get(pid, 0))
+    if history is not None:
+        content["history"] = history_record(history)
+    if coord.average is not None:
+        content["average"] = ArrayRecord(coord.average)
+    return content
+
+
 def train_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int, synced: dict[int, int]):
     """One round of training sessions in waves; returns (reports, dropped)."""
     config = coord.config
@@ -125,12 +136,7 @@ def train_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int,
         sessions, messages = {}, []
         for pid in wave:
             session, session_config = coord.open(pid, rnd)
-            content = RecordDict({"session": ConfigRecord(session_config)})
-            history = coord.history_for(pid, synced.get(pid, 0))
-            if history is not None:
-                content["history"] = history_record(history)
-            if coord.average is not None:
-                content["average"] = ArrayRecord(coord.average)
+            content = session_content(coord, pid, session_config, synced)
             sessions[nodes[pid]] = (pid, session, record_bytes(content))
             messages.append(Message(content, dst_node_id=nodes[pid], message_type="train"))
         replies = exchange(grid, messages, config["round-timeout"], coord.expire_idle)
@@ -157,18 +163,12 @@ def evaluate_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: i
     if not clients:
         return None
     reports = []
-    for wave_start in range(0, len(clients), coord.config["max-concurrent-clients"]):
-        wave = clients[wave_start : wave_start + coord.config["max-concurrent-clients"]]
+    for wave in waves(clients, coord.config["max-concurrent-clients"]):
         sessions, messages = {}, []
         for pid in wave:
             session, session_config = coord.open(pid, rnd, {"split": split, "shard": clients.index(pid),
                                                             "num-shards": len(clients)})
-            content = RecordDict({"session": ConfigRecord(session_config)})
-            history = coord.history_for(pid, synced.get(pid, 0))
-            if history is not None:
-                content["history"] = history_record(history)
-            if coord.average is not None:
-                content["average"] = ArrayRecord(coord.average)
+            content = session_content(coord, pid, session_config, synced)
             sessions[nodes[pid]] = session
             messages.append(Message(content, dst_node_id=nodes[pid], message_type="evaluate"))
         replies = exchange(grid, messages, coord.config["round-timeout"], coord.expire_idle)

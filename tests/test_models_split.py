@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from fl_app.models import LoadedModel, load_model, param_counts, split_model
+from fl_app.models import load_model, param_counts, split_model
 from fl_app.trainable import TrainableSpec, configure_trainable
 from tests.conftest import tiny_model
 

@@ -1,7 +1,5 @@
 """gRPC step stream: authenticated sessions, malformed frames end one session only, rollback."""
-import threading
 
-import grpc
 import pytest
 import torch
 

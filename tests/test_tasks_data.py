@@ -1,8 +1,6 @@
 """Tasks parse the shipped files; sampling and partitions are seeded; batches have the right shape."""
-import warnings
 
 import pytest
-import torch
 
 from fl_app.data import BatchEncoder, load_examples, partition, sample_splits
 from fl_app.tasks import TASK_NAMES, Example, get_task, parse_row
