@@ -80,7 +80,9 @@ def train(msg: Message, context: Context) -> Message:
     """Run one training session over the step stream and report."""
     try:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        report, state = run_session(config, partition_id, num_partitions, _load_state(context), session, history, average)
+        own_data = str(context.node_config.get("data-dir", ""))  # a node's own data instead of a partition
+        report, state = run_session(config, partition_id, num_partitions, _load_state(context), session, history,
+                                    average, train_data_dir=own_data)
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
         return _error_reply(msg, context, err)

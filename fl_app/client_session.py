@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,10 +17,12 @@ import torch
 
 from fl_app.client_party import SplitClient
 from fl_app.config import MODES
+from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom
 from fl_app.scenario import BatchStream, TaskData, build_client, client_seed, eval_batches, load_split, load_task_data, shard
 from fl_app.stream import StepStreamClient
+from fl_app.tasks import Example
 
 
 @dataclass
@@ -110,13 +113,23 @@ def catch_up(client: SplitClient, history: History, partition_id: int, synced_ro
     return applied
 
 
+@functools.lru_cache(maxsize=4)
+def local_train_examples(task: str, n_train: int, seed: int, data_dir: str) -> list[Example]:
+    """A node's own training data: the task's train file(s) in ``data_dir``, seeded sample of ``n_train``."""
+    examples = load_examples(task, "train", "local", data_dir)
+    random.Random(seed).shuffle(examples)
+    return examples[:n_train]
+
+
 def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
                 session: Mapping[str, Any], history: History | None = None,
-                average: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], ClientState]:
+                average: Mapping[str, torch.Tensor] | None = None,
+                train_data_dir: str = "") -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
     ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps.
     ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
+    ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
@@ -129,8 +142,9 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         caught_up = catch_up(client, history, partition_id, state.synced_round)
     if average:
         restore(client, ClientState(weights=dict(average), steps=client.steps))
-    stream = BatchStream(data.encoder, data.client_examples(partition_id), config["batch-size"],
-                         client_seed(config, partition_id))
+    examples = (local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
+                if train_data_dir else data.client_examples(partition_id))
+    stream = BatchStream(data.encoder, examples, config["batch-size"], client_seed(config, partition_id))
     link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
     losses, seeds, grads, peaks, seconds = [], [], [], [], []
     try:

@@ -133,3 +133,23 @@ def test_selection_is_seeded_fraction_with_minimum(coord):
     assert len(c.select(ids, 1)) == 5 and c.select(ids, 1) == c.select(ids, 1) != c.select(ids, 2)
     c2 = coord(**{"fraction-train": 0.1, "min-clients": 3})
     assert len(c2.select(ids, 1)) == 3
+
+
+def test_client_trains_on_its_own_local_data_dir(coord, tmp_path):
+    import gzip
+
+    own = tmp_path / "node0"
+    (own / "sst2").mkdir(parents=True)
+    rows = "sentence\tlabel\n" + "".join(f"a truly great film number {i}\t1\nan awful mess {i}\t0\n" for i in range(20))
+    with gzip.open(own / "sst2" / "train.tsv.gz", "wt") as fh:
+        fh.write(rows)
+    c = coord()
+    session, message = c.open(0, 1)
+    report, state = run_session(c.config, 0, 3, None, message, train_data_dir=str(own))
+    assert report["steps"] == 2 and state.steps == 2
+    _, message_p = c.open(0, 1)
+    partition_report, _ = run_session(c.config, 0, 3, None, message_p)
+    assert report["losses"] != partition_report["losses"]  # the node's own sentences, not its partition
+    session2, message2 = c.open(1, 1)
+    with pytest.raises(ValueError, match="data-dir"):
+        run_session(c.config, 1, 3, None, message2, train_data_dir=str(tmp_path / "missing"))
