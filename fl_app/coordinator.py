@@ -98,7 +98,7 @@ class Coordinator:
 
     def finish_train(self, session: Session, report: Mapping[str, Any] | None, reason: str = "") -> bool:
         """Commit a session's updates if the client reported success, otherwise roll them back."""
-        if report is None or session.status == "failed":
+        if report is None or session.status != "open":
             self.stream.fail(session, reason or session.reason or "no report")
             self.stream.close_session(session)
             return False

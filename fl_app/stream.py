@@ -34,7 +34,7 @@ class Session:
 
     client_id: str
     token: str
-    status: str = "open"  # open -> done | failed
+    status: str = "open"  # open -> done | failing -> failed
     reason: str = ""
     steps: int = 0
     bytes_up: int = 0
@@ -85,16 +85,18 @@ class StepStreamServer:
         return session
 
     def fail(self, session: Session, reason: str, cancel: bool = True) -> None:
-        """Mark ``session`` failed (once), cancel its stream unless told not to, run the failure callback."""
+        """Fail ``session`` once: run the failure callback (e.g. roll back), then mark it failed and
+        cancel its stream unless told not to. A session reads "failed" only once rolled back."""
         with self._lock:
             if session.status != "open":
                 return
-            session.status, session.reason = "failed", reason
+            session.status = "failing"
         log.warning("session of client %s dropped: %s", session.client_id, reason)
-        if cancel and session.context is not None:
-            session.context.cancel()
         if self.on_failure is not None:
             self.on_failure(session)
+        session.reason, session.status = reason, "failed"
+        if cancel and session.context is not None:
+            session.context.cancel()
 
     def close_session(self, session: Session) -> Session:
         """End a session: it can no longer be used; returns its final record."""
@@ -126,6 +128,13 @@ class StepStreamServer:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or closed session token")
         session.context = context
         session.last_activity = time.monotonic()
+        ended_cleanly = False
+
+        def on_termination() -> None:  # runs when the RPC ends for any reason
+            if not ended_cleanly and session.status == "open":
+                self.fail(session, "client disconnected", cancel=False)
+
+        context.add_callback(on_termination)
         try:
             for payload in requests:
                 session.last_activity = time.monotonic()
@@ -137,11 +146,10 @@ class StepStreamServer:
                 session.bytes_down += len(answer)
                 session.steps += 1
                 yield answer
+            ended_cleanly = True  # the client closed its side of the stream
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        if not context.is_active() and session.status == "open":
-            self.fail(session, "client disconnected")
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait()
@@ -181,5 +189,11 @@ class StepStreamClient:
         return answer
 
     def close(self) -> None:
+        """End the stream cleanly (half-close, wait for the server to finish it), then the channel."""
         self._outbox.put(None)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass  # the stream had already failed; nothing more to wait for
         self._channel.close()

@@ -153,3 +153,21 @@ def test_client_trains_on_its_own_local_data_dir(coord, tmp_path):
     session2, message2 = c.open(1, 1)
     with pytest.raises(ValueError, match="data-dir"):
         run_session(c.config, 1, 3, None, message2, train_data_dir=str(tmp_path / "missing"))
+
+
+def test_abrupt_disconnect_drops_session_and_rolls_back(coord):
+    import time
+
+    c = coord()
+    committed = server_weights(c)
+    session, message = c.open(0, 1)
+    client, data = make_client(c.config, 0, None)
+    link = StepStreamClient(message["address"], message["token"])
+    client.train_step(BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0), link)
+    assert any(not torch.equal(a, b) for a, b in zip(committed, server_weights(c)))
+    link._channel.close()  # the client vanishes without ending its stream
+    deadline = time.time() + 10
+    while session.status in ("open", "failing") and time.time() < deadline:
+        time.sleep(0.05)
+    assert session.status == "failed" and "disconnected" in session.reason
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
