@@ -33,18 +33,21 @@ HUB_NAMES = {"sst2": ("glue", "sst2", "train", "validation")}  # others: super_g
 MARKER = Path("sst2") / "train.tsv.gz"
 
 
-def _installed_source_dir() -> Path | None:
-    """Source tree of an editable (``pip install -e``) install of hosl-flower, if that is how it is installed.
+def _installed_data_dirs() -> list[Path]:
+    """Where installed copies of hosl-flower keep ``data/``: the checkout of an editable install
+    (``direct_url.json``) or the folder holding the distribution's metadata.
 
     Flower runs the apps from a copy of the project bundle that leaves data files out; the
     installed distribution still points at the checkout that has them.
     """
-    try:
-        text = importlib.metadata.distribution("hosl-flower").read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    url = json.loads(text).get("url", "") if text else ""
-    return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)) if url.startswith("file://") else None
+    found = []
+    for dist in importlib.metadata.distributions(name="hosl-flower"):
+        text = dist.read_text("direct_url.json")
+        url = json.loads(text).get("url", "") if text else ""
+        if url.startswith("file://"):
+            found.append(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)) / "data")
+        found.append(Path(str(dist.locate_file(""))).resolve() / "data")
+    return found
 
 
 def default_data_dir() -> Path:
@@ -55,9 +58,9 @@ def default_data_dir() -> Path:
     beside = Path(__file__).resolve().parents[1] / "data"
     if (beside / MARKER).exists():
         return beside
-    source = _installed_source_dir()
-    if source is not None and (source / "data" / MARKER).exists():
-        return source / "data"
+    for candidate in _installed_data_dirs():
+        if (candidate / MARKER).exists():
+            return candidate
     return beside
 
 

@@ -127,3 +127,22 @@ def test_bad_batches_are_rejected(causal_tok):
         enc([])
     with pytest.raises(ValueError, match="field 'label' has value 5"):
         enc([Example({"sentence": "x"}, 5)])
+
+
+def test_data_found_from_a_bundle_copy_without_data(tmp_path):
+    """Flower runs the apps from a bundle copy of the package that leaves the .gz data out; the
+    data must still be found through the installed distribution."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "fl_app", tmp_path / "fl_app", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "data").mkdir()  # the bundle has data/README.md etc. but no data files
+    code = ("import fl_app, fl_app.data as d; print(fl_app.__file__); print(d.default_data_dir()); "
+            "print(len(d.load_examples('rte', 'test')))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HOSL_DATA_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "data", env={**env, "PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    assert out[0].startswith(str(tmp_path)) and Path(out[1], "sst2", "train.tsv.gz").exists() and out[2] == "277"
