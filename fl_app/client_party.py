@@ -11,7 +11,7 @@ import torch
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import WIRE_DTYPES, PerturbedPart, StepReply, StepRequest
-from fl_app.trainable import check_optim_settings, make_fo_optimizer
+from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
@@ -27,20 +27,17 @@ LABEL_FIELDS = ("labels", "score_ids", "target_ids")
 
 
 @dataclass(frozen=True)
-class ClientOptimConfig:
-    """How a client trains its bottom: ``zo`` (MeZO, forward passes only) or ``fo`` (backprop)."""
+class ClientOptimConfig(OptimSettings):
+    """How a client trains its bottom, and the dtype its activations travel in."""
 
+    side: str = "client"
     order: str = "zo"
-    optimizer: str = "sgd"  # FO only; ZO is always MeZO's plain SGD
     lr: float = 1e-6
-    weight_decay: float = 0.0
-    zo_eps: float = 1e-3
     zo_queries: int = 10
-    seed: int = 0
     wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        check_optim_settings("client", self.order, self.lr, self.zo_queries)
+        super().__post_init__()
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 

@@ -9,25 +9,17 @@ import torch
 from fl_app.models import ServerTop
 from fl_app.protocol import PerturbedPart, ProtocolError, StepReply, StepRequest, decode_frame, validate_part, validate_request
 from fl_app.scoring import class_scores, classification_loss
-from fl_app.trainable import check_optim_settings, make_fo_optimizer
+from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 
 @dataclass(frozen=True)
-class ServerOptimConfig:
-    """How the server trains its top: ``fo`` (SGD with backprop) or ``zo`` (MeZO)."""
+class ServerOptimConfig(OptimSettings):
+    """How the server trains its top, and how many rows it scores per forward."""
 
+    side: str = "server"
     order: str = "fo"
-    optimizer: str = "sgd"  # FO only; ZO is always MeZO's plain SGD
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    zo_eps: float = 1e-3
-    zo_queries: int = 1
-    seed: int = 0
     score_chunk_rows: int = 256  # rows per forward when scoring perturbed activations together
-
-    def __post_init__(self) -> None:
-        check_optim_settings("server", self.order, self.lr, self.zo_queries)
 
 
 class UpdateLedger:

@@ -80,11 +80,24 @@ def make_fo_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
     raise ValueError(f"unknown optimizer {name!r} (fields client-optimizer/server-optimizer); known: sgd, adam")
 
 
-def check_optim_settings(side: str, order: str, lr: float, zo_queries: int) -> None:
-    """Shared checks of a party's optimiser settings; ``side`` is "client" or "server"."""
-    if order not in ("fo", "zo"):
-        raise ValueError(f"{side} order must be 'fo' or 'zo', got {order!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{side}-lr must be a positive finite number, got {lr!r}")
-    if zo_queries < 1:
-        raise ValueError(f"zo-queries must be >= 1, got {zo_queries!r}")
+@dataclass(frozen=True)
+class OptimSettings:
+    """How one party trains: ``order`` ``zo`` (MeZO, forward passes only) or ``fo`` (backprop with
+    ``optimizer`` sgd/adam; ZO is always MeZO's plain SGD). Checked on construction."""
+
+    side: str  # "client" or "server", for error messages
+    order: str
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    zo_eps: float = 1e-3
+    zo_queries: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.order not in ("fo", "zo"):
+            raise ValueError(f"{self.side} order must be 'fo' or 'zo', got {self.order!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{self.side}-lr must be a positive finite number, got {self.lr!r}")
+        if self.zo_queries < 1:
+            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
