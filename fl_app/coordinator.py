@@ -157,7 +157,9 @@ class Coordinator:
                                                           "history": self.history.__dict__, "average": self.average})
         self.write_results()
 
-    def write_results(self) -> Path:
+    def write_results(self, status: str = "running") -> Path:
+        """Write results.json; ``status`` is "running" after a round and "finished" at the end."""
+        self.results["status"] = status
         history = self.results["history"]
         if history:
             self.results["client"]["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)

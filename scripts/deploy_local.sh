@@ -69,4 +69,13 @@ python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
 ARGS=(run . deploy --stream --run-config "$FLWR_HOME/run-config.toml")
 sleep 3
 echo "SuperLink 127.0.0.1:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
-flwr "${ARGS[@]}"
+flwr "${ARGS[@]}" 2>&1 | tee "$FLWR_HOME/logs/run.log"
+# `flwr run --stream` can return before the run ends (its log stream may attach late): keep the
+# SuperLink and SuperNodes up until the SuperLink reports the run finished.
+RUN_ID=$(grep -o 'Successfully started run [0-9]*' "$FLWR_HOME/logs/run.log" | grep -o '[0-9]*$' || true)
+if [ -n "$RUN_ID" ]; then
+  for _ in $(seq 1 600); do
+    flwr ls deploy --run-id "$RUN_ID" --format json > "$FLWR_HOME/logs/ls.json" 2>&1; grep -q '"status": "finished' "$FLWR_HOME/logs/ls.json" && break
+    sleep 2
+  done
+fi

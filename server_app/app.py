@@ -219,7 +219,7 @@ def main(grid: Grid, context: Context) -> None:
             last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
             test = evaluate_round(grid, coord, nodes, config["num-rounds"], last or sorted(nodes), synced, "test")
             coord.results["eval"]["test"] = test
-        path = coord.write_results()
+        path = coord.write_results(status="finished")
         print(f"[hosl] results written to {path}", flush=True)
     finally:
         coord.close()
