@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 SCALAR_REPORT_KEYS = ("steps", "train-loss", "bytes-up", "bytes-down", "peak-memory-bytes", "step-seconds",
-                      "session-seconds", "caught-up-updates", "lr", "partition-id")
+                      "session-seconds", "caught-up-updates", "lr", "partition-id", "subset-plan", "subset-batches",
+                      "selection-seconds", "selection-bytes-up", "selection-bytes-down")
 
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
@@ -33,11 +34,15 @@ def _load_state(context: Context) -> ClientState | None:
         return None
     meta = context.state.config_records["client"]
     weights = context.state.array_records["bottom"].to_torch_state_dict() if "bottom" in context.state.array_records else {}
-    return ClientState(weights=weights, steps=int(meta["steps"]), synced_round=int(meta["synced-round"]))
+    return ClientState(weights=weights, steps=int(meta["steps"]), synced_round=int(meta["synced-round"]),
+                       trial=int(meta["trial"]), subset_ids=[int(i) for i in meta["subset-ids"]],
+                       subset_weights=[float(w) for w in meta["subset-weights"]])
 
 def _save_state(context: Context, state: ClientState) -> None:
     context.state.array_records["bottom"] = ArrayRecord(state.weights)
-    context.state.config_records["client"] = ConfigRecord({"steps": state.steps, "synced-round": state.synced_round})
+    context.state.config_records["client"] = ConfigRecord({
+        "steps": state.steps, "synced-round": state.synced_round, "trial": state.trial,
+        "subset-ids": list(state.subset_ids), "subset-weights": list(state.subset_weights)})
 
 def _history(record: ConfigRecord) -> History | None:
     if "h-rounds" not in record:
@@ -51,11 +56,13 @@ def _history(record: ConfigRecord) -> History | None:
                    grads=[grads[i : i + q] for i in range(0, len(grads), q)])
 
 def _session_inputs(msg: Message, context: Context):
-    """(config, session settings, partition id, partition count, synced history, averaged bottom)."""
-    config = make_config(context.run_config)
-    session = dict(msg.content.config_records["session"])
-    partition_id, num_partitions = _partition(context)
+    """(config with the trial's overrides, session settings, partition id, partition count, synced
+    history, averaged bottom)."""
     records, arrays = msg.content.config_records, msg.content.array_records
+    overrides = dict(records["overrides"]) if "overrides" in records else {}
+    config = make_config({**context.run_config, **overrides})
+    session = dict(records["session"])
+    partition_id, num_partitions = _partition(context)
     history = _history(records["history"]) if "history" in records else None
     average = arrays["average"].to_torch_state_dict() if "average" in arrays else None
     return config, session, partition_id, num_partitions, history, average
@@ -105,8 +112,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
         state = _load_state(context)
         if average:
-            state = ClientState(weights=average, steps=state.steps if state else 0,
-                                synced_round=state.synced_round if state else 0)
+            state = ClientState(weights=average, steps=state.steps if state else 0,  # the average is this trial's
+                                synced_round=state.synced_round if state else 0, trial=int(session.get("trial", 0)))
         result = run_eval_session(config, partition_id, num_partitions, state, session, history)
     except Exception as err:
         return _error_reply(msg, context, err)

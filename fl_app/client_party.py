@@ -10,10 +10,10 @@ import torch
 
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
-from fl_app.protocol import WIRE_DTYPES, PerturbedPart, StepReply, StepRequest
+from fl_app.protocol import WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
+from fl_app.subset import Subset
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
-
 
 
 class Link(Protocol):
@@ -73,29 +73,33 @@ class SplitClient:
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
-    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor]) -> StepRequest:
+    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor],
+                 extra: dict | None = None) -> StepRequest:
         labels = {k: batch[k] for k in LABEL_FIELDS if k in batch}
         return StepRequest(kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
-                           meta={"client": self.client_id, "step": self.steps}, **labels)
+                           meta={"client": self.client_id, "step": self.steps, **(extra or {})}, **labels)
 
-    def train_step(self, batch: dict[str, torch.Tensor], link: Link) -> StepStats:
-        """One split step over ``link`` (one reply per step; ZO parts are streamed without replies)."""
+    def train_step(self, batch: dict[str, torch.Tensor], link: Link, weight: float = 1.0) -> StepStats:
+        """One split step over ``link`` (one reply per step; ZO parts are streamed without replies).
+
+        ``weight`` scales this batch's loss on both sides (a GradMatch subset batch's weight).
+        """
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         with track_peak_memory() as peak:
             if self.zo is not None:
-                loss, up, down, seeds, grads = self._zo_step(batch, link)
+                loss, up, down, seeds, grads = self._zo_step(batch, link, weight)
             elif self.params:
-                loss, up, down = self._fo_step(batch, link.exchange)
+                loss, up, down = self._fo_step(batch, link.exchange, weight)
                 seeds, grads = [], []
             else:
-                loss, up, down = self._frozen_step(batch, link.exchange)
+                loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
         self.steps += 1
         return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads)
 
     @torch.no_grad()
-    def _zo_step(self, batch, link: Link):
+    def _zo_step(self, batch, link: Link, weight: float):
         """Each perturbed activation goes to the server as soon as it is computed, so the client
         holds one at a time; the clean one follows and the reply carries all 2Q losses."""
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
@@ -109,20 +113,20 @@ class SplitClient:
                 up += len(part)
                 del part
             self.zo.perturb(seed, +1.0)
-        payload = self._request("zo", self._forward(batch), batch).to_bytes()
+        payload = self._request("zo", self._forward(batch), batch, {"weight": weight}).to_bytes()
         answer = link.exchange(payload)
         up += len(payload)
         reply = StepReply.from_bytes(answer)
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
         if len(losses) != 2 * len(seeds):
             raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
-        grads = [self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
+        grads = [weight * self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
         self.zo.update(seeds, grads)
         return reply.clean_loss, up, len(answer), seeds, grads
 
-    def _fo_step(self, batch, exchange):
+    def _fo_step(self, batch, exchange, weight: float):
         hidden = self._forward(batch)
-        payload = self._request("fo", hidden, batch).to_bytes()
+        payload = self._request("fo", hidden, batch, {"weight": weight}).to_bytes()
         answer = exchange(payload)
         reply = StepReply.from_bytes(answer)
         if reply.grad is None or reply.grad.shape != hidden.shape:
@@ -136,11 +140,27 @@ class SplitClient:
         return reply.clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
-    def _frozen_step(self, batch, exchange):
+    def _frozen_step(self, batch, exchange, weight: float):
         """Nothing to train here: send the clean activations so the server can train."""
-        payload = self._request("frozen", self._forward(batch), batch).to_bytes()
+        payload = self._request("frozen", self._forward(batch), batch, {"weight": weight}).to_bytes()
         answer = exchange(payload)
         return StepReply.from_bytes(answer).clean_loss, len(payload), len(answer)
+
+    @torch.no_grad()
+    def select_subset(self, batches: Iterable[dict[str, torch.Tensor]], budget: int, seed: int, link: Link) -> Subset:
+        """GradMatch through the server: send each batch's clean activations as a ``proxy`` step (the
+        server computes its last-layer gradient proxy; no raw data leaves), then ask for ``budget`` of them."""
+        count = 0
+        for index, batch in enumerate(batches):
+            StepReply.from_bytes(link.exchange(self._request("proxy", self._forward(batch), batch, {"batch": index}).to_bytes()))
+            count += 1
+        reply = StepReply.from_bytes(link.exchange(SelectRequest(budget, count, seed, {"client": self.client_id}).to_bytes()))
+        if reply.batch_ids is None or reply.batch_weights is None or reply.batch_ids.shape != reply.batch_weights.shape:
+            raise ValueError("server's selection reply lacks matching 'batch_ids' and 'batch_weights'")
+        ids = reply.batch_ids.tolist()
+        if not ids or len(ids) > budget or len(set(ids)) != len(ids) or not all(0 <= i < count for i in ids):
+            raise ValueError(f"server selected batch ids {ids} for a budget of {budget} of {count} batches")
+        return Subset(ids, reply.batch_weights.tolist())
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], link: Link) -> dict[str, float]:

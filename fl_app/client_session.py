@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -22,16 +23,26 @@ from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom
 from fl_app.scenario import BatchStream, TaskData, build_client, client_seed, eval_batches, load_split, load_task_data, shard
 from fl_app.stream import StepStreamClient
+from fl_app.subset import PLANS, Subset, SubsetStream, budget_batches, fixed_batches, select_batches
 from fl_app.tasks import Example
 
 
 @dataclass
 class ClientState:
-    """Everything a client keeps between rounds: trainable weights, step count, sync position."""
+    """Everything a client keeps between rounds: trainable weights, step count, sync position, the
+    tuning trial they belong to and the subset of batches it trains on (ids and weights)."""
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     synced_round: int = 0
+    trial: int = 0
+    subset_ids: list[int] = field(default_factory=list)
+    subset_weights: list[float] = field(default_factory=list)
+
+
+def state_for_trial(state: ClientState | None, trial: int) -> ClientState | None:
+    """The saved state if it belongs to ``trial``; None (start from the pristine bottom) otherwise."""
+    return state if state is not None and state.trial == trial else None
 
 
 @dataclass
@@ -127,16 +138,23 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
                 train_data_dir: str = "") -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
-    ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps.
+    ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps, and
+    optionally trial (a state from another trial is dropped) and subset (a plan of
+    :data:`fl_app.subset.PLANS`: full data, warm start, a new random / gradmatch subset, or keep).
     ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
     ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    plan = str(session.get("subset", "full"))
+    if plan not in PLANS:
+        raise ValueError(f"field 'subset' of the session is {plan!r}, expected one of {PLANS}")
+    trial = int(session.get("trial", 0))
     config = {**config, "num-clients": num_partitions}
     started = time.perf_counter()
+    state = state_for_trial(state, trial)
     client, data = make_client(config, partition_id, state)
-    state = state or ClientState()
+    state = state or ClientState(trial=trial)
     caught_up = 0
     if history is not None and client.zo is not None:
         caught_up = catch_up(client, history, partition_id, state.synced_round)
@@ -144,12 +162,22 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         restore(client, ClientState(weights=dict(average), steps=client.steps))
     examples = (local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
                 if train_data_dir else data.client_examples(partition_id))
-    stream = BatchStream(data.encoder, examples, config["batch-size"], client_seed(config, partition_id))
+    seed = client_seed(config, partition_id)
     link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
-    losses, seeds, grads, peaks, seconds = [], [], [], [], []
     try:
-        for _ in range(int(session["local-steps"])):
-            stats = client.train_step(stream.batch(client.steps), link)
+        batch_size = config["batch-size"]
+        batches = fixed_batches(len(examples), batch_size, seed)
+        budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
+        subset, selection = _choose_subset(client, [[examples[i] for i in b] for b in batches], data.encoder, budget,
+                                           plan, state, seed * 1_009 + int(session["round"]), link)
+        source = (SubsetStream(batches, subset, seed) if subset
+                  else BatchStream(data.encoder, examples, batch_size, seed))
+        per_pass = budget if plan == "warm" else len(source)
+        steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
+        losses, seeds, grads, peaks, seconds = [], [], [], [], []
+        for _ in range(steps):
+            indices, weight = source.weighted_indices(client.steps)
+            stats = client.train_step(data.encoder([examples[i] for i in indices]), link, weight)
             losses.append(stats.loss)
             seeds.append(stats.seeds)
             grads.append(stats.projected_grads)
@@ -162,15 +190,37 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         "train-loss": sum(losses) / len(losses), "bytes-up": link.bytes_up, "bytes-down": link.bytes_down,
         "peak-memory-bytes": max(peaks), "step-seconds": sum(seconds), "session-seconds": time.perf_counter() - started,
         "caught-up-updates": caught_up, "seeds": seeds, "grads": grads, "lr": client.config.lr,
+        "subset-plan": plan, "subset-batches": len(subset.batch_ids) if subset else 0, **selection,
     }
-    new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1)
+    new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1,
+                            trial=trial, subset_ids=list(subset.batch_ids) if subset else [],
+                            subset_weights=list(subset.weights) if subset else [])
     return report, new_state
+
+
+def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, budget: int, plan: str,
+                   state: ClientState, seed: int, link: StepStreamClient) -> tuple[Subset | None, dict[str, float]]:
+    """The subset of ``batches`` this session trains on (None: full data) and what choosing it cost."""
+    started, up, down = time.perf_counter(), link.bytes_up, link.bytes_down
+    if plan == "gradmatch":
+        subset = client.select_subset((encoder(batch) for batch in batches), budget, seed, link)
+    elif plan == "random":
+        subset = select_batches("random", None, len(batches), budget, torch.Generator().manual_seed(seed))
+    elif plan == "keep":
+        if not state.subset_ids:
+            raise ValueError("session asks to keep a subset, but this client has none for this trial (field 'subset')")
+        subset = Subset(state.subset_ids, state.subset_weights)
+    else:
+        subset = None
+    return subset, {"selection-seconds": time.perf_counter() - started, "selection-bytes-up": link.bytes_up - up,
+                    "selection-bytes-down": link.bytes_down - down}
 
 
 def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
                      session: Mapping[str, Any], history: History | None = None) -> dict[str, Any]:
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test)."""
     config = {**config, "num-clients": num_partitions}
+    state = state_for_trial(state, int(session.get("trial", 0)))
     client, data = make_client(config, partition_id, state)
     if history is not None and client.zo is not None:
         catch_up(client, history, partition_id, (state or ClientState()).synced_round)

@@ -64,6 +64,17 @@ DEFAULTS: dict[str, Any] = {
     "max-frame-mb": 256,
     "out-dir": "runs/flower",
     "probe-messages": 0,  # > 0: first time this many Flower message round trips (per-step messaging cost)
+    # AUTOMATA: training on gradient-matched subsets, and hyper-parameter tuning over the federation
+    "local-epochs": 0.0,  # > 0: steps per session = ceil(local-epochs x batches in the session's data)
+    "subset-selector": "full",  # full (all data), random or gradmatch subsets of each client's batches
+    "subset-fraction": 0.1,
+    "subset-reselect-every": 1,  # rounds between selections
+    "subset-warm-start": 0.0,  # kappa: this fraction of the rounds trains a budget of full-data batches first
+    "tune-trials": 0,  # > 0: an Optuna study of this many trials, then the best config trained on full data
+    "tune-rounds": 3,  # rounds per trial
+    "tune-sampler": "tpe",
+    "tune-pruner": "hyperband",
+    "tune-space": "client-lr=log:1e-5:1e-3 server-lr=log:1e-5:1e-3",
 }
 
 CHOICES = {
@@ -76,11 +87,16 @@ CHOICES = {
     "bottoms": ("personal", "synced"),
     "client-optimizer": ("sgd", "adam"),
     "server-optimizer": ("sgd", "adam"),
+    "subset-selector": ("full", "random", "gradmatch"),
+    "tune-sampler": ("tpe", "random"),
+    "tune-pruner": ("hyperband", "asha", "none"),
 }
 POSITIVE = ("num-clients", "num-rounds", "local-steps", "batch-size", "max-length", "zo-queries",
             "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every",
-            "fraction-train", "min-clients", "max-concurrent-clients", "step-timeout", "round-timeout", "max-frame-mb")
-NON_NEGATIVE = ("probe-messages", "stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed")
+            "fraction-train", "min-clients", "max-concurrent-clients", "step-timeout", "round-timeout", "max-frame-mb",
+            "subset-fraction", "subset-reselect-every", "tune-rounds")
+NON_NEGATIVE = ("probe-messages", "stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed",
+                "local-epochs", "tune-trials", "subset-warm-start")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -124,8 +140,14 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key in POSITIVE:
         if not config[key] > 0:
             raise ValueError(f"config key '{key}' must be > 0, got {config[key]!r}")
-    if config["fraction-train"] > 1:
-        raise ValueError(f"config key 'fraction-train' must be in (0, 1], got {config['fraction-train']!r}")
+    for key in ("fraction-train", "subset-fraction"):
+        if config[key] > 1:
+            raise ValueError(f"config key '{key}' must be in (0, 1], got {config[key]!r}")
+    if config["subset-warm-start"] >= 1:
+        raise ValueError(f"config key 'subset-warm-start' must be in [0, 1), got {config['subset-warm-start']!r}")
+    if config["subset-selector"] != "full" and not config["local-epochs"] > 0:
+        raise ValueError(f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
+                         "(a round is then a pass over the subset), got local-epochs = 0")
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")

@@ -6,6 +6,7 @@ hands the replies back.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import threading
@@ -18,7 +19,7 @@ import torch
 
 from fl_app.checkpoint import save_checkpoint
 from fl_app.client_session import History
-from fl_app.config import MODES
+from fl_app.config import MODES, make_config
 from fl_app.metrics import pool_eval
 from fl_app.scenario import build_server, load_split
 from fl_app.stream import Session, StepStreamServer
@@ -39,12 +40,16 @@ class Coordinator:
     def __init__(self, config: Mapping[str, Any], out_dir: Path, tls_cert: bytes | None = None,
                  tls_key: bytes | None = None):
         self.config = dict(config)
+        self.base_config = dict(config)
         self.out_dir = out_dir
+        self.trial = 0  # which trial (tuning) or run segment client sessions belong to; 0 = a plain run
+        self.overrides: dict[str, Any] = {}
         torch.manual_seed(config["seed"])
-        task = get_task(config["task"])
+        self.num_classes = get_task(config["task"]).num_classes
         _loaded, bottom, top = load_split(config)
         del bottom, _loaded
-        self.server = build_server(config, top, task.num_classes)
+        self.pristine_top = copy.deepcopy(top) if config["tune-trials"] else None  # trials restart from it
+        self.server = build_server(config, top, self.num_classes)
         self.client_order, _ = MODES[config["mode"]]
         self.lock = threading.Lock()
         self.stream = StepStreamServer(self._handle, host=config["stream-host"], port=config["stream-port"],
@@ -59,6 +64,20 @@ class Coordinator:
             "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0}, "step_seconds": 0.0,
         }
         self.started = time.perf_counter()
+
+    def reset(self, trial: int, overrides: Mapping[str, Any]) -> None:
+        """Start run segment ``trial`` from the starting weights with ``overrides`` (a tuning trial's
+        hyper-parameters): a fresh top and optimiser, no synced history; clients holding state of
+        another trial start from their pristine bottom. Per-round results restart; byte totals go on."""
+        if self.pristine_top is None:
+            raise RuntimeError("reset needs the pristine top, kept only when tune-trials > 0")
+        with self.lock:
+            self.config = make_config({**self.base_config, **overrides})
+            self.server = build_server(self.config, copy.deepcopy(self.pristine_top), self.num_classes)
+        self.trial, self.overrides = trial, dict(overrides)
+        self.history, self.average = History(), None
+        self.results.update(history=[], rounds=[], step_seconds=0.0)
+        self.results["eval"] = {"history": []}
 
     @property
     def advertised_address(self) -> str:
@@ -87,7 +106,7 @@ class Coordinator:
         session = self.stream.open_session(str(client_id))
         message = {"round": rnd, "token": session.token, "address": self.advertised_address,
                    "root-certificate": self.root_certificate, "local-steps": self.config["local-steps"],
-                   **(extra or {})}
+                   "trial": self.trial, **(extra or {})}
         return session, message
 
     def history_for(self, client_id: int, synced_round: int) -> History | None:
@@ -136,7 +155,10 @@ class Coordinator:
                  "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
                  "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports),
                  "message_bytes_up": sum(r.get("message-bytes-up", 0) for r in reports),
-                 "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports)}
+                 "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports),
+                 "steps": sum(r["steps"] for r in reports),
+                 "selection_seconds": sum(r.get("selection-seconds", 0.0) for r in reports),
+                 "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports)}
         self.results["rounds"].append(entry)
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})

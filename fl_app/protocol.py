@@ -12,11 +12,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-STEP_KINDS = ("zo", "fo", "frozen", "eval")  # client update rule for the step, or evaluation only
+STEP_KINDS = ("zo", "fo", "frozen", "eval", "proxy")  # client update rule, evaluation, or a GradMatch proxy
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LABEL_KEYS = ("labels", "score_ids", "target_ids")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 PART_KIND = "zo-part"
+SELECT_KIND = "select"
+MAX_STEP_WEIGHT = 1e4
 
 
 class ProtocolError(ValueError):
@@ -83,11 +85,40 @@ class PerturbedPart:
                        metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
 
 
-def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest | PerturbedPart:
-    """Parse a client frame: a :class:`PerturbedPart` or a :class:`StepRequest`."""
+@dataclass
+class SelectRequest:
+    """Client -> server: choose ``budget`` of the ``num_batches`` batches whose ``proxy`` steps this
+    session sent (GradMatch on the server's last-layer gradient proxies); ``seed`` fills shortfalls."""
+
+    budget: int
+    num_batches: int
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        fields = {"budget": self.budget, "num_batches": self.num_batches, "seed": self.seed}
+        return st_save({}, metadata={"kind": SELECT_KIND, "meta": json.dumps({**self.meta, **fields})})
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> SelectRequest:
+        meta = json.loads(metadata.get("meta", "{}"))
+        values = {k: meta.pop(k, None) for k in ("budget", "num_batches", "seed")}
+        for name, value in values.items():
+            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name != "seed" else 0),
+                    f"field '{name}' of a select request is {value!r}, expected a positive integer")
+        _expect(values["budget"] <= values["num_batches"],
+                f"field 'budget' ({values['budget']}) exceeds 'num_batches' ({values['num_batches']})")
+        return cls(meta=meta, **values)
+
+
+def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest | PerturbedPart | SelectRequest:
+    """Parse a client frame: a :class:`PerturbedPart`, a :class:`SelectRequest` or a :class:`StepRequest`."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"request of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
     tensors, metadata = _load(payload)
+    if metadata.get("kind") == SELECT_KIND:
+        _expect(not tensors, f"a '{SELECT_KIND}' frame carries no tensors, got {sorted(tensors)}")
+        return SelectRequest.from_metadata(metadata)
     if metadata.get("kind") == PART_KIND:
         if set(tensors) != {"perturbed"}:
             raise ProtocolError(f"a '{PART_KIND}' frame carries only field 'perturbed', got {sorted(tensors)}")
@@ -107,11 +138,14 @@ def validate_part(part: PerturbedPart, hidden_size: int) -> None:
 @dataclass
 class StepReply:
     """Server -> client: the 2Q losses of the perturbed activations, the clean loss, and for FO
-    clients the gradient of the loss with respect to the clean activations."""
+    clients the gradient of the (weighted) loss with respect to the clean activations. A reply to
+    a :class:`SelectRequest` carries the chosen ``batch_ids`` and their ``batch_weights``."""
 
     clean_loss: float
     perturbed_losses: torch.Tensor | None = None
     grad: torch.Tensor | None = None
+    batch_ids: torch.Tensor | None = None
+    batch_weights: torch.Tensor | None = None
     correct: int = 0
     count: int = 0
     error: str = ""
@@ -122,6 +156,9 @@ class StepReply:
             tensors["perturbed_losses"] = self.perturbed_losses.to(torch.float64).contiguous()
         if self.grad is not None:
             tensors["grad"] = self.grad.contiguous()
+        if self.batch_ids is not None:
+            tensors["batch_ids"] = self.batch_ids.to(torch.int64).contiguous()
+            tensors["batch_weights"] = self.batch_weights.to(torch.float64).contiguous()
         meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count, "error": self.error}
         return st_save(tensors, metadata={"meta": json.dumps(meta)})
 
@@ -129,7 +166,8 @@ class StepReply:
     def from_bytes(cls, payload: bytes) -> StepReply:
         tensors, metadata = _load(payload)
         meta = json.loads(metadata.get("meta", "{}"))
-        return cls(perturbed_losses=tensors.get("perturbed_losses"), grad=tensors.get("grad"), **meta)
+        return cls(perturbed_losses=tensors.get("perturbed_losses"), grad=tensors.get("grad"),
+                   batch_ids=tensors.get("batch_ids"), batch_weights=tensors.get("batch_weights"), **meta)
 
 
 def _load(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -152,9 +190,22 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def step_weight(req: StepRequest) -> float:
+    """The request's loss weight (``meta['weight']``, 1 when absent): a finite number in (0, 1e4]."""
+    weight = req.meta.get("weight", 1.0)
+    _expect(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight <= MAX_STEP_WEIGHT,
+            f"field 'weight' is {weight!r}, expected a number in (0, {MAX_STEP_WEIGHT:g}]")
+    return float(weight)
+
+
 def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None = None) -> None:
     """Check every field's dtype, shape and values against the server's model; raise ProtocolError."""
     _expect(req.kind in STEP_KINDS, f"field 'kind' is '{req.kind}', expected one of {STEP_KINDS}")
+    step_weight(req)
+    if req.kind == "proxy":
+        batch = req.meta.get("batch")
+        _expect(isinstance(batch, int) and not isinstance(batch, bool) and batch >= 0,
+                f"field 'batch' of a proxy step is {batch!r}, expected a batch index >= 0")
     clean = req.clean
     _expect(clean.dtype in WIRE_DTYPES.values(), f"field 'clean' has dtype {clean.dtype}, expected a float dtype {list(WIRE_DTYPES)}")
     _expect(clean.ndim == 3 and clean.shape[-1] == hidden_size,

@@ -99,6 +99,13 @@ class BatchStream:
         self.encoder, self.examples, self.batch_size, self.seed = encoder, examples, batch_size, seed
         self.per_epoch = -(-len(examples) // batch_size)
 
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def weighted_indices(self, step: int) -> tuple[list[int], float]:
+        """Batch ``step``'s example indices and its loss weight (always 1 on the full data)."""
+        return self.indices(step), 1.0
+
     def indices(self, step: int) -> list[int]:
         """Example indices of batch number ``step``."""
         epoch, position = divmod(step, self.per_epoch)

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from fl_app.models import ServerTop
-from fl_app.protocol import PerturbedPart, ProtocolError, StepReply, StepRequest, decode_frame, validate_part, validate_request
-from fl_app.scoring import class_scores, classification_loss
+from fl_app.protocol import (PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest, decode_frame,
+                             step_weight, validate_part, validate_request)
+from fl_app.scoring import class_scores, classification_loss, scores_and_features
+from fl_app.subset import last_layer_proxy, select_batches
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
@@ -77,6 +79,7 @@ class SplitServer:
         self.steps = 0
         self.ledger = UpdateLedger(params)
         self.parts: dict[str, list[torch.Tensor]] = {}  # streamed perturbed activations, per session
+        self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch proxies per session and batch
         if config.order == "fo":
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
             self.zo = None
@@ -92,6 +95,8 @@ class SplitServer:
         """
         frame = decode_frame(payload)
         key = session if session is not None else str(frame.meta.get("client", ""))
+        if isinstance(frame, SelectRequest):
+            return self.select(frame, key).to_bytes()
         if isinstance(frame, PerturbedPart):
             validate_part(frame, self.top.hidden_size)
             self.parts.setdefault(key, []).append(frame.perturbed)
@@ -107,11 +112,25 @@ class SplitServer:
                 raise ProtocolError(f"field 'perturbed' parts have shapes {[list(p.shape) for p in buffered]}, "
                                     f"expected [k, {', '.join(map(str, frame.clean.shape))}]")
             frame.perturbed = torch.cat(buffered + ([frame.perturbed] if frame.perturbed is not None else []))
-        return self.handle(frame, session).to_bytes()
+        return self.handle(frame, session, key).to_bytes()
 
     def discard_parts(self, key: str) -> None:
-        """Forget a session's streamed parts (its step will never complete)."""
+        """Forget a session's streamed parts and proxies (its step or selection will never complete)."""
         self.parts.pop(key, None)
+        self.proxies.pop(key, None)
+
+    def select(self, req: SelectRequest, key: str) -> StepReply:
+        """GradMatch over the proxies this session sent for batches 0..num_batches-1; forgets them."""
+        proxies = self.proxies.pop(key, {})
+        missing = sorted(set(range(req.num_batches)) - set(proxies))
+        if missing or len(proxies) != req.num_batches:
+            raise ProtocolError(f"select request for {req.num_batches} batches, but proxies arrived for batches "
+                                f"{sorted(proxies)[:10]} (missing {missing[:10]})")
+        stacked = torch.stack([proxies[i] for i in range(req.num_batches)])
+        subset = select_batches("gradmatch", stacked, req.num_batches, req.budget,
+                                torch.Generator().manual_seed(req.seed))
+        return StepReply(clean_loss=0.0, batch_ids=torch.tensor(subset.batch_ids),
+                         batch_weights=torch.tensor(subset.weights, dtype=torch.float64))
 
     def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
         return class_scores(self.top, hidden, req.attention_mask, req.score_ids, req.target_ids,
@@ -140,11 +159,20 @@ class SplitServer:
                 losses.append(classification_loss(scores[i], req.labels))
         return torch.stack(losses)
 
-    def handle(self, req: StepRequest, session: str | None = None) -> StepReply:
-        """Score, then train (or only evaluate for ``kind == 'eval'``)."""
+    def handle(self, req: StepRequest, session: str | None = None, key: str = "") -> StepReply:
+        """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
+        last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection)."""
         validate_request(req, self.top.hidden_size, self.num_classes)
         perturbed_losses = self.score_perturbed(req) if req.perturbed is not None else None
         clean = req.clean.float()
+        if req.kind == "proxy":
+            with torch.no_grad():
+                scores, features = scores_and_features(self.top, clean, req.attention_mask, req.score_ids,
+                                                       req.target_ids, batch_size=req.labels.shape[0])
+                loss = classification_loss(scores, req.labels)
+            self.proxies.setdefault(key, {})[int(req.meta["batch"])] = last_layer_proxy(features, scores, req.labels)
+            correct = int((scores.argmax(1) == req.labels).sum())
+            return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
         if req.kind == "eval":
             with torch.no_grad():
                 scores = self._scores(clean, req)
@@ -166,12 +194,12 @@ class SplitServer:
         clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
         loss = self._loss(clean, req)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"server loss is {float(loss)} at server step {self.steps}; no update applied")
+            raise FloatingPointError(f"server loss is {float(loss.detach())} at server step {self.steps}; no update applied")
         if self.optimizer is None and not need_grad:
             return float(loss.detach()), None
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * step_weight(req)).backward()  # a subset batch's weight scales its update
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -184,6 +212,7 @@ class SplitServer:
         if not math.isfinite(loss):
             raise FloatingPointError(f"server loss is {loss} at server step {self.steps}; no update applied")
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
-        grads = [self.zo.estimate(s, lambda: float(self._loss(clean, req))) for s in seeds]
+        weight = step_weight(req)
+        grads = [weight * self.zo.estimate(s, lambda: float(self._loss(clean, req))) for s in seeds]
         self.zo.update(seeds, grads)
         return loss

@@ -6,12 +6,14 @@ activations a client already sends; only batch ids and weights go back to the cl
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 SELECTORS = ("gradmatch", "random", "full")
+PLANS = ("full", "warm", "random", "gradmatch", "keep")  # what a client does with its data in a round
 
 
 def last_layer_proxy(features: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ def select_batches(selector: str, proxies: torch.Tensor | None, num_batches: int
         raise ValueError(f"gradmatch needs one proxy per batch ({num_batches}), got "
                          f"{None if proxies is None else proxies.shape[0]}")
     ids, weights = omp_select(proxies, proxies.sum(0), budget)
-    chosen = dict(zip(ids, weights.tolist()))
+    chosen = {i: w for i, w in zip(ids, weights.tolist()) if w > 0}
     rest = [i for i in torch.randperm(num_batches, generator=rng).tolist() if i not in chosen]
     for i in rest[: budget - len(chosen)]:
         chosen[i] = 1.0
@@ -119,3 +121,65 @@ def batch_proxies(features: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
                   labels: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack one last-layer proxy per batch."""
     return torch.stack([last_layer_proxy(f, s, y) for f, s, y in zip(features, scores, labels)])
+
+
+def fixed_batches(num_examples: int, batch_size: int, seed: int) -> list[list[int]]:
+    """A client's partition cut into fixed mini-batches (seeded shuffle): the units GradMatch selects."""
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def step_weights(subset: Subset) -> list[float]:
+    """Per-step loss weights w_i * b / sum(w): their mean is 1, so a pass over the subset trains on
+    sum(w * loss) / sum(w) at the learning rate of unweighted training."""
+    total = sum(subset.weights)
+    if not subset.weights or not total > 0:
+        raise ValueError(f"a subset needs positive weights, got {subset.weights}")
+    return [w * len(subset.weights) / total for w in subset.weights]
+
+
+class SubsetStream:
+    """Training batches over a selected subset as a pure function of the step index: each pass visits
+    every selected batch once, in a seeded order; returns (example indices, loss weight)."""
+
+    def __init__(self, batches: list[list[int]], subset: Subset, seed: int):
+        bad = [i for i in subset.batch_ids if not 0 <= i < len(batches)]
+        if bad:
+            raise ValueError(f"subset batch ids {bad} outside [0, {len(batches)}) (field 'subset-ids')")
+        self.batches, self.subset, self.seed = batches, subset, seed
+        self.weights = step_weights(subset)
+
+    def __len__(self) -> int:
+        return len(self.subset.batch_ids)
+
+    def weighted_indices(self, step: int) -> tuple[list[int], float]:
+        epoch, position = divmod(step, len(self))
+        order = list(range(len(self)))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        pick = order[position]
+        return self.batches[self.subset.batch_ids[pick]], self.weights[pick]
+
+
+def round_plan(selector: str, round_in_run: int, reselect_every: int, warm_rounds: int) -> str:
+    """What a client does with its data in round ``round_in_run`` (1-based) of a run or trial.
+
+    ``full``: every batch. ``warm``: a budget of batches drawn from the full data (warm start, the
+    first ``warm_rounds`` rounds). Then a subset is chosen every ``reselect_every`` rounds and kept
+    in between; the first one is random unless a warm start trained the model first (AUTOMATA).
+    """
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r} (field 'subset-selector'); known: {', '.join(SELECTORS)}")
+    if round_in_run < 1 or reselect_every < 1 or warm_rounds < 0:
+        raise ValueError(f"round {round_in_run}, reselect-every {reselect_every} and warm rounds {warm_rounds} "
+                         "must be >= 1, >= 1 and >= 0")
+    if selector == "full":
+        return "full"
+    if round_in_run <= warm_rounds:
+        return "warm"
+    since = round_in_run - warm_rounds - 1
+    if since % reselect_every:
+        return "keep"
+    if selector == "gradmatch" and since == 0 and warm_rounds == 0:
+        return "random"
+    return selector

@@ -4,9 +4,14 @@ Per round: select clients (seeded fraction / minimum), send each a session messa
 at most ``max-concurrent-clients``, serve their steps on the direct step stream, collect reports
 (dropping clients that fail or time out, with their partial server updates rolled back), run
 federated evaluation, checkpoint and write ``results.json``.
+
+With ``tune-trials > 0`` the run first tunes hyper-parameters (an Optuna study whose trials train
+on each client's data subsets, pruned on dev accuracy per round), then trains the best
+configuration on the full data and evaluates it on test.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app.client_session import History
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, waves
+from fl_app.subset import round_plan
+from fl_app.tuning import plot_history, run_study, warm_rounds
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
@@ -119,6 +126,8 @@ def _unflatten(report: dict[str, Any], queries: int) -> dict[str, Any]:
 def session_content(coord: Coordinator, pid: int, session_config: dict[str, Any], synced: dict[int, int]) -> RecordDict:
     """A session message: settings, plus the synced history (ZO) or averaged bottom (FO) if any."""
     content = RecordDict({"session": ConfigRecord(session_config)})
+    if coord.overrides:
+        content["overrides"] = ConfigRecord(coord.overrides)
     history = coord.history_for(pid, synced.get(pid, 0))
     if history is not None:
         content["history"] = history_record(history)
@@ -127,15 +136,17 @@ def session_content(coord: Coordinator, pid: int, session_config: dict[str, Any]
     return content
 
 
-def train_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int, synced: dict[int, int]):
-    """One round of training sessions in waves; returns (reports, dropped)."""
+def train_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int, synced: dict[int, int],
+                plan: str = "full"):
+    """One round of training sessions in waves, each client using its data as ``plan`` says
+    (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
     config = coord.config
     queries = config["zo-queries"] if coord.client_order == "zo" else 0
     reports, dropped = [], []
     for wave in waves(coord.select(list(nodes), rnd), config["max-concurrent-clients"]):
         sessions, messages = {}, []
         for pid in wave:
-            session, session_config = coord.open(pid, rnd)
+            session, session_config = coord.open(pid, rnd, {"subset": plan})
             content = session_content(coord, pid, session_config, synced)
             sessions[nodes[pid]] = (pid, session, record_bytes(content))
             messages.append(Message(content, dst_node_id=nodes[pid], message_type="train"))
@@ -184,9 +195,46 @@ def evaluate_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: i
     return coord.record_eval(rnd, reports)
 
 
+def run_round(grid: Grid, coord: Coordinator, nodes: dict[int, int], rnd: int, synced: dict[int, int], plan: str,
+              evaluate: bool, label: str = "") -> dict[str, Any]:
+    """Train one round, evaluate on dev if asked, record and print it; returns the round's entry."""
+    started = time.perf_counter()
+    reports, dropped = train_round(grid, coord, nodes, rnd, synced, plan)
+    clients = sorted(r["partition-id"] for r in reports)
+    evaluation = evaluate_round(grid, coord, nodes, rnd, clients, synced, "dev") if evaluate else None
+    entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
+    acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
+    loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
+    print(f"[hosl] {label}round {rnd}: train loss {loss}, dev accuracy {acc}, clients {len(clients)}, "
+          f"dropped {len(dropped)}, data {plan}, {entry['steps']} steps, {entry['seconds']:.1f} s", flush=True)
+    return entry
+
+
+def tune(grid: Grid, coord: Coordinator, nodes: dict[int, int], synced: dict[int, int], rounds: itertools.count,
+         out_dir: Path) -> dict[str, Any]:
+    """The Optuna study over the live federation; returns its summary (trials, best, seconds, plot)."""
+    def one_round(trial: int, rnd: int, params, plan: str) -> dict[str, Any]:
+        if rnd == 1:
+            coord.reset(trial, params)
+            synced.clear()
+            print(f"[hosl] trial {trial}: {params}", flush=True)
+        return run_round(grid, coord, nodes, next(rounds), synced, plan, evaluate=True, label=f"trial {trial} ")
+
+    study, summary = run_study(coord.base_config, one_round)
+    plot = plot_history(study, out_dir / "optimization_history.png")
+    summary["plot"] = str(plot) if plot else None
+    for record in summary["trials"]:
+        print(f"[hosl] trial {record['number'] + 1}: {record['state']}, {len(record['rounds'])} rounds, "
+              f"dev accuracy {record['accuracy']}, {record['seconds']:.1f} s, {record['params']}", flush=True)
+    if summary["best"] is None:
+        raise RuntimeError(f"no tuning trial completed ({summary['failed']} failed, {summary['pruned']} pruned)")
+    print(f"[hosl] tuning took {summary['seconds']:.1f} s; best {summary['best']}", flush=True)
+    return summary
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the scenario given by the run-config."""
+    """Run the scenario given by the run-config (tuning first when ``tune-trials > 0``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = make_config(context.run_config)
@@ -203,22 +251,30 @@ def main(grid: Grid, context: Context) -> None:
             coord.results["flower_message_rtt_seconds"] = rtts
             print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
         synced: dict[int, int] = {}
-        for rnd in range(1, config["num-rounds"] + 1):
-            started = time.perf_counter()
-            reports, dropped = train_round(grid, coord, nodes, rnd, synced)
-            clients = sorted(r["partition-id"] for r in reports)
-            evaluation = None
-            if rnd % config["eval-every"] == 0 or rnd == config["num-rounds"]:
-                evaluation = evaluate_round(grid, coord, nodes, rnd, clients, synced, "dev")
-            entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
-            acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
-            loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
-            print(f"[hosl] round {rnd}: train loss {loss}, dev accuracy {acc}, clients {len(clients)}, "
-                  f"dropped {len(dropped)}, {entry['seconds']:.1f} s", flush=True)
+        rounds = itertools.count(1)
+        selector, warm = config["subset-selector"], warm_rounds(config, config["num-rounds"])
+        if config["tune-trials"]:
+            tuning = tune(grid, coord, nodes, synced, rounds, out_dir)
+            coord.reset(config["tune-trials"] + 1, tuning["best"]["params"])  # best config, full data
+            synced.clear()
+            coord.results["tuning"] = tuning
+            selector = "full"
+        final_started = time.perf_counter()
+        for index in range(1, config["num-rounds"] + 1):
+            rnd = next(rounds)
+            plan = round_plan(selector, index, config["subset-reselect-every"], warm)
+            run_round(grid, coord, nodes, rnd, synced, plan,
+                      evaluate=index % config["eval-every"] == 0 or index == config["num-rounds"])
         if config["eval-test"]:
             last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
-            test = evaluate_round(grid, coord, nodes, config["num-rounds"], last or sorted(nodes), synced, "test")
+            test = evaluate_round(grid, coord, nodes, rnd, last or sorted(nodes), synced, "test")
             coord.results["eval"]["test"] = test
+            print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
+        if config["tune-trials"]:
+            coord.results["tuning"]["final"] = {
+                "params": coord.overrides, "rounds": config["num-rounds"], "seconds": time.perf_counter() - final_started,
+                "dev_accuracy": coord.results["eval"].get("history", [{}])[-1].get("accuracy"),
+                "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy")}
         path = coord.write_results(status="finished")
         print(f"[hosl] results written to {path}", flush=True)
     finally:

@@ -1,0 +1,236 @@
+"""AUTOMATA in the split federation: server-side proxies, gradient-matched client subsets, weighted
+steps, and an Optuna study over the live (Flower-free) federation."""
+import math
+
+import pytest
+import torch
+
+from fl_app.client_session import ClientState, run_eval_session, run_session
+from fl_app.config import make_config, read_scenario
+from fl_app.coordinator import Coordinator
+from fl_app.models import split_model
+from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
+from fl_app.scenario import build_client, build_server, load_split, load_task_data
+from fl_app.subset import Subset, SubsetStream, fixed_batches, last_layer_proxy, round_plan, step_weights
+from fl_app.tuning import parse_space, plot_history, run_study
+from tests.conftest import tiny_model
+
+
+def config(**over):
+    return make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-clients": 2, "n-train": 128,
+                        "local-epochs": 1.0, "subset-fraction": 0.25, "step-timeout": 30.0, **over})
+
+
+@pytest.fixture
+def coord(tmp_path):
+    made = []
+
+    def build(**over):
+        c = Coordinator(config(**over), tmp_path)
+        made.append(c)
+        return c
+
+    yield build
+    for c in made:
+        c.close()
+
+
+def test_round_plan_schedules_warm_start_selection_and_reuse():
+    plans = [round_plan("gradmatch", r, 2, 1) for r in range(1, 7)]
+    assert plans == ["warm", "gradmatch", "keep", "gradmatch", "keep", "gradmatch"]
+    assert [round_plan("gradmatch", r, 1, 0) for r in (1, 2)] == ["random", "gradmatch"]  # first subset is random
+    assert [round_plan("random", r, 3, 0) for r in (1, 2, 4)] == ["random", "keep", "random"]
+    assert round_plan("full", 5, 1, 2) == "full"
+    with pytest.raises(ValueError, match="subset-selector"):
+        round_plan("craig", 1, 1, 0)
+
+
+def test_subset_stream_visits_each_selected_batch_once_per_pass_with_mean_weight_one():
+    batches = fixed_batches(50, 8, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(50)) and len(batches) == 7
+    subset = Subset([1, 4, 6], [2.0, 1.0, 3.0])
+    stream = SubsetStream(batches, subset, seed=5)
+    first_pass = [stream.weighted_indices(s) for s in range(3)]
+    assert sorted(tuple(b) for b, _ in first_pass) == sorted(tuple(batches[i]) for i in (1, 4, 6))
+    assert sum(w for _, w in first_pass) == pytest.approx(3.0)
+    assert step_weights(subset) == pytest.approx([1.0, 0.5, 1.5])
+    assert [stream.weighted_indices(s) for s in range(3)] == first_pass  # a pure function of the step
+    with pytest.raises(ValueError, match="subset-ids"):
+        SubsetStream(batches, Subset([9], [1.0]), seed=0)
+
+
+def test_server_proxy_is_the_classifier_gradient_for_an_encoder():
+    """The proxy the server computes from a client's activations equals autograd's gradient of the
+    mean cross-entropy w.r.t. the classifier's weight and bias."""
+    bottom, top = split_model(tiny_model("bert"), 2)
+    server = build_server(make_config({"model": "tiny-bert", "mode": "hosl"}), top, 3)
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(3, 100, (4, 9), generator=gen), torch.ones(4, 9, dtype=torch.long)
+    labels = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        hidden = bottom(ids, mask)
+    req = StepRequest("proxy", hidden, mask, labels, meta={"batch": 0})
+    server.handle(req, key="s")
+    head = top.model.classifier
+    top.zero_grad()
+    torch.nn.functional.cross_entropy(top(hidden, mask), labels).backward()
+    expected = torch.cat([head.weight.grad, head.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
+    assert torch.allclose(server.proxies["s"][0], expected, atol=1e-6)
+
+
+def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
+    loaded, bottom, top = load_split(config())
+    server = build_server(config(), top, 2)
+    data = load_task_data(config(), loaded)
+    batches = [data.encoder(data.splits["train"][i : i + 8]) for i in range(0, 48, 8)]
+    with torch.no_grad():
+        for index, batch in enumerate(batches[:5]):
+            hidden = bottom(batch["input_ids"], batch["attention_mask"])
+            server.handle_bytes(StepRequest("proxy", hidden, batch["attention_mask"], batch["labels"],
+                                            score_ids=batch["score_ids"], meta={"batch": index}).to_bytes(), "s")
+    with pytest.raises(ProtocolError, match="missing"):
+        server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s")
+    assert "s" not in server.proxies  # a failed selection forgets the session's proxies
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            hidden = bottom(batch["input_ids"], batch["attention_mask"])
+            server.handle_bytes(StepRequest("proxy", hidden, batch["attention_mask"], batch["labels"],
+                                            score_ids=batch["score_ids"], meta={"batch": index}).to_bytes(), "s")
+    reply = StepReply.from_bytes(server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s"))
+    assert 1 <= len(reply.batch_ids) <= 2 and (reply.batch_weights > 0).all()
+    with pytest.raises(ProtocolError, match="budget"):
+        server.handle_bytes(SelectRequest(budget=7, num_batches=6, seed=0).to_bytes(), "s")
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), 1e9, "2"])
+def test_bad_step_weight_is_rejected_naming_the_field(weight):
+    loaded, bottom, top = load_split(config())
+    server = build_server(config(), top, 2)
+    hidden = torch.zeros(2, 5, top.hidden_size)
+    req = StepRequest("frozen", hidden, torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1]),
+                      score_ids=torch.tensor([[5, 6], [5, 6]]), meta={"weight": weight})
+    with pytest.raises(ProtocolError, match="field 'weight'"):
+        server.handle(req)
+
+
+def test_step_weight_scales_both_sides_updates():
+    """A step of weight 2 moves the FO server (SGD) and the ZO client exactly twice as far as weight 1."""
+    from fl_app.local_transport import InProcessLink
+
+    cfg = config(**{"server-optimizer": "sgd"})
+    moves = {}
+    for weight in (1.0, 2.0):
+        loaded, bottom, top = load_split(cfg)
+        data = load_task_data(cfg, loaded)
+        server, client = build_server(cfg, top, 2), build_client(cfg, bottom, 0)
+        s0 = [p.detach().clone() for p in server.params]
+        c0 = [p.detach().clone() for p in client.params]
+        stats = client.train_step(data.encoder(data.splits["train"][:8]), InProcessLink(server), weight)
+        moves[weight] = ([p.detach() - b for p, b in zip(server.params, s0)],
+                         [p.detach() - b for p, b in zip(client.params, c0)], stats.projected_grads)
+    for side in (0, 1):
+        for one, two in zip(moves[1.0][side], moves[2.0][side]):
+            assert torch.allclose(two, 2 * one, atol=1e-6, rtol=1e-4)
+    assert moves[2.0][2] == pytest.approx([2 * g for g in moves[1.0][2]])
+
+
+def test_gradmatch_session_selects_through_the_server_then_keeps_its_subset(coord):
+    c = coord(**{"subset-selector": "gradmatch"})
+    session, message = c.open(0, 1, {"subset": "gradmatch"})
+    report, state = run_session(c.config, 0, 2, None, message)
+    assert c.finish_train(session, report)
+    budget = math.ceil(0.25 * 64 / 8)  # 64 examples per client, batch 8
+    assert 1 <= report["subset-batches"] <= budget and report["steps"] == report["subset-batches"]
+    assert report["selection-bytes-up"] > 0 and report["selection-bytes-down"] > 0 and report["selection-seconds"] > 0
+    assert report["bytes-up"] > report["selection-bytes-up"]  # selection cost is inside the session's totals
+    assert state.subset_ids and min(state.subset_weights) > 0 and not c.server.proxies
+    session, message = c.open(0, 2, {"subset": "keep"})
+    report2, state2 = run_session(c.config, 0, 2, state, message)
+    assert c.finish_train(session, report2)
+    assert state2.subset_ids == state.subset_ids and report2["selection-bytes-up"] == 0
+    assert state2.steps == state.steps + len(state.subset_ids)
+    session, message = c.open(0, 3, {"subset": "full"})
+    report3, _ = run_session(c.config, 0, 2, state2, message)
+    assert report3["steps"] == 8 and report3["subset-batches"] == 0  # one pass over all 8 batches
+    c.finish_train(session, report3)
+
+
+def test_state_of_another_trial_is_dropped(coord):
+    c = coord()
+    session, message = c.open(0, 1, {"subset": "full"})
+    _, state = run_session(c.config, 0, 2, None, message)
+    c.finish_train(session, {"ok": True})
+    session, message = c.open(0, 2, {"subset": "warm", "trial": 5})
+    report, fresh = run_session(c.config, 0, 2, state, message)
+    c.finish_train(session, report)
+    assert fresh.trial == 5 and fresh.steps == report["steps"] == 2  # restarted: 2 warm steps (budget), not 8 + 2
+    with pytest.raises(ValueError, match="keep a subset"):
+        session, message = c.open(0, 3, {"subset": "keep", "trial": 5})
+        try:
+            run_session(c.config, 0, 2, fresh, message)
+        finally:
+            c.finish_train(session, None, "test")
+
+
+def test_tune_space_parsing_and_errors():
+    space = parse_space("client-lr=log:1e-5:1e-3 zo-queries=int:2:8 lora-r=choice:4|8")
+    assert [(p.key, p.kind) for p in space] == [("client-lr", "log"), ("zo-queries", "int"), ("lora-r", "choice")]
+    assert space[2].choices == (4, 8)
+    for bad, match in [("nope=log:1:2", "not a tunable"), ("client-lr=log:0:1", "LOW > 0"),
+                       ("client-lr=cube:1:2", "cannot parse"), ("", "empty"), ("lora-r=choice:4|x", "lora-r"),
+                       ("client-lr=log:1e-3:1e-5", "LOW < HIGH")]:
+        with pytest.raises(ValueError, match=match):
+            parse_space(bad)
+
+
+def test_config_rejects_subsets_without_epochs():
+    with pytest.raises(ValueError, match="local-epochs"):
+        make_config({"subset-selector": "gradmatch"})
+    with pytest.raises(ValueError, match="subset-warm-start"):
+        make_config({"subset-warm-start": 1.0})
+
+
+def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_path):
+    """A real study: each trial resets the federation, trains 2 clients on gradmatch subsets for 3
+    rounds and reports dev accuracy; diverging learning rates are in range so some trials do badly."""
+    c = coord(**{"tune-trials": 6, "tune-rounds": 3, "tune-pruner": "asha", "subset-selector": "gradmatch",
+                 "subset-warm-start": 0.34, "tune-space": "server-lr=log:1e-4:3 client-lr=log:1e-5:1e-2"})
+    states: dict[int, ClientState] = {}
+    starting = [p.detach().clone() for p in c.server.params]
+
+    def one_round(trial, rnd, params, plan):
+        if rnd == 1:
+            c.reset(trial, params)
+            assert all(torch.equal(a, b) for a, b in zip(starting, c.server.params))
+        reports = []
+        for pid in (0, 1):
+            session, message = c.open(pid, rnd, {"subset": plan})
+            try:  # as the ClientApp: a failed session reports an error and keeps its old state
+                report, new_state = run_session(c.config, pid, 2, states.get(pid), message)
+            except ConnectionError as err:
+                c.finish_train(session, None, str(err))
+                continue
+            if c.finish_train(session, report):
+                states[pid] = new_state
+                reports.append(report)
+        evals = []
+        for shard, pid in enumerate(sorted(r["partition-id"] for r in reports)):
+            session, message = c.open(pid, rnd, {"split": "dev", "shard": shard, "num-shards": len(reports)})
+            evals.append(run_eval_session(c.config, pid, 2, states.get(pid), message))
+            c.finish_eval(session)
+        return c.record_round(rnd, reports, [], c.record_eval(rnd, evals), 0.0)
+
+    study, summary = run_study(c.base_config, one_round)
+    trials = summary["trials"]
+    assert len(trials) == 6 and {t["state"] for t in trials} <= {"complete", "pruned", "failed"}
+    assert summary["pruned"] >= 1 and any(t["state"] == "complete" for t in trials)
+    assert all("no client finished" in t["error"] for t in trials if t["state"] == "failed")  # diverged: dropped
+    for t in trials:
+        assert set(t["params"]) == {"server-lr", "client-lr"} and t["seconds"] > 0
+        assert [r["plan"] for r in t["rounds"]] == ["warm", "gradmatch", "gradmatch"][: len(t["rounds"])]
+        if t["state"] == "complete":
+            assert len(t["rounds"]) == 3
+    assert summary["best"]["accuracy"] == max(t["accuracy"] for t in trials if t["state"] == "complete")
+    assert any(r["selection_bytes"] > 0 for t in trials for r in t["rounds"])
+    png = plot_history(study, tmp_path / "history.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
