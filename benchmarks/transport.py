@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
-from fl_app.config import make_config, merge_scenario, read_scenario
+from flower_sim import run_simulation  # benchmarks/ is on sys.path when run as a script
+from fl_app.config import make_config, read_scenario
 from fl_app.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +33,7 @@ def session_rate(results: dict) -> tuple[float, float]:
 
 
 def flower_sim(out: Path, steps: int, probes: int) -> dict:
-    home = Path(tempfile.mkdtemp(prefix="hosl-bench-"))
-    cfg = home / "run.toml"
-    cfg.write_text(merge_scenario(SCENARIO, overrides(out, steps, probes)))
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(cfg), "--federation-config",
-                    "num-supernodes=1 client-resources-num-cpus=1"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=1800)
-    subprocess.run(["pkill", "-f", "flower-superlink.*--simulation"], check=False)
-    return json.loads((out / "results.json").read_text())
+    return run_simulation(SCENARIO, overrides(out, steps, probes), supernodes=1, timeout=1800)
 
 
 def flower_deploy(out: Path, steps: int, probes: int) -> dict:

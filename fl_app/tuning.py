@@ -76,15 +76,21 @@ def parse_space(text: str) -> list[Param]:
 
 
 def make_study(config: Mapping[str, Any]) -> optuna.Study:
-    """A maximising study with the configured sampler and pruner, seeded by the scenario seed."""
+    """A maximising study with the configured sampler and pruner, seeded by the scenario seed.
+
+    TPE starts from a third of the trials sampled at random (at least 2, at most Optuna's 10), so a
+    short study is still guided. The study name is fixed because Hyperband assigns trials to
+    brackets by hashing it: the same seed then gives the same brackets.
+    """
     seed = int(config["seed"])
-    sampler = (optuna.samplers.TPESampler(seed=seed) if config["tune-sampler"] == "tpe"
+    startup = min(10, max(2, int(config["tune-trials"]) // 3))
+    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup) if config["tune-sampler"] == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
     rounds = int(config["tune-rounds"])
     pruner = {"hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3),
               "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
               "none": optuna.pruners.NopPruner}[config["tune-pruner"]]()
-    return optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    return optuna.create_study(study_name="hosl-tuning", direction="maximize", sampler=sampler, pruner=pruner)
 
 
 def warm_rounds(config: Mapping[str, Any], rounds: int) -> int:

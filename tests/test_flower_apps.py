@@ -147,3 +147,22 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     results = finished_results(out, log)
     assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
+
+
+def test_tuning_study_runs_under_simulation(flwr_env, tmp_path):
+    """tune_tiny: 3 trials on gradmatch subsets inside one `flwr run`, then the best config on full data."""
+    out = tmp_path / "tune"
+    log = flwr_run(flwr_env, "sim_configs/tune_tiny.toml", [f"out-dir={out}"], [], timeout=600)
+    results = finished_results(out, log, timeout=600)
+    tuning = results["tuning"]
+    assert len(tuning["trials"]) == 3 and tuning["best"]["params"].keys() == {"client-lr", "server-lr"}
+    for trial in tuning["trials"]:
+        assert trial["state"] in ("complete", "pruned") and trial["seconds"] > 0
+        assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"][: len(trial["rounds"])]
+        assert all(r["accuracy"] is not None and r["clients"] == [0, 1] for r in trial["rounds"])
+    gradmatch_rounds = [r for t in tuning["trials"] for r in t["rounds"] if r["plan"] == "gradmatch"]
+    assert gradmatch_rounds and all(r["selection_bytes"] > 0 for r in gradmatch_rounds)
+    final = tuning["final"]
+    assert final["params"] == tuning["best"]["params"] and final["test_accuracy"] is not None
+    assert [r["steps"] for r in results["rounds"]] == [16, 16]  # full data: 2 clients x 8 batches per round
+    assert Path(tuning["plot"]).read_bytes()[:4] == b"\x89PNG"
