@@ -51,8 +51,20 @@ def evaluate_clients(clients, link: InProcessLink, data, split: str, config: Map
     return pool_eval(reports)
 
 
+FLOWER_ONLY = {"tune-trials": 0, "subset-selector": "full", "local-epochs": 0.0}
+
+
+def check_local_runnable(config: Mapping[str, Any]) -> None:
+    """Raise naming the key if the scenario needs the Flower apps (tuning, data subsets)."""
+    for key, plain in FLOWER_ONLY.items():
+        if config[key] != plain:
+            raise ValueError(f"config key '{key}' = {config[key]!r}: tuning and data subsets run in the Flower apps "
+                             f"(flwr run); the local runner needs {key} = {plain!r}")
+
+
 def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run a scenario in-process and write ``out_dir/results.json``; returns the results."""
+    check_local_runnable(config)
     torch.manual_seed(config["seed"])
     started = time.perf_counter()
     loaded, bottom, top = load_split(config)
@@ -115,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = make_config({**read_scenario(args.scenario), **parse_overrides(args.set)})
+        check_local_runnable(config)
     except ValueError as err:
         parser.error(str(err))
     results = run(config, Path(args.out))

@@ -119,6 +119,17 @@ def test_bad_config_names_the_key():
         make_config({"zo-eps": "-1"})
 
 
+def test_flower_run_config_declares_exactly_the_config_keys_with_their_defaults():
+    """flwr rejects run-config keys missing from pyproject.toml, so every key must be declared there."""
+    from pathlib import Path
+
+    from fl_app.config import DEFAULTS, tomllib  # tomli on Python 3.10
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    assert declared == DEFAULTS
+
+
 def test_server_trains_even_when_called_under_no_grad():
     """A ZO client runs under no_grad; a server called on the same thread must still backprop."""
     config, client, server, data = parties()

@@ -183,9 +183,13 @@ def test_tune_space_parsing_and_errors():
             parse_space(bad)
 
 
-def test_config_rejects_subsets_without_epochs():
+def test_config_rejects_subsets_without_epochs_and_local_runner_rejects_tuning(tmp_path):
+    from fl_app.train import run
+
     with pytest.raises(ValueError, match="local-epochs"):
         make_config({"subset-selector": "gradmatch"})
+    with pytest.raises(ValueError, match="'tune-trials' = 3.*flwr run"):
+        run(make_config(read_scenario("sim_configs/tune_tiny.toml")), tmp_path)
     with pytest.raises(ValueError, match="subset-warm-start"):
         make_config({"subset-warm-start": 1.0})
 
