@@ -155,6 +155,10 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
     state = state_for_trial(state, trial)
     client, data = make_client(config, partition_id, state)
     state = state or ClientState(trial=trial)
+    if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
+        if config["subset-selector"] == "full":
+            raise ValueError("session asks to keep a subset, but subset-selector is 'full' (field 'subset')")
+        plan = config["subset-selector"]
     caught_up = 0
     if history is not None and client.zo is not None:
         caught_up = catch_up(client, history, partition_id, state.synced_round)
@@ -168,15 +172,18 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         batch_size = config["batch-size"]
         batches = fixed_batches(len(examples), batch_size, seed)
         budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
+        round_seed = seed * 1_009 + int(session["round"])
         subset, selection = _choose_subset(client, [[examples[i] for i in b] for b in batches], data.encoder, budget,
-                                           plan, state, seed * 1_009 + int(session["round"]), link)
-        source = (SubsetStream(batches, subset, seed) if subset
+                                           plan, state, round_seed, link)
+        # full data continues its epochs across rounds (global step); a subset's passes start with the session
+        source = (SubsetStream(batches, subset, round_seed) if subset
                   else BatchStream(data.encoder, examples, batch_size, seed))
+        first = 0 if subset else client.steps
         per_pass = budget if plan == "warm" else len(source)
         steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
         losses, seeds, grads, peaks, seconds = [], [], [], [], []
-        for _ in range(steps):
-            indices, weight = source.weighted_indices(client.steps)
+        for step in range(first, first + steps):
+            indices, weight = source.weighted_indices(step)
             stats = client.train_step(data.encoder([examples[i] for i in indices]), link, weight)
             losses.append(stats.loss)
             seeds.append(stats.seeds)
@@ -207,8 +214,6 @@ def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, b
     elif plan == "random":
         subset = select_batches("random", None, len(batches), budget, torch.Generator().manual_seed(seed))
     elif plan == "keep":
-        if not state.subset_ids:
-            raise ValueError("session asks to keep a subset, but this client has none for this trial (field 'subset')")
         subset = Subset(state.subset_ids, state.subset_weights)
     else:
         subset = None

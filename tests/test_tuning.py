@@ -164,10 +164,20 @@ def test_state_of_another_trial_is_dropped(coord):
     report, fresh = run_session(c.config, 0, 2, state, message)
     c.finish_train(session, report)
     assert fresh.trial == 5 and fresh.steps == report["steps"] == 2  # restarted: 2 warm steps (budget), not 8 + 2
-    with pytest.raises(ValueError, match="keep a subset"):
-        session, message = c.open(0, 3, {"subset": "keep", "trial": 5})
+
+
+def test_client_without_a_subset_chooses_one_in_a_keep_round(coord):
+    """With fraction-train < 1 a client may first take part in a round where the others keep theirs."""
+    c = coord(**{"subset-selector": "random"})
+    session, message = c.open(1, 2, {"subset": "keep"})
+    report, state = run_session(c.config, 1, 2, None, message)
+    c.finish_train(session, report)
+    assert report["subset-plan"] == "random" and len(state.subset_ids) == report["subset-batches"] == 2
+    c = coord()
+    session, message = c.open(1, 2, {"subset": "keep"})
+    with pytest.raises(ValueError, match="subset-selector is 'full'"):
         try:
-            run_session(c.config, 0, 2, fresh, message)
+            run_session(c.config, 1, 2, None, message)
         finally:
             c.finish_train(session, None, "test")
 
