@@ -5,7 +5,9 @@ best configuration trained on the full data and tested. One `flwr run` simulatio
     python benchmarks/tune_compare.py --out runs/tune [--fractions 0.1 0.3] [--set key=value ...]
 
 Prints (and writes to OUT/tune_compare.md) tuning wall time, speed-up over full-data tuning,
-training steps, selection cost, pruned trials, best dev accuracy and final test accuracy.
+training steps, selection cost, pruned trials, best dev accuracy, final test accuracy and, for
+gradient matching, how far each selected subset's weighted proxy sum is from the full sum next to
+random subsets of the same size drawn on the same proxies.
 """
 from __future__ import annotations
 
@@ -29,20 +31,27 @@ def summarise(name: str, results: dict) -> dict:
         "pruned": tuning["pruned"], "failed": tuning["failed"], "trials": len(tuning["trials"]),
         "best_dev": tuning["best"]["accuracy"], "best_params": tuning["best"]["params"],
         "test": tuning["final"]["test_accuracy"],
+        "gradmatch_error": mean([q["gradmatch_error"] for r in rounds for q in r.get("selection_quality", [])]),
+        "random_error": mean([q["random_error"] for r in rounds for q in r.get("selection_quality", [])]),
     }
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def table(rows: list[dict]) -> str:
     full = rows[0]
     lines = ["| tuning data | tuning s | speed-up | steps | selection s | selection MiB | tuning MiB | pruned / failed | "
-             "best dev acc | final test acc | test acc vs full | best config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "best dev acc | final test acc | test acc vs full | proxy-sum error: gradmatch / random | best config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        error = "-" if r["gradmatch_error"] is None else f"{r['gradmatch_error']:.3f} / {r['random_error']:.3f}"
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())
         lines.append(f"| {r['run']} | {r['tuning_seconds']:.0f} | {full['tuning_seconds'] / r['tuning_seconds']:.2f}x | "
                      f"{r['steps']} | {r['selection_seconds']:.1f} | {r['selection_mib']:.1f} | {r['tuning_mib']:.0f} | "
                      f"{r['pruned']} / {r['failed']} of {r['trials']} | {r['best_dev']:.3f} | {r['test']:.3f} | "
-                     f"{r['test'] - full['test']:+.3f} | {params} |")
+                     f"{r['test'] - full['test']:+.3f} | {error} | {params} |")
     return "\n".join(lines)
 
 

@@ -158,12 +158,19 @@ class Coordinator:
                  "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports),
                  "steps": sum(r["steps"] for r in reports),
                  "selection_seconds": sum(r.get("selection-seconds", 0.0) for r in reports),
-                 "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports)}
+                 "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports),
+                 "selection_quality": self.take_selections()}
         self.results["rounds"].append(entry)
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})
         self.checkpoint(rnd)
         return entry
+
+    def take_selections(self) -> list[dict[str, float]]:
+        """The server's GradMatch selection diagnostics since the last call."""
+        with self.lock:
+            taken, self.server.selections = self.server.selections, []
+        return taken
 
     def record_eval(self, rnd: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
         result = pool_eval(reports)

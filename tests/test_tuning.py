@@ -98,6 +98,9 @@ def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
                                             score_ids=batch["score_ids"], meta={"batch": index}).to_bytes(), "s")
     reply = StepReply.from_bytes(server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s"))
     assert 1 <= len(reply.batch_ids) <= 2 and (reply.batch_weights > 0).all()
+    quality = server.selections[-1]
+    assert quality["batches"] == 6 and quality["selected"] == len(reply.batch_ids)
+    assert 0 <= quality["gradmatch_error"] < quality["random_error"]
     with pytest.raises(ProtocolError, match="budget"):
         server.handle_bytes(SelectRequest(budget=7, num_batches=6, seed=0).to_bytes(), "s")
 
@@ -246,5 +249,7 @@ def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_pa
             assert len(t["rounds"]) == 3
     assert summary["best"]["accuracy"] == max(t["accuracy"] for t in trials if t["state"] == "complete")
     assert any(r["selection_bytes"] > 0 for t in trials for r in t["rounds"])
+    qualities = [q for t in trials for r in t["rounds"] if r["plan"] == "gradmatch" for q in r["selection_quality"]]
+    assert qualities and all(q["gradmatch_error"] >= 0 and q["random_error"] > 0 for q in qualities)
     png = plot_history(study, tmp_path / "history.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
