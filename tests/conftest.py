@@ -7,6 +7,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
                           OPTForCausalLM)
 
+from fl_app.coordinator import Coordinator
 from fl_app.models import LoadedModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,3 +43,17 @@ def padded_batch():
 def fresh():
     """Factory returning an independent deep copy of a tiny model."""
     return lambda family, **kw: copy.deepcopy(tiny_model(family, **kw))
+
+
+@pytest.fixture
+def coordinators(tmp_path):
+    """Factory of Coordinators writing to ``tmp_path`` for a given config; all closed after the test."""
+    made = []
+
+    def build(config):
+        made.append(Coordinator(config, tmp_path))
+        return made[-1]
+
+    yield build
+    for c in made:
+        c.close()

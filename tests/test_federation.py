@@ -5,7 +5,7 @@ import torch
 
 from fl_app.client_session import ClientState, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.coordinator import Coordinator, fedavg, waves
+from fl_app.coordinator import fedavg, waves
 from fl_app.protocol import StepRequest
 from fl_app.scenario import BatchStream
 from fl_app.stream import StepStreamClient
@@ -17,17 +17,8 @@ def config(**over):
 
 
 @pytest.fixture
-def coord(tmp_path):
-    made = []
-
-    def build(**over):
-        c = Coordinator(config(**over), tmp_path)
-        made.append(c)
-        return c
-
-    yield build
-    for c in made:
-        c.close()
+def coord(coordinators):
+    return lambda **over: coordinators(config(**over))
 
 
 def server_weights(c):

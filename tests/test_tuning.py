@@ -7,7 +7,6 @@ import torch
 
 from fl_app.client_session import ClientState, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.coordinator import Coordinator
 from fl_app.models import split_model
 from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
@@ -22,17 +21,8 @@ def config(**over):
 
 
 @pytest.fixture
-def coord(tmp_path):
-    made = []
-
-    def build(**over):
-        c = Coordinator(config(**over), tmp_path)
-        made.append(c)
-        return c
-
-    yield build
-    for c in made:
-        c.close()
+def coord(coordinators):
+    return lambda **over: coordinators(config(**over))
 
 
 def test_round_plan_schedules_warm_start_selection_and_reuse():
