@@ -120,15 +120,19 @@ def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
         assert rounds[1]["message_bytes_down"] > 2 * 50_000
 
 
-def test_loopback_deployment_with_two_supernodes(tmp_path):
+def deploy(tmp_path: Path, scenario: str, sets: str) -> dict:
+    """Run ``scenario`` on a loopback SuperLink + 2 SuperNodes (separate processes); its finished results."""
     out = tmp_path / "deploy"
     proc = subprocess.run(
         ["bash", "scripts/deploy_local.sh", "--insecure", "--nodes", "2", "--port", str(free_port()),
-         "--flwr-home", str(tmp_path / "home"), "--run-config", "sim_configs/smoke_tiny.toml",
-         "--set", f"out-dir={out} num-rounds=2 eval-test=false"],
+         "--flwr-home", str(tmp_path / "home"), "--run-config", scenario, "--set", f"out-dir={out} {sets}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = finished_results(out, proc.stdout + proc.stderr)
+    return finished_results(out, proc.stdout + proc.stderr)
+
+
+def test_loopback_deployment_with_two_supernodes(tmp_path):
+    results = deploy(tmp_path, "sim_configs/smoke_tiny.toml", "num-rounds=2 eval-test=false")
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] for r in results["rounds"])
     assert len(results["history"]) == 2 * 2 * 3 and results["eval"]["accuracy"] is not None
@@ -166,3 +170,17 @@ def test_tuning_study_runs_under_simulation(flwr_env, tmp_path):
     assert final["params"] == tuning["best"]["params"] and final["test_accuracy"] is not None
     assert [r["steps"] for r in results["rounds"]] == [16, 16]  # full data: 2 clients x 8 batches per round
     assert Path(tuning["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuning_study_runs_in_deployment(tmp_path):
+    """The same tuning path over SuperNodes in separate processes: client state and subsets persist
+    in each node's context across messages, trials reset it, the best config is retrained and tested."""
+    results = deploy(tmp_path, "sim_configs/tune_tiny.toml", "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1")
+    tuning = results["tuning"]
+    assert [t["state"] for t in tuning["trials"]] == ["complete", "complete"]
+    for trial in tuning["trials"]:
+        assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"]
+        assert all(r["clients"] == [0, 1] and r["steps"] == 2 * 2 for r in trial["rounds"])  # 2 clients x 2 of 8 batches
+        assert trial["rounds"][1]["selection_bytes"] > 0 and trial["rounds"][1]["selection_quality"]
+    assert [r["steps"] for r in results["rounds"]] == [16]  # the best config on full data
+    assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
