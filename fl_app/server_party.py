@@ -10,7 +10,7 @@ from fl_app.models import ServerTop
 from fl_app.protocol import (PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest, decode_frame,
                              step_weight, validate_part, validate_request)
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
-from fl_app.subset import last_layer_proxy, select_batches, subset_error
+from fl_app.subset import last_layer_proxy, select_batches, selection_quality
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
@@ -61,20 +61,6 @@ class UpdateLedger:
         for p, d in zip(self.params, deltas):
             p.sub_(d)
         return True
-
-
-RANDOM_DRAWS = 20  # random subsets drawn to compare each GradMatch selection against
-
-
-def selection_quality(proxies: torch.Tensor, subset, seed: int) -> dict[str, float]:
-    """Relative error of the selected subset's weighted proxy sum against the full sum, next to the
-    mean error of random subsets of the same size (unbiased n/b weights) on the same proxies."""
-    rng = torch.Generator().manual_seed(seed + 1)
-    size = len(subset.batch_ids)
-    randoms = [subset_error(proxies, select_batches("random", None, proxies.shape[0], size, rng))
-               for _ in range(RANDOM_DRAWS)]
-    return {"batches": proxies.shape[0], "selected": size, "gradmatch_error": subset_error(proxies, subset),
-            "random_error": sum(randoms) / len(randoms)}
 
 
 MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit

@@ -117,6 +117,20 @@ def subset_error(rows: torch.Tensor, subset: Subset) -> float:
     return float((weighted_sum(rows, subset) - full).norm() / full.norm())
 
 
+RANDOM_DRAWS = 20  # random subsets drawn to compare each GradMatch selection against
+
+
+def selection_quality(proxies: torch.Tensor, subset: Subset, seed: int) -> dict[str, float]:
+    """Relative error of the selected subset's weighted proxy sum against the full sum, next to the
+    mean error of random subsets of the same size (unbiased n/b weights) on the same proxies."""
+    rng = torch.Generator().manual_seed(seed + 1)
+    size = len(subset.batch_ids)
+    randoms = [subset_error(proxies, select_batches("random", None, proxies.shape[0], size, rng))
+               for _ in range(RANDOM_DRAWS)]
+    return {"batches": proxies.shape[0], "selected": size, "gradmatch_error": subset_error(proxies, subset),
+            "random_error": sum(randoms) / len(randoms)}
+
+
 def batch_proxies(features: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
                   labels: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack one last-layer proxy per batch."""
