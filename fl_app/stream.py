@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 METHOD = "/hosl.SplitStep/Session"
 TOKEN_KEY = "x-hosl-session"
+CLOSE_FRAME = b""  # the client ends its session on purpose; a stream that ends without it was cut off
 Handler = Callable[[str, bytes], "bytes | None"]  # None: the frame needs no reply
 
 
@@ -138,6 +139,9 @@ class StepStreamServer:
         try:
             for payload in requests:
                 session.last_activity = time.monotonic()
+                if payload == CLOSE_FRAME:
+                    ended_cleanly = True
+                    return
                 session.bytes_up += len(payload)
                 answer = self.handler(token, payload)
                 session.last_activity = time.monotonic()
@@ -146,7 +150,9 @@ class StepStreamServer:
                 session.bytes_down += len(answer)
                 session.steps += 1
                 yield answer
-            ended_cleanly = True  # the client closed its side of the stream
+            # The request stream can end without an error when the connection is cut (gRPC may report
+            # a vanished client as a half-close), so only the explicit close frame counts as clean.
+            self.fail(session, "client disconnected (stream ended without closing the session)", cancel=False)
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -189,7 +195,9 @@ class StepStreamClient:
         return answer
 
     def close(self) -> None:
-        """End the stream cleanly (half-close, wait for the server to finish it), then the channel."""
+        """End the session cleanly (close frame, half-close, wait for the server to finish the stream),
+        then the channel."""
+        self._outbox.put(CLOSE_FRAME)
         self._outbox.put(None)
         try:
             for _ in self._responses:

@@ -31,6 +31,19 @@ def test_session_exchanges_frames_and_counts_bytes(server):
     assert server.close_session(session).status == "done"
 
 
+def test_stream_ending_without_close_frame_fails_the_session(server):
+    """A half-closed stream without the close frame (as a cut connection may look) is a disconnect."""
+    failed = []
+    server.on_failure = failed.append
+    session = server.open_session("c0")
+    client = StepStreamClient(server.address, session.token)
+    assert client.exchange(b"abc") == b"cba"
+    client._outbox.put(None)  # half-close only
+    assert list(client._responses) == []
+    assert session.status == "failed" and "disconnected" in session.reason and failed == [session]
+    client._channel.close()
+
+
 def test_stream_without_valid_token_is_rejected(server):
     server.open_session("c0")
     client = StepStreamClient(server.address, "not-the-token")
