@@ -23,6 +23,7 @@ SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 def summarise(name: str, results: dict) -> dict:
     tuning = results["tuning"]
     rounds = [r for t in tuning["trials"] for r in t["rounds"]]
+    selections = [q for r in rounds for q in r["selection_quality"]]
     return {
         "run": name, "tuning_seconds": tuning["seconds"], "final_seconds": tuning["final"]["seconds"],
         "steps": sum(r["steps"] for r in rounds), "selection_seconds": sum(r["selection_seconds"] for r in rounds),
@@ -31,8 +32,8 @@ def summarise(name: str, results: dict) -> dict:
         "pruned": tuning["pruned"], "failed": tuning["failed"], "trials": len(tuning["trials"]),
         "best_dev": tuning["best"]["accuracy"], "best_params": tuning["best"]["params"],
         "test": tuning["final"]["test_accuracy"],
-        "gradmatch_error": mean([q["gradmatch_error"] for r in rounds for q in r.get("selection_quality", [])]),
-        "random_error": mean([q["random_error"] for r in rounds for q in r.get("selection_quality", [])]),
+        "gradmatch_error": mean([q["gradmatch_error"] for q in selections]),
+        "random_error": mean([q["random_error"] for q in selections]),
     }
 
 
