@@ -44,7 +44,7 @@ def main() -> None:
         for chunk in chunks:
             server.config = dataclasses.replace(server.config, score_chunk_rows=chunk)
             started = time.perf_counter()
-            losses = server.score_perturbed(request)
+            losses = server.score_perturbed(request, request.perturbed)
             timings[chunk].append(time.perf_counter() - started)
             reference = losses if reference is None else reference
             assert torch.allclose(losses, reference, atol=1e-5), "stacking changed the losses"

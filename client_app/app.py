@@ -53,7 +53,8 @@ def _history(record: ConfigRecord) -> History | None:
     seeds, grads = list(record["h-seeds"]), list(record["h-grads"])
     return History(rounds=list(record["h-rounds"]), clients=list(record["h-clients"]), lrs=list(record["h-lrs"]),
                    seeds=[seeds[i : i + q] for i in range(0, len(seeds), q)],
-                   grads=[grads[i : i + q] for i in range(0, len(grads), q)])
+                   grads=[grads[i : i + q] for i in range(0, len(grads), q)],
+                   rows=[bytes(r) for r in record["h-rows"]] if "h-rows" in record else [])
 
 def _session_inputs(msg: Message, context: Context):
     """(config with the trial's overrides, session settings, partition id, partition count, synced
@@ -98,7 +99,8 @@ def train(msg: Message, context: Context) -> Message:
         "report": ConfigRecord({"ok": True, **{k: report[k] for k in SCALAR_REPORT_KEYS},
                                 "losses": [float(x) for x in report["losses"]],
                                 "seeds": [int(s) for step in report["seeds"] for s in step],
-                                "grads": [float(g) for step in report["grads"] for g in step]}),
+                                "grads": [float(g) for step in report["grads"] for g in step],
+                                "rows": [bytes(r) for r in report["rows"]]}),
     })
     if config["bottoms"] == "synced" and client_order(config) == "fo":  # FO clients sync by FedAvg of weights
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})

@@ -13,7 +13,7 @@ from fl_app.models import ClientBottom
 from fl_app.protocol import WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.subset import Subset
 from fl_app.trainable import OptimSettings, make_fo_optimizer
-from fl_app.zo import ZOEstimator, draw_seeds, step_generator
+from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator
 
 
 class Link(Protocol):
@@ -24,6 +24,35 @@ class Link(Protocol):
     def exchange(self, payload: bytes) -> bytes: ...
 
 LABEL_FIELDS = ("labels", "score_ids", "target_ids")
+EMBEDDING_ROWS = ("batch", "all")
+
+
+def embedding_roles(bottom: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[str, int] | None]:
+    """Per trainable parameter: ``("tokens", 0)`` for the input embedding, ``("positions", offset)`` for a
+    learned position embedding (rows ``offset .. offset + seq_len - 1`` are the ones a batch can use),
+    None for every other tensor (perturbed in full)."""
+    roles: dict[int, tuple[str, int]] = {}
+    for name, module in bottom.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            if "position" in name.rsplit(".", 1)[-1]:
+                roles[id(module.weight)] = ("positions", int(getattr(module, "offset", 0)))
+            elif module is bottom.body.get_input_embeddings():
+                roles[id(module.weight)] = ("tokens", 0)
+    return [roles.get(id(p)) for p in params]
+
+
+def batch_rows(roles: list[tuple[str, int] | None], params: list[torch.nn.Parameter],
+               input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+    """The embedding rows a batch can touch (sorted ids), per parameter; None where every row is used."""
+    rows: list[torch.Tensor | None] = []
+    for role, p in zip(roles, params):
+        if role is None:
+            rows.append(None)
+        elif role[0] == "tokens":
+            rows.append(torch.unique(input_ids))
+        else:
+            rows.append(torch.arange(min(p.shape[0], role[1] + input_ids.shape[1])))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -35,11 +64,14 @@ class ClientOptimConfig(OptimSettings):
     lr: float = 1e-6
     zo_queries: int = 10
     wire_dtype: str = "float32"
+    zo_embedding_rows: str = "batch"  # batch: perturb only the embedding rows a batch uses; all: every row (MeZO)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.zo_embedding_rows not in EMBEDDING_ROWS:
+            raise ValueError(f"zo-embedding-rows must be one of {EMBEDDING_ROWS}, got {self.zo_embedding_rows!r}")
 
 
 @dataclass
@@ -53,6 +85,7 @@ class StepStats:
     seconds: float
     seeds: list[int]
     projected_grads: list[float]
+    rows: bytes = b""  # the step's packed embedding-row selection (empty: all rows), for synced replay
 
 
 class SplitClient:
@@ -63,9 +96,11 @@ class SplitClient:
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
+        self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
-            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
+            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
             self.optimizer = None
+            self.row_roles = embedding_roles(bottom, params) if config.zo_embedding_rows == "batch" else []
         else:
             self.zo = None
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
@@ -87,8 +122,10 @@ class SplitClient:
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         with track_peak_memory() as peak:
+            rows = None
             if self.zo is not None:
-                loss, up, down, seeds, grads = self._zo_step(batch, link, weight)
+                rows = self.step_rows(batch)
+                loss, up, down, seeds, grads = self._zo_step(batch, link, weight, rows)
             elif self.params:
                 loss, up, down = self._fo_step(batch, link.exchange, weight)
                 seeds, grads = [], []
@@ -96,32 +133,45 @@ class SplitClient:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
         self.steps += 1
-        return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads)
+        return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads,
+                         pack_rows(rows))
+
+    def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
+        """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""
+        if not any(self.row_roles):
+            return None
+        return batch_rows(self.row_roles, self.params, batch["input_ids"])
 
     @torch.no_grad()
-    def _zo_step(self, batch, link: Link, weight: float):
-        """Each perturbed activation goes to the server as soon as it is computed, so the client
-        holds one at a time; the clean one follows and the reply carries all 2Q losses."""
+    def _zo_step(self, batch, link: Link, weight: float, rows):
+        """The clean activations are computed first; each perturbed one goes to the server as soon as it is
+        computed (the client holds at most two); the clean request follows and its reply carries all 2Q
+        losses. The restore of the last query shares the update's pass."""
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
         meta = {"client": self.client_id, "step": self.steps}
+        clean = self._forward(batch)
         up = 0
-        for seed in seeds:
-            for scale in (+1.0, -2.0):
-                self.zo.perturb(seed, scale)
-                part = PerturbedPart(self._forward(batch).to(self.wire_dtype).unsqueeze(0), meta).to_bytes()
-                link.send(part)
-                up += len(part)
-                del part
-            self.zo.perturb(seed, +1.0)
-        payload = self._request("zo", self._forward(batch), batch, {"weight": weight}).to_bytes()
-        answer = link.exchange(payload)
-        up += len(payload)
-        reply = StepReply.from_bytes(answer)
-        losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
-        if len(losses) != 2 * len(seeds):
-            raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
-        grads = [weight * self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
-        self.zo.update(seeds, grads)
+        head = {"attention_mask": batch["attention_mask"], **{k: batch[k] for k in LABEL_FIELDS if k in batch}}
+        for index, _ in enumerate(self.zo.perturbed_states(seeds, rows)):
+            activation = self._forward(batch).to(self.wire_dtype).unsqueeze(0)
+            part = PerturbedPart(activation, meta, **(head if index == 0 else {})).to_bytes()
+            link.send(part)
+            up += len(part)
+            del part
+        try:
+            payload = self._request("zo", clean, batch, {"weight": weight}).to_bytes()
+            del clean
+            answer = link.exchange(payload)
+            up += len(payload)
+            reply = StepReply.from_bytes(answer)
+            losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
+            if len(losses) != 2 * len(seeds):
+                raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
+            grads = [weight * self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
+        except BaseException:
+            self.zo.perturb(seeds[-1], +1.0, rows)  # leave the weights as they were before the step
+            raise
+        self.zo.update(seeds, grads, rows=rows, restore=seeds[-1])
         return reply.clean_loss, up, len(answer), seeds, grads
 
     def _fo_step(self, batch, exchange, weight: float):

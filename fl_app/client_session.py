@@ -25,6 +25,7 @@ from fl_app.scenario import BatchStream, TaskData, build_client, client_seed, ev
 from fl_app.stream import StepStreamClient
 from fl_app.subset import PLANS, Subset, SubsetStream, budget_batches, fixed_batches, select_batches
 from fl_app.tasks import Example
+from fl_app.zo import unpack_rows
 
 
 @dataclass
@@ -54,20 +55,26 @@ class History:
     lrs: list[float] = field(default_factory=list)
     seeds: list[list[int]] = field(default_factory=list)
     grads: list[list[float]] = field(default_factory=list)
+    rows: list[bytes] = field(default_factory=list)  # packed embedding-row selection per step (b"": all rows)
 
-    def extend(self, rnd: int, client: int, lr: float, seeds: list[list[int]], grads: list[list[float]]) -> None:
-        for step_seeds, step_grads in zip(seeds, grads):
+    def extend(self, rnd: int, client: int, lr: float, seeds: list[list[int]], grads: list[list[float]],
+               rows: list[bytes] | None = None) -> None:
+        rows = rows if rows is not None else [b""] * len(seeds)
+        if not len(seeds) == len(grads) == len(rows):
+            raise ValueError(f"history needs seeds, grads and rows per step, got {len(seeds)}, {len(grads)}, {len(rows)}")
+        for step_seeds, step_grads, step_rows in zip(seeds, grads, rows):
             self.rounds.append(rnd)
             self.clients.append(client)
             self.lrs.append(lr)
             self.seeds.append(step_seeds)
             self.grads.append(step_grads)
+            self.rows.append(step_rows)
 
     def since(self, rnd: int, exclude_client: int | None = None) -> History:
         """Entries of rounds after ``rnd``, leaving out ``exclude_client``'s own (it already applied them)."""
         keep = [i for i, r in enumerate(self.rounds) if r > rnd and self.clients[i] != exclude_client]
         return History([self.rounds[i] for i in keep], [self.clients[i] for i in keep], [self.lrs[i] for i in keep],
-                        [self.seeds[i] for i in keep], [self.grads[i] for i in keep])
+                        [self.seeds[i] for i in keep], [self.grads[i] for i in keep], [self.rows[i] for i in keep])
 
     def __len__(self) -> int:
         return len(self.rounds)
@@ -116,10 +123,12 @@ def restore(client: SplitClient, state: ClientState) -> None:
 def catch_up(client: SplitClient, history: History, partition_id: int, synced_round: int) -> int:
     """Apply the other clients' ZO updates (seed, projected gradient) in history order; returns count."""
     applied = 0
-    for rnd, who, lr, seeds, grads in zip(history.rounds, history.clients, history.lrs, history.seeds, history.grads):
+    rows = history.rows or [b""] * len(history)
+    for rnd, who, lr, seeds, grads, packed in zip(history.rounds, history.clients, history.lrs, history.seeds,
+                                                  history.grads, rows):
         if rnd <= synced_round or who == partition_id:
             continue  # already applied, or our own update (already in our weights)
-        client.zo.update(seeds, grads, lr=lr)
+        client.zo.update(seeds, grads, lr=lr, rows=unpack_rows(packed, len(client.zo.params)))
         applied += 1
     return applied
 
@@ -181,13 +190,14 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         first = 0 if subset else client.steps
         per_pass = budget if plan == "warm" else len(source)
         steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
-        losses, seeds, grads, peaks, seconds = [], [], [], [], []
+        losses, seeds, grads, rows, peaks, seconds = [], [], [], [], [], []
         for step in range(first, first + steps):
             indices, weight = source.weighted_indices(step)
             stats = client.train_step(data.encoder([examples[i] for i in indices]), link, weight)
             losses.append(stats.loss)
             seeds.append(stats.seeds)
             grads.append(stats.projected_grads)
+            rows.append(stats.rows)
             peaks.append(stats.peak_memory_bytes)
             seconds.append(stats.seconds)
     finally:
@@ -196,7 +206,7 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         "partition-id": partition_id, "steps": len(losses), "losses": losses,
         "train-loss": sum(losses) / len(losses), "bytes-up": link.bytes_up, "bytes-down": link.bytes_down,
         "peak-memory-bytes": max(peaks), "step-seconds": sum(seconds), "session-seconds": time.perf_counter() - started,
-        "caught-up-updates": caught_up, "seeds": seeds, "grads": grads, "lr": client.config.lr,
+        "caught-up-updates": caught_up, "seeds": seeds, "grads": grads, "rows": rows, "lr": client.config.lr,
         "subset-plan": plan, "subset-batches": len(subset.batch_ids) if subset else 0, **selection,
     }
     new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1,

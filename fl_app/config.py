@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 5e-5,
     "zo-eps": 1e-3,
     "zo-queries": 4,
+    "zo-directions": "rademacher",  # gaussian (MeZO) or rademacher (+-1, several times cheaper to draw)
+    "zo-embedding-rows": "batch",  # batch: a ZO client perturbs only the embedding rows its batch uses; all: MeZO
     "weight-decay": 0.0,
     "client-optimizer": "sgd",
     "server-optimizer": "adam",
@@ -84,6 +86,8 @@ CHOICES = {
     "client-params": ("full", "lora", "frozen"),
     "server-params": ("full", "lora", "frozen"),
     "wire-dtype": ("float32", "float16", "bfloat16"),
+    "zo-directions": ("gaussian", "rademacher"),
+    "zo-embedding-rows": ("batch", "all"),
     "bottoms": ("personal", "synced"),
     "client-optimizer": ("sgd", "adam"),
     "server-optimizer": ("sgd", "adam"),

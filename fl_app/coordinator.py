@@ -145,7 +145,7 @@ class Coordinator:
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
             if self.config["bottoms"] == "synced" and self.client_order == "zo":
-                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"])
+                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"], rep.get("rows"))
         if self.config["bottoms"] == "synced" and self.client_order == "fo":
             self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
         losses = [loss for rep in reports for loss in rep["losses"]]

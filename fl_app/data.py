@@ -64,7 +64,8 @@ def default_data_dir() -> Path:
     return beside
 
 
-def _rows_from_files(paths: list[Path]) -> list[dict[str, Any]]:
+def _rows_from_files(paths: list[Path]):
+    """The rows of local csv/tsv/json files as a memory-mapped ``datasets.Dataset`` (not materialised)."""
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
@@ -74,10 +75,8 @@ def _rows_from_files(paths: list[Path]) -> list[dict[str, Any]]:
         raise ValueError(f"data file(s) not found: {missing} (field 'data-dir'; set HOSL_DATA_DIR or data-dir)")
     files = [str(p) for p in paths]
     if files[0].endswith((".tsv", ".tsv.gz")):
-        ds = load_dataset("csv", data_files=files, delimiter="\t", split="train", quoting=3)
-    else:
-        ds = load_dataset("json", data_files=files, split="train")
-    return [dict(row) for row in ds]
+        return load_dataset("csv", data_files=files, delimiter="\t", split="train", quoting=3)
+    return load_dataset("json", data_files=files, split="train")
 
 
 def _flatten_multirc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -96,10 +95,9 @@ def _flatten_wsc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**row, **row["target"]} if "target" in row else row for row in rows]
 
 
-def load_examples(task: str | Task, split: Literal["train", "test"], source: Literal["local", "hub"] = "local",
-                  data_dir: str | Path | None = None) -> list[Example]:
-    """All examples of a split: ``train`` is the pool train/dev are sampled from, ``test`` the validation set."""
-    task = get_task(task)
+def _load_rows(task: Task, split: Literal["train", "test"], source: str, data_dir: str | Path | None):
+    """A split's raw rows, indexable and sized: a memory-mapped dataset, or a list for tasks whose files
+    need flattening (one MultiRC paragraph holds many examples)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "local":
@@ -110,20 +108,29 @@ def load_examples(task: str | Task, split: Literal["train", "test"], source: Lit
         from datasets import load_dataset
 
         path, name, train_split, test_split = HUB_NAMES.get(task.name, ("super_glue", task.name, "train", "validation"))
-        rows = [dict(r) for r in load_dataset(path, name, split=train_split if split == "train" else test_split)]
+        rows = load_dataset(path, name, split=train_split if split == "train" else test_split)
     else:
         raise ValueError(f"unknown data source {source!r} (field 'data-source'); known: local, hub")
-    if task.name == "multirc" and rows and "passage" in rows[0] and isinstance(rows[0]["passage"], dict):
-        rows = _flatten_multirc(rows)
+    if task.name == "multirc" and len(rows) and isinstance(rows[0].get("passage"), dict):
+        return _flatten_multirc([dict(r) for r in rows])
     if task.name == "wsc":
-        rows = _flatten_wsc(rows)
-    return [parse_row(task, row) for row in rows]
+        return _flatten_wsc([dict(r) for r in rows])
+    return rows
 
 
-def _take(pool: list[Example], n: int, what: str, task: Task) -> list[Example]:
-    if n > len(pool):
-        warnings.warn(f"task '{task.name}': asked for {n} {what} examples, only {len(pool)} available", stacklevel=3)
-    return pool[:n]
+def _examples(task: Task, rows, indices: Sequence[int]) -> list[Example]:
+    """Parse only the rows at ``indices`` (in that order)."""
+    if isinstance(rows, list):
+        return [parse_row(task, rows[i]) for i in indices]
+    return [parse_row(task, dict(row)) for row in rows.select(list(indices))] if len(indices) else []
+
+
+def load_examples(task: str | Task, split: Literal["train", "test"], source: Literal["local", "hub"] = "local",
+                  data_dir: str | Path | None = None) -> list[Example]:
+    """All examples of a split: ``train`` is the pool train/dev are sampled from, ``test`` the validation set."""
+    task = get_task(task)
+    rows = _load_rows(task, split, source, data_dir)
+    return _examples(task, rows, range(len(rows)))
 
 
 def sample_splits(task: str | Task, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000, seed: int = 0,
@@ -133,18 +140,25 @@ def sample_splits(task: str | Task, n_train: int = 1000, n_dev: int = 500, n_tes
     for field, n in (("n-train", n_train), ("n-dev", n_dev), ("n-test", n_test)):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{field} must be a non-negative integer, got {n!r}")
-    pool = load_examples(task, "train", source, data_dir)
-    random.Random(seed).shuffle(pool)
-    if n_train + n_dev > len(pool):  # small task: split the pool in the requested proportion
-        n_dev_small = round(len(pool) * n_dev / max(1, n_train + n_dev))
-        warnings.warn(f"task '{task.name}': train pool has {len(pool)} examples, fewer than n-train + n-dev = "
-                      f"{n_train + n_dev}; using {len(pool) - n_dev_small} train / {n_dev_small} dev", stacklevel=2)
-        n_train, n_dev = len(pool) - n_dev_small, n_dev_small
-    train = pool[:n_train]
-    dev = pool[n_train : n_train + n_dev]
-    test_pool = load_examples(task, "test", source, data_dir)
-    random.Random(seed + 1).shuffle(test_pool)
-    return {"train": train, "dev": dev, "test": _take(test_pool, n_test, "test", task)}
+    # Shuffle positions, not examples (the same permutation), and parse only the rows kept: the pool
+    # itself is never materialised.
+    pool = _load_rows(task, "train", source, data_dir)
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    if n_train + n_dev > len(order):  # small task: split the pool in the requested proportion
+        n_dev_small = round(len(order) * n_dev / max(1, n_train + n_dev))
+        warnings.warn(f"task '{task.name}': train pool has {len(order)} examples, fewer than n-train + n-dev = "
+                      f"{n_train + n_dev}; using {len(order) - n_dev_small} train / {n_dev_small} dev", stacklevel=2)
+        n_train, n_dev = len(order) - n_dev_small, n_dev_small
+    kept = _examples(task, pool, order[: n_train + n_dev])
+    test_rows = _load_rows(task, "test", source, data_dir)
+    test_order = list(range(len(test_rows)))
+    random.Random(seed + 1).shuffle(test_order)
+    if n_test > len(test_order):
+        warnings.warn(f"task '{task.name}': asked for {n_test} test examples, only {len(test_order)} available",
+                      stacklevel=2)
+    test = _examples(task, test_rows, test_order[:n_test])
+    return {"train": kept[:n_train], "dev": kept[n_train:], "test": test}
 
 
 def partition(labels: Sequence[int], num_clients: int, scheme: Literal["iid", "dirichlet"] = "iid",

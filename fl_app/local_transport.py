@@ -1,7 +1,7 @@
 """In-process transport: the server only ever sees bytes, as over the network."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from fl_app.server_party import SplitServer
 
@@ -10,7 +10,8 @@ class InProcessLink:
     """Carries client frames to a :class:`SplitServer` and replies back, counting bytes both ways.
 
     By default the server works on its own worker thread, so the client's memory tracker (per
-    thread) does not count the server's allocations; ``threaded=False`` calls it directly (for
+    thread) does not count the server's allocations and the server scores streamed parts while
+    the client computes the next ones; ``threaded=False`` calls it directly (for
     timing the server itself). With ``record=True`` every frame sent is kept in ``frames``.
     """
 
@@ -20,24 +21,38 @@ class InProcessLink:
         self.frames: list[bytes] | None = [] if record else None
         self.bytes_up = 0
         self.bytes_down = 0
+        self._sent: list[Future] = []
 
-    def _deliver(self, payload: bytes) -> bytes | None:
+    def _deliver(self, payload: bytes):
         self.bytes_up += len(payload)
         if self.frames is not None:
             self.frames.append(payload)
         if self._pool is None:
             return self.server.handle_bytes(payload)
-        return self._pool.submit(self.server.handle_bytes, payload).result()
+        return self._pool.submit(self.server.handle_bytes, payload)
+
+    def _settle(self) -> None:
+        """Raise the first error of frames sent without a reply (they run in order on the server thread)."""
+        pending, self._sent = self._sent, []
+        for future in pending:
+            future.result()
 
     def send(self, payload: bytes) -> None:
-        """A frame that gets no reply (a perturbed-activation part)."""
-        self._deliver(payload)
+        """A frame that gets no reply (a perturbed-activation part). On the server thread it is handled
+        while the client goes on computing; an error it raises surfaces at the next :meth:`exchange`."""
+        result = self._deliver(payload)
+        if self._pool is not None:
+            self._sent.append(result)
 
     def exchange(self, payload: bytes) -> bytes:
-        answer = self._deliver(payload)
-        self.bytes_down += len(answer)
-        return answer
+        result = self._deliver(payload)
+        if self._pool is not None:
+            self._settle()
+            result = result.result()
+        self.bytes_down += len(result)
+        return result
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+            self._settle()

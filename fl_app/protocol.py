@@ -74,15 +74,32 @@ class StepRequest:
 @dataclass
 class PerturbedPart:
     """Client -> server, no reply: perturbed activations of the current ZO step, sent as soon as each
-    is computed so the client never holds all 2Q at once. The server buffers them for the session
-    and scores them, with its weights unchanged, when the step's final ``zo`` request arrives."""
+    is computed so the client never holds all 2Q at once. The first part of a step also carries the
+    batch's ``attention_mask`` and label fields, so the server can score each (+, -) pair as soon as
+    it arrives; the step's final ``zo`` request must repeat the same fields."""
 
     perturbed: torch.Tensor
     meta: dict = field(default_factory=dict)
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    score_ids: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
 
     def to_bytes(self) -> bytes:
-        return st_save({"perturbed": self.perturbed.contiguous()},
-                       metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
+        tensors = {"perturbed": self.perturbed.contiguous()}
+        for name in ("attention_mask", *LABEL_KEYS):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
+        return st_save(tensors, metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
+
+    def head(self) -> StepRequest | None:
+        """The step's batch fields as an ``eval`` request over the first activation (None if absent)."""
+        if self.attention_mask is None and self.labels is None:
+            return None
+        _expect(self.attention_mask is not None and self.labels is not None,
+                "the first perturbed part of a step must carry both 'attention_mask' and 'labels'")
+        return StepRequest(kind="eval", clean=self.perturbed[0], attention_mask=self.attention_mask,
+                           labels=self.labels, score_ids=self.score_ids, target_ids=self.target_ids, meta=dict(self.meta))
 
 
 @dataclass
@@ -120,9 +137,11 @@ def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequ
         _expect(not tensors, f"a '{SELECT_KIND}' frame carries no tensors, got {sorted(tensors)}")
         return SelectRequest.from_metadata(metadata)
     if metadata.get("kind") == PART_KIND:
-        if set(tensors) != {"perturbed"}:
-            raise ProtocolError(f"a '{PART_KIND}' frame carries only field 'perturbed', got {sorted(tensors)}")
-        return PerturbedPart(tensors["perturbed"], json.loads(metadata.get("meta", "{}")))
+        allowed = {"perturbed", "attention_mask", *LABEL_KEYS}
+        if "perturbed" not in tensors or not set(tensors) <= allowed:
+            raise ProtocolError(f"a '{PART_KIND}' frame carries field 'perturbed' and optionally "
+                                f"{sorted(allowed - {'perturbed'})}, got {sorted(tensors)}")
+        return PerturbedPart(meta=json.loads(metadata.get("meta", "{}")), **tensors)
     return StepRequest.from_tensors(tensors, metadata)
 
 
@@ -198,8 +217,11 @@ def step_weight(req: StepRequest) -> float:
     return float(weight)
 
 
-def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None = None) -> None:
-    """Check every field's dtype, shape and values against the server's model; raise ProtocolError."""
+def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None = None,
+                     streamed: bool = False) -> None:
+    """Check every field's dtype, shape and values against the server's model; raise ProtocolError.
+
+    ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts."""
     _expect(req.kind in STEP_KINDS, f"field 'kind' is '{req.kind}', expected one of {STEP_KINDS}")
     step_weight(req)
     if req.kind == "proxy":
@@ -247,4 +269,4 @@ def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None
                 f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected [2Q, {rows}, {seq_len}, {hidden_size}] float")
         _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
     else:
-        _expect(req.kind != "zo", "a 'zo' step request must carry field 'perturbed'")
+        _expect(req.kind != "zo" or streamed, "a 'zo' step request must carry field 'perturbed' or follow its parts")

@@ -74,7 +74,8 @@ def build_server(config: Mapping[str, Any], top: ServerTop, num_classes: int) ->
     params = configure_trainable(top, _spec(config, "server"), top.family)
     order = MODES[config["mode"]][1]
     optim = ServerOptimConfig(order=order, optimizer=config["server-optimizer"], lr=config["server-lr"], weight_decay=config["weight-decay"],
-                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"], seed=config["seed"])
+                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"], zo_directions=config["zo-directions"],
+                              seed=config["seed"])
     return SplitServer(top, params, optim, num_classes=num_classes)
 
 
@@ -85,6 +86,7 @@ def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, co
     order = MODES[config["mode"]][0]
     optim = ClientOptimConfig(order=order, optimizer=config["client-optimizer"], lr=config["client-lr"], weight_decay=config["weight-decay"],
                               zo_eps=config["zo-eps"], zo_queries=config["zo-queries"],
+                              zo_directions=config["zo-directions"], zo_embedding_rows=config["zo-embedding-rows"],
                               seed=client_seed(config, index), wire_dtype=config["wire-dtype"])
     return SplitClient(own, params, optim, client_id=str(index))
 

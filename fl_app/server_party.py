@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +63,16 @@ class UpdateLedger:
         return True
 
 
+@dataclass
+class PendingStep:
+    """A ZO step whose perturbed parts are arriving: its batch fields, the losses of the pairs scored so
+    far, and at most one activation waiting for its partner."""
+
+    head: StepRequest
+    losses: list[float] = field(default_factory=list)
+    buffer: list[torch.Tensor] = field(default_factory=list)
+
+
 MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit
 
 
@@ -78,7 +88,7 @@ class SplitServer:
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.steps = 0
         self.ledger = UpdateLedger(params)
-        self.parts: dict[str, list[torch.Tensor]] = {}  # streamed perturbed activations, per session
+        self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch proxies per session and batch
         self.selections: list[dict[str, float]] = []  # per GradMatch selection: its error vs random subsets'
         if config.order == "fo":
@@ -86,38 +96,71 @@ class SplitServer:
             self.zo = None
         else:
             self.optimizer = None
-            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay)
+            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
 
     def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes | None:
         """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input).
 
-        A perturbed-activation part is buffered and answered with ``None`` (no reply frame). With
-        ``session``, the step's weight change is recorded so the session can be rolled back.
+        A perturbed-activation part is scored as soon as its (+, -) pair is complete and answered with
+        ``None`` (no reply frame). With ``session``, the step's weight change is recorded so the session
+        can be rolled back.
         """
         frame = decode_frame(payload)
         key = session if session is not None else str(frame.meta.get("client", ""))
         if isinstance(frame, SelectRequest):
             return self.select(frame, key).to_bytes()
         if isinstance(frame, PerturbedPart):
-            validate_part(frame, self.top.hidden_size)
-            self.parts.setdefault(key, []).append(frame.perturbed)
-            if sum(p.shape[0] for p in self.parts[key]) > 2 * MAX_QUERIES:
+            try:
+                self._take_part(frame, key)
+            except (ProtocolError, FloatingPointError):
                 self.discard_parts(key)
-                raise ProtocolError(f"more than {2 * MAX_QUERIES} perturbed activations streamed for one step")
+                raise
             return None
-        buffered = self.parts.pop(key, [])
-        if buffered:
-            if frame.kind != "zo":
-                raise ProtocolError(f"perturbed parts were streamed but the step arrived with kind '{frame.kind}'")
-            if {tuple(p.shape[1:]) for p in buffered} != {tuple(frame.clean.shape)}:
-                raise ProtocolError(f"field 'perturbed' parts have shapes {[list(p.shape) for p in buffered]}, "
-                                    f"expected [k, {', '.join(map(str, frame.clean.shape))}]")
-            frame.perturbed = torch.cat(buffered + ([frame.perturbed] if frame.perturbed is not None else []))
-        return self.handle(frame, session, key).to_bytes()
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return self.handle(frame, session, key).to_bytes()
+        if frame.kind != "zo":
+            raise ProtocolError(f"perturbed parts were streamed but the step arrived with kind '{frame.kind}'")
+        if pending.buffer:
+            raise ProtocolError(f"the step's perturbed parts end with an unpaired activation "
+                                f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)")
+        for name in ("attention_mask", "labels", "score_ids", "target_ids"):
+            mine, theirs = getattr(pending.head, name), getattr(frame, name)
+            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
+                raise ProtocolError(f"field '{name}' of the step differs from the one its perturbed parts announced")
+        if tuple(frame.clean.shape) != tuple(pending.head.clean.shape):
+            raise ProtocolError(f"field 'clean' has shape {list(frame.clean.shape)}, but the step's perturbed parts "
+                                f"have [{', '.join(map(str, pending.head.clean.shape))}]")
+        return self.handle(frame, session, key, scored=torch.tensor(pending.losses)).to_bytes()
+
+    def _take_part(self, part: PerturbedPart, key: str) -> None:
+        """Buffer one part; score every complete (+, -) pair at once, under one version of the weights."""
+        validate_part(part, self.top.hidden_size)
+        head = part.head()
+        if head is not None:
+            if key in self.pending:
+                raise ProtocolError("a perturbed part announced a new step before the previous one finished")
+            validate_request(head, self.top.hidden_size, self.num_classes)
+            self.pending[key] = PendingStep(head)
+        pending = self.pending.get(key)
+        if pending is None:
+            raise ProtocolError("the first perturbed part of a step must carry the batch's 'attention_mask' and 'labels'")
+        if tuple(part.perturbed.shape[1:]) != tuple(pending.head.clean.shape):
+            raise ProtocolError(f"field 'perturbed' of a part has shape {list(part.perturbed.shape)}, expected "
+                                f"[k, {', '.join(map(str, pending.head.clean.shape))}]")
+        pending.buffer.append(part.perturbed)
+        buffered = sum(p.shape[0] for p in pending.buffer)
+        if len(pending.losses) + buffered > 2 * MAX_QUERIES:
+            raise ProtocolError(f"more than {2 * MAX_QUERIES} perturbed activations streamed for one step")
+        if buffered >= 2:
+            stacked = torch.cat(pending.buffer)
+            pairs = buffered - buffered % 2
+            pending.losses.extend(self.score_perturbed(pending.head, stacked[:pairs]).tolist())
+            pending.buffer = [stacked[pairs:]] if pairs < buffered else []
 
     def discard_parts(self, key: str) -> None:
         """Forget a session's streamed parts and proxies (its step or selection will never complete)."""
-        self.parts.pop(key, None)
+        self.pending.pop(key, None)
         self.proxies.pop(key, None)
 
     def select(self, req: SelectRequest, key: str) -> StepReply:
@@ -142,9 +185,10 @@ class SplitServer:
         return classification_loss(self._scores(hidden, req), req.labels)
 
     @torch.no_grad()
-    def score_perturbed(self, req: StepRequest) -> torch.Tensor:
-        """Losses of the 2Q perturbed activations, several per forward when they fit in a chunk."""
-        pert = req.perturbed.float()
+    def score_perturbed(self, req: StepRequest, perturbed: torch.Tensor) -> torch.Tensor:
+        """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch, several per
+        forward when they fit in a chunk."""
+        pert = perturbed.float()
         rows = pert.shape[1]
         per_chunk = max(1, self.config.score_chunk_rows // rows)
         losses = []
@@ -161,11 +205,13 @@ class SplitServer:
                 losses.append(classification_loss(scores[i], req.labels))
         return torch.stack(losses)
 
-    def handle(self, req: StepRequest, session: str | None = None, key: str = "") -> StepReply:
+    def handle(self, req: StepRequest, session: str | None = None, key: str = "",
+               scored: torch.Tensor | None = None) -> StepReply:
         """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
-        last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection)."""
-        validate_request(req, self.top.hidden_size, self.num_classes)
-        perturbed_losses = self.score_perturbed(req) if req.perturbed is not None else None
+        last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
+        ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
+        validate_request(req, self.top.hidden_size, self.num_classes, streamed=scored is not None)
+        perturbed_losses = self.score_perturbed(req, req.perturbed) if req.perturbed is not None else scored
         clean = req.clean.float()
         if req.kind == "proxy":
             with torch.no_grad():
@@ -214,7 +260,5 @@ class SplitServer:
         if not math.isfinite(loss):
             raise FloatingPointError(f"server loss is {loss} at server step {self.steps}; no update applied")
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
-        weight = step_weight(req)
-        grads = [weight * self.zo.estimate(s, lambda: float(self._loss(clean, req))) for s in seeds]
-        self.zo.update(seeds, grads)
+        self.zo.step(seeds, lambda: float(self._loss(clean, req)), weight=step_weight(req))
         return loss

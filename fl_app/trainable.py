@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from fl_app.zo import DIRECTIONS
+
 PARAM_MODES = ("full", "lora", "frozen")
 DEFAULT_LORA_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 EMBEDDING_TYPES = (nn.Embedding,)
@@ -92,6 +94,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     zo_eps: float = 1e-3
     zo_queries: int = 1
+    zo_directions: str = "gaussian"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,3 +104,5 @@ class OptimSettings:
             raise ValueError(f"{self.side}-lr must be a positive finite number, got {self.lr!r}")
         if self.zo_queries < 1:
             raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
+        if self.zo_directions not in DIRECTIONS:
+            raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {self.zo_directions!r}")

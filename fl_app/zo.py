@@ -1,14 +1,31 @@
-"""MeZO-style zeroth-order estimator: seeded in-place perturbations, z never stored."""
+"""MeZO-style zeroth-order estimator: seeded in-place perturbations, z never stored.
+
+A direction ``z(seed)`` is cut into chunks of at most :data:`Z_CHUNK` elements; each chunk has its
+own generator derived from (seed, parameter index, chunk index), so chunks can be regenerated in
+any order and on several threads, and the extra memory stays bounded by a few chunks.
+
+Two kinds of directions (both satisfy E[z z^T] = I, all the two-point estimator needs):
+``gaussian`` (MeZO's N(0, I)) and ``rademacher`` (+-1 from random bits, several times cheaper).
+
+A parameter can be restricted to some of its rows for one step (``rows``): an embedding matrix
+then only perturbs and updates the rows of the tokens in the batch, and every other row stays
+bit-identical. z then covers the selected rows only, in the order given.
+"""
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import nn
 
-
 Z_CHUNK = 1 << 20  # elements of z generated at a time (4 MiB in fp32)
+DIRECTIONS = ("gaussian", "rademacher")
+Rows = Sequence["torch.Tensor | None"]  # per parameter: sorted row ids to restrict to, or None for all rows
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zo-directions")  # torch's randn uses one core
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -16,40 +33,112 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+def _mix(seed: int, chunk_index: int) -> int:
+    """A 63-bit generator seed for one chunk of z(seed) (splitmix64 finaliser: nearby inputs diverge)."""
+    x = (int(seed) + 0x9E3779B97F4A7C15 * (chunk_index + 1)) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) >> 1
+
+
+def direction_chunk(kind: str, seed: int, chunk_index: int, numel: int) -> torch.Tensor:
+    """Chunk ``chunk_index`` of z(seed): ``numel`` float32 values from the chunk's own generator.
+
+    Rademacher chunks are returned as 0/1 floats b (z = 2b - 1), which callers fold into their updates.
+    """
+    gen = torch.Generator().manual_seed(_mix(seed, chunk_index))
+    if kind == "gaussian":
+        return torch.randn(numel, generator=gen, dtype=torch.float32)
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, generator=gen)
+    return torch.from_numpy(np.unpackbits(words.numpy().view(np.uint8), count=numel)).to(torch.float32)
+
+
+Segment = tuple[torch.Tensor, "torch.Tensor | None", int]  # (target, row ids or None for a flat slice, numel)
+
+
 class ZOEstimator:
     """Two-point ZO gradient estimates over a fixed, ordered list of parameters.
 
-    ``z`` for a seed is regenerated one parameter tensor at a time from a dedicated
-    generator, so memory stays at inference level and the same seed always gives the
-    same direction.
+    Every change to the weights is one pass :meth:`apply` of ``theta += sum_k coef_k z(seed_k)``
+    over the (selected rows of the) parameters, so several perturbations, restores and updates
+    can share a pass, and each direction is regenerated as few times as the schedule allows.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], eps: float, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params: Sequence[nn.Parameter], eps: float, lr: float, weight_decay: float = 0.0,
+                 directions: str = "gaussian"):
         _check_positive("zo-eps", eps)
         _check_positive("lr", lr)
         if weight_decay < 0:
             raise ValueError(f"weight-decay must be >= 0, got {weight_decay!r}")
+        if directions not in DIRECTIONS:
+            raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {directions!r}")
         self.params = list(params)
         if not self.params:
             raise ValueError("ZO estimator needs at least one trainable parameter (check client-params / server-params)")
-        self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
+        self.eps, self.lr, self.weight_decay, self.directions = eps, lr, weight_decay, directions
 
-    def _directions(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(slice of a parameter, its z) in a fixed order; z comes in chunks of at most Z_CHUNK
-        elements, so the extra memory is bounded whatever the size of the largest tensor."""
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        for p in self.params:
-            flat = p.data.view(-1)
-            for start in range(0, flat.numel(), Z_CHUNK):
-                piece = flat[start : start + Z_CHUNK]
-                z = torch.randn(piece.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-                yield piece, z
+    def _chunks(self, rows: Rows | None) -> list[list[Segment]]:
+        """One pass's work: chunks of about :data:`Z_CHUNK` elements, each a list of segments (a slice of a
+        flat parameter, or a block of selected rows). Small tensors share a chunk, large ones span several."""
+        if rows is not None and len(rows) != len(self.params):
+            raise ValueError(f"row selection covers {len(rows)} parameters, the estimator has {len(self.params)}")
+        chunks: list[list[Segment]] = [[]]
+        room = Z_CHUNK
+        for pi, p in enumerate(self.params):
+            selected = None if rows is None else rows[pi]
+            total = p.numel() if selected is None else selected.numel()
+            per_row = 1 if selected is None or p.ndim < 2 else p.data[0].numel()
+            start = 0
+            while start < total:
+                if room < per_row and chunks[-1]:
+                    chunks.append([])
+                    room = Z_CHUNK
+                count = min(max(1, room // per_row), total - start)
+                if selected is None:
+                    chunks[-1].append((p.data.view(-1)[start : start + count], None, count))
+                else:
+                    chunks[-1].append((p.data, selected[start : start + count], count * per_row))
+                room -= count * per_row
+                start += count
+        return [chunk for chunk in chunks if chunk]
+
+    def _apply_chunk(self, index: int, chunk: list[Segment], terms: Sequence[tuple[int, float]]) -> None:
+        """Add each term's z over one chunk's segments; one chunk of z is alive at a time."""
+        numel = sum(size for _, _, size in chunk)
+        rademacher = self.directions == "rademacher"
+        for seed, coef in terms:
+            z = direction_chunk(self.directions, seed, index, numel)
+            offset = 0
+            for target, row_ids, size in chunk:
+                piece = z[offset : offset + size]
+                if row_ids is None:  # rademacher: add 2 coef b here, the -coef of z = 2b - 1 below
+                    target.add_(piece.to(target.dtype), alpha=2 * coef if rademacher else coef)
+                else:
+                    signed = piece.mul_(2).sub_(1) if rademacher else piece
+                    target.index_add_(0, row_ids, signed.view(row_ids.numel(), *target.shape[1:]).to(target.dtype),
+                                      alpha=coef)
+                offset += size
+        if rademacher:
+            shift = sum(coef for _, coef in terms)
+            for target, row_ids, _ in chunk:
+                if row_ids is None:
+                    target.sub_(shift)
 
     @torch.no_grad()
-    def perturb(self, seed: int, scale: float) -> None:
+    def apply(self, terms: Sequence[tuple[int, float]], rows: Rows | None = None) -> None:
+        """In place, in one pass: theta += sum over (seed, coef) in ``terms`` of coef * z(seed)."""
+        if not terms:
+            return
+        chunks = self._chunks(rows)
+        if self.directions == "gaussian" and len(chunks) > 1:  # randn is single-threaded: split chunks over cores
+            list(_POOL.map(lambda item: self._apply_chunk(item[0], item[1], terms), enumerate(chunks)))
+        else:
+            for index, chunk in enumerate(chunks):
+                self._apply_chunk(index, chunk, terms)
+
+    def perturb(self, seed: int, scale: float, rows: Rows | None = None) -> None:
         """In place: theta += scale * eps * z(seed)."""
-        for p, z in self._directions(seed):
-            p.add_(z, alpha=scale * self.eps)
+        self.apply([(seed, scale * self.eps)], rows)
 
     def projected_gradient(self, loss_plus: float, loss_minus: float) -> float:
         """(l+ - l-) / (2 eps); non-finite losses are rejected rather than applied."""
@@ -58,29 +147,106 @@ class ZOEstimator:
             raise FloatingPointError(f"non-finite ZO projected gradient from losses {loss_plus!r}, {loss_minus!r}")
         return g
 
+    def perturbed_states(self, seeds: Sequence[int], rows: Rows | None = None) -> Iterator[None]:
+        """Walk theta through theta + eps z_1, theta - eps z_1, theta + eps z_2, ... yielding once in each
+        state (2Q times); the restore of query i shares a pass with the perturbation of query i+1.
+
+        Run to the end, the walk leaves theta at theta - eps z_Q for :meth:`update` with
+        ``restore=seeds[-1]`` to undo in its own pass; abandoned midway, it restores theta itself.
+        """
+        offset: list[tuple[int, float]] = []  # theta now = theta + sum coef * z(seed)
+        finished = False
+        try:
+            for seed in seeds:
+                self.apply([(s, -c) for s, c in offset] + [(seed, self.eps)], rows)
+                offset = [(seed, self.eps)]
+                yield
+                self.apply([(seed, -2 * self.eps)], rows)
+                offset = [(seed, -self.eps)]
+                yield
+            finished = True
+        finally:
+            if not finished and offset:
+                self.apply([(s, -c) for s, c in offset], rows)
+
     @torch.no_grad()
-    def update(self, seeds: Sequence[int], projected_grads: Sequence[float], lr: float | None = None) -> None:
-        """theta -= lr * (1/Q) sum_q g_q z_q (+ decoupled weight decay on matrices), in place."""
+    def update(self, seeds: Sequence[int], projected_grads: Sequence[float], lr: float | None = None,
+               rows: Rows | None = None, restore: int | None = None) -> None:
+        """theta -= lr * (1/Q) sum_q g_q z_q (+ decoupled weight decay on matrices), in place, in one pass.
+
+        ``restore``: also undo the -eps z(restore) that :meth:`perturbed_states` leaves behind.
+        """
         if len(seeds) != len(projected_grads) or not seeds:
             raise ValueError(f"need one projected gradient per seed, got {len(seeds)} seeds, {len(projected_grads)} grads")
         lr = self.lr if lr is None else lr
         q = len(seeds)
+        coefs: dict[int, float] = {}
         for seed, g in zip(seeds, projected_grads):
-            for p, z in self._directions(seed):
-                p.add_(z, alpha=-lr * float(g) / q)
+            coefs[int(seed)] = coefs.get(int(seed), 0.0) - lr * float(g) / q
+        if restore is not None:
+            coefs[int(restore)] = coefs.get(int(restore), 0.0) + self.eps
+        self.apply(list(coefs.items()), rows)
         if self.weight_decay:
-            for p in self.params:
-                if p.ndim >= 2:
-                    p.mul_(1 - lr * self.weight_decay)
+            with torch.no_grad():
+                for p in self.params:
+                    if p.ndim >= 2:
+                        p.mul_(1 - lr * self.weight_decay)
 
-    def estimate(self, seed: int, loss_fn: Callable[[], float]) -> float:
+    def estimate(self, seed: int, loss_fn: Callable[[], float], rows: Rows | None = None) -> float:
         """Perturb +eps, -eps around theta (restored afterwards) and return the projected gradient."""
-        self.perturb(seed, +1.0)
-        loss_plus = loss_fn()
-        self.perturb(seed, -2.0)
-        loss_minus = loss_fn()
-        self.perturb(seed, +1.0)
-        return self.projected_gradient(loss_plus, loss_minus)
+        losses = [loss_fn() for _ in self.perturbed_states([seed], rows)]
+        self.perturb(seed, +1.0, rows)
+        return self.projected_gradient(*losses)
+
+    def step(self, seeds: Sequence[int], loss_fn: Callable[[], float], rows: Rows | None = None,
+             weight: float = 1.0) -> list[float]:
+        """A whole MeZO step with the losses computed locally (a ZO server): returns the projected gradients."""
+        losses = [loss_fn() for _ in self.perturbed_states(seeds, rows)]
+        try:
+            grads = [weight * self.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
+        except FloatingPointError:
+            self.perturb(seeds[-1], +1.0, rows)
+            raise
+        self.update(seeds, grads, rows=rows, restore=seeds[-1])
+        return grads
+
+
+def pack_rows(rows: Rows | None) -> bytes:
+    """A step's row selection as compact bytes (empty: all rows): per parameter its count (-1 for all
+    rows) and the deltas of its sorted row ids, zlib-compressed."""
+    if rows is None:
+        return b""
+    parts = []
+    for selected in rows:
+        if selected is None:
+            parts.append(np.array([-1], dtype=np.int64))
+        else:
+            ids = selected.numpy().astype(np.int64)
+            parts.append(np.concatenate([[ids.size], np.diff(ids, prepend=0)]))
+    return zlib.compress(np.concatenate(parts).astype(np.int64).tobytes(), 9)
+
+
+def unpack_rows(payload: bytes, num_params: int) -> list[torch.Tensor | None] | None:
+    """Inverse of :func:`pack_rows` for an estimator over ``num_params`` parameters."""
+    if not payload:
+        return None
+    try:
+        values = np.frombuffer(zlib.decompress(payload), dtype=np.int64)
+    except zlib.error as err:
+        raise ValueError(f"field 'rows' of a history entry is not a packed row selection: {err}") from err
+    rows: list[torch.Tensor | None] = []
+    at = 0
+    while at < values.size:
+        count = int(values[at])
+        at += 1
+        if count < 0:
+            rows.append(None)
+            continue
+        rows.append(torch.from_numpy(np.cumsum(values[at : at + count])))
+        at += count
+    if len(rows) != num_params:
+        raise ValueError(f"field 'rows' of a history entry covers {len(rows)} parameters, expected {num_params}")
+    return rows
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

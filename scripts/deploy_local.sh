@@ -67,7 +67,13 @@ EOF
 # shellcheck disable=SC2086
 python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
 ARGS=(run . deploy --stream --run-config "$FLWR_HOME/run-config.toml")
-sleep 3
+# Wait for the SuperLink to accept connections (a loaded machine can take far longer than a few seconds).
+for _ in $(seq 1 240); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+  kill -0 "${PIDS[0]}" 2>/dev/null || { echo "SuperLink exited; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }
+  sleep 0.5
+done
+sleep 2  # let the SuperNodes register
 echo "SuperLink 127.0.0.1:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
 flwr "${ARGS[@]}" 2>&1 | tee "$FLWR_HOME/logs/run.log"
 # `flwr run --stream` can return before the run ends (its log stream may attach late): keep the

@@ -42,7 +42,7 @@ def history_record(history: History) -> ConfigRecord:
     queries = len(history.seeds[0]) if len(history) else 0
     return ConfigRecord({"h-rounds": history.rounds, "h-clients": history.clients, "h-lrs": history.lrs,
                          "h-queries": queries, "h-seeds": [s for step in history.seeds for s in step],
-                         "h-grads": [g for step in history.grads for g in step]})
+                         "h-grads": [g for step in history.grads for g in step], "h-rows": list(history.rows)})
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -52,7 +52,8 @@ def record_bytes(content: RecordDict) -> int:
         total += sum(len(array.data) for array in record.values())
     for record in content.config_records.values():
         for value in record.values():
-            total += 8 * len(value) if isinstance(value, list) else len(value) if isinstance(value, (str, bytes)) else 8
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in items)
     return total
 
 
@@ -119,6 +120,7 @@ def _unflatten(report: dict[str, Any], queries: int) -> dict[str, Any]:
     seeds, grads = list(report.get("seeds", [])), list(report.get("grads", []))
     report["seeds"] = [seeds[i : i + queries] for i in range(0, len(seeds), queries)] if queries else []
     report["grads"] = [grads[i : i + queries] for i in range(0, len(grads), queries)] if queries else []
+    report["rows"] = [bytes(r) for r in report.get("rows", [])] or None
     report["losses"] = list(report["losses"])
     return report
 

@@ -84,12 +84,14 @@ def test_malformed_frame_ends_one_session_and_others_continue(coord):
     assert [r["steps"] for r in session_round(c, 1, [0], {})] == [2]
 
 
-def test_synced_bottoms_match_and_late_client_catches_up(coord):
-    c = coord(bottoms="synced")
+@pytest.mark.parametrize("rows", ["batch", "all"])
+def test_synced_bottoms_match_and_late_client_catches_up(coord, rows):
+    c = coord(bottoms="synced", **{"zo-embedding-rows": rows})
     states: dict[int, ClientState] = {}
     session_round(c, 1, [0, 1], states)
     session_round(c, 2, [0, 1], states)
     assert len(c.history) == 8  # 2 rounds x 2 clients x 2 steps
+    assert all(packed for packed in c.history.rows) == (rows == "batch")  # row ids travel with the history
     latest = c.history.since(0)
 
     def caught_up(pid):
@@ -101,6 +103,13 @@ def test_synced_bottoms_match_and_late_client_catches_up(coord):
     assert torch.allclose(zero, one, atol=1e-6) and torch.allclose(zero, late, atol=1e-6)
     pristine, _ = make_client(c.config, 2, None)
     assert not torch.allclose(late, torch.cat([p.detach().reshape(-1) for p in pristine.params]))
+    if rows == "batch":  # rows no batch used are exactly the pristine ones after replay
+        replayed, _ = make_client(c.config, 2, None)
+        catch_up(replayed, latest, 2, 0)
+        embedding = replayed.bottom.body.get_input_embeddings().weight
+        original = pristine.bottom.body.get_input_embeddings().weight
+        changed = (embedding != original).any(1)
+        assert 0 < int(changed.sum()) < embedding.shape[0]
 
 
 def test_federated_eval_shards_cover_the_split(coord):

@@ -77,9 +77,11 @@ def test_bytes_per_step_are_the_payload_sizes():
     rows, seq = batch["input_ids"].shape
     activation = rows * seq * 32 * 4
     assert len(link.frames) == 2 * 3 + 1  # one frame per perturbed activation, then the clean step
-    assert all(activation < len(f) < activation + 1024 for f in link.frames[:-1])
+    head = sum(batch[k].numel() * batch[k].element_size() for k in ("attention_mask", "labels", "score_ids"))
+    assert activation + head < len(link.frames[0]) < activation + head + 1024  # the first part names the batch
+    assert all(activation < len(f) < activation + 1024 for f in link.frames[1:-1])
     assert stats.bytes_up == sum(map(len, link.frames)) == link.bytes_up
-    assert 7 * activation < stats.bytes_up < 7 * activation + 8192
+    assert 7 * activation + head < stats.bytes_up < 7 * activation + head + 8192
     assert stats.bytes_down == link.bytes_down < 1024  # 2Q losses and a scalar
 
 
@@ -145,18 +147,44 @@ def test_streamed_parts_are_validated_and_bounded():
     _, client, server, data = parties()
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     rows, seq = batch["input_ids"].shape
+    head = {"attention_mask": batch["attention_mask"], "labels": batch["labels"], "score_ids": batch["score_ids"]}
     with pytest.raises(ProtocolError, match="perturbed"):
-        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 31), {"client": "x"}).to_bytes())
+        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 31), {"client": "x"}, **head).to_bytes())
     with pytest.raises(ProtocolError, match="NaN"):
-        server.handle_bytes(PerturbedPart(torch.full((1, rows, seq, 32), float("nan")), {"client": "x"}).to_bytes())
-    server.handle_bytes(PerturbedPart(torch.zeros(2, rows, seq + 1, 32), {"client": "y"}).to_bytes())
-    clean = StepRequest(kind="zo", clean=torch.zeros(rows, seq, 32), attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], score_ids=batch["score_ids"], meta={"client": "y"})
-    with pytest.raises(ProtocolError, match="parts have shapes"):
-        server.handle_bytes(clean.to_bytes())
-    assert "y" not in server.parts  # a failed step leaves nothing buffered
-    server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "z"}).to_bytes())
-    fo = StepRequest(kind="fo", clean=torch.zeros(rows, seq, 32), attention_mask=batch["attention_mask"],
-                     labels=batch["labels"], score_ids=batch["score_ids"], meta={"client": "z"})
+        server.handle_bytes(PerturbedPart(torch.full((1, rows, seq, 32), float("nan")), {"client": "x"}, **head).to_bytes())
+    with pytest.raises(ProtocolError, match="labels"):  # a step's first part names its batch
+        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "w"}).to_bytes())
+    with pytest.raises(ProtocolError, match="labels"):
+        bad = {**head, "labels": torch.full_like(batch["labels"], 7)}
+        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "w"}, **bad).to_bytes())
+    server.handle_bytes(PerturbedPart(torch.zeros(2, rows, seq, 32), {"client": "y"}, **head).to_bytes())
+    assert len(server.pending["y"].losses) == 2 and not server.pending["y"].buffer  # the pair is scored at once
+    with pytest.raises(ProtocolError, match="shape"):
+        server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq + 1, 32), {"client": "y"}).to_bytes())
+    assert "y" not in server.pending  # a failed step leaves nothing buffered
+    server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "z"}, **head).to_bytes())
+    fo = StepRequest(kind="fo", clean=torch.zeros(rows, seq, 32), meta={"client": "z"}, **head)
     with pytest.raises(ProtocolError, match="kind 'fo'"):
         server.handle_bytes(fo.to_bytes())
+    server.handle_bytes(PerturbedPart(torch.zeros(2, rows, seq, 32), {"client": "v"}, **head).to_bytes())
+    other = StepRequest(kind="zo", clean=torch.zeros(rows, seq, 32), meta={"client": "v"},
+                        **{**head, "labels": 1 - batch["labels"]})
+    with pytest.raises(ProtocolError, match="'labels' of the step differs"):
+        server.handle_bytes(other.to_bytes())
+
+
+def test_pairs_scored_on_arrival_equal_scoring_them_together():
+    """Streaming parts (scored pair by pair) gives the same losses as one request carrying all 2Q."""
+    from fl_app.protocol import PerturbedPart, StepReply, StepRequest
+
+    _, _, server, data = parties()
+    batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+    rows, seq = batch["input_ids"].shape
+    head = {"attention_mask": batch["attention_mask"], "labels": batch["labels"], "score_ids": batch["score_ids"]}
+    pert = torch.randn(6, rows, seq, 32, generator=torch.Generator().manual_seed(0))
+    inline = server.score_perturbed(StepRequest(kind="zo", clean=pert[0], **head), pert)
+    for i in range(6):
+        server.handle_bytes(PerturbedPart(pert[i : i + 1], {"client": "s"}, **(head if i == 0 else {})).to_bytes())
+    reply = StepReply.from_bytes(server.handle_bytes(
+        StepRequest(kind="zo", clean=pert[0], meta={"client": "s"}, **head).to_bytes()))
+    assert torch.allclose(reply.perturbed_losses.float(), inline, atol=1e-6)

@@ -146,3 +146,21 @@ def test_data_found_from_a_bundle_copy_without_data(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "data", env={**env, "PYTHONPATH": str(tmp_path)},
                          capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
     assert out[0].startswith(str(tmp_path)) and Path(out[1], "sst2", "train.tsv.gz").exists() and out[2] == "277"
+
+
+def test_sampling_parses_only_the_examples_it_keeps(monkeypatch):
+    """The 67k-example SST-2 pool is never materialised: only the sampled rows become examples, and
+    they are the same examples as shuffling the whole parsed pool gives."""
+    import random
+
+    import fl_app.data as data
+
+    parsed = []
+    real = data.parse_row
+    monkeypatch.setattr(data, "parse_row", lambda task, row: parsed.append(row) or real(task, row))
+    splits = sample_splits("sst2", n_train=40, n_dev=10, n_test=20, seed=5)
+    assert len(parsed) == 70
+    monkeypatch.setattr(data, "parse_row", real)
+    pool = load_examples("sst2", "train")
+    random.Random(5).shuffle(pool)
+    assert splits["train"] == pool[:40] and splits["dev"] == pool[40:50]

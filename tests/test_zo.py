@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from fl_app.zo import ZOEstimator, draw_seeds
+from fl_app.zo import DIRECTIONS, ZOEstimator, draw_seeds, pack_rows, unpack_rows
 
 
 def small_mlp(seed=0):
@@ -16,25 +16,28 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def test_same_seed_same_update_different_seed_different():
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_same_seed_same_update_different_seed_different(kind):
     a, b, c = small_mlp(), small_mlp(), small_mlp()
     for model, seeds in ((a, [11, 12]), (b, [11, 12]), (c, [11, 13])):
-        ZOEstimator(list(model.parameters()), eps=1e-3, lr=0.1).update(seeds, [0.5, -0.25])
+        ZOEstimator(list(model.parameters()), eps=1e-3, lr=0.1, directions=kind).update(seeds, [0.5, -0.25])
     assert torch.equal(flat(a), flat(b))
     assert not torch.equal(flat(a), flat(c))
     assert not torch.equal(flat(a), flat(small_mlp()))
 
 
-def test_perturb_round_trip_restores_weights():
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_perturb_round_trip_restores_weights(kind):
     model = small_mlp()
     before = flat(model).clone()
-    zo = ZOEstimator(list(model.parameters()), eps=1e-3, lr=0.1)
+    zo = ZOEstimator(list(model.parameters()), eps=1e-3, lr=0.1, directions=kind)
     for scale in (1.0, -2.0, 1.0):
         zo.perturb(7, scale)
     assert torch.allclose(flat(model), before, atol=1e-6)
 
 
-def test_estimate_expectation_approaches_true_gradient():
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_estimate_expectation_approaches_true_gradient(kind):
     """cos(mean_q g_q z_q, grad) grows with Q, as sqrt(Q / (Q + d)) predicts."""
     model = small_mlp()
     x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3
@@ -44,7 +47,7 @@ def test_estimate_expectation_approaches_true_gradient():
     cosines = []
     for q in (1, 16, 256, 4096):
         probe = copy.deepcopy(model)
-        zo = ZOEstimator(list(probe.parameters()), eps=1e-4, lr=1.0)
+        zo = ZOEstimator(list(probe.parameters()), eps=1e-4, lr=1.0, directions=kind)
         seeds = draw_seeds(rng, q)
         with torch.no_grad():
             grads = [zo.estimate(s, lambda: float(torch.nn.functional.cross_entropy(probe(x), y))) for s in seeds]
@@ -80,17 +83,144 @@ def test_non_finite_losses_are_not_applied():
         zo.projected_gradient(float("nan"), 1.0)
 
 
-def test_z_is_generated_in_bounded_chunks():
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_z_is_generated_in_bounded_chunks(kind):
     """A tensor larger than one chunk still gets a full, seed-determined direction, in pieces."""
     import fl_app.zo as zo_module
 
     big = torch.nn.Parameter(torch.zeros(3 * zo_module.Z_CHUNK + 5))
-    zo = ZOEstimator([big], eps=1.0, lr=0.1)
-    pieces = list(zo._directions(5))
-    assert [z.numel() for _, z in pieces] == [zo_module.Z_CHUNK] * 3 + [5]
+    zo = ZOEstimator([big], eps=1.0, lr=0.1, directions=kind)
+    assert [sum(size for *_, size in chunk) for chunk in zo._chunks(None)] == [zo_module.Z_CHUNK] * 3 + [5]
     zo.perturb(5, 1.0)
     first = big.detach().clone()
     assert first.std().item() == pytest.approx(1.0, abs=0.01) and first.abs().min() > 0
+    if kind == "rademacher":
+        assert set(first.unique().tolist()) == {-1.0, 1.0}
+        assert first.mean().item() == pytest.approx(0.0, abs=0.01)
     zo.perturb(5, -1.0)
     zo.perturb(5, 1.0)
     assert torch.equal(big.detach(), first)
+
+
+def test_small_tensors_share_a_chunk_and_directions_do_not_depend_on_threads():
+    """Many small tensors are drawn as one chunk (no per-tensor generator cost); a gaussian pass split
+    over worker threads gives the same weights as the same pass run chunk by chunk."""
+    import fl_app.zo as zo_module
+
+    small = [torch.nn.Parameter(torch.zeros(10)) for _ in range(50)]
+    assert len(ZOEstimator(small, eps=1.0, lr=0.1)._chunks(None)) == 1
+    a = torch.nn.Parameter(torch.zeros(2 * zo_module.Z_CHUNK + 3))
+    b = torch.nn.Parameter(torch.zeros(2 * zo_module.Z_CHUNK + 3))
+    ZOEstimator([a], eps=1.0, lr=0.1).perturb(9, 1.0)
+    serial = ZOEstimator([b], eps=1.0, lr=0.1)
+    for index, chunk in enumerate(serial._chunks(None)):
+        serial._apply_chunk(index, chunk, [(9, 1.0)])
+    assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_fused_schedule_matches_the_sequential_mezo_steps(kind):
+    """perturbed_states + update(restore=last) visits the same states and ends at the same weights as
+    MeZO's perturb(+1) / perturb(-2) / perturb(+1) per query followed by a separate update."""
+    fused, plain = small_mlp(), small_mlp()
+    seeds, grads = [3, 9, 27], [0.4, -1.0, 0.25]
+    zf = ZOEstimator(list(fused.parameters()), eps=1e-2, lr=0.1, directions=kind)
+    zp = ZOEstimator(list(plain.parameters()), eps=1e-2, lr=0.1, directions=kind)
+    states = []
+    for _ in zf.perturbed_states(seeds):
+        states.append(flat(fused).clone())
+    expected = []
+    for seed in seeds:
+        for scale in (1.0, -2.0):
+            zp.perturb(seed, scale)
+            expected.append(flat(plain).clone())
+        zp.perturb(seed, 1.0)
+    assert len(states) == 2 * len(seeds)
+    for got, want in zip(states, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    zf.update(seeds, grads, restore=seeds[-1])
+    zp.update(seeds, grads)
+    assert torch.allclose(flat(fused), flat(plain), atol=1e-6)
+
+
+def test_abandoned_walk_restores_the_weights():
+    model = small_mlp()
+    before = flat(model).clone()
+    zo = ZOEstimator(list(model.parameters()), eps=1e-2, lr=0.1)
+    walk = zo.perturbed_states([1, 2, 3])
+    for _ in range(3):  # stop in the +eps state of the second query
+        next(walk)
+    assert not torch.allclose(flat(model), before, atol=1e-4)
+    walk.close()
+    assert torch.allclose(flat(model), before, atol=1e-6)
+
+
+def embedding_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({"emb": torch.nn.Embedding(40, 6), "out": torch.nn.Linear(6, 3)})
+
+
+def embedding_loss(model, ids, y):
+    return torch.nn.functional.cross_entropy(model["out"](model["emb"](ids).mean(1)), y)
+
+
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_row_restricted_step_leaves_other_rows_bit_identical(kind):
+    model = embedding_model()
+    before = model["emb"].weight.detach().clone()
+    params = list(model.parameters())
+    rows = [torch.tensor([2, 5, 17]), None, None]
+    zo = ZOEstimator(params, eps=1e-2, lr=0.1, directions=kind)
+    losses = [0.0] * 6
+    for i, _ in enumerate(zo.perturbed_states([1, 2, 3], rows)):
+        losses[i] = float(i)
+    zo.update([1, 2, 3], [0.5, -0.2, 0.3], rows=rows, restore=3)
+    after = model["emb"].weight.detach()
+    untouched = [r for r in range(40) if r not in (2, 5, 17)]
+    assert torch.equal(after[untouched], before[untouched])
+    assert not torch.allclose(after[[2, 5, 17]], before[[2, 5, 17]])
+
+
+@pytest.mark.parametrize("kind", DIRECTIONS)
+def test_row_restricted_estimate_approaches_true_gradient(kind):
+    """With only the batch's rows perturbed, the estimate still converges to the true gradient (which is
+    zero on every other row), and faster than perturbing every row."""
+    model = embedding_model()
+    gen = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 8, (16, 5), generator=gen), torch.arange(16) % 3  # rows 0..7 of 40 used
+    embedding_loss(model, ids, y).backward()
+    true_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    rows = [torch.unique(ids), None, None]
+    rng = torch.Generator().manual_seed(3)
+    cosines = {}
+    for restricted in (True, False):
+        cosines[restricted] = []
+        for q in (1, 16, 256, 2048):
+            probe = copy.deepcopy(model)
+            zo = ZOEstimator(list(probe.parameters()), eps=1e-4, lr=1.0, directions=kind)
+            seeds = draw_seeds(rng, q)
+            step_rows = rows if restricted else None
+            with torch.no_grad():
+                losses = [float(embedding_loss(probe, ids, y)) for _ in zo.perturbed_states(seeds, step_rows)]
+            grads = [zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(q)]
+            before = flat(probe).clone()
+            zo.update(seeds, grads, rows=step_rows, restore=seeds[-1])
+            cosines[restricted].append(torch.nn.functional.cosine_similarity(before - flat(probe), true_grad, dim=0).item())
+    assert cosines[True] == sorted(cosines[True]), cosines
+    assert cosines[True][-1] > 0.9, cosines
+    assert cosines[True][-1] > cosines[False][-1], cosines
+
+
+def test_packed_rows_round_trip():
+    rows = [torch.tensor([0, 3, 4, 1000, 50_000]), None, torch.arange(66), torch.tensor([], dtype=torch.int64)]
+    packed = pack_rows(rows)
+    back = unpack_rows(packed, 4)
+    assert back[1] is None
+    for got, want in zip(back, rows):
+        if want is not None:
+            assert torch.equal(got, want)
+    assert pack_rows(None) == b"" and unpack_rows(b"", 4) is None
+    with pytest.raises(ValueError, match="rows"):
+        unpack_rows(packed, 3)
+    with pytest.raises(ValueError, match="rows"):
+        unpack_rows(b"garbage", 4)

@@ -1,0 +1,207 @@
+"""What a ZO client step costs against its floor, and what the old code path cost, side by side.
+
+    python -m benchmarks.client_cost [--scenario sim_configs/sst2_minilm_full.toml] [--steps 6] [--repeats 3]
+                                     [--baseline 5a52b98] [--out docs/client_cost]
+
+For each variant it times HOSL steps of one client over the in-process link in a fresh process,
+alternating the variants ``--repeats`` times (the machine is shared: only ratios measured in one
+run mean anything). Variants: the code at ``--baseline`` (MeZO's Gaussian directions over every
+row, each direction drawn four times per query, the server scoring after the last part: the old
+code path with the old settings) and this tree with each direction kind and embedding-row mode.
+
+Per variant it reports the step split into direction generation (thread-seconds), the rest of the
+perturb / update passes, bottom forwards, waiting for the server, and other; the floor ((2Q + 1)
+no-grad forwards of the bottom on the same batch, timed alone in the same process); and the
+client's own step with a server that answers at once (``client-only``), which is what an edge
+device pays when the server runs elsewhere. Writes ``<out>.md`` and ``<out>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "5a52b98"  # the last commit before directions, row restriction, fused passes and streamed scoring
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time ``spec['steps']`` HOSL steps with the ``fl_app`` on ``sys.path`` (old or new tree)."""
+    import torch
+
+    import fl_app
+    from fl_app.config import make_config, read_scenario
+    from fl_app.local_transport import InProcessLink
+    from fl_app.protocol import StepReply
+    from fl_app.scenario import BatchStream, build_client, build_server, client_seed, load_split, load_task_data
+
+    config = make_config({**read_scenario(spec["scenario"]), **spec["overrides"]})
+    torch.manual_seed(0)
+    loaded, bottom, top = load_split(config)
+    data = load_task_data(config, loaded)
+    server = build_server(config, top, data.task.num_classes)
+    client = build_client(config, bottom, 0)
+    del bottom
+    stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], client_seed(config, 0))
+    q = config["zo-queries"]
+    timers = {"generate": 0.0, "passes": 0.0, "forward": 0.0, "wait": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timers[name] += time.perf_counter() - started
+        return wrapper
+
+    import fl_app.zo as zo_module
+    if hasattr(zo_module, "direction_chunk"):
+        zo_module.direction_chunk = timed("generate", zo_module.direction_chunk)
+        client.zo.apply = timed("passes", client.zo.apply)
+    else:  # the old estimator: every pass is perturb (or update), generation inside it
+        client.zo.perturb = timed("passes", client.zo.perturb)
+        client.zo.update = timed("passes", client.zo.update)
+    client._forward = timed("forward", client._forward)
+
+    class EchoLink:
+        """A server that answers at once with plausible losses: the client's own cost only."""
+
+        def __init__(self):
+            self.bytes_up = self.bytes_down = 0
+
+        def send(self, payload):
+            self.bytes_up += len(payload)
+
+        def exchange(self, payload):
+            losses = 0.69 + 0.01 * torch.randn(2 * q, dtype=torch.float64)
+            return StepReply(clean_loss=0.69, perturbed_losses=losses).to_bytes()
+
+    def run(link, steps, first):
+        for key in timers:
+            timers[key] = 0.0
+        link.exchange = timed("wait", link.exchange)
+        times = []
+        for step in range(first, first + steps):
+            batch = stream.batch(step)
+            started = time.perf_counter()
+            client.train_step(batch, link)
+            times.append(time.perf_counter() - started)
+        return {"step": statistics.median(times), **{k: v / steps for k, v in timers.items()}}
+
+    link = InProcessLink(server)
+    run(link, 1, 0)  # warm-up
+    full = run(link, spec["steps"], 1)
+    link.close()
+    alone = run(EchoLink(), spec["steps"], 1 + spec["steps"])
+    batch = stream.batch(0)
+    with torch.no_grad():
+        client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        floors = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(2 * q + 1):
+                client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            floors.append(time.perf_counter() - started)
+    return {"fl_app": str(Path(fl_app.__file__).parent), "full": full, "client_only": alone,
+            "floor": statistics.median(floors), "queries": q, "trainable": sum(p.numel() for p in client.params)}
+
+
+def _run_worker(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker for {spec['name']} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if Path(result["fl_app"]).resolve() != (tree / "fl_app").resolve():
+        raise RuntimeError(f"worker imported {result['fl_app']}, expected the tree {tree}")
+    return result
+
+
+def _baseline_tree(commit: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def _summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(path):
+        values = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in runs]
+        return statistics.median(values)
+
+    return {"variant": name, "step": med(("full", "step")), "client_only": med(("client_only", "step")),
+            "floor": med(("floor",)), "generate": med(("client_only", "generate")),
+            "passes": med(("client_only", "passes")), "forward": med(("client_only", "forward")),
+            "wait": med(("full", "wait")), "runs": runs}
+
+
+def _markdown(rows: list[dict[str, Any]], args, q: int) -> str:
+    old = rows[0]["step"]
+    lines = [f"# ZO client step cost ({Path(args.scenario).name}, Q = {q}, {args.steps} steps x {args.repeats} "
+             "alternating repeats, medians)", "",
+             "`python -m benchmarks.client_cost " + " ".join(sys.argv[1:]) + "`", "",
+             "| variant | whole step s | speed-up vs old | client-only step s | floor s | client-only / floor "
+             "| generation s | passes s (incl. generation) | forwards s | wait for server s (whole step) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['step']:.3f} | {old / r['step']:.2f}x | {r['client_only']:.3f} "
+                     f"| {r['floor']:.3f} | {r['client_only'] / r['floor']:.2f}x | {r['generate']:.3f} "
+                     f"| {r['passes']:.3f} | {r['forward']:.3f} | {r['wait']:.3f} |")
+    lines += ["", "Whole step: client and in-process server share the machine's cores. Client-only: the server "
+              "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
+              "bottom, timed alone. Generation is thread-seconds (Gaussian chunks are drawn on two threads); "
+              "the old code's generation is inside its passes."]
+    return "\n".join(lines) + "\n"
+
+
+VARIANTS = {
+    "old code (gaussian, all rows)": ("baseline", {}),
+    "gaussian, all rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "all"}),
+    "gaussian, batch rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "batch"}),
+    "rademacher, all rows": ("tree", {"zo-directions": "rademacher", "zo-embedding-rows": "all"}),
+    "rademacher, batch rows (default)": ("tree", {"zo-directions": "rademacher", "zo-embedding-rows": "batch"}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default="sim_configs/sst2_minilm_full.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario key")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--out", default="docs/client_cost")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    shared = dict(pair.split("=", 1) for pair in args.set)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"baseline": _baseline_tree(args.baseline, Path(tmp)), "tree": ROOT}
+        for repeat in range(args.repeats):
+            for name, (tree, overrides) in VARIANTS.items():
+                spec = {"name": name, "scenario": str(ROOT / args.scenario), "steps": args.steps,
+                        "overrides": {**shared, **(overrides if tree == "tree" else {})}}
+                runs[name].append(_run_worker(spec, trees[tree]))
+                print(f"repeat {repeat + 1}: {name}: step {runs[name][-1]['full']['step']:.3f} s", flush=True)
+    rows = [_summary(name, result) for name, result in runs.items()]
+    text = _markdown(rows, args, rows[0]["runs"][0]["queries"])
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
