@@ -188,3 +188,31 @@ def test_pairs_scored_on_arrival_equal_scoring_them_together():
     reply = StepReply.from_bytes(server.handle_bytes(
         StepRequest(kind="zo", clean=pert[0], meta={"client": "s"}, **head).to_bytes()))
     assert torch.allclose(reply.perturbed_losses.float(), inline, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-bert"])
+def test_zo_client_step_touches_only_the_batch_embedding_rows(model):
+    """With zo-embedding-rows = batch a HOSL step changes exactly the token rows in the batch (and
+    the position rows up to its length); every other row stays bit-identical. ``all`` changes every row."""
+    changed = {}
+    for rows in ("batch", "all"):
+        config, client, server, data = parties(model=model, **{"zo-embedding-rows": rows})
+        batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+        words = client.bottom.body.get_input_embeddings().weight
+        positions = next(m.weight for n, m in client.bottom.named_modules()
+                         if isinstance(m, torch.nn.Embedding) and "position" in n.rsplit(".", 1)[-1])
+        before_words, before_positions = words.detach().clone(), positions.detach().clone()
+        link = InProcessLink(server)
+        stats = client.train_step(batch, link)
+        link.close()
+        changed[rows] = (words != before_words).any(1), (positions != before_positions).any(1)
+        if rows == "batch":
+            used = torch.zeros(words.shape[0], dtype=torch.bool)
+            used[batch["input_ids"].unique()] = True
+            assert torch.equal(changed[rows][0], used)
+            offset = 2 if model == "tiny-opt" else 0  # OPT's learned positions start at row 2
+            assert int(changed[rows][1].sum()) <= batch["input_ids"].shape[1] + offset
+            assert stats.rows  # the selection is reported for synced replay
+        else:
+            assert stats.rows == b""
+    assert bool(changed["all"][0].all()) and bool(changed["all"][1].all())
