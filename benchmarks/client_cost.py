@@ -3,7 +3,8 @@
     python -m benchmarks.client_cost [--scenario sim_configs/sst2_minilm_full.toml] [--steps 6] [--repeats 3]
                                      [--baseline 5a52b98] [--out docs/client_cost]
 
-For each variant it times HOSL steps of one client over the in-process link in a fresh process,
+Both code trees come from git (``--baseline`` and ``--candidate``, default HEAD). For each variant it
+times HOSL steps of one client over the in-process link in a fresh process,
 alternating the variants ``--repeats`` times (the machine is shared: only ratios measured in one
 run mean anything). Variants: the code at ``--baseline`` (MeZO's Gaussian directions over every
 row, each direction drawn four times per query, the server scoring after the last part: the old
@@ -114,9 +115,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "floor": statistics.median(floors), "queries": q, "trainable": sum(p.numel() for p in client.params)}
 
 
-def _run_worker(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
+def _run_worker(spec: dict[str, Any], tree: Path, script: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
+    out = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], cwd=ROOT,
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker for {spec['name']} failed:\n{out.stderr[-3000:]}")
@@ -126,7 +127,8 @@ def _run_worker(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
     return result
 
 
-def _baseline_tree(commit: str, into: Path) -> Path:
+def _git_tree(commit: str, into: Path) -> Path:
+    """The files of ``commit`` (both sides are measured from git, so editing the checkout mid-run is safe)."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--candidate", default="HEAD", help="the revision measured against the baseline")
     parser.add_argument("--out", default="docs/client_cost")
     args = parser.parse_args()
     if args.worker:
@@ -187,12 +190,15 @@ def main() -> None:
     shared = dict(pair.split("=", 1) for pair in args.set)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"baseline": _baseline_tree(args.baseline, Path(tmp)), "tree": ROOT}
+        (Path(tmp) / "old").mkdir()
+        (Path(tmp) / "new").mkdir()
+        trees = {"baseline": _git_tree(args.baseline, Path(tmp) / "old"),
+                 "tree": _git_tree(args.candidate, Path(tmp) / "new")}
         for repeat in range(args.repeats):
             for name, (tree, overrides) in VARIANTS.items():
-                spec = {"name": name, "scenario": str(ROOT / args.scenario), "steps": args.steps,
+                spec = {"name": name, "scenario": str(trees["tree"] / args.scenario), "steps": args.steps,
                         "overrides": {**shared, **(overrides if tree == "tree" else {})}}
-                runs[name].append(_run_worker(spec, trees[tree]))
+                runs[name].append(_run_worker(spec, trees[tree], trees["tree"] / "benchmarks" / "client_cost.py"))
                 print(f"repeat {repeat + 1}: {name}: step {runs[name][-1]['full']['step']:.3f} s", flush=True)
     rows = [_summary(name, result) for name, result in runs.items()]
     text = _markdown(rows, args, rows[0]["runs"][0]["queries"])

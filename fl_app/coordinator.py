@@ -21,7 +21,7 @@ from fl_app.checkpoint import save_checkpoint
 from fl_app.client_session import History
 from fl_app.config import MODES, make_config
 from fl_app.metrics import pool_eval
-from fl_app.scenario import build_server, load_split
+from fl_app.scenario import build_server, load_server_top
 from fl_app.stream import Session, StepStreamServer
 from fl_app.tasks import get_task
 from fl_app.train import write_json_atomic
@@ -46,8 +46,7 @@ class Coordinator:
         self.overrides: dict[str, Any] = {}
         torch.manual_seed(config["seed"])
         self.num_classes = get_task(config["task"]).num_classes
-        _loaded, bottom, top = load_split(config)
-        del bottom, _loaded
+        _loaded, top = load_server_top(config)  # the server never loads the bottom's layers
         self.pristine_top = copy.deepcopy(top) if config["tune-trials"] else None  # trials restart from it
         self.server = build_server(config, top, self.num_classes)
         self.client_order, _ = MODES[config["mode"]]

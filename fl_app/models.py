@@ -241,6 +241,10 @@ class ServerTop(nn.Module):
         self._body = body
         self.family = family
         self.hidden_size = hidden_size
+        if family != "bert" and getattr(body, "embed_tokens", None) is not None:
+            # The top's input is the client's hidden state: its input embedding is never used. A tied
+            # LM head keeps the weight; an untied top drops it (not kept, counted or perturbed).
+            body.embed_tokens = None
 
     def hidden(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states (after the last norm) of the top layers."""

@@ -101,13 +101,13 @@ def test_synced_bottoms_match_and_late_client_catches_up(coord, rows):
 
     zero, one, late = caught_up(0), caught_up(1), caught_up(2)  # client 2 never trained
     assert torch.allclose(zero, one, atol=1e-6) and torch.allclose(zero, late, atol=1e-6)
-    pristine, _ = make_client(c.config, 2, None)
+    pristine, _ = make_client(c.config, 2, None)  # a process's one working bottom, reset from disk
     assert not torch.allclose(late, torch.cat([p.detach().reshape(-1) for p in pristine.params]))
     if rows == "batch":  # rows no batch used are exactly the pristine ones after replay
+        original = pristine.bottom.body.get_input_embeddings().weight.detach().clone()
         replayed, _ = make_client(c.config, 2, None)
         catch_up(replayed, latest, 2, 0)
         embedding = replayed.bottom.body.get_input_embeddings().weight
-        original = pristine.bottom.body.get_input_embeddings().weight
         changed = (embedding != original).any(1)
         assert 0 < int(changed.sum()) < embedding.shape[0]
 

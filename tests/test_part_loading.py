@@ -272,3 +272,15 @@ def test_lora_reset_reproduces_each_clients_initial_adapters(checkpoints, workin
     for pid in (1, 0):
         client, _ = working_cleared.make_client(cfg, pid, None)
         assert all(torch.equal(v, fresh[pid][n]) for n, v in trainable(client).items())
+
+
+@pytest.mark.parametrize("variant, keeps_head_weight", [("llama-untied", False), ("llama", True), ("opt", True)])
+def test_server_top_holds_no_unused_input_embedding(checkpoints, variant, keeps_head_weight):
+    """The top's input is a hidden state: an untied top drops its input embedding (not kept, counted or
+    perturbed); a tied one keeps the weight only as its LM head."""
+    top, tokenizer, _ = load_top(checkpoints[variant], 1, num_labels=3, seed=5)
+    names = [n for n, _ in top.named_parameters()]
+    assert not any("embed_tokens" in n for n in names), names
+    head = top.model.lm_head.weight
+    embedding = load_model(checkpoints[variant], num_labels=3, seed=5).model.get_input_embeddings().weight
+    assert torch.equal(head, embedding) == keeps_head_weight  # tied: the head is the embedding matrix
