@@ -111,8 +111,20 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(2 * q + 1):
                 client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             floors.append(time.perf_counter() - started)
+        clean = client._forward(batch)
+    from fl_app.protocol import StepRequest
+
+    labels = {k: batch[k] for k in ("labels", "score_ids", "target_ids") if k in batch}
+    request = StepRequest(kind="zo", clean=clean, attention_mask=batch["attention_mask"],
+                          perturbed=clean.unsqueeze(0).repeat(2 * q, 1, 1, 1), **labels)
+    server_floor = []
+    for _ in range(3):  # the server's own work per step, alone: score 2Q activations, one FO step
+        started = time.perf_counter()
+        server.handle(request)
+        server_floor.append(time.perf_counter() - started)
     return {"fl_app": str(Path(fl_app.__file__).parent), "full": full, "client_only": alone,
-            "floor": statistics.median(floors), "queries": q, "trainable": sum(p.numel() for p in client.params)}
+            "floor": statistics.median(floors), "server_floor": statistics.median(server_floor), "queries": q,
+            "trainable": sum(p.numel() for p in client.params)}
 
 
 def _run_worker(spec: dict[str, Any], tree: Path, script: Path) -> dict[str, Any]:
@@ -140,7 +152,7 @@ def _summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.median(values)
 
     return {"variant": name, "step": med(("full", "step")), "client_only": med(("client_only", "step")),
-            "floor": med(("floor",)), "generate": med(("client_only", "generate")),
+            "floor": med(("floor",)), "server_floor": med(("server_floor",)), "generate": med(("client_only", "generate")),
             "passes": med(("client_only", "passes")), "forward": med(("client_only", "forward")),
             "wait": med(("full", "wait")), "runs": runs}
 
@@ -151,15 +163,17 @@ def _markdown(rows: list[dict[str, Any]], args, q: int) -> str:
              "alternating repeats, medians)", "",
              "`python -m benchmarks.client_cost " + " ".join(sys.argv[1:]) + "`", "",
              "| variant | whole step s | speed-up vs old | client-only step s | floor s | client-only / floor "
-             "| generation s | passes s (incl. generation) | forwards s | wait for server s (whole step) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| generation s | passes s (incl. generation) | forwards s | wait for server s (whole step) "
+             "| server floor s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['step']:.3f} | {old / r['step']:.2f}x | {r['client_only']:.3f} "
                      f"| {r['floor']:.3f} | {r['client_only'] / r['floor']:.2f}x | {r['generate']:.3f} "
-                     f"| {r['passes']:.3f} | {r['forward']:.3f} | {r['wait']:.3f} |")
+                     f"| {r['passes']:.3f} | {r['forward']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
     lines += ["", "Whole step: client and in-process server share the machine's cores. Client-only: the server "
               "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
-              "bottom, timed alone. Generation is thread-seconds (Gaussian chunks are drawn on two threads); "
+              "bottom, timed alone. Server floor: the server's own work per step (score 2Q activations, one FO "
+              "step), timed alone. Generation is thread-seconds (Gaussian chunks are drawn on two threads); "
               "the old code's generation is inside its passes."]
     return "\n".join(lines) + "\n"
 
