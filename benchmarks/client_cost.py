@@ -101,16 +101,17 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     run(link, 1, 0)  # warm-up
     full = run(link, spec["steps"], 1)
     link.close()
-    alone = run(EchoLink(), spec["steps"], 1 + spec["steps"])
-    batch = stream.batch(0)
+    alone = run(EchoLink(), spec["steps"], 1)  # the same batches (lengths vary with padding)
+    batches = [stream.batch(step) for step in range(1, 1 + spec["steps"])]
     with torch.no_grad():
-        client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         floors = []
-        for _ in range(3):
+        for _ in range(3):  # (2Q + 1) forwards of each step's batch, per step
             started = time.perf_counter()
-            for _ in range(2 * q + 1):
-                client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            floors.append(time.perf_counter() - started)
+            for batch in batches:
+                for _ in range(2 * q + 1):
+                    client.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            floors.append((time.perf_counter() - started) / len(batches))
+        batch = batches[0]
         clean = client._forward(batch)
     from fl_app.protocol import StepRequest
 
@@ -172,7 +173,7 @@ def _markdown(rows: list[dict[str, Any]], args, q: int) -> str:
                      f"| {r['passes']:.3f} | {r['forward']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
     lines += ["", "Whole step: client and in-process server share the machine's cores. Client-only: the server "
               "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
-              "bottom, timed alone. Server floor: the server's own work per step (score 2Q activations, one FO "
+              "bottom on each step's batch, timed alone. Server floor: the server's own work per step (score 2Q activations, one FO "
               "step), timed alone. Generation is thread-seconds (Gaussian chunks are drawn on two threads); "
               "the old code's generation is inside its passes."]
     return "\n".join(lines) + "\n"
