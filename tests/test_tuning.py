@@ -10,7 +10,7 @@ from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
 from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
-from fl_app.subset import Subset, SubsetStream, fixed_batches, last_layer_proxy, round_plan, step_weights
+from fl_app.subset import Subset, SubsetStream, fixed_batches, round_plan, step_weights
 from fl_app.tuning import parse_space, plot_history, run_study
 from tests.conftest import tiny_model
 
