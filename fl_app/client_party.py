@@ -10,7 +10,7 @@ import torch
 
 from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
-from fl_app.protocol import WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
+from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.subset import Subset
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator
@@ -23,7 +23,6 @@ class Link(Protocol):
 
     def exchange(self, payload: bytes) -> bytes: ...
 
-LABEL_FIELDS = ("labels", "score_ids", "target_ids")
 EMBEDDING_ROWS = ("batch", "all")
 
 
@@ -110,7 +109,7 @@ class SplitClient:
 
     def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor],
                  extra: dict | None = None) -> StepRequest:
-        labels = {k: batch[k] for k in LABEL_FIELDS if k in batch}
+        labels = {k: batch[k] for k in LABEL_KEYS if k in batch}
         return StepRequest(kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
                            meta={"client": self.client_id, "step": self.steps, **(extra or {})}, **labels)
 
@@ -151,7 +150,7 @@ class SplitClient:
         meta = {"client": self.client_id, "step": self.steps}
         clean = self._forward(batch)
         up = 0
-        head = {"attention_mask": batch["attention_mask"], **{k: batch[k] for k in LABEL_FIELDS if k in batch}}
+        head = {"attention_mask": batch["attention_mask"], **{k: batch[k] for k in LABEL_KEYS if k in batch}}
         for index, _ in enumerate(self.zo.perturbed_states(seeds, rows)):
             activation = self._forward(batch).to(self.wire_dtype).unsqueeze(0)
             part = PerturbedPart(activation, meta, **(head if index == 0 else {})).to_bytes()
@@ -164,14 +163,11 @@ class SplitClient:
             answer = link.exchange(payload)
             up += len(payload)
             reply = StepReply.from_bytes(answer)
-            losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
-            if len(losses) != 2 * len(seeds):
-                raise ValueError(f"server returned {len(losses)} perturbed losses, expected {2 * len(seeds)}")
-            grads = [weight * self.zo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
         except BaseException:
             self.zo.perturb(seeds[-1], +1.0, rows)  # leave the weights as they were before the step
             raise
-        self.zo.update(seeds, grads, rows=rows, restore=seeds[-1])
+        losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
+        grads = self.zo.finish(seeds, losses, rows, weight)  # restores the weights itself if the losses are bad
         return reply.clean_loss, up, len(answer), seeds, grads
 
     def _fo_step(self, batch, exchange, weight: float):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fl_app.models import ServerTop
-from fl_app.protocol import (PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest, decode_frame,
+from fl_app.protocol import (LABEL_KEYS, PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest, decode_frame,
                              step_weight, validate_part, validate_request)
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
 from fl_app.subset import last_layer_proxy, select_batches, selection_quality
@@ -124,7 +124,7 @@ class SplitServer:
         if pending.buffer:
             raise ProtocolError(f"the step's perturbed parts end with an unpaired activation "
                                 f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)")
-        for name in ("attention_mask", "labels", "score_ids", "target_ids"):
+        for name in ("attention_mask", *LABEL_KEYS):
             mine, theirs = getattr(pending.head, name), getattr(frame, name)
             if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
                 raise ProtocolError(f"field '{name}' of the step differs from the one its perturbed parts announced")

@@ -1,8 +1,8 @@
 """MeZO-style zeroth-order estimator: seeded in-place perturbations, z never stored.
 
-A direction ``z(seed)`` is cut into chunks of at most :data:`Z_CHUNK` elements; each chunk has its
-own generator derived from (seed, parameter index, chunk index), so chunks can be regenerated in
-any order and on several threads, and the extra memory stays bounded by a few chunks.
+A direction ``z(seed)`` is cut into chunks of about :data:`Z_CHUNK` elements (small tensors share a
+chunk); each chunk has its own generator derived from (seed, chunk index), so chunks can be
+regenerated in any order and on several threads, and the extra memory stays bounded by a few chunks.
 
 Two kinds of directions (both satisfy E[z z^T] = I, all the two-point estimator needs):
 ``gaussian`` (MeZO's N(0, I)) and ``rademacher`` (+-1 from random bits, several times cheaper).
@@ -202,9 +202,18 @@ class ZOEstimator:
              weight: float = 1.0) -> list[float]:
         """A whole MeZO step with the losses computed locally (a ZO server): returns the projected gradients."""
         losses = [loss_fn() for _ in self.perturbed_states(seeds, rows)]
+        return self.finish(seeds, losses, rows, weight)
+
+    def finish(self, seeds: Sequence[int], losses: Sequence[float], rows: Rows | None = None,
+               weight: float = 1.0) -> list[float]:
+        """End a completed :meth:`perturbed_states` walk with its 2Q losses (l+_1, l-_1, l+_2, ...): update
+        theta (the last restore in the same pass) and return the weighted projected gradients. If the
+        losses are unusable, theta is restored and the error raised."""
         try:
+            if len(losses) != 2 * len(seeds):
+                raise ValueError(f"got {len(losses)} perturbed losses for {len(seeds)} queries, expected {2 * len(seeds)}")
             grads = [weight * self.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
-        except FloatingPointError:
+        except (ValueError, FloatingPointError):
             self.perturb(seeds[-1], +1.0, rows)
             raise
         self.update(seeds, grads, rows=rows, restore=seeds[-1])

@@ -224,3 +224,17 @@ def test_packed_rows_round_trip():
         unpack_rows(packed, 3)
     with pytest.raises(ValueError, match="rows"):
         unpack_rows(b"garbage", 4)
+
+
+@pytest.mark.parametrize("losses, error", [([0.5, float("nan"), 0.1, 0.2], FloatingPointError),
+                                           ([0.5, 0.4, 0.1], ValueError)])
+def test_finish_with_unusable_losses_restores_the_weights(losses, error):
+    """A walk whose losses are non-finite or miscounted leaves theta as it was before the step."""
+    model = small_mlp()
+    before = flat(model).clone()
+    zo = ZOEstimator(list(model.parameters()), eps=1e-2, lr=0.1)
+    for _ in zo.perturbed_states([4, 5]):
+        pass
+    with pytest.raises(error):
+        zo.finish([4, 5], losses)
+    assert torch.allclose(flat(model), before, atol=1e-6)
