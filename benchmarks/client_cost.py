@@ -14,7 +14,8 @@ Per variant it reports the step split into direction generation (thread-seconds)
 perturb / update passes, bottom forwards, waiting for the server, and other; the floor ((2Q + 1)
 no-grad forwards of the bottom on the same batch, timed alone in the same process); and the
 client's own step with a server that answers at once (``client-only``), which is what an edge
-device pays when the server runs elsewhere. Writes ``<out>.md`` and ``<out>.json``.
+device pays when the server runs elsewhere. Also ``hosl-feedback = gradient``, Q = 4 and fo-fo.
+Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``.
 """
 from __future__ import annotations
 
@@ -64,24 +65,33 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         return wrapper
 
     import fl_app.zo as zo_module
-    if hasattr(zo_module, "direction_chunk"):
+    if client.zo is None:  # fo-fo: no directions, one forward and a backward
+        pass
+    elif hasattr(zo_module, "direction_chunk"):
         zo_module.direction_chunk = timed("generate", zo_module.direction_chunk)
         client.zo.apply = timed("passes", client.zo.apply)
     else:  # the old estimator: every pass is perturb (or update), generation inside it
         client.zo.perturb = timed("passes", client.zo.perturb)
         client.zo.update = timed("passes", client.zo.update)
     client._forward = timed("forward", client._forward)
+    from fl_app.protocol import StepRequest
+
+    scored = client.zo is not None and config.get("hosl-feedback", "losses") == "losses"  # the server sends 2Q losses
 
     class EchoLink:
-        """A server that answers at once with plausible losses: the client's own cost only."""
+        """A server that answers at once with plausible losses (or a plausible cut gradient): the
+        client's own cost only."""
 
         def __init__(self):
             self.bytes_up = self.bytes_down = 0
+            self.grad_shape = None  # set per batch when the client expects a cut gradient
 
         def send(self, payload):
             self.bytes_up += len(payload)
 
         def exchange(self, payload):
+            if self.grad_shape is not None:
+                return StepReply(clean_loss=0.69, grad=1e-3 * torch.randn(self.grad_shape)).to_bytes()
             losses = 0.69 + 0.01 * torch.randn(2 * q, dtype=torch.float64)
             return StepReply(clean_loss=0.69, perturbed_losses=losses).to_bytes()
 
@@ -92,6 +102,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         times = []
         for step in range(first, first + steps):
             batch = stream.batch(step)
+            if isinstance(link, EchoLink) and not scored:
+                link.grad_shape = (*batch["input_ids"].shape, server.top.hidden_size)
             started = time.perf_counter()
             client.train_step(batch, link)
             times.append(time.perf_counter() - started)
@@ -113,18 +125,20 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             floors.append((time.perf_counter() - started) / len(batches))
         batch = batches[0]
         clean = client._forward(batch)
-    from fl_app.protocol import StepRequest
-
     labels = {k: batch[k] for k in ("labels", "score_ids", "target_ids") if k in batch}
-    request = StepRequest(kind="zo", clean=clean, attention_mask=batch["attention_mask"],
-                          perturbed=clean.unsqueeze(0).repeat(2 * q, 1, 1, 1), **labels)
+    if scored:  # the server's own work per step: score 2Q activations, one FO step
+        request = StepRequest(kind="zo", clean=clean, attention_mask=batch["attention_mask"],
+                              perturbed=clean.unsqueeze(0).repeat(2 * q, 1, 1, 1), **labels)
+    else:  # one FO step that returns the cut gradient
+        request = StepRequest(kind="fo", clean=clean, attention_mask=batch["attention_mask"], **labels)
     server_floor = []
-    for _ in range(3):  # the server's own work per step, alone: score 2Q activations, one FO step
+    for _ in range(3):
         started = time.perf_counter()
         server.handle(request)
         server_floor.append(time.perf_counter() - started)
     return {"fl_app": str(Path(fl_app.__file__).parent), "full": full, "client_only": alone,
-            "floor": statistics.median(floors), "server_floor": statistics.median(server_floor), "queries": q,
+            "floor": statistics.median(floors) if client.zo is not None else None,
+            "server_floor": statistics.median(server_floor), "queries": q,
             "trainable": sum(p.numel() for p in client.params)}
 
 
@@ -150,41 +164,91 @@ def _git_tree(commit: str, into: Path) -> Path:
 def _summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     def med(path):
         values = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in runs]
-        return statistics.median(values)
+        return None if None in values else statistics.median(values)
 
-    return {"variant": name, "step": med(("full", "step")), "client_only": med(("client_only", "step")),
-            "floor": med(("floor",)), "server_floor": med(("server_floor",)), "generate": med(("client_only", "generate")),
-            "passes": med(("client_only", "passes")), "forward": med(("client_only", "forward")),
-            "wait": med(("full", "wait")), "runs": runs}
+    row = {"variant": name, "queries": runs[0]["queries"], "step": med(("full", "step")),
+           "client_only": med(("client_only", "step")), "floor": med(("floor",)),
+           "server_floor": med(("server_floor",)), "generate": med(("client_only", "generate")),
+           "passes": med(("client_only", "passes")), "forward": med(("client_only", "forward")),
+           "wait": med(("full", "wait")), "runs": runs}
+    row["other"] = row["client_only"] - row["passes"] - row["forward"] - med(("client_only", "wait"))
+    return row
 
 
-def _markdown(rows: list[dict[str, Any]], args, q: int) -> str:
-    old = rows[0]["step"]
-    lines = [f"# ZO client step cost ({Path(args.scenario).name}, Q = {q}, {args.steps} steps x {args.repeats} "
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def _markdown(rows: list[dict[str, Any]], args) -> str:
+    lines = [f"# ZO client step cost ({Path(args.scenario).name}, {args.steps} steps x {args.repeats} "
              "alternating repeats, medians)", "",
              "`python -m benchmarks.client_cost " + " ".join(sys.argv[1:]) + "`", "",
-             "| variant | whole step s | speed-up vs old | client-only step s | floor s | client-only / floor "
-             "| generation s | passes s (incl. generation) | forwards s | wait for server s (whole step) "
-             "| server floor s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | Q | whole step s | speed-up vs old (same Q) | client-only step s | floor s "
+             "| client-only / floor | generation s | passes s (incl. generation) | forwards s | other s "
+             "| wait for server s (whole step) | server floor s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['step']:.3f} | {old / r['step']:.2f}x | {r['client_only']:.3f} "
-                     f"| {r['floor']:.3f} | {r['client_only'] / r['floor']:.2f}x | {r['generate']:.3f} "
-                     f"| {r['passes']:.3f} | {r['forward']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
+        old = rows[0] if r["versus"] is None else next(o for o in rows if o["variant"] == r["versus"])
+        floor = "n/a" if r["floor"] is None else f"{r['floor']:.3f}"
+        lines.append(f"| {r['variant']} | {r['queries']} | {r['step']:.3f} | {_ratio(old['step'], r['step'])} "
+                     f"| {r['client_only']:.3f} | {floor} "
+                     f"| {_ratio(r['client_only'], r['floor'])} | {r['generate']:.3f} | {r['passes']:.3f} "
+                     f"| {r['forward']:.3f} | {r['other']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
     lines += ["", "Whole step: client and in-process server share the machine's cores. Client-only: the server "
               "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
-              "bottom on each step's batch, timed alone. Server floor: the server's own work per step (score 2Q activations, one FO "
-              "step), timed alone. Generation is thread-seconds (Gaussian chunks are drawn on two threads); "
-              "the old code's generation is inside its passes."]
+              "bottom on each step's batch, timed alone. Server floor: the server's own work per step, timed "
+              "alone (with losses feedback: score 2Q activations and one FO step; with gradient feedback and "
+              "in fo-fo: one FO step returning the cut gradient). Generation is thread-seconds (Gaussian chunks "
+              "are drawn on two threads); the old code's generation is inside its passes. Other: the rest of "
+              "the client-only step (serialising frames, the client's bookkeeping; in fo-fo its backward "
+              "and optimiser step). The fo-fo row's speed-up is against the old HOSL step at Q = 10."]
     return "\n".join(lines) + "\n"
 
 
-VARIANTS = {
-    "old code (gaussian, all rows)": ("baseline", {}),
-    "gaussian, all rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "all"}),
-    "gaussian, batch rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "batch"}),
-    "rademacher, all rows": ("tree", {"zo-directions": "rademacher", "zo-embedding-rows": "all"}),
-    "rademacher, batch rows (default)": ("tree", {"zo-directions": "rademacher", "zo-embedding-rows": "batch"}),
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: whole step beside the server's floor. Right: the client-only step split, floor marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['variant']} (Q={r['queries']})" for r in rows]
+    y = list(range(len(rows)))[::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 1.8), sharey=True)
+    left.barh([v + 0.2 for v in y], [r["step"] for r in rows], height=0.4, label="whole step (in-process server)")
+    left.barh([v - 0.2 for v in y], [r["server_floor"] for r in rows], height=0.4, label="server floor")
+    left.set_yticks(y, names)
+    left.set_xlabel("seconds per step")
+    left.legend(loc="lower right")
+    starts = [0.0] * len(rows)
+    for key, label in (("generate", "direction generation"), ("passes_only", "perturb / update passes"),
+                       ("forward", "forwards"), ("other", "other")):
+        widths = [max(0.0, r["passes"] - r["generate"]) if key == "passes_only" else max(0.0, r[key]) for r in rows]
+        right.barh(y, widths, left=starts, height=0.6, label=label)
+        starts = [s + w for s, w in zip(starts, widths)]
+    floors = [(v, r["floor"]) for v, r in zip(y, rows) if r["floor"] is not None]
+    right.scatter([f for _, f in floors], [v for v, _ in floors], marker="|", s=400, color="black",
+                  label="floor: (2Q + 1) forwards", zorder=3)
+    right.set_xlabel("client-only seconds per step")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+DEFAULT = {"zo-directions": "rademacher", "zo-embedding-rows": "batch"}
+VARIANTS = {  # name: (tree, overrides, the old-code row its speed-up is measured against)
+    "old code (gaussian, all rows)": ("baseline", {}, None),
+    "gaussian, all rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "all"}, None),
+    "gaussian, batch rows": ("tree", {"zo-directions": "gaussian", "zo-embedding-rows": "batch"}, None),
+    "rademacher, all rows": ("tree", {"zo-directions": "rademacher", "zo-embedding-rows": "all"}, None),
+    "rademacher, batch rows (default)": ("tree", DEFAULT, None),
+    "default + hosl-feedback = gradient": ("tree", {**DEFAULT, "hosl-feedback": "gradient"}, None),
+    "old code, Q = 4": ("baseline", {"zo-queries": 4}, None),
+    "default, Q = 4": ("tree", {**DEFAULT, "zo-queries": 4}, "old code, Q = 4"),
+    "default + gradient feedback, Q = 4": ("tree", {**DEFAULT, "zo-queries": 4, "hosl-feedback": "gradient"},
+                                            "old code, Q = 4"),
+    "fo-fo (client SGD)": ("tree", {"mode": "fo-fo"}, None),
 }
 
 
@@ -210,17 +274,18 @@ def main() -> None:
         trees = {"baseline": _git_tree(args.baseline, Path(tmp) / "old"),
                  "tree": _git_tree(args.candidate, Path(tmp) / "new")}
         for repeat in range(args.repeats):
-            for name, (tree, overrides) in VARIANTS.items():
+            for name, (tree, overrides, _) in VARIANTS.items():
                 spec = {"name": name, "scenario": str(trees["tree"] / args.scenario), "steps": args.steps,
-                        "overrides": {**shared, **(overrides if tree == "tree" else {})}}
+                        "overrides": {**shared, **overrides}}
                 runs[name].append(_run_worker(spec, trees[tree], trees["tree"] / "benchmarks" / "client_cost.py"))
                 print(f"repeat {repeat + 1}: {name}: step {runs[name][-1]['full']['step']:.3f} s", flush=True)
-    rows = [_summary(name, result) for name, result in runs.items()]
-    text = _markdown(rows, args, rows[0]["runs"][0]["queries"])
+    rows = [{**_summary(name, result), "versus": VARIANTS[name][2]} for name, result in runs.items()]
+    text = _markdown(rows, args)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    _plot(rows, out.with_suffix(".png"))
     print(text)
 
 

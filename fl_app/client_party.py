@@ -1,6 +1,7 @@
 """The client side of a split: holds the bottom, talks to the server only through bytes."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from fl_app.metrics import resident_bytes, track_peak_memory
+from fl_app.metrics import PeakMemory, resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.subset import Subset
@@ -24,6 +25,7 @@ class Link(Protocol):
     def exchange(self, payload: bytes) -> bytes: ...
 
 EMBEDDING_ROWS = ("batch", "all")
+HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 
 
 def embedding_roles(bottom: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[str, int] | None]:
@@ -64,6 +66,7 @@ class ClientOptimConfig(OptimSettings):
     zo_queries: int = 10
     wire_dtype: str = "float32"
     zo_embedding_rows: str = "batch"  # batch: perturb only the embedding rows a batch uses; all: every row (MeZO)
+    hosl_feedback: str = "losses"  # losses: the server scores each perturbed activation; gradient: it returns dL/dh
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +74,8 @@ class ClientOptimConfig(OptimSettings):
             raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.zo_embedding_rows not in EMBEDDING_ROWS:
             raise ValueError(f"zo-embedding-rows must be one of {EMBEDDING_ROWS}, got {self.zo_embedding_rows!r}")
+        if self.hosl_feedback not in HOSL_FEEDBACK:
+            raise ValueError(f"hosl-feedback must be one of {HOSL_FEEDBACK}, got {self.hosl_feedback!r}")
 
 
 @dataclass
@@ -80,7 +85,7 @@ class StepStats:
     loss: float
     bytes_up: int
     bytes_down: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # resident + transient peak (profiled on the largest batch so far)
     seconds: float
     seeds: list[int]
     projected_grads: list[float]
@@ -95,6 +100,9 @@ class SplitClient:
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
+        # The step's transient memory is profiled (~0.1 s) only on a batch with more tokens than any
+        # profiled before; other steps report that peak (an upper bound for a smaller batch).
+        self.largest_measured, self.peak = 0, PeakMemory()
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
@@ -120,17 +128,22 @@ class SplitClient:
         """
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
-        with track_peak_memory() as peak:
+        tokens = batch["input_ids"].numel()
+        measure = tokens > self.largest_measured  # the transient peak grows with the batch; profiling costs
+        with track_peak_memory() if measure else contextlib.nullcontext(self.peak) as peak:
             rows = None
             if self.zo is not None:
                 rows = self.step_rows(batch)
-                loss, up, down, seeds, grads = self._zo_step(batch, link, weight, rows)
+                zo_step = self._zo_step_from_gradient if self.config.hosl_feedback == "gradient" else self._zo_step
+                loss, up, down, seeds, grads = zo_step(batch, link, weight, rows)
             elif self.params:
                 loss, up, down = self._fo_step(batch, link.exchange, weight)
                 seeds, grads = [], []
             else:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
+        if measure:
+            self.largest_measured, self.peak = tokens, peak
         self.steps += 1
         return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads,
                          pack_rows(rows))
@@ -169,6 +182,26 @@ class SplitClient:
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
         grads = self.zo.finish(seeds, losses, rows, weight)  # restores the weights itself if the losses are bad
         return reply.clean_loss, up, len(answer), seeds, grads
+
+    @torch.no_grad()
+    def _zo_step_from_gradient(self, batch, link: Link, weight: float, rows):
+        """``hosl-feedback = gradient``: the clean activations go up as an FO step, whose reply carries
+        dL/dh at the cut (the server trains its top as in any step); each query's loss difference is then
+        <dL/dh, h+ - h->, equal to the server's l+ - l- up to O(eps^3), so no perturbed activation leaves
+        the client: one upload and one download per step instead of 2Q + 1 uploads."""
+        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
+        clean = self._forward(batch)
+        payload = self._request("fo", clean, batch, {"weight": weight}).to_bytes()
+        answer = link.exchange(payload)
+        reply = StepReply.from_bytes(answer)
+        if reply.grad is None or reply.grad.shape != clean.shape:
+            raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
+                             f"expected {list(clean.shape)} (hosl-feedback = gradient needs an FO server)")
+        grad = reply.grad.to(torch.float64).flatten()  # already scaled by the step's weight on the server
+        losses = [float(grad @ (self._forward(batch) - clean).to(torch.float64).flatten())
+                  for _ in self.zo.perturbed_states(seeds, rows)]
+        grads = self.zo.finish(seeds, losses, rows)
+        return reply.clean_loss, len(payload), len(answer), seeds, grads
 
     def _fo_step(self, batch, exchange, weight: float):
         hidden = self._forward(batch)

@@ -102,8 +102,8 @@ def _working(config_key: tuple) -> _Working:
 
 CONFIG_KEY_FIELDS = ("model", "task", "cut-layer", "seed", "n-train", "n-dev", "n-test", "data-source", "data-dir",
                      "max-length", "num-clients", "partition", "dirichlet-alpha",
-                     # what the client trains: the bottom is configured (LoRA injected) once per key
-                     "client-params", "lora-r", "lora-alpha", "lora-targets", "freeze-embeddings")
+                     # what the client trains and in which dtype: the bottom is configured (LoRA injected) once per key
+                     "client-params", "lora-r", "lora-alpha", "lora-targets", "freeze-embeddings", "client-dtype")
 
 
 def _config_key(config: Mapping[str, Any]) -> tuple:

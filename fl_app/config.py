@@ -40,6 +40,14 @@ DEFAULTS: dict[str, Any] = {
     "zo-queries": 4,
     "zo-directions": "rademacher",  # gaussian (MeZO) or rademacher (+-1, several times cheaper to draw)
     "zo-embedding-rows": "batch",  # batch: a ZO client perturbs only the embedding rows its batch uses; all: MeZO
+    # what a HOSL server returns per step: losses (the paper: it scores the 2Q perturbed activations the
+    # client streams) or gradient (dL/dh at the cut for the clean activations, as in FO-FO; the client
+    # projects its own h+ - h- on it: one upload per step, no scoring forwards, but the gradient carries
+    # more about the labels than 2Q scalar losses do)
+    "hosl-feedback": "losses",
+    # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
+    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/results.md)
+    "client-dtype": "float32",
     "weight-decay": 0.0,
     "client-optimizer": "sgd",
     "server-optimizer": "adam",
@@ -88,6 +96,8 @@ CHOICES = {
     "wire-dtype": ("float32", "float16", "bfloat16"),
     "zo-directions": ("gaussian", "rademacher"),
     "zo-embedding-rows": ("batch", "all"),
+    "hosl-feedback": ("losses", "gradient"),
+    "client-dtype": ("float32", "float16", "bfloat16"),
     "bottoms": ("personal", "synced"),
     "client-optimizer": ("sgd", "adam"),
     "server-optimizer": ("sgd", "adam"),
@@ -152,6 +162,12 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if config["subset-selector"] != "full" and not config["local-epochs"] > 0:
         raise ValueError(f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
                          "(a round is then a pass over the subset), got local-epochs = 0")
+    if config["hosl-feedback"] == "gradient" and config["mode"] != "hosl":
+        raise ValueError(f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server), "
+                         f"got mode {config['mode']!r}")
+    if config["client-dtype"] != "float32" and MODES[config["mode"]][0] != "zo":
+        raise ValueError(f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO clients (modes hosl, "
+                         f"zo-zo); an FO client trains in float32, got mode {config['mode']!r}")
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")

@@ -338,12 +338,12 @@ def _routine_load_report_dropped() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _load_part(loader, path: str | None, config: PretrainedConfig, name: str, **kwargs) -> PreTrainedModel:
-    """``loader.from_pretrained`` in fp32 with our own, short report: keys of the other side are
+def _load_part(loader, path: str | None, config: PretrainedConfig, name: str, dtype: torch.dtype = torch.float32,
+               **kwargs) -> PreTrainedModel:
+    """``loader.from_pretrained`` in ``dtype`` with our own, short report: keys of the other side are
     expected to be unused; keys missing from the checkpoint are logged (they were freshly initialised)."""
     with _routine_load_report_dropped():
-        model, info = loader.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
-                                             **kwargs)
+        model, info = loader.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         log.warning("model '%s': not in the checkpoint, newly initialised: %s", name, ", ".join(sorted(info["missing_keys"])))
     return model.eval()
@@ -355,24 +355,25 @@ def _layer_of(key: str, family: str) -> tuple[str, int, str] | None:
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
-def load_bottom(name: str, cut_layer: int, num_labels: int = 2,
-                seed: int = 0) -> tuple[ClientBottom, PreTrainedTokenizerBase, str]:
+def load_bottom(name: str, cut_layer: int, num_labels: int = 2, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> tuple[ClientBottom, PreTrainedTokenizerBase, str]:
     """The client's part alone: embeddings and the first ``cut_layer`` layers, equal to the bottom of
     ``split_model(load_model(name, num_labels, seed), cut_layer)``.
 
     Only those layers and the embeddings are read from the (memory-mapped) checkpoint; the top's layers,
     a pooler, a classifier or an untied LM head are never materialised (the final norm, a few values, is
-    read and dropped). Tiny models are built whole (KB-sized) and cut. Returns (bottom, tokenizer, family).
+    read and dropped). Tiny models are built whole (KB-sized) and cut. The weights are stored in ``dtype``.
+    Returns (bottom, tokenizer, family).
     """
     if name in TINY_MODELS:
         loaded = build_tiny_model(name, num_labels=num_labels, seed=seed)
         bottom, _ = split_model(loaded, cut_layer)
-        return bottom, loaded.tokenizer, loaded.family
+        return bottom.to(dtype), loaded.tokenizer, loaded.family
     path, config, family, tokenizer = _open_pretrained(name)
     _check_cut(cut_layer, config.num_hidden_layers)
     torch.manual_seed(seed)
     extra = {"add_pooling_layer": False} if family == "bert" else {}
-    base = _load_part(AutoModel, path, _part_config(config, 0, cut_layer), name, **extra)
+    base = _load_part(AutoModel, path, _part_config(config, 0, cut_layer), name, dtype=dtype, **extra)
     if family == "opt":
         body = base.decoder
         body.final_layer_norm, body.project_out = None, None

@@ -57,7 +57,8 @@ def load_client_bottom(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBo
     """The scenario's bottom alone (the top's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the bottom's body."""
     bottom, tokenizer, family = load_bottom(config["model"], config["cut-layer"],
-                                            num_labels=get_task(config["task"]).num_classes, seed=config["seed"])
+                                            num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
+                                            dtype=getattr(torch, config["client-dtype"]))
     return LoadedModel(bottom.body, tokenizer, family), bottom
 
 
@@ -125,6 +126,7 @@ def split_client(config: Mapping[str, Any], bottom: ClientBottom, params: list[t
     optim = ClientOptimConfig(order=order, optimizer=config["client-optimizer"], lr=config["client-lr"], weight_decay=config["weight-decay"],
                               zo_eps=config["zo-eps"], zo_queries=config["zo-queries"],
                               zo_directions=config["zo-directions"], zo_embedding_rows=config["zo-embedding-rows"],
+                              hosl_feedback=config["hosl-feedback"],
                               seed=client_seed(config, index), wire_dtype=config["wire-dtype"])
     return SplitClient(bottom, params, optim, client_id=str(index))
 

@@ -106,6 +106,9 @@ class ZOEstimator:
         """Add each term's z over one chunk's segments; one chunk of z is alive at a time."""
         numel = sum(size for _, _, size in chunk)
         rademacher = self.directions == "rademacher"
+        if any(target.dtype != torch.float32 for target, _, _ in chunk):
+            self._apply_chunk_rounded_once(index, chunk, terms, numel)
+            return
         for seed, coef in terms:
             z = direction_chunk(self.directions, seed, index, numel)
             offset = 0
@@ -123,6 +126,26 @@ class ZOEstimator:
             for target, row_ids, _ in chunk:
                 if row_ids is None:
                     target.sub_(shift)
+
+    def _apply_chunk_rounded_once(self, index: int, chunk: list[Segment], terms: Sequence[tuple[int, float]],
+                                  numel: int) -> None:
+        """Half-precision weights: sum the terms in float32, then round each weight to its dtype once per
+        pass (adding term by term in half precision would round once per term)."""
+        delta = torch.zeros(numel, dtype=torch.float32)
+        for seed, coef in terms:
+            z = direction_chunk(self.directions, seed, index, numel)
+            if self.directions == "rademacher":
+                z.mul_(2).sub_(1)
+            delta.add_(z, alpha=coef)
+        offset = 0
+        for target, row_ids, size in chunk:
+            piece = delta[offset : offset + size]
+            if row_ids is None:
+                target.copy_(target.float().add_(piece))
+            else:
+                block = target.index_select(0, row_ids).float().add_(piece.view(row_ids.numel(), *target.shape[1:]))
+                target.index_copy_(0, row_ids, block.to(target.dtype))
+            offset += size
 
     @torch.no_grad()
     def apply(self, terms: Sequence[tuple[int, float]], rows: Rows | None = None) -> None:

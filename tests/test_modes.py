@@ -216,3 +216,78 @@ def test_zo_client_step_touches_only_the_batch_embedding_rows(model):
         else:
             assert stats.rows == b""
     assert bool(changed["all"][0].all()) and bool(changed["all"][1].all())
+
+
+def feedback_step(feedback, eps, weight):
+    config, client, server, data = parties(**{"hosl-feedback": feedback, "zo-queries": 3, "zo-eps": eps})
+    batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+    link = InProcessLink(server, record=True)
+    stats = client.train_step(batch, link, weight=weight)
+    link.close()
+    return stats, len(link.frames)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.5])
+def test_gradient_feedback_matches_scored_losses_to_first_order(weight):
+    """hosl-feedback = gradient: the projected gradients from <dL/dh, h+ - h-> equal the ones from the
+    server's scored losses to first order in eps (the tiny model's activations move ~2 % per 1e-4 of
+    eps, so they agree closely only at small eps), with one frame up per step and the same server loss."""
+    gaps = []
+    for eps in (1e-2, 1e-5):
+        (scored, scored_frames), (projected, projected_frames) = (feedback_step(f, eps, weight)
+                                                                  for f in ("losses", "gradient"))
+        assert scored.seeds == projected.seeds and scored_frames == 2 * 3 + 1 and projected_frames == 1
+        assert projected.loss == pytest.approx(scored.loss, abs=1e-6)
+        assert projected.bytes_up < scored.bytes_up / 5
+        expected, got = torch.tensor(scored.projected_grads), torch.tensor(projected.projected_grads)
+        assert expected.abs().min() > 0.5 * weight  # the comparison is not between zeros
+        gaps.append(float(((got - expected) / expected).abs().max()))
+    assert gaps[1] < 0.03 and gaps[1] < gaps[0] / 5, gaps
+
+
+def test_gradient_feedback_needs_an_fo_server():
+    with pytest.raises(ValueError, match="hosl-feedback.*mode 'hosl'.*zo-zo"):
+        make_config({"mode": "zo-zo", "hosl-feedback": "gradient"})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_client_weights_train(dtype):
+    """client-dtype: the bottom is stored, perturbed and run in that dtype, and the client alone still
+    lowers the loss (the server frozen)."""
+    over = {"client-dtype": dtype, "server-params": "frozen", "client-lr": 1e-2, "zo-queries": 4}
+    _, client, _, _ = parties(**over)
+    assert client.params and all(p.dtype == getattr(torch, dtype) for p in client.bottom.parameters())
+    first, last = loss_drop(steps=30, **over)
+    assert last < first - 0.02, (first, last)
+
+
+def test_client_dtype_is_for_zo_clients():
+    with pytest.raises(ValueError, match="client-dtype.*fo-fo"):
+        make_config({"mode": "fo-fo", "client-dtype": "float16"})
+
+
+def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch):
+    """The profiler (~0.1 s a step) runs only when a batch has more tokens than any profiled before;
+    the other steps report that peak, so the run's maximum is still a profiled figure."""
+    import fl_app.client_party as client_party
+
+    calls = []
+
+    def counting():
+        calls.append(1)
+        return track_peak_memory()
+
+    monkeypatch.setattr(client_party, "track_peak_memory", counting)
+    _, client, server, data = parties()
+    batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
+    width = batch["input_ids"].shape[1]
+    link = InProcessLink(server)
+    peaks = []
+    for keep in (width - 2, width - 4, width - 2, width):
+        cut = {k: v[:, :keep] if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}
+        cut["attention_mask"] = cut["attention_mask"].clone()
+        cut["attention_mask"][:, -1] = 1
+        peaks.append(client.train_step(cut, link).peak_memory_bytes)
+    link.close()
+    assert len(calls) == 2  # the first batch, and the widest one
+    assert peaks[1] == peaks[2] == peaks[0] and peaks[3] > 0

@@ -238,3 +238,20 @@ def test_finish_with_unusable_losses_restores_the_weights(losses, error):
     with pytest.raises(error):
         zo.finish([4, 5], losses)
     assert torch.allclose(flat(model), before, atol=1e-6)
+
+
+def test_half_precision_weights_round_once_per_pass():
+    """float16 weights: the terms of one pass are summed in float32 and rounded once, so a pass whose
+    terms cancel leaves the weights bit-identical, and a perturb-restore walk stays within a rounding."""
+    weights = torch.nn.Parameter(torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).half())
+    before = weights.detach().clone()
+    for kind in ("gaussian", "rademacher"):
+        est = ZOEstimator([weights], eps=1e-3, lr=1e-3, directions=kind)
+        est.apply([(7, 1e-3), (7, -1e-3)])
+        assert torch.equal(weights, before)
+        losses = [0.0 for _ in est.perturbed_states([3, 4])]
+        est.perturb(4, +1.0)
+        drift = (weights.float() - before.float()).abs()
+        assert drift.max() <= 2 * torch.finfo(torch.float16).eps * before.float().abs().max()
+        assert len(losses) == 4
+        weights.data.copy_(before)
