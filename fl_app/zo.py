@@ -129,8 +129,8 @@ class ZOEstimator:
 
     def _apply_chunk_rounded_once(self, index: int, chunk: list[Segment], terms: Sequence[tuple[int, float]],
                                   numel: int) -> None:
-        """Half-precision weights: sum the terms in float32, then round each weight to its dtype once per
-        pass (adding term by term in half precision would round once per term)."""
+        """Weights not in float32 (half precision): sum the terms in float32, then round each weight to its
+        dtype once per pass (adding term by term in half precision would round once per term)."""
         delta = torch.zeros(numel, dtype=torch.float32)
         for seed, coef in terms:
             z = direction_chunk(self.directions, seed, index, numel)
@@ -140,10 +140,11 @@ class ZOEstimator:
         offset = 0
         for target, row_ids, size in chunk:
             piece = delta[offset : offset + size]
+            work = torch.promote_types(target.dtype, torch.float32)
             if row_ids is None:
-                target.copy_(target.float().add_(piece))
+                target.copy_(target.to(work).add_(piece))
             else:
-                block = target.index_select(0, row_ids).float().add_(piece.view(row_ids.numel(), *target.shape[1:]))
+                block = target.index_select(0, row_ids).to(work).add_(piece.view(row_ids.numel(), *target.shape[1:]))
                 target.index_copy_(0, row_ids, block.to(target.dtype))
             offset += size
 

@@ -230,8 +230,9 @@ def feedback_step(feedback, eps, weight):
 @pytest.mark.parametrize("weight", [1.0, 2.5])
 def test_gradient_feedback_matches_scored_losses_to_first_order(weight):
     """hosl-feedback = gradient: the projected gradients from <dL/dh, h+ - h-> equal the ones from the
-    server's scored losses to first order in eps (the tiny model's activations move ~2 % per 1e-4 of
-    eps, so they agree closely only at small eps), with one frame up per step and the same server loss."""
+    server's scored losses to first order in eps (a perturbation moves the tiny model's activations by
+    ~9 % of their norm at eps = 1e-3, so they agree closely only at small eps), with one frame up per
+    step and the same server loss."""
     gaps = []
     for eps in (1e-2, 1e-5):
         (scored, scored_frames), (projected, projected_frames) = (feedback_step(f, eps, weight)

@@ -85,6 +85,26 @@ def test_parts_equal_the_cut_whole_model(checkpoints, variant, cut):
     assert list(mine) == list(theirs) and all(torch.equal(mine[n], theirs[n]) for n in mine)
 
 
+@pytest.mark.parametrize("variant", ["opt", "llama", "bert"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bottom_is_loaded_in_that_dtype(checkpoints, variant, dtype):
+    """client-dtype: the bottom's weights are loaded straight into the dtype (the float32 values
+    rounded), and its activations stay close to the float32 bottom's."""
+    path = checkpoints[variant]
+    bottom, tokenizer, _ = load_bottom(path, 2, num_labels=3, seed=5)
+    half, _, _ = load_bottom(path, 2, num_labels=3, seed=5, dtype=dtype)
+    full, low = dict(bottom.named_parameters()), dict(half.named_parameters())
+    assert list(full) == list(low) and all(p.dtype == dtype for p in low.values())
+    assert all(torch.equal(low[n], full[n].to(dtype)) for n in full)
+    b = batch(variant, len(tokenizer))
+    with torch.no_grad():
+        reference = bottom(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        rounded = half(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+    keep = b["attention_mask"].bool()
+    assert rounded.dtype == dtype
+    assert max_diff(rounded.float()[keep], reference[keep]) <= 0.05 * reference[keep].abs().max().item()
+
+
 def test_classifier_missing_from_checkpoint_is_drawn_from_the_seed(checkpoints):
     """A base-model checkpoint has no classifier: the top's is seeded exactly as the whole model's."""
     path = checkpoints["bert-base"]
