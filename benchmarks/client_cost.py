@@ -98,7 +98,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     def run(link, steps, first):
         for key in timers:
             timers[key] = 0.0
-        link.exchange = timed("wait", link.exchange)
+        if not hasattr(link, "untimed_exchange"):  # wrap once: the link is run twice (warm-up, timed)
+            link.untimed_exchange = link.exchange
+            link.exchange = timed("wait", link.untimed_exchange)
         times = []
         for step in range(first, first + steps):
             batch = stream.batch(step)
@@ -118,7 +120,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     batches = [stream.batch(step) for step in range(1, 1 + spec["steps"])]
     with torch.no_grad():
         floors = []
-        for _ in range(3):  # (2Q + 1) forwards of each step's batch, per step
+        for _ in range(3 if client.zo is not None else 0):  # (2Q + 1) forwards of each step's batch, per step
             started = time.perf_counter()
             for batch in batches:
                 for _ in range(2 * q + 1):
@@ -138,8 +140,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         server.handle(request)
         server_floor.append(time.perf_counter() - started)
     return {"fl_app": str(Path(fl_app.__file__).parent), "full": full, "client_only": alone,
-            "floor": statistics.median(floors) if client.zo is not None else None,
-            "server_floor": statistics.median(server_floor), "queries": q,
+            "floor": statistics.median(floors) if floors else None,
+            "server_floor": statistics.median(server_floor), "queries": q if client.zo is not None else None,
             "trainable": sum(p.numel() for p in client.params)}
 
 
@@ -193,7 +195,7 @@ def _markdown(rows: list[dict[str, Any]], args) -> str:
     for r in rows:
         old = rows[0] if r["versus"] is None else next(o for o in rows if o["variant"] == r["versus"])
         floor = "n/a" if r["floor"] is None else f"{r['floor']:.3f}"
-        lines.append(f"| {r['variant']} | {r['queries']} | {r['step']:.3f} | {_ratio(old['step'], r['step'])} "
+        lines.append(f"| {r['variant']} | {r['queries'] or '-'} | {r['step']:.3f} | {_ratio(old['step'], r['step'])} "
                      f"| {r['client_only']:.3f} | {floor} "
                      f"| {_ratio(r['client_only'], r['floor'])} | {r['generate']:.3f} | {r['passes']:.3f} "
                      f"| {r['forward']:.3f} | {r['other']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
@@ -217,7 +219,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["variant"] if "Q =" in r["variant"] else f"{r['variant']}, Q = {r['queries']}" for r in rows]
+    names = [r["variant"] if "Q =" in r["variant"] or not r["queries"] else f"{r['variant']}, Q = {r['queries']}"
+             for r in rows]
     y = list(range(len(rows)))[::-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 1.8), sharey=True)
     left.barh([v + 0.2 for v in y], [r["step"] for r in rows], height=0.4, label="whole step (in-process server)")

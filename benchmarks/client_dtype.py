@@ -56,10 +56,12 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
             rows = client.step_rows(batch)
             seeds = draw_seeds(step_generator(config["seed"], step), q)
             before = [p.detach().double().clone() for p in client.params]
-            losses = [loss(batch) for _ in client.zo.perturbed_states(seeds, rows)]
+            losses = client.zo.walk(seeds, lambda: loss(batch), rows)
+            walked = [p.detach().clone() for p in client.params]
             client.zo.perturb(seeds[-1], +1.0, rows)  # restore, to see what the walk left behind
             drift = max(float((p.double() - b).abs().max()) for p, b in zip(client.params, before))
-            client.zo.perturb(seeds[-1], -1.0, rows)
+            for p, w in zip(client.params, walked):  # back to the walk's end exactly (a -eps pass would round)
+                p.copy_(w)
             grads = client.zo.finish(seeds, losses, rows)
             intended = [b.clone() for b in before]
             ZOEstimator(intended, eps, config["client-lr"], directions=config["zo-directions"]).update(seeds, grads, rows=rows)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import traceback
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,7 +41,10 @@ def _load_state(context: Context) -> ClientState | None:
                        subset_weights=[float(w) for w in meta["subset-weights"]])
 
 def _save_state(context: Context, state: ClientState) -> None:
-    context.state.array_records["bottom"] = ArrayRecord(state.weights)
+    """The client's weights (bfloat16 ones as float32: numpy, under ArrayRecord, has no bfloat16; the
+    values are exact and restoring copies them back into the bfloat16 bottom) and counters."""
+    context.state.array_records["bottom"] = ArrayRecord(
+        {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.weights.items()})
     context.state.config_records["client"] = ConfigRecord({
         "steps": state.steps, "synced-round": state.synced_round, "trial": state.trial,
         "subset-ids": list(state.subset_ids), "subset-weights": list(state.subset_weights)})

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from fl_app.metrics import PeakMemory, resident_bytes, track_peak_memory
+from fl_app.metrics import resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.subset import Subset
@@ -100,9 +100,9 @@ class SplitClient:
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
-        # The step's transient memory is profiled (~0.1 s) only on a batch with more tokens than any
-        # profiled before; other steps report that peak (an upper bound for a smaller batch).
-        self.largest_measured, self.peak = 0, PeakMemory()
+        # A step's memory is profiled (~0.1 s) only on a batch with more tokens than any profiled before;
+        # other steps report that step's peak (an upper bound for a smaller batch).
+        self.largest_measured, self.peak_bytes = 0, 0
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
@@ -130,7 +130,7 @@ class SplitClient:
         resident = resident_bytes(self.bottom, self.optimizer)
         tokens = batch["input_ids"].numel()
         measure = tokens > self.largest_measured  # the transient peak grows with the batch; profiling costs
-        with track_peak_memory() if measure else contextlib.nullcontext(self.peak) as peak:
+        with track_peak_memory() if measure else contextlib.nullcontext() as peak:
             rows = None
             if self.zo is not None:
                 rows = self.step_rows(batch)
@@ -142,10 +142,10 @@ class SplitClient:
             else:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
-        if measure:
-            self.largest_measured, self.peak = tokens, peak
+        if measure:  # the step's total: optimiser state created in it counts once, as what it was then
+            self.largest_measured, self.peak_bytes = tokens, resident + peak.transient_bytes
         self.steps += 1
-        return StepStats(loss, up, down, resident + peak.transient_bytes, time.perf_counter() - start, seeds, grads,
+        return StepStats(loss, up, down, max(self.peak_bytes, resident), time.perf_counter() - start, seeds, grads,
                          pack_rows(rows))
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
@@ -197,9 +197,10 @@ class SplitClient:
         if reply.grad is None or reply.grad.shape != clean.shape:
             raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
                              f"expected {list(clean.shape)} (hosl-feedback = gradient needs an FO server)")
-        grad = reply.grad.to(torch.float64).flatten()  # already scaled by the step's weight on the server
-        losses = [float(grad @ (self._forward(batch) - clean).to(torch.float64).flatten())
-                  for _ in self.zo.perturbed_states(seeds, rows)]
+        grad = reply.grad.float().flatten()  # already scaled by the step's weight on the server
+        clean = clean.float().flatten()
+        losses = self.zo.walk(seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))),
+                              rows)
         grads = self.zo.finish(seeds, losses, rows)
         return reply.clean_loss, len(payload), len(answer), seeds, grads
 

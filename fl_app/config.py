@@ -162,12 +162,12 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if config["subset-selector"] != "full" and not config["local-epochs"] > 0:
         raise ValueError(f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
                          "(a round is then a pass over the subset), got local-epochs = 0")
-    if config["hosl-feedback"] == "gradient" and config["mode"] != "hosl":
-        raise ValueError(f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server), "
-                         f"got mode {config['mode']!r}")
-    if config["client-dtype"] != "float32" and MODES[config["mode"]][0] != "zo":
-        raise ValueError(f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO clients (modes hosl, "
-                         f"zo-zo); an FO client trains in float32, got mode {config['mode']!r}")
+    if config["hosl-feedback"] == "gradient" and (config["mode"] != "hosl" or config["client-params"] == "frozen"):
+        raise ValueError(f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server) "
+                         f"and a trained client, got mode {config['mode']!r}, client-params {config['client-params']!r}")
+    if config["client-dtype"] != "float32" and MODES[config["mode"]][0] != "zo" and config["client-params"] != "frozen":
+        raise ValueError(f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO (or frozen) clients; an FO "
+                         f"client trains in float32, got mode {config['mode']!r}")
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")

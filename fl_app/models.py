@@ -462,7 +462,7 @@ def _bottom_key(param: str, family: str, keys: Iterable[str]) -> str | None:
 
 
 def pristine_bottom_tensors(name: str, cut_layer: int, params: Iterable[str], num_labels: int = 2,
-                            seed: int = 0) -> dict[str, torch.Tensor]:
+                            seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Untrained values of the bottom parameters named ``params`` (names as in ``ClientBottom``).
 
     Read tensor by tensor from the memory-mapped safetensors checkpoint; a tiny model (or a
@@ -479,11 +479,11 @@ def pristine_bottom_tensors(name: str, cut_layer: int, params: Iterable[str], nu
                 with safe_open(str(file), framework="pt") as handle:
                     for p, key in keys.items():
                         if files[key] == file:
-                            out[p] = handle.get_tensor(key).to(torch.float32)
+                            out[p] = handle.get_tensor(key).to(dtype)
             return out
         log.info("model '%s': rebuilding the bottom to read its pristine weights", name)
     with torch.random.fork_rng(devices=[]):
-        bottom, _, _ = load_bottom(name, cut_layer, num_labels=num_labels, seed=seed)
+        bottom, _, _ = load_bottom(name, cut_layer, num_labels=num_labels, seed=seed, dtype=dtype)
     named = {n.replace(".base_layer.", "."): p for n, p in bottom.named_parameters()}
     return {p: named[p.replace(".base_layer.", ".")].detach() for p in params}
 

@@ -111,7 +111,8 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
     pretrained = [n for n in trainable if "lora_" not in n]
     if pretrained:
         values = pristine_bottom_tensors(config["model"], config["cut-layer"], pretrained,
-                                         num_labels=get_task(config["task"]).num_classes, seed=config["seed"])
+                                         num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
+                                         dtype=getattr(torch, config["client-dtype"]))
         with torch.no_grad():
             for name in pretrained:
                 trainable[name].copy_(values.pop(name))

@@ -216,17 +216,25 @@ class ZOEstimator:
                     if p.ndim >= 2:
                         p.mul_(1 - lr * self.weight_decay)
 
+    def walk(self, seeds: Sequence[int], loss_fn: Callable[[], float], rows: Rows | None = None) -> list[float]:
+        """``loss_fn()`` in each state of a :meth:`perturbed_states` walk (2Q losses). If it raises, theta
+        is restored before the exception leaves (not when the traceback is freed)."""
+        states = self.perturbed_states(seeds, rows)
+        try:
+            return [loss_fn() for _ in states]
+        finally:
+            states.close()
+
     def estimate(self, seed: int, loss_fn: Callable[[], float], rows: Rows | None = None) -> float:
         """Perturb +eps, -eps around theta (restored afterwards) and return the projected gradient."""
-        losses = [loss_fn() for _ in self.perturbed_states([seed], rows)]
+        losses = self.walk([seed], loss_fn, rows)
         self.perturb(seed, +1.0, rows)
         return self.projected_gradient(*losses)
 
     def step(self, seeds: Sequence[int], loss_fn: Callable[[], float], rows: Rows | None = None,
              weight: float = 1.0) -> list[float]:
         """A whole MeZO step with the losses computed locally (a ZO server): returns the projected gradients."""
-        losses = [loss_fn() for _ in self.perturbed_states(seeds, rows)]
-        return self.finish(seeds, losses, rows, weight)
+        return self.finish(seeds, self.walk(seeds, loss_fn, rows), rows, weight)
 
     def finish(self, seeds: Sequence[int], losses: Sequence[float], rows: Rows | None = None,
                weight: float = 1.0) -> list[float]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_app.config import make_config, merge_scenario, read_scenario
 from fl_app.train import run
@@ -184,3 +185,22 @@ def test_tuning_study_runs_in_deployment(tmp_path):
         assert trial["rounds"][1]["selection_bytes"] > 0 and trial["rounds"][1]["selection_quality"]
     assert [r["steps"] for r in results["rounds"]] == [16]  # the best config on full data
     assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_client_state_round_trips_through_the_node_context(dtype):
+    """The ClientApp keeps its bottom in ``context.state`` between rounds; half-precision bottoms
+    (client-dtype) survive it exactly (bfloat16 is stored as float32: numpy has no bfloat16)."""
+    from flwr.app import Context, RecordDict
+
+    from client_app.app import _load_state, _save_state
+    from fl_app.client_session import ClientState
+
+    weights = {"embed.weight": torch.randn(5, 3).to(dtype), "layer.bias": torch.randn(3).to(dtype)}
+    state = ClientState(weights=weights, steps=7, synced_round=2, trial=1, subset_ids=[0, 3], subset_weights=[0.5, 1.5])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    _save_state(context, state)
+    back = _load_state(context)
+    assert (back.steps, back.synced_round, back.trial, back.subset_ids, back.subset_weights) == (7, 2, 1, [0, 3], [0.5, 1.5])
+    assert set(back.weights) == set(weights)
+    assert all(torch.equal(back.weights[k].to(dtype), v) for k, v in weights.items())

@@ -267,9 +267,11 @@ def test_client_dtype_is_for_zo_clients():
         make_config({"mode": "fo-fo", "client-dtype": "float16"})
 
 
-def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch):
+@pytest.mark.parametrize("over", [{}, {"mode": "fo-fo", "client-optimizer": "adam", "client-lr": 0.01}])
+def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch, over):
     """The profiler (~0.1 s a step) runs only when a batch has more tokens than any profiled before;
-    the other steps report that peak, so the run's maximum is still a profiled figure."""
+    the other steps report that step's peak, so the run's maximum is still a profiled figure (and
+    optimiser state created in the first step is not counted twice later)."""
     import fl_app.client_party as client_party
 
     calls = []
@@ -279,7 +281,7 @@ def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch)
         return track_peak_memory()
 
     monkeypatch.setattr(client_party, "track_peak_memory", counting)
-    _, client, server, data = parties()
+    _, client, server, data = parties(**over)
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     width = batch["input_ids"].shape[1]
     link = InProcessLink(server)

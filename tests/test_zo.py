@@ -155,6 +155,28 @@ def test_abandoned_walk_restores_the_weights():
     assert torch.allclose(flat(model), before, atol=1e-6)
 
 
+def test_a_failing_loss_restores_the_weights_before_the_exception_is_handled():
+    """walk(): if the loss raises mid-walk, theta is back before any handler runs (a kept traceback
+    must not hold a perturbed walk whose late restore would land on weights restored since)."""
+    model = small_mlp()
+    before = flat(model).clone()
+    zo = ZOEstimator(list(model.parameters()), eps=1e-2, lr=0.1)
+    calls = []
+
+    def loss():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("forward failed")
+        return 0.0
+
+    try:
+        zo.walk([1, 2, 3], loss)
+    except RuntimeError:
+        assert torch.allclose(flat(model), before, atol=1e-6)
+    else:
+        pytest.fail("the loss's exception was swallowed")
+
+
 def embedding_model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.ModuleDict({"emb": torch.nn.Embedding(40, 6), "out": torch.nn.Linear(6, 3)})
@@ -243,7 +265,8 @@ def test_finish_with_unusable_losses_restores_the_weights(losses, error):
 def test_half_precision_weights_round_once_per_pass():
     """float16 weights: the terms of one pass are summed in float32 and rounded once, so a pass whose
     terms cancel leaves the weights bit-identical, and a perturb-restore walk stays within a rounding."""
-    weights = torch.nn.Parameter(torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).half())
+    weights = torch.nn.Parameter((0.03 * torch.randn(300, 40, generator=torch.Generator().manual_seed(1)))
+                                 .clamp(-0.12, 0.12).half())  # spacing <= 6.1e-5, so a restore is within eps / 4
     before = weights.detach().clone()
     for kind in ("gaussian", "rademacher"):
         est = ZOEstimator([weights], eps=1e-3, lr=1e-3, directions=kind)
@@ -252,6 +275,6 @@ def test_half_precision_weights_round_once_per_pass():
         losses = [0.0 for _ in est.perturbed_states([3, 4])]
         est.perturb(4, +1.0)
         drift = (weights.float() - before.float()).abs()
-        assert drift.max() <= 2 * torch.finfo(torch.float16).eps * before.float().abs().max()
+        assert drift.max() <= 1e-3 / 4  # 5 rounded passes; a missing restore would leave eps
         assert len(losses) == 4
         weights.data.copy_(before)
