@@ -100,9 +100,9 @@ class SplitClient:
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
-        # A step's memory is profiled (~0.1 s) only on a batch with more tokens than any profiled before;
-        # other steps report that step's peak (an upper bound for a smaller batch).
-        self.largest_measured, self.peak_bytes = 0, 0
+        # A step's memory is profiled only on a batch with more tokens than any profiled before or when the
+        # resident bytes changed; other steps report that step's peak (an upper bound for a smaller batch).
+        self.largest_measured, self.measured_resident, self.peak_bytes = 0, -1, 0
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
@@ -129,7 +129,9 @@ class SplitClient:
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         tokens = batch["input_ids"].numel()
-        measure = tokens > self.largest_measured  # the transient peak grows with the batch; profiling costs
+        # the transient peak grows with the batch, and shifts when what stays resident changes (an
+        # optimiser's state appears in its first step); profiling costs ~0.1 s, so only then
+        measure = tokens > self.largest_measured or resident != self.measured_resident
         with track_peak_memory() if measure else contextlib.nullcontext() as peak:
             rows = None
             if self.zo is not None:
@@ -142,10 +144,11 @@ class SplitClient:
             else:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
-        if measure:  # the step's total: optimiser state created in it counts once, as what it was then
-            self.largest_measured, self.peak_bytes = tokens, resident + peak.transient_bytes
+        if measure:
+            self.largest_measured = max(tokens, self.largest_measured)
+            self.measured_resident, self.peak_bytes = resident, resident + peak.transient_bytes
         self.steps += 1
-        return StepStats(loss, up, down, max(self.peak_bytes, resident), time.perf_counter() - start, seeds, grads,
+        return StepStats(loss, up, down, self.peak_bytes, time.perf_counter() - start, seeds, grads,
                          pack_rows(rows))
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,20 @@ def _quiet_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def release_freed_memory() -> bool:
+    """Have glibc give large freed blocks back to the OS: a fixed 128 KiB mmap threshold instead of
+    the dynamic one, which rises to the size of the largest block freed (up to 32 MiB) and then keeps
+    activations, direction chunks and frames of that size in the heap after they are freed
+    (measured: a SmolLM2 client at 16 x 256 held ~500 MiB more). False if the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def tensor_bytes(tensors) -> int:
