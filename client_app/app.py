@@ -16,10 +16,8 @@ from flwr.clientapp import ClientApp
 
 from fl_app.client_session import ClientState, History, client_order, run_eval_session, run_session
 from fl_app.config import make_config
-from fl_app.metrics import release_freed_memory
 
 log = logging.getLogger(__name__)
-release_freed_memory()  # a client process holds its bottom, not the heap its steps freed
 app = ClientApp()
 
 SCALAR_REPORT_KEYS = ("steps", "train-loss", "bytes-up", "bytes-down", "peak-memory-bytes", "step-seconds",

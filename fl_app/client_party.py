@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from fl_app.metrics import resident_bytes, track_peak_memory
+from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.subset import Subset
@@ -148,6 +148,7 @@ class SplitClient:
             self.largest_measured = max(tokens, self.largest_measured)
             self.measured_resident, self.peak_bytes = resident, resident + peak.transient_bytes
         self.steps += 1
+        release_freed_memory()  # the step's freed activations and frames leave the process
         return StepStats(loss, up, down, self.peak_bytes, time.perf_counter() - start, seeds, grads,
                          pack_rows(rows))
 

@@ -18,7 +18,7 @@ import torch
 
 from fl_app.config import make_config, parse_overrides, read_scenario
 from fl_app.local_transport import InProcessLink
-from fl_app.metrics import pool_eval, release_freed_memory
+from fl_app.metrics import pool_eval
 from fl_app.scenario import (BatchStream, build_client, build_server, client_seed, describe_parties, eval_batches,
                               load_split, load_task_data, shard)
 
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory for results.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    release_freed_memory()
     try:
         config = make_config({**read_scenario(args.scenario), **parse_overrides(args.set)})
         check_local_runnable(config)

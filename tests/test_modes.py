@@ -297,18 +297,16 @@ def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch,
     assert peaks[1] == peaks[2] and peaks[3] >= peaks[1] > 0 and (over or peaks[0] == peaks[1])
 
 
-def test_client_processes_give_freed_large_blocks_back():
-    """release_freed_memory (called by the ClientApp and the local runner): after a large block was
-    freed, glibc's dynamic threshold would keep later freed blocks of a few MiB in the heap; with the
-    fixed threshold they leave the process. Each case runs in its own interpreter (a process setting)."""
+def test_client_steps_give_freed_large_blocks_back():
+    """release_freed_memory (after each client step): once a large block was freed, glibc's dynamic
+    threshold keeps later freed blocks of a few MiB in the heap; trimming gives them back. Each case
+    runs in its own interpreter (heap state is per process)."""
     import subprocess
     import sys
 
     script = """
 import sys, torch
 from fl_app.metrics import release_freed_memory
-if sys.argv[1] == "1":
-    assert release_freed_memory()
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 first = torch.ones(4_000_000)  # 16 MB: freeing it raises glibc's dynamic mmap threshold
@@ -316,9 +314,11 @@ del first
 base = rss()
 blocks, pins = [], []
 for i in range(20):
-    blocks.append(torch.ones(1_000_000))  # 4 MB each
-    pins.append(torch.ones(16384))  # 64 KB allocations above them keep the heap from shrinking
+    blocks.append(torch.ones(1_000_000))  # 4 MB each, from the heap
+    pins.append(torch.ones(16384))  # 64 KB allocations above them keep the heap from shrinking by itself
 del blocks
+if sys.argv[1] == "1":
+    assert release_freed_memory()
 print(rss() - base)
 """
     kept = {flag: float(subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True,
