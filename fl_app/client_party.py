@@ -92,6 +92,14 @@ class StepStats:
     rows: bytes = b""  # the step's packed embedding-row selection (empty: all rows), for synced replay
 
 
+def _with_cut_gradient(reply: StepReply, hidden: torch.Tensor) -> StepReply:
+    """``reply``, checked to carry dL/dh of ``hidden``'s shape (an FO server's answer to an FO step)."""
+    if reply.grad is None or reply.grad.shape != hidden.shape:
+        raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
+                         f"expected {list(hidden.shape)}")
+    return reply
+
+
 class SplitClient:
     """Owns a bottom and its optimiser state; never touches the server's objects."""
 
@@ -197,10 +205,7 @@ class SplitClient:
         clean = self._forward(batch)
         payload = self._request("fo", clean, batch, {"weight": weight}).to_bytes()
         answer = link.exchange(payload)
-        reply = StepReply.from_bytes(answer)
-        if reply.grad is None or reply.grad.shape != clean.shape:
-            raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
-                             f"expected {list(clean.shape)} (hosl-feedback = gradient needs an FO server)")
+        reply = _with_cut_gradient(StepReply.from_bytes(answer), clean)
         grad = reply.grad.float().flatten()  # already scaled by the step's weight on the server
         clean = clean.float().flatten()
         losses = self.zo.walk(seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))),
@@ -212,10 +217,7 @@ class SplitClient:
         hidden = self._forward(batch)
         payload = self._request("fo", hidden, batch, {"weight": weight}).to_bytes()
         answer = exchange(payload)
-        reply = StepReply.from_bytes(answer)
-        if reply.grad is None or reply.grad.shape != hidden.shape:
-            raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
-                             f"expected {list(hidden.shape)}")
+        reply = _with_cut_gradient(StepReply.from_bytes(answer), hidden)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             hidden.backward(reply.grad.to(hidden.dtype))

@@ -53,12 +53,17 @@ def load_task_data(config: Mapping[str, Any], loaded: LoadedModel) -> TaskData:
     return TaskData(task, splits, parts, encoder)
 
 
+def client_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype the scenario's client bottom is stored in (``client-dtype``)."""
+    return getattr(torch, config["client-dtype"])
+
+
 def load_client_bottom(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom]:
     """The scenario's bottom alone (the top's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the bottom's body."""
     bottom, tokenizer, family = load_bottom(config["model"], config["cut-layer"],
                                             num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
-                                            dtype=getattr(torch, config["client-dtype"]))
+                                            dtype=client_dtype(config))
     return LoadedModel(bottom.body, tokenizer, family), bottom
 
 
@@ -112,7 +117,7 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
     if pretrained:
         values = pristine_bottom_tensors(config["model"], config["cut-layer"], pretrained,
                                          num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
-                                         dtype=getattr(torch, config["client-dtype"]))
+                                         dtype=client_dtype(config))
         with torch.no_grad():
             for name in pretrained:
                 trainable[name].copy_(values.pop(name))
