@@ -42,7 +42,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from fl_app.config import make_config, read_scenario
     from fl_app.local_transport import InProcessLink
     from fl_app.protocol import StepReply
-    from fl_app.scenario import BatchStream, build_client, build_server, client_seed, load_split, load_task_data
+    from fl_app.batches import BatchStream
+    from fl_app.scenario import build_client, build_server, client_seed, load_split, load_task_data
 
     config = make_config({**read_scenario(spec["scenario"]), **spec["overrides"]})
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {"step": statistics.median(times), "mean_step": statistics.mean(times),
                 **{k: v / steps for k, v in timers.items()}}
 
-    link = InProcessLink(server)
+    link = InProcessLink(server.handle_bytes)
     run(link, 1, 0)  # warm-up
     full = run(link, spec["steps"], 1)
     link.close()

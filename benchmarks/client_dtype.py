@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from fl_app.config import make_config, read_scenario
-from fl_app.scenario import BatchStream, client_seed, client_trainable, load_client_bottom, load_task_data, split_client
+from fl_app.batches import BatchStream
+from fl_app.scenario import client_seed, client_trainable, load_client_bottom, load_task_data, split_client
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,17 +18,46 @@ from fl_app.config import merge_scenario
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _superlinks_of(home: Path) -> list[int]:
+def superlink_pids(flwr_home: Path | None = None) -> list[int]:
+    """PIDs of flower-superlink processes (only those started with ``flwr_home``, if given)."""
     pids = []
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
             cmd = (proc / "cmdline").read_bytes()
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flower-superlink" in cmd and f"FLWR_HOME={home}".encode() in env:
+        if b"flower-superlink" in cmd and (flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in env):
             pids.append(int(proc.name))
     return pids
+
+
+def stop(pids: list[int], wait: float = 10) -> None:
+    """SIGTERM ``pids`` and wait up to ``wait`` seconds for them to exit."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + wait
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+
+
+def finished_results(out: Path, log: str = "", timeout: float = 300) -> dict:
+    """The run's results.json once its status is "finished" (`flwr run --stream` can return early
+    when its log stream attaches late; the run itself goes on in the background)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "results.json"
+        if path.exists():
+            results = json.loads(path.read_text())
+            if results.get("status") == "finished":
+                return results
+        time.sleep(1)
+    raise TimeoutError(f"no finished results.json in {out} within {timeout} s; log tail:\n{log[-3000:]}")
 
 
 def run_simulation(scenario: Path, overrides: list[str], supernodes: int, timeout: float = 7200) -> dict:
@@ -39,17 +68,10 @@ def run_simulation(scenario: Path, overrides: list[str], supernodes: int, timeou
     cfg = home / "run.toml"
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    deadline = time.time() + timeout
     try:
-        subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(cfg), "--federation-config",
-                        f"num-supernodes={supernodes} client-resources-num-cpus=1"], cwd=ROOT, env=env, check=True,
-                       capture_output=True, timeout=timeout)
-        while time.time() < deadline:  # --stream may return before the run ends
-            path = out / "results.json"
-            if path.exists() and json.loads(path.read_text()).get("status") == "finished":
-                return json.loads(path.read_text())
-            time.sleep(2)
-        raise TimeoutError(f"run in {out} did not finish within {timeout} s")
+        proc = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(cfg), "--federation-config",
+                               f"num-supernodes={supernodes} client-resources-num-cpus=1"], cwd=ROOT, env=env,
+                              check=True, capture_output=True, text=True, timeout=timeout)
+        return finished_results(out, proc.stdout + proc.stderr, timeout)
     finally:
-        for pid in _superlinks_of(home):
-            os.kill(pid, signal.SIGTERM)
+        stop(superlink_pids(home))

@@ -16,7 +16,8 @@ import torch
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
 from fl_app.protocol import decode_frame
-from fl_app.scenario import BatchStream, build_client, build_server, load_split, load_task_data
+from fl_app.batches import BatchStream
+from fl_app.scenario import build_client, build_server, load_split, load_task_data
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     server = build_server(config, top, data.task.num_classes)
     client = build_client(config, bottom, 0)
     batch = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], 0).batch(0)
-    link = InProcessLink(server, threaded=False, record=True)
+    link = InProcessLink(server.handle_bytes, threaded=False, record=True)
     client.train_step(batch, link)
     frames = [decode_frame(f) for f in link.frames]
     request = frames[-1]

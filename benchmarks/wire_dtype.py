@@ -15,7 +15,8 @@ import torch
 
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
-from fl_app.scenario import BatchStream, build_client, build_server, load_split, load_task_data
+from fl_app.batches import BatchStream
+from fl_app.scenario import build_client, build_server, load_split, load_task_data
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
         server = build_server(config, copy.deepcopy(top), data.task.num_classes)
         client = build_client(config, bottom, 0)
         stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], 0)
-        link = InProcessLink(server)
+        link = InProcessLink(server.handle_bytes)
         stats = [client.train_step(stream.batch(step), link) for step in range(args.steps)]
         link.close()
         results[dtype] = stats

@@ -9,20 +9,16 @@ from __future__ import annotations
 import logging
 import traceback
 
-import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import ClientState, History, client_order, run_eval_session, run_session
+from fl_app.client_session import EVAL_METRICS, client_order, run_eval_session, run_session
 from fl_app.config import make_config
+from fl_app.records import (ClientState, history_from_record, report_to_record, state_from_records,
+                             state_to_records)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-
-SCALAR_REPORT_KEYS = ("steps", "train-loss", "bytes-up", "bytes-down", "peak-memory-bytes", "step-seconds",
-                      "session-seconds", "caught-up-updates", "lr", "partition-id", "subset-plan", "subset-batches",
-                      "selection-seconds", "selection-bytes-up", "selection-bytes-down")
 
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
@@ -34,32 +30,16 @@ def _partition(context: Context) -> tuple[int, int]:
 def _load_state(context: Context) -> ClientState | None:
     if "client" not in context.state.config_records:
         return None
-    meta = context.state.config_records["client"]
-    weights = context.state.array_records["bottom"].to_torch_state_dict() if "bottom" in context.state.array_records else {}
-    return ClientState(weights=weights, steps=int(meta["steps"]), synced_round=int(meta["synced-round"]),
-                       trial=int(meta["trial"]), subset_ids=[int(i) for i in meta["subset-ids"]],
-                       subset_weights=[float(w) for w in meta["subset-weights"]])
+    arrays = context.state.array_records
+    weights = arrays["bottom"].to_torch_state_dict() if "bottom" in arrays else {}
+    return state_from_records(weights, context.state.config_records["client"])
+
 
 def _save_state(context: Context, state: ClientState) -> None:
-    """The client's weights (bfloat16 ones as float32: numpy, under ArrayRecord, has no bfloat16; the
-    values are exact and restoring copies them back into the bfloat16 bottom) and counters."""
-    context.state.array_records["bottom"] = ArrayRecord(
-        {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.weights.items()})
-    context.state.config_records["client"] = ConfigRecord({
-        "steps": state.steps, "synced-round": state.synced_round, "trial": state.trial,
-        "subset-ids": list(state.subset_ids), "subset-weights": list(state.subset_weights)})
+    weights, counters = state_to_records(state)
+    context.state.array_records["bottom"] = ArrayRecord(weights)
+    context.state.config_records["client"] = ConfigRecord(counters)
 
-def _history(record: ConfigRecord) -> History | None:
-    if "h-rounds" not in record:
-        return None
-    q = int(record["h-queries"])
-    if q == 0:  # nothing to replay yet (first round)
-        return History()
-    seeds, grads = list(record["h-seeds"]), list(record["h-grads"])
-    return History(rounds=list(record["h-rounds"]), clients=list(record["h-clients"]), lrs=list(record["h-lrs"]),
-                   seeds=[seeds[i : i + q] for i in range(0, len(seeds), q)],
-                   grads=[grads[i : i + q] for i in range(0, len(grads), q)],
-                   rows=[bytes(r) for r in record["h-rows"]] if "h-rows" in record else [])
 
 def _session_inputs(msg: Message, context: Context):
     """(config with the trial's overrides, session settings, partition id, partition count, synced
@@ -69,7 +49,7 @@ def _session_inputs(msg: Message, context: Context):
     config = make_config({**context.run_config, **overrides})
     session = dict(records["session"])
     partition_id, num_partitions = _partition(context)
-    history = _history(records["history"]) if "history" in records else None
+    history = history_from_record(records["history"]) if "history" in records else None
     average = arrays["average"].to_torch_state_dict() if "average" in arrays else None
     return config, session, partition_id, num_partitions, history, average
 
@@ -101,11 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         return _error_reply(msg, context, err)
     _save_state(context, state)
     content = RecordDict({
-        "report": ConfigRecord({"ok": True, **{k: report[k] for k in SCALAR_REPORT_KEYS},
-                                "losses": [float(x) for x in report["losses"]],
-                                "seeds": [int(s) for step in report["seeds"] for s in step],
-                                "grads": [float(g) for step in report["grads"] for g in step],
-                                "rows": [bytes(r) for r in report["rows"]]}),
+        "report": ConfigRecord({"ok": True, **report_to_record(report)}),
     })
     if config["bottoms"] == "synced" and client_order(config) == "fo":  # FO clients sync by FedAvg of weights
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
@@ -117,14 +93,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
     try:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        state = _load_state(context)
-        if average:
-            state = ClientState(weights=average, steps=state.steps if state else 0,  # the average is this trial's
-                                synced_round=state.synced_round if state else 0, trial=int(session.get("trial", 0)))
-        result = run_eval_session(config, partition_id, num_partitions, state, session, history)
+        result = run_eval_session(config, partition_id, num_partitions, _load_state(context), session, history,
+                                  average)
     except Exception as err:
         return _error_reply(msg, context, err)
-    metrics = {k: float(v) for k, v in result.items() if k in ("accuracy", "loss", "count", "bytes-up", "bytes-down")
-               and v is not None}
+    metrics = {k: float(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
     return Message(RecordDict({"report": ConfigRecord({"ok": True, "partition-id": partition_id}),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)

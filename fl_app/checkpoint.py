@@ -1,7 +1,10 @@
-"""Atomic checkpoints: written to a temporary file, fsynced, then renamed over the old one."""
+"""Atomic checkpoints and results: written to a temporary file, then renamed over the old one."""
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +25,25 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def run_folder(out_dir: str, config: Mapping[str, Any], root: Path = Path("runs")) -> Path:
+    """The folder a run writes to: ``out_dir`` if given, else a new ``runs/<time>-<mode>-<task>``
+    (a run never overwrites another's results unless told to)."""
+    if out_dir:
+        return Path(out_dir).expanduser().resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = root.resolve() / f"{stamp}-{config['mode']}-{config['task']}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder

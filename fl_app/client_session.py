@@ -5,79 +5,35 @@ returned state in ``context.state``; tests drive the same functions directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from fl_app.client_party import SplitClient
+from fl_app.client_party import Link, SplitClient
 from fl_app.config import MODES
+from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
-from fl_app.models import ClientBottom
-from fl_app.scenario import (BatchStream, TaskData, client_seed, client_trainable, eval_batches, load_client_bottom,
-                              load_task_data, reset_client_bottom, shard, split_client)
+from fl_app.models import ClientBottom, param_counts
+from fl_app.records import ClientState, History
+from fl_app.scenario import (TaskData, client_seed, client_trainable, load_client_bottom, load_task_data,
+                              reset_client_bottom, split_client)
 from fl_app.stream import StepStreamClient
-from fl_app.subset import PLANS, Subset, SubsetStream, budget_batches, fixed_batches, select_batches
+from fl_app.subset import PLANS, Subset, budget_batches, select_batches
 from fl_app.tasks import Example
 from fl_app.zo import unpack_rows
-
-
-@dataclass
-class ClientState:
-    """Everything a client keeps between rounds: trainable weights, step count, sync position, the
-    tuning trial they belong to and the subset of batches it trains on (ids and weights)."""
-
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
-    synced_round: int = 0
-    trial: int = 0
-    subset_ids: list[int] = field(default_factory=list)
-    subset_weights: list[float] = field(default_factory=list)
 
 
 def state_for_trial(state: ClientState | None, trial: int) -> ClientState | None:
     """The saved state if it belongs to ``trial``; None (start from the pristine bottom) otherwise."""
     return state if state is not None and state.trial == trial else None
-
-
-@dataclass
-class History:
-    """ZO updates of successful sessions, as scalars: one entry per client step."""
-
-    rounds: list[int] = field(default_factory=list)
-    clients: list[int] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    seeds: list[list[int]] = field(default_factory=list)
-    grads: list[list[float]] = field(default_factory=list)
-    rows: list[bytes] = field(default_factory=list)  # packed embedding-row selection per step (b"": all rows)
-
-    def extend(self, rnd: int, client: int, lr: float, seeds: list[list[int]], grads: list[list[float]],
-               rows: list[bytes] | None = None) -> None:
-        rows = rows if rows is not None else [b""] * len(seeds)
-        if not len(seeds) == len(grads) == len(rows):
-            raise ValueError(f"history needs seeds, grads and rows per step, got {len(seeds)}, {len(grads)}, {len(rows)}")
-        for step_seeds, step_grads, step_rows in zip(seeds, grads, rows):
-            self.rounds.append(rnd)
-            self.clients.append(client)
-            self.lrs.append(lr)
-            self.seeds.append(step_seeds)
-            self.grads.append(step_grads)
-            self.rows.append(step_rows)
-
-    def since(self, rnd: int, exclude_client: int | None = None) -> History:
-        """Entries of rounds after ``rnd``, leaving out ``exclude_client``'s own (it already applied them)."""
-        keep = [i for i, r in enumerate(self.rounds) if r > rnd and self.clients[i] != exclude_client]
-        return History([self.rounds[i] for i in keep], [self.clients[i] for i in keep], [self.lrs[i] for i in keep],
-                        [self.seeds[i] for i in keep], [self.grads[i] for i in keep], [self.rows[i] for i in keep])
-
-    def __len__(self) -> int:
-        return len(self.rounds)
 
 
 @dataclass
@@ -166,10 +122,43 @@ def local_train_examples(task: str, n_train: int, seed: int, data_dir: str) -> l
     return examples[:n_train]
 
 
+class SessionLink(Link, Protocol):
+    """A link for one session: counts its bytes and is closed when the session ends."""
+
+    bytes_up: int
+    bytes_down: int
+
+    def close(self) -> None: ...
+
+
+def connect(session: Mapping[str, Any], config: Mapping[str, Any]) -> StepStreamClient:
+    """The step stream named in a session message, with the scenario's frame size limit."""
+    return StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None,
+                            max_message_bytes=config["max-frame-mb"] * 2**20)
+
+
+def _prepare(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
+             session: Mapping[str, Any], history: History | None, average: Mapping[str, torch.Tensor] | None):
+    """(config, client, task data, state, updates caught up) for a session: the saved state if it is
+    this trial's, the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    config = {**config, "num-clients": num_partitions}
+    trial = int(session.get("trial", 0))
+    state = state_for_trial(state, trial) or ClientState(trial=trial)
+    if average:
+        state = dataclasses.replace(state, weights=dict(average))
+    client, data = make_client(config, partition_id, state)
+    caught_up = 0
+    if history is not None and client.zo is not None:
+        caught_up = catch_up(client, history, partition_id, state.synced_round)
+    return config, client, data, state, caught_up
+
+
 def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
                 session: Mapping[str, Any], history: History | None = None,
                 average: Mapping[str, torch.Tensor] | None = None,
-                train_data_dir: str = "") -> tuple[dict[str, Any], ClientState]:
+                train_data_dir: str = "", link: SessionLink | None = None) -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
     ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps, and
@@ -177,71 +166,78 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
     :data:`fl_app.subset.PLANS`: full data, warm start, a new random / gradmatch subset, or keep).
     ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
     ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
+    ``link`` reaches the server (default: the step stream the session names).
     """
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     plan = str(session.get("subset", "full"))
     if plan not in PLANS:
         raise ValueError(f"field 'subset' of the session is {plan!r}, expected one of {PLANS}")
-    trial = int(session.get("trial", 0))
-    config = {**config, "num-clients": num_partitions}
     started = time.perf_counter()
-    state = state_for_trial(state, trial)
-    client, data = make_client(config, partition_id, state)
-    state = state or ClientState(trial=trial)
+    config, client, data, state, caught_up = _prepare(config, partition_id, num_partitions, state, session, history,
+                                                      average)
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
         if config["subset-selector"] == "full":
             raise ValueError("session asks to keep a subset, but subset-selector is 'full' (field 'subset')")
         plan = config["subset-selector"]
-    caught_up = 0
-    if history is not None and client.zo is not None:
-        caught_up = catch_up(client, history, partition_id, state.synced_round)
-    if average:
-        restore(client, ClientState(weights=dict(average), steps=client.steps))
     examples = (local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
                 if train_data_dir else data.client_examples(partition_id))
-    seed = client_seed(config, partition_id)
-    link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
+    link = link or connect(session, config)
     try:
-        batch_size = config["batch-size"]
-        batches = fixed_batches(len(examples), batch_size, seed)
-        budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
-        round_seed = seed * 1_009 + int(session["round"])
-        subset, selection = _choose_subset(client, [[examples[i] for i in b] for b in batches], data.encoder, budget,
-                                           plan, state, round_seed, link)
-        # full data continues its epochs across rounds (global step); a subset's passes start with the session
-        source = (SubsetStream(batches, subset, round_seed) if subset
-                  else BatchStream(data.encoder, examples, batch_size, seed))
-        first = 0 if subset else client.steps
-        per_pass = budget if plan == "warm" else len(source)
-        steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
-        losses, seeds, grads, rows, peaks, seconds = [], [], [], [], [], []
-        for step in range(first, first + steps):
-            indices, weight = source.weighted_indices(step)
-            stats = client.train_step(data.encoder([examples[i] for i in indices]), link, weight)
-            losses.append(stats.loss)
-            seeds.append(stats.seeds)
-            grads.append(stats.projected_grads)
-            rows.append(stats.rows)
-            peaks.append(stats.peak_memory_bytes)
-            seconds.append(stats.seconds)
+        source, subset, selection = _training_source(client, partition_id, examples, data.encoder, config, session,
+                                                     plan, state, link)
+        stats = []
+        for indices, weight in source:
+            stats.append(client.train_step(data.encoder([examples[i] for i in indices]), link, weight))
+            _progress(partition_id, session, stats, len(source))
     finally:
         link.close()
+    losses = [s.loss for s in stats]
     report = {
-        "partition-id": partition_id, "steps": len(losses), "losses": losses,
+        "partition-id": partition_id, "steps": len(stats), "losses": losses,
         "train-loss": sum(losses) / len(losses), "bytes-up": link.bytes_up, "bytes-down": link.bytes_down,
-        "peak-memory-bytes": max(peaks), "step-seconds": sum(seconds), "session-seconds": time.perf_counter() - started,
-        "caught-up-updates": caught_up, "seeds": seeds, "grads": grads, "rows": rows, "lr": client.config.lr,
-        "subset-plan": plan, "subset-batches": len(subset.batch_ids) if subset else 0, **selection,
+        "peak-memory-bytes": max(s.peak_memory_bytes for s in stats), "step-seconds": sum(s.seconds for s in stats),
+        "session-seconds": time.perf_counter() - started, "caught-up-updates": caught_up,
+        "seeds": [s.seeds for s in stats], "grads": [s.projected_grads for s in stats], "rows": [s.rows for s in stats],
+        "lr": client.config.lr, "subset-plan": plan, "subset-batches": len(subset.batch_ids) if subset else 0,
+        **selection, **{f"bottom-{k}": v for k, v in param_counts(client.bottom).items()},
     }
     new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1,
-                            trial=trial, subset_ids=list(subset.batch_ids) if subset else [],
+                            trial=state.trial, subset_ids=list(subset.batch_ids) if subset else [],
                             subset_weights=list(subset.weights) if subset else [])
     return report, new_state
 
 
+def _progress(partition_id: int, session: Mapping[str, Any], stats: list, steps: int) -> None:
+    """A line about four times per session (and at its end): steps done, mean loss, seconds per step."""
+    done = len(stats)
+    if done == steps or done % max(1, steps // 4) == 0:
+        recent = stats[-max(1, steps // 4):]
+        print(f"[hosl] round {session['round']} client {partition_id}: step {done}/{steps}, "
+              f"loss {sum(s.loss for s in recent) / len(recent):.4f}, "
+              f"{sum(s.seconds for s in recent) / len(recent):.2f} s/step", flush=True)
+
+
+def _training_source(client: SplitClient, partition_id: int, examples: list[Example], encoder,
+                     config: Mapping[str, Any], session: Mapping[str, Any], plan: str, state: ClientState,
+                     link: SessionLink):
+    """(the session's (example indices, loss weight) per step, its subset or None, what choosing it cost).
+
+    Full data continues its epochs across rounds (from the client's global step); a subset's passes
+    start with the session. Steps per session: ``local-epochs`` passes, or ``local-steps``."""
+    seed, batch_size = client_seed(config, partition_id), config["batch-size"]
+    batches = fixed_batches(len(examples), batch_size, seed)
+    budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
+    round_seed = seed * 1_009 + int(session["round"])
+    subset, selection = _choose_subset(client, [[examples[i] for i in b] for b in batches], encoder, budget, plan,
+                                       state, round_seed, link)
+    source = SubsetStream(batches, subset, round_seed) if subset else BatchStream(encoder, examples, batch_size, seed)
+    first = 0 if subset else client.steps
+    per_pass = budget if plan == "warm" else len(source)
+    steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
+    return [source.weighted_indices(step) for step in range(first, first + steps)], subset, selection
+
+
 def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, budget: int, plan: str,
-                   state: ClientState, seed: int, link: StepStreamClient) -> tuple[Subset | None, dict[str, float]]:
+                   state: ClientState, seed: int, link: SessionLink) -> tuple[Subset | None, dict[str, float]]:
     """The subset of ``batches`` this session trains on (None: full data) and what choosing it cost."""
     started, up, down = time.perf_counter(), link.bytes_up, link.bytes_down
     if plan == "gradmatch":
@@ -256,14 +252,15 @@ def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, b
                     "selection-bytes-down": link.bytes_down - down}
 
 
+EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down")  # what an evaluation session reports
+
+
 def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
-                     session: Mapping[str, Any], history: History | None = None) -> dict[str, Any]:
-    """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test)."""
-    config = {**config, "num-clients": num_partitions}
-    state = state_for_trial(state, int(session.get("trial", 0)))
-    client, data = make_client(config, partition_id, state)
-    if history is not None and client.zo is not None:
-        catch_up(client, history, partition_id, (state or ClientState()).synced_round)
+                     session: Mapping[str, Any], history: History | None = None,
+                     average: Mapping[str, torch.Tensor] | None = None, link: SessionLink | None = None) -> dict[str, Any]:
+    """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
+    applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
+    config, client, data, _, _ = _prepare(config, partition_id, num_partitions, state, session, history, average)
     split = session["split"]
     examples = data.splits[split]
     if split == "dev" and config["eval-examples"]:
@@ -271,7 +268,7 @@ def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partition
     part = shard(examples, int(session["shard"]), int(session["num-shards"]))
     if not part:
         return {"partition-id": partition_id, **pool_eval([])}
-    link = StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None)
+    link = link or connect(session, config)
     try:
         result = client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link)
     finally:

@@ -6,9 +6,13 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from fl_app.tasks import get_task
 
 MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # (client order, server order)
 
@@ -72,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "stream-tls-cert": "",
     "stream-tls-key": "",
     "max-frame-mb": 256,
-    "out-dir": "runs/flower",
+    "out-dir": "",  # results, checkpoint and plots; "" = a new runs/<time>-<mode>-<task> folder per run
     "probe-messages": 0,  # > 0: first time this many Flower message round trips (per-step messaging cost)
     # AUTOMATA: training on gradient-matched subsets, and hyper-parameter tuning over the federation
     "local-epochs": 0.0,  # > 0: steps per session = ceil(local-epochs x batches in the session's data)
@@ -151,6 +155,7 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise ValueError(f"config key '{key}' must be one of {allowed}, got {config[key]!r}")
+    get_task(config["task"])  # raises naming the field and the known tasks
     for key in POSITIVE:
         if not config[key] > 0:
             raise ValueError(f"config key '{key}' must be > 0, got {config[key]!r}")
@@ -226,13 +231,33 @@ def merge_scenario(path: str | Path | None, overrides: list[str]) -> str:
     return "".join(f"{key} = {toml_value(value)}\n" for key, value in raw.items())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fl_app.config [FILE] [key=value ...]``: print the merged flat scenario TOML."""
-    import sys
+def exit_with_error(message: str) -> NoReturn:
+    """A command-line input error: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args and "=" not in args[0] else None
-    sys.stdout.write(merge_scenario(path, args[1:] if path else args))
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fl_app.config [FILE] [key=value ...]``: check a scenario and print it merged."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fl_app.config",
+        description="Merge a flat TOML scenario with key=value overrides, check it as a run would before "
+                    "training (keys, the model and its cut layer, the task's data for the clients), and print "
+                    "the merged TOML (for flwr run --run-config). Errors: one line, exit code 2.")
+    parser.add_argument("scenario", nargs="?", help="flat TOML scenario file (e.g. sim_configs/smoke_tiny.toml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a scenario key")
+    parser.add_argument("--no-data", action="store_true", help="skip the data check (e.g. on a server without data)")
+    args = parser.parse_args(argv)
+    if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
+        args.overrides, args.scenario = [args.scenario, *args.overrides], None
+    from fl_app.preflight import check_scenario  # loads torch and transformers: only when checking
+
+    try:
+        text = merge_scenario(args.scenario, args.overrides)
+        check_scenario(make_config(tomllib.loads(text)), data=not args.no_data)
+    except ValueError as err:
+        exit_with_error(str(err))
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

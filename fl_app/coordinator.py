@@ -1,13 +1,12 @@
-"""Server-side orchestration shared by the Flower ServerApp and the tests: the shared top, the step
-stream, client selection, session bookkeeping (commit / roll back), synced history and results.
-
-Flower-free: the ServerApp only turns the session configs built here into Flower messages and
-hands the replies back.
+"""Server-side state of one run, shared by the Flower ServerApp and the local runner: the shared
+top, the sessions (served over gRPC, or in process), client selection, commit / roll back, synced
+history, checkpoints and results.json. The round loop that drives it is :mod:`fl_app.rounds`.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import platform
 import random
 import threading
 import time
@@ -17,14 +16,15 @@ from typing import Any
 
 import torch
 
-from fl_app.checkpoint import save_checkpoint
-from fl_app.client_session import History
+from fl_app.checkpoint import save_checkpoint, write_json_atomic
+from fl_app.records import History
 from fl_app.config import MODES, make_config
 from fl_app.metrics import pool_eval
+from fl_app.models import param_counts
+from fl_app.plots import plot_results
 from fl_app.scenario import build_server, load_server_top
-from fl_app.stream import Session, StepStreamServer
+from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
-from fl_app.train import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Coordinator:
     """Owns the server party and the step stream for one run."""
 
     def __init__(self, config: Mapping[str, Any], out_dir: Path, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None):
+                 tls_key: bytes | None = None, serve_stream: bool = True):
+        """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly."""
         self.config = dict(config)
         self.base_config = dict(config)
         self.out_dir = out_dir
@@ -51,15 +52,18 @@ class Coordinator:
         self.server = build_server(config, top, self.num_classes)
         self.client_order, _ = MODES[config["mode"]]
         self.lock = threading.Lock()
-        self.stream = StepStreamServer(self._handle, host=config["stream-host"], port=config["stream-port"],
-                                       max_workers=max(4, 2 * config["max-concurrent-clients"]),
-                                       max_message_bytes=config["max-frame-mb"] * 2**20,
-                                       tls_cert=tls_cert, tls_key=tls_key, on_failure=self._rollback)
+        self.stream: SessionTable = (
+            StepStreamServer(self.handle, host=config["stream-host"], port=config["stream-port"],
+                             max_workers=max(4, 2 * config["max-concurrent-clients"]),
+                             max_message_bytes=config["max-frame-mb"] * 2**20,
+                             tls_cert=tls_cert, tls_key=tls_key, on_failure=self._rollback)
+            if serve_stream else SessionTable(on_failure=self._rollback))
         self.root_certificate = (tls_cert or b"").decode()
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.results: dict[str, Any] = {
-            "mode": config["mode"], "config": dict(config), "history": [], "rounds": [],
+            "mode": config["mode"], "config": dict(config), "machine": machine(),
+            "parameters": {"server": param_counts(self.server.top)}, "history": [], "rounds": [],
             "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0}, "step_seconds": 0.0,
         }
         self.started = time.perf_counter()
@@ -80,10 +84,14 @@ class Coordinator:
 
     @property
     def advertised_address(self) -> str:
+        """Where clients reach the step stream ("in-process" without a gRPC server)."""
+        if not isinstance(self.stream, StepStreamServer):
+            return "in-process"
         host = self.config["stream-advertise-host"] or self.config["stream-host"]
         return f"{host}:{self.stream.port}"
 
-    def _handle(self, token: str, payload: bytes) -> bytes:
+    def handle(self, token: str, payload: bytes) -> bytes | None:
+        """One frame of session ``token``."""
         with self.lock:  # the top is shared: steps are applied one at a time, in arrival order
             return self.server.handle_bytes(payload, session=token)
 
@@ -135,6 +143,7 @@ class Coordinator:
                      evaluation: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
         """Fold one round's reports into the results, the synced history / average, and checkpoint."""
         for rep in sorted(reports, key=lambda r: r["partition-id"]):
+            self.results["parameters"]["client"] = {"params": rep["bottom-params"], "trainable": rep["bottom-trainable"]}
             for i, loss in enumerate(rep["losses"]):
                 self.results["history"].append({
                     "round": rnd, "client": rep["partition-id"], "train_loss": loss,
@@ -192,15 +201,25 @@ class Coordinator:
         if history:
             self.results["client"]["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
             self.results["client"]["seconds_per_step"] = self.results["step_seconds"] / len(history)
+            self.results["comm"]["train_bytes_up_per_step"] = sum(h["bytes_up"] for h in history) / len(history)
+            self.results["comm"]["train_bytes_down_per_step"] = sum(h["bytes_down"] for h in history) / len(history)
         if self.results["eval"]["history"]:
             self.results["eval"]["accuracy"] = self.results["eval"]["history"][-1]["accuracy"]
         self.results["wall_seconds"] = time.perf_counter() - self.started
         path = self.out_dir / "results.json"
+        if status == "finished" and self.results["rounds"]:
+            self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
         write_json_atomic(path, self.results)
         return path.resolve()
 
     def close(self) -> None:
         self.stream.stop()
+
+
+def machine() -> dict[str, Any]:
+    """The software and threads a run used (written into results.json)."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "host": platform.node()}
 
 
 def fedavg(weights: list[Mapping[str, torch.Tensor]], counts: list[int]) -> dict[str, torch.Tensor] | None:

@@ -74,9 +74,14 @@ def _rows_from_files(paths: list[Path]):
     if missing:
         raise ValueError(f"data file(s) not found: {missing} (field 'data-dir'; set HOSL_DATA_DIR or data-dir)")
     files = [str(p) for p in paths]
-    if files[0].endswith((".tsv", ".tsv.gz")):
-        return load_dataset("csv", data_files=files, delimiter="\t", split="train", quoting=3)
-    return load_dataset("json", data_files=files, split="train")
+    try:
+        if files[0].endswith((".tsv", ".tsv.gz")):
+            return load_dataset("csv", data_files=files, delimiter="\t", split="train", quoting=3)
+        return load_dataset("json", data_files=files, split="train")
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds (EOFError, DatasetGenerationError, ...)
+        cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's own error
+        raise ValueError(f"cannot read data file(s) {files} (field 'data-dir'): {type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[0] if str(cause).strip() else 'no detail'}") from err
 
 
 def _flatten_multirc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,13 +1,14 @@
 """In-process transport: the server only ever sees bytes, as over the network."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from fl_app.server_party import SplitServer
+FrameHandler = Callable[[bytes], "bytes | None"]  # e.g. SplitServer.handle_bytes; None: no reply
 
 
 class InProcessLink:
-    """Carries client frames to a :class:`SplitServer` and replies back, counting bytes both ways.
+    """Carries client frames to a server's frame handler and replies back, counting bytes both ways.
 
     By default the server works on its own worker thread, so the client's memory tracker (per
     thread) does not count the server's allocations and the server scores streamed parts while
@@ -15,8 +16,8 @@ class InProcessLink:
     timing the server itself). With ``record=True`` every frame sent is kept in ``frames``.
     """
 
-    def __init__(self, server: SplitServer, threaded: bool = True, record: bool = False):
-        self.server = server
+    def __init__(self, handle: FrameHandler, threaded: bool = True, record: bool = False):
+        self.handle = handle
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-server") if threaded else None
         self.frames: list[bytes] | None = [] if record else None
         self.bytes_up = 0
@@ -28,8 +29,8 @@ class InProcessLink:
         if self.frames is not None:
             self.frames.append(payload)
         if self._pool is None:
-            return self.server.handle_bytes(payload)
-        return self._pool.submit(self.server.handle_bytes, payload)
+            return self.handle(payload)
+        return self._pool.submit(self.handle, payload)
 
     def _settle(self) -> None:
         """Raise the first error of frames sent without a reply (they run in order on the server thread)."""

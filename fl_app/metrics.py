@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,3 +106,17 @@ def pool_eval(reports: list[dict[str, float]]) -> dict[str, Any]:
         "count": total,
         "per_client": [r["accuracy"] for r in reports],
     }
+
+
+def log_to_stderr(*names: str, level: int = logging.INFO) -> None:
+    """Show the named loggers' records on stderr, once, without touching the root logger (whose
+    handler would print every record of Flower's own loggers a second time)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "hosl", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.hosl = True
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False

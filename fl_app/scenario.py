@@ -6,8 +6,7 @@ built inside a Flower ClientApp are the same object with the same seeds.
 from __future__ import annotations
 
 import copy
-import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from fl_app.client_party import ClientOptimConfig, SplitClient
 from fl_app.config import MODES, lora_targets
 from fl_app.data import BatchEncoder, partition, sample_splits
-from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, param_counts, pristine_bottom_tensors
+from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
 from fl_app.server_party import ServerOptimConfig, SplitServer
 from fl_app.tasks import Example, Task, get_task
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
@@ -141,49 +140,3 @@ def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, co
     """Client ``index`` with its own copy of the bottom (unless ``copy_bottom`` is False)."""
     own = copy.deepcopy(bottom) if copy_bottom else bottom
     return split_client(config, own, client_trainable(config, own, index), index)
-
-
-class BatchStream:
-    """A client's training batches as a pure function of the step index (epochs reshuffled by seed),
-    so a client restarted from a saved step count continues with exactly the next batch."""
-
-    def __init__(self, encoder: BatchEncoder, examples: list[Example], batch_size: int, seed: int):
-        if not examples:
-            raise ValueError("a client has no training examples (check num-clients, n-train and partition)")
-        self.encoder, self.examples, self.batch_size, self.seed = encoder, examples, batch_size, seed
-        self.per_epoch = -(-len(examples) // batch_size)
-
-    def __len__(self) -> int:
-        return self.per_epoch
-
-    def weighted_indices(self, step: int) -> tuple[list[int], float]:
-        """Batch ``step``'s example indices and its loss weight (always 1 on the full data)."""
-        return self.indices(step), 1.0
-
-    def indices(self, step: int) -> list[int]:
-        """Example indices of batch number ``step``."""
-        epoch, position = divmod(step, self.per_epoch)
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 7919 + epoch).shuffle(order)
-        return order[position * self.batch_size : (position + 1) * self.batch_size]
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self.encoder([self.examples[i] for i in self.indices(step)])
-
-
-def eval_batches(encoder: BatchEncoder, examples: list[Example], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``examples`` in order."""
-    for start in range(0, len(examples), batch_size):
-        yield encoder(examples[start : start + batch_size])
-
-
-def shard(examples: list[Example], index: int, count: int) -> list[Example]:
-    """Shard ``index`` of ``count`` near-equal contiguous shards (federated evaluation)."""
-    size, extra = divmod(len(examples), count)
-    start = index * size + min(index, extra)
-    return examples[start : start + size + (index < extra)]
-
-
-def describe_parties(client: SplitClient, server: SplitServer) -> dict[str, dict[str, int]]:
-    """Parameter and trainable counts per side, for results and logs."""
-    return {"client": param_counts(client.bottom), "server": param_counts(server.top)}

@@ -53,10 +53,6 @@ def scores_and_features(top: ServerTop, hidden: torch.Tensor, attention_mask: to
     return (sums / counts).view(batch_size, -1), features
 
 
-def classification_loss(scores: torch.Tensor, labels: torch.Tensor,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross entropy over the class scores; with ``weights``, sum(w * loss) / sum(w)."""
-    if weights is None:
-        return F.cross_entropy(scores, labels)
-    per_example = F.cross_entropy(scores, labels, reduction="none")
-    return (weights * per_example).sum() / weights.sum()
+def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the class scores."""
+    return F.cross_entropy(scores, labels)

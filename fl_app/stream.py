@@ -51,32 +51,16 @@ def _grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 
 
-class StepStreamServer:
-    """Serves sessions; ``handler(token, request_bytes) -> reply_bytes`` does the model work."""
+class SessionTable:
+    """Sessions by secret token: open, fail (rolling back through ``on_failure``), close, expire.
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
-                 max_message_bytes: int = 256 * 1024 * 1024, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None, on_failure: Callable[[Session], None] | None = None):
-        self.handler, self.on_failure = handler, on_failure
+    The in-process federation (the local runner) uses it alone; :class:`StepStreamServer` serves
+    the same sessions over gRPC."""
+
+    def __init__(self, on_failure: Callable[[Session], None] | None = None):
+        self.on_failure = on_failure
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
-                                   options=_grpc_options(max_message_bytes))
-        rpc = grpc.stream_stream_rpc_method_handler(self._serve)
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),))
-        address = f"{host}:{port}"
-        if tls_cert is not None and tls_key is not None:
-            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind the step stream to {address}")
-        self.host = host
-        self._server.start()
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def open_session(self, client_id: str) -> Session:
         """A new session with a fresh secret token; its stream must present the token."""
@@ -121,7 +105,46 @@ class StepStreamServer:
             self.fail(session, f"no step for {timeout:.0f} s (step timeout)")
         return stale
 
+    def stop(self) -> None:
+        """Nothing to stop in process; the gRPC server overrides this."""
+
+
+class StepStreamServer(SessionTable):
+    """Serves sessions over gRPC; ``handler(token, request_bytes) -> reply_bytes`` does the model work."""
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+                 max_message_bytes: int = 256 * 1024 * 1024, tls_cert: bytes | None = None,
+                 tls_key: bytes | None = None, on_failure: Callable[[Session], None] | None = None):
+        super().__init__(on_failure)
+        self.handler = handler
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
+                                   options=_grpc_options(max_message_bytes))
+        rpc = grpc.stream_stream_rpc_method_handler(self._serve)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),))
+        address = f"{host}:{port}"
+        if tls_cert is not None and tls_key is not None:
+            self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind the step stream to {address}")
+        self.host = host
+        self._server.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
     def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One session's stream, on a worker thread: check the token, then hand each frame to the
+        handler and yield its reply (perturbed parts get none).
+
+        How a stream ends decides the session: the client's close frame ends it cleanly (the
+        coordinator then commits or rolls back on the client's report); anything else (a cut
+        connection, a half-close without the close frame, a cancelled RPC) fails it at once, and a
+        malformed frame fails it and aborts the stream with INVALID_ARGUMENT, so its partial server
+        updates are rolled back while other sessions go on.
+        """
         token = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
         with self._lock:
             session = self.sessions.get(token)
@@ -165,7 +188,7 @@ class StepStreamClient:
     """The client end of a session: ``exchange(request_bytes) -> reply_bytes`` over one stream."""
 
     def __init__(self, address: str, token: str, root_certificate: bytes | None = None,
-                 max_message_bytes: int = 256 * 1024 * 1024, timeout: float | None = None):
+                 max_message_bytes: int = 256 * 1024 * 1024):
         options = _grpc_options(max_message_bytes)
         if root_certificate:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificate), options=options)
@@ -173,7 +196,7 @@ class StepStreamClient:
             self._channel = grpc.insecure_channel(address, options=options)
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         call = self._channel.stream_stream(METHOD)
-        self._responses = call(iter(self._outbox.get, None), metadata=((TOKEN_KEY, token),), timeout=timeout)
+        self._responses = call(iter(self._outbox.get, None), metadata=((TOKEN_KEY, token),))
         self.bytes_up = 0
         self.bytes_down = 0
 

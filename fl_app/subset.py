@@ -6,7 +6,6 @@ activations a client already sends; only batch ids and weights go back to the cl
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,44 +134,6 @@ def batch_proxies(features: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
                   labels: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack one last-layer proxy per batch."""
     return torch.stack([last_layer_proxy(f, s, y) for f, s, y in zip(features, scores, labels)])
-
-
-def fixed_batches(num_examples: int, batch_size: int, seed: int) -> list[list[int]]:
-    """A client's partition cut into fixed mini-batches (seeded shuffle): the units GradMatch selects."""
-    order = list(range(num_examples))
-    random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
-
-
-def step_weights(subset: Subset) -> list[float]:
-    """Per-step loss weights w_i * b / sum(w): their mean is 1, so a pass over the subset trains on
-    sum(w * loss) / sum(w) at the learning rate of unweighted training."""
-    total = sum(subset.weights)
-    if not subset.weights or not total > 0:
-        raise ValueError(f"a subset needs positive weights, got {subset.weights}")
-    return [w * len(subset.weights) / total for w in subset.weights]
-
-
-class SubsetStream:
-    """Training batches over a selected subset as a pure function of the step index: each pass visits
-    every selected batch once, in a seeded order; returns (example indices, loss weight)."""
-
-    def __init__(self, batches: list[list[int]], subset: Subset, seed: int):
-        bad = [i for i in subset.batch_ids if not 0 <= i < len(batches)]
-        if bad:
-            raise ValueError(f"subset batch ids {bad} outside [0, {len(batches)}) (field 'subset-ids')")
-        self.batches, self.subset, self.seed = batches, subset, seed
-        self.weights = step_weights(subset)
-
-    def __len__(self) -> int:
-        return len(self.subset.batch_ids)
-
-    def weighted_indices(self, step: int) -> tuple[list[int], float]:
-        epoch, position = divmod(step, len(self))
-        order = list(range(len(self)))
-        random.Random(self.seed * 7919 + epoch).shuffle(order)
-        pick = order[position]
-        return self.batches[self.subset.batch_ids[pick]], self.weights[pick]
 
 
 def round_plan(selector: str, round_in_run: int, reselect_every: int, warm_rounds: int) -> str:

@@ -1,139 +1,95 @@
-"""Local runner: one server and M in-process clients, the same parties the Flower apps use.
+"""Local runner: the scenario's whole run (tuning, subsets, rounds, evaluation) in this process.
 
     python -m fl_app.train sim_configs/smoke_tiny.toml --set mode=fo-fo --out runs/smoke
+
+The same round loop (:mod:`fl_app.rounds`), coordinator and client sessions as ``flwr run``; only
+the carrier differs: sessions are direct calls, one client after another, their states kept in
+memory, and step frames go to the server through an in-process link instead of gRPC.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
-import os
-import platform
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fl_app.config import make_config, parse_overrides, read_scenario
+from fl_app import rounds
+from fl_app.checkpoint import run_folder
+from fl_app.client_session import run_eval_session, run_session
+from fl_app.config import exit_with_error, make_config, parse_overrides, read_scenario
+from fl_app.coordinator import Coordinator
 from fl_app.local_transport import InProcessLink
-from fl_app.metrics import pool_eval
-from fl_app.scenario import (BatchStream, build_client, build_server, client_seed, describe_parties, eval_batches,
-                              load_split, load_task_data, shard)
+from fl_app.preflight import check_out_dir, check_scenario
+from fl_app.records import ClientState
+from fl_app.rounds import SessionReply, SessionRequest
 
 log = logging.getLogger("fl_app.train")
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+class InProcessFederation:
+    """Clients of this process, run one after another on its one working bottom (as a Flower
+    simulation with one actor does). A session that raises is dropped, as a ClientApp's error
+    reply drops it under Flower: the round goes on and the coordinator rolls back its server
+    updates; the traceback is logged."""
 
+    def __init__(self, coord: Coordinator, num_clients: int):
+        self.coord, self.num_clients = coord, num_clients
+        self.states: dict[int, ClientState] = {}
 
-def eval_examples(data, split: str, config: Mapping[str, Any]) -> list:
-    """The examples evaluated on ``split``: the first ``eval-examples`` of dev (0 = all), all of test."""
-    examples = data.splits[split]
-    limit = config["eval-examples"] if split == "dev" else 0
-    return examples[:limit] if limit else examples
-
-
-def evaluate_clients(clients, link: InProcessLink, data, split: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Federated evaluation: client i scores shard i of ``split`` with its bottom and the shared top."""
-    examples = eval_examples(data, split, config)
-    reports = []
-    for index, client in enumerate(clients):
-        part = shard(examples, index, len(clients))
-        if part:
-            reports.append(client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link))
-    return pool_eval(reports)
-
-
-FLOWER_ONLY = {"tune-trials": 0, "subset-selector": "full", "local-epochs": 0.0}
-
-
-def check_local_runnable(config: Mapping[str, Any]) -> None:
-    """Raise naming the key if the scenario needs the Flower apps (tuning, data subsets)."""
-    for key, plain in FLOWER_ONLY.items():
-        if config[key] != plain:
-            raise ValueError(f"config key '{key}' = {config[key]!r}: tuning and data subsets run in the Flower apps "
-                             f"(flwr run); the local runner needs {key} = {plain!r}")
+    def run_sessions(self, kind: str, requests: list[SessionRequest], timeout: float,
+                     tick: Callable[[], Any]) -> dict[int, SessionReply]:
+        replies = {}
+        for request in requests:
+            pid = request.partition_id
+            config = make_config({**self.coord.base_config, **request.overrides})
+            link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
+            try:
+                if kind == "train":
+                    report, state = run_session(config, pid, self.num_clients, self.states.get(pid), request.session,
+                                                request.history, request.average, link=link)
+                    self.states[pid] = state
+                else:
+                    report = run_eval_session(config, pid, self.num_clients, self.states.get(pid), request.session,
+                                              request.history, request.average, link=link)
+            except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
+                log.warning("client %d's %s session failed", pid, kind, exc_info=True)
+                replies[pid] = SessionReply(None, f"client error: {type(err).__name__}: {err}")
+            else:
+                replies[pid] = SessionReply(report)
+        return replies
 
 
 def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Run a scenario in-process and write ``out_dir/results.json``; returns the results."""
-    check_local_runnable(config)
-    torch.manual_seed(config["seed"])
-    started = time.perf_counter()
-    loaded, bottom, top = load_split(config)  # each part loaded on its own, never the whole model
-    data = load_task_data(config, loaded)
-    server = build_server(config, top, data.task.num_classes)
-    count = config["num-clients"]  # the last client takes the loaded bottom itself, the others a copy
-    clients = [build_client(config, bottom, i, copy_bottom=i < count - 1) for i in range(count)]
-    del bottom
-    link = InProcessLink(server)
-    streams = [BatchStream(data.encoder, data.client_examples(i), config["batch-size"], client_seed(config, i))
-               for i in range(len(clients))]
-    results: dict[str, Any] = {
-        "mode": config["mode"], "config": dict(config), "parameters": describe_parties(clients[0], server),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "history": [], "eval": {"history": []}, "client": {}, "comm": {},
-    }
-    initial = evaluate_clients(clients, link, data, "dev", config)
-    results["eval"]["history"].append({"round": 0, **initial})
-    log.info("round 0 (untrained): dev accuracy %.4f", initial["accuracy"])
-    step = 0
-    for rnd in range(1, config["num-rounds"] + 1):
-        for index, (client, stream) in enumerate(zip(clients, streams)):
-            for _ in range(config["local-steps"]):
-                stats = client.train_step(stream.batch(client.steps), link)
-                step += 1
-                results["history"].append({
-                    "round": rnd, "client": index, "step": step, "train_loss": stats.loss,
-                    "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
-                    "peak_memory_bytes": stats.peak_memory_bytes, "seconds": stats.seconds})
-        if rnd % config["eval-every"] == 0 or rnd == config["num-rounds"]:
-            dev = evaluate_clients(clients, link, data, "dev", config)
-            results["eval"]["history"].append({"round": rnd, "step": step, **dev})
-            losses = [h["train_loss"] for h in results["history"] if h["round"] == rnd]
-            log.info("round %d: train loss %.4f, dev accuracy %.4f", rnd, sum(losses) / len(losses), dev["accuracy"])
-    final = results["eval"]["history"][-1]
-    results["eval"]["accuracy"] = final["accuracy"]
-    if config["eval-test"]:
-        results["eval"]["test"] = evaluate_clients(clients, link, data, "test", config)
-    history = results["history"]
-    results["client"] = {
-        "peak_memory_bytes": max(h["peak_memory_bytes"] for h in history),
-        "seconds_per_step": sum(h["seconds"] for h in history) / len(history),
-    }
-    train_up = sum(h["bytes_up"] for h in history)
-    train_down = sum(h["bytes_down"] for h in history)
-    results["comm"] = {"bytes_up": link.bytes_up, "bytes_down": link.bytes_down,
-                       "train_bytes_up_per_step": train_up / len(history),
-                       "train_bytes_down_per_step": train_down / len(history)}
-    results["wall_seconds"] = time.perf_counter() - started
-    link.close()
-    write_json_atomic(out_dir / "results.json", results)
-    return results
+    """Run a scenario in-process and write ``out_dir/results.json`` (the format ``flwr run`` writes);
+    returns the results."""
+    coord = Coordinator(config, out_dir, serve_stream=False)
+    try:
+        rounds.run(InProcessFederation(coord, config["num-clients"]), coord, list(range(config["num-clients"])))
+    finally:
+        coord.close()
+    return coord.results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", help="flat TOML scenario file (e.g. sim_configs/smoke_tiny.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario key")
-    parser.add_argument("--out", required=True, help="output directory for results.json")
+    parser.add_argument("--out", default="", help="output folder (default: a new runs/<time>-<mode>-<task>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
+    try:  # every input checked before anything trains: one line and exit code 2 if not
         config = make_config({**read_scenario(args.scenario), **parse_overrides(args.set)})
-        check_local_runnable(config)
+        check_scenario(config)
+        out_dir = run_folder(args.out, config)
+        check_out_dir(out_dir, "--out")
     except ValueError as err:
-        parser.error(str(err))
-    results = run(config, Path(args.out))
-    out = (Path(args.out) / "results.json").resolve()
-    print(f"mode={results['mode']} dev accuracy={results['eval']['accuracy']:.4f} "
+        exit_with_error(str(err))
+    results = run(config, out_dir)
+    out = out_dir / "results.json"
+    test = (results["eval"].get("test") or {}).get("accuracy")
+    print(f"mode={results['mode']} dev accuracy={results['eval']['accuracy']:.4f} test accuracy={test} "
           f"client peak memory={results['client']['peak_memory_bytes'] / 2**20:.1f} MiB")
     print(f"results: {out}")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fl_app.checkpoint import load_checkpoint, save_checkpoint
-from fl_app.train import write_json_atomic
+from fl_app.checkpoint import write_json_atomic
 
 
 def test_checkpoint_round_trip_and_crash_mid_write_keeps_the_old_one(tmp_path, monkeypatch):

@@ -3,11 +3,12 @@ bottoms stay identical, a client that missed rounds catches up by replaying hist
 import pytest
 import torch
 
-from fl_app.client_session import ClientState, catch_up, make_client, run_eval_session, run_session
+from fl_app.client_session import catch_up, make_client, run_eval_session, run_session
+from fl_app.records import ClientState
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, waves
 from fl_app.protocol import StepRequest
-from fl_app.scenario import BatchStream
+from fl_app.batches import BatchStream
 from fl_app.stream import StepStreamClient
 
 

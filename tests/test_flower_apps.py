@@ -3,48 +3,20 @@
 Each test uses its own FLWR_HOME with runtime dependency installation disabled, and stops the
 background SuperLink that `flwr run` starts for local simulation (found by its FLWR_HOME).
 """
-import json
 import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.flower_sim import finished_results, stop, superlink_pids
 from fl_app.config import make_config, merge_scenario, read_scenario
 from fl_app.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def superlink_pids(flwr_home: Path | None = None) -> list[int]:
-    """PIDs of flower-superlink processes (started with ``flwr_home`` if given)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"flower-superlink" in cmd and (flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in env):
-            pids.append(int(proc.name))
-    return pids
-
-
-def stop(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 10
-    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
+pytestmark = pytest.mark.flower
 
 
 def port_in_use(port: int) -> bool:
@@ -67,20 +39,6 @@ def flwr_env(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     yield env
     stop(superlink_pids(home))
-
-
-def finished_results(out: Path, log: str, timeout: float = 300) -> dict:
-    """The run's results.json once its status is "finished" (`flwr run --stream` can return early
-    when its log stream attaches late; the run itself goes on in the background)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = out / "results.json"
-        if path.exists():
-            results = json.loads(path.read_text())
-            if results.get("status") == "finished":
-                return results
-        time.sleep(1)
-    raise AssertionError(f"no finished results.json in {out}; log tail:\n{log[-3000:]}")
 
 
 def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout: int) -> str:
@@ -194,7 +152,7 @@ def test_client_state_round_trips_through_the_node_context(dtype):
     from flwr.app import Context, RecordDict
 
     from client_app.app import _load_state, _save_state
-    from fl_app.client_session import ClientState
+    from fl_app.records import ClientState
 
     weights = {"embed.weight": torch.randn(5, 3).to(dtype), "layer.bias": torch.randn(3).to(dtype)}
     state = ClientState(weights=weights, steps=7, synced_round=2, trial=1, subset_ids=[0, 3], subset_weights=[0.5, 1.5])

@@ -5,10 +5,12 @@ import threading
 import pytest
 import torch
 
+from fl_app.checkpoint import run_folder
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
 from fl_app.metrics import track_peak_memory
-from fl_app.scenario import BatchStream, build_client, build_server, load_split, load_task_data
+from fl_app.batches import BatchStream
+from fl_app.scenario import build_client, build_server, load_split, load_task_data
 from fl_app.train import run
 
 SMOKE = "sim_configs/smoke_tiny.toml"
@@ -27,7 +29,7 @@ def loss_drop(steps=25, **over):
     """Train on one fixed batch; return (first clean loss, last clean loss)."""
     config, client, server, data = parties(**over)
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
-    link = InProcessLink(server)
+    link = InProcessLink(server.handle_bytes)
     losses = [client.train_step(batch, link).loss for _ in range(steps)]
     link.close()
     return losses[0], losses[-1]
@@ -65,14 +67,27 @@ def test_runner_writes_results_and_is_deterministic(tmp_path):
     assert 0 <= on_disk["eval"]["accuracy"] <= 1 and on_disk["eval"]["test"]["count"] == 32
     assert on_disk["client"]["peak_memory_bytes"] > 0
     assert on_disk["comm"]["bytes_up"] > on_disk["comm"]["bytes_down"] > 0
+    assert on_disk["status"] == "finished" and [r["clients"] for r in on_disk["rounds"]] == [[0, 1], [0, 1]]
+    assert on_disk["parameters"]["client"]["trainable"] > 0 and on_disk["parameters"]["server"]["trainable"] > 0
+    assert (tmp_path / "a" / "results.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "a" / "checkpoint.pt").exists()
     second = run(config, tmp_path / "b")
     assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]
+
+
+def test_each_run_gets_its_own_folder_unless_one_is_given(tmp_path):
+    config = make_config(read_scenario(SMOKE))
+    first, second = run_folder("", config, tmp_path), None
+    first.mkdir(parents=True)
+    second = run_folder("", config, tmp_path)
+    assert first != second and first.parent == second.parent == tmp_path.resolve()
+    assert first.name.endswith("-hosl-sst2") and not second.exists()
+    assert run_folder(str(tmp_path / "mine"), config) == (tmp_path / "mine").resolve()
 
 
 def test_bytes_per_step_are_the_payload_sizes():
     config, client, server, data = parties(**{"zo-queries": 3})
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
-    link = InProcessLink(server, record=True)
+    link = InProcessLink(server.handle_bytes, record=True)
     stats = client.train_step(batch, link)
     rows, seq = batch["input_ids"].shape
     activation = rows * seq * 32 * 4
@@ -90,7 +105,7 @@ def test_half_precision_wire_halves_upload_with_small_loss_error():
     for dtype in ("float32", "float16"):
         config, client, server, data = parties(**{"wire-dtype": dtype})
         batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
-        link = InProcessLink(server)
+        link = InProcessLink(server.handle_bytes)
         stats = client.train_step(batch, link)
         losses[dtype] = (stats.loss, stats.bytes_up)
     assert abs(losses["float16"][0] - losses["float32"][0]) < 1e-3
@@ -137,7 +152,7 @@ def test_server_trains_even_when_called_under_no_grad():
     config, client, server, data = parties()
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     before = [p.detach().clone() for p in server.params]
-    client.train_step(batch, InProcessLink(server, threaded=False))  # same thread, inside the client's no_grad
+    client.train_step(batch, InProcessLink(server.handle_bytes, threaded=False))  # same thread, inside the client's no_grad
     assert any(not torch.equal(a, p) for a, p in zip(before, server.params))
 
 
@@ -202,7 +217,7 @@ def test_zo_client_step_touches_only_the_batch_embedding_rows(model):
         positions = next(m.weight for n, m in client.bottom.named_modules()
                          if isinstance(m, torch.nn.Embedding) and "position" in n.rsplit(".", 1)[-1])
         before_words, before_positions = words.detach().clone(), positions.detach().clone()
-        link = InProcessLink(server)
+        link = InProcessLink(server.handle_bytes)
         stats = client.train_step(batch, link)
         link.close()
         changed[rows] = (words != before_words).any(1), (positions != before_positions).any(1)
@@ -221,7 +236,7 @@ def test_zo_client_step_touches_only_the_batch_embedding_rows(model):
 def feedback_step(feedback, eps, weight):
     config, client, server, data = parties(**{"hosl-feedback": feedback, "zo-queries": 3, "zo-eps": eps})
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
-    link = InProcessLink(server, record=True)
+    link = InProcessLink(server.handle_bytes, record=True)
     stats = client.train_step(batch, link, weight=weight)
     link.close()
     return stats, len(link.frames)
@@ -284,7 +299,7 @@ def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch,
     _, client, server, data = parties(**over)
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     width = batch["input_ids"].shape[1]
-    link = InProcessLink(server)
+    link = InProcessLink(server.handle_bytes)
     peaks = []
     for keep in (width - 2, width - 4, width - 2, width):
         cut = {k: v[:, :keep] if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}

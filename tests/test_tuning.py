@@ -1,17 +1,23 @@
 """AUTOMATA in the split federation: server-side proxies, gradient-matched client subsets, weighted
 steps, and an Optuna study over the live (Flower-free) federation."""
+import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from fl_app.client_session import ClientState, run_eval_session, run_session
+from fl_app import rounds
+from fl_app.client_session import run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
 from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
-from fl_app.subset import Subset, SubsetStream, fixed_batches, round_plan, step_weights
-from fl_app.tuning import parse_space, plot_history, run_study
+from fl_app.batches import SubsetStream, fixed_batches, step_weights
+from fl_app.subset import Subset, round_plan
+from fl_app.train import InProcessFederation
+from fl_app.tuning import parse_space
 from tests.conftest import tiny_model
 
 
@@ -118,7 +124,7 @@ def test_step_weight_scales_both_sides_updates():
         server, client = build_server(cfg, top, 2), build_client(cfg, bottom, 0)
         s0 = [p.detach().clone() for p in server.params]
         c0 = [p.detach().clone() for p in client.params]
-        stats = client.train_step(data.encoder(data.splits["train"][:8]), InProcessLink(server), weight)
+        stats = client.train_step(data.encoder(data.splits["train"][:8]), InProcessLink(server.handle_bytes), weight)
         moves[weight] = ([p.detach() - b for p, b in zip(server.params, s0)],
                          [p.detach() - b for p, b in zip(client.params, c0)], stats.projected_grads)
     for side in (0, 1):
@@ -186,15 +192,25 @@ def test_tune_space_parsing_and_errors():
             parse_space(bad)
 
 
-def test_config_rejects_subsets_without_epochs_and_local_runner_rejects_tuning(tmp_path):
-    from fl_app.train import run
-
+def test_config_rejects_subsets_without_epochs_or_full_warm_start():
     with pytest.raises(ValueError, match="local-epochs"):
         make_config({"subset-selector": "gradmatch"})
-    with pytest.raises(ValueError, match="'tune-trials' = 3.*flwr run"):
-        run(make_config(read_scenario("sim_configs/tune_tiny.toml")), tmp_path)
     with pytest.raises(ValueError, match="subset-warm-start"):
         make_config({"subset-warm-start": 1.0})
+
+
+def test_local_runner_tunes_on_subsets_then_trains_the_best_on_full_data(tmp_path):
+    """The local runner drives the same loop as flwr run: the study, gradmatch subsets, the final run."""
+    from fl_app.train import run
+
+    results = run(make_config(read_scenario("sim_configs/tune_tiny.toml")), tmp_path)
+    tuning = results["tuning"]
+    assert len(tuning["trials"]) == 3 and tuning["best"] is not None
+    assert any(r["plan"] == "gradmatch" and r["selection_bytes"] > 0 for t in tuning["trials"] for r in t["rounds"])
+    assert [r["steps"] for r in results["rounds"]] == [16, 16]  # the best config on full data: 2 clients x 8 batches
+    assert tuning["final"]["params"] == tuning["best"]["params"] and results["eval"]["test"]["count"] == 32
+    assert Path(tuning["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "finished"
 
 
 def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_path):
@@ -202,32 +218,10 @@ def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_pa
     rounds and reports dev accuracy; diverging learning rates are in range so some trials do badly."""
     c = coord(**{"tune-trials": 6, "tune-rounds": 3, "tune-pruner": "asha", "subset-selector": "gradmatch",
                  "subset-warm-start": 0.34, "tune-space": "server-lr=log:1e-4:3 client-lr=log:1e-5:1e-2"})
-    states: dict[int, ClientState] = {}
     starting = [p.detach().clone() for p in c.server.params]
-
-    def one_round(trial, rnd, params, plan):
-        if rnd == 1:
-            c.reset(trial, params)
-            assert all(torch.equal(a, b) for a, b in zip(starting, c.server.params))
-        reports = []
-        for pid in (0, 1):
-            session, message = c.open(pid, rnd, {"subset": plan})
-            try:  # as the ClientApp: a failed session reports an error and keeps its old state
-                report, new_state = run_session(c.config, pid, 2, states.get(pid), message)
-            except ConnectionError as err:
-                c.finish_train(session, None, str(err))
-                continue
-            if c.finish_train(session, report):
-                states[pid] = new_state
-                reports.append(report)
-        evals = []
-        for shard, pid in enumerate(sorted(r["partition-id"] for r in reports)):
-            session, message = c.open(pid, rnd, {"split": "dev", "shard": shard, "num-shards": len(reports)})
-            evals.append(run_eval_session(c.config, pid, 2, states.get(pid), message))
-            c.finish_eval(session)
-        return c.record_round(rnd, reports, [], c.record_eval(rnd, evals), 0.0)
-
-    study, summary = run_study(c.base_config, one_round)
+    summary = rounds.tune(InProcessFederation(c, 2), c, [0, 1], {}, itertools.count(1))
+    c.reset(7, {})  # every trial started like this: the pristine top
+    assert all(torch.equal(a, b) for a, b in zip(starting, c.server.params))
     trials = summary["trials"]
     assert len(trials) == 6 and {t["state"] for t in trials} <= {"complete", "pruned", "failed"}
     assert summary["pruned"] >= 1 and any(t["state"] == "complete" for t in trials)
@@ -241,5 +235,4 @@ def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_pa
     assert any(r["selection_bytes"] > 0 for t in trials for r in t["rounds"])
     qualities = [q for t in trials for r in t["rounds"] if r["plan"] == "gradmatch" for q in r["selection_quality"]]
     assert qualities and all(q["gradmatch_error"] >= 0 and q["random_error"] > 0 for q in qualities)
-    png = plot_history(study, tmp_path / "history.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
