@@ -1,1 +1,2 @@
-"""Benchmarks: each prints ratios measured side by side in one run and writes md + json (python -m benchmarks.<name>)."""
+"""Benchmarks (``python -m benchmarks.<name>``): each prints ratios measured side by side in one run
+and writes md + json."""

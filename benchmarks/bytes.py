@@ -6,6 +6,7 @@ Runs 2 rounds x 2 clients x 2 steps per (mode, bottoms) through the real coordin
 stream (no Flower runtime). Stream bytes are the serialised frames; round messages are counted
 as Flower would carry them: scalars at 8 bytes, tensors at their size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,15 @@ def measure(config: dict, out: Path) -> dict:
                 synced[pid] = rnd - 1
             coord.record_round(rnd, reports, [], None, 0.0)
             steps = sum(r["steps"] for r in reports)
-            per_round.append({"stream_up_per_step": sum(r["bytes-up"] for r in reports) / steps,
-                              "stream_down_per_step": sum(r["bytes-down"] for r in reports) / steps,
-                              "messages_up": up_msgs, "messages_down": down_msgs,
-                              "round_total": sum(r["bytes-up"] + r["bytes-down"] for r in reports) + up_msgs + down_msgs})
+            per_round.append(
+                {
+                    "stream_up_per_step": sum(r["bytes-up"] for r in reports) / steps,
+                    "stream_down_per_step": sum(r["bytes-down"] for r in reports) / steps,
+                    "messages_up": up_msgs,
+                    "messages_down": down_msgs,
+                    "round_total": sum(r["bytes-up"] + r["bytes-down"] for r in reports) + up_msgs + down_msgs,
+                }
+            )
         weights = weights_bytes(states[0].weights)
     finally:
         coord.close()
@@ -72,17 +78,27 @@ def main() -> None:
             config = make_config({**base, "mode": mode, "bottoms": bottoms})
             result = measure(config, Path(args.out) / f"{mode}_{bottoms}")
             second = result["rounds"][1]
-            rows.append({"mode": mode, "bottoms": bottoms, **second,
-                         "fedavg_weights_per_round": 2 * 2 * result["trainable_bottom_bytes"]})
+            rows.append(
+                {
+                    "mode": mode,
+                    "bottoms": bottoms,
+                    **second,
+                    "fedavg_weights_per_round": 2 * 2 * result["trainable_bottom_bytes"],
+                }
+            )
     mib = 2**20
-    lines = ["| mode | bottoms | stream up / step (MiB) | stream down / step (KiB) | round messages up (KiB) | "
-             "round messages down (KiB) | round total, 2 clients x 2 steps (MiB) | FedAvg of bottoms / round (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | bottoms | stream up / step (MiB) | stream down / step (KiB) | round messages up (KiB) | "
+        "round messages down (KiB) | round total, 2 clients x 2 steps (MiB) | FedAvg of bottoms / round (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['bottoms']} | {r['stream_up_per_step'] / mib:.2f} | "
-                     f"{r['stream_down_per_step'] / 1024:.1f} | {r['messages_up'] / 1024:.1f} | "
-                     f"{r['messages_down'] / 1024:.1f} | {r['round_total'] / mib:.2f} | "
-                     f"{r['fedavg_weights_per_round'] / mib:.1f} |")
+        lines.append(
+            f"| {r['mode']} | {r['bottoms']} | {r['stream_up_per_step'] / mib:.2f} | "
+            f"{r['stream_down_per_step'] / 1024:.1f} | {r['messages_up'] / 1024:.1f} | "
+            f"{r['messages_down'] / 1024:.1f} | {r['round_total'] / mib:.2f} | "
+            f"{r['fedavg_weights_per_round'] / mib:.1f} |"
+        )
     text = "\n".join(lines)
     print(text)
     Path(args.out, "bytes.md").write_text(text + "\n")

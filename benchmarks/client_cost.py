@@ -17,6 +17,7 @@ client's own step with a server that answers at once (``client-only``), which is
 device pays when the server runs elsewhere. Also ``hosl-feedback = gradient``, Q = 4 and fo-fo.
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import fl_app
+    from fl_app.batches import BatchStream
     from fl_app.config import make_config, read_scenario
     from fl_app.local_transport import InProcessLink
     from fl_app.protocol import StepReply
-    from fl_app.batches import BatchStream
     from fl_app.scenario import build_client, build_server, client_seed, load_split, load_task_data
 
     config = make_config({**read_scenario(spec["scenario"]), **spec["overrides"]})
@@ -63,9 +64,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 return fn(*args, **kwargs)
             finally:
                 timers[name] += time.perf_counter() - started
+
         return wrapper
 
     import fl_app.zo as zo_module
+
     if client.zo is None:  # fo-fo: no directions, one forward and a backward
         pass
     elif hasattr(zo_module, "direction_chunk"):
@@ -110,8 +113,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             client.train_step(batch, link)
             times.append(time.perf_counter() - started)
-        return {"step": statistics.median(times), "mean_step": statistics.mean(times),
-                **{k: v / steps for k, v in timers.items()}}
+        return {
+            "step": statistics.median(times),
+            "mean_step": statistics.mean(times),
+            **{k: v / steps for k, v in timers.items()},
+        }
 
     link = InProcessLink(server.handle_bytes)
     run(link, 1, 0)  # warm-up
@@ -131,8 +137,13 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         clean = client._forward(batch)
     labels = {k: batch[k] for k in ("labels", "score_ids", "target_ids") if k in batch}
     if scored:  # the server's own work per step: score 2Q activations, one FO step
-        request = StepRequest(kind="zo", clean=clean, attention_mask=batch["attention_mask"],
-                              perturbed=clean.unsqueeze(0).repeat(2 * q, 1, 1, 1), **labels)
+        request = StepRequest(
+            kind="zo",
+            clean=clean,
+            attention_mask=batch["attention_mask"],
+            perturbed=clean.unsqueeze(0).repeat(2 * q, 1, 1, 1),
+            **labels,
+        )
     else:  # one FO step that returns the cut gradient
         request = StepRequest(kind="fo", clean=clean, attention_mask=batch["attention_mask"], **labels)
     server_floor = []
@@ -140,16 +151,27 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         server.handle(request)
         server_floor.append(time.perf_counter() - started)
-    return {"fl_app": str(Path(fl_app.__file__).parent), "full": full, "client_only": alone,
-            "floor": statistics.median(floors) if floors else None,
-            "server_floor": statistics.median(server_floor), "queries": q if client.zo is not None else None,
-            "trainable": sum(p.numel() for p in client.params)}
+    return {
+        "fl_app": str(Path(fl_app.__file__).parent),
+        "full": full,
+        "client_only": alone,
+        "floor": statistics.median(floors) if floors else None,
+        "server_floor": statistics.median(server_floor),
+        "queries": q if client.zo is not None else None,
+        "trainable": sum(p.numel() for p in client.params),
+    }
 
 
 def _run_worker(spec: dict[str, Any], tree: Path, script: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, str(script), "--worker", json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"worker for {spec['name']} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,14 +192,27 @@ def _summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in runs]
         return None if None in values else statistics.median(values)
 
-    row = {"variant": name, "queries": runs[0]["queries"], "step": med(("full", "step")),
-           "client_only": med(("client_only", "step")), "floor": med(("floor",)),
-           "server_floor": med(("server_floor",)), "generate": med(("client_only", "generate")),
-           "passes": med(("client_only", "passes")), "forward": med(("client_only", "forward")),
-           "wait": med(("full", "wait")), "runs": runs}
+    row = {
+        "variant": name,
+        "queries": runs[0]["queries"],
+        "step": med(("full", "step")),
+        "client_only": med(("client_only", "step")),
+        "floor": med(("floor",)),
+        "server_floor": med(("server_floor",)),
+        "generate": med(("client_only", "generate")),
+        "passes": med(("client_only", "passes")),
+        "forward": med(("client_only", "forward")),
+        "wait": med(("full", "wait")),
+        "runs": runs,
+    }
     # the components are means over the steps, so the rest is taken from the mean step, run by run
-    row["other"] = statistics.median(r["client_only"].get("mean_step", r["client_only"]["step"]) - r["client_only"]["passes"]
-                                     - r["client_only"]["forward"] - r["client_only"]["wait"] for r in runs)
+    row["other"] = statistics.median(
+        r["client_only"].get("mean_step", r["client_only"]["step"])
+        - r["client_only"]["passes"]
+        - r["client_only"]["forward"]
+        - r["client_only"]["wait"]
+        for r in runs
+    )
     return row
 
 
@@ -186,30 +221,39 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _markdown(rows: list[dict[str, Any]], args) -> str:
-    lines = [f"# ZO client step cost ({Path(args.scenario).name}, {args.steps} steps x {args.repeats} "
-             "alternating repeats, medians)", "",
-             "`python -m benchmarks.client_cost " + " ".join(sys.argv[1:]) + "`", "",
-             "| variant | Q | whole step s | speed-up vs old (same Q) | client-only step s | floor s "
-             "| client-only / floor | generation s | passes s (incl. generation) | forwards s | other s "
-             "| wait for server s (whole step) | server floor s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# ZO client step cost ({Path(args.scenario).name}, {args.steps} steps x {args.repeats} "
+        "alternating repeats, medians)",
+        "",
+        "`python -m benchmarks.client_cost " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "| variant | Q | whole step s | speed-up vs old (same Q) | client-only step s | floor s "
+        "| client-only / floor | generation s | passes s (incl. generation) | forwards s | other s "
+        "| wait for server s (whole step) | server floor s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         old = rows[0] if r["versus"] is None else next(o for o in rows if o["variant"] == r["versus"])
         floor = "n/a" if r["floor"] is None else f"{r['floor']:.3f}"
-        lines.append(f"| {r['variant']} | {r['queries'] or '-'} | {r['step']:.3f} | {_ratio(old['step'], r['step'])} "
-                     f"| {r['client_only']:.3f} | {floor} "
-                     f"| {_ratio(r['client_only'], r['floor'])} | {r['generate']:.3f} | {r['passes']:.3f} "
-                     f"| {r['forward']:.3f} | {r['other']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |")
-    lines += ["", "Whole step: client and in-process server share the machine's cores. Client-only: the server "
-              "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
-              "bottom on each step's batch, timed alone. Server floor: the server's own work per step, timed "
-              "alone (with losses feedback: score 2Q activations and one FO step; with gradient feedback and "
-              "in fo-fo: one FO step returning the cut gradient). Generation is thread-seconds (Gaussian chunks "
-              "are drawn on two threads); the old code's generation is inside its passes. Other: the rest of "
-              "the client-only step (serialising frames, the client's bookkeeping; in fo-fo its backward "
-              "and optimiser step), per run from the mean step (the step columns are medians; runs without "
-              "the mean can show a small negative rest). The fo-fo row's speed-up is against the old HOSL "
-              "step at Q = 10."]
+        lines.append(
+            f"| {r['variant']} | {r['queries'] or '-'} | {r['step']:.3f} | {_ratio(old['step'], r['step'])} "
+            f"| {r['client_only']:.3f} | {floor} "
+            f"| {_ratio(r['client_only'], r['floor'])} | {r['generate']:.3f} | {r['passes']:.3f} "
+            f"| {r['forward']:.3f} | {r['other']:.3f} | {r['wait']:.3f} | {r['server_floor']:.3f} |"
+        )
+    lines += [
+        "",
+        "Whole step: client and in-process server share the machine's cores. Client-only: the server "
+        "answers at once (what the edge device itself spends). Floor: (2Q + 1) no-grad forwards of the "
+        "bottom on each step's batch, timed alone. Server floor: the server's own work per step, timed "
+        "alone (with losses feedback: score 2Q activations and one FO step; with gradient feedback and "
+        "in fo-fo: one FO step returning the cut gradient). Generation is thread-seconds (Gaussian chunks "
+        "are drawn on two threads); the old code's generation is inside its passes. Other: the rest of "
+        "the client-only step (serialising frames, the client's bookkeeping; in fo-fo its backward "
+        "and optimiser step), per run from the mean step (the step columns are medians; runs without "
+        "the mean can show a small negative rest). The fo-fo row's speed-up is against the old HOSL "
+        "step at Q = 10.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -220,8 +264,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["variant"] if "Q =" in r["variant"] or not r["queries"] else f"{r['variant']}, Q = {r['queries']}"
-             for r in rows]
+    names = [
+        r["variant"] if "Q =" in r["variant"] or not r["queries"] else f"{r['variant']}, Q = {r['queries']}"
+        for r in rows
+    ]
     y = list(range(len(rows)))[::-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 1.8), sharey=True)
     left.barh([v + 0.2 for v in y], [r["step"] for r in rows], height=0.4, label="whole step (in-process server)")
@@ -231,15 +277,25 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     left.legend(loc="lower right")
     starts = [0.0] * len(rows)
     generation = [min(r["generate"], r["passes"]) for r in rows]  # thread-seconds: up to the passes' wall time
-    parts = {"direction generation (within the passes)": generation,
-             "perturb / update passes": [r["passes"] - g for r, g in zip(rows, generation)],
-             "forwards": [r["forward"] for r in rows], "other": [max(0.0, r["other"]) for r in rows]}
+    parts = {
+        "direction generation (within the passes)": generation,
+        "perturb / update passes": [r["passes"] - g for r, g in zip(rows, generation)],
+        "forwards": [r["forward"] for r in rows],
+        "other": [max(0.0, r["other"]) for r in rows],
+    }
     for label, widths in parts.items():
         right.barh(y, widths, left=starts, height=0.6, label=label)
         starts = [s + w for s, w in zip(starts, widths)]
     floors = [(v, r["floor"]) for v, r in zip(y, rows) if r["floor"] is not None]
-    right.scatter([f for _, f in floors], [v for v, _ in floors], marker="|", s=400, color="black",
-                  label="floor: (2Q + 1) forwards", zorder=3)
+    right.scatter(
+        [f for _, f in floors],
+        [v for v, _ in floors],
+        marker="|",
+        s=400,
+        color="black",
+        label="floor: (2Q + 1) forwards",
+        zorder=3,
+    )
     right.set_xlabel("client-only seconds per step")
     right.legend(loc="lower right")
     fig.tight_layout()
@@ -257,8 +313,11 @@ VARIANTS = {  # name: (tree, overrides, the old-code row its speed-up is measure
     "default + hosl-feedback = gradient": ("tree", {**DEFAULT, "hosl-feedback": "gradient"}, None),
     "old code, Q = 4": ("baseline", {"zo-queries": 4}, "old code, Q = 4"),
     "default, Q = 4": ("tree", {**DEFAULT, "zo-queries": 4}, "old code, Q = 4"),
-    "default + gradient feedback, Q = 4": ("tree", {**DEFAULT, "zo-queries": 4, "hosl-feedback": "gradient"},
-                                            "old code, Q = 4"),
+    "default + gradient feedback, Q = 4": (
+        "tree",
+        {**DEFAULT, "zo-queries": 4, "hosl-feedback": "gradient"},
+        "old code, Q = 4",
+    ),
     "fo-fo (client SGD)": ("tree", {"mode": "fo-fo"}, None),
 }
 
@@ -282,12 +341,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "old").mkdir()
         (Path(tmp) / "new").mkdir()
-        trees = {"baseline": _git_tree(args.baseline, Path(tmp) / "old"),
-                 "tree": _git_tree(args.candidate, Path(tmp) / "new")}
+        trees = {
+            "baseline": _git_tree(args.baseline, Path(tmp) / "old"),
+            "tree": _git_tree(args.candidate, Path(tmp) / "new"),
+        }
         for repeat in range(args.repeats):
             for name, (tree, overrides, _) in VARIANTS.items():
-                spec = {"name": name, "scenario": str(trees["tree"] / args.scenario), "steps": args.steps,
-                        "overrides": {**shared, **overrides}}
+                spec = {
+                    "name": name,
+                    "scenario": str(trees["tree"] / args.scenario),
+                    "steps": args.steps,
+                    "overrides": {**shared, **overrides},
+                }
                 runs[name].append(_run_worker(spec, trees[tree], trees["tree"] / "benchmarks" / "client_cost.py"))
                 print(f"repeat {repeat + 1}: {name}: step {runs[name][-1]['full']['step']:.3f} s", flush=True)
     rows = [{**_summary(name, result), "versus": VARIANTS[name][2]} for name, result in runs.items()]

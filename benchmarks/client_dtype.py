@@ -1,6 +1,7 @@
 """What storing a ZO client's bottom in half precision does to one step, against float32.
 
-    python -m benchmarks.client_dtype [--scenario sim_configs/sst2_minilm_full.toml] [--steps 3] [--out docs/client_dtype]
+    python -m benchmarks.client_dtype [--scenario sim_configs/sst2_minilm_full.toml] [--steps 3] \
+        [--out docs/client_dtype]
 
 For each ``client-dtype`` the same bottom takes the same ZO steps (same seeds, batches and row
 selection) against a fixed smooth readout of its activations, L(h) = <r, h> / sqrt(numel) (the
@@ -15,9 +16,11 @@ server is left out, so only the client's rounding differs). Per dtype it reports
 
 Writes ``<out>.md`` and ``<out>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,8 +28,8 @@ from typing import Any
 
 import torch
 
-from fl_app.config import make_config, read_scenario
 from fl_app.batches import BatchStream
+from fl_app.config import make_config, read_scenario
 from fl_app.scenario import client_seed, client_trainable, load_client_bottom, load_task_data, split_client
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
@@ -42,8 +45,15 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
     stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], client_seed(config, 0))
     readout = torch.randn(config["max-length"] * bottom.hidden_size, generator=torch.Generator().manual_seed(0))
     eps, q = config["zo-eps"], config["zo-queries"]
-    out: dict[str, Any] = {"dtype": dtype, "grads": [], "drift": [], "drift_rms": [], "update_error": [], "forward_s": [],
-                           "weights_mib": sum(p.numel() * p.element_size() for p in bottom.parameters()) / 2**20}
+    out: dict[str, Any] = {
+        "dtype": dtype,
+        "grads": [],
+        "drift": [],
+        "drift_rms": [],
+        "update_error": [],
+        "forward_s": [],
+        "weights_mib": sum(p.numel() * p.element_size() for p in bottom.parameters()) / 2**20,
+    }
 
     def loss(batch) -> float:
         started = time.perf_counter()
@@ -57,7 +67,7 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
             rows = client.step_rows(batch)
             seeds = draw_seeds(step_generator(config["seed"], step), q)
             before = [p.detach().double().clone() for p in client.params]
-            losses = client.zo.walk(seeds, lambda: loss(batch), rows)
+            losses = client.zo.walk(seeds, functools.partial(loss, batch), rows)
             walked = [p.detach().clone() for p in client.params]
             client.zo.perturb(seeds[-1], +1.0, rows)  # restore, to see what the walk left behind
             drift = max(float((p.double() - b).abs().max()) for p, b in zip(client.params, before))
@@ -67,8 +77,12 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
                 p.copy_(w)
             grads = client.zo.finish(seeds, losses, rows)
             intended = [b.clone() for b in before]
-            ZOEstimator(intended, eps, config["client-lr"], directions=config["zo-directions"]).update(seeds, grads, rows=rows)
-            num = sum(float(((p.double() - b) - (i - b)).pow(2).sum()) for p, b, i in zip(client.params, before, intended))
+            ZOEstimator(intended, eps, config["client-lr"], directions=config["zo-directions"]).update(
+                seeds, grads, rows=rows
+            )
+            num = sum(
+                float(((p.double() - b) - (i - b)).pow(2).sum()) for p, b, i in zip(client.params, before, intended)
+            )
             den = sum(float((i - b).pow(2).sum()) for b, i in zip(before, intended))
             out["grads"].append(grads)
             out["drift"].append(drift / eps)
@@ -85,22 +99,33 @@ def main() -> None:
     scenario = read_scenario(args.scenario)
     results = [_measure(scenario, dtype, args.steps) for dtype in DTYPES]
     reference = torch.tensor(results[0]["grads"], dtype=torch.float64)
-    lines = [f"# Half-precision ZO client weights ({Path(args.scenario).name}, {args.steps} steps, "
-             f"eps {scenario.get('zo-eps', 1e-3)}, client-lr {scenario.get('client-lr')})", "",
-             "`python -m benchmarks.client_dtype " + " ".join(f"--{k} {v}" for k, v in vars(args).items()) + "`", "",
-             "| client-dtype | weights MiB | forward ms | projected-gradient error vs float32 | walk drift / eps "
-             "| walk drift rms / eps | update lost to rounding |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Half-precision ZO client weights ({Path(args.scenario).name}, {args.steps} steps, "
+        f"eps {scenario.get('zo-eps', 1e-3)}, client-lr {scenario.get('client-lr')})",
+        "",
+        "`python -m benchmarks.client_dtype " + " ".join(f"--{k} {v}" for k, v in vars(args).items()) + "`",
+        "",
+        "| client-dtype | weights MiB | forward ms | projected-gradient error vs float32 | walk drift / eps "
+        "| walk drift rms / eps | update lost to rounding |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         grads = torch.tensor(r["grads"], dtype=torch.float64)
         r["grad_error"] = float((grads - reference).norm() / reference.norm())
         r["forward_ms"] = 1000 * sorted(r["forward_s"])[len(r["forward_s"]) // 2]
-        lines.append(f"| {r['dtype']} | {r['weights_mib']:.1f} | {r['forward_ms']:.1f} | {r['grad_error']:.3f} "
-                     f"| {max(r['drift']):.3f} | {max(r['drift_rms']):.4f} | {max(r['update_error']):.3f} |")
-    lines += ["", "Projected-gradient error: ||g - g_float32|| / ||g_float32|| over all queries and steps. Walk drift: "
-              "the largest change a perturb / restore walk leaves on any weight, in units of eps (float32: "
-              "float rounding only; weights far from zero, e.g. LayerNorm gains near 1, have the widest "
-              "spacing), and its root mean square over all perturbed weights. Update lost: ||applied - intended|| / ||intended|| for the step's update, "
-              "the intended one computed in float64 from the same projected gradients (1.0: nothing applied)."]
+        lines.append(
+            f"| {r['dtype']} | {r['weights_mib']:.1f} | {r['forward_ms']:.1f} | {r['grad_error']:.3f} "
+            f"| {max(r['drift']):.3f} | {max(r['drift_rms']):.4f} | {max(r['update_error']):.3f} |"
+        )
+    lines += [
+        "",
+        "Projected-gradient error: ||g - g_float32|| / ||g_float32|| over all queries and steps. Walk drift: "
+        "the largest change a perturb / restore walk leaves on any weight, in units of eps (float32: "
+        "float rounding only; weights far from zero, e.g. LayerNorm gains near 1, have the widest "
+        "spacing), and its root mean square over all perturbed weights. Update lost: "
+        "||applied - intended|| / ||intended|| for the step's update, "
+        "the intended one computed in float64 from the same projected gradients (1.0: nothing applied).",
+    ]
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

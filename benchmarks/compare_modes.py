@@ -6,6 +6,7 @@
 Prints a markdown table (dev/test accuracy, client peak memory, bytes per step, seconds per step)
 including the untrained model (round 0), and writes it next to each mode's results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,16 @@ from fl_app.train import run
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | dev acc | test acc | client peak MiB | up KiB/step | down KiB/step | s/step |\n"
-            "|---|---|---|---|---|---|---|")
+    head = (
+        "| mode | dev acc | test acc | client peak MiB | up KiB/step | down KiB/step | s/step |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['dev']:.4f} | {r['test'] if r['test'] is None else format(r['test'], '.4f')} "
-                     f"| {r['mem']} | {r['up']} | {r['down']} | {r['sps']} |")
+        lines.append(
+            f"| {r['mode']} | {r['dev']:.4f} | {r['test'] if r['test'] is None else format(r['test'], '.4f')} "
+            f"| {r['mem']} | {r['up']} | {r['down']} | {r['sps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -32,8 +37,13 @@ def main() -> None:
     parser.add_argument("scenario")
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--mode-set", action="append", default=[], metavar="MODE:KEY=VALUE",
-                        help="override a key for one mode only (e.g. learning rates that differ by optimiser order)")
+    parser.add_argument(
+        "--mode-set",
+        action="append",
+        default=[],
+        metavar="MODE:KEY=VALUE",
+        help="override a key for one mode only (e.g. learning rates that differ by optimiser order)",
+    )
     parser.add_argument("--modes", default="fo-fo,hosl,zo-zo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -48,15 +58,29 @@ def main() -> None:
         results = run(config, Path(args.out) / mode)
         if not rows:
             untrained = results["eval"]["history"][0]
-            rows.append({"mode": "untrained", "dev": untrained["accuracy"], "test": None, "mem": "-", "up": "-",
-                         "down": "-", "sps": "-"})
+            rows.append(
+                {
+                    "mode": "untrained",
+                    "dev": untrained["accuracy"],
+                    "test": None,
+                    "mem": "-",
+                    "up": "-",
+                    "down": "-",
+                    "sps": "-",
+                }
+            )
         test = results["eval"].get("test", {}).get("accuracy")
-        rows.append({
-            "mode": mode, "dev": results["eval"]["accuracy"], "test": test,
-            "mem": f"{results['client']['peak_memory_bytes'] / 2**20:.1f}",
-            "up": f"{results['comm']['train_bytes_up_per_step'] / 1024:.0f}",
-            "down": f"{results['comm']['train_bytes_down_per_step'] / 1024:.1f}",
-            "sps": f"{results['client']['seconds_per_step']:.2f}"})
+        rows.append(
+            {
+                "mode": mode,
+                "dev": results["eval"]["accuracy"],
+                "test": test,
+                "mem": f"{results['client']['peak_memory_bytes'] / 2**20:.1f}",
+                "up": f"{results['comm']['train_bytes_up_per_step'] / 1024:.0f}",
+                "down": f"{results['comm']['train_bytes_down_per_step'] / 1024:.1f}",
+                "sps": f"{results['client']['seconds_per_step']:.2f}",
+            }
+        )
     text = table(rows)
     print(text)
     Path(args.out, "table.md").write_text(text + "\n")

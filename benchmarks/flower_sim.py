@@ -3,6 +3,7 @@
 Each run gets its own FLWR_HOME (runtime dependency installation disabled) and its background
 SuperLink is stopped afterwards, so runs do not share an environment.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,24 @@ def run_simulation(scenario: Path, overrides: list[str], supernodes: int, timeou
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     try:
-        proc = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(cfg), "--federation-config",
-                               f"num-supernodes={supernodes} client-resources-num-cpus=1"], cwd=ROOT, env=env,
-                              check=True, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [
+                "flwr",
+                "run",
+                ".",
+                "--stream",
+                "--run-config",
+                str(cfg),
+                "--federation-config",
+                f"num-supernodes={supernodes} client-resources-num-cpus=1",
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return finished_results(out, proc.stdout + proc.stderr, timeout)
     finally:
         stop(superlink_pids(home))

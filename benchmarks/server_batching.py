@@ -5,6 +5,7 @@
 Times SplitServer.score_perturbed on one real HOSL request with score_chunk_rows = batch size
 (one forward per perturbed activation) against larger chunks (several per forward), interleaved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,10 @@ import time
 
 import torch
 
+from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
 from fl_app.protocol import decode_frame
-from fl_app.batches import BatchStream
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
 
 

@@ -5,6 +5,7 @@ deployment, and what per-step Flower messages would cost instead. One run, side 
 
 Uses the tiny scenario with one client so the transport, not the model, dominates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from flower_sim import run_simulation  # benchmarks/ is on sys.path when run as a script
+
 from fl_app.config import make_config, read_scenario
 from fl_app.train import run
 
@@ -22,8 +24,15 @@ SCENARIO = ROOT / "sim_configs" / "smoke_tiny.toml"
 
 
 def overrides(out: Path, steps: int, probes: int) -> list[str]:
-    return [f"out-dir={out}", "num-clients=1", "num-rounds=1", f"local-steps={steps}", "eval-test=false",
-            "eval-examples=8", f"probe-messages={probes}"]
+    return [
+        f"out-dir={out}",
+        "num-clients=1",
+        "num-rounds=1",
+        f"local-steps={steps}",
+        "eval-test=false",
+        "eval-examples=8",
+        f"probe-messages={probes}",
+    ]
 
 
 def session_rate(results: dict) -> tuple[float, float]:
@@ -41,9 +50,25 @@ def flower_deploy(out: Path, steps: int, probes: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sets = " ".join(overrides(out, steps, probes))
-    subprocess.run(["bash", "scripts/deploy_local.sh", "--insecure", "--nodes", "1", "--port", str(port),
-                    "--run-config", str(SCENARIO), "--set", sets], cwd=ROOT, check=True, capture_output=True,
-                   timeout=1800)
+    subprocess.run(
+        [
+            "bash",
+            "scripts/deploy_local.sh",
+            "--insecure",
+            "--nodes",
+            "1",
+            "--port",
+            str(port),
+            "--run-config",
+            str(SCENARIO),
+            "--set",
+            sets,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
     return json.loads((out / "results.json").read_text())
 
 
@@ -64,15 +89,19 @@ def main() -> None:
         rate, wall_rate = session_rate(results)
         rtts = results["flower_message_rtt_seconds"]
         rows.append((name, rate, wall_rate, sum(rtts) / len(rtts)))
-    lines = ["| transport | steps/s (client step time) | steps/s (round wall) | ratio to local | "
-             "Flower message RTT s | steps/s if one Flower message per step | stream speed-up over per-step messages |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| transport | steps/s (client step time) | steps/s (round wall) | ratio to local | "
+        "Flower message RTT s | steps/s if one Flower message per step | stream speed-up over per-step messages |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rate, wall, rtt in rows:
         if rtt is None:
             lines.append(f"| {name} | {rate:.1f} | - | 1.00 | - | - | - |")
         else:
-            lines.append(f"| {name} | {rate:.1f} | {wall:.1f} | {rate / local_rate:.2f} | {rtt:.3f} | {1 / rtt:.2f} | "
-                         f"{rate * rtt:.0f}x |")
+            lines.append(
+                f"| {name} | {rate:.1f} | {wall:.1f} | {rate / local_rate:.2f} | {rtt:.3f} | {1 / rtt:.2f} | "
+                f"{rate * rtt:.0f}x |"
+            )
     text = "\n".join(lines)
     print(text)
     (out / "transport.md").write_text(text + "\n")

@@ -6,6 +6,7 @@ The same client (same seeds, same batches) runs against identical servers with e
 reported: upload bytes per step, the clean-loss error, and the error of the ZO projected
 gradients (l+ - l-) / 2 eps, which is what the client's update is made of.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ import copy
 
 import torch
 
+from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
-from fl_app.batches import BatchStream
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
 
 
@@ -38,15 +39,19 @@ def main() -> None:
         link.close()
         results[dtype] = stats
     ref = results["float32"]
-    print("| wire dtype | upload MiB / step | max clean-loss error | max projected-gradient error | "
-          "median |g| (fp32) | sign agreement of g |")
+    print(
+        "| wire dtype | upload MiB / step | max clean-loss error | max projected-gradient error | "
+        "median |g| (fp32) | sign agreement of g |"
+    )
     print("|---|---|---|---|---|---|")
     for dtype, stats in results.items():
         loss_err = max(abs(a.loss - b.loss) for a, b in zip(stats, ref))
         g, g_ref = torch.tensor([x.projected_grads for x in stats]), torch.tensor([x.projected_grads for x in ref])
         sign = float((torch.sign(g) == torch.sign(g_ref)).float().mean())
-        print(f"| {dtype} | {sum(s.bytes_up for s in stats) / len(stats) / 2**20:.2f} | {loss_err:.2e} | "
-              f"{float((g - g_ref).abs().max()):.2e} | {float(g_ref.abs().median()):.2e} | {sign:.2f} |")
+        print(
+            f"| {dtype} | {sum(s.bytes_up for s in stats) / len(stats) / 2**20:.2f} | {loss_err:.2e} | "
+            f"{float((g - g_ref).abs().max()):.2e} | {float(g_ref.abs().median()):.2e} | {sign:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ On a session message it opens the step stream named in the message, runs its ste
 replies with its report. Trainable weights, the step counter and the sync position persist in
 ``context.state`` (the only per-node state Flower keeps between messages).
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,11 +15,11 @@ from flwr.clientapp import ClientApp
 
 from fl_app.client_session import EVAL_METRICS, client_order, run_eval_session, run_session
 from fl_app.config import make_config
-from fl_app.records import (ClientState, history_from_record, report_to_record, state_from_records,
-                             state_to_records)
+from fl_app.records import ClientState, history_from_record, report_to_record, state_from_records, state_to_records
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+
 
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
@@ -26,6 +27,7 @@ def _partition(context: Context) -> tuple[int, int]:
         return int(node["partition-id"]), int(node["num-partitions"])
     except KeyError as err:
         raise ValueError(f"node config is missing {err} (set --node-config 'partition-id=0 num-partitions=2')") from err
+
 
 def _load_state(context: Context) -> ClientState | None:
     if "client" not in context.state.config_records:
@@ -60,12 +62,15 @@ def _error_reply(msg: Message, context: Context, err: Exception) -> Message:
     record = ConfigRecord({"ok": False, "error": f"{type(err).__name__}: {err}"[:2000], "partition-id": partition_id})
     return Message(RecordDict({"report": record}), reply_to=msg)
 
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition (the ServerApp cannot read node configs)."""
     partition_id, num_partitions = _partition(context)
-    return Message(RecordDict({"node": ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})}),
-                   reply_to=msg)
+    return Message(
+        RecordDict({"node": ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})}),
+        reply_to=msg,
+    )
 
 
 @app.train()
@@ -74,15 +79,25 @@ def train(msg: Message, context: Context) -> Message:
     try:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
         own_data = str(context.node_config.get("data-dir", ""))  # a node's own data instead of a partition
-        report, state = run_session(config, partition_id, num_partitions, _load_state(context), session, history,
-                                    average, train_data_dir=own_data)
+        report, state = run_session(
+            config,
+            partition_id,
+            num_partitions,
+            _load_state(context),
+            session,
+            history,
+            average,
+            train_data_dir=own_data,
+        )
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
         return _error_reply(msg, context, err)
     _save_state(context, state)
-    content = RecordDict({
-        "report": ConfigRecord({"ok": True, **report_to_record(report)}),
-    })
+    content = RecordDict(
+        {
+            "report": ConfigRecord({"ok": True, **report_to_record(report)}),
+        }
+    )
     if config["bottoms"] == "synced" and client_order(config) == "fo":  # FO clients sync by FedAvg of weights
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
     return Message(content, reply_to=msg)
@@ -93,10 +108,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
     try:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        result = run_eval_session(config, partition_id, num_partitions, _load_state(context), session, history,
-                                  average)
+        result = run_eval_session(config, partition_id, num_partitions, _load_state(context), session, history, average)
     except Exception as err:
         return _error_reply(msg, context, err)
     metrics = {k: float(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
-    return Message(RecordDict({"report": ConfigRecord({"ok": True, "partition-id": partition_id}),
-                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(
+        RecordDict(
+            {"report": ConfigRecord({"ok": True, "partition-id": partition_id}), "metrics": MetricRecord(metrics)}
+        ),
+        reply_to=msg,
+    )

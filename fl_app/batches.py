@@ -1,5 +1,6 @@
 """A client's batches: training order as a pure function of the step index (full data or a weighted
 subset), fixed mini-batches for subset selection, evaluation passes and shards."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """Atomic checkpoints and results: written to a temporary file, then renamed over the old one."""
+
 from __future__ import annotations
 
 import json

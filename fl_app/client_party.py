@@ -1,4 +1,5 @@
 """The client side of a split: holds the bottom, talks to the server only through bytes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +25,7 @@ class Link(Protocol):
 
     def exchange(self, payload: bytes) -> bytes: ...
 
+
 EMBEDDING_ROWS = ("batch", "all")
 HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 
@@ -42,8 +44,9 @@ def embedding_roles(bottom: torch.nn.Module, params: list[torch.nn.Parameter]) -
     return [roles.get(id(p)) for p in params]
 
 
-def batch_rows(roles: list[tuple[str, int] | None], params: list[torch.nn.Parameter],
-               input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+def batch_rows(
+    roles: list[tuple[str, int] | None], params: list[torch.nn.Parameter], input_ids: torch.Tensor
+) -> list[torch.Tensor | None]:
     """The embedding rows a batch can touch (sorted ids), per parameter; None where every row is used."""
     rows: list[torch.Tensor | None] = []
     for role, p in zip(roles, params):
@@ -95,16 +98,19 @@ class StepStats:
 def _with_cut_gradient(reply: StepReply, hidden: torch.Tensor) -> StepReply:
     """``reply``, checked to carry dL/dh of ``hidden``'s shape (an FO server's answer to an FO step)."""
     if reply.grad is None or reply.grad.shape != hidden.shape:
-        raise ValueError(f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
-                         f"expected {list(hidden.shape)}")
+        raise ValueError(
+            f"server returned grad of shape {None if reply.grad is None else list(reply.grad.shape)}, "
+            f"expected {list(hidden.shape)}"
+        )
     return reply
 
 
 class SplitClient:
     """Owns a bottom and its optimiser state; never touches the server's objects."""
 
-    def __init__(self, bottom: ClientBottom, params: list[torch.nn.Parameter], config: ClientOptimConfig,
-                 client_id: str = "0"):
+    def __init__(
+        self, bottom: ClientBottom, params: list[torch.nn.Parameter], config: ClientOptimConfig, client_id: str = "0"
+    ):
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
@@ -123,11 +129,17 @@ class SplitClient:
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
-    def _request(self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor],
-                 extra: dict | None = None) -> StepRequest:
+    def _request(
+        self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor], extra: dict | None = None
+    ) -> StepRequest:
         labels = {k: batch[k] for k in LABEL_KEYS if k in batch}
-        return StepRequest(kind=kind, clean=clean.detach().to(self.wire_dtype), attention_mask=batch["attention_mask"],
-                           meta={"client": self.client_id, "step": self.steps, **(extra or {})}, **labels)
+        return StepRequest(
+            kind=kind,
+            clean=clean.detach().to(self.wire_dtype),
+            attention_mask=batch["attention_mask"],
+            meta={"client": self.client_id, "step": self.steps, **(extra or {})},
+            **labels,
+        )
 
     def train_step(self, batch: dict[str, torch.Tensor], link: Link, weight: float = 1.0) -> StepStats:
         """One split step over ``link`` (one reply per step; ZO parts are streamed without replies).
@@ -157,8 +169,7 @@ class SplitClient:
             self.measured_resident, self.peak_bytes = resident, resident + peak.transient_bytes
         self.steps += 1
         release_freed_memory()  # the step's freed activations and frames leave the process
-        return StepStats(loss, up, down, self.peak_bytes, time.perf_counter() - start, seeds, grads,
-                         pack_rows(rows))
+        return StepStats(loss, up, down, self.peak_bytes, time.perf_counter() - start, seeds, grads, pack_rows(rows))
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
         """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""
@@ -208,8 +219,9 @@ class SplitClient:
         reply = _with_cut_gradient(StepReply.from_bytes(answer), clean)
         grad = reply.grad.float().flatten()  # already scaled by the step's weight on the server
         clean = clean.float().flatten()
-        losses = self.zo.walk(seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))),
-                              rows)
+        losses = self.zo.walk(
+            seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))), rows
+        )
         grads = self.zo.finish(seeds, losses, rows)
         return reply.clean_loss, len(payload), len(answer), seeds, grads
 
@@ -238,9 +250,13 @@ class SplitClient:
         server computes its last-layer gradient proxy; no raw data leaves), then ask for ``budget`` of them."""
         count = 0
         for index, batch in enumerate(batches):
-            StepReply.from_bytes(link.exchange(self._request("proxy", self._forward(batch), batch, {"batch": index}).to_bytes()))
+            StepReply.from_bytes(
+                link.exchange(self._request("proxy", self._forward(batch), batch, {"batch": index}).to_bytes())
+            )
             count += 1
-        reply = StepReply.from_bytes(link.exchange(SelectRequest(budget, count, seed, {"client": self.client_id}).to_bytes()))
+        reply = StepReply.from_bytes(
+            link.exchange(SelectRequest(budget, count, seed, {"client": self.client_id}).to_bytes())
+        )
         if reply.batch_ids is None or reply.batch_weights is None or reply.batch_ids.shape != reply.batch_weights.shape:
             raise ValueError("server's selection reply lacks matching 'batch_ids' and 'batch_weights'")
         ids = reply.batch_ids.tolist()

@@ -3,6 +3,7 @@
 Flower-free: the ClientApp converts Flower records to the plain dicts used here and stores the
 returned state in ``context.state``; tests drive the same functions directly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,15 +17,22 @@ from typing import Any, Protocol
 
 import torch
 
+from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.client_party import Link, SplitClient
 from fl_app.config import MODES
-from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
 from fl_app.records import ClientState, History
-from fl_app.scenario import (TaskData, client_seed, client_trainable, load_client_bottom, load_task_data,
-                              reset_client_bottom, split_client)
+from fl_app.scenario import (
+    TaskData,
+    client_seed,
+    client_trainable,
+    load_client_bottom,
+    load_task_data,
+    reset_client_bottom,
+    split_client,
+)
 from fl_app.stream import StepStreamClient
 from fl_app.subset import PLANS, Subset, budget_batches, select_batches
 from fl_app.tasks import Example
@@ -56,17 +64,37 @@ def _working(config_key: tuple) -> _Working:
     return _Working(bottom, load_task_data(config, loaded))
 
 
-CONFIG_KEY_FIELDS = ("model", "task", "cut-layer", "seed", "n-train", "n-dev", "n-test", "data-source", "data-dir",
-                     "max-length", "num-clients", "partition", "dirichlet-alpha",
-                     # what the client trains and in which dtype: the bottom is configured (LoRA injected) once per key
-                     "client-params", "lora-r", "lora-alpha", "lora-targets", "freeze-embeddings", "client-dtype")
+CONFIG_KEY_FIELDS = (
+    "model",
+    "task",
+    "cut-layer",
+    "seed",
+    "n-train",
+    "n-dev",
+    "n-test",
+    "data-source",
+    "data-dir",
+    "max-length",
+    "num-clients",
+    "partition",
+    "dirichlet-alpha",
+    # what the client trains and in which dtype: the bottom is configured (LoRA injected) once per key
+    "client-params",
+    "lora-r",
+    "lora-alpha",
+    "lora-targets",
+    "freeze-embeddings",
+    "client-dtype",
+)
 
 
 def _config_key(config: Mapping[str, Any]) -> tuple:
     return tuple((k, config[k]) for k in CONFIG_KEY_FIELDS)
 
 
-def make_client(config: Mapping[str, Any], partition_id: int, state: ClientState | None) -> tuple[SplitClient, TaskData]:
+def make_client(
+    config: Mapping[str, Any], partition_id: int, state: ClientState | None
+) -> tuple[SplitClient, TaskData]:
     """Client ``partition_id`` on this process's working bottom, holding ``state``'s weights, or its
     starting weights when there are none (first session, or a new tuning trial).
 
@@ -94,7 +122,9 @@ def restore(client: SplitClient, state: ClientState) -> None:
     named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
     if state.weights:
         if set(state.weights) != set(named):
-            raise ValueError(f"saved client state does not match the model: {sorted(set(state.weights) ^ set(named))[:5]}")
+            raise ValueError(
+                f"saved client state does not match the model: {sorted(set(state.weights) ^ set(named))[:5]}"
+            )
         with torch.no_grad():
             for name, value in state.weights.items():
                 named[name].copy_(value)
@@ -105,8 +135,9 @@ def catch_up(client: SplitClient, history: History, partition_id: int, synced_ro
     """Apply the other clients' ZO updates (seed, projected gradient) in history order; returns count."""
     applied = 0
     rows = history.rows or [b""] * len(history)
-    for rnd, who, lr, seeds, grads, packed in zip(history.rounds, history.clients, history.lrs, history.seeds,
-                                                  history.grads, rows):
+    for rnd, who, lr, seeds, grads, packed in zip(
+        history.rounds, history.clients, history.lrs, history.seeds, history.grads, rows
+    ):
         if rnd <= synced_round or who == partition_id:
             continue  # already applied, or our own update (already in our weights)
         client.zo.update(seeds, grads, lr=lr, rows=unpack_rows(packed, len(client.zo.params)))
@@ -133,12 +164,23 @@ class SessionLink(Link, Protocol):
 
 def connect(session: Mapping[str, Any], config: Mapping[str, Any]) -> StepStreamClient:
     """The step stream named in a session message, with the scenario's frame size limit."""
-    return StepStreamClient(session["address"], session["token"], (session.get("root-certificate") or "").encode() or None,
-                            max_message_bytes=config["max-frame-mb"] * 2**20)
+    return StepStreamClient(
+        session["address"],
+        session["token"],
+        (session.get("root-certificate") or "").encode() or None,
+        max_message_bytes=config["max-frame-mb"] * 2**20,
+    )
 
 
-def _prepare(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
-             session: Mapping[str, Any], history: History | None, average: Mapping[str, torch.Tensor] | None):
+def _prepare(
+    config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    state: ClientState | None,
+    session: Mapping[str, Any],
+    history: History | None,
+    average: Mapping[str, torch.Tensor] | None,
+):
     """(config, client, task data, state, updates caught up) for a session: the saved state if it is
     this trial's, the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
     if not 0 <= partition_id < num_partitions:
@@ -155,10 +197,17 @@ def _prepare(config: Mapping[str, Any], partition_id: int, num_partitions: int, 
     return config, client, data, state, caught_up
 
 
-def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
-                session: Mapping[str, Any], history: History | None = None,
-                average: Mapping[str, torch.Tensor] | None = None,
-                train_data_dir: str = "", link: SessionLink | None = None) -> tuple[dict[str, Any], ClientState]:
+def run_session(
+    config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    state: ClientState | None,
+    session: Mapping[str, Any],
+    history: History | None = None,
+    average: Mapping[str, torch.Tensor] | None = None,
+    train_data_dir: str = "",
+    link: SessionLink | None = None,
+) -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
     ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps, and
@@ -172,18 +221,23 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
     if plan not in PLANS:
         raise ValueError(f"field 'subset' of the session is {plan!r}, expected one of {PLANS}")
     started = time.perf_counter()
-    config, client, data, state, caught_up = _prepare(config, partition_id, num_partitions, state, session, history,
-                                                      average)
+    config, client, data, state, caught_up = _prepare(
+        config, partition_id, num_partitions, state, session, history, average
+    )
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
         if config["subset-selector"] == "full":
             raise ValueError("session asks to keep a subset, but subset-selector is 'full' (field 'subset')")
         plan = config["subset-selector"]
-    examples = (local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
-                if train_data_dir else data.client_examples(partition_id))
+    examples = (
+        local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
+        if train_data_dir
+        else data.client_examples(partition_id)
+    )
     link = link or connect(session, config)
     try:
-        source, subset, selection = _training_source(client, partition_id, examples, data.encoder, config, session,
-                                                     plan, state, link)
+        source, subset, selection = _training_source(
+            client, partition_id, examples, data.encoder, config, session, plan, state, link
+        )
         stats = []
         for indices, weight in source:
             stats.append(client.train_step(data.encoder([examples[i] for i in indices]), link, weight))
@@ -192,17 +246,33 @@ def run_session(config: Mapping[str, Any], partition_id: int, num_partitions: in
         link.close()
     losses = [s.loss for s in stats]
     report = {
-        "partition-id": partition_id, "steps": len(stats), "losses": losses,
-        "train-loss": sum(losses) / len(losses), "bytes-up": link.bytes_up, "bytes-down": link.bytes_down,
-        "peak-memory-bytes": max(s.peak_memory_bytes for s in stats), "step-seconds": sum(s.seconds for s in stats),
-        "session-seconds": time.perf_counter() - started, "caught-up-updates": caught_up,
-        "seeds": [s.seeds for s in stats], "grads": [s.projected_grads for s in stats], "rows": [s.rows for s in stats],
-        "lr": client.config.lr, "subset-plan": plan, "subset-batches": len(subset.batch_ids) if subset else 0,
-        **selection, **{f"bottom-{k}": v for k, v in param_counts(client.bottom).items()},
+        "partition-id": partition_id,
+        "steps": len(stats),
+        "losses": losses,
+        "train-loss": sum(losses) / len(losses),
+        "bytes-up": link.bytes_up,
+        "bytes-down": link.bytes_down,
+        "peak-memory-bytes": max(s.peak_memory_bytes for s in stats),
+        "step-seconds": sum(s.seconds for s in stats),
+        "session-seconds": time.perf_counter() - started,
+        "caught-up-updates": caught_up,
+        "seeds": [s.seeds for s in stats],
+        "grads": [s.projected_grads for s in stats],
+        "rows": [s.rows for s in stats],
+        "lr": client.config.lr,
+        "subset-plan": plan,
+        "subset-batches": len(subset.batch_ids) if subset else 0,
+        **selection,
+        **{f"bottom-{k}": v for k, v in param_counts(client.bottom).items()},
     }
-    new_state = ClientState(weights=trainable_state(client), steps=client.steps, synced_round=int(session["round"]) - 1,
-                            trial=state.trial, subset_ids=list(subset.batch_ids) if subset else [],
-                            subset_weights=list(subset.weights) if subset else [])
+    new_state = ClientState(
+        weights=trainable_state(client),
+        steps=client.steps,
+        synced_round=int(session["round"]) - 1,
+        trial=state.trial,
+        subset_ids=list(subset.batch_ids) if subset else [],
+        subset_weights=list(subset.weights) if subset else [],
+    )
     return report, new_state
 
 
@@ -210,15 +280,26 @@ def _progress(partition_id: int, session: Mapping[str, Any], stats: list, steps:
     """A line about four times per session (and at its end): steps done, mean loss, seconds per step."""
     done = len(stats)
     if done == steps or done % max(1, steps // 4) == 0:
-        recent = stats[-max(1, steps // 4):]
-        print(f"[hosl] round {session['round']} client {partition_id}: step {done}/{steps}, "
-              f"loss {sum(s.loss for s in recent) / len(recent):.4f}, "
-              f"{sum(s.seconds for s in recent) / len(recent):.2f} s/step", flush=True)
+        recent = stats[-max(1, steps // 4) :]
+        print(
+            f"[hosl] round {session['round']} client {partition_id}: step {done}/{steps}, "
+            f"loss {sum(s.loss for s in recent) / len(recent):.4f}, "
+            f"{sum(s.seconds for s in recent) / len(recent):.2f} s/step",
+            flush=True,
+        )
 
 
-def _training_source(client: SplitClient, partition_id: int, examples: list[Example], encoder,
-                     config: Mapping[str, Any], session: Mapping[str, Any], plan: str, state: ClientState,
-                     link: SessionLink):
+def _training_source(
+    client: SplitClient,
+    partition_id: int,
+    examples: list[Example],
+    encoder,
+    config: Mapping[str, Any],
+    session: Mapping[str, Any],
+    plan: str,
+    state: ClientState,
+    link: SessionLink,
+):
     """(the session's (example indices, loss weight) per step, its subset or None, what choosing it cost).
 
     Full data continues its epochs across rounds (from the client's global step); a subset's passes
@@ -227,8 +308,9 @@ def _training_source(client: SplitClient, partition_id: int, examples: list[Exam
     batches = fixed_batches(len(examples), batch_size, seed)
     budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
     round_seed = seed * 1_009 + int(session["round"])
-    subset, selection = _choose_subset(client, [[examples[i] for i in b] for b in batches], encoder, budget, plan,
-                                       state, round_seed, link)
+    subset, selection = _choose_subset(
+        client, [[examples[i] for i in b] for b in batches], encoder, budget, plan, state, round_seed, link
+    )
     source = SubsetStream(batches, subset, round_seed) if subset else BatchStream(encoder, examples, batch_size, seed)
     first = 0 if subset else client.steps
     per_pass = budget if plan == "warm" else len(source)
@@ -236,8 +318,16 @@ def _training_source(client: SplitClient, partition_id: int, examples: list[Exam
     return [source.weighted_indices(step) for step in range(first, first + steps)], subset, selection
 
 
-def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, budget: int, plan: str,
-                   state: ClientState, seed: int, link: SessionLink) -> tuple[Subset | None, dict[str, float]]:
+def _choose_subset(
+    client: SplitClient,
+    batches: list[list[Example]],
+    encoder,
+    budget: int,
+    plan: str,
+    state: ClientState,
+    seed: int,
+    link: SessionLink,
+) -> tuple[Subset | None, dict[str, float]]:
     """The subset of ``batches`` this session trains on (None: full data) and what choosing it cost."""
     started, up, down = time.perf_counter(), link.bytes_up, link.bytes_down
     if plan == "gradmatch":
@@ -248,16 +338,26 @@ def _choose_subset(client: SplitClient, batches: list[list[Example]], encoder, b
         subset = Subset(state.subset_ids, state.subset_weights)
     else:
         subset = None
-    return subset, {"selection-seconds": time.perf_counter() - started, "selection-bytes-up": link.bytes_up - up,
-                    "selection-bytes-down": link.bytes_down - down}
+    return subset, {
+        "selection-seconds": time.perf_counter() - started,
+        "selection-bytes-up": link.bytes_up - up,
+        "selection-bytes-down": link.bytes_down - down,
+    }
 
 
 EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down")  # what an evaluation session reports
 
 
-def run_eval_session(config: Mapping[str, Any], partition_id: int, num_partitions: int, state: ClientState | None,
-                     session: Mapping[str, Any], history: History | None = None,
-                     average: Mapping[str, torch.Tensor] | None = None, link: SessionLink | None = None) -> dict[str, Any]:
+def run_eval_session(
+    config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    state: ClientState | None,
+    session: Mapping[str, Any],
+    history: History | None = None,
+    average: Mapping[str, torch.Tensor] | None = None,
+    link: SessionLink | None = None,
+) -> dict[str, Any]:
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
     config, client, data, _, _ = _prepare(config, partition_id, num_partitions, state, session, history, average)

@@ -1,5 +1,6 @@
 """Scenario configuration: one flat mapping of hyphenated keys, shared by the local runner and
 Flower's run-config (every key here is also declared in ``[tool.flwr.app.config]``)."""
+
 from __future__ import annotations
 
 try:
@@ -109,12 +110,44 @@ CHOICES = {
     "tune-sampler": ("tpe", "random"),
     "tune-pruner": ("hyperband", "asha", "none"),
 }
-POSITIVE = ("num-clients", "num-rounds", "local-steps", "batch-size", "max-length", "zo-queries",
-            "client-lr", "server-lr", "zo-eps", "dirichlet-alpha", "lora-r", "lora-alpha", "eval-every",
-            "fraction-train", "min-clients", "max-concurrent-clients", "step-timeout", "round-timeout", "max-frame-mb",
-            "subset-fraction", "subset-reselect-every", "tune-rounds")
-NON_NEGATIVE = ("probe-messages", "stream-port", "cut-layer", "n-train", "n-dev", "n-test", "weight-decay", "eval-examples", "seed",
-                "local-epochs", "tune-trials", "subset-warm-start")
+POSITIVE = (
+    "num-clients",
+    "num-rounds",
+    "local-steps",
+    "batch-size",
+    "max-length",
+    "zo-queries",
+    "client-lr",
+    "server-lr",
+    "zo-eps",
+    "dirichlet-alpha",
+    "lora-r",
+    "lora-alpha",
+    "eval-every",
+    "fraction-train",
+    "min-clients",
+    "max-concurrent-clients",
+    "step-timeout",
+    "round-timeout",
+    "max-frame-mb",
+    "subset-fraction",
+    "subset-reselect-every",
+    "tune-rounds",
+)
+NON_NEGATIVE = (
+    "probe-messages",
+    "stream-port",
+    "cut-layer",
+    "n-train",
+    "n-dev",
+    "n-test",
+    "weight-decay",
+    "eval-examples",
+    "seed",
+    "local-epochs",
+    "tune-trials",
+    "subset-warm-start",
+)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -165,14 +198,20 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if config["subset-warm-start"] >= 1:
         raise ValueError(f"config key 'subset-warm-start' must be in [0, 1), got {config['subset-warm-start']!r}")
     if config["subset-selector"] != "full" and not config["local-epochs"] > 0:
-        raise ValueError(f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
-                         "(a round is then a pass over the subset), got local-epochs = 0")
+        raise ValueError(
+            f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
+            "(a round is then a pass over the subset), got local-epochs = 0"
+        )
     if config["hosl-feedback"] == "gradient" and (config["mode"] != "hosl" or config["client-params"] == "frozen"):
-        raise ValueError(f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server) "
-                         f"and a trained client, got mode {config['mode']!r}, client-params {config['client-params']!r}")
+        raise ValueError(
+            f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server) "
+            f"and a trained client, got mode {config['mode']!r}, client-params {config['client-params']!r}"
+        )
     if config["client-dtype"] != "float32" and MODES[config["mode"]][0] != "zo" and config["client-params"] != "frozen":
-        raise ValueError(f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO (or frozen) clients; an FO "
-                         f"client trains in float32, got mode {config['mode']!r}")
+        raise ValueError(
+            f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO (or frozen) clients; an FO "
+            f"client trains in float32, got mode {config['mode']!r}"
+        )
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")
@@ -242,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m fl_app.config",
         description="Merge a flat TOML scenario with key=value overrides, check it as a run would before "
-                    "training (keys, the model and its cut layer, the task's data for the clients), and print "
-                    "the merged TOML (for flwr run --run-config). Errors: one line, exit code 2.")
+        "training (keys, the model and its cut layer, the task's data for the clients), and print "
+        "the merged TOML (for flwr run --run-config). Errors: one line, exit code 2.",
+    )
     parser.add_argument("scenario", nargs="?", help="flat TOML scenario file (e.g. sim_configs/smoke_tiny.toml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a scenario key")
     parser.add_argument("--no-data", action="store_true", help="skip the data check (e.g. on a server without data)")

@@ -2,6 +2,7 @@
 top, the sessions (served over gRPC, or in process), client selection, commit / roll back, synced
 history, checkpoints and results.json. The round loop that drives it is :mod:`fl_app.rounds`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,11 +18,11 @@ from typing import Any
 import torch
 
 from fl_app.checkpoint import save_checkpoint, write_json_atomic
-from fl_app.records import History
 from fl_app.config import MODES, make_config
 from fl_app.metrics import pool_eval
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
+from fl_app.records import History
 from fl_app.scenario import build_server, load_server_top
 from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
@@ -37,8 +38,14 @@ def waves(items: list, size: int) -> list[list]:
 class Coordinator:
     """Owns the server party and the step stream for one run."""
 
-    def __init__(self, config: Mapping[str, Any], out_dir: Path, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None, serve_stream: bool = True):
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        out_dir: Path,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        serve_stream: bool = True,
+    ):
         """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly."""
         self.config = dict(config)
         self.base_config = dict(config)
@@ -53,18 +60,33 @@ class Coordinator:
         self.client_order, _ = MODES[config["mode"]]
         self.lock = threading.Lock()
         self.stream: SessionTable = (
-            StepStreamServer(self.handle, host=config["stream-host"], port=config["stream-port"],
-                             max_workers=max(4, 2 * config["max-concurrent-clients"]),
-                             max_message_bytes=config["max-frame-mb"] * 2**20,
-                             tls_cert=tls_cert, tls_key=tls_key, on_failure=self._rollback)
-            if serve_stream else SessionTable(on_failure=self._rollback))
+            StepStreamServer(
+                self.handle,
+                host=config["stream-host"],
+                port=config["stream-port"],
+                max_workers=max(4, 2 * config["max-concurrent-clients"]),
+                max_message_bytes=config["max-frame-mb"] * 2**20,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                on_failure=self._rollback,
+            )
+            if serve_stream
+            else SessionTable(on_failure=self._rollback)
+        )
         self.root_certificate = (tls_cert or b"").decode()
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.results: dict[str, Any] = {
-            "mode": config["mode"], "config": dict(config), "machine": machine(),
-            "parameters": {"server": param_counts(self.server.top)}, "history": [], "rounds": [],
-            "eval": {"history": []}, "client": {}, "comm": {"bytes_up": 0, "bytes_down": 0}, "step_seconds": 0.0,
+            "mode": config["mode"],
+            "config": dict(config),
+            "machine": machine(),
+            "parameters": {"server": param_counts(self.server.top)},
+            "history": [],
+            "rounds": [],
+            "eval": {"history": []},
+            "client": {},
+            "comm": {"bytes_up": 0, "bytes_down": 0},
+            "step_seconds": 0.0,
         }
         self.started = time.perf_counter()
 
@@ -111,9 +133,15 @@ class Coordinator:
     def open(self, client_id: int, rnd: int, extra: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
         """A new session for ``client_id`` and the config its session message carries."""
         session = self.stream.open_session(str(client_id))
-        message = {"round": rnd, "token": session.token, "address": self.advertised_address,
-                   "root-certificate": self.root_certificate, "local-steps": self.config["local-steps"],
-                   "trial": self.trial, **(extra or {})}
+        message = {
+            "round": rnd,
+            "token": session.token,
+            "address": self.advertised_address,
+            "root-certificate": self.root_certificate,
+            "local-steps": self.config["local-steps"],
+            "trial": self.trial,
+            **(extra or {}),
+        }
         return session, message
 
     def history_for(self, client_id: int, synced_round: int) -> History | None:
@@ -139,16 +167,31 @@ class Coordinator:
     def expire_idle(self) -> list[Session]:
         return self.stream.expire_idle(self.config["step-timeout"])
 
-    def record_round(self, rnd: int, reports: list[dict[str, Any]], dropped: list[dict[str, Any]],
-                     evaluation: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    def record_round(
+        self,
+        rnd: int,
+        reports: list[dict[str, Any]],
+        dropped: list[dict[str, Any]],
+        evaluation: dict[str, Any] | None,
+        seconds: float,
+    ) -> dict[str, Any]:
         """Fold one round's reports into the results, the synced history / average, and checkpoint."""
         for rep in sorted(reports, key=lambda r: r["partition-id"]):
-            self.results["parameters"]["client"] = {"params": rep["bottom-params"], "trainable": rep["bottom-trainable"]}
-            for i, loss in enumerate(rep["losses"]):
-                self.results["history"].append({
-                    "round": rnd, "client": rep["partition-id"], "train_loss": loss,
-                    "bytes_up": rep["bytes-up"] / max(1, rep["steps"]), "bytes_down": rep["bytes-down"] / max(1, rep["steps"]),
-                    "peak_memory_bytes": rep["peak-memory-bytes"]})
+            self.results["parameters"]["client"] = {
+                "params": rep["bottom-params"],
+                "trainable": rep["bottom-trainable"],
+            }
+            for loss in rep["losses"]:
+                self.results["history"].append(
+                    {
+                        "round": rnd,
+                        "client": rep["partition-id"],
+                        "train_loss": loss,
+                        "bytes_up": rep["bytes-up"] / max(1, rep["steps"]),
+                        "bytes_down": rep["bytes-down"] / max(1, rep["steps"]),
+                        "peak_memory_bytes": rep["peak-memory-bytes"],
+                    }
+                )
             self.results["step_seconds"] += rep["step-seconds"]
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
@@ -157,17 +200,22 @@ class Coordinator:
         if self.config["bottoms"] == "synced" and self.client_order == "fo":
             self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
         losses = [loss for rep in reports for loss in rep["losses"]]
-        entry = {"round": rnd, "train_loss": sum(losses) / len(losses) if losses else None,
-                 "accuracy": None if evaluation is None else evaluation["accuracy"],
-                 "clients": sorted(r["partition-id"] for r in reports), "dropped": dropped, "seconds": seconds,
-                 "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
-                 "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports),
-                 "message_bytes_up": sum(r.get("message-bytes-up", 0) for r in reports),
-                 "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports),
-                 "steps": sum(r["steps"] for r in reports),
-                 "selection_seconds": sum(r.get("selection-seconds", 0.0) for r in reports),
-                 "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports),
-                 "selection_quality": self.take_selections()}
+        entry = {
+            "round": rnd,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "accuracy": None if evaluation is None else evaluation["accuracy"],
+            "clients": sorted(r["partition-id"] for r in reports),
+            "dropped": dropped,
+            "seconds": seconds,
+            "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
+            "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports),
+            "message_bytes_up": sum(r.get("message-bytes-up", 0) for r in reports),
+            "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports),
+            "steps": sum(r["steps"] for r in reports),
+            "selection_seconds": sum(r.get("selection-seconds", 0.0) for r in reports),
+            "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports),
+            "selection_quality": self.take_selections(),
+        }
         self.results["rounds"].append(entry)
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})
@@ -190,8 +238,10 @@ class Coordinator:
     def checkpoint(self, rnd: int) -> None:
         """Server weights, synced history and results so far, each written atomically."""
         trainable = {n: p.detach() for n, p in self.server.top.named_parameters() if p.requires_grad}
-        save_checkpoint(self.out_dir / "checkpoint.pt", {"round": rnd, "server": trainable,
-                                                          "history": self.history.__dict__, "average": self.average})
+        save_checkpoint(
+            self.out_dir / "checkpoint.pt",
+            {"round": rnd, "server": trainable, "history": self.history.__dict__, "average": self.average},
+        )
         self.write_results()
 
     def write_results(self, status: str = "running") -> Path:
@@ -218,8 +268,12 @@ class Coordinator:
 
 def machine() -> dict[str, Any]:
     """The software and threads a run used (written into results.json)."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "host": platform.node()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
 
 
 def fedavg(weights: list[Mapping[str, torch.Tensor]], counts: list[int]) -> dict[str, torch.Tensor] | None:

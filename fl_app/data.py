@@ -1,4 +1,5 @@
 """Task data: loading (shipped local files or the hub), seeded sampling, client partitions, batches."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -80,8 +81,10 @@ def _rows_from_files(paths: list[Path]):
         return load_dataset("json", data_files=files, split="train")
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds (EOFError, DatasetGenerationError, ...)
         cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's own error
-        raise ValueError(f"cannot read data file(s) {files} (field 'data-dir'): {type(cause).__name__}: "
-                         f"{str(cause).strip().splitlines()[0] if str(cause).strip() else 'no detail'}") from err
+        raise ValueError(
+            f"cannot read data file(s) {files} (field 'data-dir'): {type(cause).__name__}: "
+            f"{str(cause).strip().splitlines()[0] if str(cause).strip() else 'no detail'}"
+        ) from err
 
 
 def _flatten_multirc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -91,8 +94,14 @@ def _flatten_multirc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         passage = row["passage"]
         for question in passage["questions"]:
             for answer in question["answers"]:
-                out.append({"paragraph": passage["text"], "question": question["question"],
-                            "answer": answer["text"], "label": answer["label"]})
+                out.append(
+                    {
+                        "paragraph": passage["text"],
+                        "question": question["question"],
+                        "answer": answer["text"],
+                        "label": answer["label"],
+                    }
+                )
     return out
 
 
@@ -130,16 +139,27 @@ def _examples(task: Task, rows, indices: Sequence[int]) -> list[Example]:
     return [parse_row(task, dict(row)) for row in rows.select(list(indices))] if len(indices) else []
 
 
-def load_examples(task: str | Task, split: Literal["train", "test"], source: Literal["local", "hub"] = "local",
-                  data_dir: str | Path | None = None) -> list[Example]:
+def load_examples(
+    task: str | Task,
+    split: Literal["train", "test"],
+    source: Literal["local", "hub"] = "local",
+    data_dir: str | Path | None = None,
+) -> list[Example]:
     """All examples of a split: ``train`` is the pool train/dev are sampled from, ``test`` the validation set."""
     task = get_task(task)
     rows = _load_rows(task, split, source, data_dir)
     return _examples(task, rows, range(len(rows)))
 
 
-def sample_splits(task: str | Task, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000, seed: int = 0,
-                  source: Literal["local", "hub"] = "local", data_dir: str | Path | None = None) -> dict[str, list[Example]]:
+def sample_splits(
+    task: str | Task,
+    n_train: int = 1000,
+    n_dev: int = 500,
+    n_test: int = 1000,
+    seed: int = 0,
+    source: Literal["local", "hub"] = "local",
+    data_dir: str | Path | None = None,
+) -> dict[str, list[Example]]:
     """MeZO-style seeded sampling: train and dev disjoint from the train pool, test from the test file."""
     task = get_task(task)
     for field, n in (("n-train", n_train), ("n-dev", n_dev), ("n-test", n_test)):
@@ -152,28 +172,41 @@ def sample_splits(task: str | Task, n_train: int = 1000, n_dev: int = 500, n_tes
     random.Random(seed).shuffle(order)
     if n_train + n_dev > len(order):  # small task: split the pool in the requested proportion
         n_dev_small = round(len(order) * n_dev / max(1, n_train + n_dev))
-        warnings.warn(f"task '{task.name}': train pool has {len(order)} examples, fewer than n-train + n-dev = "
-                      f"{n_train + n_dev}; using {len(order) - n_dev_small} train / {n_dev_small} dev", stacklevel=2)
+        warnings.warn(
+            f"task '{task.name}': train pool has {len(order)} examples, fewer than n-train + n-dev = "
+            f"{n_train + n_dev}; using {len(order) - n_dev_small} train / {n_dev_small} dev",
+            stacklevel=2,
+        )
         n_train, n_dev = len(order) - n_dev_small, n_dev_small
     kept = _examples(task, pool, order[: n_train + n_dev])
     test_rows = _load_rows(task, "test", source, data_dir)
     test_order = list(range(len(test_rows)))
     random.Random(seed + 1).shuffle(test_order)
     if n_test > len(test_order):
-        warnings.warn(f"task '{task.name}': asked for {n_test} test examples, only {len(test_order)} available",
-                      stacklevel=2)
+        warnings.warn(
+            f"task '{task.name}': asked for {n_test} test examples, only {len(test_order)} available", stacklevel=2
+        )
     test = _examples(task, test_rows, test_order[:n_test])
     return {"train": kept[:n_train], "dev": kept[n_train:], "test": test}
 
 
-def partition(labels: Sequence[int], num_clients: int, scheme: Literal["iid", "dirichlet"] = "iid",
-              alpha: float = 0.5, seed: int = 0, min_size: int = 1, max_attempts: int = 100) -> list[list[int]]:
+def partition(
+    labels: Sequence[int],
+    num_clients: int,
+    scheme: Literal["iid", "dirichlet"] = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+    max_attempts: int = 100,
+) -> list[list[int]]:
     """Disjoint index lists covering all examples: seeded IID split or label-skewed Dirichlet(alpha)."""
     n = len(labels)
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num-clients must be a positive integer, got {num_clients!r}")
     if num_clients * min_size > n:
-        raise ValueError(f"num-clients {num_clients} needs at least {num_clients * min_size} examples, have {n} (n-train)")
+        raise ValueError(
+            f"num-clients {num_clients} needs at least {num_clients * min_size} examples, have {n} (n-train)"
+        )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         order = rng.permutation(n)
@@ -193,8 +226,10 @@ def partition(labels: Sequence[int], num_clients: int, scheme: Literal["iid", "d
                 parts[client].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]
-    raise ValueError(f"dirichlet partition with alpha={alpha} left a client with fewer than {min_size} examples "
-                     f"after {max_attempts} draws; raise dirichlet-alpha or n-train, or lower num-clients")
+    raise ValueError(
+        f"dirichlet partition with alpha={alpha} left a client with fewer than {min_size} examples "
+        f"after {max_attempts} draws; raise dirichlet-alpha or n-train, or lower num-clients"
+    )
 
 
 class BatchEncoder:
@@ -217,15 +252,25 @@ class BatchEncoder:
             raise ValueError("cannot encode an empty batch (field 'examples')")
         for ex in examples:
             if not 0 <= ex.label < self.task.num_classes:
-                raise ValueError(f"field 'label' has value {ex.label} outside [0, {self.task.num_classes}) "
-                                 f"for task '{self.task.name}'")
+                raise ValueError(
+                    f"field 'label' has value {ex.label} outside [0, {self.task.num_classes}) "
+                    f"for task '{self.task.name}'"
+                )
         labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
         if self.kind == "classification":
             firsts, seconds = zip(*(self.task.text_pair(ex) for ex in examples))
-            enc = self.tokenizer(list(firsts), None if seconds[0] is None else list(seconds), padding=True,
-                                 truncation=True, max_length=self.max_length, return_tensors="pt")
-            return {**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
-                    "labels": labels}
+            enc = self.tokenizer(
+                list(firsts),
+                None if seconds[0] is None else list(seconds),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            return {
+                **{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
+                "labels": labels,
+            }
         candidates = [[self._ids(c) for c in self.task.candidates(ex)] for ex in examples]
         if all(len(ids) == 1 for row in candidates for ids in row):
             rows = [self._prompt_ids(ex, 0) for ex in examples]
@@ -255,7 +300,7 @@ class BatchEncoder:
             return ids
         bos = self.tokenizer.bos_token_id
         keep_bos = bos is not None and ids[0] == bos
-        return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos:]
+        return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos :]
 
     def _pad(self, rows: list[list[int]], pad: int | None = None) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id if pad is None else pad

@@ -1,4 +1,5 @@
 """In-process transport: the server only ever sees bytes, as over the network."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

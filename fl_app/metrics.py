@@ -1,4 +1,5 @@
 """Measurements shared by the runner and the Flower apps: client peak memory and timing."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ embeddings and the first ``cut_layer`` layers; the top holds the remaining layer
 final norm and the head. With tied input/output embeddings the server keeps its own
 copy of the head (the client's embedding copy is trained independently).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,14 @@ def model_layers(name: str) -> int:
 
 def build_tiny_model(name: str, num_labels: int = 2, seed: int = 0, num_layers: int = TINY_LAYERS) -> LoadedModel:
     """A randomly initialised tiny model (hidden size 32) with an in-process tokenizer; no downloads."""
-    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                              OPTForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     from fl_app.tiny_tokenizer import build_tiny_tokenizer
 
@@ -158,19 +165,41 @@ def build_tiny_model(name: str, num_labels: int = 2, seed: int = 0, num_layers: 
     common = dict(vocab_size=len(tokenizer), num_hidden_layers=num_layers, num_attention_heads=4)
     torch.manual_seed(seed)
     if family == "opt":
-        config = OPTConfig(hidden_size=32, ffn_dim=64, max_position_embeddings=512, word_embed_proj_dim=32,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, dropout=0.0, attention_dropout=0.0, **common)
+        config = OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            max_position_embeddings=512,
+            word_embed_proj_dim=32,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **common,
+        )
         model = OPTForCausalLM(config)
     elif family == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
-                             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             tie_word_embeddings=True, **common)
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+            **common,
+        )
         model = LlamaForCausalLM(config)
     else:
-        config = BertConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=512,
-                            num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **common)
+        config = BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            num_labels=num_labels,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
         model = BertForSequenceClassification(config)
     return LoadedModel(model.eval(), tokenizer, family)
 
@@ -209,8 +238,10 @@ def _pretrained_config(name: str) -> tuple[str, PretrainedConfig, str]:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:  # transformers' message runs over several lines: its first says what failed
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load model '{name}' (field 'model'): not a tiny model, packaged model, local "
-                         f"directory or hub model reachable from here ({first})") from err
+        raise ValueError(
+            f"cannot load model '{name}' (field 'model'): not a tiny model, packaged model, local "
+            f"directory or hub model reachable from here ({first})"
+        ) from err
     return path, config, family_of(config)
 
 
@@ -237,8 +268,9 @@ class ClientBottom(nn.Module):
         self.family = family
         self.hidden_size = hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state
@@ -350,14 +382,17 @@ def _routine_load_report_dropped() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _load_part(loader, path: str | None, config: PretrainedConfig, name: str, dtype: torch.dtype = torch.float32,
-               **kwargs) -> PreTrainedModel:
+def _load_part(
+    loader, path: str | None, config: PretrainedConfig, name: str, dtype: torch.dtype = torch.float32, **kwargs
+) -> PreTrainedModel:
     """``loader.from_pretrained`` in ``dtype`` with our own, short report: keys of the other side are
     expected to be unused; keys missing from the checkpoint are logged (they were freshly initialised)."""
     with _routine_load_report_dropped():
         model, info = loader.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
-        log.warning("model '%s': not in the checkpoint, newly initialised: %s", name, ", ".join(sorted(info["missing_keys"])))
+        log.warning(
+            "model '%s': not in the checkpoint, newly initialised: %s", name, ", ".join(sorted(info["missing_keys"]))
+        )
     return model.eval()
 
 
@@ -367,8 +402,9 @@ def _layer_of(key: str, family: str) -> tuple[str, int, str] | None:
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
-def load_bottom(name: str, cut_layer: int, num_labels: int = 2, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[ClientBottom, PreTrainedTokenizerBase, str]:
+def load_bottom(
+    name: str, cut_layer: int, num_labels: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[ClientBottom, PreTrainedTokenizerBase, str]:
     """The client's part alone: embeddings and the first ``cut_layer`` layers, equal to the bottom of
     ``split_model(load_model(name, num_labels, seed), cut_layer)``.
 
@@ -397,8 +433,9 @@ def load_bottom(name: str, cut_layer: int, num_labels: int = 2, seed: int = 0,
     return ClientBottom(body.eval(), family, config.hidden_size), tokenizer, family
 
 
-def load_top(name: str, cut_layer: int, num_labels: int = 2,
-             seed: int = 0) -> tuple[ServerTop, PreTrainedTokenizerBase, str]:
+def load_top(
+    name: str, cut_layer: int, num_labels: int = 2, seed: int = 0
+) -> tuple[ServerTop, PreTrainedTokenizerBase, str]:
     """The server's part alone: layers ``cut_layer..``, final norm and head, equal to the top of
     ``split_model(load_model(name, num_labels, seed), cut_layer)`` (same parameter names, same freshly
     initialised classifier for a checkpoint without one).
@@ -448,8 +485,12 @@ def _checkpoint_files(path: str) -> dict[str, Path] | None:
 
     def find(filename: str) -> str | None:
         try:
-            return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
+            return cached_file(
+                path,
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         except OSError:
             return None
 
@@ -473,8 +514,14 @@ def _bottom_key(param: str, family: str, keys: Iterable[str]) -> str | None:
     return None
 
 
-def pristine_bottom_tensors(name: str, cut_layer: int, params: Iterable[str], num_labels: int = 2,
-                            seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def pristine_bottom_tensors(
+    name: str,
+    cut_layer: int,
+    params: Iterable[str],
+    num_labels: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """Untrained values of the bottom parameters named ``params`` (names as in ``ClientBottom``).
 
     Read tensor by tensor from the memory-mapped safetensors checkpoint; a tiny model (or a

@@ -1,4 +1,5 @@
 """The plots every run writes beside results.json (matplotlib, no display needed)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,8 +28,9 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     axes[1, 0].bar([n + 0.2 for n in numbers], [r["bytes_down"] / 2**20 for r in rounds], width=0.4, label="down")
     axes[1, 0].set(title="bytes per round (all clients)", xlabel="round", ylabel="MiB")
     axes[1, 0].legend()
-    peaks = [max((h["peak_memory_bytes"] for h in results["history"] if h["round"] == n), default=0) / 2**20
-             for n in numbers]
+    peaks = [
+        max((h["peak_memory_bytes"] for h in results["history"] if h["round"] == n), default=0) / 2**20 for n in numbers
+    ]
     axes[1, 1].plot(numbers, peaks, marker="o")
     axes[1, 1].set(title="client peak memory per round", xlabel="round", ylabel="MiB")
     axes[1, 1].set_ylim(bottom=0)

@@ -2,6 +2,7 @@
 the cut layer, the task's data files read and hold enough examples for the clients, the output
 folder can be written. Each failure is one ValueError naming the field and the value.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,22 @@ def check_model(config: Mapping[str, Any]) -> None:
 
 def check_data(config: Mapping[str, Any]) -> None:
     """The task's data reads and can be split among ``num-clients`` as the run will split it."""
-    splits = sample_splits(get_task(config["task"]), config["n-train"], config["n-dev"], config["n-test"],
-                           seed=config["seed"], source=config["data-source"], data_dir=config["data-dir"] or None)
-    partition([ex.label for ex in splits["train"]], config["num-clients"], scheme=config["partition"],
-              alpha=config["dirichlet-alpha"], seed=config["seed"])
+    splits = sample_splits(
+        get_task(config["task"]),
+        config["n-train"],
+        config["n-dev"],
+        config["n-test"],
+        seed=config["seed"],
+        source=config["data-source"],
+        data_dir=config["data-dir"] or None,
+    )
+    partition(
+        [ex.label for ex in splits["train"]],
+        config["num-clients"],
+        scheme=config["partition"],
+        alpha=config["dirichlet-alpha"],
+        seed=config["seed"],
+    )
 
 
 def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:

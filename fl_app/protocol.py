@@ -3,6 +3,7 @@
 Both messages serialise to bytes with safetensors (dtype and shape travel with each tensor,
 scalars travel as JSON metadata), so the bytes counted are exactly the bytes sent.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,10 +97,19 @@ class PerturbedPart:
         """The step's batch fields as an ``eval`` request over the first activation (None if absent)."""
         if self.attention_mask is None and self.labels is None:
             return None
-        _expect(self.attention_mask is not None and self.labels is not None,
-                "the first perturbed part of a step must carry both 'attention_mask' and 'labels'")
-        return StepRequest(kind="eval", clean=self.perturbed[0], attention_mask=self.attention_mask,
-                           labels=self.labels, score_ids=self.score_ids, target_ids=self.target_ids, meta=dict(self.meta))
+        _expect(
+            self.attention_mask is not None and self.labels is not None,
+            "the first perturbed part of a step must carry both 'attention_mask' and 'labels'",
+        )
+        return StepRequest(
+            kind="eval",
+            clean=self.perturbed[0],
+            attention_mask=self.attention_mask,
+            labels=self.labels,
+            score_ids=self.score_ids,
+            target_ids=self.target_ids,
+            meta=dict(self.meta),
+        )
 
 
 @dataclass
@@ -121,10 +131,14 @@ class SelectRequest:
         meta = json.loads(metadata.get("meta", "{}"))
         values = {k: meta.pop(k, None) for k in ("budget", "num_batches", "seed")}
         for name, value in values.items():
-            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name != "seed" else 0),
-                    f"field '{name}' of a select request is {value!r}, expected a positive integer")
-        _expect(values["budget"] <= values["num_batches"],
-                f"field 'budget' ({values['budget']}) exceeds 'num_batches' ({values['num_batches']})")
+            _expect(
+                isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name != "seed" else 0),
+                f"field '{name}' of a select request is {value!r}, expected a positive integer",
+            )
+        _expect(
+            values["budget"] <= values["num_batches"],
+            f"field 'budget' ({values['budget']}) exceeds 'num_batches' ({values['num_batches']})",
+        )
         return cls(meta=meta, **values)
 
 
@@ -139,8 +153,10 @@ def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequ
     if metadata.get("kind") == PART_KIND:
         allowed = {"perturbed", "attention_mask", *LABEL_KEYS}
         if "perturbed" not in tensors or not set(tensors) <= allowed:
-            raise ProtocolError(f"a '{PART_KIND}' frame carries field 'perturbed' and optionally "
-                                f"{sorted(allowed - {'perturbed'})}, got {sorted(tensors)}")
+            raise ProtocolError(
+                f"a '{PART_KIND}' frame carries field 'perturbed' and optionally "
+                f"{sorted(allowed - {'perturbed'})}, got {sorted(tensors)}"
+            )
         return PerturbedPart(meta=json.loads(metadata.get("meta", "{}")), **tensors)
     return StepRequest.from_tensors(tensors, metadata)
 
@@ -148,9 +164,11 @@ def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequ
 def validate_part(part: PerturbedPart, hidden_size: int) -> None:
     """A part holds [k, rows, seq_len, hidden] finite float activations."""
     pert = part.perturbed
-    _expect(pert.dtype in WIRE_DTYPES.values() and pert.ndim == 4 and pert.shape[0] > 0 and pert.shape[-1] == hidden_size,
-            f"field 'perturbed' of a part has shape {_shape(pert)} dtype {pert.dtype}, "
-            f"expected [k, rows, seq_len, {hidden_size}] float")
+    _expect(
+        pert.dtype in WIRE_DTYPES.values() and pert.ndim == 4 and pert.shape[0] > 0 and pert.shape[-1] == hidden_size,
+        f"field 'perturbed' of a part has shape {_shape(pert)} dtype {pert.dtype}, "
+        f"expected [k, rows, seq_len, {hidden_size}] float",
+    )
     _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
 
 
@@ -184,8 +202,13 @@ class StepReply:
     def from_bytes(cls, payload: bytes) -> StepReply:
         tensors, metadata = _load(payload)
         meta = json.loads(metadata.get("meta", "{}"))
-        return cls(perturbed_losses=tensors.get("perturbed_losses"), grad=tensors.get("grad"),
-                   batch_ids=tensors.get("batch_ids"), batch_weights=tensors.get("batch_weights"), **meta)
+        return cls(
+            perturbed_losses=tensors.get("perturbed_losses"),
+            grad=tensors.get("grad"),
+            batch_ids=tensors.get("batch_ids"),
+            batch_weights=tensors.get("batch_weights"),
+            **meta,
+        )
 
 
 def _load(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -211,13 +234,16 @@ def _shape(t: torch.Tensor) -> list[int]:
 def step_weight(req: StepRequest) -> float:
     """The request's loss weight (``meta['weight']``, 1 when absent): a finite number in (0, 1e4]."""
     weight = req.meta.get("weight", 1.0)
-    _expect(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight <= MAX_STEP_WEIGHT,
-            f"field 'weight' is {weight!r}, expected a number in (0, {MAX_STEP_WEIGHT:g}]")
+    _expect(
+        isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight <= MAX_STEP_WEIGHT,
+        f"field 'weight' is {weight!r}, expected a number in (0, {MAX_STEP_WEIGHT:g}]",
+    )
     return float(weight)
 
 
-def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None = None,
-                     streamed: bool = False) -> None:
+def validate_request(
+    req: StepRequest, hidden_size: int, num_classes: int | None = None, streamed: bool = False
+) -> None:
     """Check every field's dtype, shape and values against the server's model; raise ProtocolError.
 
     ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts."""
@@ -225,47 +251,75 @@ def validate_request(req: StepRequest, hidden_size: int, num_classes: int | None
     step_weight(req)
     if req.kind == "proxy":
         batch = req.meta.get("batch")
-        _expect(isinstance(batch, int) and not isinstance(batch, bool) and batch >= 0,
-                f"field 'batch' of a proxy step is {batch!r}, expected a batch index >= 0")
+        _expect(
+            isinstance(batch, int) and not isinstance(batch, bool) and batch >= 0,
+            f"field 'batch' of a proxy step is {batch!r}, expected a batch index >= 0",
+        )
     clean = req.clean
-    _expect(clean.dtype in WIRE_DTYPES.values(), f"field 'clean' has dtype {clean.dtype}, expected a float dtype {list(WIRE_DTYPES)}")
-    _expect(clean.ndim == 3 and clean.shape[-1] == hidden_size,
-            f"field 'clean' has shape {_shape(clean)}, expected [rows, seq_len, {hidden_size}]")
+    _expect(
+        clean.dtype in WIRE_DTYPES.values(),
+        f"field 'clean' has dtype {clean.dtype}, expected a float dtype {list(WIRE_DTYPES)}",
+    )
+    _expect(
+        clean.ndim == 3 and clean.shape[-1] == hidden_size,
+        f"field 'clean' has shape {_shape(clean)}, expected [rows, seq_len, {hidden_size}]",
+    )
     rows, seq_len = clean.shape[:2]
     _expect(rows > 0 and seq_len > 0, f"field 'clean' has shape {_shape(clean)}, expected non-empty rows and seq_len")
     _expect(torch.isfinite(clean).all().item(), "field 'clean' contains NaN or Inf activations")
     mask = req.attention_mask
-    _expect(mask.dtype in (torch.int64, torch.int32, torch.bool) and _shape(mask) == [rows, seq_len],
-            f"field 'attention_mask' has shape {_shape(mask)} dtype {mask.dtype}, expected [{rows}, {seq_len}] integer")
-    _expect(bool(((mask == 0) | (mask == 1)).all()) and bool((mask.sum(1) > 0).all()),
-            "field 'attention_mask' must be 0/1 with at least one real token per row")
+    _expect(
+        mask.dtype in (torch.int64, torch.int32, torch.bool) and _shape(mask) == [rows, seq_len],
+        f"field 'attention_mask' has shape {_shape(mask)} dtype {mask.dtype}, expected [{rows}, {seq_len}] integer",
+    )
+    _expect(
+        bool(((mask == 0) | (mask == 1)).all()) and bool((mask.sum(1) > 0).all()),
+        "field 'attention_mask' must be 0/1 with at least one real token per row",
+    )
     labels = req.labels
-    _expect(labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
-            f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64")
+    _expect(
+        labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
+        f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64",
+    )
     batch = labels.shape[0]
     if req.score_ids is not None:
         ids = req.score_ids
-        _expect(ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[0] == rows == batch,
-                f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch")
+        _expect(
+            ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[0] == rows == batch,
+            f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch",
+        )
         classes = ids.shape[1]
     elif req.target_ids is not None:
         tgt = req.target_ids
-        _expect(tgt.dtype == torch.int64 and _shape(tgt) == [rows, seq_len] and rows % batch == 0,
-                f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows a multiple of batch {batch}")
+        _expect(
+            tgt.dtype == torch.int64 and _shape(tgt) == [rows, seq_len] and rows % batch == 0,
+            f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows a multiple "
+            f"of batch {batch}",
+        )
         classes = rows // batch
-        _expect(bool((tgt[:, 1:] != -100).any(1).all()), "field 'target_ids' has a row with no target token after position 0")
+        _expect(
+            bool((tgt[:, 1:] != -100).any(1).all()),
+            "field 'target_ids' has a row with no target token after position 0",
+        )
     else:
         _expect(rows == batch, f"field 'clean' has {rows} rows but 'labels' has {batch}")
         classes = num_classes
     if classes is not None:
-        _expect(bool(((labels >= 0) & (labels < classes)).all()),
-                f"field 'labels' has values {labels.tolist()} outside [0, {classes})")
+        _expect(
+            bool(((labels >= 0) & (labels < classes)).all()),
+            f"field 'labels' has values {labels.tolist()} outside [0, {classes})",
+        )
     if req.perturbed is not None:
         pert = req.perturbed
         _expect(req.kind == "zo", f"field 'perturbed' sent with kind '{req.kind}', only 'zo' steps carry it")
-        _expect(pert.dtype in WIRE_DTYPES.values() and pert.ndim == 4 and pert.shape[0] % 2 == 0
-                and _shape(pert)[1:] == _shape(clean),
-                f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected [2Q, {rows}, {seq_len}, {hidden_size}] float")
+        _expect(
+            pert.dtype in WIRE_DTYPES.values()
+            and pert.ndim == 4
+            and pert.shape[0] % 2 == 0
+            and _shape(pert)[1:] == _shape(clean),
+            f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected "
+            f"[2Q, {rows}, {seq_len}, {hidden_size}] float",
+        )
         _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
     else:
         _expect(req.kind != "zo" or streamed, "a 'zo' step request must carry field 'perturbed' or follow its parts")

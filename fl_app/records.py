@@ -4,6 +4,7 @@ saved state and a training session's report.
 Flower records hold scalars and flat lists of scalars, so nested per-step lists are flattened here,
 once, for both apps (``client_app`` stores and sends them, ``server_app`` sends and reads them).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -24,11 +25,20 @@ class History:
     grads: list[list[float]] = field(default_factory=list)
     rows: list[bytes] = field(default_factory=list)  # packed embedding-row selection per step (b"": all rows)
 
-    def extend(self, rnd: int, client: int, lr: float, seeds: list[list[int]], grads: list[list[float]],
-               rows: list[bytes] | None = None) -> None:
+    def extend(
+        self,
+        rnd: int,
+        client: int,
+        lr: float,
+        seeds: list[list[int]],
+        grads: list[list[float]],
+        rows: list[bytes] | None = None,
+    ) -> None:
         rows = rows if rows is not None else [b""] * len(seeds)
         if not len(seeds) == len(grads) == len(rows):
-            raise ValueError(f"history needs seeds, grads and rows per step, got {len(seeds)}, {len(grads)}, {len(rows)}")
+            raise ValueError(
+                f"history needs seeds, grads and rows per step, got {len(seeds)}, {len(grads)}, {len(rows)}"
+            )
         for step_seeds, step_grads, step_rows in zip(seeds, grads, rows):
             self.rounds.append(rnd)
             self.clients.append(client)
@@ -40,8 +50,14 @@ class History:
     def since(self, rnd: int, exclude_client: int | None = None) -> History:
         """Entries of rounds after ``rnd``, leaving out ``exclude_client``'s own (it already applied them)."""
         keep = [i for i, r in enumerate(self.rounds) if r > rnd and self.clients[i] != exclude_client]
-        return History([self.rounds[i] for i in keep], [self.clients[i] for i in keep], [self.lrs[i] for i in keep],
-                       [self.seeds[i] for i in keep], [self.grads[i] for i in keep], [self.rows[i] for i in keep])
+        return History(
+            [self.rounds[i] for i in keep],
+            [self.clients[i] for i in keep],
+            [self.lrs[i] for i in keep],
+            [self.seeds[i] for i in keep],
+            [self.grads[i] for i in keep],
+            [self.rows[i] for i in keep],
+        )
 
     def __len__(self) -> int:
         return len(self.rounds)
@@ -78,34 +94,53 @@ def history_to_record(history: History) -> dict[str, Any]:
     """The history as scalars and flat lists."""
     queries, seeds = _flatten(history.seeds)
     _, grads = _flatten(history.grads)
-    return {"h-rounds": list(history.rounds), "h-clients": list(history.clients), "h-lrs": list(history.lrs),
-            "h-queries": queries, "h-seeds": [int(s) for s in seeds], "h-grads": [float(g) for g in grads],
-            "h-rows": [bytes(r) for r in history.rows]}
+    return {
+        "h-rounds": list(history.rounds),
+        "h-clients": list(history.clients),
+        "h-lrs": list(history.lrs),
+        "h-queries": queries,
+        "h-seeds": [int(s) for s in seeds],
+        "h-grads": [float(g) for g in grads],
+        "h-rows": [bytes(r) for r in history.rows],
+    }
 
 
 def history_from_record(record: Mapping[str, Any]) -> History:
     """Inverse of :func:`history_to_record`."""
     count, queries = len(record["h-rounds"]), int(record["h-queries"])
-    return History(rounds=[int(r) for r in record["h-rounds"]], clients=[int(c) for c in record["h-clients"]],
-                   lrs=[float(lr) for lr in record["h-lrs"]],
-                   seeds=_unflatten([int(s) for s in record["h-seeds"]], queries, count),
-                   grads=_unflatten([float(g) for g in record["h-grads"]], queries, count),
-                   rows=[bytes(r) for r in record["h-rows"]])
+    return History(
+        rounds=[int(r) for r in record["h-rounds"]],
+        clients=[int(c) for c in record["h-clients"]],
+        lrs=[float(lr) for lr in record["h-lrs"]],
+        seeds=_unflatten([int(s) for s in record["h-seeds"]], queries, count),
+        grads=_unflatten([float(g) for g in record["h-grads"]], queries, count),
+        rows=[bytes(r) for r in record["h-rows"]],
+    )
 
 
 def state_to_records(state: ClientState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, counters) of a client state. bfloat16 weights become float32 (numpy, under Flower's
     ArrayRecord, has no bfloat16): exact, and restoring copies them back into the bfloat16 bottom."""
     weights = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.weights.items()}
-    return weights, {"steps": state.steps, "synced-round": state.synced_round, "trial": state.trial,
-                     "subset-ids": list(state.subset_ids), "subset-weights": list(state.subset_weights)}
+    return weights, {
+        "steps": state.steps,
+        "synced-round": state.synced_round,
+        "trial": state.trial,
+        "subset-ids": list(state.subset_ids),
+        "subset-weights": list(state.subset_weights),
+    }
 
 
 def state_from_records(weights: Mapping[str, torch.Tensor], counters: Mapping[str, Any]) -> ClientState:
     """Inverse of :func:`state_to_records` (weights stay float32 until restored into the bottom)."""
-    return ClientState(weights=dict(weights), steps=int(counters["steps"]), synced_round=int(counters["synced-round"]),
-                       trial=int(counters["trial"]), subset_ids=[int(i) for i in counters["subset-ids"]],
-                       subset_weights=[float(w) for w in counters["subset-weights"]])
+    return ClientState(
+        weights=dict(weights),
+        steps=int(counters["steps"]),
+        synced_round=int(counters["synced-round"]),
+        trial=int(counters["trial"]),
+        subset_ids=[int(i) for i in counters["subset-ids"]],
+        subset_weights=[float(w) for w in counters["subset-weights"]],
+    )
 
 
 def report_to_record(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,8 +148,14 @@ def report_to_record(report: Mapping[str, Any]) -> dict[str, Any]:
     queries, seeds = _flatten(report["seeds"])
     _, grads = _flatten(report["grads"])
     flat = {k: v for k, v in report.items() if k not in ("seeds", "grads", "rows", "losses")}
-    return {**flat, "queries": queries, "seeds": [int(s) for s in seeds], "grads": [float(g) for g in grads],
-            "rows": [bytes(r) for r in report["rows"]], "losses": [float(x) for x in report["losses"]]}
+    return {
+        **flat,
+        "queries": queries,
+        "seeds": [int(s) for s in seeds],
+        "grads": [float(g) for g in grads],
+        "rows": [bytes(r) for r in report["rows"]],
+        "losses": [float(x) for x in report["losses"]],
+    }
 
 
 def report_from_record(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Each round selects clients, opens their sessions in waves of ``max-concurrent-cl
 the round (results.json, checkpoint). How a session reaches a client is the federation's business:
 Flower messages to ClientApps (``server_app``), or direct calls in this process (``fl_app.train``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,20 +51,23 @@ class Federation(Protocol):
     """Runs sessions on clients: ``kind`` is "train" or "evaluate"; replies by partition id (a client
     that does not answer before ``timeout`` is missing); ``tick`` is called while waiting."""
 
-    def run_sessions(self, kind: str, requests: list[SessionRequest], timeout: float,
-                     tick: Callable[[], Any]) -> dict[int, SessionReply]: ...
+    def run_sessions(
+        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
+    ) -> dict[int, SessionReply]: ...
 
 
 def session_request(coord: Coordinator, pid: int, rnd: int, synced: dict[int, int], extra: dict[str, Any]):
     """Open a session for client ``pid`` and build its request (the history it still needs, if synced)."""
     session, settings = coord.open(pid, rnd, extra)
-    request = SessionRequest(pid, settings, dict(coord.overrides), coord.history_for(pid, synced.get(pid, 0)),
-                             coord.average)
+    request = SessionRequest(
+        pid, settings, dict(coord.overrides), coord.history_for(pid, synced.get(pid, 0)), coord.average
+    )
     return session, request
 
 
-def train_round(fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, synced: dict[int, int],
-                plan: str = "full") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def train_round(
+    fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, synced: dict[int, int], plan: str = "full"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One round of training sessions in waves, each client using its data as ``plan`` says
     (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
     reports, dropped = [], []
@@ -83,17 +87,21 @@ def train_round(fed: Federation, coord: Coordinator, partitions: list[int], rnd:
     return reports, dropped
 
 
-def evaluate_round(fed: Federation, coord: Coordinator, rnd: int, clients: list[int], synced: dict[int, int],
-                   split: str) -> dict[str, Any] | None:
+def evaluate_round(
+    fed: Federation, coord: Coordinator, rnd: int, clients: list[int], synced: dict[int, int], split: str
+) -> dict[str, Any] | None:
     """Federated evaluation: each listed client scores its shard of ``split``."""
     if not clients:
         return None
     reports = []
     for wave in waves(clients, coord.config["max-concurrent-clients"]):
-        opened = [session_request(coord, pid, rnd, synced, {"split": split, "shard": clients.index(pid),
-                                                           "num-shards": len(clients)}) for pid in wave]
-        replies = fed.run_sessions("evaluate", [r for _, r in opened], coord.config["round-timeout"],
-                                   coord.expire_idle)
+        opened = [
+            session_request(
+                coord, pid, rnd, synced, {"split": split, "shard": clients.index(pid), "num-shards": len(clients)}
+            )
+            for pid in wave
+        ]
+        replies = fed.run_sessions("evaluate", [r for _, r in opened], coord.config["round-timeout"], coord.expire_idle)
         for session, request in opened:
             coord.finish_eval(session)
             reply = replies.get(request.partition_id, SessionReply(None, "no reply before round-timeout"))
@@ -104,8 +112,16 @@ def evaluate_round(fed: Federation, coord: Coordinator, rnd: int, clients: list[
     return coord.record_eval(rnd, reports)
 
 
-def run_round(fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, synced: dict[int, int],
-              plan: str, evaluate: bool, label: str = "") -> dict[str, Any]:
+def run_round(
+    fed: Federation,
+    coord: Coordinator,
+    partitions: list[int],
+    rnd: int,
+    synced: dict[int, int],
+    plan: str,
+    evaluate: bool,
+    label: str = "",
+) -> dict[str, Any]:
     """Train one round, evaluate on dev if asked, record and print it; returns the round's entry."""
     started = time.perf_counter()
     reports, dropped = train_round(fed, coord, partitions, rnd, synced, plan)
@@ -114,14 +130,19 @@ def run_round(fed: Federation, coord: Coordinator, partitions: list[int], rnd: i
     entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
     acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
     loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
-    print(f"[hosl] {label}round {rnd}: train loss {loss}, dev accuracy {acc}, clients {len(clients)}, "
-          f"dropped {len(dropped)}, data {plan}, {entry['steps']} steps, {entry['seconds']:.1f} s", flush=True)
+    print(
+        f"[hosl] {label}round {rnd}: train loss {loss}, dev accuracy {acc}, clients {len(clients)}, "
+        f"dropped {len(dropped)}, data {plan}, {entry['steps']} steps, {entry['seconds']:.1f} s",
+        flush=True,
+    )
     return entry
 
 
-def tune(fed: Federation, coord: Coordinator, partitions: list[int], synced: dict[int, int],
-         rounds: itertools.count) -> dict[str, Any]:
+def tune(
+    fed: Federation, coord: Coordinator, partitions: list[int], synced: dict[int, int], rounds: itertools.count
+) -> dict[str, Any]:
     """The Optuna study over the federation; returns its summary (trials, best, seconds, plot)."""
+
     def one_round(trial: int, rnd: int, params, plan: str) -> dict[str, Any]:
         if rnd == 1:
             coord.reset(trial, params)
@@ -133,8 +154,11 @@ def tune(fed: Federation, coord: Coordinator, partitions: list[int], synced: dic
     plot = plot_history(study, coord.out_dir / "optimization_history.png")
     summary["plot"] = str(plot) if plot else None
     for record in summary["trials"]:
-        print(f"[hosl] trial {record['number'] + 1}: {record['state']}, {len(record['rounds'])} rounds, "
-              f"dev accuracy {record['accuracy']}, {record['seconds']:.1f} s, {record['params']}", flush=True)
+        print(
+            f"[hosl] trial {record['number'] + 1}: {record['state']}, {len(record['rounds'])} rounds, "
+            f"dev accuracy {record['accuracy']}, {record['seconds']:.1f} s, {record['params']}",
+            flush=True,
+        )
     if summary["best"] is None:
         raise RuntimeError(f"no tuning trial completed ({summary['failed']} failed, {summary['pruned']} pruned)")
     print(f"[hosl] tuning took {summary['seconds']:.1f} s; best {summary['best']}", flush=True)
@@ -162,8 +186,15 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
     for index in range(1, config["num-rounds"] + 1):
         rnd = next(rounds)
         plan = round_plan(selector, index, config["subset-reselect-every"], warm)
-        run_round(fed, coord, partitions, rnd, synced, plan,
-                  evaluate=index % config["eval-every"] == 0 or index == config["num-rounds"])
+        run_round(
+            fed,
+            coord,
+            partitions,
+            rnd,
+            synced,
+            plan,
+            evaluate=index % config["eval-every"] == 0 or index == config["num-rounds"],
+        )
     if config["eval-test"]:
         last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
         test = evaluate_round(fed, coord, rnd, last or sorted(partitions), synced, "test")
@@ -171,7 +202,10 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
     if config["tune-trials"]:
         coord.results["tuning"]["final"] = {
-            "params": coord.overrides, "rounds": config["num-rounds"], "seconds": time.perf_counter() - final_started,
+            "params": coord.overrides,
+            "rounds": config["num-rounds"],
+            "seconds": time.perf_counter() - final_started,
             "dev_accuracy": coord.results["eval"].get("history", [{}])[-1].get("accuracy"),
-            "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy")}
+            "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy"),
+        }
     return coord.write_results(status="finished")

@@ -3,6 +3,7 @@
 The local runner and the Flower apps call the same functions, so a client built here and one
 built inside a Flower ClientApp are the same object with the same seeds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,10 +44,22 @@ def client_seed(config: Mapping[str, Any], index: int) -> int:
 def load_task_data(config: Mapping[str, Any], loaded: LoadedModel) -> TaskData:
     """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
     task = get_task(config["task"])
-    splits = sample_splits(task, config["n-train"], config["n-dev"], config["n-test"], seed=config["seed"],
-                           source=config["data-source"], data_dir=config["data-dir"] or None)
-    parts = partition([ex.label for ex in splits["train"]], config["num-clients"], scheme=config["partition"],
-                      alpha=config["dirichlet-alpha"], seed=config["seed"])
+    splits = sample_splits(
+        task,
+        config["n-train"],
+        config["n-dev"],
+        config["n-test"],
+        seed=config["seed"],
+        source=config["data-source"],
+        data_dir=config["data-dir"] or None,
+    )
+    parts = partition(
+        [ex.label for ex in splits["train"]],
+        config["num-clients"],
+        scheme=config["partition"],
+        alpha=config["dirichlet-alpha"],
+        seed=config["seed"],
+    )
     kind = "classification" if loaded.kind == "encoder" else "prompted"
     encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=config["max-length"])
     return TaskData(task, splits, parts, encoder)
@@ -60,17 +73,22 @@ def client_dtype(config: Mapping[str, Any]) -> torch.dtype:
 def load_client_bottom(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom]:
     """The scenario's bottom alone (the top's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the bottom's body."""
-    bottom, tokenizer, family = load_bottom(config["model"], config["cut-layer"],
-                                            num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
-                                            dtype=client_dtype(config))
+    bottom, tokenizer, family = load_bottom(
+        config["model"],
+        config["cut-layer"],
+        num_labels=get_task(config["task"]).num_classes,
+        seed=config["seed"],
+        dtype=client_dtype(config),
+    )
     return LoadedModel(bottom.body, tokenizer, family), bottom
 
 
 def load_server_top(config: Mapping[str, Any]) -> tuple[LoadedModel, ServerTop]:
     """The scenario's top alone (the bottom's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the top's."""
-    top, tokenizer, family = load_top(config["model"], config["cut-layer"],
-                                      num_labels=get_task(config["task"]).num_classes, seed=config["seed"])
+    top, tokenizer, family = load_top(
+        config["model"], config["cut-layer"], num_labels=get_task(config["task"]).num_classes, seed=config["seed"]
+    )
     return LoadedModel(top.model, tokenizer, family), top
 
 
@@ -86,18 +104,29 @@ def load_split(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom, Se
 
 
 def _spec(config: Mapping[str, Any], side: str) -> TrainableSpec:
-    return TrainableSpec(mode=config[f"{side}-params"], lora_r=config["lora-r"], lora_alpha=config["lora-alpha"],
-                         lora_targets=lora_targets(config),
-                         freeze_embeddings=config["freeze-embeddings"] and side == "client")
+    return TrainableSpec(
+        mode=config[f"{side}-params"],
+        lora_r=config["lora-r"],
+        lora_alpha=config["lora-alpha"],
+        lora_targets=lora_targets(config),
+        freeze_embeddings=config["freeze-embeddings"] and side == "client",
+    )
 
 
 def build_server(config: Mapping[str, Any], top: ServerTop, num_classes: int) -> SplitServer:
     """The server party with its trainable set and optimiser per ``mode``."""
     params = configure_trainable(top, _spec(config, "server"), top.family)
     order = MODES[config["mode"]][1]
-    optim = ServerOptimConfig(order=order, optimizer=config["server-optimizer"], lr=config["server-lr"], weight_decay=config["weight-decay"],
-                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"], zo_directions=config["zo-directions"],
-                              seed=config["seed"])
+    optim = ServerOptimConfig(
+        order=order,
+        optimizer=config["server-optimizer"],
+        lr=config["server-lr"],
+        weight_decay=config["weight-decay"],
+        zo_eps=config["zo-eps"],
+        zo_queries=config["zo-queries"],
+        zo_directions=config["zo-directions"],
+        seed=config["seed"],
+    )
     return SplitServer(top, params, optim, num_classes=num_classes)
 
 
@@ -114,9 +143,14 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
     trainable = {n: p for n, p in bottom.named_parameters() if p.requires_grad}
     pretrained = [n for n in trainable if "lora_" not in n]
     if pretrained:
-        values = pristine_bottom_tensors(config["model"], config["cut-layer"], pretrained,
-                                         num_labels=get_task(config["task"]).num_classes, seed=config["seed"],
-                                         dtype=client_dtype(config))
+        values = pristine_bottom_tensors(
+            config["model"],
+            config["cut-layer"],
+            pretrained,
+            num_labels=get_task(config["task"]).num_classes,
+            seed=config["seed"],
+            dtype=client_dtype(config),
+        )
         with torch.no_grad():
             for name in pretrained:
                 trainable[name].copy_(values.pop(name))
@@ -124,15 +158,24 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
         init_lora(bottom, client_seed(config, index))
 
 
-def split_client(config: Mapping[str, Any], bottom: ClientBottom, params: list[torch.nn.Parameter],
-                 index: int) -> SplitClient:
+def split_client(
+    config: Mapping[str, Any], bottom: ClientBottom, params: list[torch.nn.Parameter], index: int
+) -> SplitClient:
     """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`)."""
     order = MODES[config["mode"]][0]
-    optim = ClientOptimConfig(order=order, optimizer=config["client-optimizer"], lr=config["client-lr"], weight_decay=config["weight-decay"],
-                              zo_eps=config["zo-eps"], zo_queries=config["zo-queries"],
-                              zo_directions=config["zo-directions"], zo_embedding_rows=config["zo-embedding-rows"],
-                              hosl_feedback=config["hosl-feedback"],
-                              seed=client_seed(config, index), wire_dtype=config["wire-dtype"])
+    optim = ClientOptimConfig(
+        order=order,
+        optimizer=config["client-optimizer"],
+        lr=config["client-lr"],
+        weight_decay=config["weight-decay"],
+        zo_eps=config["zo-eps"],
+        zo_queries=config["zo-queries"],
+        zo_directions=config["zo-directions"],
+        zo_embedding_rows=config["zo-embedding-rows"],
+        hosl_feedback=config["hosl-feedback"],
+        seed=client_seed(config, index),
+        wire_dtype=config["wire-dtype"],
+    )
     return SplitClient(bottom, params, optim, client_id=str(index))
 
 

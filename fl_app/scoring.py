@@ -1,4 +1,5 @@
 """Turn the server top's outputs into per-class scores and the classification loss."""
+
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,14 @@ import torch.nn.functional as F
 from fl_app.models import ServerTop
 
 
-def class_scores(top: ServerTop, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                 score_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
-                 batch_size: int = 0) -> torch.Tensor:
+def class_scores(
+    top: ServerTop,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_ids: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    batch_size: int = 0,
+) -> torch.Tensor:
     """Scores ``[B, C]``: candidate log-likelihoods for decoders, classifier logits for encoders.
 
     * ``score_ids`` ``[B, C]``: single-token candidates read at each row's last real token.
@@ -19,9 +25,14 @@ def class_scores(top: ServerTop, hidden: torch.Tensor, attention_mask: torch.Ten
     return scores_and_features(top, hidden, attention_mask, score_ids, target_ids, batch_size)[0]
 
 
-def scores_and_features(top: ServerTop, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                        score_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
-                        batch_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def scores_and_features(
+    top: ServerTop,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_ids: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    batch_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`class_scores` and the features ``[B, F]`` the last layer scored them from.
 
     Encoders: the pooled output the classifier reads. Single-token candidates: the final hidden

@@ -1,4 +1,5 @@
 """The server side of a split: scores perturbed activations and trains its top (FO or ZO)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,18 @@ from dataclasses import dataclass, field
 import torch
 
 from fl_app.models import ServerTop
-from fl_app.protocol import (LABEL_KEYS, PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest, decode_frame,
-                             step_weight, validate_part, validate_request)
+from fl_app.protocol import (
+    LABEL_KEYS,
+    PerturbedPart,
+    ProtocolError,
+    SelectRequest,
+    StepReply,
+    StepRequest,
+    decode_frame,
+    step_weight,
+    validate_part,
+    validate_request,
+)
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
 from fl_app.subset import last_layer_proxy, select_batches, selection_quality
 from fl_app.trainable import OptimSettings, make_fo_optimizer
@@ -47,6 +58,7 @@ class UpdateLedger:
                         acc.add_(d)
                 else:
                     self.deltas[key] = steps
+
         return done
 
     def commit(self, key: str) -> None:
@@ -83,8 +95,13 @@ class SplitServer:
     clean activations drive the server's own update, as in one HOSL step.
     """
 
-    def __init__(self, top: ServerTop, params: list[torch.nn.Parameter], config: ServerOptimConfig,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        top: ServerTop,
+        params: list[torch.nn.Parameter],
+        config: ServerOptimConfig,
+        num_classes: int | None = None,
+    ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.steps = 0
         self.ledger = UpdateLedger(params)
@@ -122,15 +139,19 @@ class SplitServer:
         if frame.kind != "zo":
             raise ProtocolError(f"perturbed parts were streamed but the step arrived with kind '{frame.kind}'")
         if pending.buffer:
-            raise ProtocolError(f"the step's perturbed parts end with an unpaired activation "
-                                f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)")
+            raise ProtocolError(
+                f"the step's perturbed parts end with an unpaired activation "
+                f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)"
+            )
         for name in ("attention_mask", *LABEL_KEYS):
             mine, theirs = getattr(pending.head, name), getattr(frame, name)
             if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
                 raise ProtocolError(f"field '{name}' of the step differs from the one its perturbed parts announced")
         if tuple(frame.clean.shape) != tuple(pending.head.clean.shape):
-            raise ProtocolError(f"field 'clean' has shape {list(frame.clean.shape)}, but the step's perturbed parts "
-                                f"have [{', '.join(map(str, pending.head.clean.shape))}]")
+            raise ProtocolError(
+                f"field 'clean' has shape {list(frame.clean.shape)}, but the step's perturbed parts "
+                f"have [{', '.join(map(str, pending.head.clean.shape))}]"
+            )
         return self.handle(frame, session, key, scored=torch.tensor(pending.losses)).to_bytes()
 
     def _take_part(self, part: PerturbedPart, key: str) -> None:
@@ -144,10 +165,14 @@ class SplitServer:
             self.pending[key] = PendingStep(head)
         pending = self.pending.get(key)
         if pending is None:
-            raise ProtocolError("the first perturbed part of a step must carry the batch's 'attention_mask' and 'labels'")
+            raise ProtocolError(
+                "the first perturbed part of a step must carry the batch's 'attention_mask' and 'labels'"
+            )
         if tuple(part.perturbed.shape[1:]) != tuple(pending.head.clean.shape):
-            raise ProtocolError(f"field 'perturbed' of a part has shape {list(part.perturbed.shape)}, expected "
-                                f"[k, {', '.join(map(str, pending.head.clean.shape))}]")
+            raise ProtocolError(
+                f"field 'perturbed' of a part has shape {list(part.perturbed.shape)}, expected "
+                f"[k, {', '.join(map(str, pending.head.clean.shape))}]"
+            )
         pending.buffer.append(part.perturbed)
         buffered = sum(p.shape[0] for p in pending.buffer)
         if len(pending.losses) + buffered > 2 * MAX_QUERIES:
@@ -168,18 +193,25 @@ class SplitServer:
         proxies = self.proxies.pop(key, {})
         missing = sorted(set(range(req.num_batches)) - set(proxies))
         if missing or len(proxies) != req.num_batches:
-            raise ProtocolError(f"select request for {req.num_batches} batches, but proxies arrived for batches "
-                                f"{sorted(proxies)[:10]} (missing {missing[:10]})")
+            raise ProtocolError(
+                f"select request for {req.num_batches} batches, but proxies arrived for batches "
+                f"{sorted(proxies)[:10]} (missing {missing[:10]})"
+            )
         stacked = torch.stack([proxies[i] for i in range(req.num_batches)])
-        subset = select_batches("gradmatch", stacked, req.num_batches, req.budget,
-                                torch.Generator().manual_seed(req.seed))
+        subset = select_batches(
+            "gradmatch", stacked, req.num_batches, req.budget, torch.Generator().manual_seed(req.seed)
+        )
         self.selections.append(selection_quality(stacked, subset, req.seed))
-        return StepReply(clean_loss=0.0, batch_ids=torch.tensor(subset.batch_ids),
-                         batch_weights=torch.tensor(subset.weights, dtype=torch.float64))
+        return StepReply(
+            clean_loss=0.0,
+            batch_ids=torch.tensor(subset.batch_ids),
+            batch_weights=torch.tensor(subset.weights, dtype=torch.float64),
+        )
 
     def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
-        return class_scores(self.top, hidden, req.attention_mask, req.score_ids, req.target_ids,
-                            batch_size=req.labels.shape[0])
+        return class_scores(
+            self.top, hidden, req.attention_mask, req.score_ids, req.target_ids, batch_size=req.labels.shape[0]
+        )
 
     def _loss(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
         return classification_loss(self._scores(hidden, req), req.labels)
@@ -196,17 +228,21 @@ class SplitServer:
             chunk = pert[start : start + per_chunk]
             n = chunk.shape[0]
             stacked = StepRequest(
-                kind="eval", clean=chunk.reshape(n * rows, *pert.shape[2:]),
-                attention_mask=req.attention_mask.repeat(n, 1), labels=req.labels.repeat(n),
+                kind="eval",
+                clean=chunk.reshape(n * rows, *pert.shape[2:]),
+                attention_mask=req.attention_mask.repeat(n, 1),
+                labels=req.labels.repeat(n),
                 score_ids=None if req.score_ids is None else req.score_ids.repeat(n, 1),
-                target_ids=None if req.target_ids is None else req.target_ids.repeat(n, 1))
+                target_ids=None if req.target_ids is None else req.target_ids.repeat(n, 1),
+            )
             scores = self._scores(stacked.clean, stacked).view(n, req.labels.shape[0], -1)
             for i in range(n):
                 losses.append(classification_loss(scores[i], req.labels))
         return torch.stack(losses)
 
-    def handle(self, req: StepRequest, session: str | None = None, key: str = "",
-               scored: torch.Tensor | None = None) -> StepReply:
+    def handle(
+        self, req: StepRequest, session: str | None = None, key: str = "", scored: torch.Tensor | None = None
+    ) -> StepReply:
         """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
         last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
         ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
@@ -215,8 +251,9 @@ class SplitServer:
         clean = req.clean.float()
         if req.kind == "proxy":
             with torch.no_grad():
-                scores, features = scores_and_features(self.top, clean, req.attention_mask, req.score_ids,
-                                                       req.target_ids, batch_size=req.labels.shape[0])
+                scores, features = scores_and_features(
+                    self.top, clean, req.attention_mask, req.score_ids, req.target_ids, batch_size=req.labels.shape[0]
+                )
                 loss = classification_loss(scores, req.labels)
             self.proxies.setdefault(key, {})[int(req.meta["batch"])] = last_layer_proxy(features, scores, req.labels)
             correct = int((scores.argmax(1) == req.labels).sum())
@@ -242,7 +279,9 @@ class SplitServer:
         clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
         loss = self._loss(clean, req)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"server loss is {float(loss.detach())} at server step {self.steps}; no update applied")
+            raise FloatingPointError(
+                f"server loss is {float(loss.detach())} at server step {self.steps}; no update applied"
+            )
         if self.optimizer is None and not need_grad:
             return float(loss.detach()), None
         if self.optimizer is not None:

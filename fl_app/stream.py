@@ -6,6 +6,7 @@ metadata; unknown tokens are rejected with UNAUTHENTICATED. Frames above the siz
 refused by gRPC itself; malformed frames end that session with INVALID_ARGUMENT while the
 server keeps serving the others. TLS is used when a certificate and key are given.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,10 +46,14 @@ class Session:
 
 
 def _grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class SessionTable:
@@ -99,8 +104,11 @@ class SessionTable:
         """
         now = time.monotonic()
         with self._lock:
-            stale = [s for s in self.sessions.values() if s.status == "open" and s.last_activity is not None
-                     and now - s.last_activity > timeout]
+            stale = [
+                s
+                for s in self.sessions.values()
+                if s.status == "open" and s.last_activity is not None and now - s.last_activity > timeout
+            ]
         for session in stale:
             self.fail(session, f"no step for {timeout:.0f} s (step timeout)")
         return stale
@@ -112,15 +120,27 @@ class SessionTable:
 class StepStreamServer(SessionTable):
     """Serves sessions over gRPC; ``handler(token, request_bytes) -> reply_bytes`` does the model work."""
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
-                 max_message_bytes: int = 256 * 1024 * 1024, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None, on_failure: Callable[[Session], None] | None = None):
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_workers: int = 8,
+        max_message_bytes: int = 256 * 1024 * 1024,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        on_failure: Callable[[Session], None] | None = None,
+    ):
         super().__init__(on_failure)
         self.handler = handler
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
-                                   options=_grpc_options(max_message_bytes))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
+            options=_grpc_options(max_message_bytes),
+        )
         rpc = grpc.stream_stream_rpc_method_handler(self._serve)
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),))
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),)
+        )
         address = f"{host}:{port}"
         if tls_cert is not None and tls_key is not None:
             self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
@@ -187,11 +207,18 @@ class StepStreamServer(SessionTable):
 class StepStreamClient:
     """The client end of a session: ``exchange(request_bytes) -> reply_bytes`` over one stream."""
 
-    def __init__(self, address: str, token: str, root_certificate: bytes | None = None,
-                 max_message_bytes: int = 256 * 1024 * 1024):
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        root_certificate: bytes | None = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ):
         options = _grpc_options(max_message_bytes)
         if root_certificate:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificate), options=options)
+            self._channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificate), options=options
+            )
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._outbox: queue.Queue[bytes | None] = queue.Queue()

@@ -3,6 +3,7 @@
 The server owns the head, so it can compute each batch's last-layer gradient proxy from the
 activations a client already sends; only batch ids and weights go back to the client.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ def last_layer_proxy(features: torch.Tensor, scores: torch.Tensor, labels: torch
     flattened (softmax - onehot)^T [features, 1] / B, of size C * (F + 1).
     """
     if features.ndim != 2 or scores.ndim != 2 or features.shape[0] != scores.shape[0] != labels.shape[0]:
-        raise ValueError(f"proxy inputs must be [B, F], [B, C], [B]; got {list(features.shape)}, "
-                         f"{list(scores.shape)}, {list(labels.shape)}")
+        raise ValueError(
+            f"proxy inputs must be [B, F], [B, C], [B]; got {list(features.shape)}, "
+            f"{list(scores.shape)}, {list(labels.shape)}"
+        )
     error = torch.softmax(scores.float(), dim=1)
     error[torch.arange(labels.shape[0]), labels] -= 1.0
     inputs = torch.cat([features.float(), torch.ones(features.shape[0], 1)], dim=1)
@@ -48,7 +51,9 @@ def _nonneg_lstsq(columns: torch.Tensor, target: torch.Tensor) -> tuple[list[int
     return [], torch.zeros(0)
 
 
-def omp_select(grads: torch.Tensor, target: torch.Tensor, budget: int, tol: float = 1e-6) -> tuple[list[int], torch.Tensor]:
+def omp_select(
+    grads: torch.Tensor, target: torch.Tensor, budget: int, tol: float = 1e-6
+) -> tuple[list[int], torch.Tensor]:
     """Non-negative orthogonal matching pursuit: up to ``budget`` rows of ``grads`` [n, d] whose
     non-negative combination approximates ``target`` [d]. Returns (row ids, weights >= 0)."""
     if grads.ndim != 2 or target.shape != grads.shape[1:]:
@@ -81,8 +86,9 @@ class Subset:
     weights: list[float]
 
 
-def select_batches(selector: str, proxies: torch.Tensor | None, num_batches: int, budget: int,
-                   rng: torch.Generator) -> Subset:
+def select_batches(
+    selector: str, proxies: torch.Tensor | None, num_batches: int, budget: int, rng: torch.Generator
+) -> Subset:
     """Pick ``budget`` of ``num_batches`` batches: GradMatch on ``proxies`` [num_batches, d], random,
     or all (``full``). GradMatch fills any shortfall with random batches of weight 1."""
     if selector not in SELECTORS:
@@ -94,8 +100,9 @@ def select_batches(selector: str, proxies: torch.Tensor | None, num_batches: int
         ids = torch.randperm(num_batches, generator=rng)[:budget].tolist()
         return Subset(sorted(ids), [num_batches / budget] * budget)
     if proxies is None or proxies.shape[0] != num_batches:
-        raise ValueError(f"gradmatch needs one proxy per batch ({num_batches}), got "
-                         f"{None if proxies is None else proxies.shape[0]}")
+        raise ValueError(
+            f"gradmatch needs one proxy per batch ({num_batches}), got {None if proxies is None else proxies.shape[0]}"
+        )
     ids, weights = omp_select(proxies, proxies.sum(0), budget)
     chosen = {i: w for i, w in zip(ids, weights.tolist()) if w > 0}
     rest = [i for i in torch.randperm(num_batches, generator=rng).tolist() if i not in chosen]
@@ -124,14 +131,20 @@ def selection_quality(proxies: torch.Tensor, subset: Subset, seed: int) -> dict[
     mean error of random subsets of the same size (unbiased n/b weights) on the same proxies."""
     rng = torch.Generator().manual_seed(seed + 1)
     size = len(subset.batch_ids)
-    randoms = [subset_error(proxies, select_batches("random", None, proxies.shape[0], size, rng))
-               for _ in range(RANDOM_DRAWS)]
-    return {"batches": proxies.shape[0], "selected": size, "gradmatch_error": subset_error(proxies, subset),
-            "random_error": sum(randoms) / len(randoms)}
+    randoms = [
+        subset_error(proxies, select_batches("random", None, proxies.shape[0], size, rng)) for _ in range(RANDOM_DRAWS)
+    ]
+    return {
+        "batches": proxies.shape[0],
+        "selected": size,
+        "gradmatch_error": subset_error(proxies, subset),
+        "random_error": sum(randoms) / len(randoms),
+    }
 
 
-def batch_proxies(features: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
-                  labels: Sequence[torch.Tensor]) -> torch.Tensor:
+def batch_proxies(
+    features: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """Stack one last-layer proxy per batch."""
     return torch.stack([last_layer_proxy(f, s, y) for f, s, y in zip(features, scores, labels)])
 
@@ -146,8 +159,10 @@ def round_plan(selector: str, round_in_run: int, reselect_every: int, warm_round
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r} (field 'subset-selector'); known: {', '.join(SELECTORS)}")
     if round_in_run < 1 or reselect_every < 1 or warm_rounds < 0:
-        raise ValueError(f"round {round_in_run}, reselect-every {reselect_every} and warm rounds {warm_rounds} "
-                         "must be >= 1, >= 1 and >= 0")
+        raise ValueError(
+            f"round {round_in_run}, reselect-every {reselect_every} and warm rounds {warm_rounds} "
+            "must be >= 1, >= 1 and >= 0"
+        )
     if selector == "full":
         return "full"
     if round_in_run <= warm_rounds:

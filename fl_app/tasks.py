@@ -1,4 +1,5 @@
 """Prompted classification tasks (MeZO templates and verbalisers) and their text pairs for encoders."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -49,36 +50,92 @@ def _lower_first(text: str) -> str:
     return " " + text[:1].lower() + text[1:]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("sst2", 2, ("sentence",), ((0, "0"), (1, "1")),
-         lambda f: f"{f['sentence'].strip()} It was", _const([" terrible", " great"]),
-         lambda f: (f["sentence"], None)),
-    Task("rte", 2, ("premise", "hypothesis"), (("entailment", 0, "0"), ("not_entailment", 1, "1")),
-         lambda f: f"{f['premise']}\nDoes this mean that \"{f['hypothesis']}\" is true? Yes or No?\n",
-         _const(["Yes", "No"]), lambda f: (f["premise"], f["hypothesis"])),
-    Task("cb", 3, ("premise", "hypothesis"),
-         (("entailment", 0, "0"), ("contradiction", 1, "1"), ("neutral", 2, "2")),
-         lambda f: f"Suppose {f['premise']} Can we infer that \"{f['hypothesis']}\"? Yes, No, or Maybe?\n",
-         _const(["Yes", "No", "Maybe"]), lambda f: (f["premise"], f["hypothesis"])),
-    Task("boolq", 2, ("passage", "question"), ((False, 0, "False", "false"), (True, 1, "True", "true")),
-         lambda f: f"{f['passage']} {f['question']}?", _const([" No", " Yes"]),
-         lambda f: (f["question"], f["passage"])),
-    Task("wic", 2, ("word", "sentence1", "sentence2"), ((False, 0, "False", "false"), (True, 1, "True", "true")),
-         lambda f: (f"Does the word \"{f['word']}\" have the same meaning in these two sentences? Yes, No?\n"
-                    f"{f['sentence1']}\n{f['sentence2']}\n"),
-         _const(["No", "Yes"]), lambda f: (f"{f['word']}: {f['sentence1']}", f["sentence2"])),
-    Task("wsc", 2, ("text", "span1_text", "span2_text"), ((False, 0, "False", "false"), (True, 1, "True", "true")),
-         lambda f: (f"{f['text']}\nIn the previous sentence, does the pronoun \"{f['span2_text'].lower()}\" refer to "
-                    f"{f['span1_text']}? Yes or No?\n"),
-         _const(["No", "Yes"]), lambda f: (f["text"], f"{f['span2_text']} refers to {f['span1_text']}")),
-    Task("copa", 2, ("premise", "choice1", "choice2", "question"), ((0, "0"), (1, "1")),
-         _copa_prompt, lambda f: [_lower_first(f["choice1"]), _lower_first(f["choice2"])],
-         lambda f: (f["premise"], f"{f['choice1']} / {f['choice2']}")),
-    Task("multirc", 2, ("paragraph", "question", "answer"), ((0, False, "0"), (1, True, "1")),
-         lambda f: (f"{f['paragraph']}\nQuestion: {f['question']}\nI found this answer \"{f['answer']}\". "
-                    "Is that correct? Yes or No?\n"),
-         _const(["No", "Yes"]), lambda f: (f"{f['question']} {f['answer']}", f["paragraph"])),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "sst2",
+            2,
+            ("sentence",),
+            ((0, "0"), (1, "1")),
+            lambda f: f"{f['sentence'].strip()} It was",
+            _const([" terrible", " great"]),
+            lambda f: (f["sentence"], None),
+        ),
+        Task(
+            "rte",
+            2,
+            ("premise", "hypothesis"),
+            (("entailment", 0, "0"), ("not_entailment", 1, "1")),
+            lambda f: f'{f["premise"]}\nDoes this mean that "{f["hypothesis"]}" is true? Yes or No?\n',
+            _const(["Yes", "No"]),
+            lambda f: (f["premise"], f["hypothesis"]),
+        ),
+        Task(
+            "cb",
+            3,
+            ("premise", "hypothesis"),
+            (("entailment", 0, "0"), ("contradiction", 1, "1"), ("neutral", 2, "2")),
+            lambda f: f'Suppose {f["premise"]} Can we infer that "{f["hypothesis"]}"? Yes, No, or Maybe?\n',
+            _const(["Yes", "No", "Maybe"]),
+            lambda f: (f["premise"], f["hypothesis"]),
+        ),
+        Task(
+            "boolq",
+            2,
+            ("passage", "question"),
+            ((False, 0, "False", "false"), (True, 1, "True", "true")),
+            lambda f: f"{f['passage']} {f['question']}?",
+            _const([" No", " Yes"]),
+            lambda f: (f["question"], f["passage"]),
+        ),
+        Task(
+            "wic",
+            2,
+            ("word", "sentence1", "sentence2"),
+            ((False, 0, "False", "false"), (True, 1, "True", "true")),
+            lambda f: (
+                f'Does the word "{f["word"]}" have the same meaning in these two sentences? Yes, No?\n'
+                f"{f['sentence1']}\n{f['sentence2']}\n"
+            ),
+            _const(["No", "Yes"]),
+            lambda f: (f"{f['word']}: {f['sentence1']}", f["sentence2"]),
+        ),
+        Task(
+            "wsc",
+            2,
+            ("text", "span1_text", "span2_text"),
+            ((False, 0, "False", "false"), (True, 1, "True", "true")),
+            lambda f: (
+                f'{f["text"]}\nIn the previous sentence, does the pronoun "{f["span2_text"].lower()}" refer to '
+                f"{f['span1_text']}? Yes or No?\n"
+            ),
+            _const(["No", "Yes"]),
+            lambda f: (f["text"], f"{f['span2_text']} refers to {f['span1_text']}"),
+        ),
+        Task(
+            "copa",
+            2,
+            ("premise", "choice1", "choice2", "question"),
+            ((0, "0"), (1, "1")),
+            _copa_prompt,
+            lambda f: [_lower_first(f["choice1"]), _lower_first(f["choice2"])],
+            lambda f: (f["premise"], f"{f['choice1']} / {f['choice2']}"),
+        ),
+        Task(
+            "multirc",
+            2,
+            ("paragraph", "question", "answer"),
+            ((0, False, "0"), (1, True, "1")),
+            lambda f: (
+                f'{f["paragraph"]}\nQuestion: {f["question"]}\nI found this answer "{f["answer"]}". '
+                "Is that correct? Yes or No?\n"
+            ),
+            _const(["No", "Yes"]),
+            lambda f: (f"{f['question']} {f['answer']}", f["paragraph"]),
+        ),
+    )
+}
 TASK_NAMES: tuple[str, ...] = tuple(sorted(TASKS))
 
 
@@ -101,5 +158,7 @@ def parse_row(task: Task, row: Mapping[str, Any]) -> Example:
     for index, accepted in enumerate(task.label_values):
         if any(raw == value and type(raw) is type(value) for value in accepted):
             return Example(fields=dict(row), label=index)
-    raise ValueError(f"task '{task.name}': field 'label' has value {raw!r}; accepted: "
-                     f"{[v for values in task.label_values for v in values]}")
+    raise ValueError(
+        f"task '{task.name}': field 'label' has value {raw!r}; accepted: "
+        f"{[v for values in task.label_values for v in values]}"
+    )

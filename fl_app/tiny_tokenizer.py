@@ -1,4 +1,5 @@
 """An in-process word-level tokenizer for tests and the tiny smoke scenario (no downloads)."""
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,11 @@ def _vocabulary(size: int) -> tuple[str, ...]:
         next(fh)
         for _, line in zip(range(SAMPLE_LINES), fh):
             counts.update(re.findall(r"\w+|[^\w\s]", line.rsplit("\t", 1)[0].lower()))
-    verbalisers = {w.strip().lower() for name in ("sst2", "rte", "cb", "boolq", "wic", "wsc", "multirc")
-                   for w in TASKS[name]._candidates({})}
+    verbalisers = {
+        w.strip().lower()
+        for name in ("sst2", "rte", "cb", "boolq", "wic", "wsc", "multirc")
+        for w in TASKS[name]._candidates({})
+    }
     ranked = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     words = sorted(verbalisers) + [w for w in ranked if w not in verbalisers]
     return tuple(words[:size])
@@ -42,13 +46,29 @@ def build_tiny_tokenizer(kind: Literal["causal", "encoder"], vocab_size: int = 2
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     if kind == "causal":
-        tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
-                                                           special_tokens=[("</s>", vocab["</s>"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="</s>", eos_token="</s>",
-                                       unk_token="<unk>", padding_side="right")
+        tok.post_processor = processors.TemplateProcessing(
+            single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", vocab["</s>"])]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="<pad>",
+            bos_token="</s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            padding_side="right",
+        )
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        padding_side="right",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )

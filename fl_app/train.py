@@ -6,6 +6,7 @@ The same round loop (:mod:`fl_app.rounds`), coordinator and client sessions as `
 the carrier differs: sessions are direct calls, one client after another, their states kept in
 memory, and step frames go to the server through an in-process link instead of gRPC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ class InProcessFederation:
         self.coord, self.num_clients = coord, num_clients
         self.states: dict[int, ClientState] = {}
 
-    def run_sessions(self, kind: str, requests: list[SessionRequest], timeout: float,
-                     tick: Callable[[], Any]) -> dict[int, SessionReply]:
+    def run_sessions(
+        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
+    ) -> dict[int, SessionReply]:
         replies = {}
         for request in requests:
             pid = request.partition_id
@@ -47,12 +49,28 @@ class InProcessFederation:
             link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
             try:
                 if kind == "train":
-                    report, state = run_session(config, pid, self.num_clients, self.states.get(pid), request.session,
-                                                request.history, request.average, link=link)
+                    report, state = run_session(
+                        config,
+                        pid,
+                        self.num_clients,
+                        self.states.get(pid),
+                        request.session,
+                        request.history,
+                        request.average,
+                        link=link,
+                    )
                     self.states[pid] = state
                 else:
-                    report = run_eval_session(config, pid, self.num_clients, self.states.get(pid), request.session,
-                                              request.history, request.average, link=link)
+                    report = run_eval_session(
+                        config,
+                        pid,
+                        self.num_clients,
+                        self.states.get(pid),
+                        request.session,
+                        request.history,
+                        request.average,
+                        link=link,
+                    )
             except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
                 log.warning("client %d's %s session failed", pid, kind, exc_info=True)
                 replies[pid] = SessionReply(None, f"client error: {type(err).__name__}: {err}")
@@ -89,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     results = run(config, out_dir)
     out = out_dir / "results.json"
     test = (results["eval"].get("test") or {}).get("accuracy")
-    print(f"mode={results['mode']} dev accuracy={results['eval']['accuracy']:.4f} test accuracy={test} "
-          f"client peak memory={results['client']['peak_memory_bytes'] / 2**20:.1f} MiB")
+    print(
+        f"mode={results['mode']} dev accuracy={results['eval']['accuracy']:.4f} test accuracy={test} "
+        f"client peak memory={results['client']['peak_memory_bytes'] / 2**20:.1f} MiB"
+    )
     print(f"results: {out}")
 
 

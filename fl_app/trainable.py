@@ -1,9 +1,9 @@
 """Choose what each side trains: full parameters, LoRA adapters (peft) or nothing."""
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,7 +27,10 @@ class TrainableSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in PARAM_MODES:
-            raise ValueError(f"unknown parameter mode '{self.mode}' (fields client-params/server-params); known: {', '.join(PARAM_MODES)}")
+            raise ValueError(
+                f"unknown parameter mode '{self.mode}' (fields client-params/server-params); "
+                f"known: {', '.join(PARAM_MODES)}"
+            )
         if self.mode == "lora" and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ValueError(f"lora-r must be >= 1 and lora-alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
 
@@ -36,8 +39,9 @@ def _is_head(name: str) -> bool:
     return name.startswith(("model.classifier", "model.bert.pooler"))
 
 
-def configure_trainable(module: nn.Module, spec: TrainableSpec, family: str,
-                        lora_seed: int | None = None) -> list[nn.Parameter]:
+def configure_trainable(
+    module: nn.Module, spec: TrainableSpec, family: str, lora_seed: int | None = None
+) -> list[nn.Parameter]:
     """Set ``requires_grad`` on ``module`` per ``spec`` and return the trainable parameters in a fixed order.
 
     With LoRA, a sequence-classification head (pooler + classifier, server side) stays fully
@@ -90,8 +94,9 @@ def init_lora(module: nn.Module, seed: int) -> None:
                     sub.reset_lora_parameters(adapter, True)
 
 
-def make_fo_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
-                      weight_decay: float) -> torch.optim.Optimizer | None:
+def make_fo_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer | None:
     """Plain SGD (the papers' setting) or Adam for a first-order party; None with nothing to train."""
     if not params:
         return None

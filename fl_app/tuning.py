@@ -4,6 +4,7 @@ so a Hyperband or ASHA pruner can stop poor trials early.
 
 Flower-free: the ServerApp passes a function that runs one round of the live federation.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,9 @@ def parse_space(text: str) -> list[Param]:
         key, sep, spec = item.partition("=")
         kind, _, rest = spec.partition(":")
         if not sep or kind not in PARAM_KINDS or not rest:
-            raise ValueError(f"config key 'tune-space': cannot parse {item!r}; expected key=KIND:ARGS with KIND in {PARAM_KINDS}")
+            raise ValueError(
+                f"config key 'tune-space': cannot parse {item!r}; expected key=KIND:ARGS with KIND in {PARAM_KINDS}"
+            )
         if key not in DEFAULTS or key.startswith(("tune-", "subset-")):
             raise ValueError(f"config key 'tune-space' searches {key!r}, which is not a tunable config key")
         if kind == "choice":
@@ -84,12 +87,17 @@ def make_study(config: Mapping[str, Any]) -> optuna.Study:
     """
     seed = int(config["seed"])
     startup = min(10, max(2, int(config["tune-trials"]) // 3))
-    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup) if config["tune-sampler"] == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
+    sampler = (
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        if config["tune-sampler"] == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
     rounds = int(config["tune-rounds"])
-    pruner = {"hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3),
-              "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-              "none": optuna.pruners.NopPruner}[config["tune-pruner"]]()
+    pruner = {
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3),
+        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "none": optuna.pruners.NopPruner,
+    }[config["tune-pruner"]]()
     return optuna.create_study(study_name="hosl-tuning", direction="maximize", sampler=sampler, pruner=pruner)
 
 
@@ -142,12 +150,18 @@ def run_study(config: Mapping[str, Any], run_round: RoundRunner) -> tuple[optuna
     study.optimize(objective, n_trials=int(config["tune-trials"]), catch=(TrialFailed,))
     complete = [r for r in records if r["state"] == "complete"]
     summary = {
-        "selector": config["subset-selector"], "fraction": config["subset-fraction"],
-        "sampler": config["tune-sampler"], "pruner": config["tune-pruner"], "space": config["tune-space"],
-        "trials": records, "seconds": time.perf_counter() - started,
-        "pruned": sum(r["state"] == "pruned" for r in records), "failed": sum(r["state"] == "failed" for r in records),
+        "selector": config["subset-selector"],
+        "fraction": config["subset-fraction"],
+        "sampler": config["tune-sampler"],
+        "pruner": config["tune-pruner"],
+        "space": config["tune-space"],
+        "trials": records,
+        "seconds": time.perf_counter() - started,
+        "pruned": sum(r["state"] == "pruned" for r in records),
+        "failed": sum(r["state"] == "failed" for r in records),
         "best": {"number": study.best_trial.number, "params": study.best_params, "accuracy": study.best_value}
-        if complete else None,
+        if complete
+        else None,
     }
     return study, summary
 

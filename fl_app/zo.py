@@ -11,6 +11,7 @@ A parameter can be restricted to some of its rows for one step (``rows``): an em
 then only perturbs and updates the rows of the tokens in the batch, and every other row stays
 bit-identical. z then covers the selected rows only, in the order given.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,14 @@ class ZOEstimator:
     can share a pass, and each direction is regenerated as few times as the schedule allows.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], eps: float, lr: float, weight_decay: float = 0.0,
-                 directions: str = "gaussian"):
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        eps: float,
+        lr: float,
+        weight_decay: float = 0.0,
+        directions: str = "gaussian",
+    ):
         _check_positive("zo-eps", eps)
         _check_positive("lr", lr)
         if weight_decay < 0:
@@ -74,7 +81,9 @@ class ZOEstimator:
             raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {directions!r}")
         self.params = list(params)
         if not self.params:
-            raise ValueError("ZO estimator needs at least one trainable parameter (check client-params / server-params)")
+            raise ValueError(
+                "ZO estimator needs at least one trainable parameter (check client-params / server-params)"
+            )
         self.eps, self.lr, self.weight_decay, self.directions = eps, lr, weight_decay, directions
 
     def _chunks(self, rows: Rows | None) -> list[list[Segment]]:
@@ -118,8 +127,9 @@ class ZOEstimator:
                     target.add_(piece.to(target.dtype), alpha=2 * coef if rademacher else coef)
                 else:
                     signed = piece.mul_(2).sub_(1) if rademacher else piece
-                    target.index_add_(0, row_ids, signed.view(row_ids.numel(), *target.shape[1:]).to(target.dtype),
-                                      alpha=coef)
+                    target.index_add_(
+                        0, row_ids, signed.view(row_ids.numel(), *target.shape[1:]).to(target.dtype), alpha=coef
+                    )
                 offset += size
         if rademacher:
             shift = sum(coef for _, coef in terms)
@@ -127,8 +137,9 @@ class ZOEstimator:
                 if row_ids is None:
                     target.sub_(shift)
 
-    def _apply_chunk_rounded_once(self, index: int, chunk: list[Segment], terms: Sequence[tuple[int, float]],
-                                  numel: int) -> None:
+    def _apply_chunk_rounded_once(
+        self, index: int, chunk: list[Segment], terms: Sequence[tuple[int, float]], numel: int
+    ) -> None:
         """Weights not in float32 (half precision): sum the terms in float32, then round each weight to its
         dtype once per pass (adding term by term in half precision would round once per term)."""
         delta = torch.zeros(numel, dtype=torch.float32)
@@ -194,14 +205,22 @@ class ZOEstimator:
                 self.apply([(s, -c) for s, c in offset], rows)
 
     @torch.no_grad()
-    def update(self, seeds: Sequence[int], projected_grads: Sequence[float], lr: float | None = None,
-               rows: Rows | None = None, restore: int | None = None) -> None:
+    def update(
+        self,
+        seeds: Sequence[int],
+        projected_grads: Sequence[float],
+        lr: float | None = None,
+        rows: Rows | None = None,
+        restore: int | None = None,
+    ) -> None:
         """theta -= lr * (1/Q) sum_q g_q z_q (+ decoupled weight decay on matrices), in place, in one pass.
 
         ``restore``: also undo the -eps z(restore) that :meth:`perturbed_states` leaves behind.
         """
         if len(seeds) != len(projected_grads) or not seeds:
-            raise ValueError(f"need one projected gradient per seed, got {len(seeds)} seeds, {len(projected_grads)} grads")
+            raise ValueError(
+                f"need one projected gradient per seed, got {len(seeds)} seeds, {len(projected_grads)} grads"
+            )
         lr = self.lr if lr is None else lr
         q = len(seeds)
         coefs: dict[int, float] = {}
@@ -231,19 +250,23 @@ class ZOEstimator:
         self.perturb(seed, +1.0, rows)
         return self.projected_gradient(*losses)
 
-    def step(self, seeds: Sequence[int], loss_fn: Callable[[], float], rows: Rows | None = None,
-             weight: float = 1.0) -> list[float]:
+    def step(
+        self, seeds: Sequence[int], loss_fn: Callable[[], float], rows: Rows | None = None, weight: float = 1.0
+    ) -> list[float]:
         """A whole MeZO step with the losses computed locally (a ZO server): returns the projected gradients."""
         return self.finish(seeds, self.walk(seeds, loss_fn, rows), rows, weight)
 
-    def finish(self, seeds: Sequence[int], losses: Sequence[float], rows: Rows | None = None,
-               weight: float = 1.0) -> list[float]:
+    def finish(
+        self, seeds: Sequence[int], losses: Sequence[float], rows: Rows | None = None, weight: float = 1.0
+    ) -> list[float]:
         """End a completed :meth:`perturbed_states` walk with its 2Q losses (l+_1, l-_1, l+_2, ...): update
         theta (the last restore in the same pass) and return the weighted projected gradients. If the
         losses are unusable, theta is restored and the error raised."""
         try:
             if len(losses) != 2 * len(seeds):
-                raise ValueError(f"got {len(losses)} perturbed losses for {len(seeds)} queries, expected {2 * len(seeds)}")
+                raise ValueError(
+                    f"got {len(losses)} perturbed losses for {len(seeds)} queries, expected {2 * len(seeds)}"
+                )
             grads = [weight * self.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))]
         except (ValueError, FloatingPointError):
             self.perturb(seeds[-1], +1.0, rows)

@@ -7,6 +7,7 @@ The loop selects clients per round, sends each a session message in waves of at 
 federated evaluation, checkpoints and writes ``results.json``; with ``tune-trials > 0`` it tunes
 first. This module only discovers the nodes and turns sessions into messages and back.
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,10 +122,13 @@ class FlowerFederation:
     def __init__(self, grid: Grid, nodes: dict[int, int]):
         self.grid, self.nodes = grid, nodes
 
-    def run_sessions(self, kind: str, requests: list[SessionRequest], timeout: float,
-                     tick: Callable[[], Any]) -> dict[int, SessionReply]:
+    def run_sessions(
+        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
+    ) -> dict[int, SessionReply]:
         contents = {r.partition_id: session_content(r) for r in requests}
-        messages = [Message(content, dst_node_id=self.nodes[pid], message_type=kind) for pid, content in contents.items()]
+        messages = [
+            Message(content, dst_node_id=self.nodes[pid], message_type=kind) for pid, content in contents.items()
+        ]
         replies = exchange(self.grid, messages, timeout, tick)
         out = {}
         for pid, content in contents.items():
@@ -159,8 +163,11 @@ def main(grid: Grid, context: Context) -> None:
     coord = Coordinator(config, out_dir, tls_cert=tls_cert, tls_key=tls_key)
     try:
         nodes = discover(grid, timeout=config["round-timeout"])
-        print(f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config['mode']}, "
-              f"bottoms {config['bottoms']}", flush=True)
+        print(
+            f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config['mode']}, "
+            f"bottoms {config['bottoms']}",
+            flush=True,
+        )
         if config["probe-messages"]:
             rtts = probe_message_rtt(grid, nodes[min(nodes)], config["probe-messages"])
             coord.results["flower_message_rtt_seconds"] = rtts

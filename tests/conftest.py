@@ -1,11 +1,18 @@
 """Shared fixtures: tiny randomly initialised models (no downloads)."""
+
 import copy
 import os
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                          OPTForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from fl_app.coordinator import Coordinator
 from fl_app.models import LoadedModel
@@ -22,8 +29,9 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
     if family == "opt":
         model = OPTForCausalLM(OPTConfig(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1, **common))
     elif family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(intermediate_size=64, num_key_value_heads=2,
-                                             tie_word_embeddings=True, **common))
+        model = LlamaForCausalLM(
+            LlamaConfig(intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **common)
+        )
     else:
         model = BertForSequenceClassification(BertConfig(intermediate_size=64, num_labels=3, **common))
     return LoadedModel(model.eval(), None, family)

@@ -1,5 +1,6 @@
 """The bad-input table: each case is one line naming the field and value, exit code 2, before any
 training (the output folder stays empty), from both command-line entry points."""
+
 import os
 import shutil
 import subprocess
@@ -83,8 +84,14 @@ def test_unknown_hub_model_offline_is_one_line_without_a_traceback():
     """As a user runs it: a subprocess, offline, for a model name that is neither tiny, packaged, a
     folder nor in the local hub cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fl_app.config", SMOKE, "model=no-such-model"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_app.config", SMOKE, "model=no-such-model"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: cannot load model 'no-such-model' (field 'model')"), proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

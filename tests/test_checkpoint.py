@@ -1,11 +1,11 @@
 """Checkpoints and results are replaced atomically: a crash mid-write never leaves a corrupt file."""
+
 import json
 
 import pytest
 import torch
 
-from fl_app.checkpoint import load_checkpoint, save_checkpoint
-from fl_app.checkpoint import write_json_atomic
+from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 
 
 def test_checkpoint_round_trip_and_crash_mid_write_keeps_the_old_one(tmp_path, monkeypatch):

@@ -1,20 +1,28 @@
 """Coordinator + client sessions over the real step stream (no Flower): drops roll back, synced
 bottoms stay identical, a client that missed rounds catches up by replaying history."""
+
 import pytest
 import torch
 
+from fl_app.batches import BatchStream
 from fl_app.client_session import catch_up, make_client, run_eval_session, run_session
-from fl_app.records import ClientState
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, waves
 from fl_app.protocol import StepRequest
-from fl_app.batches import BatchStream
+from fl_app.records import ClientState
 from fl_app.stream import StepStreamClient
 
 
 def config(**over):
-    return make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-clients": 3, "local-steps": 2,
-                        "step-timeout": 5.0, **over})
+    return make_config(
+        {
+            **read_scenario("sim_configs/smoke_tiny.toml"),
+            "num-clients": 3,
+            "local-steps": 2,
+            "step-timeout": 5.0,
+            **over,
+        }
+    )
 
 
 @pytest.fixture
@@ -75,9 +83,13 @@ def test_malformed_frame_ends_one_session_and_others_continue(coord):
     c = coord()
     bad, bad_msg = c.open(2, 1)
     link = StepStreamClient(bad_msg["address"], bad_msg["token"])
-    frame = StepRequest(kind="fo", clean=torch.full((2, 4, 32), float("nan")),
-                        attention_mask=torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0, 1]),
-                        score_ids=torch.tensor([[5, 6], [5, 6]])).to_bytes()
+    frame = StepRequest(
+        kind="fo",
+        clean=torch.full((2, 4, 32), float("nan")),
+        attention_mask=torch.ones(2, 4, dtype=torch.long),
+        labels=torch.tensor([0, 1]),
+        score_ids=torch.tensor([[5, 6], [5, 6]]),
+    ).to_bytes()
     with pytest.raises(ConnectionError, match="INVALID_ARGUMENT.*NaN"):
         link.exchange(frame)
     link.close()

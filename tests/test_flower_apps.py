@@ -3,6 +3,7 @@
 Each test uses its own FLWR_HOME with runtime dependency installation disabled, and stops the
 background SuperLink that `flwr run` starts for local simulation (found by its FLWR_HOME).
 """
+
 import os
 import socket
 import subprocess
@@ -44,8 +45,14 @@ def flwr_env(tmp_path):
 def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout: int) -> str:
     run_config = Path(env["FLWR_HOME"]) / "run.toml"
     run_config.write_text(merge_scenario(ROOT / scenario, overrides))
-    proc = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", str(run_config), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["flwr", "run", ".", "--stream", "--run-config", str(run_config), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -57,7 +64,9 @@ def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in results["rounds"])
     assert (tmp_path / "sim" / "checkpoint.pt").exists()
-    local = run(make_config({**read_scenario(ROOT / "sim_configs/smoke_tiny.toml"), "eval-test": False}), tmp_path / "local")
+    local = run(
+        make_config({**read_scenario(ROOT / "sim_configs/smoke_tiny.toml"), "eval-test": False}), tmp_path / "local"
+    )
     sim_losses = [h["train_loss"] for h in results["history"]]
     local_losses = [h["train_loss"] for h in local["history"]]
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
@@ -67,9 +76,13 @@ def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
 def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
     """Synced ZO clients receive (seed, gradient) history; synced FO clients receive averaged weights."""
     out = tmp_path / mode
-    log = flwr_run(flwr_env, "sim_configs/smoke_tiny.toml",
-                   [f"out-dir={out}", f"mode={mode}", "bottoms=synced", "eval-test=false", "client-lr=0.001"], [],
-                   timeout=400)
+    log = flwr_run(
+        flwr_env,
+        "sim_configs/smoke_tiny.toml",
+        [f"out-dir={out}", f"mode={mode}", "bottoms=synced", "eval-test=false", "client-lr=0.001"],
+        [],
+        timeout=400,
+    )
     rounds = finished_results(out, log)["rounds"]
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     assert rounds[0]["message_bytes_down"] < 200 * 2  # round 1: session settings only
@@ -83,9 +96,26 @@ def deploy(tmp_path: Path, scenario: str, sets: str) -> dict:
     """Run ``scenario`` on a loopback SuperLink + 2 SuperNodes (separate processes); its finished results."""
     out = tmp_path / "deploy"
     proc = subprocess.run(
-        ["bash", "scripts/deploy_local.sh", "--insecure", "--nodes", "2", "--port", str(free_port()),
-         "--flwr-home", str(tmp_path / "home"), "--run-config", scenario, "--set", f"out-dir={out} {sets}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            "bash",
+            "scripts/deploy_local.sh",
+            "--insecure",
+            "--nodes",
+            "2",
+            "--port",
+            str(free_port()),
+            "--flwr-home",
+            str(tmp_path / "home"),
+            "--run-config",
+            scenario,
+            "--set",
+            f"out-dir={out} {sets}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return finished_results(out, proc.stdout + proc.stderr)
 
@@ -98,15 +128,21 @@ def test_loopback_deployment_with_two_supernodes(tmp_path):
 
 
 def test_deployment_refuses_to_run_insecure_unless_asked():
-    proc = subprocess.run(["bash", "scripts/deploy_local.sh", "--nodes", "1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", "scripts/deploy_local.sh", "--nodes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2 and "--insecure" in proc.stderr
 
 
 def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     out = tmp_path / "c100"
-    log = flwr_run(flwr_env, "sim_configs/tiny_100_clients.toml", [f"out-dir={out}", "eval-test=false"],
-                   ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"], timeout=900)
+    log = flwr_run(
+        flwr_env,
+        "sim_configs/tiny_100_clients.toml",
+        [f"out-dir={out}", "eval-test=false"],
+        ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"],
+        timeout=900,
+    )
     results = finished_results(out, log)
     assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
@@ -134,12 +170,16 @@ def test_tuning_study_runs_under_simulation(flwr_env, tmp_path):
 def test_tuning_study_runs_in_deployment(tmp_path):
     """The same tuning path over SuperNodes in separate processes: client state and subsets persist
     in each node's context across messages, trials reset it, the best config is retrained and tested."""
-    results = deploy(tmp_path, "sim_configs/tune_tiny.toml", "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1")
+    results = deploy(
+        tmp_path, "sim_configs/tune_tiny.toml", "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1"
+    )
     tuning = results["tuning"]
     assert [t["state"] for t in tuning["trials"]] == ["complete", "complete"]
     for trial in tuning["trials"]:
         assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"]
-        assert all(r["clients"] == [0, 1] and r["steps"] == 2 * 2 for r in trial["rounds"])  # 2 clients x 2 of 8 batches
+        assert all(
+            r["clients"] == [0, 1] and r["steps"] == 2 * 2 for r in trial["rounds"]
+        )  # 2 clients x 2 of 8 batches
         assert trial["rounds"][1]["selection_bytes"] > 0 and trial["rounds"][1]["selection_quality"]
     assert [r["steps"] for r in results["rounds"]] == [16]  # the best config on full data
     assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
@@ -159,6 +199,12 @@ def test_client_state_round_trips_through_the_node_context(dtype):
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     _save_state(context, state)
     back = _load_state(context)
-    assert (back.steps, back.synced_round, back.trial, back.subset_ids, back.subset_weights) == (7, 2, 1, [0, 3], [0.5, 1.5])
+    assert (back.steps, back.synced_round, back.trial, back.subset_ids, back.subset_weights) == (
+        7,
+        2,
+        1,
+        [0, 3],
+        [0.5, 1.5],
+    )
     assert set(back.weights) == set(weights)
     assert all(torch.equal(back.weights[k].to(dtype), v) for k, v in weights.items())

@@ -1,4 +1,5 @@
 """The split model equals the uncut one; parts are independent; bad input is rejected."""
+
 import copy
 
 import pytest
@@ -75,8 +76,10 @@ def test_from_pretrained_local_path_roundtrip(tmp_path, padded_batch):
     assert loaded.family == "opt" and loaded.kind == "causal"
     ids, mask = padded_batch
     with torch.no_grad():
-        assert torch.allclose(loaded.model(input_ids=ids, attention_mask=mask).logits,
-                              saved.model(input_ids=ids, attention_mask=mask).logits)
+        assert torch.allclose(
+            loaded.model(input_ids=ids, attention_mask=mask).logits,
+            saved.model(input_ids=ids, attention_mask=mask).logits,
+        )
 
 
 def test_packaged_minilm_loads_offline_as_encoder():

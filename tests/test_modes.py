@@ -1,15 +1,16 @@
 """Each training mode lowers the loss; the runner writes the promised results; accounting is real."""
+
 import json
 import threading
 
 import pytest
 import torch
 
+from fl_app.batches import BatchStream
 from fl_app.checkpoint import run_folder
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
 from fl_app.metrics import track_peak_memory
-from fl_app.batches import BatchStream
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
 from fl_app.train import run
 
@@ -35,11 +36,14 @@ def loss_drop(steps=25, **over):
     return losses[0], losses[-1]
 
 
-@pytest.mark.parametrize("mode, over", [
-    ("hosl", {}),
-    ("fo-fo", {"client-lr": 0.05}),
-    ("zo-zo", {"server-lr": 1e-2}),
-])
+@pytest.mark.parametrize(
+    "mode, over",
+    [
+        ("hosl", {}),
+        ("fo-fo", {"client-lr": 0.05}),
+        ("zo-zo", {"server-lr": 1e-2}),
+    ],
+)
 def test_each_mode_lowers_training_loss(mode, over):
     first, last = loss_drop(mode=mode, **over)
     assert last < first - 0.05, (first, last)
@@ -69,7 +73,9 @@ def test_runner_writes_results_and_is_deterministic(tmp_path):
     assert on_disk["comm"]["bytes_up"] > on_disk["comm"]["bytes_down"] > 0
     assert on_disk["status"] == "finished" and [r["clients"] for r in on_disk["rounds"]] == [[0, 1], [0, 1]]
     assert on_disk["parameters"]["client"]["trainable"] > 0 and on_disk["parameters"]["server"]["trainable"] > 0
-    assert (tmp_path / "a" / "results.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "a" / "checkpoint.pt").exists()
+    assert (tmp_path / "a" / "results.png").read_bytes()[:4] == b"\x89PNG" and (
+        tmp_path / "a" / "checkpoint.pt"
+    ).exists()
     second = run(config, tmp_path / "b")
     assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]
 
@@ -152,7 +158,9 @@ def test_server_trains_even_when_called_under_no_grad():
     config, client, server, data = parties()
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     before = [p.detach().clone() for p in server.params]
-    client.train_step(batch, InProcessLink(server.handle_bytes, threaded=False))  # same thread, inside the client's no_grad
+    client.train_step(
+        batch, InProcessLink(server.handle_bytes, threaded=False)
+    )  # same thread, inside the client's no_grad
     assert any(not torch.equal(a, p) for a, p in zip(before, server.params))
 
 
@@ -166,7 +174,9 @@ def test_streamed_parts_are_validated_and_bounded():
     with pytest.raises(ProtocolError, match="perturbed"):
         server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 31), {"client": "x"}, **head).to_bytes())
     with pytest.raises(ProtocolError, match="NaN"):
-        server.handle_bytes(PerturbedPart(torch.full((1, rows, seq, 32), float("nan")), {"client": "x"}, **head).to_bytes())
+        server.handle_bytes(
+            PerturbedPart(torch.full((1, rows, seq, 32), float("nan")), {"client": "x"}, **head).to_bytes()
+        )
     with pytest.raises(ProtocolError, match="labels"):  # a step's first part names its batch
         server.handle_bytes(PerturbedPart(torch.zeros(1, rows, seq, 32), {"client": "w"}).to_bytes())
     with pytest.raises(ProtocolError, match="labels"):
@@ -182,8 +192,9 @@ def test_streamed_parts_are_validated_and_bounded():
     with pytest.raises(ProtocolError, match="kind 'fo'"):
         server.handle_bytes(fo.to_bytes())
     server.handle_bytes(PerturbedPart(torch.zeros(2, rows, seq, 32), {"client": "v"}, **head).to_bytes())
-    other = StepRequest(kind="zo", clean=torch.zeros(rows, seq, 32), meta={"client": "v"},
-                        **{**head, "labels": 1 - batch["labels"]})
+    other = StepRequest(
+        kind="zo", clean=torch.zeros(rows, seq, 32), meta={"client": "v"}, **{**head, "labels": 1 - batch["labels"]}
+    )
     with pytest.raises(ProtocolError, match="'labels' of the step differs"):
         server.handle_bytes(other.to_bytes())
 
@@ -200,8 +211,9 @@ def test_pairs_scored_on_arrival_equal_scoring_them_together():
     inline = server.score_perturbed(StepRequest(kind="zo", clean=pert[0], **head), pert)
     for i in range(6):
         server.handle_bytes(PerturbedPart(pert[i : i + 1], {"client": "s"}, **(head if i == 0 else {})).to_bytes())
-    reply = StepReply.from_bytes(server.handle_bytes(
-        StepRequest(kind="zo", clean=pert[0], meta={"client": "s"}, **head).to_bytes()))
+    reply = StepReply.from_bytes(
+        server.handle_bytes(StepRequest(kind="zo", clean=pert[0], meta={"client": "s"}, **head).to_bytes())
+    )
     assert torch.allclose(reply.perturbed_losses.float(), inline, atol=1e-6)
 
 
@@ -214,8 +226,11 @@ def test_zo_client_step_touches_only_the_batch_embedding_rows(model):
         config, client, server, data = parties(model=model, **{"zo-embedding-rows": rows})
         batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
         words = client.bottom.body.get_input_embeddings().weight
-        positions = next(m.weight for n, m in client.bottom.named_modules()
-                         if isinstance(m, torch.nn.Embedding) and "position" in n.rsplit(".", 1)[-1])
+        positions = next(
+            m.weight
+            for n, m in client.bottom.named_modules()
+            if isinstance(m, torch.nn.Embedding) and "position" in n.rsplit(".", 1)[-1]
+        )
         before_words, before_positions = words.detach().clone(), positions.detach().clone()
         link = InProcessLink(server.handle_bytes)
         stats = client.train_step(batch, link)
@@ -250,8 +265,9 @@ def test_gradient_feedback_matches_scored_losses_to_first_order(weight):
     step and the same server loss."""
     gaps = []
     for eps in (1e-2, 1e-5):
-        (scored, scored_frames), (projected, projected_frames) = (feedback_step(f, eps, weight)
-                                                                  for f in ("losses", "gradient"))
+        (scored, scored_frames), (projected, projected_frames) = (
+            feedback_step(f, eps, weight) for f in ("losses", "gradient")
+        )
         assert scored.seeds == projected.seeds and scored_frames == 2 * 3 + 1 and projected_frames == 1
         assert projected.loss == pytest.approx(scored.loss, abs=1e-6)
         assert projected.bytes_up < scored.bytes_up / 5
@@ -336,6 +352,12 @@ if sys.argv[1] == "1":
     assert release_freed_memory()
 print(rss() - base)
 """
-    kept = {flag: float(subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True,
-                                       check=True).stdout.split()[-1]) for flag in ("0", "1")}
+    kept = {
+        flag: float(
+            subprocess.run(
+                [sys.executable, "-c", script, flag], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for flag in ("0", "1")
+    }
     assert kept["0"] > 40 and kept["1"] < 10, kept

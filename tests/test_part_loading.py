@@ -1,15 +1,14 @@
 """Each side loads only its own part: bottom-only / top-only loading equals cutting the whole model,
 the other side's layers are never read, and a client's reset reproduces its starting weights."""
+
 from pathlib import Path
 
 import pytest
 import torch
 import transformers.modeling_utils
-
 from transformers import LlamaForCausalLM
 
 import fl_app.models
-
 from fl_app.models import build_tiny_model, load_bottom, load_model, load_top, param_counts, split_model
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
 
@@ -185,8 +184,11 @@ def test_each_side_reads_only_its_own_tensors(checkpoints, monkeypatch, variant)
     top, _, _ = load_top(path, cut, num_labels=3)
     assert {layer_of(k) for k in recorder.read} - {None} == set(range(cut, LAYERS))
     # module lists: each side holds only its own layers
-    layers = {"opt": lambda m: m.decoder.layers if hasattr(m, "decoder") else m.layers,
-              "llama": lambda m: m.layers, "bert": lambda m: m.encoder.layer}[variant.split("-")[0]]
+    layers = {
+        "opt": lambda m: m.decoder.layers if hasattr(m, "decoder") else m.layers,
+        "llama": lambda m: m.layers,
+        "bert": lambda m: m.encoder.layer,
+    }[variant.split("-")[0]]
     assert len(layers(bottom.body)) == cut and len(layers(top._body)) == LAYERS - cut
     names = [n for n, _ in bottom.named_parameters()]
     assert not any(word in n for n in names for word in ("lm_head", "classifier", "pooler"))

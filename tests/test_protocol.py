@@ -1,4 +1,5 @@
 """Wire messages round-trip exactly and malformed ones are rejected with the field named."""
+
 import pytest
 import torch
 
@@ -8,9 +9,15 @@ H = 8
 
 
 def request(**over):
-    fields = dict(kind="zo", clean=torch.randn(2, 5, H), attention_mask=torch.ones(2, 5, dtype=torch.long),
-                  labels=torch.tensor([0, 1]), score_ids=torch.tensor([[4, 9], [4, 9]]),
-                  perturbed=torch.randn(4, 2, 5, H), meta={"client": "3", "step": 7})
+    fields = dict(
+        kind="zo",
+        clean=torch.randn(2, 5, H),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        labels=torch.tensor([0, 1]),
+        score_ids=torch.tensor([[4, 9], [4, 9]]),
+        perturbed=torch.randn(4, 2, 5, H),
+        meta={"client": "3", "step": 7},
+    )
     fields.update(over)
     return StepRequest(**fields)
 
@@ -31,19 +38,22 @@ def test_reply_round_trip():
     assert torch.equal(back.grad, rep.grad)
 
 
-@pytest.mark.parametrize("over, field", [
-    ({"clean": torch.randn(2, 5, H + 1)}, "clean"),
-    ({"clean": torch.randint(0, 3, (2, 5, H))}, "clean"),
-    ({"clean": torch.full((2, 5, H), float("nan"))}, "NaN"),
-    ({"perturbed": torch.randn(3, 2, 5, H)}, "perturbed"),
-    ({"perturbed": torch.randn(4, 2, 5, H).index_fill_(0, torch.tensor([1]), float("inf"))}, "perturbed"),
-    ({"attention_mask": torch.ones(2, 4, dtype=torch.long)}, "attention_mask"),
-    ({"labels": torch.tensor([0, 5])}, "labels"),
-    ({"labels": torch.tensor([0.0, 1.0])}, "labels"),
-    ({"score_ids": torch.tensor([[1, 2]])}, "score_ids"),
-    ({"kind": "train"}, "kind"),
-    ({"perturbed": None}, "perturbed"),
-])
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"clean": torch.randn(2, 5, H + 1)}, "clean"),
+        ({"clean": torch.randint(0, 3, (2, 5, H))}, "clean"),
+        ({"clean": torch.full((2, 5, H), float("nan"))}, "NaN"),
+        ({"perturbed": torch.randn(3, 2, 5, H)}, "perturbed"),
+        ({"perturbed": torch.randn(4, 2, 5, H).index_fill_(0, torch.tensor([1]), float("inf"))}, "perturbed"),
+        ({"attention_mask": torch.ones(2, 4, dtype=torch.long)}, "attention_mask"),
+        ({"labels": torch.tensor([0, 5])}, "labels"),
+        ({"labels": torch.tensor([0.0, 1.0])}, "labels"),
+        ({"score_ids": torch.tensor([[1, 2]])}, "score_ids"),
+        ({"kind": "train"}, "kind"),
+        ({"perturbed": None}, "perturbed"),
+    ],
+)
 def test_malformed_requests_name_the_field(over, field):
     with pytest.raises(ProtocolError, match=field):
         validate_request(StepRequest.from_bytes(request(**over).to_bytes()), H, num_classes=2)

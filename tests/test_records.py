@@ -1,9 +1,18 @@
 """The flat forms of the synced history, client state and training report round-trip exactly."""
+
 import pytest
 import torch
 
-from fl_app.records import (ClientState, History, history_from_record, history_to_record, report_from_record,
-                            report_to_record, state_from_records, state_to_records)
+from fl_app.records import (
+    ClientState,
+    History,
+    history_from_record,
+    history_to_record,
+    report_from_record,
+    report_to_record,
+    state_from_records,
+    state_to_records,
+)
 
 
 def history() -> History:
@@ -24,8 +33,9 @@ def test_history_round_trips_and_keeps_rows_and_order():
 
 
 def test_history_refuses_ragged_or_truncated_steps():
-    ragged = History(rounds=[1, 1], clients=[0, 0], lrs=[0.1, 0.1], seeds=[[1, 2], [3]], grads=[[0.1, 0.2], [0.3]],
-                     rows=[b"", b""])
+    ragged = History(
+        rounds=[1, 1], clients=[0, 0], lrs=[0.1, 0.1], seeds=[[1, 2], [3]], grads=[[0.1, 0.2], [0.3]], rows=[b"", b""]
+    )
     with pytest.raises(ValueError, match="differ in length"):
         history_to_record(ragged)
     record = history_to_record(history())
@@ -35,8 +45,16 @@ def test_history_refuses_ragged_or_truncated_steps():
 
 
 def test_report_round_trips_zo_and_fo():
-    zo = {"partition-id": 1, "steps": 2, "losses": [0.7, 0.6], "lr": 1e-3, "subset-plan": "full",
-          "seeds": [[1, 2], [3, 4]], "grads": [[0.5, -0.5], [0.25, 0.75]], "rows": [b"\x07", b""]}
+    zo = {
+        "partition-id": 1,
+        "steps": 2,
+        "losses": [0.7, 0.6],
+        "lr": 1e-3,
+        "subset-plan": "full",
+        "seeds": [[1, 2], [3, 4]],
+        "grads": [[0.5, -0.5], [0.25, 0.75]],
+        "rows": [b"\x07", b""],
+    }
     fo = {**zo, "seeds": [[], []], "grads": [[], []], "rows": [b"", b""]}
     for report in (zo, fo):
         record = report_to_record(report)
@@ -51,5 +69,11 @@ def test_client_state_round_trips_exactly(dtype):
     stored, counters = state_to_records(state)
     assert all(v.dtype != torch.bfloat16 for v in stored.values())  # numpy (Flower's arrays) has no bfloat16
     back = state_from_records(stored, counters)
-    assert (back.steps, back.synced_round, back.trial, back.subset_ids, back.subset_weights) == (7, 2, 1, [0, 3], [0.5, 1.5])
+    assert (back.steps, back.synced_round, back.trial, back.subset_ids, back.subset_weights) == (
+        7,
+        2,
+        1,
+        [0, 3],
+        [0.5, 1.5],
+    )
     assert all(torch.equal(back.weights[k].to(dtype), v) for k, v in weights.items())

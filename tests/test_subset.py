@@ -1,9 +1,9 @@
 """GradMatch (non-negative OMP) recovers sparse combinations and beats random subsets of equal size."""
+
 import pytest
 import torch
 
-from fl_app.subset import (batch_proxies, budget_batches, last_layer_proxy, omp_select, select_batches,
-                           subset_error)
+from fl_app.subset import batch_proxies, budget_batches, last_layer_proxy, omp_select, select_batches, subset_error
 
 
 def test_omp_recovers_known_sparse_nonnegative_combination():
@@ -49,8 +49,10 @@ def test_gradmatch_subset_matches_full_gradient_better_than_random():
     budget = budget_batches(0.2, 40 * 8, 8)
     assert budget == 8
     matched = subset_error(proxies, select_batches("gradmatch", proxies, 40, budget, gen))
-    randoms = [subset_error(proxies, select_batches("random", None, 40, budget, torch.Generator().manual_seed(s)))
-               for s in range(30)]
+    randoms = [
+        subset_error(proxies, select_batches("random", None, 40, budget, torch.Generator().manual_seed(s)))
+        for s in range(30)
+    ]
     assert matched < min(randoms), (matched, min(randoms))
     assert subset_error(proxies, select_batches("full", None, 40, budget, gen)) < 1e-6
 

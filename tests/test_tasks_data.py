@@ -7,8 +7,16 @@ from fl_app.tasks import TASK_NAMES, Example, get_task, parse_row
 from fl_app.tiny_tokenizer import build_tiny_tokenizer
 
 # (rows in train pool, rows in test file, classes) as listed in data/*/PROVENANCE.md
-EXPECTED = {"sst2": (67349, 872, 2), "rte": (2490, 277, 2), "cb": (250, 56, 3), "boolq": (64, 3270, 2),
-            "wic": (5428, 638, 2), "wsc": (554, 104, 2), "copa": (400, 100, 2), "multirc": (27243, 4848, 2)}
+EXPECTED = {
+    "sst2": (67349, 872, 2),
+    "rte": (2490, 277, 2),
+    "cb": (250, 56, 3),
+    "boolq": (64, 3270, 2),
+    "wic": (5428, 638, 2),
+    "wsc": (554, 104, 2),
+    "copa": (400, 100, 2),
+    "multirc": (27243, 4848, 2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +74,14 @@ def test_dirichlet_partition_is_label_skewed():
     assert skew(dirichlet) > 0.8 > skew(partition(labels, 5, "iid", seed=0)) - 0.25
 
 
-@pytest.mark.parametrize("kwargs, field", [({"num_clients": 0}, "num-clients"), ({"scheme": "shards"}, "partition"),
-                                           ({"scheme": "dirichlet", "alpha": 0.0}, "dirichlet-alpha")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_clients": 0}, "num-clients"),
+        ({"scheme": "shards"}, "partition"),
+        ({"scheme": "dirichlet", "alpha": 0.0}, "dirichlet-alpha"),
+    ],
+)
 def test_bad_partition_settings_name_the_field(kwargs, field):
     args = {"num_clients": 2, **kwargs}
     with pytest.raises(ValueError, match=field):
@@ -140,11 +154,20 @@ def test_data_found_from_a_bundle_copy_without_data(tmp_path):
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "fl_app", tmp_path / "fl_app", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "data").mkdir()  # the bundle has data/README.md etc. but no data files
-    code = ("import fl_app, fl_app.data as d; print(fl_app.__file__); print(d.default_data_dir()); "
-            "print(len(d.load_examples('rte', 'test')))")
+    code = (
+        "import fl_app, fl_app.data as d; print(fl_app.__file__); print(d.default_data_dir()); "
+        "print(len(d.load_examples('rte', 'test')))"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "HOSL_DATA_DIR"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "data", env={**env, "PYTHONPATH": str(tmp_path)},
-                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path / "data",
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split("\n")
     assert out[0].startswith(str(tmp_path)) and Path(out[1], "sst2", "train.tsv.gz").exists() and out[2] == "277"
 
 

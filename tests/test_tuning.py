@@ -1,5 +1,6 @@
 """AUTOMATA in the split federation: server-side proxies, gradient-matched client subsets, weighted
 steps, and an Optuna study over the live (Flower-free) federation."""
+
 import itertools
 import json
 import math
@@ -9,12 +10,12 @@ import pytest
 import torch
 
 from fl_app import rounds
+from fl_app.batches import SubsetStream, fixed_batches, step_weights
 from fl_app.client_session import run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
 from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
-from fl_app.batches import SubsetStream, fixed_batches, step_weights
 from fl_app.subset import Subset, round_plan
 from fl_app.train import InProcessFederation
 from fl_app.tuning import parse_space
@@ -22,8 +23,17 @@ from tests.conftest import tiny_model
 
 
 def config(**over):
-    return make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-clients": 2, "n-train": 128,
-                        "local-epochs": 1.0, "subset-fraction": 0.25, "step-timeout": 30.0, **over})
+    return make_config(
+        {
+            **read_scenario("sim_configs/smoke_tiny.toml"),
+            "num-clients": 2,
+            "n-train": 128,
+            "local-epochs": 1.0,
+            "subset-fraction": 0.25,
+            "step-timeout": 30.0,
+            **over,
+        }
+    )
 
 
 @pytest.fixture
@@ -82,16 +92,34 @@ def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
     with torch.no_grad():
         for index, batch in enumerate(batches[:5]):
             hidden = bottom(batch["input_ids"], batch["attention_mask"])
-            server.handle_bytes(StepRequest("proxy", hidden, batch["attention_mask"], batch["labels"],
-                                            score_ids=batch["score_ids"], meta={"batch": index}).to_bytes(), "s")
+            server.handle_bytes(
+                StepRequest(
+                    "proxy",
+                    hidden,
+                    batch["attention_mask"],
+                    batch["labels"],
+                    score_ids=batch["score_ids"],
+                    meta={"batch": index},
+                ).to_bytes(),
+                "s",
+            )
     with pytest.raises(ProtocolError, match="missing"):
         server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s")
     assert "s" not in server.proxies  # a failed selection forgets the session's proxies
     with torch.no_grad():
         for index, batch in enumerate(batches):
             hidden = bottom(batch["input_ids"], batch["attention_mask"])
-            server.handle_bytes(StepRequest("proxy", hidden, batch["attention_mask"], batch["labels"],
-                                            score_ids=batch["score_ids"], meta={"batch": index}).to_bytes(), "s")
+            server.handle_bytes(
+                StepRequest(
+                    "proxy",
+                    hidden,
+                    batch["attention_mask"],
+                    batch["labels"],
+                    score_ids=batch["score_ids"],
+                    meta={"batch": index},
+                ).to_bytes(),
+                "s",
+            )
     reply = StepReply.from_bytes(server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s"))
     assert 1 <= len(reply.batch_ids) <= 2 and (reply.batch_weights > 0).all()
     quality = server.selections[-1]
@@ -106,8 +134,14 @@ def test_bad_step_weight_is_rejected_naming_the_field(weight):
     loaded, bottom, top = load_split(config())
     server = build_server(config(), top, 2)
     hidden = torch.zeros(2, 5, top.hidden_size)
-    req = StepRequest("frozen", hidden, torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1]),
-                      score_ids=torch.tensor([[5, 6], [5, 6]]), meta={"weight": weight})
+    req = StepRequest(
+        "frozen",
+        hidden,
+        torch.ones(2, 5, dtype=torch.long),
+        torch.tensor([0, 1]),
+        score_ids=torch.tensor([[5, 6], [5, 6]]),
+        meta={"weight": weight},
+    )
     with pytest.raises(ProtocolError, match="field 'weight'"):
         server.handle(req)
 
@@ -125,8 +159,11 @@ def test_step_weight_scales_both_sides_updates():
         s0 = [p.detach().clone() for p in server.params]
         c0 = [p.detach().clone() for p in client.params]
         stats = client.train_step(data.encoder(data.splits["train"][:8]), InProcessLink(server.handle_bytes), weight)
-        moves[weight] = ([p.detach() - b for p, b in zip(server.params, s0)],
-                         [p.detach() - b for p, b in zip(client.params, c0)], stats.projected_grads)
+        moves[weight] = (
+            [p.detach() - b for p, b in zip(server.params, s0)],
+            [p.detach() - b for p, b in zip(client.params, c0)],
+            stats.projected_grads,
+        )
     for side in (0, 1):
         for one, two in zip(moves[1.0][side], moves[2.0][side]):
             assert torch.allclose(two, 2 * one, atol=1e-6, rtol=1e-4)
@@ -185,9 +222,14 @@ def test_tune_space_parsing_and_errors():
     space = parse_space("client-lr=log:1e-5:1e-3 zo-queries=int:2:8 lora-r=choice:4|8")
     assert [(p.key, p.kind) for p in space] == [("client-lr", "log"), ("zo-queries", "int"), ("lora-r", "choice")]
     assert space[2].choices == (4, 8)
-    for bad, match in [("nope=log:1:2", "not a tunable"), ("client-lr=log:0:1", "LOW > 0"),
-                       ("client-lr=cube:1:2", "cannot parse"), ("", "empty"), ("lora-r=choice:4|x", "lora-r"),
-                       ("client-lr=log:1e-3:1e-5", "LOW < HIGH")]:
+    for bad, match in [
+        ("nope=log:1:2", "not a tunable"),
+        ("client-lr=log:0:1", "LOW > 0"),
+        ("client-lr=cube:1:2", "cannot parse"),
+        ("", "empty"),
+        ("lora-r=choice:4|x", "lora-r"),
+        ("client-lr=log:1e-3:1e-5", "LOW < HIGH"),
+    ]:
         with pytest.raises(ValueError, match=match):
             parse_space(bad)
 
@@ -216,8 +258,16 @@ def test_local_runner_tunes_on_subsets_then_trains_the_best_on_full_data(tmp_pat
 def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_path):
     """A real study: each trial resets the federation, trains 2 clients on gradmatch subsets for 3
     rounds and reports dev accuracy; diverging learning rates are in range so some trials do badly."""
-    c = coord(**{"tune-trials": 6, "tune-rounds": 3, "tune-pruner": "asha", "subset-selector": "gradmatch",
-                 "subset-warm-start": 0.34, "tune-space": "server-lr=log:1e-4:3 client-lr=log:1e-5:1e-2"})
+    c = coord(
+        **{
+            "tune-trials": 6,
+            "tune-rounds": 3,
+            "tune-pruner": "asha",
+            "subset-selector": "gradmatch",
+            "subset-warm-start": 0.34,
+            "tune-space": "server-lr=log:1e-4:3 client-lr=log:1e-5:1e-2",
+        }
+    )
     starting = [p.detach().clone() for p in c.server.params]
     summary = rounds.tune(InProcessFederation(c, 2), c, [0, 1], {}, itertools.count(1))
     c.reset(7, {})  # every trial started like this: the pristine top
