@@ -1,6 +1,6 @@
 """Bytes per step and per round, by mode, with personal vs synced bottoms (and vs sending weights).
 
-    python benchmarks/bytes.py --out runs/bytes [--scenario sim_configs/quick_minilm.toml]
+    python -m benchmarks.bytes --out runs/bytes [--scenario sim_configs/quick_minilm.toml]
 
 Runs 2 rounds x 2 clients x 2 steps per (mode, bottoms) through the real coordinator and step
 stream (no Flower runtime). Stream bytes are the serialised frames; round messages are counted

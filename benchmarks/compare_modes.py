@@ -1,6 +1,6 @@
 """Compare fo-fo, hosl and zo-zo on one scenario, side by side in one process.
 
-    python benchmarks/compare_modes.py sim_configs/sst2_minilm_full.toml --out runs/modes_minilm \
+    python -m benchmarks.compare_modes sim_configs/sst2_minilm_full.toml --out runs/modes_minilm \
         [--set key=value ...] [--mode-set MODE:key=value ...] [--modes fo-fo,hosl,zo-zo]
 
 Prints a markdown table (dev/test accuracy, client peak memory, bytes per step, seconds per step)

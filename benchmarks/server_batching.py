@@ -1,6 +1,6 @@
 """Does the server score the 2Q perturbed activations faster stacked into one forward? Side by side.
 
-    python benchmarks/server_batching.py [--scenario sim_configs/quick_minilm.toml] [--queries 10] [--repeats 3]
+    python -m benchmarks.server_batching [--scenario sim_configs/quick_minilm.toml] [--queries 10] [--repeats 3]
 
 Times SplitServer.score_perturbed on one real HOSL request with score_chunk_rows = batch size
 (one forward per perturbed activation) against larger chunks (several per forward), interleaved.

@@ -1,7 +1,7 @@
 """Steps per second of the step stream vs the local runner, in simulation and in a loopback
 deployment, and what per-step Flower messages would cost instead. One run, side by side.
 
-    python benchmarks/transport.py --out runs/transport [--steps 40] [--probes 10]
+    python -m benchmarks.transport --out runs/transport [--steps 40] [--probes 10]
 
 Uses the tiny scenario with one client so the transport, not the model, dominates.
 """
@@ -14,8 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from flower_sim import run_simulation  # benchmarks/ is on sys.path when run as a script
-
+from benchmarks.flower_sim import run_simulation
 from fl_app.config import make_config, read_scenario
 from fl_app.train import run
 

@@ -2,7 +2,7 @@
 data, on random subsets and on gradient-matched subsets of the same fraction, each followed by the
 best configuration trained on the full data and tested. One `flwr run` simulation per row.
 
-    python benchmarks/tune_compare.py --out runs/tune [--fractions 0.1 0.3] [--set key=value ...]
+    python -m benchmarks.tune_compare --out runs/tune [--fractions 0.1 0.3] [--set key=value ...]
 
 Prints (and writes to OUT/tune_compare.md) tuning wall time, speed-up over full-data tuning,
 training steps, selection cost, pruned trials, best dev accuracy, final test accuracy and, for
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flower_sim import ROOT, run_simulation  # benchmarks/ is on sys.path when run as a script
+from benchmarks.flower_sim import ROOT, run_simulation
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 

@@ -1,6 +1,6 @@
 """Error and bytes of sending activations as float16 / bfloat16 instead of float32, on one HOSL step.
 
-    python benchmarks/wire_dtype.py [--scenario sim_configs/quick_minilm.toml] [--steps 3]
+    python -m benchmarks.wire_dtype [--scenario sim_configs/quick_minilm.toml] [--steps 3]
 
 The same client (same seeds, same batches) runs against identical servers with each wire dtype;
 reported: upload bytes per step, the clean-loss error, and the error of the ZO projected

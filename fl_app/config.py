@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "eval-every": 1,
     "eval-examples": 200,
     "eval-test": True,
+    "eval-untrained": True,  # evaluate on dev before training (round 0 of results.json: the untrained baseline)
     # federation (Flower apps)
     "bottoms": "personal",
     "fraction-train": 1.0,

@@ -178,7 +178,9 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
         coord.results["tuning"] = tuning
         selector = "full"
     final_started = time.perf_counter()
-    untrained = evaluate_round(fed, coord, 0, coord.select(partitions, 1), synced, "dev")
+    untrained = (
+        evaluate_round(fed, coord, 0, coord.select(partitions, 1), synced, "dev") if config["eval-untrained"] else None
+    )
     if untrained is not None and untrained["count"]:
         coord.results["eval"]["history"].append({"round": 0, **untrained})
         print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)

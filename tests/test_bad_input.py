@@ -80,6 +80,7 @@ def test_help_and_a_good_scenario(capsys):
     assert "zo-queries = 3\n" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unknown_hub_model_offline_is_one_line_without_a_traceback():
     """As a user runs it: a subprocess, offline, for a model name that is neither tiny, packaged, a
     folder nor in the local hub cache."""

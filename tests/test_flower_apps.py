@@ -121,7 +121,7 @@ def deploy(tmp_path: Path, scenario: str, sets: str) -> dict:
 
 
 def test_loopback_deployment_with_two_supernodes(tmp_path):
-    results = deploy(tmp_path, "sim_configs/smoke_tiny.toml", "num-rounds=2 eval-test=false")
+    results = deploy(tmp_path, "sim_configs/smoke_tiny.toml", "num-rounds=2 eval-test=false eval-untrained=false")
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] for r in results["rounds"])
     assert len(results["history"]) == 2 * 2 * 3 and results["eval"]["accuracy"] is not None
@@ -139,7 +139,7 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     log = flwr_run(
         flwr_env,
         "sim_configs/tiny_100_clients.toml",
-        [f"out-dir={out}", "eval-test=false"],
+        [f"out-dir={out}", "eval-test=false", "eval-untrained=false"],
         ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"],
         timeout=900,
     )
@@ -171,7 +171,9 @@ def test_tuning_study_runs_in_deployment(tmp_path):
     """The same tuning path over SuperNodes in separate processes: client state and subsets persist
     in each node's context across messages, trials reset it, the best config is retrained and tested."""
     results = deploy(
-        tmp_path, "sim_configs/tune_tiny.toml", "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1"
+        tmp_path,
+        "sim_configs/tune_tiny.toml",
+        "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1 eval-untrained=false",
     )
     tuning = results["tuning"]
     assert [t["state"] for t in tuning["trials"]] == ["complete", "complete"]

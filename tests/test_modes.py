@@ -282,6 +282,7 @@ def test_gradient_feedback_needs_an_fo_server():
         make_config({"mode": "zo-zo", "hosl-feedback": "gradient"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_client_weights_train(dtype):
     """client-dtype: the bottom is stored, perturbed and run in that dtype, and the client alone still
@@ -328,6 +329,7 @@ def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch,
     assert peaks[1] == peaks[2] and peaks[3] >= peaks[1] > 0 and (over or peaks[0] == peaks[1])
 
 
+@pytest.mark.slow
 def test_client_steps_give_freed_large_blocks_back():
     """release_freed_memory (after each client step): once a large block was freed, glibc's dynamic
     threshold keeps later freed blocks of a few MiB in the heap; trimming gives them back. Each case

@@ -143,6 +143,7 @@ def test_bad_batches_are_rejected(causal_tok):
         enc([Example({"sentence": "x"}, 5)])
 
 
+@pytest.mark.slow
 def test_data_found_from_a_bundle_copy_without_data(tmp_path):
     """Flower runs the apps from a bundle copy of the package that leaves the .gz data out; the
     data must still be found through the installed distribution."""

@@ -241,6 +241,7 @@ def test_config_rejects_subsets_without_epochs_or_full_warm_start():
         make_config({"subset-warm-start": 1.0})
 
 
+@pytest.mark.slow
 def test_local_runner_tunes_on_subsets_then_trains_the_best_on_full_data(tmp_path):
     """The local runner drives the same loop as flwr run: the study, gradmatch subsets, the final run."""
     from fl_app.train import run
@@ -255,6 +256,7 @@ def test_local_runner_tunes_on_subsets_then_trains_the_best_on_full_data(tmp_pat
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_path):
     """A real study: each trial resets the federation, trains 2 clients on gradmatch subsets for 3
     rounds and reports dev accuracy; diverging learning rates are in range so some trials do badly."""

@@ -38,6 +38,7 @@ def test_perturb_round_trip_restores_weights(kind):
     assert torch.allclose(flat(model), before, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DIRECTIONS)
 def test_estimate_expectation_approaches_true_gradient(kind):
     """cos(mean_q g_q z_q, grad) grows with Q, as sqrt(Q / (Q + d)) predicts."""
@@ -207,6 +208,7 @@ def test_row_restricted_step_leaves_other_rows_bit_identical(kind):
     assert not torch.allclose(after[[2, 5, 17]], before[[2, 5, 17]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DIRECTIONS)
 def test_row_restricted_estimate_approaches_true_gradient(kind):
     """With only the batch's rows perturbed, the estimate still converges to the true gradient (which is
