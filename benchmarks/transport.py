@@ -81,7 +81,7 @@ def main() -> None:
     local_cfg = {**read_scenario(SCENARIO), **dict(o.split("=", 1) for o in overrides(out / "local", args.steps, 0))}
     local_cfg.pop("out-dir")
     local = run(make_config(local_cfg), out / "local")
-    local_rate = len(local["history"]) / sum(h["seconds"] for h in local["history"])
+    local_rate = len(local["history"]) / local["step_seconds"]
     rows = [("local runner (in-process)", local_rate, None, None)]
     for name, fn in (("flwr simulation + stream", flower_sim), ("loopback deployment + stream", flower_deploy)):
         results = fn(out / name.split()[0], args.steps, args.probes)

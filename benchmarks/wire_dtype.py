@@ -30,7 +30,7 @@ def main() -> None:
     data = load_task_data(base, loaded)
     results = {}
     for dtype in ("float32", "float16", "bfloat16"):
-        config = {**base, "wire-dtype": dtype}
+        config = base.updated({"wire-dtype": dtype})
         server = build_server(config, copy.deepcopy(top), data.task.num_classes)
         client = build_client(config, bottom, 0)
         stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], 0)

@@ -13,7 +13,7 @@ import traceback
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import EVAL_METRICS, client_order, run_eval_session, run_session
+from fl_app.client_session import EVAL_METRICS, run_eval_session, run_session
 from fl_app.config import make_config
 from fl_app.records import ClientState, history_from_record, report_to_record, state_from_records, state_to_records
 
@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
             "report": ConfigRecord({"ok": True, **report_to_record(report)}),
         }
     )
-    if config["bottoms"] == "synced" and client_order(config) == "fo":  # FO clients sync by FedAvg of weights
+    if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg of weights
         content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
     return Message(content, reply_to=msg)
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from fl_app.config import EMBEDDING_ROWS, HOSL_FEEDBACK
 from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
@@ -24,10 +25,6 @@ class Link(Protocol):
     def send(self, payload: bytes) -> None: ...
 
     def exchange(self, payload: bytes) -> bytes: ...
-
-
-EMBEDDING_ROWS = ("batch", "all")
-HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 
 
 def embedding_roles(bottom: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[str, int] | None]:

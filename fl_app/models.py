@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 DECODER_FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 ENCODER_FAMILIES = {"bert": "bert"}
@@ -387,6 +388,7 @@ def _load_part(
 ) -> PreTrainedModel:
     """``loader.from_pretrained`` in ``dtype`` with our own, short report: keys of the other side are
     expected to be unused; keys missing from the checkpoint are logged (they were freshly initialised)."""
+    hf_logging.disable_progress_bar()  # a bar per part loaded, in every client process: noise
     with _routine_load_report_dropped():
         model, info = loader.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):

@@ -6,37 +6,36 @@ folder can be written. Each failure is one ValueError naming the field and the v
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from fl_app.config import Config
 from fl_app.data import partition, sample_splits
 from fl_app.models import check_cut, model_layers
 from fl_app.tasks import get_task
 
 
-def check_model(config: Mapping[str, Any]) -> None:
+def check_model(config: Config) -> None:
     """The model resolves (tiny, packaged, local directory or hub) and ``cut-layer`` fits its layers."""
-    check_cut(config["cut-layer"], model_layers(config["model"]))
+    check_cut(config.model.cut_layer, model_layers(config.model.name))
 
 
-def check_data(config: Mapping[str, Any]) -> None:
+def check_data(config: Config) -> None:
     """The task's data reads and can be split among ``num-clients`` as the run will split it."""
     splits = sample_splits(
-        get_task(config["task"]),
-        config["n-train"],
-        config["n-dev"],
-        config["n-test"],
-        seed=config["seed"],
-        source=config["data-source"],
-        data_dir=config["data-dir"] or None,
+        get_task(config.data.task),
+        config.data.n_train,
+        config.data.n_dev,
+        config.data.n_test,
+        seed=config.run.seed,
+        source=config.data.source,
+        data_dir=config.data.dir or None,
     )
     partition(
         [ex.label for ex in splits["train"]],
-        config["num-clients"],
-        scheme=config["partition"],
-        alpha=config["dirichlet-alpha"],
-        seed=config["seed"],
+        config.federation.num_clients,
+        scheme=config.data.partition,
+        alpha=config.data.dirichlet_alpha,
+        seed=config.run.seed,
     )
 
 
@@ -51,9 +50,9 @@ def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:
         raise ValueError(f"{field} {str(out_dir)!r} holds a folder named results.json")
 
 
-def check_scenario(config: Mapping[str, Any], data: bool = True) -> None:
+def check_scenario(config: Config, data: bool = True) -> None:
     """The model and, unless ``data=False`` (a server whose clients hold the data), the data."""
-    get_task(config["task"])
+    get_task(config.data.task)
     check_model(config)
     if data:
         check_data(config)

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fl_app.config import DTYPES
+
 STEP_KINDS = ("zo", "fo", "frozen", "eval", "proxy")  # client update rule, evaluation, or a GradMatch proxy
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIRE_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # activation dtypes a frame may carry
 LABEL_KEYS = ("labels", "score_ids", "target_ids")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 PART_KIND = "zo-part"

@@ -71,9 +71,11 @@ def train_round(
     """One round of training sessions in waves, each client using its data as ``plan`` says
     (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
     reports, dropped = [], []
-    for wave in waves(coord.select(partitions, rnd), coord.config["max-concurrent-clients"]):
+    for wave in waves(coord.select(partitions, rnd), coord.config.federation.max_concurrent_clients):
         opened = [session_request(coord, pid, rnd, synced, {"subset": plan}) for pid in wave]
-        replies = fed.run_sessions("train", [r for _, r in opened], coord.config["round-timeout"], coord.expire_idle)
+        replies = fed.run_sessions(
+            "train", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
+        )
         for session, request in opened:
             pid = request.partition_id
             reply = replies.get(pid, SessionReply(None, "no reply before round-timeout"))
@@ -94,14 +96,16 @@ def evaluate_round(
     if not clients:
         return None
     reports = []
-    for wave in waves(clients, coord.config["max-concurrent-clients"]):
+    for wave in waves(clients, coord.config.federation.max_concurrent_clients):
         opened = [
             session_request(
                 coord, pid, rnd, synced, {"split": split, "shard": clients.index(pid), "num-shards": len(clients)}
             )
             for pid in wave
         ]
-        replies = fed.run_sessions("evaluate", [r for _, r in opened], coord.config["round-timeout"], coord.expire_idle)
+        replies = fed.run_sessions(
+            "evaluate", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
+        )
         for session, request in opened:
             coord.finish_eval(session)
             reply = replies.get(request.partition_id, SessionReply(None, "no reply before round-timeout"))
@@ -170,24 +174,24 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
     config = coord.base_config
     synced: dict[int, int] = {}
     rounds = itertools.count(1)
-    selector, warm = config["subset-selector"], warm_rounds(config, config["num-rounds"])
-    if config["tune-trials"]:
+    selector, warm = config.subset.selector, warm_rounds(config, config.federation.num_rounds)
+    if config.tune.trials:
         tuning = tune(fed, coord, partitions, synced, rounds)
-        coord.reset(config["tune-trials"] + 1, tuning["best"]["params"])  # best config, full data
+        coord.reset(config.tune.trials + 1, tuning["best"]["params"])  # best config, full data
         synced.clear()
         coord.results["tuning"] = tuning
         selector = "full"
     final_started = time.perf_counter()
     untrained = (
-        evaluate_round(fed, coord, 0, coord.select(partitions, 1), synced, "dev") if config["eval-untrained"] else None
+        evaluate_round(fed, coord, 0, coord.select(partitions, 1), synced, "dev") if config.eval.untrained else None
     )
     if untrained is not None and untrained["count"]:
         coord.results["eval"]["history"].append({"round": 0, **untrained})
         print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
     rnd = 0
-    for index in range(1, config["num-rounds"] + 1):
+    for index in range(1, config.federation.num_rounds + 1):
         rnd = next(rounds)
-        plan = round_plan(selector, index, config["subset-reselect-every"], warm)
+        plan = round_plan(selector, index, config.subset.reselect_every, warm)
         run_round(
             fed,
             coord,
@@ -195,17 +199,17 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
             rnd,
             synced,
             plan,
-            evaluate=index % config["eval-every"] == 0 or index == config["num-rounds"],
+            evaluate=index % config.eval.every == 0 or index == config.federation.num_rounds,
         )
-    if config["eval-test"]:
+    if config.eval.test:
         last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
         test = evaluate_round(fed, coord, rnd, last or sorted(partitions), synced, "test")
         coord.results["eval"]["test"] = test
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
-    if config["tune-trials"]:
+    if config.tune.trials:
         coord.results["tuning"]["final"] = {
             "params": coord.overrides,
-            "rounds": config["num-rounds"],
+            "rounds": config.federation.num_rounds,
             "seconds": time.perf_counter() - final_started,
             "dev_accuracy": coord.results["eval"].get("history", [{}])[-1].get("accuracy"),
             "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy"),

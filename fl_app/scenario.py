@@ -7,14 +7,12 @@ built inside a Flower ClientApp are the same object with the same seeds.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from fl_app.client_party import ClientOptimConfig, SplitClient
-from fl_app.config import MODES, lora_targets
+from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
 from fl_app.server_party import ServerOptimConfig, SplitServer
@@ -36,63 +34,58 @@ class TaskData:
         return [train[i] for i in self.partitions[index]]
 
 
-def client_seed(config: Mapping[str, Any], index: int) -> int:
+def client_seed(config: Config, index: int) -> int:
     """Seed of client ``index``: distinct per client, fixed by the scenario seed."""
-    return int(config["seed"]) * 100_003 + index + 1
+    return config.run.seed * 100_003 + index + 1
 
 
-def load_task_data(config: Mapping[str, Any], loaded: LoadedModel) -> TaskData:
+def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
     """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
-    task = get_task(config["task"])
+    data, seed = config.data, config.run.seed
+    task = get_task(data.task)
     splits = sample_splits(
-        task,
-        config["n-train"],
-        config["n-dev"],
-        config["n-test"],
-        seed=config["seed"],
-        source=config["data-source"],
-        data_dir=config["data-dir"] or None,
+        task, data.n_train, data.n_dev, data.n_test, seed=seed, source=data.source, data_dir=data.dir or None
     )
     parts = partition(
         [ex.label for ex in splits["train"]],
-        config["num-clients"],
-        scheme=config["partition"],
-        alpha=config["dirichlet-alpha"],
-        seed=config["seed"],
+        config.federation.num_clients,
+        scheme=data.partition,
+        alpha=data.dirichlet_alpha,
+        seed=seed,
     )
     kind = "classification" if loaded.kind == "encoder" else "prompted"
-    encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=config["max-length"])
+    encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=data.max_length)
     return TaskData(task, splits, parts, encoder)
 
 
-def client_dtype(config: Mapping[str, Any]) -> torch.dtype:
+def client_dtype(config: Config) -> torch.dtype:
     """The dtype the scenario's client bottom is stored in (``client-dtype``)."""
-    return getattr(torch, config["client-dtype"])
+    return getattr(torch, config.model.client_dtype)
 
 
-def load_client_bottom(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom]:
+def load_client_bottom(config: Config) -> tuple[LoadedModel, ClientBottom]:
     """The scenario's bottom alone (the top's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the bottom's body."""
     bottom, tokenizer, family = load_bottom(
-        config["model"],
-        config["cut-layer"],
-        num_labels=get_task(config["task"]).num_classes,
-        seed=config["seed"],
+        config.model.name,
+        config.model.cut_layer,
+        num_labels=_num_classes(config),
+        seed=config.run.seed,
         dtype=client_dtype(config),
     )
     return LoadedModel(bottom.body, tokenizer, family), bottom
 
 
-def load_server_top(config: Mapping[str, Any]) -> tuple[LoadedModel, ServerTop]:
+def load_server_top(config: Config) -> tuple[LoadedModel, ServerTop]:
     """The scenario's top alone (the bottom's layers are never loaded); the ``LoadedModel`` gives the
     tokenizer and family, its model is the top's."""
     top, tokenizer, family = load_top(
-        config["model"], config["cut-layer"], num_labels=get_task(config["task"]).num_classes, seed=config["seed"]
+        config.model.name, config.model.cut_layer, num_labels=_num_classes(config), seed=config.run.seed
     )
     return LoadedModel(top.model, tokenizer, family), top
 
 
-def load_split(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom, ServerTop]:
+def load_split(config: Config) -> tuple[LoadedModel, ClientBottom, ServerTop]:
     """Both parts of the scenario's model, each loaded on its own (the whole model is never in memory
     at once); the same weights as cutting the loaded model, from the same seed.
 
@@ -103,40 +96,45 @@ def load_split(config: Mapping[str, Any]) -> tuple[LoadedModel, ClientBottom, Se
     return loaded, bottom, top
 
 
-def _spec(config: Mapping[str, Any], side: str) -> TrainableSpec:
+def _num_classes(config: Config) -> int:
+    return get_task(config.data.task).num_classes
+
+
+def _spec(config: Config, side: str) -> TrainableSpec:
+    model = config.model
     return TrainableSpec(
-        mode=config[f"{side}-params"],
-        lora_r=config["lora-r"],
-        lora_alpha=config["lora-alpha"],
-        lora_targets=lora_targets(config),
-        freeze_embeddings=config["freeze-embeddings"] and side == "client",
+        mode=model.client_params if side == "client" else model.server_params,
+        lora_r=model.lora_r,
+        lora_alpha=model.lora_alpha,
+        lora_targets=model.targets,
+        freeze_embeddings=model.freeze_embeddings and side == "client",
     )
 
 
-def build_server(config: Mapping[str, Any], top: ServerTop, num_classes: int) -> SplitServer:
+def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServer:
     """The server party with its trainable set and optimiser per ``mode``."""
     params = configure_trainable(top, _spec(config, "server"), top.family)
-    order = MODES[config["mode"]][1]
+    optim, zo = config.optim, config.zo
     optim = ServerOptimConfig(
-        order=order,
-        optimizer=config["server-optimizer"],
-        lr=config["server-lr"],
-        weight_decay=config["weight-decay"],
-        zo_eps=config["zo-eps"],
-        zo_queries=config["zo-queries"],
-        zo_directions=config["zo-directions"],
-        seed=config["seed"],
+        order=config.server_order,
+        optimizer=optim.server_optimizer,
+        lr=optim.server_lr,
+        weight_decay=optim.weight_decay,
+        zo_eps=zo.eps,
+        zo_queries=zo.queries,
+        zo_directions=zo.directions,
+        seed=config.run.seed,
     )
     return SplitServer(top, params, optim, num_classes=num_classes)
 
 
-def client_trainable(config: Mapping[str, Any], bottom: ClientBottom, index: int) -> list[torch.nn.Parameter]:
+def client_trainable(config: Config, bottom: ClientBottom, index: int) -> list[torch.nn.Parameter]:
     """Set what client ``index`` trains on ``bottom`` (once per bottom); LoRA adapters are initialised from
     the client's seed, so the same (seed, client) always starts from the same adapters."""
     return configure_trainable(bottom, _spec(config, "client"), bottom.family, lora_seed=client_seed(config, index))
 
 
-def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: int) -> None:
+def reset_client_bottom(config: Config, bottom: ClientBottom, index: int) -> None:
     """Put the trainable tensors of a configured bottom back to client ``index``'s starting values:
     pretrained weights re-read from the checkpoint (tiny models: rebuilt), LoRA adapters re-drawn from
     the client's seed; exactly what :func:`client_trainable` on a freshly loaded bottom gives."""
@@ -144,11 +142,11 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
     pretrained = [n for n in trainable if "lora_" not in n]
     if pretrained:
         values = pristine_bottom_tensors(
-            config["model"],
-            config["cut-layer"],
+            config.model.name,
+            config.model.cut_layer,
             pretrained,
-            num_labels=get_task(config["task"]).num_classes,
-            seed=config["seed"],
+            num_labels=_num_classes(config),
+            seed=config.run.seed,
             dtype=client_dtype(config),
         )
         with torch.no_grad():
@@ -158,28 +156,26 @@ def reset_client_bottom(config: Mapping[str, Any], bottom: ClientBottom, index: 
         init_lora(bottom, client_seed(config, index))
 
 
-def split_client(
-    config: Mapping[str, Any], bottom: ClientBottom, params: list[torch.nn.Parameter], index: int
-) -> SplitClient:
+def split_client(config: Config, bottom: ClientBottom, params: list[torch.nn.Parameter], index: int) -> SplitClient:
     """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`)."""
-    order = MODES[config["mode"]][0]
+    optim, zo = config.optim, config.zo
     optim = ClientOptimConfig(
-        order=order,
-        optimizer=config["client-optimizer"],
-        lr=config["client-lr"],
-        weight_decay=config["weight-decay"],
-        zo_eps=config["zo-eps"],
-        zo_queries=config["zo-queries"],
-        zo_directions=config["zo-directions"],
-        zo_embedding_rows=config["zo-embedding-rows"],
-        hosl_feedback=config["hosl-feedback"],
+        order=config.client_order,
+        optimizer=optim.client_optimizer,
+        lr=optim.client_lr,
+        weight_decay=optim.weight_decay,
+        zo_eps=zo.eps,
+        zo_queries=zo.queries,
+        zo_directions=zo.directions,
+        zo_embedding_rows=zo.embedding_rows,
+        hosl_feedback=zo.hosl_feedback,
         seed=client_seed(config, index),
-        wire_dtype=config["wire-dtype"],
+        wire_dtype=config.stream.wire_dtype,
     )
     return SplitClient(bottom, params, optim, client_id=str(index))
 
 
-def build_client(config: Mapping[str, Any], bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:
+def build_client(config: Config, bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:
     """Client ``index`` with its own copy of the bottom (unless ``copy_bottom`` is False)."""
     own = copy.deepcopy(bottom) if copy_bottom else bottom
     return split_client(config, own, client_trainable(config, own, index), index)

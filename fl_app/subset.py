@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-SELECTORS = ("gradmatch", "random", "full")
+from fl_app.config import SELECTORS
+
 PLANS = ("full", "warm", "random", "gradmatch", "keep")  # what a client does with its data in a round
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fl_app import rounds
 from fl_app.checkpoint import run_folder
 from fl_app.client_session import run_eval_session, run_session
-from fl_app.config import exit_with_error, make_config, parse_overrides, read_scenario
+from fl_app.config import Config, exit_with_error, make_config, parse_overrides, read_scenario
 from fl_app.coordinator import Coordinator
 from fl_app.local_transport import InProcessLink
 from fl_app.preflight import check_out_dir, check_scenario
@@ -45,7 +45,7 @@ class InProcessFederation:
         replies = {}
         for request in requests:
             pid = request.partition_id
-            config = make_config({**self.coord.base_config, **request.overrides})
+            config = self.coord.base_config.updated(request.overrides)
             link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
             try:
                 if kind == "train":
@@ -79,12 +79,14 @@ class InProcessFederation:
         return replies
 
 
-def run(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+def run(config: Config, out_dir: Path) -> dict[str, Any]:
     """Run a scenario in-process and write ``out_dir/results.json`` (the format ``flwr run`` writes);
     returns the results."""
     coord = Coordinator(config, out_dir, serve_stream=False)
     try:
-        rounds.run(InProcessFederation(coord, config["num-clients"]), coord, list(range(config["num-clients"])))
+        rounds.run(
+            InProcessFederation(coord, config.federation.num_clients), coord, list(range(config.federation.num_clients))
+        )
     finally:
         coord.close()
     return coord.results

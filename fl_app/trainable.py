@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_app.zo import DIRECTIONS
+from fl_app.config import DIRECTIONS, PARAM_MODES
 
-PARAM_MODES = ("full", "lora", "frozen")
 DEFAULT_LORA_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 EMBEDDING_TYPES = (nn.Embedding,)
 

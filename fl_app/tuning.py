@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from fl_app.config import DEFAULTS, make_config
+from fl_app.config import DEFAULTS, Config, make_config
 from fl_app.subset import round_plan
 
 PARAM_KINDS = ("log", "float", "int", "choice")
@@ -78,46 +78,46 @@ def parse_space(text: str) -> list[Param]:
     return space
 
 
-def make_study(config: Mapping[str, Any]) -> optuna.Study:
+def make_study(config: Config) -> optuna.Study:
     """A maximising study with the configured sampler and pruner, seeded by the scenario seed.
 
     TPE starts from a third of the trials sampled at random (at least 2, at most Optuna's 10), so a
     short study is still guided. The study name is fixed because Hyperband assigns trials to
     brackets by hashing it: the same seed then gives the same brackets.
     """
-    seed = int(config["seed"])
-    startup = min(10, max(2, int(config["tune-trials"]) // 3))
+    seed = config.run.seed
+    startup = min(10, max(2, config.tune.trials // 3))
     sampler = (
         optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-        if config["tune-sampler"] == "tpe"
+        if config.tune.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=seed)
     )
-    rounds = int(config["tune-rounds"])
+    rounds = config.tune.rounds
     pruner = {
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3),
         "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
         "none": optuna.pruners.NopPruner,
-    }[config["tune-pruner"]]()
+    }[config.tune.pruner]()
     return optuna.create_study(study_name="hosl-tuning", direction="maximize", sampler=sampler, pruner=pruner)
 
 
-def warm_rounds(config: Mapping[str, Any], rounds: int) -> int:
+def warm_rounds(config: Config, rounds: int) -> int:
     """Rounds of a run of ``rounds`` rounds that warm-start on full data: floor(kappa x rounds)."""
-    return math.floor(config["subset-warm-start"] * rounds)
+    return math.floor(config.subset.warm_start * rounds)
 
 
 RoundRunner = Callable[[int, int, Mapping[str, Any], str], dict[str, Any]]
 
 
-def run_study(config: Mapping[str, Any], run_round: RoundRunner) -> tuple[optuna.Study, dict[str, Any]]:
+def run_study(config: Config, run_round: RoundRunner) -> tuple[optuna.Study, dict[str, Any]]:
     """Run ``tune-trials`` trials. ``run_round(trial_id, round_in_trial, params, plan)`` resets the
     federation to its starting weights when ``round_in_trial == 1``, trains one round on the data
     ``plan`` says (:func:`fl_app.subset.round_plan`), evaluates on dev and returns the round's entry
     (with ``accuracy``). Returns the study and a JSON-able record of every trial."""
-    space = parse_space(config["tune-space"])
+    space = parse_space(config.tune.space)
     study = make_study(config)
     records: list[dict[str, Any]] = []
-    warm = warm_rounds(config, config["tune-rounds"])
+    warm = warm_rounds(config, config.tune.rounds)
 
     def objective(trial: optuna.Trial) -> float:
         params = {p.key: p.suggest(trial) for p in space}
@@ -126,8 +126,8 @@ def run_study(config: Mapping[str, Any], run_round: RoundRunner) -> tuple[optuna
         started = time.perf_counter()
         try:
             accuracy = None
-            for rnd in range(1, config["tune-rounds"] + 1):
-                plan = round_plan(config["subset-selector"], rnd, config["subset-reselect-every"], warm)
+            for rnd in range(1, config.tune.rounds + 1):
+                plan = round_plan(config.subset.selector, rnd, config.subset.reselect_every, warm)
                 entry = run_round(trial.number + 1, rnd, params, plan)
                 record["rounds"].append({**entry, "plan": plan})
                 accuracy = entry["accuracy"]
@@ -147,14 +147,14 @@ def run_study(config: Mapping[str, Any], run_round: RoundRunner) -> tuple[optuna
             record["accuracy"] = record["rounds"][-1]["accuracy"] if record["rounds"] else None
 
     started = time.perf_counter()
-    study.optimize(objective, n_trials=int(config["tune-trials"]), catch=(TrialFailed,))
+    study.optimize(objective, n_trials=config.tune.trials, catch=(TrialFailed,))
     complete = [r for r in records if r["state"] == "complete"]
     summary = {
-        "selector": config["subset-selector"],
-        "fraction": config["subset-fraction"],
-        "sampler": config["tune-sampler"],
-        "pruner": config["tune-pruner"],
-        "space": config["tune-space"],
+        "selector": config.subset.selector,
+        "fraction": config.subset.fraction,
+        "sampler": config.tune.sampler,
+        "pruner": config.tune.pruner,
+        "space": config.tune.space,
         "trials": records,
         "seconds": time.perf_counter() - started,
         "pruned": sum(r["state"] == "pruned" for r in records),

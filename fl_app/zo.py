@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_app.config import DIRECTIONS
+
 Z_CHUNK = 1 << 20  # elements of z generated at a time (4 MiB in fp32)
-DIRECTIONS = ("gaussian", "rademacher")
 Rows = Sequence["torch.Tensor | None"]  # per parameter: sorted row ids to restrict to, or None for all rows
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zo-directions")  # torch's randn uses one core
 

@@ -152,24 +152,24 @@ def main(grid: Grid, context: Context) -> None:
     log_to_stderr("hosl", "fl_app")
     try:  # a bad run-config is one line first, before the traceback Flower prints
         config = make_config(context.run_config)
-        out_dir = run_folder(config["out-dir"], config)
+        out_dir = run_folder(config.run.out_dir, config)
         check_scenario(config, data=False)  # the clients hold the data and check it themselves
         check_out_dir(out_dir)
     except ValueError as err:
         print(f"[hosl] error: {err}", flush=True)
         raise
-    tls_cert = Path(config["stream-tls-cert"]).read_bytes() if config["stream-tls-cert"] else None
-    tls_key = Path(config["stream-tls-key"]).read_bytes() if config["stream-tls-key"] else None
+    tls_cert = Path(config.stream.tls_cert).read_bytes() if config.stream.tls_cert else None
+    tls_key = Path(config.stream.tls_key).read_bytes() if config.stream.tls_key else None
     coord = Coordinator(config, out_dir, tls_cert=tls_cert, tls_key=tls_key)
     try:
-        nodes = discover(grid, timeout=config["round-timeout"])
+        nodes = discover(grid, timeout=config.federation.round_timeout)
         print(
-            f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config['mode']}, "
-            f"bottoms {config['bottoms']}",
+            f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
+            f"bottoms {config.federation.bottoms}",
             flush=True,
         )
-        if config["probe-messages"]:
-            rtts = probe_message_rtt(grid, nodes[min(nodes)], config["probe-messages"])
+        if config.run.probe_messages:
+            rtts = probe_message_rtt(grid, nodes[min(nodes)], config.run.probe_messages)
             coord.results["flower_message_rtt_seconds"] = rtts
             print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
         path = rounds.run(FlowerFederation(grid, nodes), coord, sorted(nodes))

@@ -1,0 +1,46 @@
+"""The typed configuration: one definition of every key, validated once, frozen, readable flat."""
+
+import dataclasses
+import re
+
+import pytest
+
+from fl_app.config import CHOICES, DEFAULTS, GROUPS, SETTINGS, Config, make_config
+
+
+def test_every_key_is_one_typed_field_and_the_flat_view_round_trips():
+    config = make_config({"zo-queries": "3", "client-lr": 2e-4, "mode": "fo-fo", "eval-test": "false"})
+    assert (config.zo.queries, config.optim.client_lr, config.run.mode, config.eval.test) == (3, 2e-4, "fo-fo", False)
+    assert config["zo-queries"] == 3 and set(config) == set(DEFAULTS) == set(SETTINGS)
+    assert make_config(dict(config)) == config and config.updated({"zo-queries": 5}).zo.queries == 5
+    assert config.client_order == "fo" and make_config().client_order == "zo"
+    names = [(group, f.name) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+    assert len(names) == len(SETTINGS)  # no key maps to two fields, no field lacks a key
+    for key, (group, f) in SETTINGS.items():
+        assert type(getattr(getattr(Config(), group), f.name)) is type(DEFAULTS[key])
+
+
+def test_config_is_frozen_and_hashable():
+    config = make_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.zo.queries = 9
+    assert hash(config) == hash(make_config()) and make_config({"seed": 1}) != config
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_each_choice_key_refuses_a_value_outside_its_choices(key):
+    with pytest.raises(ValueError, match=re.escape(f"config key '{key}' must be one of {CHOICES[key]!r}")):
+        make_config({key: "nonsense"})
+
+
+def test_the_choices_are_the_ones_the_modules_use():
+    from fl_app.client_party import EMBEDDING_ROWS, HOSL_FEEDBACK
+    from fl_app.protocol import WIRE_DTYPES
+    from fl_app.subset import SELECTORS
+    from fl_app.trainable import PARAM_MODES
+    from fl_app.zo import DIRECTIONS
+
+    assert CHOICES["zo-directions"] is DIRECTIONS and CHOICES["zo-embedding-rows"] is EMBEDDING_ROWS
+    assert CHOICES["hosl-feedback"] is HOSL_FEEDBACK and CHOICES["subset-selector"] is SELECTORS
+    assert CHOICES["client-params"] is CHOICES["server-params"] is PARAM_MODES
+    assert tuple(WIRE_DTYPES) == CHOICES["wire-dtype"]
