@@ -61,9 +61,12 @@ def finished_results(out: Path, log: str = "", timeout: float = 300) -> dict:
     raise TimeoutError(f"no finished results.json in {out} within {timeout} s; log tail:\n{log[-3000:]}")
 
 
-def run_simulation(scenario: Path, overrides: list[str], supernodes: int, timeout: float = 7200) -> dict:
+def run_simulation(
+    scenario: Path, overrides: list[str], supernodes: int, timeout: float = 7200, cpus_per_client: int = 1
+) -> dict:
     """`flwr run . --stream` with ``scenario`` + ``overrides`` (must set out-dir) on ``supernodes``
-    simulated nodes of one CPU each; waits until results.json says "finished"."""
+    simulated nodes of ``cpus_per_client`` CPUs each (Ray runs as many clients at once as the CPUs
+    allow); waits until results.json says "finished"."""
     out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("out-dir=")))
     home = Path(tempfile.mkdtemp(prefix="hosl-bench-"))
     cfg = home / "run.toml"
@@ -79,7 +82,7 @@ def run_simulation(scenario: Path, overrides: list[str], supernodes: int, timeou
                 "--run-config",
                 str(cfg),
                 "--federation-config",
-                f"num-supernodes={supernodes} client-resources-num-cpus=1",
+                f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}",
             ],
             cwd=ROOT,
             env=env,
