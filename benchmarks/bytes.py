@@ -10,9 +10,9 @@ as Flower would carry them: scalars at 8 bytes, tensors at their size.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from benchmarks.report import write_report
 from fl_app.client_session import run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import Coordinator
@@ -101,8 +101,7 @@ def main() -> None:
         )
     text = "\n".join(lines)
     print(text)
-    Path(args.out, "bytes.md").write_text(text + "\n")
-    Path(args.out, "bytes.json").write_text(json.dumps(rows, indent=2))
+    write_report(Path(args.out, "bytes"), text, rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "5a52b98"  # the last commit before directions, row restriction, fused passes and streamed scoring
 
@@ -359,8 +361,7 @@ def main() -> None:
     text = _markdown(rows, args)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    write_report(out, text, rows)
     _plot(rows, out.with_suffix(".png"))
     print(text)
 

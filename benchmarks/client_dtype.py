@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.report import write_report
 from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
 from fl_app.scenario import client_seed, client_trainable, load_client_bottom, load_task_data, split_client
@@ -128,8 +128,7 @@ def main() -> None:
     ]
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_report(out, "\n".join(lines), results)
     print("\n".join(lines))
 
 

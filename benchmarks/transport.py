@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.flower_sim import run_simulation
+from benchmarks.report import write_report
 from fl_app.config import make_config, read_scenario
 from fl_app.train import run
 
@@ -103,7 +104,9 @@ def main() -> None:
             )
     text = "\n".join(lines)
     print(text)
-    (out / "transport.md").write_text(text + "\n")
+    write_report(
+        out / "transport", text, [{"name": n, "steps_per_s": r, "wall_s": w, "rtt_s": t} for n, r, w, t in rows]
+    )
 
 
 if __name__ == "__main__":

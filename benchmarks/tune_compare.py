@@ -13,10 +13,10 @@ random subsets of the same size drawn on the same proxies.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from benchmarks.flower_sim import ROOT, run_simulation
+from benchmarks.report import write_report
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -90,8 +90,7 @@ def main() -> None:
         rows.append(summarise(name, results))
         text = table(rows)
         print(text, flush=True)
-        (out / "tune_compare.md").write_text(text + "\n")
-        (out / "tune_compare.json").write_text(json.dumps(rows, indent=2))
+        write_report(out / "tune_compare", text, rows)
 
 
 if __name__ == "__main__":

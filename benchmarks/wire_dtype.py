@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from benchmarks.report import write_report
 from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
 from fl_app.local_transport import InProcessLink
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", default="sim_configs/quick_minilm.toml")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="runs/wire_dtype", help="writes <out>.md and <out>.json")
     args = parser.parse_args()
     base = make_config(read_scenario(args.scenario))
     loaded, bottom, top = load_split(base)
@@ -39,19 +41,33 @@ def main() -> None:
         link.close()
         results[dtype] = stats
     ref = results["float32"]
-    print(
+    lines = [
         "| wire dtype | upload MiB / step | max clean-loss error | max projected-gradient error | "
-        "median |g| (fp32) | sign agreement of g |"
-    )
-    print("|---|---|---|---|---|---|")
+        "median |g| (fp32) | sign agreement of g |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = []
     for dtype, stats in results.items():
         loss_err = max(abs(a.loss - b.loss) for a, b in zip(stats, ref))
         g, g_ref = torch.tensor([x.projected_grads for x in stats]), torch.tensor([x.projected_grads for x in ref])
         sign = float((torch.sign(g) == torch.sign(g_ref)).float().mean())
-        print(
-            f"| {dtype} | {sum(s.bytes_up for s in stats) / len(stats) / 2**20:.2f} | {loss_err:.2e} | "
-            f"{float((g - g_ref).abs().max()):.2e} | {float(g_ref.abs().median()):.2e} | {sign:.2f} |"
+        up = sum(s.bytes_up for s in stats) / len(stats)
+        grad_err = float((g - g_ref).abs().max())
+        rows.append(
+            {
+                "dtype": dtype,
+                "bytes_up_per_step": up,
+                "loss_error": loss_err,
+                "grad_error": grad_err,
+                "sign_agreement": sign,
+            }
         )
+        lines.append(
+            f"| {dtype} | {up / 2**20:.2f} | {loss_err:.2e} | {grad_err:.2e} | "
+            f"{float(g_ref.abs().median()):.2e} | {sign:.2f} |"
+        )
+    print("\n".join(lines))
+    write_report(args.out, "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from fl_app.client_session import History
 from fl_app.coordinator import Coordinator, waves
+from fl_app.stream import Session
 from fl_app.subset import round_plan
 from fl_app.tuning import plot_history, run_study, warm_rounds
 
@@ -56,7 +57,9 @@ class Federation(Protocol):
     ) -> dict[int, SessionReply]: ...
 
 
-def session_request(coord: Coordinator, pid: int, rnd: int, synced: dict[int, int], extra: dict[str, Any]):
+def session_request(
+    coord: Coordinator, pid: int, rnd: int, synced: dict[int, int], extra: dict[str, Any]
+) -> tuple[Session, SessionRequest]:
     """Open a session for client ``pid`` and build its request (the history it still needs, if synced)."""
     session, settings = coord.open(pid, rnd, extra)
     request = SessionRequest(
@@ -214,4 +217,6 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
             "dev_accuracy": coord.results["eval"].get("history", [{}])[-1].get("accuracy"),
             "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy"),
         }
-    return coord.write_results(status="finished")
+    path = coord.write_results(status="finished")
+    print(f"[hosl] results written to {path}", flush=True)  # the run's last line, under Flower and locally
+    return path

@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         check_out_dir(out_dir, "--out")
     except ValueError as err:
         exit_with_error(str(err))
-    results = run(config, out_dir)
-    out = out_dir / "results.json"
-    test = (results["eval"].get("test") or {}).get("accuracy")
-    print(
-        f"mode={results['mode']} dev accuracy={results['eval']['accuracy']:.4f} test accuracy={test} "
-        f"client peak memory={results['client']['peak_memory_bytes'] / 2**20:.1f} MiB"
-    )
-    print(f"results: {out}")
+    run(config, out_dir)  # prints each round, test accuracy and, last, where the results are
 
 
 if __name__ == "__main__":

@@ -172,7 +172,6 @@ def main(grid: Grid, context: Context) -> None:
             rtts = probe_message_rtt(grid, nodes[min(nodes)], config.run.probe_messages)
             coord.results["flower_message_rtt_seconds"] = rtts
             print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
-        path = rounds.run(FlowerFederation(grid, nodes), coord, sorted(nodes))
-        print(f"[hosl] results written to {path}", flush=True)
+        rounds.run(FlowerFederation(grid, nodes), coord, sorted(nodes))
     finally:
         coord.close()

@@ -1,0 +1,45 @@
+"""Every benchmark writes ``<stem>.md`` and ``<stem>.json`` stamped with the commit and the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def provenance() -> dict[str, Any]:
+    """The commit (with ``+dirty`` if the checkout has changes), the machine and the date."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    import torch
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    return {
+        "commit": commit,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_report(stem: Path | str, markdown: str, data: Any) -> tuple[Path, Path]:
+    """``stem.md`` (the markdown under a provenance line) and ``stem.json`` (``data`` with it)."""
+    stem, stamp = Path(stem), provenance()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    line = ", ".join(f"{k} {v}" for k, v in stamp.items())
+    md, js = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".json")
+    md.write_text(f"{markdown.rstrip()}\n\nMeasured at {line}.\n")
+    js.write_text(json.dumps({"provenance": stamp, "data": data}, indent=2, default=float))
+    return md, js
