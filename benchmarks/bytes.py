@@ -43,12 +43,12 @@ def measure(config: dict, out: Path) -> dict:
                 down_msgs += weights_bytes(coord.average) if coord.average is not None else 0
                 report, states[pid] = run_session(config, pid, 2, states.get(pid), message, history, coord.average)
                 up_msgs += SCALAR * sum(len(s) + len(g) for s, g in zip(report["seeds"], report["grads"]))
-                if config["bottoms"] == "synced" and coord.client_order == "fo":
-                    report["weights"] = states[pid].weights
-                    up_msgs += weights_bytes(states[pid].weights)
+                if "weights" in report:
+                    up_msgs += weights_bytes(report["weights"])
                 coord.finish_train(session, report)
                 reports.append(report)
                 synced[pid] = rnd - 1
+            coord.sync(rnd, reports)
             coord.record_round(rnd, reports, [], None, 0.0)
             steps = sum(r["steps"] for r in reports)
             per_round.append(

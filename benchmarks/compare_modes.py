@@ -56,8 +56,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         config = make_config({**base, **parse_overrides(per_mode.get(mode, [])), "mode": mode})
         results = run(config, Path(args.out) / mode)
-        if not rows:
-            untrained = results["eval"]["history"][0]
+        untrained = [e for e in results["eval"]["history"] if e["round"] == 0]  # eval-untrained = true
+        if not rows and untrained:
+            untrained = untrained[0]
             rows.append(
                 {
                     "mode": "untrained",
@@ -69,7 +70,7 @@ def main() -> None:
                     "sps": "-",
                 }
             )
-        test = results["eval"].get("test", {}).get("accuracy")
+        test = (results["eval"].get("test") or {}).get("accuracy")
         rows.append(
             {
                 "mode": mode,

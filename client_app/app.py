@@ -93,13 +93,10 @@ def train(msg: Message, context: Context) -> Message:
         log.debug(traceback.format_exc())
         return _error_reply(msg, context, err)
     _save_state(context, state)
-    content = RecordDict(
-        {
-            "report": ConfigRecord({"ok": True, **report_to_record(report)}),
-        }
-    )
-    if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg of weights
-        content["weights"] = ArrayRecord({k: v.contiguous() for k, v in state.weights.items()})
+    weights = report.pop("weights", None)  # synced FO clients: their bottom, for the server's average
+    content = RecordDict({"report": ConfigRecord({"ok": True, **report_to_record(report)})})
+    if weights is not None:
+        content["weights"] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
     return Message(content, reply_to=msg)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.client_party import Link, SplitClient
-from fl_app.config import Config, FederationSettings, RunSettings
+from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
@@ -69,8 +69,8 @@ def _load_view(config: Config) -> Config:
     every other setting at its default, so a tuning trial's learning rate does not reload."""
     return Config(
         run=RunSettings(seed=config.run.seed),
-        model=config.model,
-        data=config.data,
+        model=dataclasses.replace(config.model, server_params=ModelSettings.server_params),
+        data=dataclasses.replace(config.data, batch_size=DataSettings.batch_size),  # batches are cut per session
         federation=FederationSettings(num_clients=config.federation.num_clients),
     )
 
@@ -196,7 +196,8 @@ def run_session(
     :data:`fl_app.subset.PLANS`: full data, warm start, a new random / gradmatch subset, or keep).
     ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
     ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
-    ``link`` reaches the server (default: the step stream the session names).
+    ``link`` reaches the server (default: the step stream the session names). Synced FO clients
+    also report their ``weights`` (for the server's average).
     """
     plan = str(session.get("subset", "full"))
     if plan not in PLANS:
@@ -254,6 +255,8 @@ def run_session(
         subset_ids=list(subset.batch_ids) if subset else [],
         subset_weights=list(subset.weights) if subset else [],
     )
+    if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
+        report["weights"] = new_state.weights
     return report, new_state
 
 

@@ -177,7 +177,7 @@ class Coordinator:
         evaluation: dict[str, Any] | None,
         seconds: float,
     ) -> dict[str, Any]:
-        """Fold one round's reports into the results, the synced history / average, and checkpoint."""
+        """Fold one round's reports into the results and checkpoint (after :meth:`sync`)."""
         for rep in sorted(reports, key=lambda r: r["partition-id"]):
             self.results["parameters"]["client"] = {
                 "params": rep["bottom-params"],
@@ -197,10 +197,6 @@ class Coordinator:
             self.results["step_seconds"] += rep["step-seconds"]
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
-            if self.config.federation.bottoms == "synced" and self.client_order == "zo":
-                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"], rep.get("rows"))
-        if self.config.federation.bottoms == "synced" and self.client_order == "fo":
-            self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
         losses = [loss for rep in reports for loss in rep["losses"]]
         entry = {
             "round": rnd,
@@ -223,6 +219,17 @@ class Coordinator:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})
         self.checkpoint(rnd)
         return entry
+
+    def sync(self, rnd: int, reports: list[dict[str, Any]]) -> None:
+        """Synced bottoms: add the round's ZO steps to the history, or average the FO clients'
+        weights, before the round is evaluated (so evaluation sees this round's updates)."""
+        if self.config.federation.bottoms != "synced":
+            return
+        if self.client_order == "zo":
+            for rep in sorted(reports, key=lambda r: r["partition-id"]):
+                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"], rep.get("rows"))
+        else:
+            self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
 
     def take_selections(self) -> list[dict[str, float]]:
         """The server's GradMatch selection diagnostics since the last call."""
@@ -255,8 +262,9 @@ class Coordinator:
             self.results["client"]["seconds_per_step"] = self.results["step_seconds"] / len(history)
             self.results["comm"]["train_bytes_up_per_step"] = sum(h["bytes_up"] for h in history) / len(history)
             self.results["comm"]["train_bytes_down_per_step"] = sum(h["bytes_down"] for h in history) / len(history)
-        if self.results["eval"]["history"]:
-            self.results["eval"]["accuracy"] = self.results["eval"]["history"][-1]["accuracy"]
+        trained = [e for e in self.results["eval"]["history"] if e["round"] > 0]  # not the untrained baseline
+        if trained:
+            self.results["eval"]["accuracy"] = trained[-1]["accuracy"]
         self.results["wall_seconds"] = time.perf_counter() - self.started
         path = self.out_dir / "results.json"
         if status == "finished" and self.results["rounds"]:

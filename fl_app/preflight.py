@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 
 from fl_app.config import Config
-from fl_app.data import partition, sample_splits
 from fl_app.models import check_cut, model_layers
-from fl_app.tasks import get_task
+from fl_app.scenario import sample_and_partition
 
 
 def check_model(config: Config) -> None:
@@ -21,22 +20,7 @@ def check_model(config: Config) -> None:
 
 def check_data(config: Config) -> None:
     """The task's data reads and can be split among ``num-clients`` as the run will split it."""
-    splits = sample_splits(
-        get_task(config.data.task),
-        config.data.n_train,
-        config.data.n_dev,
-        config.data.n_test,
-        seed=config.run.seed,
-        source=config.data.source,
-        data_dir=config.data.dir or None,
-    )
-    partition(
-        [ex.label for ex in splits["train"]],
-        config.federation.num_clients,
-        scheme=config.data.partition,
-        alpha=config.data.dirichlet_alpha,
-        seed=config.run.seed,
-    )
+    sample_and_partition(config)
 
 
 def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:
@@ -51,8 +35,8 @@ def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:
 
 
 def check_scenario(config: Config, data: bool = True) -> None:
-    """The model and, unless ``data=False`` (a server whose clients hold the data), the data."""
-    get_task(config.data.task)
+    """The model and, unless ``data=False`` (a server whose clients hold the data), the data (the
+    task itself was checked by make_config)."""
     check_model(config)
     if data:
         check_data(config)

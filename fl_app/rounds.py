@@ -20,13 +20,14 @@ from typing import Any, Protocol
 
 import torch
 
-from fl_app.client_session import History
 from fl_app.coordinator import Coordinator, waves
+from fl_app.records import History
 from fl_app.stream import Session
 from fl_app.subset import round_plan
 from fl_app.tuning import plot_history, run_study, warm_rounds
 
 log = logging.getLogger("hosl.rounds")
+NO_REPLY = "no reply before round-timeout"
 
 
 @dataclass
@@ -81,7 +82,7 @@ def train_round(
         )
         for session, request in opened:
             pid = request.partition_id
-            reply = replies.get(pid, SessionReply(None, "no reply before round-timeout"))
+            reply = replies.get(pid, SessionReply(None, NO_REPLY))
             if coord.finish_train(session, reply.report, reply.reason):
                 reports.append(reply.report)
                 synced[pid] = rnd - 1
@@ -111,7 +112,7 @@ def evaluate_round(
         )
         for session, request in opened:
             coord.finish_eval(session)
-            reply = replies.get(request.partition_id, SessionReply(None, "no reply before round-timeout"))
+            reply = replies.get(request.partition_id, SessionReply(None, NO_REPLY))
             if reply.report is None:
                 log.warning("round %d: evaluation by client %d failed: %s", rnd, request.partition_id, reply.reason)
             elif reply.report.get("count"):
@@ -132,6 +133,7 @@ def run_round(
     """Train one round, evaluate on dev if asked, record and print it; returns the round's entry."""
     started = time.perf_counter()
     reports, dropped = train_round(fed, coord, partitions, rnd, synced, plan)
+    coord.sync(rnd, reports)
     clients = sorted(r["partition-id"] for r in reports)
     evaluation = evaluate_round(fed, coord, rnd, clients, synced, "dev") if evaluate else None
     entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
@@ -185,15 +187,13 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
         coord.results["tuning"] = tuning
         selector = "full"
     final_started = time.perf_counter()
-    untrained = (
-        evaluate_round(fed, coord, 0, coord.select(partitions, 1), synced, "dev") if config.eval.untrained else None
-    )
-    if untrained is not None and untrained["count"]:
-        coord.results["eval"]["history"].append({"round": 0, **untrained})
-        print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
-    rnd = 0
-    for index in range(1, config.federation.num_rounds + 1):
-        rnd = next(rounds)
+    numbers = [next(rounds) for _ in range(config.federation.num_rounds)]  # after tuning's rounds
+    if config.eval.untrained:  # the baseline, scored by the clients round 1 selects
+        untrained = evaluate_round(fed, coord, 0, coord.select(partitions, numbers[0]), synced, "dev")
+        if untrained is not None and untrained["count"]:
+            coord.results["eval"]["history"].append({"round": 0, **untrained})
+            print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
+    for index, rnd in enumerate(numbers, start=1):
         plan = round_plan(selector, index, config.subset.reselect_every, warm)
         run_round(
             fed,
@@ -214,7 +214,7 @@ def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
             "params": coord.overrides,
             "rounds": config.federation.num_rounds,
             "seconds": time.perf_counter() - final_started,
-            "dev_accuracy": coord.results["eval"].get("history", [{}])[-1].get("accuracy"),
+            "dev_accuracy": coord.results["rounds"][-1]["accuracy"],  # the last round always evaluates
             "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy"),
         }
     path = coord.write_results(status="finished")

@@ -1,7 +1,8 @@
 """Build everything a scenario needs from its config: data, split model, client and server parties.
 
-The local runner and the Flower apps call the same functions, so a client built here and one
-built inside a Flower ClientApp are the same object with the same seeds.
+Client sessions (under Flower or the local runner) and the coordinator build their parties here, so
+every runner's client and server are the same objects with the same seeds; tests and benchmarks
+also build both parties in one process (:func:`load_split`, :func:`build_client`).
 """
 
 from __future__ import annotations
@@ -39,12 +40,17 @@ def client_seed(config: Config, index: int) -> int:
     return config.run.seed * 100_003 + index + 1
 
 
-def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
-    """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
+def sample_and_partition(config: Config) -> tuple[dict[str, list[Example]], list[list[int]]]:
+    """The sampled train/dev/test splits and the train split's partition among ``num-clients``."""
     data, seed = config.data, config.run.seed
-    task = get_task(data.task)
     splits = sample_splits(
-        task, data.n_train, data.n_dev, data.n_test, seed=seed, source=data.source, data_dir=data.dir or None
+        get_task(data.task),
+        data.n_train,
+        data.n_dev,
+        data.n_test,
+        seed=seed,
+        source=data.source,
+        data_dir=data.dir or None,
     )
     parts = partition(
         [ex.label for ex in splits["train"]],
@@ -53,8 +59,15 @@ def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
         alpha=data.dirichlet_alpha,
         seed=seed,
     )
+    return splits, parts
+
+
+def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
+    """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
+    task = get_task(config.data.task)
+    splits, parts = sample_and_partition(config)
     kind = "classification" if loaded.kind == "encoder" else "prompted"
-    encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=data.max_length)
+    encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=config.data.max_length)
     return TaskData(task, splits, parts, encoder)
 
 

@@ -73,7 +73,7 @@ class InProcessFederation:
                     )
             except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
                 log.warning("client %d's %s session failed", pid, kind, exc_info=True)
-                replies[pid] = SessionReply(None, f"client error: {type(err).__name__}: {err}")
+                replies[pid] = SessionReply(None, f"{type(err).__name__}: {err}")  # as a ClientApp's error reply
             else:
                 replies[pid] = SessionReply(report)
         return replies

@@ -2,7 +2,7 @@
 split model for a few rounds on each client's data subsets, reporting dev accuracy every round
 so a Hyperband or ASHA pruner can stop poor trials early.
 
-Flower-free: the ServerApp passes a function that runs one round of the live federation.
+Flower-free: :func:`fl_app.rounds.tune` passes a function that runs one round of the federation.
 """
 
 from __future__ import annotations

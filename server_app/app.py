@@ -26,7 +26,7 @@ from fl_app.coordinator import Coordinator
 from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
 from fl_app.records import history_to_record, report_from_record
-from fl_app.rounds import SessionReply, SessionRequest
+from fl_app.rounds import NO_REPLY, SessionReply, SessionRequest
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
@@ -95,7 +95,7 @@ def probe_message_rtt(grid: Grid, node_id: int, count: int) -> list[float]:
 
 def _reply_report(reply: Message | None) -> tuple[dict[str, Any] | None, str]:
     if reply is None:
-        return None, "no reply before round-timeout"
+        return None, NO_REPLY
     if reply.has_error():
         return None, f"client error: {reply.error.reason}"
     report = dict(reply.content.config_records["report"])

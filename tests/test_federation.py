@@ -43,6 +43,7 @@ def session_round(c, rnd, clients, states):
         report, states[pid] = run_session(c.config, pid, 3, states.get(pid), message, history)
         assert c.finish_train(session, report)
         reports.append(report)
+    c.sync(rnd, reports)
     c.record_round(rnd, reports, [], None, 0.0)
     return reports
 

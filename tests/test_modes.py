@@ -363,3 +363,15 @@ print(rss() - base)
         for flag in ("0", "1")
     }
     assert kept["0"] > 40 and kept["1"] < 10, kept
+
+
+@pytest.mark.parametrize("mode", ["hosl", "fo-fo"])
+def test_local_runner_runs_synced_bottoms(tmp_path, mode):
+    """Synced bottoms through the local runner: ZO clients replay the history, FO clients report their
+    weights for the server's average (the ClientApp sends them as an ArrayRecord)."""
+    config = make_config({**read_scenario(SMOKE), "mode": mode, "bottoms": "synced", "client-lr": 1e-3})
+    results = run(config, tmp_path)
+    assert [r["clients"] for r in results["rounds"]] == [[0, 1], [0, 1]] and not any(
+        r["dropped"] for r in results["rounds"]
+    )
+    assert all(r["accuracy"] is not None for r in results["rounds"]) and results["eval"]["test"]["count"] == 32
