@@ -19,7 +19,7 @@ import torch
 
 from fl_app.checkpoint import save_checkpoint, write_json_atomic
 from fl_app.config import Config
-from fl_app.metrics import pool_eval
+from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
 from fl_app.records import History
@@ -120,7 +120,7 @@ class Coordinator:
     def _rollback(self, session: Session) -> None:
         with self.lock:
             self.server.discard_parts(session.token)
-            if self.server.ledger.rollback(session.token):
+            if self.server.rollback(session.token):
                 log.warning("rolled back the server updates of client %s's partial session", session.client_id)
 
     def select(self, partition_ids: list[int], rnd: int) -> list[int]:
@@ -156,15 +156,23 @@ class Coordinator:
         """Commit a session's updates if the client reported success, otherwise roll them back."""
         if report is None or session.status != "open":
             self.stream.fail(session, reason or session.reason or "no report")
-            self.stream.close_session(session)
+            self._end(session)
             return False
         with self.lock:
             self.server.ledger.commit(session.token)
-        self.stream.close_session(session)
+        self._end(session)
         return True
 
     def finish_eval(self, session: Session) -> None:
+        self._end(session)
+
+    def _end(self, session: Session) -> None:
+        """Close a session and free what the server buffered for it (streamed parts, proxies), on
+        every end: a client that closes cleanly mid-step leaves nothing behind."""
         self.stream.close_session(session)
+        with self.lock:
+            self.server.discard_parts(session.token)
+        release_freed_memory()
 
     def expire_idle(self) -> list[Session]:
         return self.stream.expire_idle(self.config.federation.step_timeout)

@@ -291,6 +291,11 @@ class ServerTop(nn.Module):
             # LM head keeps the weight; an untied top drops it (not kept, counted or perturbed).
             body.embed_tokens = None
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of a decoder's LM head (the token ids a request may score); None for encoders."""
+        return None if self.family == "bert" else self.model.lm_head.weight.shape[0]
+
     def hidden(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states (after the last norm) of the top layers."""
         out = self._body(inputs_embeds=hidden_states, attention_mask=attention_mask, use_cache=False)

@@ -244,11 +244,16 @@ def step_weight(req: StepRequest) -> float:
 
 
 def validate_request(
-    req: StepRequest, hidden_size: int, num_classes: int | None = None, streamed: bool = False
+    req: StepRequest,
+    hidden_size: int,
+    num_classes: int | None = None,
+    streamed: bool = False,
+    vocab_size: int | None = None,
 ) -> None:
     """Check every field's dtype, shape and values against the server's model; raise ProtocolError.
 
-    ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts."""
+    ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts.
+    ``vocab_size``: a decoder's LM-head rows, the range of ``score_ids`` and ``target_ids``."""
     _expect(req.kind in STEP_KINDS, f"field 'kind' is '{req.kind}', expected one of {STEP_KINDS}")
     step_weight(req)
     if req.kind == "proxy":
@@ -291,6 +296,10 @@ def validate_request(
             f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch",
         )
         classes = ids.shape[1]
+        _expect(
+            vocab_size is None or bool(((ids >= 0) & (ids < vocab_size)).all()),
+            f"field 'score_ids' has token ids outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
+        )
     elif req.target_ids is not None:
         tgt = req.target_ids
         _expect(
@@ -299,6 +308,11 @@ def validate_request(
             f"of batch {batch}",
         )
         classes = rows // batch
+        real = tgt[tgt != -100]
+        _expect(
+            vocab_size is None or bool(((real >= 0) & (real < vocab_size)).all()),
+            f"field 'target_ids' has token ids outside [0, {vocab_size}) (or -100 for no target)",
+        )
         _expect(
             bool((tgt[:, 1:] != -100).any(1).all()),
             "field 'target_ids' has a row with no target token after position 0",

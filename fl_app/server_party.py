@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,43 +38,80 @@ class ServerOptimConfig(OptimSettings):
 
 
 class UpdateLedger:
-    """What each open session's steps changed in the server's trainable weights.
+    """What each open session's steps changed in the server's trainable state: the weights and the
+    optimiser's state (Adam's moments and step counts), so a failed session can be undone.
 
-    A session that fails is rolled back (its applied deltas subtracted), so the shared top keeps
-    no partial update from a dropped client; a finished session is committed (record dropped).
+    Rollback: if no other session stepped since the failed one's first step, the state from before
+    that step is restored exactly (the server is as if the session never ran, its step counter
+    included); otherwise the session's own deltas are subtracted and the other sessions' updates
+    stay. A finished session is committed (its record dropped).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None = None):
+        self.params, self.optimizer = params, optimizer
         self.deltas: dict[str, list[torch.Tensor]] = {}
+        self.snapshots: dict[str, tuple[int, list[torch.Tensor], dict[str, Any] | None, Any]] = {}
+        self.steps_recorded = 0  # over all sessions
+        self.session_steps: dict[str, int] = {}
 
-    def track(self, key: str):
-        """Snapshot before a step; call the returned function after the step to record its delta."""
+    def _optimizer_tensors(self) -> list[tuple[torch.nn.Parameter, str, torch.Tensor]]:
+        if self.optimizer is None:
+            return []
+        return [
+            (p, name, value)
+            for p in self.params
+            for name, value in sorted(self.optimizer.state.get(p, {}).items())
+            if torch.is_tensor(value)
+        ]
+
+    def track(self, key: str, extra: Any = None):
+        """Snapshot before a step (``extra``: a value the owner wants back on an exact rollback, e.g.
+        its step counter); call the returned function after the step to record its delta."""
         before = [p.detach().clone() for p in self.params]
+        opt_before = {(id(p), name): v.clone() for p, name, v in self._optimizer_tensors()}
+        if key not in self.snapshots:
+            state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+            self.snapshots[key] = (self.steps_recorded, [b.clone() for b in before], state, extra)
 
         def done() -> None:
             with torch.no_grad():
                 steps = [p.detach() - b for p, b in zip(self.params, before)]
-                if key in self.deltas:
-                    for acc, d in zip(self.deltas[key], steps):
-                        acc.add_(d)
-                else:
-                    self.deltas[key] = steps
+                for p, name, value in self._optimizer_tensors():
+                    start = opt_before.get((id(p), name))
+                    steps.append(value - start if start is not None else value.clone())  # fresh state starts at 0
+                acc = self.deltas.setdefault(key, [torch.zeros_like(d) for d in steps])
+                acc.extend(torch.zeros_like(d) for d in steps[len(acc) :])  # state created by this step
+                for total, d in zip(acc, steps):
+                    total.add_(d)
+            self.steps_recorded += 1
+            self.session_steps[key] = self.session_steps.get(key, 0) + 1
 
         return done
 
     def commit(self, key: str) -> None:
         self.deltas.pop(key, None)
+        self.snapshots.pop(key, None)
+        self.session_steps.pop(key, None)
 
     @torch.no_grad()
-    def rollback(self, key: str) -> bool:
-        """Undo ``key``'s updates; True if there was anything to undo."""
-        deltas = self.deltas.pop(key, None)
-        if deltas is None:
-            return False
-        for p, d in zip(self.params, deltas):
-            p.sub_(d)
-        return True
+    def rollback(self, key: str) -> tuple[bool, Any]:
+        """Undo ``key``'s updates; (anything undone, the ``extra`` of its first step if the restore was exact)."""
+        deltas, snapshot = self.deltas.pop(key, None), self.snapshots.pop(key, None)
+        steps = self.session_steps.pop(key, 0)
+        if snapshot is None:
+            return False, None
+        started_at, weights, state, extra = snapshot
+        if self.steps_recorded - started_at == steps:  # nobody else stepped in between: restore exactly
+            for p, w in zip(self.params, weights):
+                p.copy_(w)
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state)
+            self.steps_recorded = started_at
+            return True, extra
+        opt = self._optimizer_tensors()
+        for target, d in zip([p.detach() for p in self.params] + [v for _, _, v in opt], deltas or []):
+            target.sub_(d)
+        return True, None
 
 
 @dataclass
@@ -104,7 +143,6 @@ class SplitServer:
     ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.steps = 0
-        self.ledger = UpdateLedger(params)
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch proxies per session and batch
         self.selections: list[dict[str, float]] = []  # per GradMatch selection: its error vs random subsets'
@@ -114,6 +152,15 @@ class SplitServer:
         else:
             self.optimizer = None
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
+        self.ledger = UpdateLedger(params, self.optimizer)
+
+    def rollback(self, session: str) -> bool:
+        """Undo a failed session's updates (weights, optimiser state; the step counter too when no
+        other session stepped since); True if it had any."""
+        undone, steps_before = self.ledger.rollback(session)
+        if steps_before is not None:
+            self.steps = steps_before
+        return undone
 
     def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes | None:
         """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input).
@@ -161,7 +208,7 @@ class SplitServer:
         if head is not None:
             if key in self.pending:
                 raise ProtocolError("a perturbed part announced a new step before the previous one finished")
-            validate_request(head, self.top.hidden_size, self.num_classes)
+            validate_request(head, self.top.hidden_size, self.num_classes, vocab_size=self.top.vocab_size)
             self.pending[key] = PendingStep(head)
         pending = self.pending.get(key)
         if pending is None:
@@ -246,7 +293,9 @@ class SplitServer:
         """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
         last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
         ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
-        validate_request(req, self.top.hidden_size, self.num_classes, streamed=scored is not None)
+        validate_request(
+            req, self.top.hidden_size, self.num_classes, streamed=scored is not None, vocab_size=self.top.vocab_size
+        )
         perturbed_losses = self.score_perturbed(req, req.perturbed) if req.perturbed is not None else scored
         clean = req.clean.float()
         if req.kind == "proxy":
@@ -265,7 +314,7 @@ class SplitServer:
             correct = int((scores.argmax(1) == req.labels).sum())
             return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
         self.steps += 1
-        record = self.ledger.track(session) if session is not None and self.params else None
+        record = self.ledger.track(session, extra=self.steps - 1) if session is not None and self.params else None
         if self.zo is not None:
             loss, grad = self._zo_step(clean, req), None
         else:

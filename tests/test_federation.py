@@ -185,3 +185,25 @@ def test_abrupt_disconnect_drops_session_and_rolls_back(coord):
         time.sleep(0.05)
     assert session.status == "failed" and "disconnected" in session.reason
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
+
+
+def test_every_end_of_a_session_frees_what_the_server_buffered_for_it(coord):
+    """A client that streamed perturbed parts and then closed cleanly, or failed, mid-step leaves no
+    buffered activation on the server."""
+    from fl_app.local_transport import InProcessLink
+    from fl_app.scenario import build_client, build_server, load_split, load_task_data
+
+    c = coord()
+    loaded, bottom, top = load_split(c.config)
+    data = load_task_data(c.config, loaded)
+    recorder = InProcessLink(build_server(c.config, top, 2).handle_bytes, threaded=False, record=True)
+    build_client(c.config, bottom, 0).train_step(
+        BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0), recorder
+    )
+    part = recorder.frames[0]  # the step's first perturbed part: the server buffers it until its partner
+    for ending in ("clean", "failed"):
+        session, _ = c.open(0, 1)
+        c.handle(session.token, part)
+        assert session.token in c.server.pending
+        c.finish_train(session, {"steps": 0} if ending == "clean" else None, "test")
+        assert session.token not in c.server.pending and session.token not in c.server.proxies

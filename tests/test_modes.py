@@ -1,5 +1,6 @@
 """Each training mode lowers the loss; the runner writes the promised results; accounting is real."""
 
+import copy
 import json
 import threading
 
@@ -375,3 +376,60 @@ def test_local_runner_runs_synced_bottoms(tmp_path, mode):
         r["dropped"] for r in results["rounds"]
     )
     assert all(r["accuracy"] is not None for r in results["rounds"]) and results["eval"]["test"]["count"] == 32
+
+
+def _server_state(server):
+    weights = [p.detach().clone() for p in server.params]
+    state = copy.deepcopy(server.optimizer.state_dict()) if server.optimizer is not None else None
+    return weights, state, server.steps
+
+
+def _same_state(a, b) -> bool:
+    (wa, sa, na), (wb, sb, nb) = a, b
+    if na != nb or not all(torch.equal(x, y) for x, y in zip(wa, wb)):
+        return False
+    if sa is None:
+        return sb is None
+    flat = lambda sd: [(i, k, v) for i, st in sorted(sd["state"].items()) for k, v in sorted(st.items())]  # noqa: E731
+    return [(i, k) for i, k, _ in flat(sa)] == [(i, k) for i, k, _ in flat(sb)] and all(
+        torch.equal(x, y) for (_, _, x), (_, _, y) in zip(flat(sa), flat(sb))
+    )
+
+
+@pytest.mark.parametrize("mode", ["hosl", "fo-fo", "zo-zo"])
+def test_a_dropped_session_leaves_the_server_as_if_it_never_ran(mode):
+    """Rollback restores the weights, the optimiser (Adam's moments and step counts) and the step
+    counter: after a dropped session, the next session's step gives bit-identical results to a
+    server that never saw it. Sessions that interleave keep the others' updates."""
+    over = {"mode": mode, "server-optimizer": "adam", "zo-queries": 2}
+    config, client, server, data = parties(**over)
+    stream = BatchStream(data.encoder, data.client_examples(0), 8, 0)
+    link = InProcessLink(server.handle_bytes, threaded=False, record=True)
+    client.train_step(stream.batch(0), link)  # a first step outside any session, so Adam has state
+    frames, before = list(link.frames), _server_state(server)
+    for payload in frames:  # the same step again inside session "gone", which is then dropped
+        server.handle_bytes(payload, session="gone")
+    assert not _same_state(_server_state(server), before)
+    assert server.rollback("gone") and _same_state(_server_state(server), before)
+    reference = parties(**over)[2]
+    for payload in frames:
+        reference.handle_bytes(payload)
+    after_ref = [reference.handle_bytes(p) for p in frames]
+    after = [server.handle_bytes(p) for p in frames]
+    assert after == after_ref  # replies byte for byte
+    assert _same_state(_server_state(server), _server_state(reference))
+
+
+@pytest.mark.parametrize("bad", [10**9, -1000])
+def test_out_of_vocabulary_score_ids_are_refused_naming_the_field(bad):
+    """A decoder request's candidate token ids must index the server's LM head."""
+    from fl_app.protocol import ProtocolError, decode_frame
+
+    config, client, server, data = parties(mode="fo-fo")
+    link = InProcessLink(server.handle_bytes, threaded=False, record=True)
+    client.train_step(BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0), link)
+    request = decode_frame(link.frames[-1])
+    assert request.score_ids is not None and server.top.vocab_size > int(request.score_ids.max())
+    request.score_ids[0, 0] = bad
+    with pytest.raises(ProtocolError, match=r"field 'score_ids' has token ids outside \[0, "):
+        server.handle(request)

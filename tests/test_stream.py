@@ -98,9 +98,9 @@ def test_ledger_rolls_back_only_the_failed_session():
             w.add_(delta)
         done()
     assert w.tolist() == [13.0] * 3
-    assert ledger.rollback("a") and w.tolist() == [10.0] * 3
+    assert ledger.rollback("a") == (True, None) and w.tolist() == [10.0] * 3  # interleaved: a's deltas subtracted
     ledger.commit("b")
-    assert not ledger.rollback("b") and w.tolist() == [10.0] * 3
+    assert ledger.rollback("b") == (False, None) and w.tolist() == [10.0] * 3
 
 
 def test_tls_stream_with_self_signed_certificates(tmp_path):
@@ -122,3 +122,21 @@ def test_tls_stream_with_self_signed_certificates(tmp_path):
         plain.close()
     finally:
         srv.stop()
+
+
+def test_ledger_subtracts_an_interleaved_sessions_optimizer_state():
+    """With another session's steps in between, rollback subtracts the failed session's own deltas
+    from the weights and from Adam's state: its step count goes back to the other session's."""
+    w = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([w], lr=0.1)
+    ledger = UpdateLedger([w], adam)
+    for key in ("a", "b", "a"):
+        done = ledger.track(key)
+        w.grad = torch.ones(3)
+        adam.step()
+        done()
+    assert float(adam.state[w]["step"]) == 3
+    weights_before = w.detach().clone()
+    assert ledger.rollback("a") == (True, None)  # not exact: b stepped in between
+    assert float(adam.state[w]["step"]) == 1 and not torch.equal(w.detach(), weights_before)
+    assert ledger.rollback("b")[0] and ledger.rollback("b") == (False, None)
