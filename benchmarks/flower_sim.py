@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -47,6 +48,24 @@ def stop(pids: list[int], wait: float = 10) -> None:
         time.sleep(0.2)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private_superlink_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for a `flwr run` whose local SuperLink is this run's alone: its own FLWR_HOME and
+    ports (Flower's defaults, 39091 and 39093, are shared by every user of the machine), and no
+    per-run dependency installation."""
+    return {
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+
+
 def finished_results(out: Path, log: str = "", timeout: float = 300) -> dict:
     """The run's results.json once its status is "finished" (`flwr run --stream` can return early
     when its log stream attaches late; the run itself goes on in the background)."""
@@ -71,7 +90,7 @@ def run_simulation(
     home = Path(tempfile.mkdtemp(prefix="hosl-bench-"))
     cfg = home / "run.toml"
     cfg.write_text(merge_scenario(scenario, overrides))
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, **private_superlink_env(home)}
     try:
         proc = subprocess.run(
             [

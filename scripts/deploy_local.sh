@@ -68,11 +68,13 @@ EOF
 python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
 ARGS=(run . deploy --stream --run-config "$FLWR_HOME/run-config.toml")
 # Wait for the SuperLink to accept connections (a loaded machine can take far longer than a few seconds).
+LINK_UP=""
 for _ in $(seq 1 240); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { LINK_UP=1; break; }
   kill -0 "${PIDS[0]}" 2>/dev/null || { echo "SuperLink exited; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }
   sleep 0.5
 done
+[ -n "$LINK_UP" ] || { echo "SuperLink not accepting connections on 127.0.0.1:$PORT after 120 s; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }
 sleep 2  # let the SuperNodes register
 echo "SuperLink 127.0.0.1:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
 flwr "${ARGS[@]}" 2>&1 | tee "$FLWR_HOME/logs/run.log"

@@ -5,14 +5,13 @@ background SuperLink that `flwr run` starts for local simulation (found by its F
 """
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.flower_sim import finished_results, stop, superlink_pids
+from benchmarks.flower_sim import finished_results, free_port, private_superlink_env, stop, superlink_pids
 from fl_app.config import make_config, merge_scenario, read_scenario
 from fl_app.train import run
 
@@ -20,24 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.flower
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def flwr_env(tmp_path):
+    """Its own FLWR_HOME and its own local SuperLink ports, so it never meets (or stops) a SuperLink
+    that other runs on this machine started; afterwards the SuperLink it started is stopped."""
     home = tmp_path / "flwr_home"
     home.mkdir()
-    if port_in_use(39091):  # a SuperLink left by an earlier `flwr run` would run our app in its own environment
-        stop(superlink_pids())
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, **private_superlink_env(home)}
     yield env
     stop(superlink_pids(home))
 
