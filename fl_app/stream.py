@@ -2,7 +2,8 @@
 
 Each request frame is a serialised :class:`~fl_app.protocol.StepRequest`, each response a
 :class:`~fl_app.protocol.StepReply`. A stream must present the session's secret token as
-metadata; unknown tokens are rejected with UNAUTHENTICATED. Frames above the size limit are
+metadata; unknown or closed tokens, and a second stream on a token that already has one (a
+session has exactly one stream, once), are rejected with UNAUTHENTICATED and logged. Frames above the size limit are
 refused by gRPC itself; malformed frames end that session with INVALID_ARGUMENT while the
 server keeps serving the others. TLS is used when a certificate and key are given.
 """
@@ -166,11 +167,19 @@ class StepStreamServer(SessionTable):
         updates are rolled back while other sessions go on.
         """
         token = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
-        with self._lock:
+        with self._lock:  # a session has one stream, once: a second or later stream on its token is refused
             session = self.sessions.get(token)
-        if session is None or session.status != "open":
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or closed session token")
-        session.context = context
+            refused = session is None or session.status != "open" or session.context is not None
+            if not refused:
+                session.context = context
+        if refused:
+            why = (
+                "unknown or closed session token"
+                if session is None or session.status != "open"
+                else ("session token already has its stream")
+            )
+            log.warning("refused a step stream from %s: %s", context.peer(), why)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         session.last_activity = time.monotonic()
         ended_cleanly = False
 

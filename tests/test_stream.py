@@ -140,3 +140,21 @@ def test_ledger_subtracts_an_interleaved_sessions_optimizer_state():
     assert ledger.rollback("a") == (True, None)  # not exact: b stepped in between
     assert float(adam.state[w]["step"]) == 1 and not torch.equal(w.detach(), weights_before)
     assert ledger.rollback("b")[0] and ledger.rollback("b") == (False, None)
+
+
+def test_a_session_token_opens_one_stream_only(server):
+    """A copied token cannot open a second stream beside the client's, nor a new one after it closed."""
+    session = server.open_session("c0")
+    client = StepStreamClient(server.address, session.token)
+    assert client.exchange(b"abc") == b"cba"
+    intruder = StepStreamClient(server.address, session.token)
+    with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*already has its stream"):
+        intruder.exchange(b"evil")
+    intruder.close()
+    assert client.exchange(b"xyz") == b"zyx" and session.status == "open"  # the client's stream goes on
+    client.close()
+    late = StepStreamClient(server.address, session.token)
+    with pytest.raises(ConnectionError, match="UNAUTHENTICATED"):
+        late.exchange(b"again")
+    late.close()
+    assert session.steps == 2
