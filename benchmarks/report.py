@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from fl_app.coordinator import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,23 +20,13 @@ def provenance() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    import torch
-
     dirty = git("status", "--porcelain", "--untracked-files=no")
     commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    return {
-        "commit": commit,
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    return {"commit": commit, **machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def write_report(stem: Path | str, markdown: str, data: Any) -> tuple[Path, Path]:
-    """``stem.md`` (the markdown under a provenance line) and ``stem.json`` (``data`` with it)."""
+    """``stem.md`` (the markdown, then a provenance line) and ``stem.json`` (``data`` with the provenance)."""
     stem, stamp = Path(stem), provenance()
     stem.parent.mkdir(parents=True, exist_ok=True)
     line = ", ".join(f"{k} {v}" for k, v in stamp.items())

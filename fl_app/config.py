@@ -333,15 +333,20 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def scenario_config(path: str | Path | None, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The scenario file (if any) updated with ``key=value`` overrides, validated; and the keys they set."""
+    raw = {**(read_scenario(path) if path else {}), **parse_overrides(overrides)}
+    return make_config(raw), list(raw)
+
+
+def scenario_toml(config: Config, keys: list[str]) -> str:
+    """``keys`` of ``config`` as flat TOML (what ``flwr run --run-config`` reads)."""
+    return "".join(f"{key} = {toml_value(config[key])}\n" for key in keys)
+
+
 def merge_scenario(path: str | Path | None, overrides: list[str]) -> str:
     """A flat TOML text of the scenario file (if any) updated with ``key=value`` overrides, type-checked."""
-    raw = read_scenario(path) if path else {}
-    for key, value in parse_overrides(overrides).items():
-        if key not in DEFAULTS:
-            raise ValueError(f"unknown config key '{key}' (value {value!r})")
-        raw[key] = _coerce(key, value)
-    make_config(raw)
-    return "".join(f"{key} = {toml_value(value)}\n" for key, value in raw.items())
+    return scenario_toml(*scenario_config(path, overrides))
 
 
 def exit_with_error(message: str) -> NoReturn:
@@ -367,11 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     from fl_app.preflight import check_scenario  # loads torch and transformers: only when checking
 
     try:
-        text = merge_scenario(args.scenario, args.overrides)
-        check_scenario(make_config(tomllib.loads(text)), data=not args.no_data)
+        config, keys = scenario_config(args.scenario, args.overrides)
+        check_scenario(config, data=not args.no_data)
     except ValueError as err:
         exit_with_error(str(err))
-    sys.stdout.write(text)
+    sys.stdout.write(scenario_toml(config, keys))
 
 
 if __name__ == "__main__":

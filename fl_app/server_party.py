@@ -71,7 +71,7 @@ class UpdateLedger:
         opt_before = {(id(p), name): v.clone() for p, name, v in self._optimizer_tensors()}
         if key not in self.snapshots:
             state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
-            self.snapshots[key] = (self.steps_recorded, [b.clone() for b in before], state, extra)
+            self.snapshots[key] = (self.steps_recorded, before, state, extra)  # ``before`` is only ever read
 
         def done() -> None:
             with torch.no_grad():
@@ -79,10 +79,13 @@ class UpdateLedger:
                 for p, name, value in self._optimizer_tensors():
                     start = opt_before.get((id(p), name))
                     steps.append(value - start if start is not None else value.clone())  # fresh state starts at 0
-                acc = self.deltas.setdefault(key, [torch.zeros_like(d) for d in steps])
-                acc.extend(torch.zeros_like(d) for d in steps[len(acc) :])  # state created by this step
-                for total, d in zip(acc, steps):
-                    total.add_(d)
+                acc = self.deltas.get(key)
+                if acc is None:
+                    self.deltas[key] = steps
+                else:
+                    acc.extend(torch.zeros_like(d) for d in steps[len(acc) :])  # state created by this step
+                    for total, d in zip(acc, steps):
+                        total.add_(d)
             self.steps_recorded += 1
             self.session_steps[key] = self.session_steps.get(key, 0) + 1
 

@@ -19,7 +19,7 @@ from typing import Any
 from fl_app import rounds
 from fl_app.checkpoint import run_folder
 from fl_app.client_session import run_eval_session, run_session
-from fl_app.config import Config, exit_with_error, make_config, parse_overrides, read_scenario
+from fl_app.config import Config, exit_with_error, scenario_config
 from fl_app.coordinator import Coordinator
 from fl_app.local_transport import InProcessLink
 from fl_app.preflight import check_out_dir, check_scenario
@@ -47,30 +47,12 @@ class InProcessFederation:
             pid = request.partition_id
             config = self.coord.base_config.updated(request.overrides)
             link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
+            inputs = (config, pid, self.num_clients, self.states.get(pid), request.session, request.history)
             try:
                 if kind == "train":
-                    report, state = run_session(
-                        config,
-                        pid,
-                        self.num_clients,
-                        self.states.get(pid),
-                        request.session,
-                        request.history,
-                        request.average,
-                        link=link,
-                    )
-                    self.states[pid] = state
+                    report, self.states[pid] = run_session(*inputs, request.average, link=link)
                 else:
-                    report = run_eval_session(
-                        config,
-                        pid,
-                        self.num_clients,
-                        self.states.get(pid),
-                        request.session,
-                        request.history,
-                        request.average,
-                        link=link,
-                    )
+                    report = run_eval_session(*inputs, request.average, link=link)
             except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
                 log.warning("client %d's %s session failed", pid, kind, exc_info=True)
                 replies[pid] = SessionReply(None, f"{type(err).__name__}: {err}")  # as a ClientApp's error reply
@@ -100,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # every input checked before anything trains: one line and exit code 2 if not
-        config = make_config({**read_scenario(args.scenario), **parse_overrides(args.set)})
+        config, _ = scenario_config(args.scenario, args.set)
         check_scenario(config)
         out_dir = run_folder(args.out, config)
         check_out_dir(out_dir, "--out")

@@ -89,37 +89,26 @@ def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
     server = build_server(config(), top, 2)
     data = load_task_data(config(), loaded)
     batches = [data.encoder(data.splits["train"][i : i + 8]) for i in range(0, 48, 8)]
-    with torch.no_grad():
-        for index, batch in enumerate(batches[:5]):
-            hidden = bottom(batch["input_ids"], batch["attention_mask"])
-            server.handle_bytes(
-                StepRequest(
+
+    def send_proxies(count: int) -> None:
+        with torch.no_grad():
+            for index, batch in enumerate(batches[:count]):
+                hidden = bottom(batch["input_ids"], batch["attention_mask"])
+                request = StepRequest(
                     "proxy",
                     hidden,
                     batch["attention_mask"],
                     batch["labels"],
                     score_ids=batch["score_ids"],
                     meta={"batch": index},
-                ).to_bytes(),
-                "s",
-            )
+                )
+                server.handle_bytes(request.to_bytes(), "s")
+
+    send_proxies(5)
     with pytest.raises(ProtocolError, match="missing"):
         server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s")
     assert "s" not in server.proxies  # a failed selection forgets the session's proxies
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            hidden = bottom(batch["input_ids"], batch["attention_mask"])
-            server.handle_bytes(
-                StepRequest(
-                    "proxy",
-                    hidden,
-                    batch["attention_mask"],
-                    batch["labels"],
-                    score_ids=batch["score_ids"],
-                    meta={"batch": index},
-                ).to_bytes(),
-                "s",
-            )
+    send_proxies(len(batches))
     reply = StepReply.from_bytes(server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s"))
     assert 1 <= len(reply.batch_ids) <= 2 and (reply.batch_weights > 0).all()
     quality = server.selections[-1]
