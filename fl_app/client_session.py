@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +22,7 @@ from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batche
 from fl_app.client_party import Link, SplitClient
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
+from fl_app.frame_auth import read_key_file
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
 from fl_app.records import ClientState, History
@@ -143,13 +145,46 @@ class SessionLink(Link, Protocol):
     def close(self) -> None: ...
 
 
-def connect(session: Mapping[str, Any], config: Config) -> StepStreamClient:
-    """The step stream named in a session message, with the scenario's frame size limit."""
+@dataclass(frozen=True)
+class NodeSecrets:
+    """What a SuperNode's own config adds to reaching the step stream; never sent on the wire."""
+
+    key: bytes | None = None  # node config stream-key-file: this node's key (the server derives the same)
+    ca: bytes | None = None  # node config stream-ca: the only CA the node trusts for the step stream
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> NodeSecrets:
+        key_file, ca_file = str(node.get("stream-key-file", "")), str(node.get("stream-ca", ""))
+        try:
+            ca = Path(ca_file).read_bytes() if ca_file else None
+        except OSError as err:
+            raise ValueError(f"cannot read node config stream-ca '{ca_file}': {err}") from err
+        return cls(key=read_key_file(key_file, "node config stream-key-file") if key_file else None, ca=ca)
+
+
+def connect(session: Mapping[str, Any], config: Config, node: NodeSecrets | None = None) -> StepStreamClient:
+    """The step stream named in a session message, with the scenario's frame size limit.
+
+    The node's own CA (``stream-ca``) replaces the certificate the message carries, and a node
+    with one refuses a plain-text stream; a server that authenticates nodes needs the node's key."""
+    node = node or NodeSecrets()
+    offered = (session.get("root-certificate") or "").encode() or None
+    if node.ca is not None and offered is None:
+        raise ValueError(
+            f"node config stream-ca is set but the server's step stream at {session['address']} is not TLS "
+            "(set stream-tls-cert / stream-tls-key on the server)"
+        )
+    if session.get("node-auth") and node.key is None:
+        raise ValueError(
+            "the server authenticates nodes (stream-secret-file): set node config stream-key-file to this "
+            "node's key file (python -m fl_app.frame_auth writes one)"
+        )
     return StepStreamClient(
         session["address"],
         session["token"],
-        (session.get("root-certificate") or "").encode() or None,
+        node.ca or offered,
         max_message_bytes=config.stream.max_frame_mb * 2**20,
+        node_key=node.key,
     )
 
 
@@ -188,6 +223,7 @@ def run_session(
     average: Mapping[str, torch.Tensor] | None = None,
     train_data_dir: str = "",
     link: SessionLink | None = None,
+    node: NodeSecrets | None = None,
 ) -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
@@ -196,8 +232,8 @@ def run_session(
     :data:`fl_app.subset.PLANS`: full data, warm start, a new random / gradmatch subset, or keep).
     ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
     ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
-    ``link`` reaches the server (default: the step stream the session names). Synced FO clients
-    also report their ``weights`` (for the server's average).
+    ``link`` reaches the server (default: the step stream the session names, reached with the
+    ``node``'s secrets). Synced FO clients also report their ``weights`` (for the server's average).
     """
     plan = str(session.get("subset", "full"))
     if plan not in PLANS:
@@ -215,7 +251,7 @@ def run_session(
         if train_data_dir
         else data.client_examples(partition_id)
     )
-    link = link or connect(session, config)
+    link = link or connect(session, config, node)
     try:
         source, subset, selection = _training_source(
             client, partition_id, examples, data.encoder, config, session, plan, state, link
@@ -345,6 +381,7 @@ def run_eval_session(
     history: History | None = None,
     average: Mapping[str, torch.Tensor] | None = None,
     link: SessionLink | None = None,
+    node: NodeSecrets | None = None,
 ) -> dict[str, Any]:
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
@@ -356,7 +393,7 @@ def run_eval_session(
     part = shard(examples, int(session["shard"]), int(session["num-shards"]))
     if not part:
         return {"partition-id": partition_id, **pool_eval([])}
-    link = link or connect(session, config)
+    link = link or connect(session, config, node)
     try:
         result = client.evaluate(eval_batches(data.encoder, part, config.data.batch_size), link)
     finally:

@@ -132,6 +132,8 @@ class StreamSettings:
     advertise_host: str = setting("", "stream-advertise-host")  # the address clients dial ("" = host)
     tls_cert: str = setting("", "stream-tls-cert")  # PEM files; both set = TLS
     tls_key: str = setting("", "stream-tls-key")
+    secret_file: str = setting("", "stream-secret-file")  # hex secret on the server: nodes must hold keys from it
+    workers: int = setting(0, "stream-workers", check=NON_NEGATIVE)  # streams served at once (0 = 2 per session, >= 4)
     max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE)  # largest frame either side accepts
     wire_dtype: str = setting("float32", "wire-dtype", DTYPES)  # activations on the wire
 
@@ -275,6 +277,16 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
 
 def _check_combinations(config: Config) -> None:
     """Settings that are valid alone but not together."""
+    if config.stream.host in ("0.0.0.0", "::", "") and not config.stream.advertise_host:
+        raise ValueError(
+            f"config key 'stream-host' = {config.stream.host!r} listens on every interface, but clients need "
+            "an address to dial: set 'stream-advertise-host' (this machine's name or IP as clients see it)"
+        )
+    if bool(config.stream.tls_cert) != bool(config.stream.tls_key):
+        raise ValueError(
+            "config keys 'stream-tls-cert' and 'stream-tls-key' go together, got "
+            f"stream-tls-cert = {config.stream.tls_cert!r}, stream-tls-key = {config.stream.tls_key!r}"
+        )
     if config.subset.selector != "full" and not config.optim.local_epochs > 0:
         raise ValueError(
             f"config key 'subset-selector' = {config.subset.selector!r} needs 'local-epochs' > 0 "

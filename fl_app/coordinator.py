@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from fl_app.checkpoint import save_checkpoint, write_json_atomic
 from fl_app.config import Config
+from fl_app.frame_auth import node_key, read_key_file
 from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
@@ -28,6 +30,36 @@ from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamCredentials:
+    """What the step stream's server holds: its TLS certificate and key, and the secret node keys
+    derive from (None: no TLS / no node authentication)."""
+
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    secret: bytes | None = None
+
+
+def _read_pem(path: str, field: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {field} '{path}': {err}") from err
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{field} '{path}' is not a PEM file")
+    return data
+
+
+def stream_credentials(config: Config) -> StreamCredentials:
+    """Read the files the stream settings name (on the server's machine), or raise naming the field."""
+    s = config.stream
+    return StreamCredentials(
+        tls_cert=_read_pem(s.tls_cert, "stream-tls-cert") if s.tls_cert else None,
+        tls_key=_read_pem(s.tls_key, "stream-tls-key") if s.tls_key else None,
+        secret=read_key_file(s.secret_file, "stream-secret-file") if s.secret_file else None,
+    )
 
 
 def waves(items: list, size: int) -> list[list]:
@@ -42,11 +74,12 @@ class Coordinator:
         self,
         config: Config,
         out_dir: Path,
-        tls_cert: bytes | None = None,
-        tls_key: bytes | None = None,
+        credentials: StreamCredentials | None = None,
         serve_stream: bool = True,
     ):
-        """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly."""
+        """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly.
+        ``credentials``: see :func:`stream_credentials` (default: none, a plain stream)."""
+        credentials = credentials or StreamCredentials()
         self.config = config  # this run segment's (a tuning trial's overrides applied)
         self.base_config = config
         self.out_dir = out_dir
@@ -64,16 +97,17 @@ class Coordinator:
                 self.handle,
                 host=config.stream.host,
                 port=config.stream.port,
-                max_workers=max(4, 2 * config.federation.max_concurrent_clients),
+                max_workers=config.stream.workers or max(4, 2 * config.federation.max_concurrent_clients),
                 max_message_bytes=config.stream.max_frame_mb * 2**20,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
+                tls_cert=credentials.tls_cert,
+                tls_key=credentials.tls_key,
                 on_failure=self._rollback,
             )
             if serve_stream
             else SessionTable(on_failure=self._rollback)
         )
-        self.root_certificate = (tls_cert or b"").decode()
+        self.root_certificate = (credentials.tls_cert or b"").decode()
+        self.secret = credentials.secret
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.results: dict[str, Any] = {
@@ -134,12 +168,13 @@ class Coordinator:
 
     def open(self, client_id: int, rnd: int, extra: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
         """A new session for ``client_id`` and the config its session message carries."""
-        session = self.stream.open_session(str(client_id))
+        session = self.stream.open_session(str(client_id), node_key(self.secret, client_id) if self.secret else None)
         message = {
             "round": rnd,
             "token": session.token,
             "address": self.advertised_address,
             "root-certificate": self.root_certificate,
+            "node-auth": self.secret is not None,  # the client needs its node key (stream-key-file)
             "local-steps": self.config.optim.local_steps,
             "trial": self.trial,
             **(extra or {}),
@@ -274,6 +309,7 @@ class Coordinator:
         if trained:
             self.results["eval"]["accuracy"] = trained[-1]["accuracy"]
         self.results["wall_seconds"] = time.perf_counter() - self.started
+        self.results["refused"] = self.stream.refusals()  # streams and frames the step stream refused
         path = self.out_dir / "results.json"
         if status == "finished" and self.results["rounds"]:
             self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))

@@ -1,11 +1,16 @@
 """Direct step transport between a client session and the server: one gRPC bidirectional stream.
 
 Each request frame is a serialised :class:`~fl_app.protocol.StepRequest`, each response a
-:class:`~fl_app.protocol.StepReply`. A stream must present the session's secret token as
-metadata; unknown or closed tokens, and a second stream on a token that already has one (a
-session has exactly one stream, once), are rejected with UNAUTHENTICATED and logged. Frames above the size limit are
-refused by gRPC itself; malformed frames end that session with INVALID_ARGUMENT while the
-server keeps serving the others. TLS is used when a certificate and key are given.
+:class:`~fl_app.protocol.StepReply`, both sealed with a step counter and a MAC
+(:mod:`fl_app.frame_auth`). A stream must present the session's token and a proof that it holds
+the session key; an unknown or closed token, a wrong proof, and a second stream on a token that
+already has one (a session has exactly one stream, once) are refused with UNAUTHENTICATED. A frame
+with a bad MAC or an unexpected counter (replayed, reordered) fails its session (rolled back) and is
+refused the same way. Every refusal is logged with its reason and counted (:meth:`SessionTable.refusals`).
+Frames above the size limit are refused by gRPC itself; malformed frames end that session with
+INVALID_ARGUMENT while the server keeps serving the others. At most ``max_workers`` streams are
+served at once; more are refused with RESOURCE_EXHAUSTED rather than queued. TLS is used when a
+certificate and key are given.
 """
 
 from __future__ import annotations
@@ -15,18 +20,21 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
+from fl_app.frame_auth import FROM_CLIENT, FROM_SERVER, FrameOpener, FrameRefused, FrameSealer, open_proof, session_key
 from fl_app.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
 METHOD = "/hosl.SplitStep/Session"
 TOKEN_KEY = "x-hosl-session"
+PROOF_KEY = "x-hosl-proof"  # open_proof(session key): the stream holds the key, not just the token
 CLOSE_FRAME = b""  # the client ends its session on purpose; a stream that ends without it was cut off
 Handler = Callable[[str, bytes], "bytes | None"]  # None: the frame needs no reply
 
@@ -37,6 +45,7 @@ class Session:
 
     client_id: str
     token: str
+    key: bytes = b""  # the session's MAC key (from the token and the node's key, if any)
     status: str = "open"  # open -> done | failing -> failed
     reason: str = ""
     steps: int = 0
@@ -66,14 +75,28 @@ class SessionTable:
     def __init__(self, on_failure: Callable[[Session], None] | None = None):
         self.on_failure = on_failure
         self.sessions: dict[str, Session] = {}
+        self.refused: Counter[str] = Counter()  # refused streams and frames, by kind
         self._lock = threading.Lock()
 
-    def open_session(self, client_id: str) -> Session:
-        """A new session with a fresh secret token; its stream must present the token."""
-        session = Session(client_id=client_id, token=secrets.token_hex(16))
+    def open_session(self, client_id: str, node_key: bytes | None = None) -> Session:
+        """A new session with a fresh secret token; its stream must present the token and prove it
+        holds the session key (derived from the token and ``node_key``, the client node's key)."""
+        token = secrets.token_hex(16)
+        session = Session(client_id=client_id, token=token, key=session_key(token, node_key))
         with self._lock:
             self.sessions[session.token] = session
         return session
+
+    def refuse(self, kind: str, reason: str, peer: str) -> None:
+        """Log and count one refused stream or frame."""
+        with self._lock:
+            self.refused[kind] += 1
+        log.warning("refused %s from %s: %s", kind, peer, reason)
+
+    def refusals(self) -> dict[str, int]:
+        """How many streams and frames were refused, by kind (for results.json)."""
+        with self._lock:
+            return dict(self.refused)
 
     def fail(self, session: Session, reason: str, cancel: bool = True) -> None:
         """Fail ``session`` once: run the failure callback (e.g. roll back), then mark it failed and
@@ -137,6 +160,7 @@ class StepStreamServer(SessionTable):
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step-stream"),
             options=_grpc_options(max_message_bytes),
+            maximum_concurrent_rpcs=max_workers,  # surplus streams are refused at once, not queued
         )
         rpc = grpc.stream_stream_rpc_method_handler(self._serve)
         self._server.add_generic_rpc_handlers(
@@ -166,20 +190,22 @@ class StepStreamServer(SessionTable):
         malformed frame fails it and aborts the stream with INVALID_ARGUMENT, so its partial server
         updates are rolled back while other sessions go on.
         """
-        token = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
+        metadata = dict(context.invocation_metadata())
+        token, proof = metadata.get(TOKEN_KEY, ""), metadata.get(PROOF_KEY, "")
         with self._lock:  # a session has one stream, once: a second or later stream on its token is refused
             session = self.sessions.get(token)
-            refused = session is None or session.status != "open" or session.context is not None
-            if not refused:
-                session.context = context
-        if refused:
-            why = (
-                "unknown or closed session token"
-                if session is None or session.status != "open"
-                else ("session token already has its stream")
-            )
-            log.warning("refused a step stream from %s: %s", context.peer(), why)
+            if session is None or session.status != "open":
+                why = "unknown or closed session token"
+            elif not secrets.compare_digest(proof, open_proof(session.key)):
+                why = "wrong session key (the node's stream-key-file is missing or not this node's)"
+            elif session.context is not None:
+                why = "session token already has its stream"
+            else:
+                why, session.context = "", context
+        if why:
+            self.refuse("stream", why, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        opener, sealer = FrameOpener(session.key, FROM_CLIENT), FrameSealer(session.key, FROM_SERVER)
         session.last_activity = time.monotonic()
         ended_cleanly = False
 
@@ -189,22 +215,28 @@ class StepStreamServer(SessionTable):
 
         context.add_callback(on_termination)
         try:
-            for payload in requests:
+            for frame in requests:
                 session.last_activity = time.monotonic()
+                session.bytes_up += len(frame)
+                payload = opener.open(frame)
                 if payload == CLOSE_FRAME:
                     ended_cleanly = True
                     return
-                session.bytes_up += len(payload)
                 answer = self.handler(token, payload)
                 session.last_activity = time.monotonic()
                 if answer is None:
                     continue
-                session.bytes_down += len(answer)
+                sealed = sealer.seal(answer)
+                session.bytes_down += len(sealed)
                 session.steps += 1
-                yield answer
+                yield sealed
             # The request stream can end without an error when the connection is cut (gRPC may report
             # a vanished client as a half-close), so only the explicit close frame counts as clean.
             self.fail(session, "client disconnected (stream ended without closing the session)", cancel=False)
+        except FrameRefused as err:
+            self.refuse("frame", str(err), context.peer())
+            self.fail(session, f"refused frame: {err}", cancel=False)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -214,7 +246,10 @@ class StepStreamServer(SessionTable):
 
 
 class StepStreamClient:
-    """The client end of a session: ``exchange(request_bytes) -> reply_bytes`` over one stream."""
+    """The client end of a session: ``exchange(request_bytes) -> reply_bytes`` over one stream.
+
+    Frames are sealed and replies checked with the session key, from ``token`` and ``node_key``
+    (the node's key when the server authenticates nodes)."""
 
     def __init__(
         self,
@@ -222,6 +257,7 @@ class StepStreamClient:
         token: str,
         root_certificate: bytes | None = None,
         max_message_bytes: int = 256 * 1024 * 1024,
+        node_key: bytes | None = None,
     ):
         options = _grpc_options(max_message_bytes)
         if root_certificate:
@@ -230,20 +266,23 @@ class StepStreamClient:
             )
         else:
             self._channel = grpc.insecure_channel(address, options=options)
+        key = session_key(token, node_key)
+        self._sealer, self._opener = FrameSealer(key, FROM_CLIENT), FrameOpener(key, FROM_SERVER)
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         call = self._channel.stream_stream(METHOD)
-        self._responses = call(iter(self._outbox.get, None), metadata=((TOKEN_KEY, token),))
+        metadata = ((TOKEN_KEY, token), (PROOF_KEY, open_proof(key)))
+        self._responses = call(iter(self._outbox.get, None), metadata=metadata)
         self.bytes_up = 0
         self.bytes_down = 0
 
     def send(self, payload: bytes) -> None:
         """Send a frame that gets no reply (a perturbed-activation part)."""
-        self._outbox.put(payload)
-        self.bytes_up += len(payload)
+        frame = self._sealer.seal(payload)
+        self._outbox.put(frame)
+        self.bytes_up += len(frame)
 
     def exchange(self, payload: bytes) -> bytes:
-        self._outbox.put(payload)
-        self.bytes_up += len(payload)
+        self.send(payload)
         try:
             answer = next(self._responses)
         except grpc.RpcError as err:
@@ -251,12 +290,15 @@ class StepStreamClient:
         except StopIteration as err:
             raise ConnectionError("step stream closed by the server") from err
         self.bytes_down += len(answer)
-        return answer
+        try:
+            return self._opener.open(answer)
+        except FrameRefused as err:
+            raise ConnectionError(f"refused a reply of the server: {err}") from err
 
     def close(self) -> None:
         """End the session cleanly (close frame, half-close, wait for the server to finish the stream),
         then the channel."""
-        self._outbox.put(CLOSE_FRAME)
+        self._outbox.put(self._sealer.seal(CLOSE_FRAME))
         self._outbox.put(None)
         try:
             for _ in self._responses:

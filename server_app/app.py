@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -22,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app import rounds
 from fl_app.checkpoint import run_folder
 from fl_app.config import make_config
-from fl_app.coordinator import Coordinator
+from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
 from fl_app.records import history_to_record, report_from_record
@@ -155,12 +154,11 @@ def main(grid: Grid, context: Context) -> None:
         out_dir = run_folder(config.run.out_dir, config)
         check_scenario(config, data=False)  # the clients hold the data and check it themselves
         check_out_dir(out_dir)
+        credentials = stream_credentials(config)
     except ValueError as err:
         print(f"[hosl] error: {err}", flush=True)
         raise
-    tls_cert = Path(config.stream.tls_cert).read_bytes() if config.stream.tls_cert else None
-    tls_key = Path(config.stream.tls_key).read_bytes() if config.stream.tls_key else None
-    coord = Coordinator(config, out_dir, tls_cert=tls_cert, tls_key=tls_key)
+    coord = Coordinator(config, out_dir, credentials)
     try:
         nodes = discover(grid, timeout=config.federation.round_timeout)
         print(

@@ -58,8 +58,8 @@ def coordinators(tmp_path):
     """Factory of Coordinators writing to ``tmp_path`` for a given config; all closed after the test."""
     made = []
 
-    def build(config):
-        made.append(Coordinator(config, tmp_path))
+    def build(config, credentials=None):
+        made.append(Coordinator(config, tmp_path, credentials))
         return made[-1]
 
     yield build

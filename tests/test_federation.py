@@ -1,13 +1,18 @@
 """Coordinator + client sessions over the real step stream (no Flower): drops roll back, synced
 bottoms stay identical, a client that missed rounds catches up by replaying history."""
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
+from fl_app import frame_auth
 from fl_app.batches import BatchStream
-from fl_app.client_session import catch_up, make_client, run_eval_session, run_session
+from fl_app.client_session import NodeSecrets, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.coordinator import fedavg, waves
+from fl_app.coordinator import fedavg, stream_credentials, waves
 from fl_app.protocol import StepRequest
 from fl_app.records import ClientState
 from fl_app.stream import StepStreamClient
@@ -207,3 +212,50 @@ def test_every_end_of_a_session_frees_what_the_server_buffered_for_it(coord):
         assert session.token in c.server.pending
         c.finish_train(session, {"steps": 0} if ending == "clean" else None, "test")
         assert session.token not in c.server.pending and session.token not in c.server.proxies
+
+
+def test_with_a_server_secret_only_the_node_holding_its_key_trains(coordinators, tmp_path):
+    """stream-secret-file on the server, stream-key-file on the node (both written by the CLI): a
+    node without its key is told what to set, another node's key is refused and counted in
+    results.json, the right key trains."""
+    secret, key0, key1 = (str(tmp_path / n) for n in ("server.secret", "node0.key", "node1.key"))
+    frame_auth.main(["secret", secret])
+    frame_auth.main(["node-key", secret, "0", key0])
+    frame_auth.main(["node-key", secret, "1", key1])
+    assert Path(key0).stat().st_mode & 0o777 == 0o600
+    conf = config(**{"stream-secret-file": secret})
+    c = coordinators(conf, stream_credentials(conf))
+    session, message = c.open(0, 1)
+    assert message["node-auth"] and "secret" not in json.dumps(message)
+    with pytest.raises(ValueError, match="set node config stream-key-file"):
+        run_session(c.config, 0, 3, None, message)
+    with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*wrong session key"):
+        run_session(c.config, 0, 3, None, message, node=NodeSecrets.from_node_config({"stream-key-file": key1}))
+    report, _ = run_session(c.config, 0, 3, None, message, node=NodeSecrets.from_node_config({"stream-key-file": key0}))
+    assert c.finish_train(session, report) and report["steps"] == 2
+    assert json.loads(c.write_results().read_text())["refused"] == {"stream": 1}
+
+
+def test_a_node_with_its_own_ca_trusts_only_it(coordinators, tmp_path):
+    """Node config stream-ca replaces the certificate in the session message: a server certificate
+    from another CA fails the handshake, and a plain-text stream is refused before connecting."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("ours", "theirs"):
+        subprocess.run(
+            ["bash", str(root / "scripts/make_certs.sh"), str(tmp_path / name)], check=True, capture_output=True
+        )
+    conf = config(
+        **{"stream-tls-cert": str(tmp_path / "ours/server.pem"), "stream-tls-key": str(tmp_path / "ours/server.key")}
+    )
+    c = coordinators(conf, stream_credentials(conf))
+    session, message = c.open(0, 1)
+    wrong_ca = NodeSecrets(ca=(tmp_path / "theirs/ca.crt").read_bytes())
+    with pytest.raises(ConnectionError, match="UNAVAILABLE"):
+        run_session(c.config, 0, 3, None, message, node=wrong_ca)
+    right_ca = NodeSecrets.from_node_config({"stream-ca": str(tmp_path / "ours/ca.crt")})
+    report, _ = run_session(c.config, 0, 3, None, message, node=right_ca)
+    assert c.finish_train(session, report)
+    plain = coordinators(config())
+    _, plain_message = plain.open(0, 1)
+    with pytest.raises(ValueError, match="stream-ca is set but the server's step stream .* is not TLS"):
+        run_session(plain.config, 0, 3, None, plain_message, node=right_ca)

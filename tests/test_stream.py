@@ -1,8 +1,12 @@
-"""gRPC step stream: authenticated sessions, malformed frames end one session only, rollback."""
+"""gRPC step stream: authenticated sessions and frames, malformed frames end one session only, rollback."""
 
+import threading
+
+import grpc
 import pytest
 import torch
 
+from fl_app.frame_auth import OVERHEAD, node_key
 from fl_app.protocol import ProtocolError
 from fl_app.server_party import UpdateLedger
 from fl_app.stream import StepStreamClient, StepStreamServer
@@ -27,7 +31,9 @@ def test_session_exchanges_frames_and_counts_bytes(server):
     assert client.exchange(b"abc") == b"cba"
     assert client.exchange(b"12345") == b"54321"
     client.close()
-    assert session.steps == 2 and session.bytes_up == 8 and session.bytes_down == 8
+    # wire bytes: two frames and the close frame up, two replies down, each sealed (counter + MAC)
+    assert session.steps == 2 and session.bytes_up == 8 + 3 * OVERHEAD and session.bytes_down == 8 + 2 * OVERHEAD
+    assert client.bytes_down == session.bytes_down
     assert server.close_session(session).status == "done"
 
 
@@ -158,3 +164,81 @@ def test_a_session_token_opens_one_stream_only(server):
         late.exchange(b"again")
     late.close()
     assert session.steps == 2
+
+
+def _rpc_code(client: StepStreamClient) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        next(client._responses)
+    return err.value.code(), err.value.details()
+
+
+@pytest.mark.parametrize("attack", ["replayed", "out-of-order", "altered"])
+def test_a_replayed_reordered_or_altered_frame_fails_the_session_and_is_counted(server, attack):
+    """Frames carry a counter and a MAC: the same frame twice, a skipped counter or a flipped byte is
+    refused, logged and counted, and the session is failed (so its updates are rolled back)."""
+    failed = []
+    server.on_failure = failed.append
+    session = server.open_session("c0")
+    client = StepStreamClient(server.address, session.token)
+    first = client._sealer.seal(b"abc")
+    client._outbox.put(first)
+    assert client._opener.open(next(client._responses)) == b"cba"
+    if attack == "replayed":
+        client._outbox.put(first)
+    elif attack == "out-of-order":
+        client._sealer.counter += 1
+        client.send(b"skips one")
+    else:
+        frame = bytearray(client._sealer.seal(b"abc"))
+        frame[9] ^= 1
+        client._outbox.put(bytes(frame))
+    code, details = _rpc_code(client)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and ("bad MAC" if attack == "altered" else attack) in details
+    assert session.status == "failed" and failed == [session] and session.steps == 1
+    assert server.refusals() == {"frame": 1}
+    client.close()
+
+
+def test_with_node_keys_a_token_alone_opens_nothing(server):
+    """When the server authenticates nodes, the session key needs the node's key: a token read off
+    the wire (or another node's key) is refused without taking the session's stream slot."""
+    secret = b"s" * 32
+    session = server.open_session("0", node_key=node_key(secret, 0))
+    for thief_key in (None, node_key(secret, 1)):
+        thief = StepStreamClient(server.address, session.token, node_key=thief_key)
+        with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*wrong session key"):
+            thief.exchange(b"evil")
+        thief.close()
+    client = StepStreamClient(server.address, session.token, node_key=node_key(secret, 0))
+    assert client.exchange(b"mine") == b"enim" and session.status == "open"
+    client.close()
+    assert server.refusals() == {"stream": 2} and session.steps == 1
+
+
+def test_surplus_streams_on_one_token_do_not_starve_other_clients():
+    """Eight streams on one token against a server with two workers: all refused at once, and
+    another client is still served (surplus streams used to hold every worker)."""
+    srv = StepStreamServer(echo_handler, port=0, max_workers=2)
+    try:
+        victim, other = srv.open_session("a"), srv.open_session("b")
+        owner = StepStreamClient(srv.address, victim.token)
+        assert owner.exchange(b"a") == b"a"
+        intruders = [StepStreamClient(srv.address, victim.token) for _ in range(8)]
+        for intruder in intruders:
+            with pytest.raises(ConnectionError, match="UNAUTHENTICATED|RESOURCE_EXHAUSTED"):
+                intruder.exchange(b"idle")
+            intruder.close()
+        answers = []
+        worker = threading.Thread(target=lambda: answers.append(StepStreamClient(srv.address, other.token)))
+        worker.start()
+        worker.join(60)
+        client = answers[0]
+        done = threading.Thread(target=lambda: answers.append(client.exchange(b"served")))
+        done.start()
+        done.join(60)
+        assert answers[1:] == [b"devres"]
+        client.close()
+        owner.close()
+        assert srv.refusals()["stream"] >= 1
+    finally:
+        srv.stop()
