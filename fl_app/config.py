@@ -135,6 +135,8 @@ class StreamSettings:
     secret_file: str = setting("", "stream-secret-file")  # hex secret on the server: nodes must hold keys from it
     workers: int = setting(0, "stream-workers", check=NON_NEGATIVE)  # streams served at once (0 = 2 per session, >= 4)
     max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE)  # largest frame either side accepts
+    session_buffer_mb: int = setting(512, "session-buffer-mb", check=POSITIVE)  # server memory a session may hold
+    server_buffer_mb: int = setting(4096, "server-buffer-mb", check=POSITIVE)  # ... and all sessions together
     wire_dtype: str = setting("float32", "wire-dtype", DTYPES)  # activations on the wire
 
 

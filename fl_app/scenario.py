@@ -16,7 +16,7 @@ from fl_app.client_party import ClientOptimConfig, SplitClient
 from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
-from fl_app.server_party import ServerOptimConfig, SplitServer
+from fl_app.server_party import BufferLimits, ServerOptimConfig, SplitServer
 from fl_app.tasks import Example, Task, get_task
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
 
@@ -138,7 +138,8 @@ def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServe
         zo_directions=zo.directions,
         seed=config.run.seed,
     )
-    return SplitServer(top, params, optim, num_classes=num_classes)
+    limits = BufferLimits(config.stream.session_buffer_mb * 2**20, config.stream.server_buffer_mb * 2**20)
+    return SplitServer(top, params, optim, num_classes=num_classes, limits=limits)
 
 
 def client_trainable(config: Config, bottom: ClientBottom, index: int) -> list[torch.nn.Parameter]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fl_app.metrics import tensor_bytes
 from fl_app.models import ServerTop
 from fl_app.protocol import (
     LABEL_KEYS,
@@ -130,6 +131,15 @@ class PendingStep:
 MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit
 
 
+@dataclass(frozen=True)
+class BufferLimits:
+    """Bytes the server may hold between frames (streamed parts, GradMatch proxies): per session and
+    in total (config keys session-buffer-mb and server-buffer-mb)."""
+
+    session_bytes: int = 512 * 2**20
+    total_bytes: int = 4096 * 2**20
+
+
 class SplitServer:
     """Owns the top model. Handles one :class:`StepRequest` at a time, in arrival order.
 
@@ -143,8 +153,10 @@ class SplitServer:
         params: list[torch.nn.Parameter],
         config: ServerOptimConfig,
         num_classes: int | None = None,
+        limits: BufferLimits | None = None,
     ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
+        self.limits = limits or BufferLimits()
         self.steps = 0
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch proxies per session and batch
@@ -231,7 +243,37 @@ class SplitServer:
             stacked = torch.cat(pending.buffer)
             pairs = buffered - buffered % 2
             pending.losses.extend(self.score_perturbed(pending.head, stacked[:pairs]).tolist())
-            pending.buffer = [stacked[pairs:]] if pairs < buffered else []
+            pending.buffer = [stacked[pairs:].clone()] if pairs < buffered else []
+            head = pending.head
+            if head.clean.untyped_storage().nbytes() > head.clean.nbytes:  # a view of the first part: keep one row
+                head.clean = head.clean.clone()
+        self._check_buffers(key)
+
+    def buffered_bytes(self, key: str | None = None) -> int:
+        """Bytes held between frames for session ``key`` (all sessions if None)."""
+        keys = [key] if key is not None else set(self.pending) | set(self.proxies)
+        held = []
+        for k in keys:
+            pending = self.pending.get(k)
+            if pending is not None:
+                head = pending.head
+                held += [head.clean, head.attention_mask, head.labels, head.score_ids, head.target_ids, *pending.buffer]
+            held += list(self.proxies.get(k, {}).values())
+        return tensor_bytes(held)
+
+    def _check_buffers(self, key: str) -> None:
+        """Refuse (ProtocolError: the session fails and its buffers are freed) past a buffer limit."""
+        mine, total = self.buffered_bytes(key), self.buffered_bytes()
+        if mine > self.limits.session_bytes:
+            raise ProtocolError(
+                f"the session holds {mine / 2**20:.1f} MiB of streamed parts and proxies, over "
+                f"session-buffer-mb = {self.limits.session_bytes / 2**20:.0f}"
+            )
+        if total > self.limits.total_bytes:
+            raise ProtocolError(
+                f"the server holds {total / 2**20:.1f} MiB of streamed parts and proxies over all sessions, over "
+                f"server-buffer-mb = {self.limits.total_bytes / 2**20:.0f}"
+            )
 
     def discard_parts(self, key: str) -> None:
         """Forget a session's streamed parts and proxies (its step or selection will never complete)."""
@@ -308,6 +350,11 @@ class SplitServer:
                 )
                 loss = classification_loss(scores, req.labels)
             self.proxies.setdefault(key, {})[int(req.meta["batch"])] = last_layer_proxy(features, scores, req.labels)
+            try:
+                self._check_buffers(key)
+            except ProtocolError:
+                self.proxies.pop(key, None)
+                raise
             correct = int((scores.argmax(1) == req.labels).sum())
             return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
         if req.kind == "eval":

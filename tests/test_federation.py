@@ -13,7 +13,7 @@ from fl_app.batches import BatchStream
 from fl_app.client_session import NodeSecrets, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, stream_credentials, waves
-from fl_app.protocol import StepRequest
+from fl_app.protocol import ProtocolError, StepRequest
 from fl_app.records import ClientState
 from fl_app.stream import StepStreamClient
 
@@ -259,3 +259,49 @@ def test_a_node_with_its_own_ca_trusts_only_it(coordinators, tmp_path):
     _, plain_message = plain.open(0, 1)
     with pytest.raises(ValueError, match="stream-ca is set but the server's step stream .* is not TLS"):
         run_session(plain.config, 0, 3, None, plain_message, node=right_ca)
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def _big_part(pid: int) -> bytes:
+    """A step's first perturbed part: one unpaired 32 MiB activation (the server buffers it)."""
+    from fl_app.protocol import PerturbedPart
+
+    rows, seq = 64, 4096
+    return PerturbedPart(
+        torch.randn(1, rows, seq, 32),
+        {"client": str(pid)},
+        attention_mask=torch.ones(rows, seq, dtype=torch.long),
+        labels=torch.zeros(rows, dtype=torch.long),
+        score_ids=torch.tensor([[5, 6]] * rows),
+    ).to_bytes()
+
+
+def test_buffered_parts_are_bounded_per_session_and_in_total_and_freed_when_sessions_end(coordinators):
+    """24 sessions each leave a 32 MiB part buffered (the burst that took a server from 431 MB to
+    1.5 GB for good): every byte is freed, and RSS comes back, when the sessions end; past
+    session-buffer-mb or server-buffer-mb a part is refused, failing only its own session."""
+    c = coordinators(config(**{"num-clients": 24, "n-train": 64, "server-buffer-mb": 24 * 35}))
+    before = _rss_mib()
+    sessions = []
+    for pid in range(24):
+        session, _ = c.open(pid, 1)
+        assert c.handle(session.token, _big_part(pid)) is None
+        sessions.append(session)
+    assert 24 * 32 * 2**20 < c.server.buffered_bytes() < 24 * 35 * 2**20  # the parts and their batch fields
+    grown = _rss_mib()
+    one_more, _ = c.open(0, 1)
+    with pytest.raises(ProtocolError, match="over server-buffer-mb = 840"):
+        c.handle(one_more.token, _big_part(0))
+    assert one_more.token not in c.server.pending
+    for session in sessions + [one_more]:
+        c.finish_train(session, None, "ended mid-step")
+    assert c.server.buffered_bytes() == 0
+    after = _rss_mib()
+    assert grown - before > 600 and after - before < 0.25 * (grown - before), (before, grown, after)
+    small = coordinators(config(**{"session-buffer-mb": 16}))
+    session, _ = small.open(0, 1)
+    with pytest.raises(ProtocolError, match="over session-buffer-mb = 16"):
+        small.handle(session.token, _big_part(0))
