@@ -13,7 +13,7 @@ import traceback
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import EVAL_METRICS, NodeSecrets, run_eval_session, run_session
+from fl_app.client_session import EVAL_METRICS, NodeSettings, run_eval_session, run_session
 from fl_app.config import make_config
 from fl_app.records import ClientState, history_from_record, report_to_record, state_from_records, state_to_records
 
@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
             history,
             average,
             train_data_dir=own_data,
-            node=NodeSecrets.from_node_config(context.node_config),
+            node=NodeSettings.from_node_config(context.node_config),
         )
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
@@ -106,7 +106,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
     try:
         config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        node = NodeSecrets.from_node_config(context.node_config)
+        node = NodeSettings.from_node_config(context.node_config)
         state = _load_state(context)
         result = run_eval_session(config, partition_id, num_partitions, state, session, history, average, node=node)
     except Exception as err:

@@ -37,8 +37,11 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def run_folder(out_dir: str, config: Mapping[str, Any], root: Path = Path("runs")) -> Path:
-    """The folder a run writes to: ``out_dir`` if given, else a new ``runs/<time>-<mode>-<task>``
-    (a run never overwrites another's results unless told to)."""
+    """The folder a run writes to: the run folder ``resume`` names, else ``out_dir`` if given, else a
+    new ``runs/<time>-<mode>-<task>`` (a run never overwrites another's results unless told to)."""
+    resume = str(config.get("resume", ""))
+    if resume and resume.lower() != "true":
+        return Path(resume).expanduser().resolve()
     if out_dir:
         return Path(out_dir).expanduser().resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")

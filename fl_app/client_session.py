@@ -20,6 +20,7 @@ import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.client_party import Link, SplitClient
+from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file
@@ -146,28 +147,40 @@ class SessionLink(Link, Protocol):
 
 
 @dataclass(frozen=True)
-class NodeSecrets:
-    """What a SuperNode's own config adds to reaching the step stream; never sent on the wire."""
+class NodeSettings:
+    """What a SuperNode's own config adds to a session; its key and CA never go on the wire."""
 
     key: bytes | None = None  # node config stream-key-file: this node's key (the server derives the same)
     ca: bytes | None = None  # node config stream-ca: the only CA the node trusts for the step stream
+    state_dir: str = ""  # node config state-dir: where this node keeps client states ("" = where the session says)
 
     @classmethod
-    def from_node_config(cls, node: Mapping[str, Any]) -> NodeSecrets:
+    def from_node_config(cls, node: Mapping[str, Any]) -> NodeSettings:
         key_file, ca_file = str(node.get("stream-key-file", "")), str(node.get("stream-ca", ""))
         try:
             ca = Path(ca_file).read_bytes() if ca_file else None
         except OSError as err:
             raise ValueError(f"cannot read node config stream-ca '{ca_file}': {err}") from err
-        return cls(key=read_key_file(key_file, "node config stream-key-file") if key_file else None, ca=ca)
+        key = read_key_file(key_file, "node config stream-key-file") if key_file else None
+        return cls(key=key, ca=ca, state_dir=str(node.get("state-dir", "")))
+
+    def state_folder(self, session: Mapping[str, Any]) -> Path | None:
+        """Where this client's per-round states go (None: the run keeps none on disk)."""
+        if not session.get("state-dir"):
+            return None
+        return (
+            Path(self.state_dir).expanduser() / str(session["run-name"])
+            if self.state_dir
+            else Path(session["state-dir"])
+        )
 
 
-def connect(session: Mapping[str, Any], config: Config, node: NodeSecrets | None = None) -> StepStreamClient:
+def connect(session: Mapping[str, Any], config: Config, node: NodeSettings | None = None) -> StepStreamClient:
     """The step stream named in a session message, with the scenario's frame size limit.
 
     The node's own CA (``stream-ca``) replaces the certificate the message carries, and a node
     with one refuses a plain-text stream; a server that authenticates nodes needs the node's key."""
-    node = node or NodeSecrets()
+    node = node or NodeSettings()
     offered = (session.get("root-certificate") or "").encode() or None
     if node.ca is not None and offered is None:
         raise ValueError(
@@ -196,12 +209,16 @@ def _prepare(
     session: Mapping[str, Any],
     history: History | None,
     average: Mapping[str, torch.Tensor] | None,
+    folder: Path | None = None,
 ):
     """(config, client, task data, state, updates caught up) for a session: the saved state if it is
-    this trial's, the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
+    this trial's (from ``folder`` on disk when none is in memory: a resumed run or a restarted node),
+    the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     config = config.updated({"num-clients": num_partitions})
+    if state is None and folder is not None:
+        state = load_client_state(folder, partition_id, int(session["round"]) - 1)
     trial = int(session.get("trial", 0))
     state = state_for_trial(state, trial) or ClientState(trial=trial)
     if average:
@@ -223,7 +240,7 @@ def run_session(
     average: Mapping[str, torch.Tensor] | None = None,
     train_data_dir: str = "",
     link: SessionLink | None = None,
-    node: NodeSecrets | None = None,
+    node: NodeSettings | None = None,
 ) -> tuple[dict[str, Any], ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
@@ -239,8 +256,10 @@ def run_session(
     if plan not in PLANS:
         raise ValueError(f"field 'subset' of the session is {plan!r}, expected one of {PLANS}")
     started = time.perf_counter()
+    node = node or NodeSettings()
+    folder = node.state_folder(session)
     config, client, data, state, caught_up = _prepare(
-        config, partition_id, num_partitions, state, session, history, average
+        config, partition_id, num_partitions, state, session, history, average, folder
     )
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
         if config.subset.selector == "full":
@@ -293,6 +312,8 @@ def run_session(
     )
     if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
         report["weights"] = new_state.weights
+    if folder is not None:
+        save_client_state(folder, partition_id, int(session["round"]), new_state, int(session["finished-round"]))
     return report, new_state
 
 
@@ -381,11 +402,14 @@ def run_eval_session(
     history: History | None = None,
     average: Mapping[str, torch.Tensor] | None = None,
     link: SessionLink | None = None,
-    node: NodeSecrets | None = None,
+    node: NodeSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
-    config, client, data, _, _ = _prepare(config, partition_id, num_partitions, state, session, history, average)
+    node = node or NodeSettings()
+    config, client, data, _, _ = _prepare(
+        config, partition_id, num_partitions, state, session, history, average, node.state_folder(session)
+    )
     split = session["split"]
     examples = data.splits[split]
     if split == "dev" and config.eval.examples:

@@ -53,6 +53,8 @@ class RunSettings:
     seed: int = setting(0, "seed", check=NON_NEGATIVE)  # model init, sampling, partitions, ZO seeds, selection
     out_dir: str = setting("", "out-dir")  # results, checkpoint, plots; "" = a new runs/<time>-<mode>-<task> per run
     probe_messages: int = setting(0, "probe-messages", check=NON_NEGATIVE)  # > 0: time this many Flower round trips
+    resume: str = setting("", "resume")  # "true": continue the run in out-dir from its last round; or a run folder
+    client_checkpoints: bool = setting(True, "client-checkpoints")  # clients keep per-round states on disk (resume)
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,13 @@ def _check_combinations(config: Config) -> None:
             f"config key 'stream-host' = {config.stream.host!r} listens on every interface, but clients need "
             "an address to dial: set 'stream-advertise-host' (this machine's name or IP as clients see it)"
         )
+    if config.run.resume and config.tune.trials:
+        raise ValueError(
+            f"config key 'resume' = {config.run.resume!r} continues a plain run; a tuning study (tune-trials = "
+            f"{config.tune.trials}) cannot be resumed"
+        )
+    if config.run.resume.lower() == "true" and not config.run.out_dir:
+        raise ValueError("config key 'resume' = 'true' continues the run in 'out-dir', but out-dir is not set")
     if bool(config.stream.tls_cert) != bool(config.stream.tls_key):
         raise ValueError(
             "config keys 'stream-tls-cert' and 'stream-tls-key' go together, got "

@@ -6,6 +6,7 @@ history, checkpoints and results.json. The round loop that drives it is :mod:`fl
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import platform
 import random
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fl_app.checkpoint import save_checkpoint, write_json_atomic
+from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.config import Config
 from fl_app.frame_auth import node_key, read_key_file
 from fl_app.metrics import pool_eval, release_freed_memory
@@ -110,6 +111,8 @@ class Coordinator:
         self.secret = credentials.secret
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
+        self.synced: dict[int, int] = {}  # client -> the round through which it has the synced updates
+        self.finished_round = 0  # the last round checkpointed (what a resumed run continues from)
         self.results: dict[str, Any] = {
             "mode": config.run.mode,
             "config": dict(config),
@@ -134,7 +137,7 @@ class Coordinator:
             self.config = self.base_config.updated(overrides)
             self.server = build_server(self.config, copy.deepcopy(self.pristine_top), self.num_classes)
         self.trial, self.overrides = trial, dict(overrides)
-        self.history, self.average = History(), None
+        self.history, self.average, self.synced = History(), None, {}
         self.results.update(history=[], rounds=[], step_seconds=0.0)
         self.results["eval"] = {"history": []}
 
@@ -177,6 +180,9 @@ class Coordinator:
             "node-auth": self.secret is not None,  # the client needs its node key (stream-key-file)
             "local-steps": self.config.optim.local_steps,
             "trial": self.trial,
+            "run-name": self.out_dir.name,  # clients keep their states per run, per round:
+            "state-dir": str(self.out_dir / "clients") if self.config.run.client_checkpoints else "",
+            "finished-round": self.finished_round,
             **(extra or {}),
         }
         return session, message
@@ -288,17 +294,58 @@ class Coordinator:
         return result
 
     def checkpoint(self, rnd: int) -> None:
-        """Server weights, synced history and results so far, each written atomically."""
+        """Everything a resumed run needs after round ``rnd`` (the server's weights, optimiser state and
+        step count, the synced state, the results so far, the RNG), in one atomic file; then results.json."""
+        self.finished_round = rnd
+        self.results["status"] = "running"
         trainable = {n: p.detach() for n, p in self.server.top.named_parameters() if p.requires_grad}
+        optimizer = self.server.optimizer
         save_checkpoint(
             self.out_dir / "checkpoint.pt",
-            {"round": rnd, "server": trainable, "history": self.history.__dict__, "average": self.average},
+            {
+                "round": rnd,
+                "trial": self.trial,
+                "config": dict(self.config),
+                "server": trainable,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "server_steps": self.server.steps,
+                "history": self.history.__dict__,
+                "average": self.average,
+                "synced": self.synced,
+                "results": json.dumps(self.results, default=float),  # plain JSON, as results.json
+                "rng": torch.get_rng_state(),
+            },
         )
         self.write_results()
 
-    def write_results(self, status: str = "running") -> Path:
-        """Write results.json; ``status`` is "running" after a round and "finished" at the end."""
+    def resume(self, folder: Path) -> int:
+        """Continue the run checkpointed in ``folder`` (checked first by
+        :func:`fl_app.preflight.check_out_dir`); returns its last finished round."""
+        saved = load_checkpoint(folder / "checkpoint.pt")
+        with self.lock:
+            params = dict(self.server.top.named_parameters())
+            with torch.no_grad():
+                for name, weights in saved["server"].items():
+                    params[name].copy_(weights)
+            if self.server.optimizer is not None:
+                self.server.optimizer.load_state_dict(saved["optimizer"])
+            self.server.steps = saved["server_steps"]
+        self.history = History(**saved["history"])
+        self.average, self.synced = saved["average"], dict(saved["synced"])
+        self.results = json.loads(saved["results"])
+        self.results.setdefault("resumed", []).append({"after_round": saved["round"], "config": dict(self.config)})
+        self.results["config"] = dict(self.config)
+        self.started = time.perf_counter() - self.results.get("wall_seconds", 0.0)
+        torch.set_rng_state(saved["rng"])
+        self.finished_round = saved["round"]
+        return self.finished_round
+
+    def write_results(self, status: str = "running", error: str = "") -> Path:
+        """Write results.json; ``status`` is "running" after a round, "finished" at the end and
+        "failed" (with ``error``) when the run raised."""
         self.results["status"] = status
+        if error:
+            self.results["error"] = error
         history = self.results["history"]
         if history:
             self.results["client"]["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)

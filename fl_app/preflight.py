@@ -5,12 +5,19 @@ folder can be written. Each failure is one ValueError naming the field and the v
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from fl_app.config import Config
+from fl_app.config import SETTINGS, Config
 from fl_app.models import check_cut, model_layers
 from fl_app.scenario import sample_and_partition
+
+# Settings a resumed run may change: where and how it is served, not what it trains.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "out-dir", "probe-messages", "round-timeout", "step-timeout", "client-checkpoints"}
+    | ({key for key, (group, _) in SETTINGS.items() if group == "stream"} - {"wire-dtype"})
+)
 
 
 def check_model(config: Config) -> None:
@@ -23,8 +30,10 @@ def check_data(config: Config) -> None:
     sample_and_partition(config)
 
 
-def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:
-    """``out_dir`` is (or can be made) a writable folder."""
+def check_out_dir(out_dir: Path, field: str = "out-dir", resume: Config | None = None) -> None:
+    """``out_dir`` is (or can be made) a writable folder. When resuming (``resume``: the config to
+    resume with) it holds a run trained with the same settings; otherwise it holds no unfinished run
+    (whose checkpoint a new run would overwrite)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{field} {str(out_dir)!r} is an existing file, not a folder")
     parent = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
@@ -32,6 +41,30 @@ def check_out_dir(out_dir: Path, field: str = "out-dir") -> None:
         raise ValueError(f"{field} {str(out_dir)!r} cannot be written (no write permission on {parent})")
     if (out_dir / "results.json").is_dir():
         raise ValueError(f"{field} {str(out_dir)!r} holds a folder named results.json")
+    checkpoint, saved = out_dir / "checkpoint.pt", _results(out_dir / "results.json")
+    if resume is not None:
+        if not checkpoint.is_file() or "config" not in saved:
+            raise ValueError(f"resume: {str(out_dir)!r} holds no checkpoint.pt and results.json to continue")
+        differ = {
+            k: (saved["config"].get(k), v)
+            for k, v in resume.items()
+            if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v
+        }
+        if differ:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
+            raise ValueError(f"resume: the run in {str(out_dir)!r} was trained with other settings ({shown})")
+    elif checkpoint.is_file() and saved.get("status") != "finished":
+        raise ValueError(
+            f"{field} {str(out_dir)!r} holds an unfinished run (status {saved.get('status')!r}): set resume = true "
+            "to continue it, or choose another folder"
+        )
+
+
+def _results(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def check_scenario(config: Config, data: bool = True) -> None:

@@ -58,25 +58,23 @@ class Federation(Protocol):
     ) -> dict[int, SessionReply]: ...
 
 
-def session_request(
-    coord: Coordinator, pid: int, rnd: int, synced: dict[int, int], extra: dict[str, Any]
-) -> tuple[Session, SessionRequest]:
+def session_request(coord: Coordinator, pid: int, rnd: int, extra: dict[str, Any]) -> tuple[Session, SessionRequest]:
     """Open a session for client ``pid`` and build its request (the history it still needs, if synced)."""
     session, settings = coord.open(pid, rnd, extra)
     request = SessionRequest(
-        pid, settings, dict(coord.overrides), coord.history_for(pid, synced.get(pid, 0)), coord.average
+        pid, settings, dict(coord.overrides), coord.history_for(pid, coord.synced.get(pid, 0)), coord.average
     )
     return session, request
 
 
 def train_round(
-    fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, synced: dict[int, int], plan: str = "full"
+    fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, plan: str = "full"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One round of training sessions in waves, each client using its data as ``plan`` says
     (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
     reports, dropped = [], []
     for wave in waves(coord.select(partitions, rnd), coord.config.federation.max_concurrent_clients):
-        opened = [session_request(coord, pid, rnd, synced, {"subset": plan}) for pid in wave]
+        opened = [session_request(coord, pid, rnd, {"subset": plan}) for pid in wave]
         replies = fed.run_sessions(
             "train", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
         )
@@ -85,7 +83,7 @@ def train_round(
             reply = replies.get(pid, SessionReply(None, NO_REPLY))
             if coord.finish_train(session, reply.report, reply.reason):
                 reports.append(reply.report)
-                synced[pid] = rnd - 1
+                coord.synced[pid] = rnd - 1
             else:
                 reason = reply.reason or session.reason
                 dropped.append({"client": pid, "reason": reason})
@@ -94,7 +92,7 @@ def train_round(
 
 
 def evaluate_round(
-    fed: Federation, coord: Coordinator, rnd: int, clients: list[int], synced: dict[int, int], split: str
+    fed: Federation, coord: Coordinator, rnd: int, clients: list[int], split: str
 ) -> dict[str, Any] | None:
     """Federated evaluation: each listed client scores its shard of ``split``."""
     if not clients:
@@ -102,9 +100,7 @@ def evaluate_round(
     reports = []
     for wave in waves(clients, coord.config.federation.max_concurrent_clients):
         opened = [
-            session_request(
-                coord, pid, rnd, synced, {"split": split, "shard": clients.index(pid), "num-shards": len(clients)}
-            )
+            session_request(coord, pid, rnd, {"split": split, "shard": clients.index(pid), "num-shards": len(clients)})
             for pid in wave
         ]
         replies = fed.run_sessions(
@@ -125,17 +121,16 @@ def run_round(
     coord: Coordinator,
     partitions: list[int],
     rnd: int,
-    synced: dict[int, int],
     plan: str,
     evaluate: bool,
     label: str = "",
 ) -> dict[str, Any]:
     """Train one round, evaluate on dev if asked, record and print it; returns the round's entry."""
     started = time.perf_counter()
-    reports, dropped = train_round(fed, coord, partitions, rnd, synced, plan)
+    reports, dropped = train_round(fed, coord, partitions, rnd, plan)
     coord.sync(rnd, reports)
     clients = sorted(r["partition-id"] for r in reports)
-    evaluation = evaluate_round(fed, coord, rnd, clients, synced, "dev") if evaluate else None
+    evaluation = evaluate_round(fed, coord, rnd, clients, "dev") if evaluate else None
     entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
     acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
     loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
@@ -147,17 +142,14 @@ def run_round(
     return entry
 
 
-def tune(
-    fed: Federation, coord: Coordinator, partitions: list[int], synced: dict[int, int], rounds: itertools.count
-) -> dict[str, Any]:
+def tune(fed: Federation, coord: Coordinator, partitions: list[int], rounds: itertools.count) -> dict[str, Any]:
     """The Optuna study over the federation; returns its summary (trials, best, seconds, plot)."""
 
     def one_round(trial: int, rnd: int, params, plan: str) -> dict[str, Any]:
         if rnd == 1:
             coord.reset(trial, params)
-            synced.clear()
             print(f"[hosl] trial {trial}: {params}", flush=True)
-        return run_round(fed, coord, partitions, next(rounds), synced, plan, evaluate=True, label=f"trial {trial} ")
+        return run_round(fed, coord, partitions, next(rounds), plan, evaluate=True, label=f"trial {trial} ")
 
     study, summary = run_study(coord.base_config, one_round)
     plot = plot_history(study, coord.out_dir / "optimization_history.png")
@@ -175,38 +167,50 @@ def tune(
 
 
 def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
-    """The whole run (tuning first when ``tune-trials > 0``); returns the finished results.json's path."""
+    """The whole run (tuning first when ``tune-trials > 0``; from the last finished round when
+    resuming); returns the finished results.json's path. A run that raises leaves results.json
+    with status "failed" and the reason."""
+    try:
+        return _run(fed, coord, partitions)
+    except BaseException as err:
+        coord.write_results(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
     config = coord.base_config
-    synced: dict[int, int] = {}
     rounds = itertools.count(1)
     selector, warm = config.subset.selector, warm_rounds(config, config.federation.num_rounds)
     if config.tune.trials:
-        tuning = tune(fed, coord, partitions, synced, rounds)
+        tuning = tune(fed, coord, partitions, rounds)
         coord.reset(config.tune.trials + 1, tuning["best"]["params"])  # best config, full data
-        synced.clear()
         coord.results["tuning"] = tuning
         selector = "full"
     final_started = time.perf_counter()
     numbers = [next(rounds) for _ in range(config.federation.num_rounds)]  # after tuning's rounds
-    if config.eval.untrained:  # the baseline, scored by the clients round 1 selects
-        untrained = evaluate_round(fed, coord, 0, coord.select(partitions, numbers[0]), synced, "dev")
+    done = coord.finished_round  # > 0 when resuming: those rounds are in the results already
+    if done:
+        print(f"[hosl] resuming after round {done} of {numbers[-1]} from {coord.out_dir}", flush=True)
+    elif config.eval.untrained:  # the baseline, scored by the clients round 1 selects
+        untrained = evaluate_round(fed, coord, 0, coord.select(partitions, numbers[0]), "dev")
         if untrained is not None and untrained["count"]:
             coord.results["eval"]["history"].append({"round": 0, **untrained})
             print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
     for index, rnd in enumerate(numbers, start=1):
+        if rnd <= done:
+            continue
         plan = round_plan(selector, index, config.subset.reselect_every, warm)
         run_round(
             fed,
             coord,
             partitions,
             rnd,
-            synced,
             plan,
             evaluate=index % config.eval.every == 0 or index == config.federation.num_rounds,
         )
     if config.eval.test:
         last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
-        test = evaluate_round(fed, coord, rnd, last or sorted(partitions), synced, "test")
+        test = evaluate_round(fed, coord, numbers[-1], last or sorted(partitions), "test")
         coord.results["eval"]["test"] = test
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
     if config.tune.trials:

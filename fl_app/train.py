@@ -66,6 +66,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     returns the results."""
     coord = Coordinator(config, out_dir, serve_stream=False)
     try:
+        if config.run.resume:
+            coord.resume(out_dir)
         rounds.run(
             InProcessFederation(coord, config.federation.num_clients), coord, list(range(config.federation.num_clients))
         )
@@ -82,10 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # every input checked before anything trains: one line and exit code 2 if not
-        config, _ = scenario_config(args.scenario, args.set)
+        config, _ = scenario_config(args.scenario, args.set + ([f"out-dir={args.out}"] if args.out else []))
         check_scenario(config)
-        out_dir = run_folder(args.out, config)
-        check_out_dir(out_dir, "--out")
+        out_dir = run_folder(config.run.out_dir, config)
+        check_out_dir(out_dir, "--out", resume=config if config.run.resume else None)
     except ValueError as err:
         exit_with_error(str(err))
     run(config, out_dir)  # prints each round, test accuracy and, last, where the results are

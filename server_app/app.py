@@ -153,13 +153,15 @@ def main(grid: Grid, context: Context) -> None:
         config = make_config(context.run_config)
         out_dir = run_folder(config.run.out_dir, config)
         check_scenario(config, data=False)  # the clients hold the data and check it themselves
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, resume=config if config.run.resume else None)
         credentials = stream_credentials(config)
     except ValueError as err:
         print(f"[hosl] error: {err}", flush=True)
         raise
     coord = Coordinator(config, out_dir, credentials)
     try:
+        if config.run.resume:
+            coord.resume(out_dir)
         nodes = discover(grid, timeout=config.federation.round_timeout)
         print(
             f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "

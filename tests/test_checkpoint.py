@@ -1,10 +1,16 @@
-"""Checkpoints and results are replaced atomically: a crash mid-write never leaves a corrupt file."""
+"""Checkpoints and results are replaced atomically (a crash mid-write never leaves a corrupt file),
+and a killed run resumes to the result it would have had."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from fl_app import train as train_cli
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 
 
@@ -31,3 +37,59 @@ def test_results_json_is_replaced_whole(tmp_path, monkeypatch):
         write_json_atomic(path, {"round": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"round": 1}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "sim_configs/smoke_tiny.toml")
+
+
+def _per_round(results: dict) -> tuple[list, list]:
+    steps = [(h["round"], h["client"], h["train_loss"]) for h in results["history"]]
+    rounds = [(r["round"], r["train_loss"], r["accuracy"], r["clients"]) for r in results["rounds"]]
+    return steps, rounds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hosl", "fo-fo"])
+def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_result(tmp_path, mode):
+    """SIGKILL the local runner once round 2 is checkpointed; a new run into the same folder is
+    refused, ``resume = true`` continues from the last finished round, and every per-step loss,
+    round loss and dev accuracy equals those of a run that was never interrupted."""
+    sets = ["num-rounds=4", f"mode={mode}", "server-optimizer=adam", "server-lr=1e-3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train_cli.main([SMOKE, "--out", str(whole), *(a for s in sets for a in ("--set", s))])
+    cmd = [sys.executable, "-m", "fl_app.train", SMOKE, "--out", str(killed), *(a for s in sets for a in ("--set", s))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((killed / "results.json").read_text())["rounds"]) >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    before = json.loads((killed / "results.json").read_text())
+    assert before["status"] == "running" and 2 <= len(before["rounds"]) < 4
+    with pytest.raises(SystemExit):  # a new run would overwrite the unfinished one
+        train_cli.main([SMOKE, "--out", str(killed), *(a for s in sets for a in ("--set", s))])
+    train_cli.main([SMOKE, "--out", str(killed), *(a for s in [*sets, "resume=true"] for a in ("--set", s))])
+    resumed, uninterrupted = (json.loads((d / "results.json").read_text()) for d in (killed, whole))
+    assert resumed["status"] == "finished" and resumed["resumed"][0]["after_round"] == len(before["rounds"])
+    assert _per_round(resumed) == _per_round(uninterrupted)
+    assert resumed["eval"]["history"] == uninterrupted["eval"]["history"]
+    assert resumed["eval"]["test"] == uninterrupted["eval"]["test"]
+
+
+def test_resume_refuses_a_folder_trained_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1", "--set", "eval-test=false"])
+    with pytest.raises(SystemExit):
+        train_cli.main([SMOKE, "--out", str(out), "--set", "resume=true", "--set", "client-lr=0.5"])
+    assert "trained with other settings (client-lr: 0.001 -> 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main([SMOKE, "--set", f"resume={tmp_path / 'nothing'}"])
+    assert "holds no checkpoint.pt" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 
 from fl_app import frame_auth
 from fl_app.batches import BatchStream
-from fl_app.client_session import NodeSecrets, catch_up, make_client, run_eval_session, run_session
+from fl_app.client_session import NodeSettings, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, stream_credentials, waves
 from fl_app.protocol import ProtocolError, StepRequest
@@ -226,12 +226,15 @@ def test_with_a_server_secret_only_the_node_holding_its_key_trains(coordinators,
     conf = config(**{"stream-secret-file": secret})
     c = coordinators(conf, stream_credentials(conf))
     session, message = c.open(0, 1)
-    assert message["node-auth"] and "secret" not in json.dumps(message)
+    wire = json.dumps(message)
+    assert message["node-auth"] and all(Path(f).read_text().strip() not in wire for f in (secret, key0))
     with pytest.raises(ValueError, match="set node config stream-key-file"):
         run_session(c.config, 0, 3, None, message)
     with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*wrong session key"):
-        run_session(c.config, 0, 3, None, message, node=NodeSecrets.from_node_config({"stream-key-file": key1}))
-    report, _ = run_session(c.config, 0, 3, None, message, node=NodeSecrets.from_node_config({"stream-key-file": key0}))
+        run_session(c.config, 0, 3, None, message, node=NodeSettings.from_node_config({"stream-key-file": key1}))
+    report, _ = run_session(
+        c.config, 0, 3, None, message, node=NodeSettings.from_node_config({"stream-key-file": key0})
+    )
     assert c.finish_train(session, report) and report["steps"] == 2
     assert json.loads(c.write_results().read_text())["refused"] == {"stream": 1}
 
@@ -249,10 +252,10 @@ def test_a_node_with_its_own_ca_trusts_only_it(coordinators, tmp_path):
     )
     c = coordinators(conf, stream_credentials(conf))
     session, message = c.open(0, 1)
-    wrong_ca = NodeSecrets(ca=(tmp_path / "theirs/ca.crt").read_bytes())
+    wrong_ca = NodeSettings(ca=(tmp_path / "theirs/ca.crt").read_bytes())
     with pytest.raises(ConnectionError, match="UNAVAILABLE"):
         run_session(c.config, 0, 3, None, message, node=wrong_ca)
-    right_ca = NodeSecrets.from_node_config({"stream-ca": str(tmp_path / "ours/ca.crt")})
+    right_ca = NodeSettings.from_node_config({"stream-ca": str(tmp_path / "ours/ca.crt")})
     report, _ = run_session(c.config, 0, 3, None, message, node=right_ca)
     assert c.finish_train(session, report)
     plain = coordinators(config())

@@ -1,0 +1,53 @@
+"""Client states on the client's own disk, one file per round it trained, so a resumed run (or a
+restarted SuperNode, whose in-memory state Flower forgot) continues each bottom exactly.
+
+Files live in ``<folder>/client-<partition id>/round-<round>.pt`` and are written atomically. A
+client loads the newest file up to the last round the server finished; older files are pruned
+once a newer one is finished (the server's checkpoint is past it).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fl_app.checkpoint import load_checkpoint, save_checkpoint
+from fl_app.records import ClientState
+
+_NAME = re.compile(r"round-(\d+)\.pt")
+
+
+def _rounds(folder: Path, partition_id: int) -> dict[int, Path]:
+    own = folder / f"client-{partition_id}"
+    found = (_NAME.fullmatch(p.name) for p in own.glob("round-*.pt")) if own.is_dir() else ()
+    return {int(m.group(1)): own / m.group(0) for m in found if m}
+
+
+def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientState, finished_round: int) -> Path:
+    """Write the state after round ``rnd``; drop files older than the newest one the server has
+    finished with (``finished_round``: its last checkpointed round)."""
+    path = folder / f"client-{partition_id}" / f"round-{rnd:05d}.pt"
+    payload = {
+        "weights": state.weights,
+        "steps": state.steps,
+        "synced_round": state.synced_round,
+        "trial": state.trial,
+        "subset_ids": list(state.subset_ids),
+        "subset_weights": list(state.subset_weights),
+    }
+    save_checkpoint(path, payload)
+    files = _rounds(folder, partition_id)
+    keep_from = max((r for r in files if r <= finished_round), default=0)
+    for r, old in files.items():
+        if r < keep_from:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_client_state(folder: Path, partition_id: int, upto_round: int) -> ClientState | None:
+    """The state saved after the newest round <= ``upto_round`` (None if there is none)."""
+    files = {r: p for r, p in _rounds(folder, partition_id).items() if r <= upto_round}
+    if not files:
+        return None
+    payload = load_checkpoint(files[max(files)])
+    return ClientState(**payload)
