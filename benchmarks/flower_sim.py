@@ -20,8 +20,9 @@ from fl_app.config import merge_scenario
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def superlink_pids(flwr_home: Path | None = None) -> list[int]:
-    """PIDs of flower-superlink processes (only those started with ``flwr_home``, if given)."""
+def home_pids(flwr_home: Path, marker: bytes = b"") -> list[int]:
+    """PIDs of processes started with ``FLWR_HOME=flwr_home`` (whose command line holds ``marker``):
+    what one run started, and nothing of other users' runs on this machine."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -31,16 +32,21 @@ def superlink_pids(flwr_home: Path | None = None) -> list[int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flower-superlink" in cmd and (flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in env):
+        if marker in cmd and f"FLWR_HOME={flwr_home}".encode() in env:
             pids.append(int(proc.name))
     return pids
 
 
-def stop(pids: list[int], wait: float = 10) -> None:
-    """SIGTERM ``pids`` and wait up to ``wait`` seconds for them to exit."""
+def superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of the flower-superlink processes started with ``flwr_home``."""
+    return home_pids(flwr_home, b"flower-superlink")
+
+
+def stop(pids: list[int], wait: float = 10, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``pids`` and wait up to ``wait`` seconds for them to exit."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
     deadline = time.time() + wait
@@ -68,7 +74,9 @@ def private_superlink_env(flwr_home: Path) -> dict[str, str]:
 
 def finished_results(out: Path, log: str = "", timeout: float = 300) -> dict:
     """The run's results.json once its status is "finished" (`flwr run --stream` can return early
-    when its log stream attaches late; the run itself goes on in the background)."""
+    when its log stream attaches late; the run itself goes on in the background). A run that says
+    it failed (results.json, or Flower's log) raises at once instead of waiting out ``timeout``."""
+    crashed = next((m for m in CRASH_MARKERS if m in log), None)
     deadline = time.time() + timeout
     while time.time() < deadline:
         path = out / "results.json"
@@ -76,8 +84,15 @@ def finished_results(out: Path, log: str = "", timeout: float = 300) -> dict:
             results = json.loads(path.read_text())
             if results.get("status") == "finished":
                 return results
+            if results.get("status") == "failed":
+                raise RuntimeError(f"the run failed: {results.get('error')}; log tail:\n{log[-3000:]}")
+        if crashed:
+            raise RuntimeError(f"the run crashed ({crashed!r} in Flower's log); log tail:\n{log[-3000:]}")
         time.sleep(1)
     raise TimeoutError(f"no finished results.json in {out} within {timeout} s; log tail:\n{log[-3000:]}")
+
+
+CRASH_MARKERS = ("Simulation Runtime crashed", "[hosl] error:", "Exit Code: ")
 
 
 def run_simulation(
@@ -91,25 +106,31 @@ def run_simulation(
     cfg = home / "run.toml"
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, **private_superlink_env(home)}
+    federation = f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}"
     try:
-        proc = subprocess.run(
-            [
-                "flwr",
-                "run",
-                ".",
-                "--stream",
-                "--run-config",
-                str(cfg),
-                "--federation-config",
-                f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}",
-            ],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return finished_results(out, proc.stdout + proc.stderr, timeout)
+        results, _ = flwr_run_results(["--run-config", str(cfg), "--federation-config", federation], env, out, timeout)
+        return results
     finally:
         stop(superlink_pids(home))
+
+
+def flwr_run_results(args: list[str], env: dict[str, str], out: Path, timeout: float) -> tuple[dict, str]:
+    """`flwr run . --stream *args` and its finished results.json (and log). A run that crashed before
+    its first round (Ray failing to start on a loaded machine) is retried once, and says so."""
+    try:
+        return _flwr_run_once(args, env, out, timeout)
+    except RuntimeError as err:
+        if (out / "checkpoint.pt").exists() or "[hosl] error:" in str(err):
+            raise
+        print(f"[flower_sim] the run failed before its first round; retrying once: {str(err)[:300]}", flush=True)
+        return _flwr_run_once(args, env, out, timeout)
+
+
+def _flwr_run_once(args: list[str], env: dict[str, str], out: Path, timeout: float) -> tuple[dict, str]:
+    proc = subprocess.run(
+        ["flwr", "run", ".", "--stream", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"flwr run exited with {proc.returncode}; log tail:\n{log[-3000:]}")
+    return finished_results(out, log, timeout), log

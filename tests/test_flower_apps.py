@@ -4,14 +4,25 @@ Each test uses its own FLWR_HOME with runtime dependency installation disabled, 
 background SuperLink that `flwr run` starts for local simulation (found by its FLWR_HOME).
 """
 
+import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.flower_sim import finished_results, free_port, private_superlink_env, stop, superlink_pids
+from benchmarks.flower_sim import (
+    finished_results,
+    flwr_run_results,
+    free_port,
+    home_pids,
+    private_superlink_env,
+    stop,
+    superlink_pids,
+)
 from fl_app.config import make_config, merge_scenario, read_scenario
 from fl_app.train import run
 
@@ -30,31 +41,51 @@ def flwr_env(tmp_path):
     stop(superlink_pids(home))
 
 
-def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout: int) -> str:
-    run_config = Path(env["FLWR_HOME"]) / "run.toml"
-    run_config.write_text(merge_scenario(ROOT / scenario, overrides))
-    proc = subprocess.run(
-        ["flwr", "run", ".", "--stream", "--run-config", str(run_config), *extra],
+def run_config_file(env, scenario: str, overrides: list[str]) -> Path:
+    path = Path(env["FLWR_HOME"]) / "run.toml"
+    path.write_text(merge_scenario(ROOT / scenario, overrides))
+    return path
+
+
+def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout: int) -> dict:
+    """The finished results of `flwr run` (out-dir set in ``overrides``); a run that crashes before its
+    first round is retried once, and a failed one raises at once."""
+    out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("out-dir=")))
+    run_config = run_config_file(env, scenario, overrides)
+    results, _ = flwr_run_results(["--run-config", str(run_config), *extra], env, out, timeout)
+    return results
+
+
+def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tmp_path):
+    """SIGKILL the simulation's ServerApp process once round 1 of 3 is checkpointed: results.json
+    still says "running"; `flwr run` with resume = true continues from the last finished round
+    (the clients reload their states from disk) and every per-step loss equals the local runner's
+    uninterrupted run."""
+    out, overrides = tmp_path / "sim", ["max-concurrent-clients=1", "eval-test=false", "num-rounds=3"]
+    home = Path(flwr_env["FLWR_HOME"])
+    run_config = run_config_file(flwr_env, "sim_configs/smoke_tiny.toml", [f"out-dir={out}", *overrides])
+    first = subprocess.Popen(
+        ["flwr", "run", ".", "--stream", "--run-config", str(run_config)],
         cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        env=flwr_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
-    overrides = [f"out-dir={tmp_path / 'sim'}", "max-concurrent-clients=1", "eval-test=false"]
-    log = flwr_run(flwr_env, "sim_configs/smoke_tiny.toml", overrides, [], timeout=400)
-    results = finished_results(tmp_path / "sim", log)
-    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    stop(home_pids(home, b"flwr-simulation"), sig=signal.SIGKILL)
+    stop(home_pids(home, b"/ray/") + home_pids(home, b"ray::"))  # its Ray processes, orphaned
+    first.kill()  # the `flwr run` we started, still streaming the dead run's log
+    first.wait()
+    killed = json.loads((out / "results.json").read_text())
+    assert killed["status"] == "running" and 1 <= len(killed["rounds"]) < 3
+    results = flwr_run(flwr_env, "sim_configs/smoke_tiny.toml", [f"out-dir={out}", *overrides, "resume=true"], [], 400)
+    assert results["resumed"][0]["after_round"] == len(killed["rounds"])
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in results["rounds"])
-    assert (tmp_path / "sim" / "checkpoint.pt").exists()
-    local = run(
-        make_config({**read_scenario(ROOT / "sim_configs/smoke_tiny.toml"), "eval-test": False}), tmp_path / "local"
-    )
+    scenario = read_scenario(ROOT / "sim_configs/smoke_tiny.toml")
+    local = run(make_config({**scenario, "eval-test": False, "num-rounds": 3}), tmp_path / "local")
     sim_losses = [h["train_loss"] for h in results["history"]]
     local_losses = [h["train_loss"] for h in local["history"]]
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
@@ -64,14 +95,13 @@ def test_simulation_completes_and_matches_local_runner(flwr_env, tmp_path):
 def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
     """Synced ZO clients receive (seed, gradient) history; synced FO clients receive averaged weights."""
     out = tmp_path / mode
-    log = flwr_run(
+    rounds = flwr_run(
         flwr_env,
         "sim_configs/smoke_tiny.toml",
         [f"out-dir={out}", f"mode={mode}", "bottoms=synced", "eval-test=false", "client-lr=0.001"],
         [],
         timeout=400,
-    )
-    rounds = finished_results(out, log)["rounds"]
+    )["rounds"]
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     assert rounds[0]["message_bytes_down"] < 200 * 2  # round 1: session settings only
     if mode == "hosl":  # round 2 carries the other client's 3 steps x (3 + 2Q) scalars
@@ -124,14 +154,13 @@ def test_deployment_refuses_to_run_insecure_unless_asked():
 
 def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     out = tmp_path / "c100"
-    log = flwr_run(
+    results = flwr_run(
         flwr_env,
         "sim_configs/tiny_100_clients.toml",
         [f"out-dir={out}", "eval-test=false", "eval-untrained=false"],
         ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"],
         timeout=900,
     )
-    results = finished_results(out, log)
     assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
 
@@ -139,8 +168,7 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
 def test_tuning_study_runs_under_simulation(flwr_env, tmp_path):
     """tune_tiny: 3 trials on gradmatch subsets inside one `flwr run`, then the best config on full data."""
     out = tmp_path / "tune"
-    log = flwr_run(flwr_env, "sim_configs/tune_tiny.toml", [f"out-dir={out}"], [], timeout=600)
-    results = finished_results(out, log, timeout=600)
+    results = flwr_run(flwr_env, "sim_configs/tune_tiny.toml", [f"out-dir={out}"], [], timeout=600)
     tuning = results["tuning"]
     assert len(tuning["trials"]) == 3 and tuning["best"]["params"].keys() == {"client-lr", "server-lr"}
     for trial in tuning["trials"]:
