@@ -51,7 +51,10 @@ class SessionReply:
 
 class Federation(Protocol):
     """Runs sessions on clients: ``kind`` is "train" or "evaluate"; replies by partition id (a client
-    that does not answer before ``timeout`` is missing); ``tick`` is called while waiting."""
+    that does not answer before ``timeout`` is missing); ``tick`` is called while waiting.
+    :meth:`partitions` lists the clients reachable now (asked again every round: nodes come and go)."""
+
+    def partitions(self) -> list[int]: ...
 
     def run_sessions(
         self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
@@ -68,12 +71,12 @@ def session_request(coord: Coordinator, pid: int, rnd: int, extra: dict[str, Any
 
 
 def train_round(
-    fed: Federation, coord: Coordinator, partitions: list[int], rnd: int, plan: str = "full"
+    fed: Federation, coord: Coordinator, rnd: int, plan: str = "full"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One round of training sessions in waves, each client using its data as ``plan`` says
     (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
     reports, dropped = [], []
-    for wave in waves(coord.select(partitions, rnd), coord.config.federation.max_concurrent_clients):
+    for wave in waves(coord.select(fed.partitions(), rnd), coord.config.federation.max_concurrent_clients):
         opened = [session_request(coord, pid, rnd, {"subset": plan}) for pid in wave]
         replies = fed.run_sessions(
             "train", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
@@ -119,7 +122,6 @@ def evaluate_round(
 def run_round(
     fed: Federation,
     coord: Coordinator,
-    partitions: list[int],
     rnd: int,
     plan: str,
     evaluate: bool,
@@ -127,7 +129,7 @@ def run_round(
 ) -> dict[str, Any]:
     """Train one round, evaluate on dev if asked, record and print it; returns the round's entry."""
     started = time.perf_counter()
-    reports, dropped = train_round(fed, coord, partitions, rnd, plan)
+    reports, dropped = train_round(fed, coord, rnd, plan)
     coord.sync(rnd, reports)
     clients = sorted(r["partition-id"] for r in reports)
     evaluation = evaluate_round(fed, coord, rnd, clients, "dev") if evaluate else None
@@ -142,14 +144,14 @@ def run_round(
     return entry
 
 
-def tune(fed: Federation, coord: Coordinator, partitions: list[int], rounds: itertools.count) -> dict[str, Any]:
+def tune(fed: Federation, coord: Coordinator, rounds: itertools.count) -> dict[str, Any]:
     """The Optuna study over the federation; returns its summary (trials, best, seconds, plot)."""
 
     def one_round(trial: int, rnd: int, params, plan: str) -> dict[str, Any]:
         if rnd == 1:
             coord.reset(trial, params)
             print(f"[hosl] trial {trial}: {params}", flush=True)
-        return run_round(fed, coord, partitions, next(rounds), plan, evaluate=True, label=f"trial {trial} ")
+        return run_round(fed, coord, next(rounds), plan, evaluate=True, label=f"trial {trial} ")
 
     study, summary = run_study(coord.base_config, one_round)
     plot = plot_history(study, coord.out_dir / "optimization_history.png")
@@ -166,23 +168,23 @@ def tune(fed: Federation, coord: Coordinator, partitions: list[int], rounds: ite
     return summary
 
 
-def run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
+def run(fed: Federation, coord: Coordinator) -> Path:
     """The whole run (tuning first when ``tune-trials > 0``; from the last finished round when
     resuming); returns the finished results.json's path. A run that raises leaves results.json
     with status "failed" and the reason."""
     try:
-        return _run(fed, coord, partitions)
+        return _run(fed, coord)
     except BaseException as err:
         coord.write_results(status="failed", error=f"{type(err).__name__}: {err}")
         raise
 
 
-def _run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
+def _run(fed: Federation, coord: Coordinator) -> Path:
     config = coord.base_config
     rounds = itertools.count(1)
     selector, warm = config.subset.selector, warm_rounds(config, config.federation.num_rounds)
     if config.tune.trials:
-        tuning = tune(fed, coord, partitions, rounds)
+        tuning = tune(fed, coord, rounds)
         coord.reset(config.tune.trials + 1, tuning["best"]["params"])  # best config, full data
         coord.results["tuning"] = tuning
         selector = "full"
@@ -192,7 +194,7 @@ def _run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
     if done:
         print(f"[hosl] resuming after round {done} of {numbers[-1]} from {coord.out_dir}", flush=True)
     elif config.eval.untrained:  # the baseline, scored by the clients round 1 selects
-        untrained = evaluate_round(fed, coord, 0, coord.select(partitions, numbers[0]), "dev")
+        untrained = evaluate_round(fed, coord, 0, coord.select(fed.partitions(), numbers[0]), "dev")
         if untrained is not None and untrained["count"]:
             coord.results["eval"]["history"].append({"round": 0, **untrained})
             print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
@@ -203,14 +205,13 @@ def _run(fed: Federation, coord: Coordinator, partitions: list[int]) -> Path:
         run_round(
             fed,
             coord,
-            partitions,
             rnd,
             plan,
             evaluate=index % config.eval.every == 0 or index == config.federation.num_rounds,
         )
     if config.eval.test:
         last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
-        test = evaluate_round(fed, coord, numbers[-1], last or sorted(partitions), "test")
+        test = evaluate_round(fed, coord, numbers[-1], last or sorted(fed.partitions()), "test")
         coord.results["eval"]["test"] = test
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
     if config.tune.trials:

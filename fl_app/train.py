@@ -39,6 +39,9 @@ class InProcessFederation:
         self.coord, self.num_clients = coord, num_clients
         self.states: dict[int, ClientState] = {}
 
+    def partitions(self) -> list[int]:
+        return list(range(self.num_clients))
+
     def run_sessions(
         self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
     ) -> dict[int, SessionReply]:
@@ -68,9 +71,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     try:
         if config.run.resume:
             coord.resume(out_dir)
-        rounds.run(
-            InProcessFederation(coord, config.federation.num_clients), coord, list(range(config.federation.num_clients))
-        )
+        rounds.run(InProcessFederation(coord, config.federation.num_clients), coord)
     finally:
         coord.close()
     return coord.results

@@ -4,15 +4,23 @@
 # when the run ends (or on Ctrl-C).
 #
 #   scripts/deploy_local.sh [--nodes N] [--port P] [--run-config FILE] [--set 'k=v k2=v2']
-#                           [--tls-dir DIR | --insecure] [--flwr-home DIR]
+#                           [--tls-dir DIR | --insecure] [--flwr-home DIR] [--database FILE]
 #
 # --tls-dir DIR expects ca.crt, server.pem and server.key (server cert valid for 127.0.0.1 /
-# localhost); scripts/make_certs.sh creates a self-signed set. Without --tls-dir the script
-# refuses to run unless --insecure is given explicitly.
+# localhost); scripts/make_certs.sh creates a self-signed set. With it everything is secured:
+#   * Flower's links (SuperLink <-> SuperNodes, the flwr CLI) use TLS;
+#   * Flower's SuperNode authentication is on: the SuperLink runs with --enable-supernode-auth and
+#     each SuperNode gets its own EC key pair ($FLWR_HOME/keys), registered with `flwr supernode register`;
+#   * the step stream uses TLS with the same certificate (run config stream-tls-cert / stream-tls-key)
+#     and each node trusts only the given CA (node config stream-ca);
+#   * step-stream frames are keyed by node keys (run config stream-secret-file, node config
+#     stream-key-file): a session token read anywhere is useless without its node's key.
+# Without --tls-dir the script refuses to run unless --insecure is given explicitly.
+# --database FILE keeps the SuperLink's state in FILE, so a restarted SuperLink still knows its nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NODES=2 PORT=9500 RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR=""
+NODES=2 PORT=9500 RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR="" DATABASE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) NODES=$2; shift 2 ;;
@@ -22,6 +30,7 @@ while [ $# -gt 0 ]; do
     --tls-dir) TLS_DIR=$2; shift 2 ;;
     --insecure) INSECURE=1; shift ;;
     --flwr-home) FLWR_HOME_DIR=$2; shift 2 ;;
+    --database) DATABASE=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -32,27 +41,31 @@ fi
 
 export FLWR_HOME="${FLWR_HOME_DIR:-$(mktemp -d /tmp/hosl-deploy.XXXXXX)}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-mkdir -p "$FLWR_HOME/logs"
+KEYS="$FLWR_HOME/keys"
+mkdir -p "$FLWR_HOME/logs" "$KEYS" && chmod 700 "$KEYS"
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+NODE_EXTRA=()
 if [ -n "$TLS_DIR" ]; then
-  LINK_SEC=(--ssl-ca-certfile "$TLS_DIR/ca.crt" --ssl-certfile "$TLS_DIR/server.pem" --ssl-keyfile "$TLS_DIR/server.key")
+  TLS_DIR=$(cd "$TLS_DIR" && pwd)
+  LINK_SEC=(--ssl-ca-certfile "$TLS_DIR/ca.crt" --ssl-certfile "$TLS_DIR/server.pem" --ssl-keyfile "$TLS_DIR/server.key"
+            --enable-supernode-auth)
   NODE_SEC=(--root-certificates "$TLS_DIR/ca.crt")
-  CONN_SEC="root-certificates = \"$(cd "$TLS_DIR" && pwd)/ca.crt\""
+  CONN_SEC="root-certificates = \"$TLS_DIR/ca.crt\""
+  python scripts/supernode_keys.py "$KEYS" "$NODES"
+  python -m fl_app.frame_auth secret "$KEYS/stream.secret"
+  for ((i = 0; i < NODES; i++)); do
+    python -m fl_app.frame_auth node-key "$KEYS/stream.secret" "$i" "$KEYS/stream-node-$i.key"
+    NODE_EXTRA[i]="stream-ca='$TLS_DIR/ca.crt' stream-key-file='$KEYS/stream-node-$i.key'"
+  done
+  SETS="stream-tls-cert=$TLS_DIR/server.pem stream-tls-key=$TLS_DIR/server.key stream-secret-file=$KEYS/stream.secret $SETS"
 else
   LINK_SEC=(--insecure) NODE_SEC=(--insecure) CONN_SEC="insecure = true"
 fi
-
-flower-superlink "${LINK_SEC[@]}" --host 127.0.0.1 --port "$PORT" --disable-runtime-dependency-installation \
-  > "$FLWR_HOME/logs/superlink.log" 2>&1 &
-PIDS+=($!)
-for ((i = 0; i < NODES; i++)); do
-  flower-supernode "${NODE_SEC[@]}" --superlink "127.0.0.1:$PORT" --port $((PORT + 100 + i)) \
-    --node-config "partition-id=$i num-partitions=$NODES" > "$FLWR_HOME/logs/supernode-$i.log" 2>&1 &
-  PIDS+=($!)
-done
+LINK_STATE=()
+if [ -n "$DATABASE" ]; then LINK_STATE=(--database "$DATABASE"); fi
 
 cat > "$FLWR_HOME/config.toml" <<EOF
 [superlink]
@@ -66,7 +79,10 @@ EOF
 # flwr takes a TOML file or key=value pairs, not both: merge them into one checked file.
 # shellcheck disable=SC2086
 python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
-ARGS=(run . deploy --stream --run-config "$FLWR_HOME/run-config.toml")
+
+flower-superlink "${LINK_SEC[@]}" "${LINK_STATE[@]}" --host 127.0.0.1 --port "$PORT" \
+  --disable-runtime-dependency-installation > "$FLWR_HOME/logs/superlink.log" 2>&1 &
+PIDS+=($!)
 # Wait for the SuperLink to accept connections (a loaded machine can take far longer than a few seconds).
 LINK_UP=""
 for _ in $(seq 1 240); do
@@ -75,9 +91,21 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 [ -n "$LINK_UP" ] || { echo "SuperLink not accepting connections on 127.0.0.1:$PORT after 120 s; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }
+
+for ((i = 0; i < NODES; i++)); do
+  NODE_AUTH=()
+  if [ -n "$TLS_DIR" ]; then  # only registered SuperNodes may connect
+    flwr supernode register "$KEYS/supernode-$i.pub" deploy > "$FLWR_HOME/logs/register-$i.log" 2>&1 \
+      || { echo "registering SuperNode $i failed; see $FLWR_HOME/logs/register-$i.log" >&2; exit 1; }
+    NODE_AUTH=(--auth-supernode-private-key "$KEYS/supernode-$i")
+  fi
+  flower-supernode "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "127.0.0.1:$PORT" --port $((PORT + 100 + i)) \
+    --node-config "partition-id=$i num-partitions=$NODES ${NODE_EXTRA[i]:-}" > "$FLWR_HOME/logs/supernode-$i.log" 2>&1 &
+  PIDS+=($!)
+done
 sleep 2  # let the SuperNodes register
 echo "SuperLink 127.0.0.1:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
-flwr "${ARGS[@]}" 2>&1 | tee "$FLWR_HOME/logs/run.log"
+flwr run . deploy --stream --run-config "$FLWR_HOME/run-config.toml" 2>&1 | tee "$FLWR_HOME/logs/run.log"
 # `flwr run --stream` can return before the run ends (its log stream may attach late): keep the
 # SuperLink and SuperNodes up until the SuperLink reports the run finished.
 RUN_ID=$(grep -o 'Successfully started run [0-9]*' "$FLWR_HOME/logs/run.log" | grep -o '[0-9]*$' || true)

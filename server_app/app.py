@@ -30,6 +30,7 @@ from fl_app.rounds import NO_REPLY, SessionReply, SessionRequest
 log = logging.getLogger("hosl.server")
 app = ServerApp()
 POLL_SECONDS = 0.2
+QUERY_TIMEOUT = 60.0  # seconds a node has to tell its partition id
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -62,24 +63,16 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, tick: Callable
     return replies
 
 
-def discover(grid: Grid, timeout: float) -> dict[int, int]:
-    """partition-id -> node id, asked of every connected node (waits for at least one node)."""
-    deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while not node_ids and time.monotonic() < deadline:
-        time.sleep(1.0)
-        node_ids = list(grid.get_node_ids())
+def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
+    """node id -> the partition id it holds, asked of ``node_ids`` (nodes that do not answer are left out)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
-    replies = exchange(grid, messages, timeout, lambda: None)
-    nodes = {}
-    for node_id, reply in replies.items():
+    claims = {}
+    for node_id, reply in exchange(grid, messages, timeout, lambda: None).items():
         if reply.has_error():
             log.warning("node %s did not answer the query: %s", node_id, reply.error.reason)
             continue
-        nodes[int(reply.content.config_records["node"]["partition-id"])] = node_id
-    if not nodes:
-        raise RuntimeError("no client node answered; check that SuperNodes are connected")
-    return nodes
+        claims[node_id] = int(reply.content.config_records["node"]["partition-id"])
+    return claims
 
 
 def probe_message_rtt(grid: Grid, node_id: int, count: int) -> list[float]:
@@ -116,10 +109,47 @@ def session_content(request: SessionRequest) -> RecordDict:
 
 
 class FlowerFederation:
-    """Sessions as Flower messages to the ClientApps (one node per partition id)."""
+    """Sessions as Flower messages to the ClientApps (one node per partition id).
 
-    def __init__(self, grid: Grid, nodes: dict[int, int]):
-        self.grid, self.nodes = grid, nodes
+    Nodes are discovered again every round: a node that went away is skipped, a new or restarted
+    node is asked its partition id and used from then on (a restarted node holding a partition
+    replaces its old node id). Two nodes claiming one partition id at the start is an error (a
+    mistyped node config would otherwise merge them silently)."""
+
+    def __init__(self, grid: Grid, query_timeout: float, min_nodes: int = 1, wait: float = 3600.0):
+        self.grid, self.query_timeout = grid, query_timeout
+        self.claims: dict[int, int] = {}  # node id -> partition id, in the order nodes were first seen
+        self.nodes: dict[int, int] = {}  # partition id -> node id, as of the last discovery
+        deadline = time.monotonic() + wait
+        while len(self.grid.get_node_ids()) < min_nodes and time.monotonic() < deadline:
+            time.sleep(1.0)
+        self.partitions(first=True)
+        if not self.nodes:
+            raise RuntimeError("no client node answered; check that SuperNodes are connected")
+
+    def partitions(self, first: bool = False) -> list[int]:
+        """Partition ids of the nodes online now (asks new nodes theirs)."""
+        online = [int(n) for n in self.grid.get_node_ids()]
+        new = [n for n in online if n not in self.claims]
+        if new:
+            self.claims.update(sorted(ask_partitions(self.grid, new, self.query_timeout).items()))
+        nodes: dict[int, int] = {}
+        for node_id, pid in self.claims.items():  # oldest first: a later claim (a restarted node) wins
+            if node_id not in online:
+                continue
+            if pid in nodes:
+                if first:
+                    raise RuntimeError(
+                        f"nodes {nodes[pid]} and {node_id} both hold partition-id {pid}: give each SuperNode "
+                        "its own (--node-config 'partition-id=...')"
+                    )
+                log.warning("node %s now holds partition-id %s (was node %s: restarted?)", node_id, pid, nodes[pid])
+            nodes[pid] = node_id
+        gone, joined = sorted(set(self.nodes) - set(nodes)), sorted(set(nodes) - set(self.nodes))
+        if not first and (gone or joined):
+            print(f"[hosl] nodes changed: partitions {gone} gone, {joined} joined", flush=True)
+        self.nodes = nodes
+        return sorted(nodes)
 
     def run_sessions(
         self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
@@ -162,16 +192,16 @@ def main(grid: Grid, context: Context) -> None:
     try:
         if config.run.resume:
             coord.resume(out_dir)
-        nodes = discover(grid, timeout=config.federation.round_timeout)
+        fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
         print(
-            f"[hosl] {len(nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
+            f"[hosl] {len(fed.nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
             f"bottoms {config.federation.bottoms}",
             flush=True,
         )
         if config.run.probe_messages:
-            rtts = probe_message_rtt(grid, nodes[min(nodes)], config.run.probe_messages)
+            rtts = probe_message_rtt(grid, fed.nodes[min(fed.nodes)], config.run.probe_messages)
             coord.results["flower_message_rtt_seconds"] = rtts
             print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
-        rounds.run(FlowerFederation(grid, nodes), coord, sorted(nodes))
+        rounds.run(fed, coord)
     finally:
         coord.close()

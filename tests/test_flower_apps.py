@@ -110,39 +110,74 @@ def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
         assert rounds[1]["message_bytes_down"] > 2 * 50_000
 
 
+def deploy_command(tmp_path: Path, scenario: str, sets: str, security: list[str]) -> list[str]:
+    """scripts/deploy_local.sh running ``scenario`` on a loopback SuperLink + 2 SuperNodes."""
+    return [
+        "bash",
+        "scripts/deploy_local.sh",
+        *security,
+        "--nodes",
+        "2",
+        "--port",
+        str(free_port()),
+        "--flwr-home",
+        str(tmp_path / "home"),
+        "--run-config",
+        scenario,
+        "--set",
+        f"out-dir={tmp_path / 'deploy'} {sets}",
+    ]
+
+
 def deploy(tmp_path: Path, scenario: str, sets: str) -> dict:
-    """Run ``scenario`` on a loopback SuperLink + 2 SuperNodes (separate processes); its finished results."""
-    out = tmp_path / "deploy"
-    proc = subprocess.run(
-        [
-            "bash",
-            "scripts/deploy_local.sh",
-            "--insecure",
-            "--nodes",
-            "2",
-            "--port",
-            str(free_port()),
-            "--flwr-home",
-            str(tmp_path / "home"),
-            "--run-config",
-            scenario,
-            "--set",
-            f"out-dir={out} {sets}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """Run ``scenario`` insecurely on a loopback SuperLink + 2 SuperNodes; its finished results."""
+    command = deploy_command(tmp_path, scenario, sets, ["--insecure"])
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return finished_results(out, proc.stdout + proc.stderr)
+    return finished_results(tmp_path / "deploy", proc.stdout + proc.stderr)
 
 
-def test_loopback_deployment_with_two_supernodes(tmp_path):
-    results = deploy(tmp_path, "sim_configs/smoke_tiny.toml", "num-rounds=2 eval-test=false eval-untrained=false")
-    assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert all(r["clients"] == [0, 1] for r in results["rounds"])
-    assert len(results["history"]) == 2 * 2 * 3 and results["eval"]["accuracy"] is not None
+def test_tls_deployment_with_supernode_auth_survives_a_supernode_restart(tmp_path):
+    """deploy_local.sh --tls-dir: TLS on Flower's links and on the step stream, SuperNode
+    authentication, node keys for the step stream. SuperNode 1 is killed once round 1 is done and
+    started again with its own command line: it rejoins, reloads its client state from disk, and
+    trains in the last round."""
+    subprocess.run(["bash", "scripts/make_certs.sh", str(tmp_path / "tls")], cwd=ROOT, check=True, capture_output=True)
+    out, home = tmp_path / "deploy", tmp_path / "home"
+    sets = "num-rounds=3 eval-test=false eval-untrained=false round-timeout=120 step-timeout=30"
+    command = deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")])
+    with open(tmp_path / "deploy.log", "w") as log:
+        script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and not (out / "checkpoint.pt").exists() and script.poll() is None:
+                time.sleep(0.2)
+            (node,) = [p for p in home_pids(home, b"flower-supernode") if b"partition-id=1" in _cmdline(p)]
+            argv, env = _cmdline(node).split(b"\0")[:-1], _environ(node)
+            stop([node])
+            restarted = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                script.wait(600)
+            finally:
+                stop([restarted.pid])
+        finally:
+            stop([script.pid])
+    results = finished_results(out, (tmp_path / "deploy.log").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3] and results["rounds"][-1]["clients"] == [0, 1]
+    assert results["refused"] == {} and results["config"]["stream-secret-file"] and results["config"]["stream-tls-cert"]
+    state = torch.load(out / "clients/client-1/round-00003.pt", weights_only=True)
+    trained_rounds = sum(1 in r["clients"] for r in results["rounds"])
+    assert state["steps"] == 3 * trained_rounds  # the restarted node went on from its saved state
+    assert "accepts any SuperNode" not in (home / "logs/superlink.log").read_text().lower()
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(p.split("=", 1) for p in pairs if "=" in p)
 
 
 def test_deployment_refuses_to_run_insecure_unless_asked():

@@ -260,7 +260,7 @@ def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_pa
         }
     )
     starting = [p.detach().clone() for p in c.server.params]
-    summary = rounds.tune(InProcessFederation(c, 2), c, [0, 1], itertools.count(1))
+    summary = rounds.tune(InProcessFederation(c, 2), c, itertools.count(1))
     c.reset(7, {})  # every trial started like this: the pristine top
     assert all(torch.equal(a, b) for a, b in zip(starting, c.server.params))
     trials = summary["trials"]
