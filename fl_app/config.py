@@ -230,6 +230,8 @@ class Config(Mapping):
 def _coerce(key: str, value: Any) -> Any:
     """Coerce ``value`` to the type of the key's default, or raise naming the key and value."""
     default = DEFAULTS[key]
+    if key == "resume" and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
+        return "true" if str(value).lower() == "true" else ""  # resume = true / false, or a run folder
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

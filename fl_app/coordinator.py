@@ -12,6 +12,7 @@ import platform
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,7 @@ class Coordinator:
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.synced: dict[int, int] = {}  # client -> the round through which it has the synced updates
+        self.refused_before: dict[str, int] = {}  # refusals counted before a resume
         self.finished_round = 0  # the last round checkpointed (what a resumed run continues from)
         self.results: dict[str, Any] = {
             "mode": config.run.mode,
@@ -333,6 +335,7 @@ class Coordinator:
         self.history = History(**saved["history"])
         self.average, self.synced = saved["average"], dict(saved["synced"])
         self.results = json.loads(saved["results"])
+        self.refused_before = self.results.get("refused", {})
         self.results.setdefault("resumed", []).append({"after_round": saved["round"], "config": dict(self.config)})
         self.results["config"] = dict(self.config)
         self.started = time.perf_counter() - self.results.get("wall_seconds", 0.0)
@@ -356,7 +359,8 @@ class Coordinator:
         if trained:
             self.results["eval"]["accuracy"] = trained[-1]["accuracy"]
         self.results["wall_seconds"] = time.perf_counter() - self.started
-        self.results["refused"] = self.stream.refusals()  # streams and frames the step stream refused
+        refused = Counter(self.refused_before) + Counter(self.stream.refusals())
+        self.results["refused"] = dict(refused)  # streams and frames the step stream refused (all segments)
         path = self.out_dir / "results.json"
         if status == "finished" and self.results["rounds"]:
             self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))

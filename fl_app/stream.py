@@ -186,9 +186,10 @@ class StepStreamServer(SessionTable):
 
         How a stream ends decides the session: the client's close frame ends it cleanly (the
         coordinator then commits or rolls back on the client's report); anything else (a cut
-        connection, a half-close without the close frame, a cancelled RPC) fails it at once, and a
-        malformed frame fails it and aborts the stream with INVALID_ARGUMENT, so its partial server
-        updates are rolled back while other sessions go on.
+        connection, a half-close without the close frame, a cancelled RPC) fails it at once; a frame
+        with a bad MAC or counter fails it and aborts the stream with UNAUTHENTICATED, a malformed
+        one with INVALID_ARGUMENT, so its partial server updates are rolled back while other
+        sessions go on.
         """
         metadata = dict(context.invocation_metadata())
         token, proof = metadata.get(TOKEN_KEY, ""), metadata.get(PROOF_KEY, "")

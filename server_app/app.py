@@ -11,6 +11,8 @@ first. This module only discovers the nodes and turns sessions into messages and
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -175,6 +177,16 @@ class FlowerFederation:
         return out
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (how Flower stops a run) into SystemExit, which unwinds through rounds.run."""
+    if threading.current_thread() is threading.main_thread():
+
+        def terminated(signum: int, frame: Any) -> None:
+            raise SystemExit(f"stopped by signal {signum}")
+
+        signal.signal(signal.SIGTERM, terminated)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the scenario given by the run-config (tuning first when ``tune-trials > 0``)."""
@@ -189,6 +201,7 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[hosl] error: {err}", flush=True)
         raise
     coord = Coordinator(config, out_dir, credentials)
+    _exit_on_sigterm()  # so a stopped run still writes status "failed" (see rounds.run)
     try:
         if config.run.resume:
             coord.resume(out_dir)

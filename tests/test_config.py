@@ -44,3 +44,14 @@ def test_the_choices_are_the_ones_the_modules_use():
     assert CHOICES["hosl-feedback"] is HOSL_FEEDBACK and CHOICES["subset-selector"] is SELECTORS
     assert CHOICES["client-params"] is CHOICES["server-params"] is PARAM_MODES
     assert tuple(WIRE_DTYPES) == CHOICES["wire-dtype"]
+
+
+def test_resume_takes_a_boolean_or_a_run_folder():
+    """resume = true in TOML (or Flower's --run-config) is a boolean; false turns it off."""
+    assert make_config({"resume": True, "out-dir": "/runs/a"}).run.resume == "true"
+    assert make_config({"resume": "false"}).run.resume == "" and make_config({"resume": False}).run.resume == ""
+    assert make_config({"resume": "/runs/a"}).run.resume == "/runs/a"
+    with pytest.raises(ValueError, match="'resume' = 'true' continues the run in 'out-dir', but out-dir is not set"):
+        make_config({"resume": True})
+    with pytest.raises(ValueError, match="a tuning study .* cannot be resumed"):
+        make_config({"resume": "/runs/a", "tune-trials": 2})

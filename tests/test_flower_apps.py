@@ -59,9 +59,11 @@ def flwr_run(env, scenario: str, overrides: list[str], extra: list[str], timeout
 def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tmp_path):
     """SIGKILL the simulation's ServerApp process once round 1 of 3 is checkpointed: results.json
     still says "running"; `flwr run` with resume = true continues from the last finished round
-    (the clients reload their states from disk) and every per-step loss equals the local runner's
-    uninterrupted run."""
-    out, overrides = tmp_path / "sim", ["max-concurrent-clients=1", "eval-test=false", "num-rounds=3"]
+    and every per-step loss equals the local runner's uninterrupted run. The clients' bottoms are
+    synced: each session carries the (seed, projected gradient) history the client has not applied
+    yet, which the checkpoint must keep."""
+    out = tmp_path / "sim"
+    overrides = ["max-concurrent-clients=1", "eval-test=false", "num-rounds=3", "bottoms=synced", "client-lr=0.001"]
     home = Path(flwr_env["FLWR_HOME"])
     run_config = run_config_file(flwr_env, "sim_configs/smoke_tiny.toml", [f"out-dir={out}", *overrides])
     first = subprocess.Popen(
@@ -82,32 +84,34 @@ def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tm
     assert killed["status"] == "running" and 1 <= len(killed["rounds"]) < 3
     results = flwr_run(flwr_env, "sim_configs/smoke_tiny.toml", [f"out-dir={out}", *overrides, "resume=true"], [], 400)
     assert results["resumed"][0]["after_round"] == len(killed["rounds"])
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-    assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in results["rounds"])
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in rounds)
+    assert rounds[0]["message_bytes_down"] < 200 * 2  # round 1: session settings only
+    for r in rounds[1:]:  # then the other client's 3 steps x (3 + 2Q) scalars
+        assert r["message_bytes_down"] >= 2 * 3 * (3 + 2 * 2) * 8
     scenario = read_scenario(ROOT / "sim_configs/smoke_tiny.toml")
-    local = run(make_config({**scenario, "eval-test": False, "num-rounds": 3}), tmp_path / "local")
+    settings = {k: v for k, v in (o.split("=", 1) for o in overrides)}
+    local = run(make_config({**scenario, **settings}), tmp_path / "local")
     sim_losses = [h["train_loss"] for h in results["history"]]
     local_losses = [h["train_loss"] for h in local["history"]]
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["hosl", "fo-fo"])
-def test_synced_bottoms_under_simulation(flwr_env, tmp_path, mode):
-    """Synced ZO clients receive (seed, gradient) history; synced FO clients receive averaged weights."""
-    out = tmp_path / mode
+def test_synced_fo_bottoms_under_simulation(flwr_env, tmp_path):
+    """Synced FO clients receive the averaged trainable bottom each round (synced ZO clients: see
+    the resume test above)."""
+    out = tmp_path / "fo-fo"
     rounds = flwr_run(
         flwr_env,
         "sim_configs/smoke_tiny.toml",
-        [f"out-dir={out}", f"mode={mode}", "bottoms=synced", "eval-test=false", "client-lr=0.001"],
+        [f"out-dir={out}", "mode=fo-fo", "bottoms=synced", "eval-test=false", "client-lr=0.001"],
         [],
         timeout=400,
     )["rounds"]
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     assert rounds[0]["message_bytes_down"] < 200 * 2  # round 1: session settings only
-    if mode == "hosl":  # round 2 carries the other client's 3 steps x (3 + 2Q) scalars
-        assert rounds[1]["message_bytes_down"] >= 2 * 3 * (3 + 2 * 2) * 8
-    else:  # round 2 carries the averaged trainable bottom to each client
-        assert rounds[1]["message_bytes_down"] > 2 * 50_000
+    assert rounds[1]["message_bytes_down"] > 2 * 50_000  # round 2 carries the averaged bottom to each client
 
 
 def deploy_command(tmp_path: Path, scenario: str, sets: str, security: list[str]) -> list[str]:
@@ -144,7 +148,7 @@ def test_tls_deployment_with_supernode_auth_survives_a_supernode_restart(tmp_pat
     trains in the last round."""
     subprocess.run(["bash", "scripts/make_certs.sh", str(tmp_path / "tls")], cwd=ROOT, check=True, capture_output=True)
     out, home = tmp_path / "deploy", tmp_path / "home"
-    sets = "num-rounds=3 eval-test=false eval-untrained=false round-timeout=120 step-timeout=30"
+    sets = "num-rounds=3 eval-every=3 eval-test=false eval-untrained=false round-timeout=120 step-timeout=30"
     command = deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")])
     with open(tmp_path / "deploy.log", "w") as log:
         script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -200,24 +204,6 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
 
 
-def test_tuning_study_runs_under_simulation(flwr_env, tmp_path):
-    """tune_tiny: 3 trials on gradmatch subsets inside one `flwr run`, then the best config on full data."""
-    out = tmp_path / "tune"
-    results = flwr_run(flwr_env, "sim_configs/tune_tiny.toml", [f"out-dir={out}"], [], timeout=600)
-    tuning = results["tuning"]
-    assert len(tuning["trials"]) == 3 and tuning["best"]["params"].keys() == {"client-lr", "server-lr"}
-    for trial in tuning["trials"]:
-        assert trial["state"] in ("complete", "pruned") and trial["seconds"] > 0
-        assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"][: len(trial["rounds"])]
-        assert all(r["accuracy"] is not None and r["clients"] == [0, 1] for r in trial["rounds"])
-    gradmatch_rounds = [r for t in tuning["trials"] for r in t["rounds"] if r["plan"] == "gradmatch"]
-    assert gradmatch_rounds and all(r["selection_bytes"] > 0 for r in gradmatch_rounds)
-    final = tuning["final"]
-    assert final["params"] == tuning["best"]["params"] and final["test_accuracy"] is not None
-    assert [r["steps"] for r in results["rounds"]] == [16, 16]  # full data: 2 clients x 8 batches per round
-    assert Path(tuning["plot"]).read_bytes()[:4] == b"\x89PNG"
-
-
 def test_tuning_study_runs_in_deployment(tmp_path):
     """The same tuning path over SuperNodes in separate processes: client state and subsets persist
     in each node's context across messages, trials reset it, the best config is retrained and tested."""
@@ -261,3 +247,37 @@ def test_client_state_round_trips_through_the_node_context(dtype):
     )
     assert set(back.weights) == set(weights)
     assert all(torch.equal(back.weights[k].to(dtype), v) for k, v in weights.items())
+
+
+def test_a_superlink_with_a_database_keeps_its_supernodes_across_a_restart(tmp_path):
+    """flower-superlink --database: stopped and started again, it still knows its SuperNode, which
+    reconnects and keeps running (without a database the new SuperLink does not know the node, and
+    the node stops)."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    port, logs = free_port(), tmp_path / "logs"
+    logs.mkdir()
+    link_cmd = ["flower-superlink", "--insecure", "--database", str(tmp_path / "state.db")]
+    link_cmd += ["--host", "127.0.0.1", "--port", str(port)]
+
+    def start(cmd, name):
+        return subprocess.Popen(cmd, env=env, stdout=open(logs / name, "w"), stderr=subprocess.STDOUT)
+
+    def wait_for(name, text, count=1, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (logs / name).read_text().count(text) < count:
+            time.sleep(0.2)
+        return (logs / name).read_text().count(text) >= count
+
+    link = start(link_cmd, "link-1.log")
+    node_cmd = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
+    node = start([*node_cmd, "--node-config", "partition-id=0 num-partitions=1"], "node.log")
+    try:
+        assert wait_for("node.log", "Starting Flower SuperExec")
+        connected = (logs / "node.log").read_text().count("Connection successful")
+        stop([link.pid])
+        link = start(link_cmd, "link-2.log")
+        assert wait_for("node.log", "Connection successful", connected + 1)  # back on the restarted SuperLink
+        time.sleep(5)
+        assert node.poll() is None and "terminated" not in (logs / "node.log").read_text()
+    finally:
+        stop([node.pid, link.pid])
