@@ -28,6 +28,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by its owner only (mode 0600, whatever an old file had), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves a truncated file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import random
 import time
@@ -23,7 +24,7 @@ from fl_app.client_party import Link, SplitClient
 from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
-from fl_app.frame_auth import read_key_file
+from fl_app.frame_auth import read_key_file, read_pem
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
 from fl_app.records import ClientState, History
@@ -40,6 +41,8 @@ from fl_app.stream import StepStreamClient
 from fl_app.subset import PLANS, Subset, budget_batches, select_batches
 from fl_app.tasks import Example
 from fl_app.zo import unpack_rows
+
+log = logging.getLogger(__name__)
 
 
 def state_for_trial(state: ClientState | None, trial: int) -> ClientState | None:
@@ -157,21 +160,18 @@ class NodeSettings:
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> NodeSettings:
         key_file, ca_file = str(node.get("stream-key-file", "")), str(node.get("stream-ca", ""))
-        try:
-            ca = Path(ca_file).read_bytes() if ca_file else None
-        except OSError as err:
-            raise ValueError(f"cannot read node config stream-ca '{ca_file}': {err}") from err
-        key = read_key_file(key_file, "node config stream-key-file") if key_file else None
-        return cls(key=key, ca=ca, state_dir=str(node.get("state-dir", "")))
+        return cls(
+            key=read_key_file(key_file, "node config stream-key-file") if key_file else None,
+            ca=read_pem(ca_file, "node config stream-ca") if ca_file else None,
+            state_dir=str(node.get("state-dir", "")),
+        )
 
     def state_folder(self, session: Mapping[str, Any]) -> Path | None:
-        """Where this client's per-round states go (None: the run keeps none on disk)."""
+        """Where this client's per-round states of this run go (None: the run keeps none on disk)."""
         if not session.get("state-dir"):
             return None
         return (
-            Path(self.state_dir).expanduser() / str(session["run-name"])
-            if self.state_dir
-            else Path(session["state-dir"])
+            Path(self.state_dir).expanduser() / str(session["run-id"]) if self.state_dir else Path(session["state-dir"])
         )
 
 
@@ -210,15 +210,17 @@ def _prepare(
     history: History | None,
     average: Mapping[str, torch.Tensor] | None,
     folder: Path | None = None,
+    upto_round: int = 0,
 ):
     """(config, client, task data, state, updates caught up) for a session: the saved state if it is
-    this trial's (from ``folder`` on disk when none is in memory: a resumed run or a restarted node),
+    this trial's (from ``folder`` on disk, the newest up to ``upto_round``, when none is in memory: a
+    resumed run or a restarted node),
     the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     config = config.updated({"num-clients": num_partitions})
     if state is None and folder is not None:
-        state = load_client_state(folder, partition_id, int(session["round"]) - 1)
+        state = load_client_state(folder, partition_id, upto_round)
     trial = int(session.get("trial", 0))
     state = state_for_trial(state, trial) or ClientState(trial=trial)
     if average:
@@ -259,7 +261,7 @@ def run_session(
     node = node or NodeSettings()
     folder = node.state_folder(session)
     config, client, data, state, caught_up = _prepare(
-        config, partition_id, num_partitions, state, session, history, average, folder
+        config, partition_id, num_partitions, state, session, history, average, folder, int(session["round"]) - 1
     )
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
         if config.subset.selector == "full":
@@ -313,7 +315,12 @@ def run_session(
     if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
         report["weights"] = new_state.weights
     if folder is not None:
-        save_client_state(folder, partition_id, int(session["round"]), new_state, int(session["finished-round"]))
+        try:
+            save_client_state(folder, partition_id, int(session["round"]), new_state, int(session["finished-round"]))
+        except OSError as err:  # the session's work stands; only a later resume or restart cannot use it
+            log.warning(
+                "cannot keep client %d's state in %s (set node config state-dir): %s", partition_id, folder, err
+            )
     return report, new_state
 
 
@@ -407,8 +414,12 @@ def run_eval_session(
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
     node = node or NodeSettings()
+    folder, after_training = (
+        node.state_folder(session),
+        int(session["round"]),
+    )  # evaluation follows the round's training
     config, client, data, _, _ = _prepare(
-        config, partition_id, num_partitions, state, session, history, average, node.state_folder(session)
+        config, partition_id, num_partitions, state, session, history, average, folder, after_training
     )
     split = session["split"]
     examples = data.splits[split]

@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import random
+import secrets
 import threading
 import time
 from collections import Counter
@@ -22,10 +23,11 @@ import torch
 
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.config import Config
-from fl_app.frame_auth import node_key, read_key_file
+from fl_app.frame_auth import node_key, read_key_file, read_pem
 from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
+from fl_app.protocol import ProtocolError
 from fl_app.records import History
 from fl_app.scenario import build_server, load_server_top
 from fl_app.stream import Session, SessionTable, StepStreamServer
@@ -44,22 +46,12 @@ class StreamCredentials:
     secret: bytes | None = None
 
 
-def _read_pem(path: str, field: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot read {field} '{path}': {err}") from err
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{field} '{path}' is not a PEM file")
-    return data
-
-
 def stream_credentials(config: Config) -> StreamCredentials:
     """Read the files the stream settings name (on the server's machine), or raise naming the field."""
     s = config.stream
     return StreamCredentials(
-        tls_cert=_read_pem(s.tls_cert, "stream-tls-cert") if s.tls_cert else None,
-        tls_key=_read_pem(s.tls_key, "stream-tls-key") if s.tls_key else None,
+        tls_cert=read_pem(s.tls_cert, "stream-tls-cert") if s.tls_cert else None,
+        tls_key=read_pem(s.tls_key, "stream-tls-key") if s.tls_key else None,
         secret=read_key_file(s.secret_file, "stream-secret-file") if s.secret_file else None,
     )
 
@@ -115,6 +107,7 @@ class Coordinator:
         self.synced: dict[int, int] = {}  # client -> the round through which it has the synced updates
         self.refused_before: dict[str, int] = {}  # refusals counted before a resume
         self.finished_round = 0  # the last round checkpointed (what a resumed run continues from)
+        self.run_id = secrets.token_hex(8)  # names this run's client states (a resumed run keeps it)
         self.results: dict[str, Any] = {
             "mode": config.run.mode,
             "config": dict(config),
@@ -152,8 +145,12 @@ class Coordinator:
         return f"{host}:{self.stream.port}"
 
     def handle(self, token: str, payload: bytes) -> bytes | None:
-        """One frame of session ``token``."""
+        """One frame of session ``token`` (refused once the session failed or closed: a step arriving
+        after its session was rolled back must not land)."""
         with self.lock:  # the top is shared: steps are applied one at a time, in arrival order
+            session = self.stream.sessions.get(token)
+            if session is None or session.status != "open":
+                raise ProtocolError("the session is no longer open (failed, timed out or closed)")
             return self.server.handle_bytes(payload, session=token)
 
     def _rollback(self, session: Session) -> None:
@@ -182,8 +179,8 @@ class Coordinator:
             "node-auth": self.secret is not None,  # the client needs its node key (stream-key-file)
             "local-steps": self.config.optim.local_steps,
             "trial": self.trial,
-            "run-name": self.out_dir.name,  # clients keep their states per run, per round:
-            "state-dir": str(self.out_dir / "clients") if self.config.run.client_checkpoints else "",
+            "run-id": self.run_id,  # clients keep their states per run, per round, in state-dir
+            "state-dir": str(self.out_dir / "clients" / self.run_id) if self.config.run.client_checkpoints else "",
             "finished-round": self.finished_round,
             **(extra or {}),
         }
@@ -299,15 +296,14 @@ class Coordinator:
         """Everything a resumed run needs after round ``rnd`` (the server's weights, optimiser state and
         step count, the synced state, the results so far, the RNG), in one atomic file; then results.json."""
         self.finished_round = rnd
-        self.results["status"] = "running"
+        self._summarise("running")
         trainable = {n: p.detach() for n, p in self.server.top.named_parameters() if p.requires_grad}
         optimizer = self.server.optimizer
         save_checkpoint(
             self.out_dir / "checkpoint.pt",
             {
                 "round": rnd,
-                "trial": self.trial,
-                "config": dict(self.config),
+                "run_id": self.run_id,
                 "server": trainable,
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "server_steps": self.server.steps,
@@ -318,11 +314,11 @@ class Coordinator:
                 "rng": torch.get_rng_state(),
             },
         )
-        self.write_results()
+        self._write()
 
-    def resume(self, folder: Path) -> int:
+    def resume(self, folder: Path) -> None:
         """Continue the run checkpointed in ``folder`` (checked first by
-        :func:`fl_app.preflight.check_out_dir`); returns its last finished round."""
+        :func:`fl_app.preflight.check_out_dir`) after its last finished round."""
         saved = load_checkpoint(folder / "checkpoint.pt")
         with self.lock:
             params = dict(self.server.top.named_parameters())
@@ -340,12 +336,23 @@ class Coordinator:
         self.results["config"] = dict(self.config)
         self.started = time.perf_counter() - self.results.get("wall_seconds", 0.0)
         torch.set_rng_state(saved["rng"])
-        self.finished_round = saved["round"]
-        return self.finished_round
+        self.finished_round, self.run_id = saved["round"], saved["run_id"]
 
     def write_results(self, status: str = "running", error: str = "") -> Path:
         """Write results.json; ``status`` is "running" after a round, "finished" at the end and
         "failed" (with ``error``) when the run raised."""
+        self._summarise(status, error)
+        if status == "finished" and self.results["rounds"]:
+            self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
+        return self._write()
+
+    def _write(self) -> Path:
+        path = self.out_dir / "results.json"
+        write_json_atomic(path, self.results)
+        return path.resolve()
+
+    def _summarise(self, status: str, error: str = "") -> None:
+        """Bring the results' totals up to date."""
         self.results["status"] = status
         if error:
             self.results["error"] = error
@@ -361,11 +368,6 @@ class Coordinator:
         self.results["wall_seconds"] = time.perf_counter() - self.started
         refused = Counter(self.refused_before) + Counter(self.stream.refusals())
         self.results["refused"] = dict(refused)  # streams and frames the step stream refused (all segments)
-        path = self.out_dir / "results.json"
-        if status == "finished" and self.results["rounds"]:
-            self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
-        write_json_atomic(path, self.results)
-        return path.resolve()
 
     def close(self) -> None:
         self.stream.stop()

@@ -1,4 +1,5 @@
-"""Per-frame authentication of the step stream: a step counter and a MAC on every frame.
+"""Per-frame authentication of the step stream (a step counter and a MAC on every frame), and the
+key and certificate files it relies on.
 
 Each frame travels as ``counter (8 bytes) | payload | tag (32 bytes)`` where ``tag`` is
 HMAC-SHA256 over the direction, the counter and the payload, keyed by the session key. The receiver
@@ -44,6 +45,17 @@ def read_key_file(path: str, field: str) -> bytes:
     if len(key) < 16:
         raise ValueError(f"{field} '{path}' holds {len(key)} bytes; a key needs at least 16")
     return key
+
+
+def read_pem(path: str, field: str) -> bytes:
+    """A PEM file (certificate, key or CA); a clear error naming ``field`` otherwise."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {field} '{path}': {err}") from err
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{field} '{path}' is not a PEM file")
+    return data
 
 
 def session_key(token: str, node: bytes | None = None) -> bytes:
@@ -99,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m fl_app.frame_auth secret FILE`` writes a new server secret;
     ``python -m fl_app.frame_auth node-key SECRET_FILE PARTITION_ID FILE`` writes that node's key."""
     import argparse
-    import os
     import secrets
+
+    from fl_app.checkpoint import write_private_file
 
     parser = argparse.ArgumentParser(prog="python -m fl_app.frame_auth", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,9 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         key = secrets.token_bytes(32)
     else:
         key = node_key(read_key_file(args.secret_file, "stream-secret-file"), args.partition_id)
-    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # readable by its owner only
-    with os.fdopen(fd, "w") as out:
-        out.write(key.hex() + "\n")
+    write_private_file(Path(args.file), (key.hex() + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from fl_app.scenario import sample_and_partition
 
 # Settings a resumed run may change: where and how it is served, not what it trains.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "out-dir", "probe-messages", "round-timeout", "step-timeout", "client-checkpoints"}
+    {"resume", "out-dir", "probe-messages", "round-timeout", "step-timeout"}
     | ({key for key, (group, _) in SETTINGS.items() if group == "stream"} - {"wire-dtype"})
 )
 
@@ -53,10 +53,13 @@ def check_out_dir(out_dir: Path, field: str = "out-dir", resume: Config | None =
         if differ:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
             raise ValueError(f"resume: the run in {str(out_dir)!r} was trained with other settings ({shown})")
+        if not resume.run.client_checkpoints:
+            raise ValueError("resume needs client-checkpoints = true: the clients' bottoms are only on their disks")
     elif checkpoint.is_file() and saved.get("status") != "finished":
+        how = "set resume = true to continue it" if not saved.get("tuning") else "a tuning study cannot be resumed"
         raise ValueError(
-            f"{field} {str(out_dir)!r} holds an unfinished run (status {saved.get('status')!r}): set resume = true "
-            "to continue it, or choose another folder"
+            f"{field} {str(out_dir)!r} holds an unfinished run (status {saved.get('status')!r}): {how}, "
+            "or choose another folder"
         )
 
 

@@ -181,6 +181,7 @@ def run(fed: Federation, coord: Coordinator) -> Path:
 
 def _run(fed: Federation, coord: Coordinator) -> Path:
     config = coord.base_config
+    done = coord.finished_round  # > 0 when resuming: those rounds are in the results already
     rounds = itertools.count(1)
     selector, warm = config.subset.selector, warm_rounds(config, config.federation.num_rounds)
     if config.tune.trials:
@@ -190,7 +191,6 @@ def _run(fed: Federation, coord: Coordinator) -> Path:
         selector = "full"
     final_started = time.perf_counter()
     numbers = [next(rounds) for _ in range(config.federation.num_rounds)]  # after tuning's rounds
-    done = coord.finished_round  # > 0 when resuming: those rounds are in the results already
     if done:
         print(f"[hosl] resuming after round {done} of {numbers[-1]} from {coord.out_dir}", flush=True)
     elif config.eval.untrained:  # the baseline, scored by the clients round 1 selects

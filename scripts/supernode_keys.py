@@ -3,22 +3,21 @@
 python scripts/supernode_keys.py KEYS_DIR N   # writes supernode-<i> (0600) and supernode-<i>.pub
 """
 
-import os
 import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fl_app.checkpoint import write_private_file
+
 
 def main(keys: Path, nodes: int) -> None:
     keys.mkdir(parents=True, exist_ok=True)
     for i in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
-        private = keys / f"supernode-{i}"
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+        private = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption())
+        write_private_file(keys / f"supernode-{i}", private)
         public = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
         (keys / f"supernode-{i}.pub").write_bytes(public)
 

@@ -10,11 +10,12 @@ first. This module only discovers the nodes and turns sessions into messages and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -114,9 +115,10 @@ class FlowerFederation:
     """Sessions as Flower messages to the ClientApps (one node per partition id).
 
     Nodes are discovered again every round: a node that went away is skipped, a new or restarted
-    node is asked its partition id and used from then on (a restarted node holding a partition
-    replaces its old node id). Two nodes claiming one partition id at the start is an error (a
-    mistyped node config would otherwise merge them silently)."""
+    node is asked its partition id and used from then on. A partition keeps the node that holds it
+    while that node is online: a second node claiming it waits (logged) until the first is gone,
+    so a node that joins cannot take over another's partition. Two nodes claiming one partition
+    id at the start is an error (a mistyped node config would otherwise merge them silently)."""
 
     def __init__(self, grid: Grid, query_timeout: float, min_nodes: int = 1, wait: float = 3600.0):
         self.grid, self.query_timeout = grid, query_timeout
@@ -135,18 +137,19 @@ class FlowerFederation:
         new = [n for n in online if n not in self.claims]
         if new:
             self.claims.update(sorted(ask_partitions(self.grid, new, self.query_timeout).items()))
-        nodes: dict[int, int] = {}
-        for node_id, pid in self.claims.items():  # oldest first: a later claim (a restarted node) wins
-            if node_id not in online:
+        nodes = {pid: node for pid, node in self.nodes.items() if node in online}  # holders stay while online
+        for node_id, pid in self.claims.items():  # then the oldest claim of each free partition
+            if node_id not in online or nodes.get(pid) == node_id:
                 continue
-            if pid in nodes:
-                if first:
-                    raise RuntimeError(
-                        f"nodes {nodes[pid]} and {node_id} both hold partition-id {pid}: give each SuperNode "
-                        "its own (--node-config 'partition-id=...')"
-                    )
-                log.warning("node %s now holds partition-id %s (was node %s: restarted?)", node_id, pid, nodes[pid])
-            nodes[pid] = node_id
+            if pid not in nodes:
+                nodes[pid] = node_id
+            elif first:
+                raise RuntimeError(
+                    f"nodes {nodes[pid]} and {node_id} both hold partition-id {pid}: give each SuperNode "
+                    "its own (--node-config 'partition-id=...')"
+                )
+            else:
+                log.warning("node %s also claims partition-id %s, held by node %s: ignored", node_id, pid, nodes[pid])
         gone, joined = sorted(set(self.nodes) - set(nodes)), sorted(set(nodes) - set(self.nodes))
         if not first and (gone or joined):
             print(f"[hosl] nodes changed: partitions {gone} gone, {joined} joined", flush=True)
@@ -177,14 +180,22 @@ class FlowerFederation:
         return out
 
 
-def _exit_on_sigterm() -> None:
-    """Turn SIGTERM (how Flower stops a run) into SystemExit, which unwinds through rounds.run."""
-    if threading.current_thread() is threading.main_thread():
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Within: SIGTERM (how Flower stops a run) raises SystemExit, which unwinds through rounds.run
+    (status "failed"); Flower's own handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-        def terminated(signum: int, frame: Any) -> None:
-            raise SystemExit(f"stopped by signal {signum}")
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(f"stopped by signal {signum}")
 
-        signal.signal(signal.SIGTERM, terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.main()
@@ -201,20 +212,26 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[hosl] error: {err}", flush=True)
         raise
     coord = Coordinator(config, out_dir, credentials)
-    _exit_on_sigterm()  # so a stopped run still writes status "failed" (see rounds.run)
     try:
-        if config.run.resume:
-            coord.resume(out_dir)
-        fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
-        print(
-            f"[hosl] {len(fed.nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
-            f"bottoms {config.federation.bottoms}",
-            flush=True,
-        )
-        if config.run.probe_messages:
-            rtts = probe_message_rtt(grid, fed.nodes[min(fed.nodes)], config.run.probe_messages)
-            coord.results["flower_message_rtt_seconds"] = rtts
-            print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
-        rounds.run(fed, coord)
+        with _exit_on_sigterm():
+            _run(grid, coord)
     finally:
         coord.close()
+
+
+def _run(grid: Grid, coord: Coordinator) -> None:
+    """Resume if asked, find the nodes, optionally time Flower round trips, run the rounds."""
+    config = coord.config
+    if config.run.resume:
+        coord.resume(coord.out_dir)
+    fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
+    print(
+        f"[hosl] {len(fed.nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
+        f"bottoms {config.federation.bottoms}",
+        flush=True,
+    )
+    if config.run.probe_messages:
+        rtts = probe_message_rtt(grid, fed.nodes[min(fed.nodes)], config.run.probe_messages)
+        coord.results["flower_message_rtt_seconds"] = rtts
+        print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
+    rounds.run(fed, coord)

@@ -308,3 +308,39 @@ def test_buffered_parts_are_bounded_per_session_and_in_total_and_freed_when_sess
     session, _ = small.open(0, 1)
     with pytest.raises(ProtocolError, match="over session-buffer-mb = 16"):
         small.handle(session.token, _big_part(0))
+
+
+def test_a_step_after_its_session_failed_is_refused_and_each_run_keeps_its_own_client_states(coord):
+    """A frame that arrives after its session was failed (and rolled back) is refused rather than
+    applied; two runs into one folder name different client-state folders."""
+    c = coord()
+    session, _ = c.open(0, 1)
+    c.stream.fail(session, "step timeout")
+    frame = StepRequest(
+        kind="fo",
+        clean=torch.zeros(2, 4, 32),
+        attention_mask=torch.ones(2, 4, dtype=torch.long),
+        labels=torch.tensor([0, 1]),
+        score_ids=torch.tensor([[5, 6], [5, 6]]),
+    ).to_bytes()
+    before = server_weights(c)
+    with pytest.raises(ProtocolError, match="no longer open"):
+        c.handle(session.token, frame)
+    assert all(torch.equal(a, b) for a, b in zip(before, server_weights(c)))
+    assert c.open(0, 1)[1]["state-dir"] != coord().open(0, 1)[1]["state-dir"]
+
+
+def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
+    """A client with no state in memory (a restarted node) evaluates with the state it saved after
+    this round's training, exactly as if it had kept it in memory."""
+    c = coord()
+    states = {}
+    session_round(c, 1, [0], states)
+    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
+    kept = run_eval_session(c.config, 0, 3, states[0], message)
+    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
+    reloaded = run_eval_session(c.config, 0, 3, None, message)
+    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
+    untrained = run_eval_session(c.config, 0, 3, None, {**message, "state-dir": ""})
+    assert reloaded == {**kept, "bytes-up": reloaded["bytes-up"], "bytes-down": reloaded["bytes-down"]}
+    assert reloaded["loss"] != untrained["loss"]

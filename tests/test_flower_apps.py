@@ -133,23 +133,16 @@ def deploy_command(tmp_path: Path, scenario: str, sets: str, security: list[str]
     ]
 
 
-def deploy(tmp_path: Path, scenario: str, sets: str) -> dict:
-    """Run ``scenario`` insecurely on a loopback SuperLink + 2 SuperNodes; its finished results."""
-    command = deploy_command(tmp_path, scenario, sets, ["--insecure"])
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return finished_results(tmp_path / "deploy", proc.stdout + proc.stderr)
-
-
-def test_tls_deployment_with_supernode_auth_survives_a_supernode_restart(tmp_path):
-    """deploy_local.sh --tls-dir: TLS on Flower's links and on the step stream, SuperNode
-    authentication, node keys for the step stream. SuperNode 1 is killed once round 1 is done and
-    started again with its own command line: it rejoins, reloads its client state from disk, and
-    trains in the last round."""
+def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_supernode_restart(tmp_path):
+    """deploy_local.sh --tls-dir (TLS on Flower's links and on the step stream, SuperNode
+    authentication, node keys for the step stream) running the tuning study over SuperNodes in
+    separate processes: subsets persist in each node across messages, trials reset them, the best
+    config is retrained and tested. SuperNode 1 is killed once round 1 is checkpointed and started
+    again with its own command line: it rejoins and trains in the final run."""
     subprocess.run(["bash", "scripts/make_certs.sh", str(tmp_path / "tls")], cwd=ROOT, check=True, capture_output=True)
     out, home = tmp_path / "deploy", tmp_path / "home"
-    sets = "num-rounds=3 eval-every=3 eval-test=false eval-untrained=false round-timeout=120 step-timeout=30"
-    command = deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")])
+    sets = "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1 eval-untrained=false round-timeout=120"
+    command = deploy_command(tmp_path, "sim_configs/tune_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")])
     with open(tmp_path / "deploy.log", "w") as log:
         script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -161,18 +154,24 @@ def test_tls_deployment_with_supernode_auth_survives_a_supernode_restart(tmp_pat
             stop([node])
             restarted = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
-                script.wait(600)
+                script.wait(900)
+                assert restarted.poll() is None  # the restarted node served until the end
             finally:
                 stop([restarted.pid])
         finally:
             stop([script.pid])
     results = finished_results(out, (tmp_path / "deploy.log").read_text())
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3] and results["rounds"][-1]["clients"] == [0, 1]
+    tuning = results["tuning"]
+    assert [t["state"] for t in tuning["trials"]] == ["complete", "complete"]
+    for trial in tuning["trials"]:
+        assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"]
+        for r in trial["rounds"]:  # 2 of each client's 8 batches; client 1 may miss a round while it restarts
+            assert set(r["clients"]) <= {0, 1} and 0 in r["clients"] and r["steps"] == 2 * len(r["clients"])
+        assert trial["rounds"][1]["selection_bytes"] > 0 and trial["rounds"][1]["selection_quality"]
+    assert [(r["clients"], r["steps"]) for r in results["rounds"]] == [([0, 1], 16)]  # best config, full data
+    assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
     assert results["refused"] == {} and results["config"]["stream-secret-file"] and results["config"]["stream-tls-cert"]
-    state = torch.load(out / "clients/client-1/round-00003.pt", weights_only=True)
-    trained_rounds = sum(1 in r["clients"] for r in results["rounds"])
-    assert state["steps"] == 3 * trained_rounds  # the restarted node went on from its saved state
-    assert "accepts any SuperNode" not in (home / "logs/superlink.log").read_text().lower()
+    assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
 
 
 def _cmdline(pid: int) -> bytes:
@@ -202,26 +201,6 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     )
     assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
-
-
-def test_tuning_study_runs_in_deployment(tmp_path):
-    """The same tuning path over SuperNodes in separate processes: client state and subsets persist
-    in each node's context across messages, trials reset it, the best config is retrained and tested."""
-    results = deploy(
-        tmp_path,
-        "sim_configs/tune_tiny.toml",
-        "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=1 eval-untrained=false",
-    )
-    tuning = results["tuning"]
-    assert [t["state"] for t in tuning["trials"]] == ["complete", "complete"]
-    for trial in tuning["trials"]:
-        assert [r["plan"] for r in trial["rounds"]] == ["random", "gradmatch"]
-        assert all(
-            r["clients"] == [0, 1] and r["steps"] == 2 * 2 for r in trial["rounds"]
-        )  # 2 clients x 2 of 8 batches
-        assert trial["rounds"][1]["selection_bytes"] > 0 and trial["rounds"][1]["selection_quality"]
-    assert [r["steps"] for r in results["rounds"]] == [16]  # the best config on full data
-    assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

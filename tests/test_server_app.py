@@ -59,6 +59,8 @@ def test_a_restarted_node_rejoins_and_only_new_nodes_are_asked(capsys):
     assert fed.partitions() == [0]
     grid.claims[21] = 1  # ... and comes back under a new node id
     assert fed.partitions() == [0, 1] and fed.nodes == {0: 11, 1: 21} and grid.asked[-1] == 21
-    grid.claims[12] = 1  # the old id lingers as online next to the new one: the newest claim wins
-    assert fed.partitions() == [0, 1] and fed.nodes[1] == 21
+    grid.claims[31] = 0  # a node that joins cannot take over a partition whose node is online
+    assert fed.partitions() == [0, 1] and fed.nodes == {0: 11, 1: 21}
+    del grid.claims[11]  # ... until that node is gone
+    assert fed.partitions() == [0, 1] and fed.nodes == {0: 31, 1: 21}
     assert "partitions [1] gone" in capsys.readouterr().out

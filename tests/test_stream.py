@@ -6,7 +6,16 @@ import grpc
 import pytest
 import torch
 
-from fl_app.frame_auth import OVERHEAD, node_key
+from fl_app.frame_auth import (
+    FROM_CLIENT,
+    FROM_SERVER,
+    OVERHEAD,
+    FrameOpener,
+    FrameRefused,
+    FrameSealer,
+    node_key,
+    session_key,
+)
 from fl_app.protocol import ProtocolError
 from fl_app.server_party import UpdateLedger
 from fl_app.stream import StepStreamClient, StepStreamServer
@@ -172,7 +181,7 @@ def _rpc_code(client: StepStreamClient) -> tuple[grpc.StatusCode, str]:
     return err.value.code(), err.value.details()
 
 
-@pytest.mark.parametrize("attack", ["replayed", "out-of-order", "altered"])
+@pytest.mark.parametrize("attack", ["replayed", "out-of-order", "altered", "counter-altered"])
 def test_a_replayed_reordered_or_altered_frame_fails_the_session_and_is_counted(server, attack):
     """Frames carry a counter and a MAC: the same frame twice, a skipped counter or a flipped byte is
     refused, logged and counted, and the session is failed (so its updates are rolled back)."""
@@ -188,12 +197,12 @@ def test_a_replayed_reordered_or_altered_frame_fails_the_session_and_is_counted(
     elif attack == "out-of-order":
         client._sealer.counter += 1
         client.send(b"skips one")
-    else:
-        frame = bytearray(client._sealer.seal(b"abc"))
-        frame[9] ^= 1
+    else:  # flip a payload byte, or the counter's last byte (a replay relabelled as the next frame)
+        frame = bytearray(first if attack == "counter-altered" else client._sealer.seal(b"abc"))
+        frame[7 if attack == "counter-altered" else 9] ^= 1
         client._outbox.put(bytes(frame))
     code, details = _rpc_code(client)
-    assert code == grpc.StatusCode.UNAUTHENTICATED and ("bad MAC" if attack == "altered" else attack) in details
+    assert code == grpc.StatusCode.UNAUTHENTICATED and ("bad MAC" if "altered" in attack else attack) in details
     assert session.status == "failed" and failed == [session] and session.steps == 1
     assert server.refusals() == {"frame": 1}
     client.close()
@@ -240,5 +249,51 @@ def test_surplus_streams_on_one_token_do_not_starve_other_clients():
         client.close()
         owner.close()
         assert srv.refusals()["stream"] >= 1
+    finally:
+        srv.stop()
+
+
+def test_frames_are_bound_to_their_direction_key_and_order():
+    """A client frame reflected back as a server reply, a reply sealed with another session's key,
+    and a reply out of order are all refused by the opener (the client then drops the stream)."""
+    key, other = session_key("t1"), session_key("t2")
+    client_frame = FrameSealer(key, FROM_CLIENT).seal(b"activations")
+    with pytest.raises(FrameRefused, match="bad MAC"):
+        FrameOpener(key, FROM_SERVER).open(client_frame)
+    with pytest.raises(FrameRefused, match="bad MAC"):
+        FrameOpener(key, FROM_SERVER).open(FrameSealer(other, FROM_SERVER).seal(b"losses"))
+    sealer, opener = FrameSealer(key, FROM_SERVER), FrameOpener(key, FROM_SERVER)
+    first, second = sealer.seal(b"1"), sealer.seal(b"2")
+    with pytest.raises(FrameRefused, match="out-of-order frame: counter 1, expected 0"):
+        opener.open(second)
+    assert opener.open(first) == b"1" and opener.open(second) == b"2"
+    with pytest.raises(FrameRefused, match="shorter"):
+        opener.open(b"x" * 10)
+
+
+def test_streams_beyond_the_worker_count_are_refused_at_once_not_queued():
+    """With stream-workers = 2 and two streams being served, a third is refused with
+    RESOURCE_EXHAUSTED right away (it used to wait for a worker, as long as the others idled)."""
+    srv = StepStreamServer(echo_handler, port=0, max_workers=2)
+    try:
+        sessions = [srv.open_session(f"c{i}") for i in range(3)]
+        busy = [StepStreamClient(srv.address, s.token) for s in sessions[:2]]
+        assert [c.exchange(b"ab") for c in busy] == [b"ba", b"ba"]
+        third = StepStreamClient(srv.address, sessions[2].token)
+        errors = []
+
+        def try_third() -> None:
+            try:
+                third.exchange(b"wait?")
+            except ConnectionError as err:
+                errors.append(str(err))
+
+        attempt = threading.Thread(target=try_third, daemon=True)
+        attempt.start()
+        attempt.join(60)  # queued, it would wait until a busy stream ends
+        assert len(errors) == 1 and "RESOURCE_EXHAUSTED" in errors[0]
+        third.close()
+        for c in busy:
+            c.close()
     finally:
         srv.stop()
