@@ -344,3 +344,26 @@ def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
     untrained = run_eval_session(c.config, 0, 3, None, {**message, "state-dir": ""})
     assert reloaded == {**kept, "bytes-up": reloaded["bytes-up"], "bytes-down": reloaded["bytes-down"]}
     assert reloaded["loss"] != untrained["loss"]
+
+
+def test_an_intruder_with_a_stolen_token_leaves_no_update_behind(coord):
+    """Without node keys a token read off the wire opens the session's stream before its client:
+    the intruder's steps land, but the real client is refused, its failure drops the session, and
+    the rollback leaves the server as it was; the refusal is counted."""
+    c = coord()
+    before = server_weights(c)
+    session, message = c.open(0, 1)
+    intruder, data = make_client(c.config, 1, None)
+    link = StepStreamClient(message["address"], message["token"])
+    stream = BatchStream(data.encoder, data.client_examples(1), 8, 0)
+    for i in range(3):
+        intruder.train_step(stream.batch(i), link)
+    assert any(not torch.equal(a, b) for a, b in zip(before, server_weights(c)))
+    with pytest.raises(ConnectionError, match="already has its stream"):
+        run_session(c.config, 0, 3, None, message)
+    assert not c.finish_train(session, None, "client error: refused stream")  # as the ClientApp's error reply
+    assert all(torch.equal(a, b) for a, b in zip(before, server_weights(c)))  # exactly as before
+    with pytest.raises(ConnectionError):
+        intruder.train_step(stream.batch(3), link)  # its stream was cut with the session
+    link.close()
+    assert c.stream.refusals() == {"stream": 1}
