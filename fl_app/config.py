@@ -87,8 +87,11 @@ class DataSettings:
     n_test: int = setting(300, "n-test", check=NON_NEGATIVE)
     max_length: int = setting(64, "max-length", check=POSITIVE)  # tokens per example
     batch_size: int = setting(16, "batch-size", check=POSITIVE)
-    partition: str = setting("iid", "partition", ("iid", "dirichlet"))  # how training data is split among clients
+    partition: str = setting("iid", "partition", ("iid", "dirichlet", "shard"))  # how train data is split among clients
     dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE)  # label skew (smaller = more skewed)
+    shards_per_client: int = setting(
+        2, "shards-per-client", check=POSITIVE
+    )  # partition shard: label-sorted shards each
 
 
 @dataclass(frozen=True)

@@ -193,13 +193,17 @@ def sample_splits(
 def partition(
     labels: Sequence[int],
     num_clients: int,
-    scheme: Literal["iid", "dirichlet"] = "iid",
+    scheme: Literal["iid", "dirichlet", "shard"] = "iid",
     alpha: float = 0.5,
     seed: int = 0,
     min_size: int = 1,
-    max_attempts: int = 100,
+    shards_per_client: int = 2,
 ) -> list[list[int]]:
-    """Disjoint index lists covering all examples: seeded IID split or label-skewed Dirichlet(alpha)."""
+    """Disjoint index lists covering all examples, seeded: an IID split; label-skewed
+    Dirichlet(alpha) (each class split among the clients by its own Dirichlet draw, then clients
+    below ``min_size`` take examples from the largest: no redrawing, so it works at any scale); or
+    ``shard`` (pathological non-IID: examples sorted by label, cut into ``shards_per_client`` shards
+    per client, each client getting that many shards, so about that many classes)."""
     n = len(labels)
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num-clients must be a positive integer, got {num_clients!r}")
@@ -211,25 +215,67 @@ def partition(
     if scheme == "iid":
         order = rng.permutation(n)
         return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
+    labels = np.asarray(labels)
+    if scheme == "shard":
+        return _shard_partition(labels, num_clients, shards_per_client, rng)
     if scheme != "dirichlet":
-        raise ValueError(f"unknown partition scheme {scheme!r} (field 'partition'); known: iid, dirichlet")
+        raise ValueError(f"unknown partition scheme {scheme!r} (field 'partition'); known: iid, dirichlet, shard")
     if not alpha > 0:
         raise ValueError(f"dirichlet-alpha must be > 0, got {alpha!r}")
-    labels = np.asarray(labels)
-    for _ in range(max_attempts):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for cls in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            shares = rng.dirichlet([alpha] * num_clients)
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [sorted(p) for p in parts]
-    raise ValueError(
-        f"dirichlet partition with alpha={alpha} left a client with fewer than {min_size} examples "
-        f"after {max_attempts} draws; raise dirichlet-alpha or n-train, or lower num-clients"
-    )
+    classes = np.unique(labels)
+    shares = rng.dirichlet([alpha] * num_clients, size=len(classes))  # [class, client]
+    held = np.zeros((num_clients, len(classes)), dtype=np.int64)  # examples per client and class
+    pools: list[list[list[int]]] = [[[] for _ in classes] for _ in range(num_clients)]
+    for c, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = (np.cumsum(shares[c])[:-1] * len(idx)).astype(int)
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            pools[client][c] = chunk.tolist()
+            held[client, c] = len(chunk)
+    _top_up(pools, held, shares, min_size, rng)
+    return [sorted(i for pool in client for i in pool) for client in pools]
+
+
+def _top_up(
+    pools: list[list[list[int]]], held: np.ndarray, shares: np.ndarray, min_size: int, rng: np.random.Generator
+) -> None:
+    """Bring clients below ``min_size`` up to it (in place, seeded): each takes examples of its own
+    most likely class (by its Dirichlet shares) from the client holding most of that class, so the
+    skew stays; from the largest client if no one can spare that class."""
+    sizes = held.sum(1)
+    for needy in np.flatnonzero(sizes < min_size):
+        cls = int(np.argmax(shares[:, needy]))
+        while sizes[needy] < min_size:
+            spare = np.where((sizes > min_size) & (np.arange(len(sizes)) != needy), held[:, cls], 0)
+            donor, c = (int(np.argmax(spare)), cls) if spare.max() > 0 else (int(np.argmax(sizes)), -1)
+            if c < 0:
+                c = int(np.argmax(held[donor]))
+            moved = pools[donor][c].pop(int(rng.integers(len(pools[donor][c]))))
+            pools[needy][c].append(moved)
+            held[donor, c] -= 1
+            held[needy, c] += 1
+            sizes[donor] -= 1
+            sizes[needy] += 1
+
+
+def _shard_partition(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """Sort by label (random order within a label), cut into equal shards, deal them out at random."""
+    if not isinstance(shards_per_client, int) or shards_per_client < 1:
+        raise ValueError(f"shards-per-client must be a positive integer, got {shards_per_client!r}")
+    shards = num_clients * shards_per_client
+    if shards > len(labels):
+        raise ValueError(
+            f"partition 'shard' needs num-clients x shards-per-client = {shards} shards, but n-train is {len(labels)}"
+        )
+    order = np.lexsort((rng.random(len(labels)), labels))
+    pieces = np.array_split(order, shards)
+    dealt = rng.permutation(shards)
+    return [
+        sorted(int(i) for k in dealt[c * shards_per_client : (c + 1) * shards_per_client] for i in pieces[k])
+        for c in range(num_clients)
+    ]
 
 
 class BatchEncoder:

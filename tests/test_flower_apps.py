@@ -197,12 +197,13 @@ def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
     results = flwr_run(
         flwr_env,
         "sim_configs/tiny_100_clients.toml",
-        [f"out-dir={out}", "eval-test=false", "eval-untrained=false"],
+        [f"out-dir={out}", "eval-test=false", "eval-untrained=false", "eval-every=2"],  # dev scored once, at the end
         ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"],
         timeout=900,
     )
     assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
     assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
+    assert results["rounds"][1]["accuracy"] is not None and results["eval"]["history"][-1]["count"] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
