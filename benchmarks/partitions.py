@@ -1,0 +1,116 @@
+"""Label-skewed partitions at scale: our Dirichlet partitioner beside Flower Datasets'
+``DirichletPartitioner`` on the shipped SST-2 and CB training pools, in one run.
+
+    python -m benchmarks.partitions [--out docs/partitions] [--alpha 0.1]
+
+Needs ``flwr-datasets`` (0.6.1 pins ``datasets<5``, which this project does not use; it runs with
+``pip install --no-deps flwr-datasets==0.6.1 seaborn==0.13.2``). For each task and client count it
+reports client sizes (min / median / max), the median client's share of its top class, and the
+seconds taken, or why a partitioner failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.report import write_report
+from fl_app.data import load_examples, partition
+
+CLIENTS = (10, 100, 1000)
+
+
+def stats(labels: np.ndarray, parts: list[list[int]], seconds: float) -> dict:
+    sizes = np.array([len(p) for p in parts])
+    top = [np.bincount(labels[p]).max() / len(p) for p in parts if len(p)]
+    return {
+        "min": int(sizes.min()),
+        "median": float(np.median(sizes)),
+        "max": int(sizes.max()),
+        "top_share": float(np.median(top)),
+        "seconds": seconds,
+    }
+
+
+def ours(labels: np.ndarray, clients: int, alpha: float) -> dict:
+    started = time.perf_counter()
+    parts = partition(labels.tolist(), clients, "dirichlet", alpha=alpha, seed=0)
+    return stats(labels, parts, time.perf_counter() - started)
+
+
+def flower_datasets(labels: np.ndarray, clients: int, alpha: float) -> dict:
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    started = time.perf_counter()
+    partitioner = DirichletPartitioner(
+        num_partitions=clients, partition_by="label", alpha=alpha, min_partition_size=1, seed=0
+    )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels.tolist()})
+    parts = [partitioner.load_partition(i)["label"] for i in range(clients)]
+    seconds = time.perf_counter() - started
+    sizes = np.array([len(p) for p in parts])
+    top = [np.bincount(p).max() / len(p) for p in parts if len(p)]
+    return {
+        "min": int(sizes.min()),
+        "median": float(np.median(sizes)),
+        "max": int(sizes.max()),
+        "top_share": float(np.median(top)),
+        "seconds": seconds,
+    }
+
+
+def attempt(fn, labels: np.ndarray, clients: int, alpha: float) -> dict:
+    try:
+        return fn(labels, clients, alpha)
+    except ValueError as err:
+        return {"failed": str(err).splitlines()[0][:140]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/partitions")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    try:
+        import flwr_datasets  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f"benchmarks.partitions needs flwr-datasets ({err}); see this module's docstring") from err
+    rows = []
+    for task in ("sst2", "cb"):
+        labels = np.array([ex.label for ex in load_examples(task, "train")])
+        for clients in CLIENTS:
+            for name, fn in (("ours", ours), ("DirichletPartitioner", flower_datasets)):
+                rows.append(
+                    {
+                        "task": task,
+                        "examples": len(labels),
+                        "clients": clients,
+                        "partitioner": name,
+                        **attempt(fn, labels, clients, args.alpha),
+                    }
+                )
+    lines = [
+        "| task (train examples) | clients | partitioner | min / median / max size "
+        "| top-class share (median client) | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "failed" in r:
+            lines.append(
+                f"| {r['task']} ({r['examples']}) | {r['clients']} | {r['partitioner']} | failed: {r['failed']} | | |"
+            )
+        else:
+            lines.append(
+                f"| {r['task']} ({r['examples']}) | {r['clients']} | {r['partitioner']} | "
+                f"{r['min']} / {r['median']:.0f} / {r['max']} | {r['top_share']:.2f} | {r['seconds']:.2f} |"
+            )
+    text = f"Dirichlet alpha = {args.alpha}, seed 0, at least 1 example per client.\n\n" + "\n".join(lines)
+    print(text)
+    write_report(args.out, text, rows)
+
+
+if __name__ == "__main__":
+    main()
