@@ -89,9 +89,8 @@ class DataSettings:
     batch_size: int = setting(16, "batch-size", check=POSITIVE)
     partition: str = setting("iid", "partition", ("iid", "dirichlet", "shard"))  # how train data is split among clients
     dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE)  # label skew (smaller = more skewed)
-    shards_per_client: int = setting(
-        2, "shards-per-client", check=POSITIVE
-    )  # partition shard: label-sorted shards each
+    shards_per_client: int = setting(2, "shards-per-client", check=POSITIVE)  # shard: label-sorted shards each
+    min_partition_size: int = setting(1, "min-partition-size", check=POSITIVE)  # dirichlet: examples per client
 
 
 @dataclass(frozen=True)

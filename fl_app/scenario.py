@@ -58,6 +58,7 @@ def sample_and_partition(config: Config) -> tuple[dict[str, list[Example]], list
         scheme=data.partition,
         alpha=data.dirichlet_alpha,
         seed=seed,
+        min_size=data.min_partition_size,
         shards_per_client=data.shards_per_client,
     )
     return splits, parts

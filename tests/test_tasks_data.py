@@ -214,3 +214,20 @@ def test_sampling_parses_only_the_examples_it_keeps(monkeypatch):
     pool = load_examples("sst2", "train")
     random.Random(5).shuffle(pool)
     assert splits["train"] == pool[:40] and splits["dev"] == pool[40:50]
+
+
+def test_min_partition_size_reaches_every_client_through_the_scenario():
+    from fl_app.config import make_config, read_scenario
+    from fl_app.scenario import sample_and_partition
+
+    config = make_config(
+        {
+            **read_scenario("sim_configs/smoke_tiny.toml"),
+            "num-clients": 8,
+            "partition": "dirichlet",
+            "dirichlet-alpha": 0.05,
+            "min-partition-size": 6,
+        }
+    )
+    _, parts = sample_and_partition(config)
+    assert min(len(p) for p in parts) >= 6 and sum(len(p) for p in parts) == 64
