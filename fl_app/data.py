@@ -201,15 +201,17 @@ def partition(
 ) -> list[list[int]]:
     """Disjoint index lists covering all examples, seeded: an IID split; label-skewed
     Dirichlet(alpha) (each class split among the clients by its own Dirichlet draw, then clients
-    below ``min_size`` take examples from the largest: no redrawing, so it works at any scale); or
+    below ``min_size`` take examples of their likeliest class from whoever holds most of it: no
+    redrawing, so it works at any scale); or
     ``shard`` (pathological non-IID: examples sorted by label, cut into ``shards_per_client`` shards
     per client, each client getting that many shards, so about that many classes)."""
     n = len(labels)
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num-clients must be a positive integer, got {num_clients!r}")
     if num_clients * min_size > n:
+        each = f" x min-partition-size {min_size}" if min_size > 1 else ""
         raise ValueError(
-            f"num-clients {num_clients} needs at least {num_clients * min_size} examples, have {n} (n-train)"
+            f"num-clients {num_clients}{each} needs at least {num_clients * min_size} examples, have {n} (n-train)"
         )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
