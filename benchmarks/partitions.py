@@ -22,9 +22,10 @@ from fl_app.data import load_examples, partition
 CLIENTS = (10, 100, 1000)
 
 
-def stats(labels: np.ndarray, parts: list[list[int]], seconds: float) -> dict:
-    sizes = np.array([len(p) for p in parts])
-    top = [np.bincount(labels[p]).max() / len(p) for p in parts if len(p)]
+def stats(client_labels: list[np.ndarray], seconds: float) -> dict:
+    """Sizes and the median client's top-class share, from each client's labels."""
+    sizes = np.array([len(c) for c in client_labels])
+    top = [np.bincount(c).max() / len(c) for c in client_labels if len(c)]
     return {
         "min": int(sizes.min()),
         "median": float(np.median(sizes)),
@@ -37,7 +38,8 @@ def stats(labels: np.ndarray, parts: list[list[int]], seconds: float) -> dict:
 def ours(labels: np.ndarray, clients: int, alpha: float) -> dict:
     started = time.perf_counter()
     parts = partition(labels.tolist(), clients, "dirichlet", alpha=alpha, seed=0)
-    return stats(labels, parts, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return stats([labels[p] for p in parts], seconds)
 
 
 def flower_datasets(labels: np.ndarray, clients: int, alpha: float) -> dict:
@@ -51,15 +53,7 @@ def flower_datasets(labels: np.ndarray, clients: int, alpha: float) -> dict:
     partitioner.dataset = datasets.Dataset.from_dict({"label": labels.tolist()})
     parts = [partitioner.load_partition(i)["label"] for i in range(clients)]
     seconds = time.perf_counter() - started
-    sizes = np.array([len(p) for p in parts])
-    top = [np.bincount(p).max() / len(p) for p in parts if len(p)]
-    return {
-        "min": int(sizes.min()),
-        "median": float(np.median(sizes)),
-        "max": int(sizes.max()),
-        "top_share": float(np.median(top)),
-        "seconds": seconds,
-    }
+    return stats([np.asarray(p) for p in parts], seconds)
 
 
 def attempt(fn, labels: np.ndarray, clients: int, alpha: float) -> dict:
