@@ -92,6 +92,18 @@ class StepStats:
     rows: bytes = b""  # the step's packed embedding-row selection (empty: all rows), for synced replay
 
 
+@dataclass
+class StepMemory:
+    """The peak memory (resident + transient) of the largest step profiled so far. A step is
+    profiled (~0.1 s) only when its batch has more tokens than any profiled before or the resident
+    bytes changed; other steps report this peak (an upper bound for a smaller batch). Clients that
+    take turns on one bottom share one, so a new client's first step is not profiled again."""
+
+    largest_tokens: int = 0
+    resident: int = -1
+    peak_bytes: int = 0
+
+
 def _with_cut_gradient(reply: StepReply, hidden: torch.Tensor) -> StepReply:
     """``reply``, checked to carry dL/dh of ``hidden``'s shape (an FO server's answer to an FO step)."""
     if reply.grad is None or reply.grad.shape != hidden.shape:
@@ -106,14 +118,17 @@ class SplitClient:
     """Owns a bottom and its optimiser state; never touches the server's objects."""
 
     def __init__(
-        self, bottom: ClientBottom, params: list[torch.nn.Parameter], config: ClientOptimConfig, client_id: str = "0"
+        self,
+        bottom: ClientBottom,
+        params: list[torch.nn.Parameter],
+        config: ClientOptimConfig,
+        client_id: str = "0",
+        memory: StepMemory | None = None,
     ):
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
-        # A step's memory is profiled only on a batch with more tokens than any profiled before or when the
-        # resident bytes changed; other steps report that step's peak (an upper bound for a smaller batch).
-        self.largest_measured, self.measured_resident, self.peak_bytes = 0, -1, 0
+        self.memory = memory if memory is not None else StepMemory()
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
             self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
@@ -148,7 +163,8 @@ class SplitClient:
         tokens = batch["input_ids"].numel()
         # the transient peak grows with the batch, and shifts when what stays resident changes (an
         # optimiser's state appears in its first step); profiling costs ~0.1 s, so only then
-        measure = tokens > self.largest_measured or resident != self.measured_resident
+        memory = self.memory
+        measure = tokens > memory.largest_tokens or resident != memory.resident
         with track_peak_memory() if measure else contextlib.nullcontext() as peak:
             rows = None
             if self.zo is not None:
@@ -162,11 +178,11 @@ class SplitClient:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
         if measure:
-            self.largest_measured = max(tokens, self.largest_measured)
-            self.measured_resident, self.peak_bytes = resident, resident + peak.transient_bytes
+            memory.largest_tokens = max(tokens, memory.largest_tokens)
+            memory.resident, memory.peak_bytes = resident, resident + peak.transient_bytes
         self.steps += 1
         release_freed_memory()  # the step's freed activations and frames leave the process
-        return StepStats(loss, up, down, self.peak_bytes, time.perf_counter() - start, seeds, grads, pack_rows(rows))
+        return StepStats(loss, up, down, memory.peak_bytes, time.perf_counter() - start, seeds, grads, pack_rows(rows))
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
         """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""

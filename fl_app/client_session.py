@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
-from fl_app.client_party import Link, SplitClient
+from fl_app.client_party import Link, SplitClient, StepMemory
 from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
@@ -60,6 +60,7 @@ class _Working:
     bottom: ClientBottom
     data: TaskData
     params: list[torch.nn.Parameter] | None = None  # set by the first session (LoRA adapters need a client seed)
+    memory: dict[Config, StepMemory] = dataclasses.field(default_factory=dict)  # step peaks, profiled once per config
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,7 +94,7 @@ def make_client(config: Config, partition_id: int, state: ClientState | None) ->
         reset_client_bottom(config, work.bottom, partition_id)
     for p in work.params:
         p.grad = None
-    client = split_client(config, work.bottom, work.params, partition_id)
+    client = split_client(config, work.bottom, work.params, partition_id, work.memory.setdefault(config, StepMemory()))
     if state is not None:
         restore(client, state)
     return client, work.data

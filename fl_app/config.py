@@ -124,7 +124,7 @@ class FederationSettings:
     bottoms: str = setting("personal", "bottoms", ("personal", "synced"))  # synced: every client replays all updates
     fraction_train: float = setting(1.0, "fraction-train", check=FRACTION)  # clients selected per round
     min_clients: int = setting(1, "min-clients", check=POSITIVE)
-    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE)  # sessions per wave
+    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE)  # sessions open at once
     step_timeout: float = setting(120.0, "step-timeout", check=POSITIVE)  # a connected client silent this long drops
     round_timeout: float = setting(3600.0, "round-timeout", check=POSITIVE)  # a client not done by then drops
 

@@ -56,11 +56,6 @@ def stream_credentials(config: Config) -> StreamCredentials:
     )
 
 
-def waves(items: list, size: int) -> list[list]:
-    """Consecutive groups of at most ``size`` (sessions run a wave at a time)."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 class Coordinator:
     """Owns the server party and the step stream for one run."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -531,27 +532,40 @@ def pristine_bottom_tensors(
 ) -> dict[str, torch.Tensor]:
     """Untrained values of the bottom parameters named ``params`` (names as in ``ClientBottom``).
 
-    Read tensor by tensor from the memory-mapped safetensors checkpoint; a tiny model (or a
-    checkpoint laid out differently) is rebuilt bottom-only instead. The global RNG is left as it was.
+    Read tensor by tensor from the memory-mapped safetensors checkpoint; a tiny model (kept after its
+    first rebuild: a simulation resets it for every new client) or a checkpoint laid out differently
+    is rebuilt bottom-only instead. The global RNG is left as it was.
     """
     params = list(params)
-    if name not in TINY_MODELS:
-        path, _, family = _pretrained_config(name)
-        files = _checkpoint_files(path)
-        keys = {p: _bottom_key(p, family, files) for p in params} if files is not None else {}
-        if files is not None and all(keys.values()):
-            out: dict[str, torch.Tensor] = {}
-            for file in sorted({files[k] for k in keys.values()}):
-                with safe_open(str(file), framework="pt") as handle:
-                    for p, key in keys.items():
-                        if files[key] == file:
-                            out[p] = handle.get_tensor(key).to(dtype)
-            return out
-        log.info("model '%s': rebuilding the bottom to read its pristine weights", name)
+    if name in TINY_MODELS:
+        named = _tiny_bottom_tensors(name, cut_layer, num_labels, seed, dtype)
+        return {p: named[p.replace(".base_layer.", ".")] for p in params}
+    path, _, family = _pretrained_config(name)
+    files = _checkpoint_files(path)
+    keys = {p: _bottom_key(p, family, files) for p in params} if files is not None else {}
+    if files is not None and all(keys.values()):
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({files[k] for k in keys.values()}):
+            with safe_open(str(file), framework="pt") as handle:
+                for p, key in keys.items():
+                    if files[key] == file:
+                        out[p] = handle.get_tensor(key).to(dtype)
+        return out
+    log.info("model '%s': rebuilding the bottom to read its pristine weights", name)
+    named = _rebuilt_bottom_tensors(name, cut_layer, num_labels, seed, dtype)
+    return {p: named[p.replace(".base_layer.", ".")] for p in params}
+
+
+def _rebuilt_bottom_tensors(
+    name: str, cut_layer: int, num_labels: int, seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every parameter of a freshly built bottom by name (LoRA wrapping removed from the names)."""
     with torch.random.fork_rng(devices=[]):
         bottom, _, _ = load_bottom(name, cut_layer, num_labels=num_labels, seed=seed, dtype=dtype)
-    named = {n.replace(".base_layer.", "."): p for n, p in bottom.named_parameters()}
-    return {p: named[p.replace(".base_layer.", ".")].detach() for p in params}
+    return {n.replace(".base_layer.", "."): p.detach() for n, p in bottom.named_parameters()}
+
+
+_tiny_bottom_tensors = functools.lru_cache(maxsize=2)(_rebuilt_bottom_tensors)
 
 
 def param_counts(module: nn.Module) -> dict[str, int]:

@@ -2,9 +2,10 @@
 
 A run is: optionally an Optuna study (each trial trains a few rounds on the clients' data subsets),
 then the scenario's rounds on full data (or on subsets, without tuning), then a test evaluation.
-Each round selects clients, opens their sessions in waves of ``max-concurrent-clients``, has the
-:class:`Federation` run them, commits or rolls back each session, evaluates on dev and records
-the round (results.json, checkpoint). How a session reaches a client is the federation's business:
+Each round selects clients, has the :class:`Federation` run their sessions with at most
+``max-concurrent-clients`` open at once (a sliding window: the next session opens as soon as one
+ends), commits or rolls back each session, evaluates on dev and records the round (results.json,
+checkpoint). How a session reaches a client is the federation's business:
 Flower messages to ClientApps (``server_app``), or direct calls in this process (``fl_app.train``).
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from fl_app.coordinator import Coordinator, waves
+from fl_app.coordinator import Coordinator
 from fl_app.records import History
 from fl_app.stream import Session
 from fl_app.subset import round_plan
@@ -50,15 +51,20 @@ class SessionReply:
 
 
 class Federation(Protocol):
-    """Runs sessions on clients: ``kind`` is "train" or "evaluate"; replies by partition id (a client
-    that does not answer before ``timeout`` is missing); ``tick`` is called while waiting.
-    :meth:`partitions` lists the clients reachable now (asked again every round: nodes come and go)."""
+    """Runs sessions on clients. :meth:`partitions` lists the clients reachable now (asked again
+    every round: nodes come and go).
+
+    :meth:`run_sessions` runs the sessions ``requests`` yields (``kind`` "train" or "evaluate"), at
+    most ``window`` at a time: it draws the next request, which opens that session on the server,
+    only when a slot is free. It yields ``(partition id, reply)`` as each session ends; a client
+    that does not answer within ``timeout`` of its request gets a reply without a report. ``tick``
+    is called while waiting."""
 
     def partitions(self) -> list[int]: ...
 
     def run_sessions(
-        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
-    ) -> dict[int, SessionReply]: ...
+        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+    ) -> Iterator[tuple[int, SessionReply]]: ...
 
 
 def session_request(coord: Coordinator, pid: int, rnd: int, extra: dict[str, Any]) -> tuple[Session, SessionRequest]:
@@ -70,53 +76,69 @@ def session_request(coord: Coordinator, pid: int, rnd: int, extra: dict[str, Any
     return session, request
 
 
+def _run_sessions(
+    fed: Federation, coord: Coordinator, kind: str, clients: list[int], rnd: int, extra: Callable[[int], dict[str, Any]]
+) -> Iterator[tuple[Session, SessionReply]]:
+    """Run ``kind`` sessions for ``clients`` through ``fed`` in a window of ``max-concurrent-clients``,
+    each opened only when its turn comes; yields (session, reply) as each ends."""
+    opened: dict[int, Session] = {}
+
+    def requests() -> Iterator[SessionRequest]:
+        for pid in clients:
+            opened[pid], request = session_request(coord, pid, rnd, extra(pid))
+            yield request
+
+    federation = coord.config.federation
+    for pid, reply in fed.run_sessions(
+        kind, requests(), federation.max_concurrent_clients, federation.round_timeout, coord.expire_idle
+    ):
+        yield opened.pop(pid), reply
+
+
 def train_round(
     fed: Federation, coord: Coordinator, rnd: int, plan: str = "full"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One round of training sessions in waves, each client using its data as ``plan`` says
-    (:data:`fl_app.subset.PLANS`); returns (reports, dropped)."""
+    """One round of training sessions, each client using its data as ``plan`` says
+    (:data:`fl_app.subset.PLANS`); returns (reports, dropped), each in client order."""
     reports, dropped = [], []
-    for wave in waves(coord.select(fed.partitions(), rnd), coord.config.federation.max_concurrent_clients):
-        opened = [session_request(coord, pid, rnd, {"subset": plan}) for pid in wave]
-        replies = fed.run_sessions(
-            "train", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
-        )
-        for session, request in opened:
-            pid = request.partition_id
-            reply = replies.get(pid, SessionReply(None, NO_REPLY))
-            if coord.finish_train(session, reply.report, reply.reason):
-                reports.append(reply.report)
-                coord.synced[pid] = rnd - 1
-            else:
-                reason = reply.reason or session.reason
-                dropped.append({"client": pid, "reason": reason})
-                log.warning("round %d: client %d dropped: %s", rnd, pid, reason)
-    return reports, dropped
+    clients = coord.select(fed.partitions(), rnd)
+    for session, reply in _run_sessions(fed, coord, "train", clients, rnd, lambda pid: {"subset": plan}):
+        pid = int(session.client_id)
+        if coord.finish_train(session, reply.report, reply.reason):
+            reports.append(reply.report)
+            coord.synced[pid] = rnd - 1
+        else:
+            reason = reply.reason or session.reason
+            dropped.append({"client": pid, "reason": reason})
+            log.warning("round %d: client %d dropped: %s", rnd, pid, reason)
+    return sorted(reports, key=lambda r: r["partition-id"]), sorted(dropped, key=lambda d: d["client"])
+
+
+def evaluators(coord: Coordinator, clients: list[int], split: str) -> list[int]:
+    """The clients that evaluate ``split``: each scores a contiguous shard of it, so past as many
+    clients as the split can have examples the rest would score nothing, and are not asked."""
+    data, examples = coord.config.data, coord.config.eval.examples
+    most = data.n_test if split == "test" else min(data.n_dev, examples or data.n_dev)
+    return clients[: max(1, most)]
 
 
 def evaluate_round(
     fed: Federation, coord: Coordinator, rnd: int, clients: list[int], split: str
 ) -> dict[str, Any] | None:
-    """Federated evaluation: each listed client scores its shard of ``split``."""
+    """Federated evaluation: each of :func:`evaluators` scores its shard of ``split``."""
+    clients = evaluators(coord, clients, split)
     if not clients:
         return None
-    reports = []
-    for wave in waves(clients, coord.config.federation.max_concurrent_clients):
-        opened = [
-            session_request(coord, pid, rnd, {"split": split, "shard": clients.index(pid), "num-shards": len(clients)})
-            for pid in wave
-        ]
-        replies = fed.run_sessions(
-            "evaluate", [r for _, r in opened], coord.config.federation.round_timeout, coord.expire_idle
-        )
-        for session, request in opened:
-            coord.finish_eval(session)
-            reply = replies.get(request.partition_id, SessionReply(None, NO_REPLY))
-            if reply.report is None:
-                log.warning("round %d: evaluation by client %d failed: %s", rnd, request.partition_id, reply.reason)
-            elif reply.report.get("count"):
-                reports.append(reply.report)
-    return coord.record_eval(rnd, reports)
+    shards = {pid: {"split": split, "shard": index, "num-shards": len(clients)} for index, pid in enumerate(clients)}
+    reports = {}
+    for session, reply in _run_sessions(fed, coord, "evaluate", clients, rnd, shards.__getitem__):
+        coord.finish_eval(session)
+        pid = int(session.client_id)
+        if reply.report is None:
+            log.warning("round %d: evaluation by client %d failed: %s", rnd, pid, reply.reason)
+        elif reply.report.get("count"):
+            reports[pid] = reply.report
+    return coord.record_eval(rnd, [reports[pid] for pid in sorted(reports)])
 
 
 def run_round(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_app.client_party import ClientOptimConfig, SplitClient
+from fl_app.client_party import ClientOptimConfig, SplitClient, StepMemory
 from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
@@ -172,8 +172,15 @@ def reset_client_bottom(config: Config, bottom: ClientBottom, index: int) -> Non
         init_lora(bottom, client_seed(config, index))
 
 
-def split_client(config: Config, bottom: ClientBottom, params: list[torch.nn.Parameter], index: int) -> SplitClient:
-    """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`)."""
+def split_client(
+    config: Config,
+    bottom: ClientBottom,
+    params: list[torch.nn.Parameter],
+    index: int,
+    memory: StepMemory | None = None,
+) -> SplitClient:
+    """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`);
+    clients taking turns on one bottom pass the same ``memory``."""
     optim, zo = config.optim, config.zo
     optim = ClientOptimConfig(
         order=config.client_order,
@@ -188,7 +195,7 @@ def split_client(config: Config, bottom: ClientBottom, params: list[torch.nn.Par
         seed=client_seed(config, index),
         wire_dtype=config.stream.wire_dtype,
     )
-    return SplitClient(bottom, params, optim, client_id=str(index))
+    return SplitClient(bottom, params, optim, client_id=str(index), memory=memory)
 
 
 def build_client(config: Config, bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,9 @@ class InProcessFederation:
         return list(range(self.num_clients))
 
     def run_sessions(
-        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
-    ) -> dict[int, SessionReply]:
-        replies = {}
-        for request in requests:
+        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+    ) -> Iterator[tuple[int, SessionReply]]:
+        for request in requests:  # one at a time: this process has one working bottom
             pid = request.partition_id
             config = self.coord.base_config.updated(request.overrides)
             link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
@@ -58,10 +57,9 @@ class InProcessFederation:
                     report = run_eval_session(*inputs, request.average, link=link)
             except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
                 log.warning("client %d's %s session failed", pid, kind, exc_info=True)
-                replies[pid] = SessionReply(None, f"{type(err).__name__}: {err}")  # as a ClientApp's error reply
+                yield pid, SessionReply(None, f"{type(err).__name__}: {err}")  # as a ClientApp's error reply
             else:
-                replies[pid] = SessionReply(report)
-        return replies
+                yield pid, SessionReply(report)
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Flower ServerApp: holds the top (FO in hosl) and runs the round loop of :mod:`fl_app.rounds`
 with sessions carried as Flower messages.
 
-The loop selects clients per round, sends each a session message in waves of at most
-``max-concurrent-clients``, serves their steps on the direct step stream, collects reports
+The loop selects clients per round, sends each a session message with at most
+``max-concurrent-clients`` in flight, serves their steps on the direct step stream, collects reports
 (dropping clients that fail or time out, with their partial server updates rolled back), runs
 federated evaluation, checkpoints and writes ``results.json``; with ``tune-trials > 0`` it tunes
 first. This module only discovers the nodes and turns sessions into messages and back.
@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -32,7 +32,8 @@ from fl_app.rounds import NO_REPLY, SessionReply, SessionRequest
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # longest wait between polls for replies
+FIRST_POLL_SECONDS = 0.005  # the wait after a reply came (more are likely soon)
 QUERY_TIMEOUT = 60.0  # seconds a node has to tell its partition id
 
 
@@ -53,17 +54,23 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, tick: Callable
     ids = list(grid.push_messages(messages))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
     pending, replies = set(ids), {}
-    deadline = time.monotonic() + timeout
+    deadline, poll = time.monotonic() + timeout, FIRST_POLL_SECONDS
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            mid = reply.metadata.reply_to_message_id
-            if mid in pending:
-                pending.discard(mid)
-                replies[node_of[mid]] = reply
+        arrived = [r for r in grid.pull_messages(list(pending)) if r.metadata.reply_to_message_id in pending]
+        for reply in arrived:
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies[node_of[reply.metadata.reply_to_message_id]] = reply
         tick()
-        if pending:
-            time.sleep(POLL_SECONDS)
+        poll = _wait(poll, bool(pending), bool(arrived))
     return replies
+
+
+def _wait(poll: float, waiting: bool, arrived: bool) -> float:
+    """Sleep before the next poll if still ``waiting`` and nothing just ``arrived``; returns the next
+    wait: short right after a reply (more are likely soon), doubling up to POLL_SECONDS otherwise."""
+    if waiting and not arrived:
+        time.sleep(poll)
+    return FIRST_POLL_SECONDS if arrived else min(2 * poll, POLL_SECONDS)
 
 
 def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
@@ -157,27 +164,50 @@ class FlowerFederation:
         return sorted(nodes)
 
     def run_sessions(
-        self, kind: str, requests: list[SessionRequest], timeout: float, tick: Callable[[], Any]
-    ) -> dict[int, SessionReply]:
-        contents = {r.partition_id: session_content(r) for r in requests}
-        messages = [
-            Message(content, dst_node_id=self.nodes[pid], message_type=kind) for pid, content in contents.items()
-        ]
-        replies = exchange(self.grid, messages, timeout, tick)
-        out = {}
-        for pid, content in contents.items():
-            reply = replies.get(self.nodes[pid])
-            report, reason = _reply_report(reply)
-            if report is not None and kind == "train":
-                report = report_from_record(report)
-                report["message-bytes-down"] = record_bytes(content)
-                report["message-bytes-up"] = record_bytes(reply.content)
-                if "weights" in reply.content.array_records:
-                    report["weights"] = reply.content.array_records["weights"].to_torch_state_dict()
-            elif report is not None:
-                report = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
-            out[pid] = SessionReply(report, reason)
-        return out
+        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+    ) -> Iterator[tuple[int, SessionReply]]:
+        """Push a session message as soon as a slot of ``window`` is free; yield each reply as it
+        arrives (polling fast while replies come, backing off to POLL_SECONDS when they do not)."""
+        requests = iter(requests)
+        pending: dict[str, tuple[int, RecordDict, float]] = {}  # message id -> (partition, content, deadline)
+        more, poll = True, FIRST_POLL_SECONDS
+        while more or pending:
+            while more and len(pending) < window:
+                request = next(requests, None)
+                if request is None:
+                    more = False
+                    break
+                content = session_content(request)
+                message = Message(content, dst_node_id=self.nodes[request.partition_id], message_type=kind)
+                (mid,) = self.grid.push_messages([message])
+                pending[mid] = (request.partition_id, content, time.monotonic() + timeout)
+            ended = [
+                (mid, reply)
+                for reply in self.grid.pull_messages(list(pending))
+                if (mid := reply.metadata.reply_to_message_id) in pending
+            ]
+            ended += [(mid, None) for mid, (_, _, deadline) in pending.items() if time.monotonic() > deadline]
+            for mid, reply in ended:
+                if mid in pending:
+                    pid, content, _ = pending.pop(mid)
+                    yield pid, _session_reply(kind, content, reply)
+            tick()
+            poll = _wait(poll, bool(pending), bool(ended))
+
+
+def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> SessionReply:
+    """A reply message as the round loop wants it (a training report with its message sizes, or
+    evaluation metrics), or why there is none."""
+    report, reason = _reply_report(reply)
+    if report is not None and kind == "train":
+        report = report_from_record(report)
+        report["message-bytes-down"] = record_bytes(content)
+        report["message-bytes-up"] = record_bytes(reply.content)
+        if "weights" in reply.content.array_records:
+            report["weights"] = reply.content.array_records["weights"].to_torch_state_dict()
+    elif report is not None:
+        report = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+    return SessionReply(report, reason)
 
 
 @contextlib.contextmanager

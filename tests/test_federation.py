@@ -12,7 +12,7 @@ from fl_app import frame_auth
 from fl_app.batches import BatchStream
 from fl_app.client_session import NodeSettings, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.coordinator import fedavg, stream_credentials, waves
+from fl_app.coordinator import fedavg, stream_credentials
 from fl_app.protocol import ProtocolError, StepRequest
 from fl_app.records import ClientState
 from fl_app.stream import StepStreamClient
@@ -141,8 +141,7 @@ def test_federated_eval_shards_cover_the_split(coord):
     assert sum(counts) == 32 and max(counts) - min(counts) <= 1
 
 
-def test_waves_and_selection():
-    assert waves(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+def test_fedavg_weights_by_steps():
     assert fedavg([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [3, 1])["w"].tolist() == [0.75, 0.75]
 
 

@@ -275,6 +275,36 @@ def test_reset_rereads_pristine_weights_from_disk(checkpoints, monkeypatch, work
     assert third.steps == 3 and all(torch.equal(v, saved.weights[n]) for n, v in trainable(third).items())
 
 
+def test_clients_taking_turns_on_a_tiny_bottom_reset_from_one_kept_build(monkeypatch, working_cleared):
+    """A simulation resets the working bottom for every new client: a tiny model is rebuilt once and
+    its untrained values kept (the kept copy is not the bottom's: training never changes it), and a
+    new client's first step is not profiled again (one StepMemory per config in the process)."""
+    import fl_app.client_party as client_party
+    from fl_app.batches import BatchStream
+    from fl_app.local_transport import InProcessLink
+    from fl_app.scenario import build_server, load_server_top
+
+    cfg = session_config("tiny-opt")
+    fl_app.models._tiny_bottom_tensors.cache_clear()
+    first, data = working_cleared.make_client(cfg, 0, None)
+    start = trainable(first)
+    builds, profiled = [], []
+    real_load, real_track = fl_app.models.load_bottom, client_party.track_peak_memory
+    monkeypatch.setattr(fl_app.models, "load_bottom", lambda *a, **k: builds.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(client_party, "track_peak_memory", lambda: profiled.append(1) or real_track())
+    server = build_server(cfg, load_server_top(cfg)[1], num_classes=2)
+    for pid in (1, 2, 0):
+        scramble(first)
+        client, _ = working_cleared.make_client(cfg, pid, None)
+        assert all(torch.equal(v, start[n]) for n, v in trainable(client).items()), pid
+        batch = BatchStream(data.encoder, data.client_examples(pid), 8, 0).batch(0)
+        link = InProcessLink(server.handle_bytes)
+        assert client.train_step(batch, link).peak_memory_bytes > 0
+        link.close()
+    assert len(builds) == 1  # the first reset built it; the others reused it
+    assert len(profiled) == 1  # the first client's step; the next clients' steps of the same size were not
+
+
 @pytest.mark.parametrize("model", ["tiny-opt", "saved-llama"])
 def test_lora_reset_reproduces_each_clients_initial_adapters(checkpoints, working_cleared, model):
     """LoRA adapters depend on (seed, client) only: a reset gives exactly a fresh build's adapters."""

@@ -64,3 +64,76 @@ def test_a_restarted_node_rejoins_and_only_new_nodes_are_asked(capsys):
     del grid.claims[11]  # ... until that node is gone
     assert fed.partitions() == [0, 1] and fed.nodes == {0: 31, 1: 21}
     assert "partitions [1] gone" in capsys.readouterr().out
+
+
+class SessionGrid(FakeGrid):
+    """Also answers evaluate messages, each only after it was polled ``delay[node]`` times; a node
+    with no delay never answers. Records how many messages were in flight at each push."""
+
+    def __init__(self, claims: dict[int, int], delay: dict[int, int]):
+        super().__init__(claims)
+        self.delay, self.in_flight, self.polls = delay, [], {}
+
+    def push_messages(self, messages):
+        if any(m.metadata.message_type == "query" for m in messages):
+            return super().push_messages(messages)
+        ids = []
+        for m in messages:
+            mid = f"s{len(self.polls)}"
+            self.polls[mid] = [m.metadata.dst_node_id, 0]
+            self.in_flight.append(sum(1 for node, n in self.polls.values() if n >= 0))
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        if not all(i in self.polls for i in ids):
+            return super().pull_messages(ids)
+        out = []
+        for mid in ids:
+            entry = self.polls[mid]
+            entry[1] += 1
+            if entry[1] == self.delay.get(entry[0]):
+                entry[1] = -1  # answered
+                out.append(
+                    SimpleNamespace(
+                        metadata=SimpleNamespace(reply_to_message_id=mid),
+                        has_error=lambda: False,
+                        content=SimpleNamespace(
+                            config_records={"report": {"ok": True}},
+                            metric_records={"metrics": {"accuracy": float(entry[0])}},
+                        ),
+                    )
+                )
+        return out
+
+
+def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkeypatch):
+    """At most ``window`` sessions in flight; the next request is drawn (its session opened) only
+    when one ends, not when the whole group ends; a silent node is missing after the timeout."""
+    monkeypatch.setattr(
+        server_app,
+        "Message",
+        lambda content, dst_node_id, message_type: SimpleNamespace(
+            metadata=SimpleNamespace(dst_node_id=dst_node_id, message_type=message_type)
+        ),
+    )
+    monkeypatch.setattr(server_app, "POLL_SECONDS", 0.001)
+    monkeypatch.setattr(server_app, "FIRST_POLL_SECONDS", 0.001)
+    nodes = {10 + pid: pid for pid in range(5)}
+    grid = SessionGrid(nodes, delay={10: 6, 11: 1, 12: 1, 13: 1})  # node 14 never answers
+    fed = FlowerFederation(grid, query_timeout=5, wait=0)
+    drawn = []
+
+    def requests():
+        for pid in range(5):
+            drawn.append(pid)
+            yield server_app.SessionRequest(pid, {"round": 1})
+
+    replies = list(fed.run_sessions("evaluate", requests(), window=2, timeout=0.3, tick=lambda: None))
+    assert max(grid.in_flight) == 2
+    order = [pid for pid, _ in replies]
+    # 1 ends first and 2, 3 take its place one after another while 0 (slow) is still running
+    assert order[:3] == [1, 2, 3] and set(order) == {0, 1, 2, 3, 4}
+    got = dict(replies)
+    assert got[0].report == {"accuracy": 10.0} and got[3].report == {"accuracy": 13.0}
+    assert got[4].report is None and got[4].reason == server_app.NO_REPLY
