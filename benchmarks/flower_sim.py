@@ -96,13 +96,19 @@ CRASH_MARKERS = ("Simulation Runtime crashed", "[hosl] error:", "Exit Code: ")
 
 
 def run_simulation(
-    scenario: Path, overrides: list[str], supernodes: int, timeout: float = 7200, cpus_per_client: int = 1
+    scenario: Path,
+    overrides: list[str],
+    supernodes: int,
+    timeout: float = 7200,
+    cpus_per_client: int = 1,
+    home: Path | None = None,
 ) -> dict:
     """`flwr run . --stream` with ``scenario`` + ``overrides`` (must set out-dir) on ``supernodes``
     simulated nodes of ``cpus_per_client`` CPUs each (Ray runs as many clients at once as the CPUs
-    allow); waits until results.json says "finished"."""
+    allow), with FLWR_HOME ``home`` (default: a new temporary folder); waits until results.json
+    says "finished"."""
     out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("out-dir=")))
-    home = Path(tempfile.mkdtemp(prefix="hosl-bench-"))
+    home = home or Path(tempfile.mkdtemp(prefix="hosl-bench-"))
     cfg = home / "run.toml"
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, **private_superlink_env(home)}

@@ -35,6 +35,7 @@ app = ServerApp()
 POLL_SECONDS = 0.2  # longest wait between polls for replies
 FIRST_POLL_SECONDS = 0.005  # the wait after a reply came (more are likely soon)
 QUERY_TIMEOUT = 60.0  # seconds a node has to tell its partition id
+QUERY_WINDOW = 64  # partition queries awaiting replies at once
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -49,37 +50,43 @@ def record_bytes(content: RecordDict) -> int:
     return total
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, tick: Callable[[], Any]) -> dict[int, Message]:
-    """Push ``messages`` and poll for replies until all arrive or ``timeout``; ``tick`` runs each poll."""
-    ids = list(grid.push_messages(messages))
-    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
-    pending, replies = set(ids), {}
-    deadline, poll = time.monotonic() + timeout, FIRST_POLL_SECONDS
-    while pending and time.monotonic() < deadline:
-        arrived = [r for r in grid.pull_messages(list(pending)) if r.metadata.reply_to_message_id in pending]
-        for reply in arrived:
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies[node_of[reply.metadata.reply_to_message_id]] = reply
+def flow(
+    grid: Grid, messages: Iterable[tuple[Any, Message]], window: int, timeout: float, tick: Callable[[], Any]
+) -> Iterator[tuple[Any, Message | None]]:
+    """Push the ``(key, message)`` pairs with at most ``window`` awaiting replies, drawing the next
+    pair only when a slot frees; yield ``(key, reply)`` as each reply arrives, or ``(key, None)``
+    once ``timeout`` has passed since its push. ``tick`` runs at every poll; polls follow each other
+    fast while replies come and back off to POLL_SECONDS when they do not."""
+    messages = iter(messages)
+    pending: dict[str, tuple[Any, float]] = {}  # message id -> (key, deadline)
+    more, poll = True, FIRST_POLL_SECONDS
+    while more or pending:
+        while more and len(pending) < window:
+            item = next(messages, None)
+            if item is None:
+                more = False
+                break
+            (mid,) = grid.push_messages([item[1]])
+            pending[mid] = (item[0], time.monotonic() + timeout)
+        ended = [(r.metadata.reply_to_message_id, r) for r in grid.pull_messages(list(pending))]
+        ended += [(mid, None) for mid, (_, deadline) in pending.items() if time.monotonic() > deadline]
+        for mid, reply in ended:
+            if mid in pending:
+                yield pending.pop(mid)[0], reply
         tick()
-        poll = _wait(poll, bool(pending), bool(arrived))
-    return replies
-
-
-def _wait(poll: float, waiting: bool, arrived: bool) -> float:
-    """Sleep before the next poll if still ``waiting`` and nothing just ``arrived``; returns the next
-    wait: short right after a reply (more are likely soon), doubling up to POLL_SECONDS otherwise."""
-    if waiting and not arrived:
-        time.sleep(poll)
-    return FIRST_POLL_SECONDS if arrived else min(2 * poll, POLL_SECONDS)
+        if pending and not ended:
+            time.sleep(poll)
+        poll = FIRST_POLL_SECONDS if ended else min(2 * poll, POLL_SECONDS)
 
 
 def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
-    """node id -> the partition id it holds, asked of ``node_ids`` (nodes that do not answer are left out)."""
-    messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
+    """node id -> the partition id it holds, asked of ``node_ids`` (nodes that do not answer are left
+    out), QUERY_WINDOW at a time (10,000 queries at once would stall Flower's simulation engine)."""
+    messages = ((n, Message(RecordDict(), dst_node_id=n, message_type="query")) for n in node_ids)
     claims = {}
-    for node_id, reply in exchange(grid, messages, timeout, lambda: None).items():
-        if reply.has_error():
-            log.warning("node %s did not answer the query: %s", node_id, reply.error.reason)
+    for node_id, reply in flow(grid, messages, QUERY_WINDOW, timeout, lambda: None):
+        if reply is None or reply.has_error():
+            log.warning("node %s did not answer the query: %s", node_id, reply.error.reason if reply else NO_REPLY)
             continue
         claims[node_id] = int(reply.content.config_records["node"]["partition-id"])
     return claims
@@ -90,7 +97,7 @@ def probe_message_rtt(grid: Grid, node_id: int, count: int) -> list[float]:
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        exchange(grid, [Message(RecordDict(), dst_node_id=node_id, message_type="query")], 600, lambda: None)
+        list(flow(grid, [(node_id, Message(RecordDict(), dst_node_id=node_id, message_type="query"))], 1, 600, int))
         times.append(time.perf_counter() - started)
     return times
 
@@ -166,33 +173,16 @@ class FlowerFederation:
     def run_sessions(
         self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
     ) -> Iterator[tuple[int, SessionReply]]:
-        """Push a session message as soon as a slot of ``window`` is free; yield each reply as it
-        arrives (polling fast while replies come, backing off to POLL_SECONDS when they do not)."""
-        requests = iter(requests)
-        pending: dict[str, tuple[int, RecordDict, float]] = {}  # message id -> (partition, content, deadline)
-        more, poll = True, FIRST_POLL_SECONDS
-        while more or pending:
-            while more and len(pending) < window:
-                request = next(requests, None)
-                if request is None:
-                    more = False
-                    break
+        """Each session as a message, pushed as soon as a slot of ``window`` is free (see :func:`flow`)."""
+
+        def messages() -> Iterator[tuple[tuple[int, RecordDict], Message]]:
+            for request in requests:
                 content = session_content(request)
-                message = Message(content, dst_node_id=self.nodes[request.partition_id], message_type=kind)
-                (mid,) = self.grid.push_messages([message])
-                pending[mid] = (request.partition_id, content, time.monotonic() + timeout)
-            ended = [
-                (mid, reply)
-                for reply in self.grid.pull_messages(list(pending))
-                if (mid := reply.metadata.reply_to_message_id) in pending
-            ]
-            ended += [(mid, None) for mid, (_, _, deadline) in pending.items() if time.monotonic() > deadline]
-            for mid, reply in ended:
-                if mid in pending:
-                    pid, content, _ = pending.pop(mid)
-                    yield pid, _session_reply(kind, content, reply)
-            tick()
-            poll = _wait(poll, bool(pending), bool(ended))
+                node = self.nodes[request.partition_id]
+                yield (request.partition_id, content), Message(content, dst_node_id=node, message_type=kind)
+
+        for (pid, content), reply in flow(self.grid, messages(), window, timeout, tick):
+            yield pid, _session_reply(kind, content, reply)
 
 
 def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> SessionReply:

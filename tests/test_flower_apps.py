@@ -192,18 +192,16 @@ def test_deployment_refuses_to_run_insecure_unless_asked():
     assert proc.returncode == 2 and "--insecure" in proc.stderr
 
 
-def test_hundred_simulated_clients_complete(flwr_env, tmp_path):
-    out = tmp_path / "c100"
-    results = flwr_run(
-        flwr_env,
-        "sim_configs/tiny_100_clients.toml",
-        [f"out-dir={out}", "eval-test=false", "eval-untrained=false", "eval-every=2"],  # dev scored once, at the end
-        ["--federation-config", "num-supernodes=100 client-resources-num-cpus=1"],
-        timeout=900,
-    )
-    assert [len(r["clients"]) for r in results["rounds"]] == [100, 100]
-    assert len(results["history"]) == 200 and all(not r["dropped"] for r in results["rounds"])
-    assert results["rounds"][1]["accuracy"] is not None and results["eval"]["history"][-1]["count"] > 0
+def test_hundred_simulated_clients_complete_and_are_measured(tmp_path):
+    """One point of the scaling study (benchmarks.scaling): 100 clients in each of 2 rounds, none
+    dropped, and every figure the study reports measured, memory from this run's processes only."""
+    from benchmarks.scaling import TINY, Point, run_point
+
+    row = run_point(Point(TINY, 100), tmp_path / "c100")
+    assert len(row["round_seconds"]) == 2 and row["clients_per_round"] == 100 and row["dropped"] == 0
+    assert row["steps_per_second"] > 0 and row["bytes_per_round"] > 0 and row["client_step_peak"] > 0
+    assert row["server_peak_rss"] > 2**27 and row["actor_peak_rss"] > 2**27  # torch alone takes more than 128 MiB
+    assert row["accuracy"][-1] is not None and row["test_accuracy"] is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -23,6 +23,7 @@ class FakeGrid:
 
     def __init__(self, claims: dict[int, int]):
         self.claims, self.asked, self._replies = dict(claims), [], {}
+        self.awaited, self.most_awaited = 0, 0  # queries pushed and not yet pulled
 
     def get_node_ids(self):
         return list(self.claims)
@@ -40,9 +41,12 @@ class FakeGrid:
                 content=SimpleNamespace(config_records=record),
             )
             ids.append(mid)
+        self.awaited += len(ids)
+        self.most_awaited = max(self.most_awaited, self.awaited)
         return ids
 
     def pull_messages(self, ids):
+        self.awaited -= len(ids)
         return [self._replies[i] for i in ids]
 
 
@@ -64,6 +68,16 @@ def test_a_restarted_node_rejoins_and_only_new_nodes_are_asked(capsys):
     del grid.claims[11]  # ... until that node is gone
     assert fed.partitions() == [0, 1] and fed.nodes == {0: 31, 1: 21}
     assert "partitions [1] gone" in capsys.readouterr().out
+
+
+def test_partition_queries_go_out_a_window_at_a_time(monkeypatch):
+    """10,000 simulated nodes asked at once would stall Flower's simulation engine (it scans every
+    node's queue for every pending message): at most QUERY_WINDOW queries await replies."""
+    monkeypatch.setattr(server_app, "QUERY_WINDOW", 3)
+    grid = FakeGrid({100 + pid: pid for pid in range(10)})
+    fed = FlowerFederation(grid, query_timeout=5, wait=0)
+    assert fed.nodes == {pid: 100 + pid for pid in range(10)} and sorted(grid.asked) == list(range(100, 110))
+    assert grid.most_awaited == 3
 
 
 class SessionGrid(FakeGrid):

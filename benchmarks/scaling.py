@@ -1,0 +1,360 @@
+"""How cost and accuracy change with the number of clients, under `flwr run` simulation.
+
+    python -m benchmarks.scaling [--size quick|full] [--out runs/scaling] [--docs docs]
+
+Each point of the sweep is one `flwr run` (its own FLWR_HOME and SuperLink) of a scenario with
+one more setting changed: the number of clients, the share of them per round (``fraction-train``),
+the sessions open at once (``max-concurrent-clients``), the partition (IID or Dirichlet alpha) and
+the bottoms (personal or synced). For each point it records the wall time per round, the server's
+throughput (client steps per second of round), the peak resident memory of the server process
+(the ServerApp and Flower's simulation engine share it) and of the ClientApp actors, the client's
+own step peak, the bytes per round and the dev accuracy per round and on test. It writes
+``<docs>/scaling.md`` / ``.json`` and ``scaling_cost.png`` / ``scaling_accuracy.png``.
+
+``quick`` (about 10 minutes on 2 cores) runs the tiny model only; ``full`` adds the large client
+counts, the fraction and concurrency sweeps and MiniLM (its accuracy is the one that means
+anything: the tiny model is randomly initialised). With ``--profile`` (needs ``py-spy``) the
+largest tiny point is also sampled, and the functions the server process and a ClientApp actor
+spend their time in are written down: where a curve bends, that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.flower_sim import ROOT, home_pids, run_simulation
+from benchmarks.report import write_report
+
+TINY, MINILM = "sim_configs/tiny_100_clients.toml", "sim_configs/quick_minilm.toml"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep: a scenario and the settings changed from it."""
+
+    scenario: str
+    clients: int
+    fraction: float = 1.0
+    concurrency: int = 4  # max-concurrent-clients: above the 2 actors, so one is always queued
+    alpha: float = 0.0  # 0: IID; otherwise a Dirichlet partition with this alpha
+    bottoms: str = "personal"
+    rounds: int = 2
+
+    @property
+    def model(self) -> str:
+        return "MiniLM" if self.scenario == MINILM else "tiny"
+
+    def overrides(self, out: Path) -> list[str]:
+        per_client = 4 if self.scenario == TINY else 32  # examples per client: the data grows with the clients
+        return [
+            f"out-dir={out}",
+            f"num-clients={self.clients}",
+            f"n-train={max(per_client * self.clients, 16)}",
+            f"num-rounds={self.rounds}",
+            f"fraction-train={self.fraction}",
+            f"max-concurrent-clients={self.concurrency}",
+            f"partition={'dirichlet' if self.alpha else 'iid'}",
+            f"dirichlet-alpha={self.alpha or 0.5}",
+            f"bottoms={self.bottoms}",
+            "eval-untrained=false",
+        ]
+
+    def key(self) -> str:
+        parts = [self.model, f"c{self.clients}", f"f{self.fraction}", f"w{self.concurrency}"]
+        return "-".join(parts + [f"a{self.alpha}" if self.alpha else "iid", self.bottoms, f"r{self.rounds}"])
+
+
+SIZES = ("quick", "full", "1k", "10k")
+
+
+def sweep(size: str) -> list[tuple[str, Point]]:
+    """(study, point) pairs of a size; a point in several studies runs once. ``1k``: 1,000 tiny
+    clients all in one round; ``10k``: 10,000 tiny clients, 10 % of them in each of 2 rounds."""
+    if size == "1k":
+        return [("1,000 clients in one round", Point(TINY, 1000, rounds=1))]
+    if size == "10k":
+        return [("10,000 clients, 10 % per round", Point(TINY, 10_000, fraction=0.1))]
+    points: list[tuple[str, Point]] = []
+    counts = (1, 16, 256) if size == "quick" else tuple(2**i for i in range(11))
+    points += [("clients", Point(TINY, n)) for n in counts]
+    skew = 16 if size == "quick" else 32
+    alphas = (0.0, 0.1) if size == "quick" else (0.0, 1.0, 0.3, 0.1)
+    for bottoms in ("personal", "synced"):
+        points += [("partition", Point(TINY, skew, alpha=a, bottoms=bottoms)) for a in alphas]
+    if size == "full":
+        points += [("fraction", Point(TINY, 256, fraction=f)) for f in (0.1, 0.3, 1.0)]
+        points += [("concurrency", Point(TINY, 256, concurrency=w)) for w in (1, 2, 4, 8)]
+        points += [("clients-minilm", Point(MINILM, n, rounds=3)) for n in (1, 2, 4, 8, 16)]
+        for bottoms in ("personal", "synced"):
+            points += [
+                ("partition-minilm", Point(MINILM, 8, alpha=a, bottoms=bottoms, rounds=3)) for a in (0.0, 1.0, 0.3, 0.1)
+            ]
+    return points
+
+
+class MemorySampler:
+    """Peak resident memory of the processes of one FLWR_HOME, sampled twice a second: the server
+    process (``flwr-simulation``: the ServerApp and the simulation engine) and the ClientApp actors."""
+
+    ROLES = {"server": b"flwr-simulation", "actor": b"ClientAppActor"}
+
+    def __init__(self, home: Path):
+        self.home, self.peaks = home, {role: 0 for role in self.ROLES}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for role, marker in self.ROLES.items():
+                for pid in home_pids(self.home, marker):
+                    self.peaks[role] = max(self.peaks[role], _rss(pid))
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_point(point: Point, out: Path, profile_seconds: float = 0.0) -> dict[str, Any]:
+    """Run one point; its measurements (and, with ``profile_seconds``, where the time went)."""
+    shutil.rmtree(out, ignore_errors=True)
+    home = Path(tempfile.mkdtemp(prefix="hosl-scaling-"))
+    profiler = threading.Thread(target=_profile, args=(home, out, profile_seconds), daemon=True)
+    started = time.perf_counter()
+    with MemorySampler(home) as memory:
+        if profile_seconds:
+            profiler.start()
+        results = run_simulation(ROOT / point.scenario, point.overrides(out), point.clients, home=home)
+    if profile_seconds:
+        profiler.join()
+    rounds = results["rounds"]
+    seconds = [r["seconds"] for r in rounds]
+    steps = sum(r["steps"] for r in rounds)
+    row = {
+        **dataclasses.asdict(point),
+        "model": point.model,
+        "run_seconds": time.perf_counter() - started,
+        "round_seconds": seconds,
+        "seconds_per_round": sum(seconds) / len(seconds),
+        "clients_per_round": sum(len(r["clients"]) for r in rounds) / len(rounds),
+        "dropped": sum(len(r["dropped"]) for r in rounds),
+        "steps_per_second": steps / sum(seconds),
+        "server_peak_rss": memory.peaks["server"],
+        "actor_peak_rss": memory.peaks["actor"],
+        "client_step_peak": results["client"].get("peak_memory_bytes", 0),
+        "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] + r["message_bytes_up"] for r in rounds) / len(rounds),
+        "accuracy": [r["accuracy"] for r in rounds],
+        "test_accuracy": (results["eval"].get("test") or {}).get("accuracy"),
+    }
+    profile = out / "profile.json"
+    if profile.exists():
+        row["profile"] = json.loads(profile.read_text())
+    return row
+
+
+PROFILED = ("fl_app/", "client_app/", "server_app/", "flwr/")
+
+
+def _profile(home: Path, out: Path, seconds: float) -> None:
+    """Once the first round runs, sample the server process and one actor with py-spy for
+    ``seconds``; write each one's busiest functions (share of its samples) to ``out/profile.json``."""
+    deadline = time.time() + 600
+    while time.time() < deadline and not (home_pids(home, b"ClientAppActor") and (out / "clients").exists()):
+        time.sleep(1)
+    targets = {"server": home_pids(home, b"flwr-simulation"), "actor": home_pids(home, b"ClientAppActor")}
+    summary = {}
+    procs = {}
+    for role, pids in targets.items():
+        if pids:
+            raw = out / f"py-spy-{role}.txt"
+            command = [
+                "py-spy",
+                "record",
+                "-d",
+                str(seconds),
+                "-r",
+                "50",
+                "-p",
+                str(pids[0]),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ]
+            procs[role] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
+    for role, (proc, raw) in procs.items():
+        proc.wait()
+        if raw.exists():
+            summary[role] = {"busy": None, **busiest(raw.read_text())}
+            summary[role]["busy"] = summary[role]["samples"] / (seconds * 50)  # py-spy skips idle samples
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(summary, indent=1))
+
+
+def busiest(raw: str, top: int = 12) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks -> the samples and the project and Flower functions on the
+    most of them (inclusive share)."""
+    total, inclusive = 0, Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        for frame in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] + ")" for f in stack.split(";")}:
+            if any(k in frame for k in PROFILED):
+                inclusive[frame] += int(count)
+    return {"samples": total, "functions": [[f, n / max(total, 1)] for f, n in inclusive.most_common(top)]}
+
+
+COLUMNS = (
+    ("clients", "clients", "{}"),
+    ("per round", "clients_per_round", "{:.0f}"),
+    ("window", "concurrency", "{}"),
+    ("partition", "alpha", "{}"),
+    ("bottoms", "bottoms", "{}"),
+    ("s / round", "seconds_per_round", "{:.1f}"),
+    ("steps / s", "steps_per_second", "{:.2f}"),
+    ("server peak MiB", "server_peak_rss", "mib"),
+    ("actor peak MiB", "actor_peak_rss", "mib"),
+    ("client step peak MiB", "client_step_peak", "mib"),
+    ("MiB / round", "bytes_per_round", "mib"),
+    ("dev acc per round", "accuracy", "accs"),
+    ("test acc", "test_accuracy", "{:.3f}"),
+    ("dropped", "dropped", "{}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if key == "alpha":
+        return f"Dirichlet {value}" if value else "IID"
+    if value is None:
+        return "n/a"
+    if fmt == "mib":
+        return f"{value / 2**20:.1f}"
+    if fmt == "accs":
+        return " / ".join("n/a" if a is None else f"{a:.3f}" for a in value)
+    return fmt.format(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "\n".join("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in rows)
+
+
+def plot(rows_by_study: dict[str, list[dict[str, Any]]], docs: Path) -> list[Path]:
+    """scaling_cost.png (wall time per round and throughput against clients) and
+    scaling_accuracy.png (final dev accuracy against clients, by alpha and by bottoms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, (wall, rate) = plt.subplots(1, 2, figsize=(11, 4))
+    for study in ("clients", "clients-minilm"):
+        rows = rows_by_study.get(study, [])
+        if rows:
+            label = rows[0]["model"]
+            wall.plot([r["clients"] for r in rows], [r["seconds_per_round"] for r in rows], marker="o", label=label)
+            rate.plot([r["clients"] for r in rows], [r["steps_per_second"] for r in rows], marker="o", label=label)
+    wall.set(xscale="log", yscale="log", xlabel="clients (all in every round)", ylabel="s", title="wall time per round")
+    rate.set(xscale="log", xlabel="clients", ylabel="client steps / s", title="server throughput")
+    for ax in (wall, rate):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(docs / "scaling_cost.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    studies = [s for s in ("partition", "partition-minilm") if rows_by_study.get(s)]
+    fig, axes = plt.subplots(1, max(1, len(studies)), figsize=(5.5 * max(1, len(studies)), 4), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        rows = rows_by_study[study]
+        for bottoms in ("personal", "synced"):
+            own = [r for r in rows if r["bottoms"] == bottoms]
+            names = [_cell(r, "alpha", "") for r in own]
+            ax.plot(names, [r["accuracy"][-1] for r in own], marker="o", label=f"{bottoms} bottoms")
+        ax.set(
+            title=f"{rows[0]['model']}, {rows[0]['clients']} clients: dev accuracy after {rows[0]['rounds']} rounds",
+            ylabel="dev accuracy",
+        )
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(docs / "scaling_accuracy.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="quick")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy sampling at the largest point")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    points = sweep(args.size)
+    largest = max((p for _, p in points if p.scenario == TINY), key=lambda p: p.clients)
+    done: dict[Point, dict[str, Any]] = {}
+    rows_by_study: dict[str, list[dict[str, Any]]] = {}
+    for study, point in points:
+        if point not in done:  # a run serves every study it is in
+            profile = args.profile if point == largest else 0.0
+            done[point] = row = run_point(point, args.out / point.key(), profile)
+            print(
+                f"[scaling] {point.key()}: {row['seconds_per_round']:.1f} s/round, "
+                f"{row['steps_per_second']:.2f} steps/s, server {row['server_peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+        rows_by_study.setdefault(study, []).append(done[point])
+    args.docs.mkdir(parents=True, exist_ok=True)
+    plots = plot(rows_by_study, args.docs) if args.size in ("quick", "full") else []
+    minutes = (time.perf_counter() - started) / 60
+    sections = [
+        "# Many-client scaling\n",
+        f"`python -m benchmarks.scaling --size {args.size}` ({len(done)} `flwr run` simulations, "
+        f"{minutes:.0f} minutes)." + (f" Plots: {', '.join(f'`{p.name}`' for p in plots)}." if plots else "") + "\n",
+    ]
+    for study, rows in rows_by_study.items():
+        sections.append(f"## {study}\n\n{table(rows)}\n")
+    profiles = {p.key(): r["profile"] for p, r in done.items() if r.get("profile")}
+    for key, profile in profiles.items():
+        sections.append(f"## Where the time goes at {key} (py-spy, share of each process's busy samples)\n")
+        for role, summary in profile.items():
+            lines = "\n".join(f"| {share:.0%} | `{name}` |" for name, share in summary["functions"])
+            sections.append(f"{role} (busy {summary['busy']:.0%}):\n\n| share | function |\n|---|---|\n{lines}\n")
+    stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size}")
+    write_report(stem, "\n".join(sections), rows_by_study)
+    print(f"[scaling] {len(done)} runs in {minutes:.1f} min; wrote {stem}.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()

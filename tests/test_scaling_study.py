@@ -1,0 +1,60 @@
+"""The scaling study's sweep and report (benchmarks.scaling); its runs are in test_flower_apps."""
+
+from benchmarks.scaling import MINILM, TINY, Point, busiest, sweep, table
+
+
+def test_sweeps_cover_each_study_and_share_equal_runs():
+    quick = sweep("quick")
+    studies = {study for study, _ in quick}
+    assert studies == {"clients", "partition"}
+    assert len({p for _, p in quick}) < len(quick)  # IID personal at 16 clients serves both studies
+    full = sweep("full")
+    assert {"fraction", "concurrency", "clients-minilm", "partition-minilm"} <= {s for s, _ in full}
+    assert max(p.clients for _, p in full if p.scenario == TINY) == 1024
+    assert {p.alpha for s, p in full if s == "partition-minilm"} == {0.0, 1.0, 0.3, 0.1}
+    assert [(p.clients, p.fraction) for _, p in sweep("10k")] == [(10_000, 0.1)]
+    assert [(p.clients, p.rounds) for _, p in sweep("1k")] == [(1000, 1)]
+
+
+def test_a_point_changes_only_its_settings_and_scales_the_data_with_the_clients():
+    got = dict(o.split("=", 1) for o in Point(TINY, 64, alpha=0.1, bottoms="synced").overrides("/tmp/x"))
+    assert got["num-clients"] == "64" and got["n-train"] == "256" and got["partition"] == "dirichlet"
+    assert got["dirichlet-alpha"] == "0.1" and got["bottoms"] == "synced" and got["max-concurrent-clients"] == "4"
+    iid = dict(o.split("=", 1) for o in Point(MINILM, 4).overrides("/tmp/x"))
+    assert iid["partition"] == "iid" and iid["n-train"] == "128"
+
+
+def test_profile_summary_counts_each_function_once_per_stack():
+    raw = "\n".join(
+        [
+            "main (server_app/app.py:10);flow (server_app/app.py:60);flow (server_app/app.py:61) 3",
+            "worker (flwr/vce_api.py:122) 1",
+            "idle (threading.py:1) 6",
+        ]
+    )
+    summary = busiest(raw)
+    shares = dict(summary["functions"])
+    assert summary["samples"] == 10
+    assert shares == {"main (server_app/app.py)": 0.3, "flow (server_app/app.py)": 0.3, "worker (flwr/vce_api.py)": 0.1}
+
+
+def test_table_names_the_partition_and_formats_missing_figures():
+    row = {
+        "clients": 8,
+        "clients_per_round": 8.0,
+        "concurrency": 4,
+        "alpha": 0.1,
+        "bottoms": "personal",
+        "seconds_per_round": 2.5,
+        "steps_per_second": 3.2,
+        "server_peak_rss": 2**30,
+        "actor_peak_rss": 2**29,
+        "client_step_peak": 2**20,
+        "bytes_per_round": 3 * 2**20,
+        "accuracy": [0.5, None],
+        "test_accuracy": None,
+        "dropped": 0,
+    }
+    line = table([row]).splitlines()[-1]
+    assert "| Dirichlet 0.1 |" in line and "| 1024.0 |" in line and "| 0.500 / n/a |" in line
+    assert line.endswith("| n/a | 0 |")
