@@ -139,7 +139,7 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def run_point(point: Point, out: Path, profile_seconds: float = 0.0) -> dict[str, Any]:
+def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, Any]:
     """Run one point; its measurements (and, with ``profile_seconds``, where the time went)."""
     shutil.rmtree(out, ignore_errors=True)
     home = Path(tempfile.mkdtemp(prefix="hosl-scaling-"))
@@ -179,14 +179,13 @@ def run_point(point: Point, out: Path, profile_seconds: float = 0.0) -> dict[str
 PROFILED = ("fl_app/", "client_app/", "server_app/", "flwr/")
 
 
-def _profile(home: Path, out: Path, seconds: float) -> None:
+def _profile(home: Path, out: Path, seconds: int) -> None:
     """Once the first round runs, sample the server process and one actor with py-spy for
     ``seconds``; write each one's busiest functions (share of its samples) to ``out/profile.json``."""
     deadline = time.time() + 600
     while time.time() < deadline and not (home_pids(home, b"ClientAppActor") and (out / "clients").exists()):
         time.sleep(1)
     targets = {"server": home_pids(home, b"flwr-simulation"), "actor": home_pids(home, b"ClientAppActor")}
-    summary = {}
     procs = {}
     for role, pids in targets.items():
         if pids:
@@ -205,17 +204,20 @@ def _profile(home: Path, out: Path, seconds: float) -> None:
                 "-o",
                 str(raw),
             ]
-            procs[role] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
+            procs[role] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), raw
+    summary = {}
     for role, (proc, raw) in procs.items():
-        proc.wait()
-        if raw.exists():
-            summary[role] = {"busy": None, **busiest(raw.read_text())}
-            summary[role]["busy"] = summary[role]["samples"] / (seconds * 50)  # py-spy skips idle samples
+        _, error = proc.communicate()
+        if proc.returncode or not raw.exists():
+            summary[role] = {"error": f"py-spy exited with {proc.returncode}: {error.strip()[-300:]}"}
+            continue
+        summary[role] = busiest(raw.read_text())
+        summary[role]["busy"] = summary[role]["samples"] / (seconds * 50)  # py-spy skips idle samples
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
 
 
-def busiest(raw: str, top: int = 12) -> dict[str, Any]:
+def busiest(raw: str, top: int = 20) -> dict[str, Any]:
     """py-spy's raw (collapsed) stacks -> the samples and the project and Flower functions on the
     most of them (inclusive share)."""
     total, inclusive = 0, Counter()
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=SIZES, default="quick")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy sampling at the largest point")
+    parser.add_argument("--profile", type=int, default=0, help="seconds of py-spy sampling at the largest tiny point")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     points = sweep(args.size)
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_by_study: dict[str, list[dict[str, Any]]] = {}
     for study, point in points:
         if point not in done:  # a run serves every study it is in
-            profile = args.profile if point == largest else 0.0
+            profile = args.profile if point == largest else 0
             done[point] = row = run_point(point, args.out / point.key(), profile)
             print(
                 f"[scaling] {point.key()}: {row['seconds_per_round']:.1f} s/round, "
@@ -349,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, profile in profiles.items():
         sections.append(f"## Where the time goes at {key} (py-spy, share of each process's busy samples)\n")
         for role, summary in profile.items():
+            if "error" in summary:
+                sections.append(f"{role}: {summary['error']}\n")
+                continue
             lines = "\n".join(f"| {share:.0%} | `{name}` |" for name, share in summary["functions"])
             sections.append(f"{role} (busy {summary['busy']:.0%}):\n\n| share | function |\n|---|---|\n{lines}\n")
     stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size}")

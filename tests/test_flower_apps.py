@@ -99,17 +99,44 @@ def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tm
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
 
 
-def test_synced_fo_bottoms_under_simulation(flwr_env, tmp_path):
-    """Synced FO clients receive the averaged trainable bottom each round (synced ZO clients: see
-    the resume test above)."""
-    out = tmp_path / "fo-fo"
-    rounds = flwr_run(
-        flwr_env,
-        "sim_configs/smoke_tiny.toml",
-        [f"out-dir={out}", "mode=fo-fo", "bottoms=synced", "eval-test=false", "client-lr=0.001"],
-        [],
-        timeout=400,
-    )["rounds"]
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        chain.append(pid)
+    return chain
+
+
+def test_synced_fo_bottoms_on_a_two_node_ray_cluster(tmp_path):
+    """scripts/ray_cluster.sh: the simulation runs on a Ray head plus a second Ray node, with
+    ClientApp actors on both (each found under its node's `ray start`) reaching the step stream at
+    the advertised address; afterwards the cluster's processes are gone. Synced FO clients receive
+    the averaged trainable bottom each round (synced ZO clients: see the resume test above)."""
+    out, home, log = tmp_path / "fo-fo", tmp_path / "home", tmp_path / "script.log"
+    sets = f"out-dir={out} mode=fo-fo bottoms=synced eval-test=false client-lr=0.001"
+    command = ["bash", "scripts/ray_cluster.sh", "--flwr-home", str(home), "--set", sets]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    nodes_used, ray_pids, deadline = set(), {}, time.time() + 600
+    try:
+        while proc.poll() is None and time.time() < deadline:  # which node each ClientApp actor runs on
+            if (home / "ray-pids").exists():
+                ray_pids = {int(pid): node for node, pid in (line.split() for line in (home / "ray-pids").open())}
+            for actor in home_pids(home, b"ClientAppActor"):
+                nodes_used.update(ray_pids[p] for p in _ancestors(actor) if p in ray_pids)
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+    text = log.read_text()
+    rounds = finished_results(out, text, timeout=5)["rounds"]
+    assert proc.returncode == 0 and "Ray cluster at" in text, text[-3000:]
+    assert nodes_used == {"head", "node"}, (nodes_used, ray_pids)
+    assert len(ray_pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in ray_pids)
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     settings = rounds[0]["message_bytes_down"]  # round 1: session settings only (a few hundred bytes each)
     assert settings < 2 * 1000

@@ -118,6 +118,26 @@ def test_ledger_rolls_back_only_the_failed_session():
     assert ledger.rollback("b") == (False, None) and w.tolist() == [10.0] * 3
 
 
+def test_certificates_name_the_addresses_clients_use(tmp_path):
+    """scripts/make_certs.sh DIR NAME...: the server certificate is valid for each given IP or DNS name
+    (a second machine reaches the server at its own address, not 127.0.0.1)."""
+    import subprocess
+    from pathlib import Path
+
+    from cryptography import x509
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        ["bash", str(root / "scripts/make_certs.sh"), str(tmp_path), "10.1.2.3", "server.example"],
+        check=True,
+        capture_output=True,
+    )
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["server.example"]
+
+
 def test_tls_stream_with_self_signed_certificates(tmp_path):
     import subprocess
     from pathlib import Path
