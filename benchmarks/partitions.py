@@ -6,7 +6,8 @@
 Needs ``flwr-datasets`` (0.6.1 pins ``datasets<5``, which this project does not use; it runs with
 ``pip install --no-deps flwr-datasets==0.6.1 seaborn==0.13.2``). For each task and client count it
 reports client sizes (min / median / max), the median client's share of its top class, and the
-seconds taken, or why a partitioner failed.
+seconds taken, or why a partitioner failed; the same for ``shard`` partitions beside Flower
+Datasets' ``ShardPartitioner`` (2 shards per client).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from benchmarks.report import write_report
 from fl_app.data import load_examples, partition
 
 CLIENTS = (10, 100, 1000)
+SHARDS_PER_CLIENT = 2
 
 
 def stats(client_labels: list[np.ndarray], seconds: float) -> dict:
@@ -40,6 +42,27 @@ def ours(labels: np.ndarray, clients: int, alpha: float) -> dict:
     parts = partition(labels.tolist(), clients, "dirichlet", alpha=alpha, seed=0)
     seconds = time.perf_counter() - started
     return stats([labels[p] for p in parts], seconds)
+
+
+def ours_shard(labels: np.ndarray, clients: int, _: float) -> dict:
+    started = time.perf_counter()
+    parts = partition(labels.tolist(), clients, "shard", seed=0, shards_per_client=SHARDS_PER_CLIENT)
+    seconds = time.perf_counter() - started
+    return stats([labels[p] for p in parts], seconds)
+
+
+def flower_shards(labels: np.ndarray, clients: int, _: float) -> dict:
+    import datasets
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    started = time.perf_counter()
+    partitioner = ShardPartitioner(
+        num_partitions=clients, partition_by="label", num_shards_per_partition=SHARDS_PER_CLIENT, seed=0
+    )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels.tolist()})
+    parts = [partitioner.load_partition(i)["label"] for i in range(clients)]
+    seconds = time.perf_counter() - started
+    return stats([np.asarray(p) for p in parts], seconds)
 
 
 def flower_datasets(labels: np.ndarray, clients: int, alpha: float) -> dict:
@@ -76,7 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     for task in ("sst2", "cb"):
         labels = np.array([ex.label for ex in load_examples(task, "train")])
         for clients in CLIENTS:
-            for name, fn in (("ours", ours), ("DirichletPartitioner", flower_datasets)):
+            partitioners = (
+                ("ours: dirichlet", ours),
+                ("DirichletPartitioner", flower_datasets),
+                ("ours: shard", ours_shard),
+                ("ShardPartitioner", flower_shards),
+            )
+            for name, fn in partitioners:
                 rows.append(
                     {
                         "task": task,
@@ -101,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['task']} ({r['examples']}) | {r['clients']} | {r['partitioner']} | "
                 f"{r['min']} / {r['median']:.0f} / {r['max']} | {r['top_share']:.2f} | {r['seconds']:.2f} |"
             )
-    text = f"Dirichlet alpha = {args.alpha}, seed 0, at least 1 example per client.\n\n" + "\n".join(lines)
+    text = (
+        f"Dirichlet alpha = {args.alpha}, seed 0, at least 1 example per client; shards: "
+        f"{SHARDS_PER_CLIENT} label-sorted shards per client.\n\n" + "\n".join(lines)
+    )
     print(text)
     write_report(args.out, text, rows)
 

@@ -349,13 +349,19 @@ def main(argv: list[str] | None = None) -> None:
         sections.append(f"## {study}\n\n{table(rows)}\n")
     profiles = {p.key(): r["profile"] for p, r in done.items() if r.get("profile")}
     for key, profile in profiles.items():
-        sections.append(f"## Where the time goes at {key} (py-spy, share of each process's busy samples)\n")
+        sections.append(
+            f"## Where the time goes at {key}\n\npy-spy, {args.profile} s at 50 Hz: for each function, the "
+            "threads of the process busy in it, on average (1.00 = one core all the time; threads waiting "
+            "for the GIL count as busy)\n"
+        )
         for role, summary in profile.items():
             if "error" in summary:
                 sections.append(f"{role}: {summary['error']}\n")
                 continue
-            lines = "\n".join(f"| {share:.0%} | `{name}` |" for name, share in summary["functions"])
-            sections.append(f"{role} (busy {summary['busy']:.0%}):\n\n| share | function |\n|---|---|\n{lines}\n")
+            lines = "\n".join(f"| {share * summary['busy']:.2f} | `{name}` |" for name, share in summary["functions"])
+            sections.append(
+                f"{role} (all threads: {summary['busy']:.2f}):\n\n| busy | function |\n|---|---|\n{lines}\n"
+            )
     stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size}")
     write_report(stem, "\n".join(sections), rows_by_study)
     print(f"[scaling] {len(done)} runs in {minutes:.1f} min; wrote {stem}.md", flush=True)

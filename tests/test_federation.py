@@ -366,3 +366,27 @@ def test_an_intruder_with_a_stolen_token_leaves_no_update_behind(coord):
         intruder.train_step(stream.batch(3), link)  # its stream was cut with the session
     link.close()
     assert c.stream.refusals() == {"stream": 1}
+
+
+def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, monkeypatch):
+    """The dev and test splits are sharded over the round's clients; with more clients than examples
+    the rest would score nothing, so they get no evaluation session (training still asks all)."""
+    from fl_app import train
+
+    asked = []
+    original = train.InProcessFederation.run_sessions
+
+    def recording(self, kind, requests, window, timeout, tick):
+        def logged():
+            for request in requests:
+                asked.append((kind, request.partition_id))
+                yield request
+
+        return original(self, kind, logged(), window, timeout, tick)
+
+    monkeypatch.setattr(train.InProcessFederation, "run_sessions", recording)
+    over = {"num-clients": 6, "n-dev": 4, "eval-examples": 0, "n-test": 2, "num-rounds": 1, "eval-untrained": False}
+    results = train.run(config(**over), tmp_path)
+    assert sorted(pid for kind, pid in asked if kind == "train") == list(range(6))
+    assert [pid for kind, pid in asked if kind == "evaluate"] == [0, 1, 2, 3, 0, 1]  # dev, then test
+    assert results["eval"]["history"][-1]["count"] == 4 and results["eval"]["test"]["count"] == 2
