@@ -286,13 +286,7 @@ def plot(rows_by_study: dict[str, list[dict[str, Any]]], docs: Path) -> list[Pat
             rate.plot([r["clients"] for r in rows], [r["steps_per_second"] for r in rows], marker="o", label=label)
     wall.set(xscale="log", yscale="log", xlabel="clients (all in every round)", ylabel="s", title="wall time per round")
     rate.set(xscale="log", xlabel="clients", ylabel="client steps / s", title="server throughput")
-    for ax in (wall, rate):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(docs / "scaling_cost.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save(fig, [wall, rate], docs / "scaling_cost.png"))
 
     studies = [s for s in ("partition", "partition-minilm") if rows_by_study.get(s)]
     fig, axes = plt.subplots(1, max(1, len(studies)), figsize=(5.5 * max(1, len(studies)), 4), squeeze=False)
@@ -306,13 +300,21 @@ def plot(rows_by_study: dict[str, list[dict[str, Any]]], docs: Path) -> list[Pat
             title=f"{rows[0]['model']}, {rows[0]['clients']} clients: dev accuracy after {rows[0]['rounds']} rounds",
             ylabel="dev accuracy",
         )
+    paths.append(_save(fig, list(axes[0][: len(studies)]), docs / "scaling_accuracy.png"))
+    return paths
+
+
+def _save(fig, axes: list, path: Path) -> Path:
+    """Legends and grids on ``axes``, then ``fig`` written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(docs / "scaling_accuracy.png")
-    fig.savefig(paths[-1], dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return paths
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The scaling study's sweep and report (benchmarks.scaling); its runs are in test_flower_apps."""
 
-from benchmarks.scaling import MINILM, TINY, Point, busiest, sweep, table
+from benchmarks.scaling import MINILM, TINY, Point, busiest, plot, sweep, table
 
 
 def test_sweeps_cover_each_study_and_share_equal_runs():
@@ -58,3 +58,25 @@ def test_table_names_the_partition_and_formats_missing_figures():
     line = table([row]).splitlines()[-1]
     assert "| Dirichlet 0.1 |" in line and "| 1024.0 |" in line and "| 0.500 / n/a |" in line
     assert line.endswith("| n/a | 0 |")
+
+
+def test_plots_are_written_for_the_studies_present(tmp_path):
+    def row(clients, alpha=0.0, bottoms="personal"):
+        return {
+            "model": "tiny",
+            "clients": clients,
+            "rounds": 2,
+            "alpha": alpha,
+            "bottoms": bottoms,
+            "seconds_per_round": clients / 10,
+            "steps_per_second": 5.0,
+            "accuracy": [0.5, 0.6],
+        }
+
+    rows = {
+        "clients": [row(1), row(16)],
+        "partition": [row(16, a, b) for b in ("personal", "synced") for a in (0.0, 0.1)],
+    }
+    paths = plot(rows, tmp_path)
+    assert [p.name for p in paths] == ["scaling_cost.png", "scaling_accuracy.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
