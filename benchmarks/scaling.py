@@ -166,7 +166,7 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
         "server_peak_rss": memory.peaks["server"],
         "actor_peak_rss": memory.peaks["actor"],
         "client_step_peak": results["client"].get("peak_memory_bytes", 0),
-        "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] + r["message_bytes_up"] for r in rounds) / len(rounds),
+        "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / len(rounds),  # incl. messages
         "accuracy": [r["accuracy"] for r in rounds],
         "test_accuracy": (results["eval"].get("test") or {}).get("accuracy"),
     }

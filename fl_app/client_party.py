@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -94,14 +94,21 @@ class StepStats:
 
 @dataclass
 class StepMemory:
-    """The peak memory (resident + transient) of the largest step profiled so far. A step is
-    profiled (~0.1 s) only when its batch has more tokens than any profiled before or the resident
-    bytes changed; other steps report this peak (an upper bound for a smaller batch). Clients that
-    take turns on one bottom share one, so a new client's first step is not profiled again."""
+    """Step peaks (resident + transient) profiled so far, by resident bytes: for each, the largest
+    batch profiled (tokens) and its peak. A step is profiled (~0.1 s) only when its batch has more
+    tokens than any profiled at its resident bytes (an FO optimiser's state appears after its first
+    step); other steps report that peak (an upper bound for a smaller batch). Clients that take
+    turns on one bottom share one, so a new client's first step is not profiled again."""
 
-    largest_tokens: int = 0
-    resident: int = -1
-    peak_bytes: int = 0
+    peaks: dict[int, tuple[int, int]] = field(default_factory=dict)  # resident bytes -> (tokens, peak)
+
+    def known(self, resident: int, tokens: int) -> int | None:
+        """The peak to report for a step of ``tokens`` at ``resident`` bytes, if one is known."""
+        largest, peak = self.peaks.get(resident, (0, 0))
+        return peak if tokens <= largest else None
+
+    def record(self, resident: int, tokens: int, peak: int) -> None:
+        self.peaks[resident] = (tokens, peak)
 
 
 def _with_cut_gradient(reply: StepReply, hidden: torch.Tensor) -> StepReply:
@@ -163,8 +170,8 @@ class SplitClient:
         tokens = batch["input_ids"].numel()
         # the transient peak grows with the batch, and shifts when what stays resident changes (an
         # optimiser's state appears in its first step); profiling costs ~0.1 s, so only then
-        memory = self.memory
-        measure = tokens > memory.largest_tokens or resident != memory.resident
+        known = self.memory.known(resident, tokens)
+        measure = known is None
         with track_peak_memory() if measure else contextlib.nullcontext() as peak:
             rows = None
             if self.zo is not None:
@@ -178,11 +185,11 @@ class SplitClient:
                 loss, up, down = self._frozen_step(batch, link.exchange, weight)
                 seeds, grads = [], []
         if measure:
-            memory.largest_tokens = max(tokens, memory.largest_tokens)
-            memory.resident, memory.peak_bytes = resident, resident + peak.transient_bytes
+            known = resident + peak.transient_bytes
+            self.memory.record(resident, tokens, known)
         self.steps += 1
         release_freed_memory()  # the step's freed activations and frames leave the process
-        return StepStats(loss, up, down, memory.peak_bytes, time.perf_counter() - start, seeds, grads, pack_rows(rows))
+        return StepStats(loss, up, down, known, time.perf_counter() - start, seeds, grads, pack_rows(rows))
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
         """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""

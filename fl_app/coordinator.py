@@ -23,6 +23,7 @@ import torch
 
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.config import Config
+from fl_app.cross_scoring import CrossClientScorer
 from fl_app.frame_auth import node_key, read_key_file, read_pem
 from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
@@ -30,6 +31,7 @@ from fl_app.plots import plot_results
 from fl_app.protocol import ProtocolError
 from fl_app.records import History
 from fl_app.scenario import build_server, load_server_top
+from fl_app.server_party import ScoreJob
 from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
 
@@ -81,6 +83,7 @@ class Coordinator:
         self.server = build_server(config, top, self.num_classes)
         self.client_order = config.client_order
         self.lock = threading.Lock()
+        self.scorer = CrossClientScorer(self.lock) if config.federation.score_across_clients else None
         self.stream: SessionTable = (
             StepStreamServer(
                 self.handle,
@@ -141,12 +144,18 @@ class Coordinator:
 
     def handle(self, token: str, payload: bytes) -> bytes | None:
         """One frame of session ``token`` (refused once the session failed or closed: a step arriving
-        after its session was rolled back must not land)."""
+        after its session was rolled back must not land). With ``score-across-clients``, a part's
+        complete pairs are scored together with the pairs other sessions have waiting."""
         with self.lock:  # the top is shared: steps are applied one at a time, in arrival order
             session = self.stream.sessions.get(token)
             if session is None or session.status != "open":
                 raise ProtocolError("the session is no longer open (failed, timed out or closed)")
-            return self.server.handle_bytes(payload, session=token)
+            server = self.server
+            answer = server.handle_bytes(payload, session=token, defer_scoring=self.scorer is not None)
+        if isinstance(answer, ScoreJob):
+            self.scorer.score(server, answer)
+            return None
+        return answer
 
     def _rollback(self, session: Session) -> None:
         with self.lock:

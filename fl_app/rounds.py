@@ -89,10 +89,17 @@ def _run_sessions(
             yield request
 
     federation = coord.config.federation
-    for pid, reply in fed.run_sessions(
-        kind, requests(), federation.max_concurrent_clients, federation.round_timeout, coord.expire_idle
-    ):
-        yield opened.pop(pid), reply
+    try:
+        for pid, reply in fed.run_sessions(
+            kind, requests(), federation.max_concurrent_clients, federation.round_timeout, coord.expire_idle
+        ):
+            yield opened.pop(pid), reply
+    finally:  # the round broke off (the federation or the caller raised): no session stays open
+        for session in opened.values():
+            if kind == "train":
+                coord.finish_train(session, None, "the round broke off")
+            else:
+                coord.finish_eval(session)
 
 
 def train_round(

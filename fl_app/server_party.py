@@ -126,6 +126,17 @@ class PendingStep:
     head: StepRequest
     losses: list[float] = field(default_factory=list)
     buffer: list[torch.Tensor] = field(default_factory=list)
+    deferred: int = 0  # activations handed out for scoring (see ScoreJob) whose losses are not back yet
+
+
+@dataclass
+class ScoreJob:
+    """Complete (+, -) pairs of one session's step, to be scored, possibly with other sessions' pairs
+    (:meth:`SplitServer.score_jobs`); their losses go back with :meth:`SplitServer.add_scores`."""
+
+    key: str
+    head: StepRequest
+    perturbed: torch.Tensor  # [2m, rows, seq, hidden]
 
 
 MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit
@@ -177,11 +188,15 @@ class SplitServer:
             self.steps = steps_before
         return undone
 
-    def handle_bytes(self, payload: bytes, session: str | None = None) -> bytes | None:
+    def handle_bytes(
+        self, payload: bytes, session: str | None = None, defer_scoring: bool = False
+    ) -> bytes | ScoreJob | None:
         """Transport entry point: parse, validate, handle and serialise (raises ProtocolError on bad input).
 
-        A perturbed-activation part is scored as soon as its (+, -) pair is complete and answered with
-        ``None`` (no reply frame). With ``session``, the step's weight change is recorded so the session
+        A perturbed-activation part is scored as soon as its (+, -) pairs are complete and answered with
+        ``None`` (no reply frame); with ``defer_scoring`` its complete pairs come back as a
+        :class:`ScoreJob` instead, for the caller to score (with other sessions' jobs) and hand back
+        with :meth:`add_scores`. With ``session``, the step's weight change is recorded so the session
         can be rolled back.
         """
         frame = decode_frame(payload)
@@ -190,19 +205,22 @@ class SplitServer:
             return self.select(frame, key).to_bytes()
         if isinstance(frame, PerturbedPart):
             try:
-                self._take_part(frame, key)
+                job = self._take_part(frame, key)
             except (ProtocolError, FloatingPointError):
                 self.discard_parts(key)
                 raise
+            if job is None or defer_scoring:
+                return job
+            self.add_scores(job, self.score_jobs([job])[0])
             return None
         pending = self.pending.pop(key, None)
         if pending is None:
             return self.handle(frame, session, key).to_bytes()
         if frame.kind != "zo":
             raise ProtocolError(f"perturbed parts were streamed but the step arrived with kind '{frame.kind}'")
-        if pending.buffer:
+        if pending.buffer or pending.deferred:
             raise ProtocolError(
-                f"the step's perturbed parts end with an unpaired activation "
+                f"the step's perturbed parts end with an unpaired or unscored activation "
                 f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)"
             )
         for name in ("attention_mask", *LABEL_KEYS):
@@ -216,8 +234,9 @@ class SplitServer:
             )
         return self.handle(frame, session, key, scored=torch.tensor(pending.losses)).to_bytes()
 
-    def _take_part(self, part: PerturbedPart, key: str) -> None:
-        """Buffer one part; score every complete (+, -) pair at once, under one version of the weights."""
+    def _take_part(self, part: PerturbedPart, key: str) -> ScoreJob | None:
+        """Buffer one part; every complete (+, -) pair comes back as one job (scored together, under
+        one version of the weights)."""
         validate_part(part, self.top.hidden_size)
         head = part.head()
         if head is not None:
@@ -237,17 +256,29 @@ class SplitServer:
             )
         pending.buffer.append(part.perturbed)
         buffered = sum(p.shape[0] for p in pending.buffer)
-        if len(pending.losses) + buffered > 2 * MAX_QUERIES:
+        if len(pending.losses) + pending.deferred + buffered > 2 * MAX_QUERIES:
             raise ProtocolError(f"more than {2 * MAX_QUERIES} perturbed activations streamed for one step")
+        job = None
         if buffered >= 2:
             stacked = torch.cat(pending.buffer)
             pairs = buffered - buffered % 2
-            pending.losses.extend(self.score_perturbed(pending.head, stacked[:pairs]).tolist())
+            job = ScoreJob(key, pending.head, stacked[:pairs])
+            pending.deferred += pairs
             pending.buffer = [stacked[pairs:].clone()] if pairs < buffered else []
             head = pending.head
             if head.clean.untyped_storage().nbytes() > head.clean.nbytes:  # a view of the first part: keep one row
                 head.clean = head.clean.clone()
         self._check_buffers(key)
+        return job
+
+    def add_scores(self, job: ScoreJob, losses: torch.Tensor) -> None:
+        """The losses of ``job``'s activations, in order, back into its step (ignored if the session
+        ended meanwhile)."""
+        pending = self.pending.get(job.key)
+        if pending is None or pending.head is not job.head:
+            return
+        pending.losses.extend(losses.tolist())
+        pending.deferred -= job.perturbed.shape[0]
 
     def buffered_bytes(self, key: str | None = None) -> int:
         """Bytes held between frames for session ``key`` (all sessions if None)."""
@@ -310,29 +341,52 @@ class SplitServer:
     def _loss(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
         return classification_loss(self._scores(hidden, req), req.labels)
 
-    @torch.no_grad()
     def score_perturbed(self, req: StepRequest, perturbed: torch.Tensor) -> torch.Tensor:
-        """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch, several per
-        forward when they fit in a chunk."""
-        pert = perturbed.float()
-        rows = pert.shape[1]
-        per_chunk = max(1, self.config.score_chunk_rows // rows)
-        losses = []
-        for start in range(0, pert.shape[0], per_chunk):
-            chunk = pert[start : start + per_chunk]
-            n = chunk.shape[0]
-            stacked = StepRequest(
-                kind="eval",
-                clean=chunk.reshape(n * rows, *pert.shape[2:]),
-                attention_mask=req.attention_mask.repeat(n, 1),
-                labels=req.labels.repeat(n),
-                score_ids=None if req.score_ids is None else req.score_ids.repeat(n, 1),
-                target_ids=None if req.target_ids is None else req.target_ids.repeat(n, 1),
-            )
-            scores = self._scores(stacked.clean, stacked).view(n, req.labels.shape[0], -1)
-            for i in range(n):
-                losses.append(classification_loss(scores[i], req.labels))
-        return torch.stack(losses)
+        """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch."""
+        return self.score_jobs([ScoreJob("", req, perturbed)])[0]
+
+    @torch.no_grad()
+    def score_jobs(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
+        """Losses of each job's perturbed activations, several activations (of one step or of several
+        clients' steps) per forward as long as they fit in ``score_chunk_rows`` rows. Activations of
+        different lengths are right-padded to the longest in their forward (masked positions)."""
+        losses: list[list[torch.Tensor]] = [[] for _ in jobs]
+        chunk: list[tuple[int, int]] = []
+        rows = 0
+        units = [(j, i) for j, job in enumerate(jobs) for i in range(job.perturbed.shape[0])]
+        for unit in [*units, None]:
+            size = 0 if unit is None else jobs[unit[0]].head.labels.shape[0]
+            if chunk and (unit is None or rows + size > self.config.score_chunk_rows):
+                for (j, _), loss in zip(chunk, self._score_units(jobs, chunk)):
+                    losses[j].append(loss)
+                chunk, rows = [], 0
+            if unit is not None:
+                chunk.append(unit)
+                rows += size
+        return [torch.stack(job_losses) for job_losses in losses]
+
+    def _score_units(self, jobs: list[ScoreJob], units: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One forward over the activations ``units`` name ((job, index) pairs); a loss per unit."""
+        heads = [jobs[j].head for j, _ in units]
+        seq = max(head.attention_mask.shape[1] for head in heads)
+
+        def padded(t: torch.Tensor, value: float, dim: int = 1) -> torch.Tensor:
+            if t.shape[dim] == seq:
+                return t
+            return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, seq - t.shape[dim]], value=value)
+
+        hidden = torch.cat([padded(jobs[j].perturbed[i].float(), 0.0) for j, i in units])
+        mask = torch.cat([padded(head.attention_mask, 0) for head in heads])
+        labels = torch.cat([head.labels for head in heads])
+        score_ids = None if heads[0].score_ids is None else torch.cat([head.score_ids for head in heads])
+        targets = None if heads[0].target_ids is None else torch.cat([padded(h.target_ids, -100) for h in heads])
+        scores = class_scores(self.top, hidden, mask, score_ids, targets, batch_size=labels.shape[0])
+        out, start = [], 0
+        for head in heads:
+            end = start + head.labels.shape[0]
+            out.append(classification_loss(scores[start:end], head.labels))
+            start = end
+        return out
 
     def handle(
         self, req: StepRequest, session: str | None = None, key: str = "", scored: torch.Tensor | None = None

@@ -86,7 +86,8 @@ def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int,
     claims = {}
     for node_id, reply in flow(grid, messages, QUERY_WINDOW, timeout, lambda: None):
         if reply is None or reply.has_error():
-            log.warning("node %s did not answer the query: %s", node_id, reply.error.reason if reply else NO_REPLY)
+            reason = reply.error.reason if reply else f"no reply within {timeout:.0f} s"
+            log.warning("node %s did not answer the query: %s", node_id, reason)
             continue
         claims[node_id] = int(reply.content.config_records["node"]["partition-id"])
     return claims

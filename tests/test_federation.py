@@ -368,7 +368,8 @@ def test_an_intruder_with_a_stolen_token_leaves_no_update_behind(coord):
     assert c.stream.refusals() == {"stream": 1}
 
 
-def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, monkeypatch):
+@pytest.mark.parametrize("examples, dev", [(0, [0, 1, 2, 3]), (3, [0, 1, 2])])
+def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, monkeypatch, examples, dev):
     """The dev and test splits are sharded over the round's clients; with more clients than examples
     the rest would score nothing, so they get no evaluation session (training still asks all)."""
     from fl_app import train
@@ -385,8 +386,88 @@ def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, 
         return original(self, kind, logged(), window, timeout, tick)
 
     monkeypatch.setattr(train.InProcessFederation, "run_sessions", recording)
-    over = {"num-clients": 6, "n-dev": 4, "eval-examples": 0, "n-test": 2, "num-rounds": 1, "eval-untrained": False}
-    results = train.run(config(**over), tmp_path)
+    over = {"num-clients": 6, "n-dev": 4, "eval-examples": examples, "n-test": 2, "num-rounds": 1}
+    results = train.run(config(**over, **{"eval-untrained": False}), tmp_path)
     assert sorted(pid for kind, pid in asked if kind == "train") == list(range(6))
-    assert [pid for kind, pid in asked if kind == "evaluate"] == [0, 1, 2, 3, 0, 1]  # dev, then test
-    assert results["eval"]["history"][-1]["count"] == 4 and results["eval"]["test"]["count"] == 2
+    assert [pid for kind, pid in asked if kind == "evaluate"] == [*dev, 0, 1]  # dev, then test
+    assert results["eval"]["history"][-1]["count"] == len(dev) and results["eval"]["test"]["count"] == 2
+
+
+@pytest.mark.parametrize("across", [True, False])
+def test_concurrent_sessions_over_the_stream_with_and_without_scoring_across_clients(coord, across, monkeypatch):
+    """Three clients (each its own bottom, as in separate processes) stream their steps at once:
+    every session commits and each job of perturbed pairs is scored exactly once (together with
+    other sessions' jobs when they wait at the same time)."""
+    import contextlib
+    import threading
+    import types
+
+    import fl_app.client_party as client_party
+    from fl_app.client_session import connect
+    from fl_app.scenario import build_client, load_client_bottom, load_task_data
+
+    # torch's profiler is per process: clients in separate processes each run it, threads here cannot
+    no_profile = contextlib.contextmanager(lambda: (yield types.SimpleNamespace(transient_bytes=0)))
+    monkeypatch.setattr(client_party, "track_peak_memory", no_profile)
+
+    c = coord(**{"score-across-clients": across, "zo-queries": 3})
+    loaded, bottom = load_client_bottom(c.config)
+    data = load_task_data(c.config, loaded)
+    clients = [build_client(c.config, bottom, pid) for pid in range(3)]
+    losses, errors = {}, []
+
+    def client(pid):
+        try:
+            session, message = c.open(pid, 1)
+            link = connect(message, c.config)
+            stream = BatchStream(data.encoder, data.client_examples(pid), 8, pid)
+            losses[pid] = [clients[pid].train_step(stream.batch(step), link).loss for step in range(2)]
+            link.close()
+            assert c.finish_train(session, {"partition-id": pid})
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(pid,)) for pid in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(losses) == [0, 1, 2] and c.server.steps == 6
+    if across:
+        assert sum(c.scorer.forwards) >= 3 * 2  # at least one job per client step, each scored once
+    else:
+        assert c.scorer is None
+
+
+def test_a_lone_client_gets_the_same_losses_with_scoring_across_clients(coord):
+    runs = []
+    for across in (True, False):
+        c = coord(**{"score-across-clients": across})
+        session, message = c.open(0, 1)
+        report, _ = run_session(c.config, 0, 3, None, message)
+        assert c.finish_train(session, report)
+        runs.append((report["losses"], report["grads"]))
+    assert runs[0] == runs[1]
+
+
+def test_a_round_that_breaks_off_leaves_no_session_open(coord):
+    """The federation raises with two sessions opened (the grid went away): both are failed and
+    closed, so nothing of theirs can land later."""
+    from fl_app import rounds
+
+    c = coord()
+    sessions = []
+
+    class Breaking:
+        def partitions(self):
+            return [0, 1, 2]
+
+        def run_sessions(self, kind, requests, window, timeout, tick):
+            pending = iter(requests)
+            sessions.extend(c.stream.sessions[next(pending).session["token"]] for _ in range(2))
+            raise ConnectionError("the grid went away")
+            yield  # a generator, as a federation's run_sessions is
+
+    with pytest.raises(ConnectionError):
+        rounds.train_round(Breaking(), c, 1)
+    assert len(sessions) == 2 and all(s.status != "open" for s in sessions)

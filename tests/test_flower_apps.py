@@ -120,12 +120,13 @@ def test_synced_fo_bottoms_on_a_two_node_ray_cluster(tmp_path):
     command = ["bash", "scripts/ray_cluster.sh", "--flwr-home", str(home), "--set", sets]
     with log.open("w") as sink:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    nodes_used, ray_pids, deadline = set(), {}, time.time() + 600
+    nodes_used, ray_pids, actors, deadline = set(), {}, set(), time.time() + 600
     try:
         while proc.poll() is None and time.time() < deadline:  # which node each ClientApp actor runs on
             if (home / "ray-pids").exists():
                 ray_pids = {int(pid): node for node, pid in (line.split() for line in (home / "ray-pids").open())}
             for actor in home_pids(home, b"ClientAppActor"):
+                actors.add(actor)
                 nodes_used.update(ray_pids[p] for p in _ancestors(actor) if p in ray_pids)
             time.sleep(0.5)
     finally:
@@ -136,7 +137,8 @@ def test_synced_fo_bottoms_on_a_two_node_ray_cluster(tmp_path):
     rounds = finished_results(out, text, timeout=5)["rounds"]
     assert proc.returncode == 0 and "Ray cluster at" in text, text[-3000:]
     assert nodes_used == {"head", "node"}, (nodes_used, ray_pids)
-    assert len(ray_pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in ray_pids)
+    left = [pid for pid in [*ray_pids, *actors] if Path(f"/proc/{pid}").exists()] + home_pids(home)
+    assert len(ray_pids) == 2 and not left, left  # the cluster, its actors and the SuperLink are gone
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     settings = rounds[0]["message_bytes_down"]  # round 1: session settings only (a few hundred bytes each)
     assert settings < 2 * 1000

@@ -140,10 +140,11 @@ def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkey
 
     def requests():
         for pid in range(5):
-            drawn.append(pid)
+            drawn.append(len(grid.polls))  # sessions pushed before this one was drawn (opened)
             yield server_app.SessionRequest(pid, {"round": 1})
 
-    replies = list(fed.run_sessions("evaluate", requests(), window=2, timeout=0.3, tick=lambda: None))
+    replies = list(fed.run_sessions("evaluate", requests(), window=2, timeout=1.0, tick=lambda: None))
+    assert drawn == [0, 1, 2, 3, 4]  # each drawn only when the one before it was pushed: none opened early
     assert max(grid.in_flight) == 2
     order = [pid for pid, _ in replies]
     # 1 ends first and 2, 3 take its place one after another while 0 (slow) is still running
