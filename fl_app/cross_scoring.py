@@ -51,19 +51,18 @@ class CrossClientScorer:
         done.result()
 
     def _score(self, server: Scorer, batch: list[tuple[ScoreJob, Future]]) -> None:
+        """Score the batch in one go; if that fails, each job alone, so one session's failure stays
+        that session's. Every job's future is settled, whatever raised."""
         jobs = [job for job, _ in batch]
         try:
-            results = server.score_jobs(jobs)
+            results: list[torch.Tensor] | None = server.score_jobs(jobs)
             self.forwards.append(len(jobs))
-        except Exception:  # noqa: BLE001 - one session's failure must stay that session's
+        except Exception:  # noqa: BLE001
             log.warning("scoring %d sessions' activations together failed; scoring each alone", len(jobs))
-            for job, done in batch:
-                try:
-                    server.add_scores(job, server.score_jobs([job])[0])
-                    done.set_result(None)
-                except Exception as err:  # noqa: BLE001
-                    done.set_exception(err)
-            return
-        for (job, done), losses in zip(batch, results):
-            server.add_scores(job, losses)
-            done.set_result(None)
+            results = None
+        for index, (job, done) in enumerate(batch):
+            try:
+                server.add_scores(job, results[index] if results is not None else server.score_jobs([job])[0])
+                done.set_result(None)
+            except Exception as err:  # noqa: BLE001
+                done.set_exception(err)
