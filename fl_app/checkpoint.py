@@ -12,12 +12,24 @@ from typing import Any
 import torch
 
 
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested in dicts, lists, tuples) on the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Save ``payload`` so that a crash at any point leaves either the old or the new checkpoint."""
+    """Save ``payload`` so that a crash at any point leaves either the old or the new checkpoint; its
+    tensors are saved from the CPU, so a checkpoint of a run on a GPU loads on any machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
+        torch.save(_on_cpu(payload), fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -134,6 +134,7 @@ class SplitClient:
     ):
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self.device = next(bottom.parameters()).device  # batches go here; activations leave as CPU frames
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
         self.memory = memory if memory is not None else StepMemory()
         self.row_roles: list[tuple[str, int] | None] = []
@@ -146,7 +147,8 @@ class SplitClient:
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bottom(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        inputs = [batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")]
+        return self.bottom(*(None if t is None else t.to(self.device) for t in inputs))
 
     def _request(
         self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor], extra: dict | None = None
@@ -172,7 +174,7 @@ class SplitClient:
         # optimiser's state appears in its first step); profiling costs ~0.1 s, so only then
         known = self.memory.known(resident, tokens)
         measure = known is None
-        with track_peak_memory() if measure else contextlib.nullcontext() as peak:
+        with track_peak_memory(self.device) if measure else contextlib.nullcontext() as peak:
             rows = None
             if self.zo is not None:
                 rows = self.step_rows(batch)
@@ -237,7 +239,7 @@ class SplitClient:
         payload = self._request("fo", clean, batch, {"weight": weight}).to_bytes()
         answer = link.exchange(payload)
         reply = _with_cut_gradient(StepReply.from_bytes(answer), clean)
-        grad = reply.grad.float().flatten()  # already scaled by the step's weight on the server
+        grad = reply.grad.to(self.device, torch.float32).flatten()  # already scaled by the step's weight
         clean = clean.float().flatten()
         losses = self.zo.walk(
             seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))), rows
@@ -252,7 +254,7 @@ class SplitClient:
         reply = _with_cut_gradient(StepReply.from_bytes(answer), hidden)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            hidden.backward(reply.grad.to(hidden.dtype))
+            hidden.backward(reply.grad.to(hidden.device, hidden.dtype))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return reply.clean_loss, len(payload), len(answer)

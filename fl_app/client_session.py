@@ -76,7 +76,9 @@ def _load_view(config: Config) -> Config:
     every other setting at its default, so a tuning trial's learning rate does not reload."""
     return Config(
         run=RunSettings(seed=config.run.seed),
-        model=dataclasses.replace(config.model, server_params=ModelSettings.server_params),
+        model=dataclasses.replace(
+            config.model, server_params=ModelSettings.server_params, server_device=ModelSettings.server_device
+        ),
         data=dataclasses.replace(config.data, batch_size=DataSettings.batch_size),  # batches are cut per session
         federation=FederationSettings(num_clients=config.federation.num_clients),
     )
@@ -102,7 +104,7 @@ def make_client(config: Config, partition_id: int, state: ClientState | None) ->
 
 def trainable_state(client: SplitClient) -> dict[str, torch.Tensor]:
     """The client's trainable tensors by name (what must persist between rounds)."""
-    return {n: p.detach().clone() for n, p in client.bottom.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True) for n, p in client.bottom.named_parameters() if p.requires_grad}
 
 
 def restore(client: SplitClient, state: ClientState) -> None:
@@ -296,6 +298,7 @@ def run_session(
         "step-seconds": sum(s.seconds for s in stats),
         "session-seconds": time.perf_counter() - started,
         "caught-up-updates": caught_up,
+        "device": str(client.device),
         "seeds": [s.seeds for s in stats],
         "grads": [s.projected_grads for s in stats],
         "rows": [s.rows for s in stats],

@@ -15,6 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 import argparse
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,7 @@ EMBEDDING_ROWS = ("batch", "all")  # which embedding rows a ZO client perturbs
 HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 OPTIMIZERS = ("sgd", "adam")
 SELECTORS = ("full", "random", "gradmatch")  # data subsets (AUTOMATA)
+DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # server-device / client-device (fl_app.devices)
 
 POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
 CHECKS = {
@@ -70,6 +72,10 @@ class ModelSettings:
     # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
     # its weights' memory, but eps and each update are then rounded to that dtype (see docs/results.md)
     client_dtype: str = setting("float32", "client-dtype", DTYPES)
+    # where each side's weights, optimiser and forwards run: auto (CUDA, else MPS, else CPU), cpu, cuda,
+    # cuda:<index>, mps; activations cross the stream as CPU tensors (see fl_app.devices)
+    server_device: str = setting("auto", "server-device")
+    client_device: str = setting("cpu", "client-device")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -286,8 +292,22 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
     return config
 
 
+def check_device_name(key: str, value: str) -> None:
+    """Raise naming ``key`` unless ``value`` is a device name (auto, cpu, cuda, cuda:<index>, mps)."""
+    if not DEVICE_NAMES.fullmatch(value):
+        raise ValueError(f"config key '{key}' must be auto, cpu, cuda, cuda:<index> or mps, got {value!r}")
+
+
 def _check_combinations(config: Config) -> None:
-    """Settings that are valid alone but not together."""
+    """Settings that are valid alone but not together (and device names)."""
+    check_device_name("server-device", config.model.server_device)
+    check_device_name("client-device", config.model.client_device)
+    if config.federation.bottoms == "synced" and config.client_order == "zo" and config.model.client_device == "auto":
+        raise ValueError(
+            "config key 'client-device' = 'auto' with synced ZO bottoms: every client replays the others' "
+            "updates from their seeds, and z(seed) is drawn on the weights' device (a GPU draws other numbers "
+            "than the CPU), so all clients must name the same device type: set client-device to cpu, cuda or mps"
+        )
     if config.stream.host in ("0.0.0.0", "::", "") and not config.stream.advertise_host:
         raise ValueError(
             f"config key 'stream-host' = {config.stream.host!r} listens on every interface, but clients need "

@@ -111,6 +111,7 @@ class Coordinator:
             "config": dict(config),
             "machine": machine(),
             "parameters": {"server": param_counts(self.server.top)},
+            "devices": {"server": str(self.server.device), "clients": []},  # clients: every device seen
             "history": [],
             "rounds": [],
             "eval": {"history": []},
@@ -247,6 +248,9 @@ class Coordinator:
                     }
                 )
             self.results["step_seconds"] += rep["step-seconds"]
+            seen = self.results.setdefault("devices", {}).setdefault("clients", [])
+            if rep.get("device") and rep["device"] not in seen:
+                seen.append(rep["device"])
             self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
             self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
         losses = [loss for rep in reports for loss in rep["losses"]]

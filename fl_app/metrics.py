@@ -72,13 +72,19 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def track_peak_memory() -> Iterator[PeakMemory]:
+def track_peak_memory(device: torch.device | None = None) -> Iterator[PeakMemory]:
     """Peak of CPU bytes allocated *by this thread* inside the block (torch profiler memory events).
 
     Work a party delegates to another thread (the in-process server) is not counted, so the
-    figure is the client's own.
+    figure is the client's own. On a CUDA ``device`` the device's own transient peak (allocator
+    statistics: every thread's, so a server sharing the GPU in one process is counted too) is added.
     """
     result = PeakMemory()
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        on_device = torch.cuda.memory_allocated(device)
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         prof.start()
@@ -94,6 +100,9 @@ def track_peak_memory() -> Iterator[PeakMemory]:
         current += event.nbytes()
         peak = max(peak, current)
     result.transient_bytes = peak
+    if cuda:
+        torch.cuda.synchronize(device)
+        result.transient_bytes += torch.cuda.max_memory_allocated(device) - on_device
 
 
 def pool_eval(reports: list[dict[str, float]]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ scalars travel as JSON metadata), so the bytes counted are exactly the bytes sen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -46,8 +47,11 @@ class StepRequest:
     meta: dict = field(default_factory=dict)  # client id, step, round: JSON scalars only
 
     def to_bytes(self) -> bytes:
-        tensors = {k: v.contiguous() for k, v in self._tensors().items()}
-        return st_save(tensors, metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
+        return st_save(_on_wire(self._tensors()), metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
+
+    def to(self, device: torch.device) -> StepRequest:
+        """This request with its tensors on ``device`` (a server placed on an accelerator)."""
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {"clean": self.clean, "attention_mask": self.attention_mask, "labels": self.labels}
@@ -88,12 +92,19 @@ class PerturbedPart:
     score_ids: torch.Tensor | None = None
     target_ids: torch.Tensor | None = None
 
-    def to_bytes(self) -> bytes:
-        tensors = {"perturbed": self.perturbed.contiguous()}
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {"perturbed": self.perturbed}
         for name in ("attention_mask", *LABEL_KEYS):
             if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name).contiguous()
-        return st_save(tensors, metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
+                out[name] = getattr(self, name)
+        return out
+
+    def to_bytes(self) -> bytes:
+        return st_save(_on_wire(self._tensors()), metadata={"kind": PART_KIND, "meta": json.dumps(self.meta)})
+
+    def to(self, device: torch.device) -> PerturbedPart:
+        """This part with its tensors on ``device``."""
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def head(self) -> StepRequest | None:
         """The step's batch fields as an ``eval`` request over the first activation (None if absent)."""
@@ -191,14 +202,14 @@ class StepReply:
     def to_bytes(self) -> bytes:
         tensors = {}
         if self.perturbed_losses is not None:
-            tensors["perturbed_losses"] = self.perturbed_losses.to(torch.float64).contiguous()
+            tensors["perturbed_losses"] = self.perturbed_losses.to(torch.float64)
         if self.grad is not None:
-            tensors["grad"] = self.grad.contiguous()
+            tensors["grad"] = self.grad
         if self.batch_ids is not None:
-            tensors["batch_ids"] = self.batch_ids.to(torch.int64).contiguous()
-            tensors["batch_weights"] = self.batch_weights.to(torch.float64).contiguous()
+            tensors["batch_ids"] = self.batch_ids.to(torch.int64)
+            tensors["batch_weights"] = self.batch_weights.to(torch.float64)
         meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count}
-        return st_save(tensors, metadata={"meta": json.dumps(meta)})
+        return st_save(_on_wire(tensors), metadata={"meta": json.dumps(meta)})
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> StepReply:
@@ -211,6 +222,12 @@ class StepReply:
             batch_weights=tensors.get("batch_weights"),
             **meta,
         )
+
+
+def _on_wire(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as a frame carries them: contiguous, on the CPU (the stream boundary: a party on an
+    accelerator moves its activations, gradients and losses off it here, and decodes onto the CPU)."""
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
 def _load(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -15,6 +15,7 @@ import torch
 from fl_app.client_party import ClientOptimConfig, SplitClient, StepMemory
 from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
+from fl_app.devices import resolve_device
 from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
 from fl_app.server_party import BufferLimits, ServerOptimConfig, SplitServer
 from fl_app.tasks import Example, Task, get_task
@@ -141,13 +142,27 @@ def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServe
         seed=config.run.seed,
     )
     limits = BufferLimits(config.stream.session_buffer_mb * 2**20, config.stream.server_buffer_mb * 2**20)
+    top.to(server_device(config))  # after LoRA is drawn (on the CPU: the same adapters on every device)
     return SplitServer(top, params, optim, num_classes=num_classes, limits=limits)
 
 
+def server_device(config: Config) -> torch.device:
+    """Where the server's top runs (``server-device``, resolved on this machine)."""
+    return resolve_device("server-device", config.model.server_device)
+
+
+def client_device(config: Config) -> torch.device:
+    """Where a client's bottom runs (``client-device``, resolved on this machine)."""
+    return resolve_device("client-device", config.model.client_device)
+
+
 def client_trainable(config: Config, bottom: ClientBottom, index: int) -> list[torch.nn.Parameter]:
-    """Set what client ``index`` trains on ``bottom`` (once per bottom); LoRA adapters are initialised from
-    the client's seed, so the same (seed, client) always starts from the same adapters."""
-    return configure_trainable(bottom, _spec(config, "client"), bottom.family, lora_seed=client_seed(config, index))
+    """Set what client ``index`` trains on ``bottom`` (once per bottom) and move it to ``client-device``;
+    LoRA adapters are initialised from the client's seed (on the CPU), so the same (seed, client) always
+    starts from the same adapters."""
+    params = configure_trainable(bottom, _spec(config, "client"), bottom.family, lora_seed=client_seed(config, index))
+    bottom.to(client_device(config))
+    return params
 
 
 def reset_client_bottom(config: Config, bottom: ClientBottom, index: int) -> None:

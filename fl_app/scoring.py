@@ -46,7 +46,7 @@ def scores_and_features(
     final = top.hidden(hidden, attention_mask)
     if score_ids is not None:
         last = attention_mask.long().sum(1) - 1
-        picked = final[torch.arange(final.shape[0]), last]
+        picked = final[torch.arange(final.shape[0], device=final.device), last]
         logp = torch.log_softmax(top.head(picked).float(), dim=-1)
         return logp.gather(1, score_ids), picked
     if target_ids is None:
@@ -58,8 +58,8 @@ def scores_and_features(
     token_logp = logp.gather(1, targets[where].unsqueeze(1)).squeeze(1)
     rows = where.nonzero()[:, 0]
     counts = where.sum(1).clamp(min=1)
-    sums = torch.zeros(final.shape[0], dtype=token_logp.dtype).index_add(0, rows, token_logp)
-    feats = torch.zeros(final.shape[0], final.shape[-1], dtype=picked.dtype).index_add(0, rows, picked)
+    sums = final.new_zeros(final.shape[0], dtype=token_logp.dtype).index_add(0, rows, token_logp)
+    feats = final.new_zeros(final.shape[0], final.shape[-1], dtype=picked.dtype).index_add(0, rows, picked)
     features = (feats / counts.unsqueeze(1)).view(batch_size, -1, final.shape[-1]).mean(1)
     return (sums / counts).view(batch_size, -1), features
 

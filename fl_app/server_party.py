@@ -167,6 +167,7 @@ class SplitServer:
         limits: BufferLimits | None = None,
     ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
+        self.device = next(top.parameters()).device  # frames' tensors are moved here as they arrive
         self.limits = limits  # None: unbounded (build_server always passes the config's)
         self.steps = 0
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
@@ -203,6 +204,7 @@ class SplitServer:
         key = session if session is not None else str(frame.meta.get("client", ""))
         if isinstance(frame, SelectRequest):
             return self.select(frame, key).to_bytes()
+        frame = frame.to(self.device)
         if isinstance(frame, PerturbedPart):
             try:
                 job = self._take_part(frame, key)
@@ -343,7 +345,7 @@ class SplitServer:
 
     def score_perturbed(self, req: StepRequest, perturbed: torch.Tensor) -> torch.Tensor:
         """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch."""
-        return self.score_jobs([ScoreJob("", req, perturbed)])[0]
+        return self.score_jobs([ScoreJob("", req.to(self.device), perturbed.to(self.device))])[0]
 
     @torch.no_grad()
     def score_jobs(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
@@ -394,6 +396,7 @@ class SplitServer:
         """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
         last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
         ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
+        req = req.to(self.device)
         validate_request(
             req, self.top.hidden_size, self.num_classes, streamed=scored is not None, vocab_size=self.top.vocab_size
         )
@@ -405,7 +408,8 @@ class SplitServer:
                     self.top, clean, req.attention_mask, req.score_ids, req.target_ids, batch_size=req.labels.shape[0]
                 )
                 loss = classification_loss(scores, req.labels)
-            self.proxies.setdefault(key, {})[int(req.meta["batch"])] = last_layer_proxy(features, scores, req.labels)
+            proxy = last_layer_proxy(features, scores, req.labels).cpu()  # selection runs on the CPU
+            self.proxies.setdefault(key, {})[int(req.meta["batch"])] = proxy
             self._check_buffers(key)  # past a limit the session fails, and failing discards its buffers
             correct = int((scores.argmax(1) == req.labels).sum())
             return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))

@@ -29,8 +29,8 @@ def last_layer_proxy(features: torch.Tensor, scores: torch.Tensor, labels: torch
             f"{list(scores.shape)}, {list(labels.shape)}"
         )
     error = torch.softmax(scores.float(), dim=1)
-    error[torch.arange(labels.shape[0]), labels] -= 1.0
-    inputs = torch.cat([features.float(), torch.ones(features.shape[0], 1)], dim=1)
+    error[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+    inputs = torch.cat([features.float(), torch.ones(features.shape[0], 1, device=features.device)], dim=1)
     return (error.T @ inputs).reshape(-1) / features.shape[0]
 
 

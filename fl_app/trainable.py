@@ -81,8 +81,8 @@ def configure_trainable(
 
 def init_lora(module: nn.Module, seed: int) -> None:
     """(Re)draw every LoRA adapter in ``module`` as peft initialises it (A: Kaiming-uniform, B: zero),
-    from ``seed`` alone and in module order: the same seed always gives the same adapters, and the
-    global RNG is left as it was."""
+    from ``seed`` alone and in module order: the same seed always gives the same adapters, on any
+    device (they are drawn on the CPU), and the global RNG is left as it was."""
     from peft.tuners.lora import LoraLayer
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -90,7 +90,13 @@ def init_lora(module: nn.Module, seed: int) -> None:
         for sub in module.modules():
             if isinstance(sub, LoraLayer):
                 for adapter in sub.lora_A:
+                    parts = (sub.lora_A[adapter], sub.lora_B[adapter])
+                    device = parts[0].weight.device
+                    for part in parts:
+                        part.to("cpu")
                     sub.reset_lora_parameters(adapter, True)
+                    for part in parts:
+                        part.to(device)
 
 
 def make_fo_optimizer(

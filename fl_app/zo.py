@@ -43,14 +43,22 @@ def _mix(seed: int, chunk_index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
-def direction_chunk(kind: str, seed: int, chunk_index: int, numel: int) -> torch.Tensor:
-    """Chunk ``chunk_index`` of z(seed): ``numel`` float32 values from the chunk's own generator.
+CPU = torch.device("cpu")
+
+
+def direction_chunk(kind: str, seed: int, chunk_index: int, numel: int, device: torch.device = CPU) -> torch.Tensor:
+    """Chunk ``chunk_index`` of z(seed): ``numel`` float32 values from the chunk's own generator, drawn on
+    ``device`` (where the weights live). Each device type has its own generator, so z(seed) on a GPU is
+    a different draw from z(seed) on the CPU: parties replaying each other's updates (synced ZO
+    bottoms) must draw on the same device type.
 
     Rademacher chunks are returned as 0/1 floats b (z = 2b - 1), which callers fold into their updates.
     """
-    gen = torch.Generator().manual_seed(_mix(seed, chunk_index))
+    gen = torch.Generator(device=device).manual_seed(_mix(seed, chunk_index))
     if kind == "gaussian":
-        return torch.randn(numel, generator=gen, dtype=torch.float32)
+        return torch.randn(numel, generator=gen, dtype=torch.float32, device=device)
+    if device.type != "cpu":
+        return torch.randint(0, 2, (numel,), generator=gen, device=device).to(torch.float32)
     words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, generator=gen)
     return torch.from_numpy(np.unpackbits(words.numpy().view(np.uint8), count=numel)).to(torch.float32)
 
@@ -85,6 +93,10 @@ class ZOEstimator:
             raise ValueError(
                 "ZO estimator needs at least one trainable parameter (check client-params / server-params)"
             )
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"ZO estimator's parameters are on several devices: {sorted(map(str, devices))}")
+        self.device = devices.pop()  # where z is drawn
         self.eps, self.lr, self.weight_decay, self.directions = eps, lr, weight_decay, directions
 
     def _chunks(self, rows: Rows | None) -> list[list[Segment]]:
@@ -107,7 +119,8 @@ class ZOEstimator:
                 if selected is None:
                     chunks[-1].append((p.data.view(-1)[start : start + count], None, count))
                 else:
-                    chunks[-1].append((p.data, selected[start : start + count], count * per_row))
+                    ids = selected[start : start + count].to(p.device)
+                    chunks[-1].append((p.data, ids, count * per_row))
                 room -= count * per_row
                 start += count
         return [chunk for chunk in chunks if chunk]
@@ -120,7 +133,7 @@ class ZOEstimator:
             self._apply_chunk_rounded_once(index, chunk, terms, numel)
             return
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel)
+            z = direction_chunk(self.directions, seed, index, numel, self.device)
             offset = 0
             for target, row_ids, size in chunk:
                 piece = z[offset : offset + size]
@@ -143,9 +156,9 @@ class ZOEstimator:
     ) -> None:
         """Weights not in float32 (half precision): sum the terms in float32, then round each weight to its
         dtype once per pass (adding term by term in half precision would round once per term)."""
-        delta = torch.zeros(numel, dtype=torch.float32)
+        delta = torch.zeros(numel, dtype=torch.float32, device=self.device)
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel)
+            z = direction_chunk(self.directions, seed, index, numel, self.device)
             if self.directions == "rademacher":
                 z.mul_(2).sub_(1)
             delta.add_(z, alpha=coef)
@@ -166,7 +179,7 @@ class ZOEstimator:
         if not terms:
             return
         chunks = self._chunks(rows)
-        if self.directions == "gaussian" and len(chunks) > 1:  # randn is single-threaded: split chunks over cores
+        if self.directions == "gaussian" and len(chunks) > 1 and self.device.type == "cpu":  # randn: one core
             list(_POOL.map(lambda item: self._apply_chunk(item[0], item[1], terms), enumerate(chunks)))
         else:
             for index, chunk in enumerate(chunks):

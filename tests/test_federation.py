@@ -407,7 +407,7 @@ def test_concurrent_sessions_over_the_stream_with_and_without_scoring_across_cli
     from fl_app.scenario import build_client, load_client_bottom, load_task_data
 
     # torch's profiler is per process: clients in separate processes each run it, threads here cannot
-    no_profile = contextlib.contextmanager(lambda: (yield types.SimpleNamespace(transient_bytes=0)))
+    no_profile = contextlib.contextmanager(lambda device=None: (yield types.SimpleNamespace(transient_bytes=0)))
     monkeypatch.setattr(client_party, "track_peak_memory", no_profile)
 
     c = coord(**{"score-across-clients": across, "zo-queries": 3})

@@ -310,9 +310,9 @@ def test_step_memory_is_profiled_only_on_a_batch_larger_than_before(monkeypatch,
 
     calls = []
 
-    def counting():
+    def counting(device):
         calls.append(1)
-        return track_peak_memory()
+        return track_peak_memory(device)
 
     monkeypatch.setattr(client_party, "track_peak_memory", counting)
     _, client, server, data = parties(**over)

@@ -291,7 +291,7 @@ def test_clients_taking_turns_on_a_tiny_bottom_reset_from_one_kept_build(monkeyp
     builds, profiled = [], []
     real_load, real_track = fl_app.models.load_bottom, client_party.track_peak_memory
     monkeypatch.setattr(fl_app.models, "load_bottom", lambda *a, **k: builds.append(1) or real_load(*a, **k))
-    monkeypatch.setattr(client_party, "track_peak_memory", lambda: profiled.append(1) or real_track())
+    monkeypatch.setattr(client_party, "track_peak_memory", lambda device: profiled.append(1) or real_track(device))
     server = build_server(cfg, load_server_top(cfg)[1], num_classes=2)
     for pid in (1, 2, 0):
         scramble(first)
