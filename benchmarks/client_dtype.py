@@ -43,7 +43,7 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
     data = load_task_data(config, loaded)
     client = split_client(config, bottom, client_trainable(config, bottom, 0), 0)
     stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], client_seed(config, 0))
-    readout = torch.randn(config["max-length"] * bottom.hidden_size, generator=torch.Generator().manual_seed(0))
+    readout = torch.randn(data.encoder.max_length * bottom.hidden_size, generator=torch.Generator().manual_seed(0))
     eps, q = config["zo-eps"], config["zo-queries"]
     out: dict[str, Any] = {
         "dtype": dtype,

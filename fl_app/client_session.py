@@ -299,6 +299,8 @@ def run_session(
         "session-seconds": time.perf_counter() - started,
         "caught-up-updates": caught_up,
         "device": str(client.device),
+        "max-length": data.encoder.max_length,
+        **{f"truncated-{split}": count for split, count in data.truncated.items()},
         "seeds": [s.seeds for s in stats],
         "grads": [s.projected_grads for s in stats],
         "rows": [s.rows for s in stats],

@@ -91,7 +91,7 @@ class DataSettings:
     n_train: int = setting(1000, "n-train", check=NON_NEGATIVE)  # examples sampled for training (all clients)
     n_dev: int = setting(200, "n-dev", check=NON_NEGATIVE)
     n_test: int = setting(300, "n-test", check=NON_NEGATIVE)
-    max_length: int = setting(64, "max-length", check=POSITIVE)  # tokens per example
+    max_length: int = setting(0, "max-length", check=NON_NEGATIVE)  # tokens per example; 0 = the task's default
     batch_size: int = setting(16, "batch-size", check=POSITIVE)
     partition: str = setting("iid", "partition", ("iid", "dirichlet", "shard"))  # how train data is split among clients
     dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE)  # label skew (smaller = more skewed)

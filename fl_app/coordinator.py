@@ -248,6 +248,9 @@ class Coordinator:
                     }
                 )
             self.results["step_seconds"] += rep["step-seconds"]
+            if "max-length" in rep:  # the clients sample the same splits: any report's counts are the run's
+                truncated = {k.removeprefix("truncated-"): v for k, v in rep.items() if k.startswith("truncated-")}
+                self.results["data"] = {"max_length": rep["max-length"], "truncated": truncated}
             seen = self.results.setdefault("devices", {}).setdefault("clients", [])
             if rep.get("device") and rep["device"] not in seen:
                 seen.append(rep["device"])

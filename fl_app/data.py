@@ -8,6 +8,7 @@ import os
 import random
 import urllib.parse
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,10 @@ LOCAL_FILES: dict[str, tuple[tuple[str, ...], str]] = {
     "multirc": (("multirc/train.jsonl.gz",), "multirc/val.jsonl.gz"),
 }
 HUB_NAMES = {"sst2": ("glue", "sst2", "train", "validation")}  # others: super_glue/<task>, train / validation
+# Tasks whose shipped train pool is too small (BoolQ: FewGLUE's 32 + 32): the test file is cut by a
+# group field, 1 group in ``parts`` (by a fixed hash) being the test set, the others joining the train
+# pool; pool rows sharing a group with the test set are left out, so the two never share a passage.
+SHARED_TEST_FILE: dict[str, tuple[str, int]] = {"boolq": ("passage", 3)}
 
 
 MARKER = Path("sst2") / "train.tsv.gz"
@@ -125,11 +130,56 @@ def _load_rows(task: Task, split: Literal["train", "test"], source: str, data_di
         rows = load_dataset(path, name, split=train_split if split == "train" else test_split)
     else:
         raise ValueError(f"unknown data source {source!r} (field 'data-source'); known: local, hub")
+    if source == "local" and task.name in SHARED_TEST_FILE:
+        return _share_test_file(task, split, rows, _rows_from_files([base / test_file]))
     if task.name == "multirc" and len(rows) and isinstance(rows[0].get("passage"), dict):
         return _flatten_multirc([dict(r) for r in rows])
     if task.name == "wsc":
         return _flatten_wsc([dict(r) for r in rows])
     return rows
+
+
+def in_test_part(value: str, parts: int) -> bool:
+    """Whether a group value (e.g. a passage) falls in the test part of a shared test file (fixed hash)."""
+    return zlib.crc32(value.encode("utf-8")) % parts == 0
+
+
+def _share_test_file(task: Task, split: str, pool, test_rows) -> list[dict[str, Any]]:
+    """``split``'s rows when the test file is shared (see :data:`SHARED_TEST_FILE`): the test part's
+    groups, or the pool plus the rest of the test file, less any row of a test group."""
+    field, parts = SHARED_TEST_FILE[task.name]
+    test = [dict(r) for r in test_rows if in_test_part(r[field], parts)]
+    if split == "test":
+        return test
+    held = {r[field] for r in test}
+    return [dict(r) for r in [*pool, *test_rows] if r[field] not in held]
+
+
+def _column(rows, field: str) -> list[Any]:
+    """One field of every row (a memory-mapped dataset's column is read from Arrow, not row by row)."""
+    if isinstance(rows, list):
+        return [r[field] for r in rows]
+    return rows.with_format("arrow")[field].to_pylist()
+
+
+def row_groups(task: Task, rows) -> list[int]:
+    """Per row, a group id: rows sharing a value of any of the task's group fields (a passage, a
+    sentence) share one, transitively; without group fields every row is its own group."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Any, int] = {}
+    for field in task.groups:
+        for i, value in enumerate(_column(rows, field)):
+            j = first.setdefault(value, i)
+            if j != i:
+                parent[root(i)] = root(j)
+    return [root(i) for i in range(len(rows))]
 
 
 def _examples(task: Task, rows, indices: Sequence[int]) -> list[Example]:
@@ -160,7 +210,12 @@ def sample_splits(
     source: Literal["local", "hub"] = "local",
     data_dir: str | Path | None = None,
 ) -> dict[str, list[Example]]:
-    """MeZO-style seeded sampling: train and dev disjoint from the train pool, test from the test file."""
+    """MeZO-style seeded sampling: train and dev from the train pool, disjoint by the task's groups (no
+    passage or sentence in both: tuning picks by dev accuracy), test from the test file.
+
+    The pool's rows are taken in a seeded order, a row joining the side its group is on; a new group
+    joins train until it is full, then dev. A pool smaller than n-train + n-dev is split in their
+    proportion, dev filled first (so rows sharing a group with train are not left over)."""
     task = get_task(task)
     for field, n in (("n-train", n_train), ("n-dev", n_dev), ("n-test", n_test)):
         if not isinstance(n, int) or n < 0:
@@ -178,7 +233,30 @@ def sample_splits(
             stacklevel=2,
         )
         n_train, n_dev = len(order) - n_dev_small, n_dev_small
-    kept = _examples(task, pool, order[: n_train + n_dev])
+        sides = [("dev", n_dev), ("train", n_train)]
+    else:
+        sides = [("train", n_train), ("dev", n_dev)]
+    group = row_groups(task, pool)
+    chosen: dict[str, list[int]] = {"train": [], "dev": []}
+    side_of: dict[int, str] = {}
+    for pos in order:
+        if all(len(chosen[name]) >= size for name, size in sides):
+            break
+        side = side_of.get(group[pos])
+        if side is None:
+            side = next((name for name, size in sides if len(chosen[name]) < size), sides[-1][0])
+            side_of[group[pos]] = side
+        if len(chosen[side]) < dict(sides)[side]:
+            chosen[side].append(pos)
+    short = [f"{name} {len(chosen[name])} of {size}" for name, size in sides if len(chosen[name]) < size]
+    if short:
+        warnings.warn(
+            f"task '{task.name}': keeping train and dev apart by {', '.join(task.groups)} leaves "
+            f"{' and '.join(short)} examples",
+            stacklevel=2,
+        )
+    kept = _examples(task, pool, chosen["train"] + chosen["dev"])
+    n_train = len(chosen["train"])
     test_rows = _load_rows(task, "test", source, data_dir)
     test_order = list(range(len(test_rows)))
     random.Random(seed + 1).shuffle(test_order)
@@ -287,13 +365,34 @@ class BatchEncoder:
     * ``prompted`` with any multi-token candidate: B*C rows of prompt + candidate, ``target_ids``
       marking candidate tokens (-100 elsewhere).
     * ``classification``: (pair) inputs for an encoder with a classification head.
-    Prompts are truncated from the left so the end of the template (where the answer goes) stays.
+    A prompt longer than ``max_length`` (0: the task's default) is shortened in the task's passage
+    field (its end cut), so the question and the answer cue stay; a task without one, or a prompt
+    still too long, is truncated from the left so the end of the template (where the answer goes)
+    stays. Encoder pairs are truncated longest first (the passage, where there is one).
     """
 
-    def __init__(self, tokenizer, task: str | Task, kind: Literal["prompted", "classification"], max_length: int = 128):
+    def __init__(self, tokenizer, task: str | Task, kind: Literal["prompted", "classification"], max_length: int = 0):
         if kind not in ("prompted", "classification"):
             raise ValueError(f"batch kind must be 'prompted' or 'classification', got {kind!r}")
-        self.tokenizer, self.task, self.kind, self.max_length = tokenizer, get_task(task), kind, max_length
+        self.tokenizer, self.task, self.kind = tokenizer, get_task(task), kind
+        self.max_length = max_length or self.task.max_length
+
+    def truncated(self, examples: Sequence[Example]) -> int:
+        """How many of ``examples`` do not fit in ``max_length`` whole (their passage or start is cut)."""
+        if not examples:
+            return 0
+        if self.kind == "classification":
+            firsts, seconds = zip(*(self.task.text_pair(ex) for ex in examples))
+            pairs = None if seconds[0] is None else list(seconds)
+            lengths = [len(ids) for ids in self.tokenizer(list(firsts), pairs)["input_ids"]]
+            return sum(n > self.max_length for n in lengths)
+        prompts = self.tokenizer([self.task.prompt(ex) for ex in examples], add_special_tokens=True)["input_ids"]
+        count = 0
+        for ex, ids in zip(examples, prompts):
+            candidates = [self._ids(c) for c in self.task.candidates(ex)]
+            reserve = 0 if all(len(c) == 1 for c in candidates) else max(len(c) for c in candidates)
+            count += len(ids) > self.max_length - reserve
+        return count
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -344,11 +443,25 @@ class BatchEncoder:
         budget = self.max_length - reserve
         if budget < 1:
             raise ValueError(f"max-length {self.max_length} leaves no room for the prompt")
+        if len(ids) > budget and self.task.passage:
+            ids = self._shortened_passage(ex, ids, budget)
         if len(ids) <= budget:
             return ids
         bos = self.tokenizer.bos_token_id
         keep_bos = bos is not None and ids[0] == bos
         return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos :]
+
+    def _shortened_passage(self, ex: Example, ids: list[int], budget: int) -> list[int]:
+        """The prompt's ids with the end of its passage cut until it fits in ``budget`` (re-rendered and
+        re-tokenized, since tokens at the cut may merge); as short as the passage allows."""
+        field = self.task.passage
+        passage = self._ids(str(ex.fields[field]))
+        keep = len(passage)
+        while len(ids) > budget and keep > 0:
+            keep = max(0, keep - (len(ids) - budget))
+            text = self.tokenizer.decode(passage[:keep]).strip()
+            ids = self.tokenizer(self.task.prompt(Example({**ex.fields, field: text}, ex.label)))["input_ids"]
+        return ids
 
     def _pad(self, rows: list[list[int]], pad: int | None = None) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id if pad is None else pad

@@ -8,7 +8,8 @@ also build both parties in one process (:func:`load_split`, :func:`build_client`
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,7 @@ class TaskData:
     splits: dict[str, list[Example]]
     partitions: list[list[int]]
     encoder: BatchEncoder
+    truncated: dict[str, int] = field(default_factory=dict)  # per split: examples not fitting max-length whole
 
     def client_examples(self, index: int) -> list[Example]:
         train = self.splits["train"]
@@ -71,7 +73,15 @@ def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
     splits, parts = sample_and_partition(config)
     kind = "classification" if loaded.kind == "encoder" else "prompted"
     encoder = BatchEncoder(loaded.tokenizer, task, kind, max_length=config.data.max_length)
-    return TaskData(task, splits, parts, encoder)
+    truncated = {name: encoder.truncated(examples) for name, examples in splits.items()}
+    if any(truncated.values()):
+        warnings.warn(
+            f"task '{task.name}' at max-length {encoder.max_length}: "
+            + ", ".join(f"{n} of {len(splits[s])} {s}" for s, n in truncated.items())
+            + " examples do not fit whole (passages shortened, or prompts cut from the left)",
+            stacklevel=2,
+        )
+    return TaskData(task, splits, parts, encoder, truncated)
 
 
 def client_dtype(config: Config) -> torch.dtype:

@@ -26,6 +26,11 @@ class Task:
     _prompt: Callable[[Mapping[str, Any]], str]
     _candidates: Callable[[Mapping[str, Any]], list[str]]
     _pair: Callable[[Mapping[str, Any]], tuple[str, str | None]]
+    # fields whose values tie examples together (a passage with many questions, a sentence in several
+    # pairs): rows sharing any of them stay on one side of the train / dev split
+    groups: tuple[str, ...] = ()
+    passage: str = ""  # the long field a too-long prompt is shortened in (its question and answer cue kept)
+    max_length: int = 64  # default tokens per example (config max-length = 0): ~95 % of prompts fit whole
 
     def prompt(self, ex: Example) -> str:
         return self._prompt(ex.fields)
@@ -61,6 +66,7 @@ TASKS: dict[str, Task] = {
             lambda f: f"{f['sentence'].strip()} It was",
             _const([" terrible", " great"]),
             lambda f: (f["sentence"], None),
+            groups=("sentence",),
         ),
         Task(
             "rte",
@@ -70,6 +76,9 @@ TASKS: dict[str, Task] = {
             lambda f: f'{f["premise"]}\nDoes this mean that "{f["hypothesis"]}" is true? Yes or No?\n',
             _const(["Yes", "No"]),
             lambda f: (f["premise"], f["hypothesis"]),
+            groups=("premise",),
+            passage="premise",
+            max_length=192,
         ),
         Task(
             "cb",
@@ -79,6 +88,9 @@ TASKS: dict[str, Task] = {
             lambda f: f'Suppose {f["premise"]} Can we infer that "{f["hypothesis"]}"? Yes, No, or Maybe?\n',
             _const(["Yes", "No", "Maybe"]),
             lambda f: (f["premise"], f["hypothesis"]),
+            groups=("premise",),
+            passage="premise",
+            max_length=192,
         ),
         Task(
             "boolq",
@@ -88,6 +100,9 @@ TASKS: dict[str, Task] = {
             lambda f: f"{f['passage']} {f['question']}?",
             _const([" No", " Yes"]),
             lambda f: (f["question"], f["passage"]),
+            groups=("passage",),
+            passage="passage",
+            max_length=256,
         ),
         Task(
             "wic",
@@ -100,6 +115,7 @@ TASKS: dict[str, Task] = {
             ),
             _const(["No", "Yes"]),
             lambda f: (f"{f['word']}: {f['sentence1']}", f["sentence2"]),
+            groups=("sentence1", "sentence2"),
         ),
         Task(
             "wsc",
@@ -112,6 +128,8 @@ TASKS: dict[str, Task] = {
             ),
             _const(["No", "Yes"]),
             lambda f: (f["text"], f"{f['span2_text']} refers to {f['span1_text']}"),
+            groups=("text",),
+            max_length=96,
         ),
         Task(
             "copa",
@@ -120,7 +138,8 @@ TASKS: dict[str, Task] = {
             ((0, "0"), (1, "1")),
             _copa_prompt,
             lambda f: [_lower_first(f["choice1"]), _lower_first(f["choice2"])],
-            lambda f: (f["premise"], f"{f['choice1']} / {f['choice2']}"),
+            lambda f: (f"{f['premise']} What was the {f['question']}?", f"{f['choice1']} / {f['choice2']}"),
+            groups=("premise",),
         ),
         Task(
             "multirc",
@@ -133,6 +152,9 @@ TASKS: dict[str, Task] = {
             ),
             _const(["No", "Yes"]),
             lambda f: (f"{f['question']} {f['answer']}", f["paragraph"]),
+            groups=("paragraph",),
+            passage="paragraph",
+            max_length=384,
         ),
     )
 }

@@ -1,10 +1,21 @@
 """Tasks parse the shipped files; sampling and partitions are seeded; batches have the right shape."""
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 
-from fl_app.data import BatchEncoder, load_examples, partition, sample_splits
-from fl_app.tasks import TASK_NAMES, Example, get_task, parse_row
+from fl_app.data import (
+    SHARED_TEST_FILE,
+    BatchEncoder,
+    in_test_part,
+    load_examples,
+    partition,
+    row_groups,
+    sample_splits,
+)
+from fl_app.tasks import TASK_NAMES, TASKS, Example, get_task, parse_row
 from fl_app.tiny_tokenizer import build_tiny_tokenizer
 
 # (rows in train pool, rows in test file, classes) as listed in data/*/PROVENANCE.md
@@ -12,7 +23,7 @@ EXPECTED = {
     "sst2": (67349, 872, 2),
     "rte": (2490, 277, 2),
     "cb": (250, 56, 3),
-    "boolq": (64, 3270, 2),
+    "boolq": (2195, 1138, 2),  # FewGLUE's 64 + the validation file's non-test passages; its test third
     "wic": (5428, 638, 2),
     "wsc": (554, 104, 2),
     "copa": (400, 100, 2),
@@ -48,6 +59,74 @@ def test_sampling_is_seeded_disjoint_and_sized():
     assert (len(a["train"]), len(a["dev"]), len(a["test"])) == (100, 50, 40)
     train_ids = {ex.fields["idx"] for ex in a["train"]}
     assert not train_ids & {ex.fields["idx"] for ex in a["dev"]}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_encoder_pair_carries_every_field_of_the_example(name):
+    """An encoder sees only its text pair: each required field (COPA's cause / effect question too)
+    must be in it, and examples differing in one field only must encode differently."""
+    task = get_task(name)
+    example = load_examples(name, "train")[0]
+    text = " ".join(t for t in task.text_pair(example) if t)
+    for field in task.required:
+        assert str(example.fields[field]) in text, (name, field)
+
+
+def test_copa_encoder_input_tells_cause_from_effect():
+    task = get_task("copa")
+    fields = {"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He laughed.", "label": 0}
+    cause, effect = (task.text_pair(Example({**fields, "question": q}, 0)) for q in ("cause", "effect"))
+    assert cause != effect and "cause" in cause[0] and "effect" in effect[0]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if TASKS[n].groups))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_and_dev_share_no_group(name, seed):
+    """No passage, premise, text or sentence is in both train and dev (tuning picks by dev)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small pools warn
+        splits = sample_splits(name, 1000, 200, 10, seed=seed)
+    task = get_task(name)
+    values = {side: {ex.fields[f] for ex in splits[side] for f in task.groups} for side in ("train", "dev")}
+    assert splits["dev"] and not values["train"] & values["dev"], name
+
+
+def test_groups_join_rows_through_any_shared_field():
+    """WiC-like rows: a sentence shared as sentence1 of one pair and sentence2 of another joins them."""
+    rows = [
+        {"sentence1": "a", "sentence2": "b"},
+        {"sentence1": "c", "sentence2": "a"},
+        {"sentence1": "d", "sentence2": "e"},
+        {"sentence1": "e", "sentence2": "c"},
+        {"sentence1": "f", "sentence2": "g"},
+    ]
+    groups = row_groups(get_task("wic"), rows)
+    assert len({groups[i] for i in range(4)}) == 1 and groups[4] != groups[0]
+
+
+def test_large_pools_keep_their_train_sample_and_drop_leaking_dev_rows():
+    """Train is still the first n-train rows of the seeded order; dev skips rows of train's groups."""
+    import random
+
+    pool = load_examples("multirc", "train")
+    order = list(range(len(pool)))
+    random.Random(3).shuffle(order)
+    splits = sample_splits("multirc", 300, 100, 0, seed=3)
+    assert splits["train"] == [pool[i] for i in order[:300]]
+    naive_dev = [pool[i] for i in order[300:400]]
+    assert len(splits["dev"]) == 100 and splits["dev"] != naive_dev
+
+
+def test_boolq_train_pool_and_test_are_disjoint_by_passage():
+    """BoolQ's pool is FewGLUE's 64 plus two thirds of the validation file by passage, the test set the
+    other third: enough for n-train 1000 + n-dev 200, and no passage on both sides."""
+    field, parts = SHARED_TEST_FILE["boolq"]
+    train, test = load_examples("boolq", "train"), load_examples("boolq", "test")
+    assert len(train) >= 1200 and len(test) >= 1000
+    assert all(in_test_part(ex.fields[field], parts) for ex in test)
+    assert not {ex.fields[field] for ex in train} & {ex.fields[field] for ex in test}
+    splits = sample_splits("boolq", 1000, 200, 1000, seed=0)
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [1000, 200, 1000]
 
 
 def test_small_pool_is_split_with_a_warning():
@@ -152,6 +231,44 @@ def test_left_truncation_keeps_the_prompt_end(causal_tok):
     assert batch["input_ids"].shape[1] == 16
     assert causal_tok.decode(batch["input_ids"][0, -2:]) == "it was"
     assert batch["input_ids"][0, 0] == causal_tok.bos_token_id
+
+
+def test_a_long_passage_is_shortened_keeping_the_question_and_cue(causal_tok):
+    """BoolQ: the passage's end is cut, not the question (left truncation would cut the passage's start
+    and, for a long enough passage, keep nothing of it)."""
+    long = Example({"passage": "a bad day " + "the movie is good " * 40, "question": "is the film great"}, 1)
+    encoder = BatchEncoder(causal_tok, "boolq", "prompted", 32)
+    ids = encoder([long])["input_ids"][0]
+    text = causal_tok.decode(ids[ids != causal_tok.pad_token_id]).replace(" ?", "?")
+    assert (
+        len(ids) <= 32 and text.rstrip().endswith("is the film great?") and text.startswith("</s> a bad day the movie")
+    )
+    assert encoder.truncated([long]) == 1 and encoder.truncated([Example({**long.fields, "passage": "a"}, 1)]) == 0
+
+
+def test_max_length_zero_takes_the_task_default(causal_tok):
+    assert BatchEncoder(causal_tok, "multirc", "prompted").max_length == get_task("multirc").max_length == 384
+    assert BatchEncoder(causal_tok, "sst2", "prompted", 16).max_length == 16
+
+
+def test_truncated_examples_are_counted_per_split_and_recorded_in_results(tmp_path):
+    from fl_app.config import make_config, read_scenario
+    from fl_app.scenario import load_client_bottom, load_task_data
+    from fl_app.train import run
+
+    config = make_config(
+        {**read_scenario("sim_configs/smoke_tiny.toml"), "task": "rte", "max-length": 24, "num-rounds": 1}
+    )
+    with pytest.warns(UserWarning, match="do not fit whole"):
+        data = load_task_data(config, load_client_bottom(config)[0])
+    assert data.truncated["train"] > 0 and set(data.truncated) == {"train", "dev", "test"}
+    for split, examples in data.splits.items():
+        assert data.truncated[split] == data.encoder.truncated(examples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(config.updated({"out-dir": str(tmp_path), "local-steps": 1}), tmp_path)
+    recorded = json.loads((tmp_path / "results.json").read_text())["data"]
+    assert recorded == {"max_length": 24, "truncated": data.truncated}
 
 
 def test_classification_pairs_have_token_types():
