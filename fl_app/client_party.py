@@ -67,6 +67,7 @@ class ClientOptimConfig(OptimSettings):
     wire_dtype: str = "float32"
     zo_embedding_rows: str = "batch"  # batch: perturb only the embedding rows a batch uses; all: every row (MeZO)
     hosl_feedback: str = "losses"  # losses: the server scores each perturbed activation; gradient: it returns dL/dh
+    portable_directions: bool = False  # draw z on the CPU whatever the device (synced bottoms replay it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,7 +140,8 @@ class SplitClient:
         self.memory = memory if memory is not None else StepMemory()
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
-            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
+            draw_on = torch.device("cpu") if config.portable_directions else None
+            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions, draw_on)
             self.optimizer = None
             self.row_roles = embedding_roles(bottom, params) if config.zo_embedding_rows == "batch" else []
         else:

@@ -302,12 +302,6 @@ def _check_combinations(config: Config) -> None:
     """Settings that are valid alone but not together (and device names)."""
     check_device_name("server-device", config.model.server_device)
     check_device_name("client-device", config.model.client_device)
-    if config.federation.bottoms == "synced" and config.client_order == "zo" and config.model.client_device == "auto":
-        raise ValueError(
-            "config key 'client-device' = 'auto' with synced ZO bottoms: every client replays the others' "
-            "updates from their seeds, and z(seed) is drawn on the weights' device (a GPU draws other numbers "
-            "than the CPU), so all clients must name the same device type: set client-device to cpu, cuda or mps"
-        )
     if config.stream.host in ("0.0.0.0", "::", "") and not config.stream.advertise_host:
         raise ValueError(
             f"config key 'stream-host' = {config.stream.host!r} listens on every interface, but clients need "

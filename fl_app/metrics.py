@@ -93,7 +93,12 @@ def track_peak_memory(device: torch.device | None = None) -> Iterator[PeakMemory
     finally:
         with _quiet_stderr():
             prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    # host allocations only: a CUDA allocator's events are in the profile too, counted below from its statistics
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:

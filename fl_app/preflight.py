@@ -15,7 +15,7 @@ from fl_app.scenario import sample_and_partition
 
 # Settings a resumed run may change: where and how it is served, not what it trains.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "out-dir", "probe-messages", "round-timeout", "step-timeout"}
+    {"resume", "out-dir", "probe-messages", "round-timeout", "step-timeout", "server-device", "client-device"}
     | ({key for key, (group, _) in SETTINGS.items() if group == "stream"} - {"wire-dtype"})
 )
 

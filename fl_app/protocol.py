@@ -201,13 +201,13 @@ class StepReply:
 
     def to_bytes(self) -> bytes:
         tensors = {}
-        if self.perturbed_losses is not None:
-            tensors["perturbed_losses"] = self.perturbed_losses.to(torch.float64)
+        if self.perturbed_losses is not None:  # to the CPU first: MPS has no float64
+            tensors["perturbed_losses"] = self.perturbed_losses.to("cpu", torch.float64)
         if self.grad is not None:
             tensors["grad"] = self.grad
         if self.batch_ids is not None:
-            tensors["batch_ids"] = self.batch_ids.to(torch.int64)
-            tensors["batch_weights"] = self.batch_weights.to(torch.float64)
+            tensors["batch_ids"] = self.batch_ids.to("cpu", torch.int64)
+            tensors["batch_weights"] = self.batch_weights.to("cpu", torch.float64)
         meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count}
         return st_save(_on_wire(tensors), metadata={"meta": json.dumps(meta)})
 

@@ -217,6 +217,7 @@ def split_client(
         zo_directions=zo.directions,
         zo_embedding_rows=zo.embedding_rows,
         hosl_feedback=zo.hosl_feedback,
+        portable_directions=config.federation.bottoms == "synced",
         seed=client_seed(config, index),
         wire_dtype=config.stream.wire_dtype,
     )

@@ -204,7 +204,6 @@ class SplitServer:
         key = session if session is not None else str(frame.meta.get("client", ""))
         if isinstance(frame, SelectRequest):
             return self.select(frame, key).to_bytes()
-        frame = frame.to(self.device)
         if isinstance(frame, PerturbedPart):
             try:
                 job = self._take_part(frame, key)
@@ -226,8 +225,8 @@ class SplitServer:
                 f"({len(pending.losses) + 1} streamed; field 'perturbed' needs (+, -) pairs)"
             )
         for name in ("attention_mask", *LABEL_KEYS):
-            mine, theirs = getattr(pending.head, name), getattr(frame, name)
-            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
+            mine, theirs = getattr(pending.head, name), getattr(frame, name)  # on the device / as decoded
+            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine.cpu(), theirs)):
                 raise ProtocolError(f"field '{name}' of the step differs from the one its perturbed parts announced")
         if tuple(frame.clean.shape) != tuple(pending.head.clean.shape):
             raise ProtocolError(
@@ -238,14 +237,16 @@ class SplitServer:
 
     def _take_part(self, part: PerturbedPart, key: str) -> ScoreJob | None:
         """Buffer one part; every complete (+, -) pair comes back as one job (scored together, under
-        one version of the weights)."""
+        one version of the weights). Checked as decoded, then moved to the server's device."""
         validate_part(part, self.top.hidden_size)
         head = part.head()
         if head is not None:
             if key in self.pending:
                 raise ProtocolError("a perturbed part announced a new step before the previous one finished")
             validate_request(head, self.top.hidden_size, self.num_classes, vocab_size=self.top.vocab_size)
-            self.pending[key] = PendingStep(head)
+        part = part.to(self.device)
+        if head is not None:
+            self.pending[key] = PendingStep(part.head())
         pending = self.pending.get(key)
         if pending is None:
             raise ProtocolError(
@@ -396,10 +397,10 @@ class SplitServer:
         """Score, then train (or only evaluate for ``kind == 'eval'``, or compute the batch's
         last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
         ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
-        req = req.to(self.device)
         validate_request(
             req, self.top.hidden_size, self.num_classes, streamed=scored is not None, vocab_size=self.top.vocab_size
         )
+        req = req.to(self.device)  # checked as decoded (on the CPU), then moved
         perturbed_losses = self.score_perturbed(req, req.perturbed) if req.perturbed is not None else scored
         clean = req.clean.float()
         if req.kind == "proxy":

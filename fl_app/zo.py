@@ -48,9 +48,8 @@ CPU = torch.device("cpu")
 
 def direction_chunk(kind: str, seed: int, chunk_index: int, numel: int, device: torch.device = CPU) -> torch.Tensor:
     """Chunk ``chunk_index`` of z(seed): ``numel`` float32 values from the chunk's own generator, drawn on
-    ``device`` (where the weights live). Each device type has its own generator, so z(seed) on a GPU is
-    a different draw from z(seed) on the CPU: parties replaying each other's updates (synced ZO
-    bottoms) must draw on the same device type.
+    ``device``. A CUDA generator draws other numbers than the CPU's (and, past some size, other numbers
+    on another GPU model), so directions other parties replay are drawn on the CPU.
 
     Rademacher chunks are returned as 0/1 floats b (z = 2b - 1), which callers fold into their updates.
     """
@@ -81,6 +80,7 @@ class ZOEstimator:
         lr: float,
         weight_decay: float = 0.0,
         directions: str = "gaussian",
+        draw_on: torch.device | None = None,
     ):
         _check_positive("zo-eps", eps)
         _check_positive("lr", lr)
@@ -96,7 +96,10 @@ class ZOEstimator:
         devices = {p.device for p in self.params}
         if len(devices) > 1:
             raise ValueError(f"ZO estimator's parameters are on several devices: {sorted(map(str, devices))}")
-        self.device = devices.pop()  # where z is drawn
+        self.device = devices.pop()
+        # where z is drawn: by default where the weights are; on the CPU when other parties replay these
+        # directions (synced bottoms): a CUDA draw depends on the GPU model, the CPU's on nothing
+        self.draw_on = self.device if draw_on is None else torch.device(draw_on)
         self.eps, self.lr, self.weight_decay, self.directions = eps, lr, weight_decay, directions
 
     def _chunks(self, rows: Rows | None) -> list[list[Segment]]:
@@ -133,7 +136,7 @@ class ZOEstimator:
             self._apply_chunk_rounded_once(index, chunk, terms, numel)
             return
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel, self.device)
+            z = direction_chunk(self.directions, seed, index, numel, self.draw_on).to(self.device)
             offset = 0
             for target, row_ids, size in chunk:
                 piece = z[offset : offset + size]
@@ -158,7 +161,7 @@ class ZOEstimator:
         dtype once per pass (adding term by term in half precision would round once per term)."""
         delta = torch.zeros(numel, dtype=torch.float32, device=self.device)
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel, self.device)
+            z = direction_chunk(self.directions, seed, index, numel, self.draw_on).to(self.device)
             if self.directions == "rademacher":
                 z.mul_(2).sub_(1)
             delta.add_(z, alpha=coef)
@@ -179,7 +182,7 @@ class ZOEstimator:
         if not terms:
             return
         chunks = self._chunks(rows)
-        if self.directions == "gaussian" and len(chunks) > 1 and self.device.type == "cpu":  # randn: one core
+        if self.directions == "gaussian" and len(chunks) > 1 and self.draw_on.type == "cpu":  # randn: one core
             list(_POOL.map(lambda item: self._apply_chunk(item[0], item[1], terms), enumerate(chunks)))
         else:
             for index, chunk in enumerate(chunks):

@@ -57,12 +57,32 @@ def test_auto_takes_the_first_accelerator_else_the_cpu():
     assert resolve_device("client-device", "cpu") == torch.device("cpu")
 
 
-def test_synced_zo_clients_must_name_one_device_type():
-    """z(seed) is drawn on the weights' device, so clients replaying each other's seeds must agree."""
-    with pytest.raises(ValueError, match="client-device.*synced"):
-        make_config({"bottoms": "synced", "client-device": "auto"})
-    make_config({"bottoms": "synced", "client-device": "cpu"})
-    make_config({"bottoms": "synced", "client-device": "auto", "mode": "fo-fo"})  # FedAvg: no replay
+def test_synced_zo_clients_draw_their_directions_on_the_cpu(device):
+    """Synced bottoms replay each other's (seed, projected gradient) updates: z is drawn on the CPU
+    (a CUDA draw depends on the GPU model), so a replay on any device applies the same update."""
+    _, synced, _, _ = _parties(device, bottoms="synced")
+    _, personal, _, _ = _parties(device)
+    assert synced.zo.device.type == personal.zo.device.type == device.type
+    assert synced.zo.draw_on.type == "cpu" and personal.zo.draw_on.type == device.type
+    weights = torch.randn(300, 16)
+    on_device = torch.nn.Parameter(weights.clone().to(device))
+    on_cpu = torch.nn.Parameter(weights.clone())
+    for param, draw_on in ((on_device, torch.device("cpu")), (on_cpu, None)):
+        ZOEstimator([param], 1e-3, 0.1, directions="gaussian", draw_on=draw_on).update([5, 6], [0.3, -1.2])
+    torch.testing.assert_close(on_device.detach().cpu(), on_cpu.detach(), atol=1e-6, rtol=0)
+    assert not torch.equal(on_cpu.detach(), weights)
+
+
+def test_a_run_resumes_on_another_device(tmp_path):
+    from fl_app.preflight import check_out_dir
+
+    saved = make_config({**read_scenario(SMOKE), "server-device": "cuda", "client-device": "mps"})
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "results.json").write_text(json.dumps({"config": dict(saved), "status": "running"}))
+    resumed = saved.updated({"server-device": "cpu", "client-device": "cpu", "resume": "true", "out-dir": "x"})
+    check_out_dir(tmp_path, resume=resumed)
+    with pytest.raises(ValueError, match="other settings.*zo-eps"):
+        check_out_dir(tmp_path, resume=resumed.updated({"zo-eps": 0.5}))
 
 
 def test_directions_are_drawn_on_the_device_and_repeat(device):
@@ -131,12 +151,19 @@ def _parties(device: torch.device, client_on_cpu: bool = False, **over):
     return config, build_client(config, bottom, 0), build_server(config, top, data.task.num_classes), data
 
 
+MODES = {
+    "hosl": {"mode": "hosl"},
+    "hosl-gaussian-gradient": {"mode": "hosl", "zo-directions": "gaussian", "hosl-feedback": "gradient"},
+    "fo-fo": {"mode": "fo-fo", "client-lr": 0.05},
+    "zo-zo": {"mode": "zo-zo", "server-lr": 1e-2},
+}
+
+
 @pytest.mark.parametrize("client_on_cpu", [False, True], ids=["both-on-device", "edge-client-on-cpu"])
-@pytest.mark.parametrize("mode", ["hosl", "fo-fo", "zo-zo"])
+@pytest.mark.parametrize("mode", sorted(MODES))
 def test_each_mode_trains_with_its_sides_on_their_devices(device, mode, client_on_cpu):
     """Weights, optimiser state and forwards on each side's device; every frame CPU tensors; the loss falls."""
-    over = {"fo-fo": {"client-lr": 0.05}, "zo-zo": {"server-lr": 1e-2}}.get(mode, {})
-    config, client, server, data = _parties(device, client_on_cpu, mode=mode, **{"server-optimizer": "adam", **over})
+    config, client, server, data = _parties(device, client_on_cpu, **{"server-optimizer": "adam", **MODES[mode]})
     assert {p.device.type for p in server.top.parameters()} == {device.type}
     assert {p.device.type for p in client.bottom.parameters()} == {"cpu" if client_on_cpu else device.type}
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
