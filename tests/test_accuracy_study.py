@@ -1,0 +1,61 @@
+"""The accuracy study (benchmarks.accuracy) on the tiny encoder: learning rates chosen on dev, every
+seed run at the chosen one, finished runs read back instead of rerun, the tables and plots written."""
+
+import json
+
+import pytest
+
+import benchmarks.accuracy as accuracy
+from benchmarks.accuracy import MODES, Size, measure, plot, scenario, table
+
+TINY = Size(
+    tasks=("rte",),
+    seeds=(0, 1),
+    grids={"fo-fo": (0.01, 0.05), "hosl": (1e-4, 1e-3), "zo-zo": (1e-4, 1e-3)},
+    rounds=2,
+    steps=2,
+    queries=1,
+    n_train=32,
+    n_dev=16,
+    n_test=16,
+    model="tiny-bert",
+)
+
+
+def test_each_mode_sets_its_own_learning_rate_and_zero_shot_trains_nothing():
+    assert scenario(TINY, "rte", "fo-fo", 0.05, 1)["client-lr"] == 0.05
+    zozo = scenario(TINY, "rte", "zo-zo", 3e-4, 1)
+    assert zozo["client-lr"] == zozo["server-lr"] == 3e-4 and zozo["mode"] == "zo-zo"
+    hosl = scenario(TINY, "rte", "hosl", 3e-4, 1)
+    assert hosl["server-lr"] == accuracy.BASE["server-lr"] and hosl["seed"] == 1
+    zero = scenario(TINY, "rte", "zero-shot", 0.0, 2)
+    assert zero["client-params"] == zero["server-params"] == "frozen"
+
+
+@pytest.mark.slow
+def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_path, monkeypatch):
+    rows = measure(TINY, tmp_path / "runs")
+    for task in TINY.tasks:
+        row = rows[task]
+        assert len(row["runs"]["zero-shot"]) == len(TINY.seeds)
+        for mode in MODES:
+            sweep = row["sweep"][mode]
+            assert set(sweep) == {f"{lr:g}" for lr in TINY.grids[mode]}
+            assert sweep[f"{row['best_lr'][mode]:g}"] == max(sweep.values())
+            runs = row["runs"][mode]
+            assert len(runs) == len(TINY.seeds) and all(0 <= r["test"] <= 1 for r in runs)
+            assert len(runs[0]["dev_per_round"]) == TINY.rounds
+            saved = json.loads(
+                (tmp_path / "runs" / task / mode / f"lr{row['best_lr'][mode]:g}" / "s1" / "results.json").read_text()
+            )
+            assert saved["config"]["seed"] == 1 and saved["eval"]["test"]["accuracy"] == runs[1]["test"]
+
+    def no_run(*_):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(accuracy, "run", no_run)
+    assert measure(TINY, tmp_path / "runs") == rows
+    text = table(rows)
+    assert text.count("\n") == 1 + len(TINY.tasks) and "±" in text
+    paths = plot(rows, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths)
