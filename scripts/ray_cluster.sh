@@ -41,7 +41,7 @@ cleanup() {
   # each `ray start --block` (SIGTERM makes it stop what it started), then every process left with
   # this FLWR_HOME in its environment (SuperLink, simulation, actors) or this cluster's temp dir
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   local keep=" " pid=$$
   while [ "$pid" -gt 1 ]; do  # this script and whatever started it may carry the same FLWR_HOME
     keep+="$pid "

@@ -123,6 +123,24 @@ def _ancestors(pid: int) -> list[int]:
     return chain
 
 
+def _still_running(pids: list[int], home: Path, grace: float = 20.0) -> list[int]:
+    """Of ``pids`` and the processes with FLWR_HOME ``home``, those still running (not exited, not a
+    zombie) after ``grace`` seconds: a process that was sent SIGTERM may take a moment to go."""
+    deadline = time.time() + grace
+    while True:
+        left = []
+        for pid in [*pids, *home_pids(home)]:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":
+                left.append(pid)
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def test_synced_fo_bottoms_on_a_two_node_ray_cluster(tmp_path):
     """scripts/ray_cluster.sh: the simulation runs on a Ray head plus a second Ray node, with
     ClientApp actors on both (each found under its node's `ray start`) reaching the step stream at
@@ -150,7 +168,7 @@ def test_synced_fo_bottoms_on_a_two_node_ray_cluster(tmp_path):
     rounds = finished_results(out, text, timeout=5)["rounds"]
     assert proc.returncode == 0 and "Ray cluster at" in text, text[-3000:]
     assert nodes_used == {"head", "node"}, (nodes_used, ray_pids)
-    left = [pid for pid in [*ray_pids, *actors] if Path(f"/proc/{pid}").exists()] + home_pids(home)
+    left = _still_running([*ray_pids, *actors], home)
     assert len(ray_pids) == 2 and not left, left  # the cluster, its actors and the SuperLink are gone
     assert [r["dropped"] for r in rounds] == [[], []] and all(r["accuracy"] is not None for r in rounds)
     settings = rounds[0]["message_bytes_down"]  # round 1: session settings only (a few hundred bytes each)
