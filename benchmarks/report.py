@@ -20,7 +20,7 @@ def provenance() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs")  # not the reports written
     commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     return {"commit": commit, **machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
