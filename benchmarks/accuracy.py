@@ -183,6 +183,7 @@ def measure(size: Size, out: Path) -> dict[str, Any]:
             }
             best = max(sweep, key=lambda lr: sweep[lr]["dev"] if sweep[lr]["dev"] is not None else -1.0)
             row["sweep"][mode] = {f"{lr:g}": r["dev"] for lr, r in sweep.items()}
+            row.setdefault("sweep_runs", []).extend(r for lr, r in sweep.items() if lr != best)
             row["best_lr"][mode] = best
             row["runs"][mode] = [sweep[best]] + [
                 summary(run_once(scenario(size, task, mode, best, s), out / task / mode / f"lr{best:g}" / f"s{s}"))
@@ -194,13 +195,22 @@ def measure(size: Size, out: Path) -> dict[str, Any]:
     return rows
 
 
+def _all_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of a task: the sweep's and the seeds' (the best learning rate's seed-0 run is in both)."""
+    return [r for runs in row["runs"].values() for r in runs] + list(row.get("sweep_runs", []))
+
+
 def table(rows: dict[str, Any]) -> str:
     """Test accuracy (mean +- sd over seeds) per task and mode, and hosl's gaps in points."""
     head = "| task | zero-shot | fo-fo | hosl | zo-zo | hosl - fo-fo | hosl - zo-zo | lr fo-fo / hosl / zo-zo |"
     lines = [head, "|" + "---|" * 8]
     for task, row in rows.items():
         means = {mode: spread([r["test"] for r in runs]) for mode, runs in row["runs"].items()}
-        cells = [f"{100 * m:.1f} ± {100 * sd:.1f}" for m, sd in (means[k] for k in ("zero-shot", *MODES))]
+        seeds = len(row["runs"]["hosl"])
+        cells = [
+            f"{100 * m:.1f} ± {100 * sd:.1f}" if seeds > 1 else f"{100 * m:.1f}"
+            for m, sd in (means[k] for k in ("zero-shot", *MODES))
+        ]
         gaps = [100 * (means["hosl"][0] - means[other][0]) for other in ("fo-fo", "zo-zo")]
         lrs = " / ".join(f"{row['best_lr'][mode]:g}" for mode in MODES)
         lines.append(f"| {task} | {' | '.join(cells)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} | {lrs} |")
@@ -272,16 +282,19 @@ def main(argv: list[str] | None = None) -> None:
     plots = plot(rows, args.docs, stem)
     minutes = (time.perf_counter() - started) / 60
     setup = scenario(size, size.tasks[0], "hosl", size.grids["hosl"][0], 0)
+    runs = [r for row in rows.values() for r in _all_runs(row)]
+    run_minutes = sum(r["seconds"] or 0 for r in runs) / 60
     text = (
         f"# Accuracy of the three modes, over seeds\n\n`python -m benchmarks.accuracy --size {args.size}` "
-        f"({minutes:.0f} minutes; runs already in `--out` are read, not rerun). `{setup['model']}`, client "
+        f"({len(runs)} runs, {run_minutes:.0f} minutes of run time; this invocation {minutes:.0f} minutes, since runs "
+        f"already in `--out` are read, not rerun). `{setup['model']}`, client "
         f"{setup['client-params']} / server {setup['server-params']} parameters, cut after layer "
         f"{setup['cut-layer']}, one client; {size.rounds} rounds x {size.steps} steps of batch "
         f"{setup['batch-size']}, Q = {size.queries}, eps = {setup['zo-eps']:g}; {size.n_train} train / "
         f"{size.n_dev} dev / {size.n_test} test examples (fewer where the task has fewer), each task at its "
         f"default max length; seeds {', '.join(map(str, size.seeds))}. Server: Adam lr {setup['server-lr']:g} "
         "(fo-fo, hosl). Each mode's learning rate is the best final dev accuracy of its grid on seed 0 "
-        "(zo-zo: one lr for both ZO sides). Plots: "
+        "(ties: the smaller; zo-zo: one lr for both ZO sides); with one seed there is no spread to show. Plots: "
         + ", ".join(f"`{p.name}`" for p in plots)
         + ".\n\n## Test accuracy (%, mean ± sd over seeds)\n\n"
         + f"Gaps in points; {PAPER}.\n\n{table(rows)}\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
