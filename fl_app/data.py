@@ -387,10 +387,12 @@ class BatchEncoder:
             lengths = [len(ids) for ids in self.tokenizer(list(firsts), pairs)["input_ids"]]
             return sum(n > self.max_length for n in lengths)
         prompts = self.tokenizer([self.task.prompt(ex) for ex in examples], add_special_tokens=True)["input_ids"]
+        texts = [self.task.candidates(ex) for ex in examples]
+        flat = iter(self.tokenizer([c for cands in texts for c in cands], add_special_tokens=False)["input_ids"])
         count = 0
-        for ex, ids in zip(examples, prompts):
-            candidates = [self._ids(c) for c in self.task.candidates(ex)]
-            reserve = 0 if all(len(c) == 1 for c in candidates) else max(len(c) for c in candidates)
+        for ids, cands in zip(prompts, texts):  # one batched tokenizer call each for prompts and candidates
+            lengths = [len(next(flat)) for _ in cands]
+            reserve = 0 if all(n == 1 for n in lengths) else max(lengths)
             count += len(ids) > self.max_length - reserve
         return count
 
