@@ -17,11 +17,7 @@ def resolve_device(key: str, value: str) -> torch.device:
     """The torch device ``value`` names on this machine; raises naming ``key`` if it is not present."""
     check_device_name(key, value)
     if value == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return next(iter(accelerators()), torch.device("cpu"))
     device = torch.device(value)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -36,6 +32,6 @@ def resolve_device(key: str, value: str) -> torch.device:
 
 
 def accelerators() -> list[torch.device]:
-    """The non-CPU devices torch sees here (for tests that run wherever one is present)."""
+    """The non-CPU devices torch sees here, CUDA first (what ``auto`` takes; tests run on the first)."""
     found = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return found + ([torch.device("mps")] if torch.backends.mps.is_available() else [])
