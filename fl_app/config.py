@@ -36,7 +36,9 @@ SELECTORS = ("full", "random", "gradmatch")  # data subsets (AUTOMATA)
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # server-device / client-device (fl_app.devices)
 
 POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
+DEVICE = "auto, cpu, cuda, cuda:<index> or mps"
 CHECKS = {
+    DEVICE: lambda v: DEVICE_NAMES.fullmatch(v) is not None,
     POSITIVE: lambda v: v > 0,
     NON_NEGATIVE: lambda v: v >= 0,
     FRACTION: lambda v: 0 < v <= 1,
@@ -74,8 +76,8 @@ class ModelSettings:
     client_dtype: str = setting("float32", "client-dtype", DTYPES)
     # where each side's weights, optimiser and forwards run: auto (CUDA, else MPS, else CPU), cpu, cuda,
     # cuda:<index>, mps; activations cross the stream as CPU tensors (see fl_app.devices)
-    server_device: str = setting("auto", "server-device")
-    client_device: str = setting("cpu", "client-device")
+    server_device: str = setting("auto", "server-device", check=DEVICE)
+    client_device: str = setting("cpu", "client-device", check=DEVICE)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -293,15 +295,13 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
 
 
 def check_device_name(key: str, value: str) -> None:
-    """Raise naming ``key`` unless ``value`` is a device name (auto, cpu, cuda, cuda:<index>, mps)."""
-    if not DEVICE_NAMES.fullmatch(value):
-        raise ValueError(f"config key '{key}' must be auto, cpu, cuda, cuda:<index> or mps, got {value!r}")
+    """Raise naming ``key`` unless ``value`` is a device name (the check ``make_config`` runs on it)."""
+    if not CHECKS[DEVICE](value):
+        raise ValueError(f"config key '{key}' must be {DEVICE}, got {value!r}")
 
 
 def _check_combinations(config: Config) -> None:
-    """Settings that are valid alone but not together (and device names)."""
-    check_device_name("server-device", config.model.server_device)
-    check_device_name("client-device", config.model.client_device)
+    """Settings that are valid alone but not together."""
     if config.stream.host in ("0.0.0.0", "::", "") and not config.stream.advertise_host:
         raise ValueError(
             f"config key 'stream-host' = {config.stream.host!r} listens on every interface, but clients need "
