@@ -1,19 +1,31 @@
-"""AUTOMATA side by side: the same Optuna study (sampler, pruner, trials, seed) tuned on the full
-data, on random subsets and on gradient-matched subsets of the same fraction, each followed by the
-best configuration trained on the full data and tested. One `flwr run` simulation per row.
+"""AUTOMATA side by side, over tasks and seeds: the same Optuna study (sampler, pruner, trials)
+tuned on the full data, on random subsets and on gradient-matched subsets of the same fraction,
+each followed by the best configuration trained on the full data and tested. One `flwr run`
+simulation per (task, seed, row); the seed moves the data sample, the client partitions, the
+sampler and the model's initialisation together.
 
-    python -m benchmarks.tune_compare --out runs/tune [--fractions 0.1 0.3] [--set key=value ...]
+    python -m benchmarks.tune_compare --out runs/tune [--tasks sst2 rte] [--seeds 0 1 2]
+        [--fractions 0.1 0.3] [--selectors random gradmatch] [--set key=value ...]
+        [--task-set rte:max-length=128 ...] [--docs docs]
 
-Prints (and writes to OUT/tune_compare.md) tuning wall time, speed-up over full-data tuning,
-training steps, selection cost, pruned trials, best dev accuracy, final test accuracy and, for
-gradient matching, how far each selected subset's weighted proxy sum is from the full sum next to
-random subsets of the same size drawn on the same proxies.
+Writes ``<docs>/tuning.md`` / ``.json`` / ``tuning.png``: per task and row, tuning speed-up over
+full-data tuning and final test accuracy after retraining on the full data (mean ± sd over
+seeds), the paired difference gradmatch - random, and the selection quality (how far each selected
+subset's weighted proxy sum is from the full sum, next to random subsets of the same size drawn
+on the same proxies); the per-seed rows follow. A (task, seed, row) whose finished results.json
+is already in ``--out`` with the same request is read back, not rerun, so a study spread over
+several sessions picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
+import statistics
 from pathlib import Path
+from typing import Any
 
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.report import write_report
@@ -22,6 +34,7 @@ SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
 
 def summarise(name: str, results: dict) -> dict:
+    """One tuning run's costs, choice and outcome."""
     tuning = results["tuning"]
     rounds = [r for t in tuning["trials"] for r in t["rounds"]]
     selections = [q for r in rounds for q in r["selection_quality"]]
@@ -48,49 +61,247 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def table(rows: list[dict]) -> str:
-    full = rows[0]
-    lines = [
-        "| tuning data | tuning s | speed-up | steps | selection s | selection MiB | tuning MiB | pruned / failed | "
-        "best dev acc | final test acc | test acc vs full | proxy-sum error: gradmatch / random | best config |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        error = "-" if r["gradmatch_error"] is None else f"{r['gradmatch_error']:.3f} / {r['random_error']:.3f}"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())
-        lines.append(
-            f"| {r['run']} | {r['tuning_seconds']:.0f} | {full['tuning_seconds'] / r['tuning_seconds']:.2f}x | "
-            f"{r['steps']} | {r['selection_seconds']:.1f} | {r['selection_mib']:.1f} | {r['tuning_mib']:.0f} | "
-            f"{r['pruned']} / {r['failed']} of {r['trials']} | {r['best_dev']:.3f} | {r['test']:.3f} | "
-            f"{r['test'] - full['test']:+.3f} | {error} | {params} |"
+def rows_of(fractions: list[float], selectors: list[str]) -> list[tuple[str, str, float]]:
+    """(name, selector, fraction): full-data tuning first, then each selector at each fraction."""
+    return [("full", "full", 1.0)] + [(f"{sel} {f:.0%}", sel, f) for f in fractions for sel in selectors]
+
+
+def run_row(scenario: Path, overrides: list[str], run_dir: Path, supernodes: int) -> dict:
+    """The run's results: read back if ``run_dir`` holds a finished run of the same request, else run."""
+    request = {"scenario": scenario.read_text(), "overrides": overrides, "supernodes": supernodes}
+    done, asked = run_dir / "results.json", run_dir / "request.json"
+    if done.is_file() and asked.is_file() and json.loads(asked.read_text()) == request:
+        results = json.loads(done.read_text())
+        if results.get("status") == "finished":
+            return results
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # this benchmark's own folder of an unfinished or other run
+    run_dir.mkdir(parents=True)
+    asked.write_text(json.dumps(request))
+    return run_simulation(scenario, [*overrides, f"out-dir={run_dir}"], supernodes)
+
+
+def measure(
+    scenario: Path,
+    tasks: list[str],
+    seeds: list[int],
+    rows: list[tuple[str, str, float]],
+    out: Path,
+    supernodes: int,
+    sets: list[str],
+    task_sets: dict[str, list[str]] | None = None,
+) -> dict[str, dict[int, list[dict]]]:
+    """Per task and seed, each row's summary (the full row first, with ``speed_up`` over it);
+    ``task_sets`` adds one task's own overrides (a shorter max length, say)."""
+    study: dict[str, dict[int, list[dict]]] = {}
+    for task in tasks:
+        for seed in seeds:
+            found = []
+            for name, selector, fraction in rows:
+                overrides = [
+                    *sets,
+                    *(task_sets or {}).get(task, []),
+                    f"task={task}",
+                    f"seed={seed}",
+                    f"subset-selector={selector}",
+                    f"subset-fraction={fraction}",
+                ]
+                run_dir = out / task / f"s{seed}" / name.replace(" ", "_").replace("%", "pct")
+                found.append(summarise(name, run_row(scenario, overrides, run_dir, supernodes)))
+            for r in found:
+                r["speed_up"] = found[0]["tuning_seconds"] / r["tuning_seconds"]
+                r["test_vs_full"] = r["test"] - found[0]["test"]
+            study.setdefault(task, {})[seed] = found
+            print(f"[tune_compare] {task} seed {seed}: " + ", ".join(f"{r['run']} {r['test']:.3f}" for r in found))
+    return study
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], fmt: str = "{:.3f}") -> str:
+    m, sd = spread(values)
+    return fmt.format(m) + (" ± " + fmt.format(sd) if len(values) > 1 else "")
+
+
+def aggregate(study: dict[str, dict[int, list[dict]]]) -> dict[str, list[dict]]:
+    """Per task, one entry per row with its per-seed values gathered (selection errors averaged)."""
+    per_seed = ("speed_up", "tuning_seconds", "steps", "test", "test_vs_full", "best_dev", "pruned")
+    out: dict[str, list[dict]] = {}
+    for task, by_seed in study.items():
+        out[task] = []
+        for name in [r["run"] for r in next(iter(by_seed.values()))]:
+            runs = [next(r for r in found if r["run"] == name) for found in by_seed.values()]
+            entry: dict[str, Any] = {"run": name, **{key: [r[key] for r in runs] for key in per_seed}}
+            for key in ("gradmatch_error", "random_error"):
+                entry[key] = mean([r[key] for r in runs if r[key] is not None])
+            out[task].append(entry)
+    return out
+
+
+def paired_differences(study: dict[str, dict[int, list[dict]]], a: str, b: str) -> dict[str, dict[str, Any]]:
+    """Per task and fraction, final test of selector ``a`` minus ``b`` on the same seed: the
+    differences, their mean and its standard error."""
+    found: dict[str, dict[str, Any]] = {}
+    for task, by_seed in study.items():
+        for r in next(iter(by_seed.values())):
+            if not r["run"].startswith(a + " "):
+                continue
+            frac = r["run"].split(" ", 1)[1]
+            diffs = [
+                next(x["test"] for x in runs if x["run"] == f"{a} {frac}")
+                - next(x["test"] for x in runs if x["run"] == f"{b} {frac}")
+                for runs in by_seed.values()
+                if any(x["run"] == f"{b} {frac}" for x in runs)
+            ]
+            if diffs:
+                m, sd = spread(diffs)
+                found[f"{task} {frac}"] = {"diffs": diffs, "mean": m, "se": sd / math.sqrt(len(diffs))}
+    return found
+
+
+def verdict(diffs: dict[str, dict[str, Any]], a: str = "gradmatch", b: str = "random") -> str:
+    """Plainly: where ``a`` beats ``b`` on final test (paired mean more than two standard errors
+    above zero, over more than one seed), or that it does not anywhere."""
+    wins = [k for k, d in diffs.items() if len(d["diffs"]) > 1 and d["mean"] > 2 * d["se"] > 0]
+    listed = "; ".join(f"{k}: {100 * d['mean']:+.1f} ± {100 * d['se']:.1f}" for k, d in diffs.items())
+    if wins:
+        return (
+            f"{a} beats {b} on final test at {', '.join(wins)} (paired difference, points ± standard error: {listed})."
         )
+    return f"{a} does not beat {b} on final test anywhere here (paired difference, points ± standard error: {listed})."
+
+
+def table(agg: dict[str, list[dict]]) -> str:
+    """Mean ± sd over seeds per task and row."""
+    lines = [
+        "| task | tuning data | speed-up | tuning s | steps | final test acc | test vs full | best dev in tuning | "
+        "pruned | proxy-sum error: gradmatch / random |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, rows in agg.items():
+        for r in rows:
+            error = "-" if r["gradmatch_error"] is None else f"{r['gradmatch_error']:.3f} / {r['random_error']:.3f}"
+            lines.append(
+                f"| {task} | {r['run']} | {_cell(r['speed_up'], '{:.2f}')}x | {_cell(r['tuning_seconds'], '{:.0f}')} | "
+                f"{_cell(r['steps'], '{:.0f}')} | {_cell(r['test'])} | {_cell(r['test_vs_full'], '{:+.3f}')} | "
+                f"{_cell(r['best_dev'])} | {_cell(r['pruned'], '{:.1f}')} | {error} |"
+            )
     return "\n".join(lines)
 
 
-def main() -> None:
+def seed_table(study: dict[str, dict[int, list[dict]]]) -> str:
+    """Every run: its seed, cost, choice and final test."""
+    lines = [
+        "| task | seed | tuning data | tuning s | speed-up | selection s | selection MiB | pruned / failed | "
+        "best dev | final test | best config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, by_seed in study.items():
+        for seed, runs in by_seed.items():
+            for r in runs:
+                params = ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()
+                )
+                lines.append(
+                    f"| {task} | {seed} | {r['run']} | {r['tuning_seconds']:.0f} | {r['speed_up']:.2f}x | "
+                    f"{r['selection_seconds']:.1f} | {r['selection_mib']:.1f} | {r['pruned']} / {r['failed']} of "
+                    f"{r['trials']} | {r['best_dev']:.3f} | {r['test']:.3f} | {params} |"
+                )
+    return "\n".join(lines)
+
+
+def plot(agg: dict[str, list[dict]], path: Path) -> Path:
+    """Tuning speed-up against final test accuracy by selector, one panel per task (error bars: one
+    standard deviation over seeds; labels: the subset fraction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(agg), figsize=(5 * len(agg), 4), squeeze=False)
+    markers = {"full": "s", "random": "o", "gradmatch": "^"}
+    for ax, (task, rows) in zip(axes[0], agg.items()):
+        for selector in dict.fromkeys(r["run"].split(" ")[0] for r in rows):
+            mine = [r for r in rows if r["run"].split(" ")[0] == selector]
+            xs, ys = [spread(r["speed_up"]) for r in mine], [spread(r["test"]) for r in mine]
+            ax.errorbar(
+                [m for m, _ in xs],
+                [m for m, _ in ys],
+                xerr=[sd for _, sd in xs],
+                yerr=[sd for _, sd in ys],
+                fmt=markers.get(selector, "D"),
+                capsize=3,
+                label=selector,
+            )
+            for r, (x, _), (y, _) in zip(mine, xs, ys):
+                ax.annotate(r["run"].partition(" ")[2], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(task)
+        ax.set_xlabel("tuning speed-up over full data (x)")
+    axes[0][0].set_ylabel("final test accuracy (seed mean)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(study: dict[str, dict[int, list[dict]]], docs: Path, command: str) -> Path:
+    """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study."""
+    agg = aggregate(study)
+    docs.mkdir(parents=True, exist_ok=True)
+    png = plot(agg, docs / "tuning.png")
+    seeds = sorted({s for by_seed in study.values() for s in by_seed})
+    text = (
+        f"# Tuning on subsets over seeds\n\n`{command}` (seeds {', '.join(map(str, seeds))}; one `flwr run` per "
+        "task, seed and row). The full row tunes on all data; the others on subsets reselected every round; "
+        "each study's best configuration is then trained on the full data and tested. Speed-up: the full "
+        f"row's tuning wall time over the row's, on the same seed. Plot: `{png.name}`.\n\n"
+        f"{verdict(paired_differences(study, 'gradmatch', 'random'))}\n\n"
+        f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
+    )
+    md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg})
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--scenario", default=str(SCENARIO))
+    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--selectors", nargs="+", default=["random", "gradmatch"])
     parser.add_argument("--supernodes", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    out = Path(args.out).resolve()
-    runs = [("full", "full", 1.0)] + [
-        (f"{sel} {f:.0%}", sel, f) for f in args.fractions for sel in ("random", "gradmatch")
-    ]
-    rows = []
-    for name, selector, fraction in runs:
-        run_dir = out / name.replace(" ", "_").replace("%", "pct")
-        results = run_simulation(
-            Path(args.scenario),
-            [*args.set, f"out-dir={run_dir}", f"subset-selector={selector}", f"subset-fraction={fraction}"],
-            args.supernodes,
-        )
-        rows.append(summarise(name, results))
-        text = table(rows)
-        print(text, flush=True)
-        write_report(out / "tune_compare", text, rows)
+    parser.add_argument("--task-set", action="append", default=[], metavar="TASK:KEY=VALUE")
+    parser.add_argument("--docs", type=Path, help="where tuning.md / .json / .png go (default: --out)")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    task_sets: dict[str, list[str]] = {}
+    for item in args.task_set:
+        task, sep, pair = item.partition(":")
+        if not sep or "=" not in pair:
+            parser.error(f"--task-set {item!r}: expected TASK:KEY=VALUE")
+        task_sets.setdefault(task, []).append(pair)
+    study = measure(
+        Path(args.scenario),
+        args.tasks,
+        args.seeds,
+        rows_of(args.fractions, args.selectors),
+        out,
+        args.supernodes,
+        args.set,
+        task_sets,
+    )
+    command = "python -m benchmarks.tune_compare " + " ".join(
+        [f"--tasks {' '.join(args.tasks)}", f"--seeds {' '.join(map(str, args.seeds))}"]
+        + [f"--set {s}" for s in args.set]
+        + [f"--task-set {s}" for s in args.task_set]
+    )
+    print(f"[tune_compare] wrote {report(study, args.docs or out, command)}", flush=True)
 
 
 if __name__ == "__main__":

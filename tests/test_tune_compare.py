@@ -1,0 +1,81 @@
+"""The tuning study over seeds (benchmarks.tune_compare) on the tiny model, with the local runner in
+place of `flwr run`: every (task, seed, row) runs once and is read back after, the speed-ups are
+per seed, the paired gradmatch - random verdict follows the numbers, the report and plot are written."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import benchmarks.tune_compare as tune_compare
+from fl_app.config import make_config, read_scenario
+from fl_app.train import run
+
+SCENARIO = Path(__file__).resolve().parents[1] / "sim_configs" / "tune_tiny.toml"
+SMALL = ["tune-trials=2", "tune-rounds=2", "num-rounds=1", "n-train=64", "n-dev=16", "n-test=16", "eval-examples=16"]
+
+
+def local_simulation(scenario: Path, overrides: list[str], supernodes: int) -> dict:
+    """What `flwr run` would return, from the local runner (the same training loop)."""
+    keys = read_scenario(scenario)
+    keys.update(dict(o.split("=", 1) for o in overrides))
+    out = Path(keys.pop("out-dir"))
+    return run(make_config(keys), out)
+
+
+@pytest.mark.slow
+def test_study_over_seeds_runs_each_row_once_and_reports_spread(tmp_path, monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1])
+        return local_simulation(*args)
+
+    monkeypatch.setattr(tune_compare, "run_simulation", counted)
+    rows = tune_compare.rows_of([0.5], ["random", "gradmatch"])
+    args = (SCENARIO, ["sst2"], [0, 1], rows, tmp_path / "runs", 2, SMALL)
+    study = tune_compare.measure(*args)
+    assert len(calls) == 2 * 3 and {f"seed={s}" for s in (0, 1)} <= {o for c in calls for o in c}
+    for seed, found in study["sst2"].items():
+        assert [r["run"] for r in found] == ["full", "random 50%", "gradmatch 50%"]
+        assert found[0]["speed_up"] == 1.0 and found[0]["test_vs_full"] == 0.0
+        saved = json.loads((tmp_path / "runs" / "sst2" / f"s{seed}" / "gradmatch_50pct" / "results.json").read_text())
+        assert saved["config"]["seed"] == seed and saved["config"]["subset-selector"] == "gradmatch"
+        assert found[2]["test"] == saved["tuning"]["final"]["test_accuracy"]
+        assert found[2]["gradmatch_error"] is not None and found[1]["gradmatch_error"] is None
+
+    assert tune_compare.measure(*args) == study and len(calls) == 6  # read back, not rerun
+    tune_compare.measure(SCENARIO, ["sst2"], [0], rows[:1], tmp_path / "runs", 2, [*SMALL, "tune-trials=3"])
+    assert len(calls) == 7  # another request in the same folder runs again
+
+    agg = tune_compare.aggregate(study)
+    assert [r["test"] for r in agg["sst2"] if r["run"] == "random 50%"][0] == [
+        study["sst2"][s][1]["test"] for s in (0, 1)
+    ]
+    md = tune_compare.report(study, tmp_path / "docs", "python -m benchmarks.tune_compare --seeds 0 1")
+    text = md.read_text()
+    assert "| sst2 | gradmatch 50% |" in text and "±" in text and "Measured at commit" in text
+    assert (tmp_path / "docs" / "tuning.png").stat().st_size > 1000
+
+
+def _study(tests: dict[str, list[float]]) -> dict:
+    """A study of one task whose rows have the given final test accuracy per seed."""
+    by_seed = {}
+    for seed in range(len(tests["full"])):
+        by_seed[seed] = [
+            {"run": name, "test": acc[seed], "speed_up": 1.0, "tuning_seconds": 1.0, "steps": 1, "best_dev": 0.5,
+             "pruned": 0, "test_vs_full": 0.0, "gradmatch_error": None, "random_error": None}
+            for name, acc in tests.items()
+        ]  # fmt: skip
+    return {"sst2": by_seed}
+
+
+def test_verdict_says_gradmatch_wins_only_where_the_paired_difference_clears_two_standard_errors():
+    clear = _study({"full": [0.8] * 3, "random 10%": [0.70, 0.72, 0.71], "gradmatch 10%": [0.75, 0.78, 0.76]})
+    diffs = tune_compare.paired_differences(clear, "gradmatch", "random")
+    assert diffs["sst2 10%"]["diffs"] == pytest.approx([0.05, 0.06, 0.05])
+    assert tune_compare.verdict(diffs).startswith("gradmatch beats random on final test at sst2 10%")
+    noisy = _study({"full": [0.8] * 3, "random 10%": [0.70, 0.80, 0.71], "gradmatch 10%": [0.75, 0.72, 0.74]})
+    assert "does not beat" in tune_compare.verdict(tune_compare.paired_differences(noisy, "gradmatch", "random"))
+    one_seed = _study({"full": [0.8], "random 10%": [0.70], "gradmatch 10%": [0.90]})
+    assert "does not beat" in tune_compare.verdict(tune_compare.paired_differences(one_seed, "gradmatch", "random"))
