@@ -72,7 +72,7 @@ class ModelSettings:
     lora_targets: str = setting("", "lora-targets")  # comma-separated module names; "" = the family's default
     freeze_embeddings: bool = setting(False, "freeze-embeddings")  # the client trains its layers only
     # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
-    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/results.md)
+    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/client_dtype.md)
     client_dtype: str = setting("float32", "client-dtype", DTYPES)
     # where each side's weights, optimiser and forwards run: auto (CUDA, else MPS, else CPU), cpu, cuda,
     # cuda:<index>, mps; activations cross the stream as CPU tensors (see fl_app.devices)

@@ -1,0 +1,153 @@
+"""``docs/results.md``, assembled from the benchmark reports in ``docs/`` by one command.
+
+    python -m benchmarks.results [--docs docs]
+
+Every section is one benchmark's own report (``<stem>.md``, written with its ``.json`` by
+:func:`benchmarks.report.write_report`, stamped with its commit and machine) under the command
+that reproduces it, with its plots; the headline figures are computed here from the reports'
+JSON. A report that has not been written yet says so and names its command. Nothing in the file
+is typed by hand, so it is never edited directly: rerun a benchmark, then this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.tune_compare import paired_differences, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Section:
+    stem: str  # docs/<stem>.md and .json
+    title: str
+    command: str  # writes docs/<stem>.md
+
+
+SECTIONS = (
+    Section(
+        "accuracy",
+        "Six tasks, three modes, three seeds (all-MiniLM-L6-v2)",
+        "python -m benchmarks.accuracy --size full --jobs 2 --out runs/accuracy",
+    ),
+    Section(
+        "accuracy_smollm2",
+        "SmolLM2-135M with LoRA (SST-2, RTE, BoolQ)",
+        "python -m benchmarks.accuracy --size smollm2 --jobs 2 --out runs/accuracy",
+    ),
+    Section(
+        "tuning",
+        "AUTOMATA: tuning on subsets over seeds",
+        "python -m benchmarks.tune_compare --out runs/tune --tasks sst2 rte --seeds 0 1 2 "
+        "--task-set rte:max-length=128 --docs docs",
+    ),
+    Section(
+        "client_cost", "The ZO client step against its floor", "python -m benchmarks.client_cost --steps 4 --repeats 2"
+    ),
+    Section(
+        "client_dtype",
+        "Half-precision ZO client weights",
+        "python -m benchmarks.client_dtype --scenario sim_configs/sst2_minilm_full.toml --steps 3",
+    ),
+    Section("bytes", "Bytes per step and per round", "python -m benchmarks.bytes --out docs"),
+    Section("transport", "Step transport: stream against local runner", "python -m benchmarks.transport --out docs"),
+    Section(
+        "wire_dtype", "Half-precision activations on the wire", "python -m benchmarks.wire_dtype --out docs/wire_dtype"
+    ),
+    Section(
+        "server_batching",
+        "Server batching of perturbed activations",
+        "python -m benchmarks.server_batching --out docs/server_batching",
+    ),
+    Section("side_by_side", "Clients side by side on the cores", "python -m benchmarks.side_by_side"),
+    Section("cross_scoring", "Scoring perturbed activations across clients", "python -m benchmarks.cross_scoring"),
+    Section("frame_auth", "What sealing step-stream frames costs", "python -m benchmarks.frame_auth --repeats 30"),
+    Section("partitions", "Label-skewed partitions", "python -m benchmarks.partitions"),
+    Section(
+        "scaling", "Many-client scaling (1 to 1,024 clients)", "python -m benchmarks.scaling --size full --profile 20"
+    ),
+    Section("scaling_1k", "1,000 clients in one round", "python -m benchmarks.scaling --size 1k --profile 20"),
+    Section("scaling_10k", "10,000 clients, 10 % per round", "python -m benchmarks.scaling --size 10k"),
+)
+
+
+def _data(docs: Path, stem: str) -> Any | None:
+    path = docs / f"{stem}.json"
+    return json.loads(path.read_text())["data"] if path.is_file() else None
+
+
+def accuracy_headline(rows: dict[str, Any]) -> str:
+    """The range over tasks of hosl's gaps to fo-fo and zo-zo (seed means, points)."""
+
+    def mean(runs: list[dict]) -> float:
+        return sum(r["test"] for r in runs) / len(runs)
+
+    gaps = {
+        other: [100 * (mean(row["runs"]["hosl"]) - mean(row["runs"][other])) for row in rows.values()]
+        for other in ("fo-fo", "zo-zo")
+    }
+    seeds = max(len(row["runs"]["hosl"]) for row in rows.values())
+    return (
+        f"Over {len(rows)} task(s) and {seeds} seed(s), hosl - fo-fo is between {min(gaps['fo-fo']):+.1f} and "
+        f"{max(gaps['fo-fo']):+.1f} test-accuracy points and hosl - zo-zo between {min(gaps['zo-zo']):+.1f} and "
+        f"{max(gaps['zo-zo']):+.1f} (the HOSL paper, OPT at thousands of steps: -4.23 to -0.20 and up to +15.55)."
+    )
+
+
+def headlines(docs: Path) -> list[str]:
+    """One computed sentence per report that has a headline and exists."""
+    found = []
+    for stem in ("accuracy", "accuracy_smollm2"):
+        if (rows := _data(docs, stem)) is not None:
+            found.append(f"**{stem}**: {accuracy_headline(rows)}")
+    if (tuning := _data(docs, "tuning")) is not None:
+        found.append(f"**tuning**: {verdict(paired_differences(tuning['study'], 'gradmatch', 'random'))}")
+    return found
+
+
+def section_text(docs: Path, section: Section) -> str:
+    """The report under its title and command, headings one level down, its plots shown."""
+    md, js = docs / f"{section.stem}.md", docs / f"{section.stem}.json"
+    head = f"## {section.title}\n\n"
+    if not (md.is_file() and js.is_file()):
+        return head + f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`.\n"
+    lines = md.read_text().rstrip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    body = "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+    plots = [p for p in dict.fromkeys(re.findall(r"[\w.-]+\.png", body)) if (docs / p).is_file()]
+    shown = "".join(f"\n\n![{p}]({p})" for p in plots)
+    return head + f"Reproduce: `{section.command}` (report: `docs/{section.stem}.md`).\n\n{body}{shown}\n"
+
+
+def build(docs: Path) -> str:
+    """The whole of results.md for the reports in ``docs``."""
+    top = (
+        "# Measured results\n\n"
+        "Generated by `python -m benchmarks.results` from the benchmark reports in `docs/`: each section is one "
+        "benchmark's report, stamped with the commit and machine it ran on, under the command that reproduces "
+        "it. Do not edit this file; rerun a benchmark, then the generator. Seconds come from shared 2-core "
+        "machines and are indicative; the ratios inside each report were measured side by side in one run.\n"
+    )
+    found = headlines(docs)
+    summary = "\n## Headlines\n\n" + "\n".join(f"- {h}" for h in found) + "\n" if found else ""
+    return top + summary + "".join("\n" + section_text(docs, s) for s in SECTIONS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    path = args.docs / "results.md"
+    path.write_text(build(args.docs))
+    print(f"[results] wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""docs/results.md is what `python -m benchmarks.results` builds from the reports in docs/: each
+report under its command with its stamp and plots, headlines computed from the reports' JSON, and
+reports not written yet named as such."""
+
+from pathlib import Path
+
+from benchmarks.report import write_report
+from benchmarks.results import SECTIONS, build
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_shipped_results_md_is_the_generators_output():
+    assert (DOCS / "results.md").read_text() == build(DOCS), "docs/results.md is stale: python -m benchmarks.results"
+
+
+def test_sections_carry_their_report_stamp_plots_and_computed_headline(tmp_path):
+    rows = {
+        task: {
+            "runs": {
+                mode: [{"test": acc + 0.01 * s} for s in range(3)]
+                for mode, acc in {"zero-shot": 0.5, "fo-fo": fo, "hosl": hosl, "zo-zo": 0.55}.items()
+            }
+        }
+        for task, fo, hosl in (("sst2", 0.80, 0.78), ("rte", 0.60, 0.61))
+    }
+    write_report(tmp_path / "accuracy", "# Title\n\nBody, plot `accuracy_test.png`.\n\n## Sub\n\n| a |\n|---|", rows)
+    (tmp_path / "accuracy_test.png").write_bytes(b"png")
+    text = build(tmp_path)
+    assert "hosl - fo-fo is between -2.0 and +1.0" in text and "hosl - zo-zo between +6.0 and +23.0" in text
+    own = text[text.index("## " + SECTIONS[0].title) : text.index("## " + SECTIONS[1].title)]
+    assert f"Reproduce: `{SECTIONS[0].command}`" in own and "### Sub" in own and "# Title" not in own
+    assert "![accuracy_test.png](accuracy_test.png)" in own and "Measured at commit" in own
+    for section in SECTIONS[1:]:
+        assert f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`" in text
