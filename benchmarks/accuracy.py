@@ -36,6 +36,7 @@ from typing import Any
 
 from benchmarks.report import write_report
 from fl_app.config import Config, make_config
+from fl_app.scenario import sample_and_partition
 from fl_app.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,20 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "dev": dev[-1] if dev else None,
         "test": results["eval"]["test"]["accuracy"],
         "seconds": results.get("wall_seconds"),
+        "max_length": results.get("data", {}).get("max_length"),
         "truncated": results.get("data", {}).get("truncated", {}),
+        "client_mib": results["client"]["peak_memory_bytes"] / 2**20,
+        "step_seconds": results["client"]["seconds_per_step"],
+        "test_count": results["eval"]["test"]["count"],
     }
+
+
+def majority_accuracy(size: Size, task: str, seed: int) -> float:
+    """Test accuracy of always answering the training sample's most common label (no model)."""
+    splits, _ = sample_and_partition(scenario(size, task, "zero-shot", 0.0, seed))
+    labels = [ex.label for ex in splits["train"]]
+    common = max(set(labels), key=labels.count)
+    return sum(ex.label == common for ex in splits["test"]) / len(splits["test"])
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -219,6 +232,7 @@ def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
     for task in size.tasks:
         row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}, "sweep_runs": []}
         row["runs"]["zero-shot"] = [done[task, "zero-shot", 0.0, s] for s in size.seeds]
+        row["majority"] = [majority_accuracy(size, task, s) for s in size.seeds]
         for mode in MODES:
             lr = best[task, mode]
             row["sweep"][mode] = {f"{g:g}": done[task, mode, g, 0]["dev"] for g in size.grids[mode]}
@@ -237,18 +251,42 @@ def _all_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(rows: dict[str, Any]) -> str:
     """Test accuracy (mean +- sd over seeds) per task and mode, and hosl's gaps in points."""
-    head = "| task | zero-shot | fo-fo | hosl | zo-zo | hosl - fo-fo | hosl - zo-zo | lr fo-fo / hosl / zo-zo |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| task | majority class | zero-shot | fo-fo | hosl | zo-zo | hosl - fo-fo | hosl - zo-zo | "
+        "lr fo-fo / hosl / zo-zo |"
+    )
+    lines = [head, "|" + "---|" * 9]
     for task, row in rows.items():
         means = {mode: spread([r["test"] for r in runs]) for mode, runs in row["runs"].items()}
+        means["majority"] = spread(row["majority"])
         seeds = len(row["runs"]["hosl"])
         cells = [
             f"{100 * m:.1f} ± {100 * sd:.1f}" if seeds > 1 else f"{100 * m:.1f}"
-            for m, sd in (means[k] for k in ("zero-shot", *MODES))
+            for m, sd in (means[k] for k in ("majority", "zero-shot", *MODES))
         ]
         gaps = [100 * (means["hosl"][0] - means[other][0]) for other in ("fo-fo", "zo-zo")]
         lrs = " / ".join(f"{row['best_lr'][mode]:g}" for mode in MODES)
         lines.append(f"| {task} | {' | '.join(cells)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} | {lrs} |")
+    return "\n".join(lines)
+
+
+def cost_table(rows: dict[str, Any]) -> str:
+    """Per task: test examples, max length, truncated prompts per split (seed 0), and each mode's
+    client peak memory and seconds per step (seed means)."""
+    lines = [
+        "| task | test examples | max length | truncated train / dev / test | client peak MiB fo-fo / hosl / zo-zo "
+        "| client s/step fo-fo / hosl / zo-zo |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, row in rows.items():
+        first = row["runs"]["hosl"][0]
+        cut = first["truncated"]
+        mib = " / ".join(f"{statistics.fmean(r['client_mib'] for r in row['runs'][m]):.0f}" for m in MODES)
+        sec = " / ".join(f"{statistics.fmean(r['step_seconds'] for r in row['runs'][m]):.2f}" for m in MODES)
+        lines.append(
+            f"| {task} | {first['test_count']} | {first['max_length']} | "
+            f"{cut.get('train', 0)} / {cut.get('dev', 0)} / {cut.get('test', 0)} | {mib} | {sec} |"
+        )
     return "\n".join(lines)
 
 
@@ -327,13 +365,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{setup['client-params']} / server {setup['server-params']} parameters, cut after layer "
         f"{setup['cut-layer']}, one client; {size.rounds} rounds x {size.steps} steps of batch "
         f"{setup['batch-size']}, Q = {size.queries}, eps = {setup['zo-eps']:g}; {size.n_train} train / "
-        f"{size.n_dev} dev / {size.n_test} test examples (fewer where the task has fewer), each task at its "
-        f"default max length; seeds {', '.join(map(str, size.seeds))}. Server: Adam lr {setup['server-lr']:g} "
+        f"{size.n_dev} dev / {size.n_test} test examples (fewer where the task has fewer), max length as in the "
+        f"table below; seeds {', '.join(map(str, size.seeds))}. Server: Adam lr {setup['server-lr']:g} "
         "(fo-fo, hosl). Each mode's learning rate is the best final dev accuracy of its grid on seed 0 "
         "(ties: the smaller; zo-zo: one lr for both ZO sides); with one seed there is no spread to show. Plots: "
         + ", ".join(f"`{p.name}`" for p in plots)
         + ".\n\n## Test accuracy (%, mean ± sd over seeds)\n\n"
-        + f"Gaps in points; {PAPER}.\n\n{table(rows)}\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
+        + f"Gaps in points; {PAPER}. Majority class: always answering the training sample's most common label."
+        + f"\n\n{table(rows)}\n\n## Data and cost per step\n\n{cost_table(rows)}"
+        + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
         + "\n"
     )

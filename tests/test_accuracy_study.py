@@ -6,7 +6,7 @@ import json
 import pytest
 
 import benchmarks.accuracy as accuracy
-from benchmarks.accuracy import MODES, SIZES, Size, measure, plot, scenario, table
+from benchmarks.accuracy import MODES, SIZES, Size, cost_table, measure, plot, scenario, table
 
 TINY = Size(
     tasks=("rte",),
@@ -41,6 +41,10 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     for task in TINY.tasks:
         row = rows[task]
         assert len(row["runs"]["zero-shot"]) == len(TINY.seeds)
+        test_labels = [
+            ex.label for ex in accuracy.sample_and_partition(scenario(TINY, task, "hosl", 1e-4, 0))[0]["test"]
+        ]
+        assert row["majority"][0] in {test_labels.count(c) / len(test_labels) for c in set(test_labels)}
         for mode in MODES:
             sweep = row["sweep"][mode]
             assert set(sweep) == {f"{lr:g}" for lr in TINY.grids[mode]}
@@ -60,5 +64,8 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     assert measure(TINY, tmp_path / "runs") == rows
     text = table(rows)
     assert text.count("\n") == 1 + len(TINY.tasks) and "±" in text
+    hosl = rows["rte"]["runs"]["hosl"][0]
+    assert hosl["client_mib"] > 0 and hosl["step_seconds"] > 0 and hosl["max_length"] == 192  # rte's default
+    assert f"| rte | {hosl['test_count']} | 192 |" in cost_table(rows)
     paths = plot(rows, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
