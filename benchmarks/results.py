@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.tune_compare import paired_differences, verdict
+from benchmarks.tune_compare import verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ SECTIONS = (
         "tuning",
         "AUTOMATA: tuning on subsets over seeds",
         "python -m benchmarks.tune_compare --out runs/tune --tasks sst2 rte --seeds 0 1 2 "
-        "--task-set rte:max-length=128 --docs docs",
+        "--selectors random gradmatch gradmatch-pc --task-set rte:max-length=128 --docs docs",
     ),
     Section(
         "client_cost", "The ZO client step against its floor", "python -m benchmarks.client_cost --steps 4 --repeats 2"
@@ -107,7 +107,7 @@ def headlines(docs: Path) -> list[str]:
         if (rows := _data(docs, stem)) is not None:
             found.append(f"**{stem}**: {accuracy_headline(rows)}")
     if (tuning := _data(docs, "tuning")) is not None:
-        found.append(f"**tuning**: {verdict(paired_differences(tuning['study'], 'gradmatch', 'random'))}")
+        found += [f"**tuning**: {line}" for line in verdicts(tuning["study"])]
     return found
 
 

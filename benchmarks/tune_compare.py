@@ -222,7 +222,7 @@ def plot(agg: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(agg), figsize=(5 * len(agg), 4), squeeze=False)
-    markers = {"full": "s", "random": "o", "gradmatch": "^"}
+    markers = {"full": "s", "random": "o", "gradmatch": "^", "gradmatch-pc": "v"}
     for ax, (task, rows) in zip(axes[0], agg.items()):
         for selector in dict.fromkeys(r["run"].split(" ")[0] for r in rows):
             mine = [r for r in rows if r["run"].split(" ")[0] == selector]
@@ -248,6 +248,21 @@ def plot(agg: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def selectors_in(study: dict[str, dict[int, list[dict]]]) -> list[str]:
+    """The subset selectors a study ran, in order of first appearance (``full`` aside)."""
+    names = [r["run"] for by_seed in study.values() for runs in by_seed.values() for r in runs]
+    return [sel for sel in dict.fromkeys(name.split(" ")[0] for name in names) if sel != "full"]
+
+
+def verdicts(study: dict[str, dict[int, list[dict]]]) -> list[str]:
+    """Each GradMatch variant the study ran against random subsets, plainly."""
+    return [
+        verdict(paired_differences(study, sel, "random"), sel)
+        for sel in selectors_in(study)
+        if sel.startswith("gradmatch") and "random" in selectors_in(study)
+    ]
+
+
 def report(study: dict[str, dict[int, list[dict]]], docs: Path, command: str) -> Path:
     """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study."""
     agg = aggregate(study)
@@ -259,8 +274,8 @@ def report(study: dict[str, dict[int, list[dict]]], docs: Path, command: str) ->
         "task, seed and row). The full row tunes on all data; the others on subsets reselected every round; "
         "each study's best configuration is then trained on the full data and tested. Speed-up: the full "
         f"row's tuning wall time over the row's, on the same seed. Plot: `{png.name}`.\n\n"
-        f"{verdict(paired_differences(study, 'gradmatch', 'random'))}\n\n"
-        f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
+        + "".join(f"{line}\n\n" for line in verdicts(study))
+        + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
     md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg})
     return md
@@ -297,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         task_sets,
     )
     command = "python -m benchmarks.tune_compare " + " ".join(
-        [f"--tasks {' '.join(args.tasks)}", f"--seeds {' '.join(map(str, args.seeds))}"]
+        [
+            f"--tasks {' '.join(args.tasks)}",
+            f"--seeds {' '.join(map(str, args.seeds))}",
+            f"--fractions {' '.join(f'{f:g}' for f in args.fractions)}",
+            f"--selectors {' '.join(args.selectors)}",
+        ]
         + [f"--set {s}" for s in args.set]
         + [f"--task-set {s}" for s in args.task_set]
     )

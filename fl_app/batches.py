@@ -27,13 +27,24 @@ def fixed_batches(num_examples: int, batch_size: int, seed: int) -> list[list[in
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
 
-def step_weights(subset: Subset) -> list[float]:
+def step_weights(subset: Subset, labels: list[list[int]] | None = None) -> list[float] | list[tuple[float, ...]]:
     """Per-step loss weights w_i * b / sum(w): their mean is 1, so a pass over the subset trains on
-    sum(w * loss) / sum(w) at the learning rate of unweighted training."""
-    total = sum(subset.weights)
-    if not subset.weights or not total > 0:
-        raise ValueError(f"a subset needs positive weights, got {subset.weights}")
-    return [w * len(subset.weights) / total for w in subset.weights]
+    sum(w * loss) / sum(w) at the learning rate of unweighted training. Weights per class (one tuple
+    per step) are scaled alike, so that their mean over the subset's examples is 1; ``labels``
+    holds each selected batch's example labels."""
+    if not subset.per_class():
+        total = sum(subset.weights)
+        if not subset.weights or not total > 0:
+            raise ValueError(f"a subset needs positive weights, got {subset.weights}")
+        return [w * len(subset.weights) / total for w in subset.weights]
+    weights = subset.class_weights()
+    if labels is None or len(labels) != len(subset.batch_ids) or (weights < 0).any():
+        raise ValueError(f"per-class subset weights need non-negative weights and each batch's labels, got {labels}")
+    mass = sum(float(weights[k, y]) for k, batch in enumerate(labels) for y in batch)
+    if not mass > 0:
+        raise ValueError(f"a subset needs a positive weight on some example, got {subset.weights}")
+    scale = sum(len(batch) for batch in labels) / mass
+    return [tuple(float(w) * scale for w in row) for row in weights]
 
 
 class BatchStream:
@@ -65,19 +76,21 @@ class BatchStream:
 
 class SubsetStream:
     """Training batches over a selected subset as a pure function of the step index: each pass visits
-    every selected batch once, in a seeded order; returns (example indices, loss weight)."""
+    every selected batch once, in a seeded order; returns (example indices, loss weight or weights
+    per class). ``labels`` (each example's label) is needed for weights per class."""
 
-    def __init__(self, batches: list[list[int]], subset: Subset, seed: int):
+    def __init__(self, batches: list[list[int]], subset: Subset, seed: int, labels: list[int] | None = None):
         bad = [i for i in subset.batch_ids if not 0 <= i < len(batches)]
         if bad:
             raise ValueError(f"subset batch ids {bad} outside [0, {len(batches)}) (field 'subset-ids')")
         self.batches, self.subset, self.seed = batches, subset, seed
-        self.weights = step_weights(subset)
+        picked = None if labels is None else [[labels[i] for i in batches[b]] for b in subset.batch_ids]
+        self.weights = step_weights(subset, picked)
 
     def __len__(self) -> int:
         return len(self.subset.batch_ids)
 
-    def weighted_indices(self, step: int) -> tuple[list[int], float]:
+    def weighted_indices(self, step: int) -> tuple[list[int], float | tuple[float, ...]]:
         epoch, position = divmod(step, len(self))
         pick = epoch_order(len(self), self.seed, epoch)[position]
         return self.batches[self.subset.batch_ids[pick]], self.weights[pick]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,6 +77,15 @@ class ClientOptimConfig(OptimSettings):
             raise ValueError(f"zo-embedding-rows must be one of {EMBEDDING_ROWS}, got {self.zo_embedding_rows!r}")
         if self.hosl_feedback not in HOSL_FEEDBACK:
             raise ValueError(f"hosl-feedback must be one of {HOSL_FEEDBACK}, got {self.hosl_feedback!r}")
+
+
+def step_weighting(weight: float | Sequence[float]) -> tuple[float, dict]:
+    """(the factor the client applies to its own ZO estimate, the step request's weight fields): a
+    number weighs the whole batch on both sides; weights per class go to the server, whose losses
+    (and gradient) then carry them."""
+    if isinstance(weight, (int, float)):
+        return float(weight), {"weight": float(weight)}
+    return 1.0, {"weight": 1.0, "class_weights": [float(w) for w in weight]}
 
 
 @dataclass
@@ -164,11 +173,16 @@ class SplitClient:
             **labels,
         )
 
-    def train_step(self, batch: dict[str, torch.Tensor], link: Link, weight: float = 1.0) -> StepStats:
+    def train_step(
+        self, batch: dict[str, torch.Tensor], link: Link, weight: float | Sequence[float] = 1.0
+    ) -> StepStats:
         """One split step over ``link`` (one reply per step; ZO parts are streamed without replies).
 
-        ``weight`` scales this batch's loss on both sides (a GradMatch subset batch's weight).
+        ``weight`` scales this batch's loss on both sides (a GradMatch subset batch's weight); a
+        sequence weighs each example by its class's weight instead (``gradmatch-pc``): the server's
+        loss is then the weighted mean, which the client's update follows as it is.
         """
+        weighting = step_weighting(weight)
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         tokens = batch["input_ids"].numel()
@@ -181,12 +195,12 @@ class SplitClient:
             if self.zo is not None:
                 rows = self.step_rows(batch)
                 zo_step = self._zo_step_from_gradient if self.config.hosl_feedback == "gradient" else self._zo_step
-                loss, up, down, seeds, grads = zo_step(batch, link, weight, rows)
+                loss, up, down, seeds, grads = zo_step(batch, link, weighting, rows)
             elif self.params:
-                loss, up, down = self._fo_step(batch, link.exchange, weight)
+                loss, up, down = self._fo_step(batch, link.exchange, weighting)
                 seeds, grads = [], []
             else:
-                loss, up, down = self._frozen_step(batch, link.exchange, weight)
+                loss, up, down = self._frozen_step(batch, link.exchange, weighting)
                 seeds, grads = [], []
         if measure:
             known = resident + peak.transient_bytes
@@ -202,12 +216,12 @@ class SplitClient:
         return batch_rows(self.row_roles, self.params, batch["input_ids"])
 
     @torch.no_grad()
-    def _zo_step(self, batch, link: Link, weight: float, rows):
+    def _zo_step(self, batch, link: Link, weighting: tuple[float, dict], rows):
         """The clean activations are computed first; each perturbed one goes to the server as soon as it is
         computed (the client holds at most two); the clean request follows and its reply carries all 2Q
         losses. The restore of the last query shares the update's pass."""
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
-        meta = {"client": self.client_id, "step": self.steps}
+        meta = {"client": self.client_id, "step": self.steps, **weighting[1]}  # parts are scored as they come
         clean = self._forward(batch)
         up = 0
         head = {"attention_mask": batch["attention_mask"], **{k: batch[k] for k in LABEL_KEYS if k in batch}}
@@ -218,7 +232,7 @@ class SplitClient:
             up += len(part)
             del part
         try:
-            payload = self._request("zo", clean, batch, {"weight": weight}).to_bytes()
+            payload = self._request("zo", clean, batch, weighting[1]).to_bytes()
             del clean
             answer = link.exchange(payload)
             up += len(payload)
@@ -227,18 +241,18 @@ class SplitClient:
             self.zo.perturb(seeds[-1], +1.0, rows)  # leave the weights as they were before the step
             raise
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
-        grads = self.zo.finish(seeds, losses, rows, weight)  # restores the weights itself if the losses are bad
+        grads = self.zo.finish(seeds, losses, rows, weighting[0])  # restores the weights itself if the losses are bad
         return reply.clean_loss, up, len(answer), seeds, grads
 
     @torch.no_grad()
-    def _zo_step_from_gradient(self, batch, link: Link, weight: float, rows):
+    def _zo_step_from_gradient(self, batch, link: Link, weighting: tuple[float, dict], rows):
         """``hosl-feedback = gradient``: the clean activations go up as an FO step, whose reply carries
         dL/dh at the cut (the server trains its top as in any step); each query's loss difference is then
         <dL/dh, h+ - h->, equal to the server's l+ - l- up to O(eps^3), so no perturbed activation leaves
         the client: one upload and one download per step instead of 2Q + 1 uploads."""
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
         clean = self._forward(batch)
-        payload = self._request("fo", clean, batch, {"weight": weight}).to_bytes()
+        payload = self._request("fo", clean, batch, weighting[1]).to_bytes()
         answer = link.exchange(payload)
         reply = _with_cut_gradient(StepReply.from_bytes(answer), clean)
         grad = reply.grad.to(self.device, torch.float32).flatten()  # already scaled by the step's weight
@@ -249,9 +263,9 @@ class SplitClient:
         grads = self.zo.finish(seeds, losses, rows)
         return reply.clean_loss, len(payload), len(answer), seeds, grads
 
-    def _fo_step(self, batch, exchange, weight: float):
+    def _fo_step(self, batch, exchange, weighting: tuple[float, dict]):
         hidden = self._forward(batch)
-        payload = self._request("fo", hidden, batch, {"weight": weight}).to_bytes()
+        payload = self._request("fo", hidden, batch, weighting[1]).to_bytes()
         answer = exchange(payload)
         reply = _with_cut_gradient(StepReply.from_bytes(answer), hidden)
         if self.optimizer is not None:
@@ -262,16 +276,19 @@ class SplitClient:
         return reply.clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
-    def _frozen_step(self, batch, exchange, weight: float):
+    def _frozen_step(self, batch, exchange, weighting: tuple[float, dict]):
         """Nothing to train here: send the clean activations so the server can train."""
-        payload = self._request("frozen", self._forward(batch), batch, {"weight": weight}).to_bytes()
+        payload = self._request("frozen", self._forward(batch), batch, weighting[1]).to_bytes()
         answer = exchange(payload)
         return StepReply.from_bytes(answer).clean_loss, len(payload), len(answer)
 
     @torch.no_grad()
-    def select_subset(self, batches: Iterable[dict[str, torch.Tensor]], budget: int, seed: int, link: Link) -> Subset:
+    def select_subset(
+        self, batches: Iterable[dict[str, torch.Tensor]], budget: int, seed: int, link: Link, per_class: bool = False
+    ) -> Subset:
         """GradMatch through the server: send each batch's clean activations as a ``proxy`` step (the
-        server computes its last-layer gradient proxy; no raw data leaves), then ask for ``budget`` of them."""
+        server computes its last-layer gradient proxy; no raw data leaves), then ask for ``budget`` of
+        them; ``per_class``: GradMatch's per-class variant (weights per batch and class)."""
         count = 0
         for index, batch in enumerate(batches):
             StepReply.from_bytes(
@@ -279,14 +296,20 @@ class SplitClient:
             )
             count += 1
         reply = StepReply.from_bytes(
-            link.exchange(SelectRequest(budget, count, seed, {"client": self.client_id}).to_bytes())
+            link.exchange(
+                SelectRequest(budget, count, seed, {"client": self.client_id, "per_class": per_class}).to_bytes()
+            )
         )
-        if reply.batch_ids is None or reply.batch_weights is None or reply.batch_ids.shape != reply.batch_weights.shape:
-            raise ValueError("server's selection reply lacks matching 'batch_ids' and 'batch_weights'")
-        ids = reply.batch_ids.tolist()
+        ids, weights = reply.batch_ids, reply.batch_weights
+        if ids is None or weights is None or weights.shape[:1] != ids.shape or weights.ndim != 1 + per_class:
+            raise ValueError(
+                "server's selection reply lacks matching 'batch_ids' and 'batch_weights' "
+                f"(one weight per batch{' and class' if per_class else ''})"
+            )
+        ids = ids.tolist()
         if not ids or len(ids) > budget or len(set(ids)) != len(ids) or not all(0 <= i < count for i in ids):
             raise ValueError(f"server selected batch ids {ids} for a budget of {budget} of {count} batches")
-        return Subset(ids, reply.batch_weights.tolist())
+        return Subset(ids, weights.flatten().tolist())
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], link: Link) -> dict[str, float]:

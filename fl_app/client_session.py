@@ -365,7 +365,11 @@ def _training_source(
     subset, selection = _choose_subset(
         client, [[examples[i] for i in b] for b in batches], encoder, budget, plan, state, round_seed, link
     )
-    source = SubsetStream(batches, subset, round_seed) if subset else BatchStream(encoder, examples, batch_size, seed)
+    source = (
+        SubsetStream(batches, subset, round_seed, [ex.label for ex in examples])
+        if subset
+        else BatchStream(encoder, examples, batch_size, seed)
+    )
     first = 0 if subset else client.steps
     per_pass = budget if plan == "warm" else len(source)
     steps = (
@@ -388,8 +392,9 @@ def _choose_subset(
 ) -> tuple[Subset | None, dict[str, float]]:
     """The subset of ``batches`` this session trains on (None: full data) and what choosing it cost."""
     started, up, down = time.perf_counter(), link.bytes_up, link.bytes_down
-    if plan == "gradmatch":
-        subset = client.select_subset((encoder(batch) for batch in batches), budget, seed, link)
+    if plan in ("gradmatch", "gradmatch-pc"):
+        per_class = plan == "gradmatch-pc"
+        subset = client.select_subset((encoder(batch) for batch in batches), budget, seed, link, per_class)
     elif plan == "random":
         subset = select_batches("random", None, len(batches), budget, torch.Generator().manual_seed(seed))
     elif plan == "keep":

@@ -32,7 +32,7 @@ DIRECTIONS = ("gaussian", "rademacher")  # ZO perturbation directions
 EMBEDDING_ROWS = ("batch", "all")  # which embedding rows a ZO client perturbs
 HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 OPTIMIZERS = ("sgd", "adam")
-SELECTORS = ("full", "random", "gradmatch")  # data subsets (AUTOMATA)
+SELECTORS = ("full", "random", "gradmatch", "gradmatch-pc")  # data subsets (AUTOMATA; -pc: per class)
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # server-device / client-device (fl_app.devices)
 
 POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
@@ -157,7 +157,9 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class SubsetSettings:
-    selector: str = setting("full", "subset-selector", SELECTORS)  # full data, or random / gradmatch subsets
+    selector: str = setting(
+        "full", "subset-selector", SELECTORS
+    )  # full data, or random / gradmatch (per class) subsets
     fraction: float = setting(0.1, "subset-fraction", check=FRACTION)  # of each client's batches
     reselect_every: int = setting(1, "subset-reselect-every", check=POSITIVE)  # rounds between selections
     warm_start: float = setting(0.0, "subset-warm-start", check=BELOW_ONE)  # kappa: share of rounds on full data first

@@ -260,6 +260,21 @@ def step_weight(req: StepRequest) -> float:
     return float(weight)
 
 
+def class_weights(req: StepRequest) -> list[float] | None:
+    """The request's per-class loss weights (``meta['class_weights']``, ``gradmatch-pc`` subsets) or
+    None: finite numbers in [0, MAX_STEP_WEIGHT], one per class, positive for some example's label."""
+    weights = req.meta.get("class_weights")
+    if weights is None:
+        return None
+    _expect(
+        isinstance(weights, list)
+        and weights
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= MAX_STEP_WEIGHT for w in weights),
+        f"field 'class_weights' is {weights!r}, expected a list of numbers in [0, {MAX_STEP_WEIGHT:g}], one per class",
+    )
+    return [float(w) for w in weights]
+
+
 def validate_request(
     req: StepRequest,
     hidden_size: int,
@@ -341,6 +356,16 @@ def validate_request(
         _expect(
             bool(((labels >= 0) & (labels < classes)).all()),
             f"field 'labels' has values {labels.tolist()} outside [0, {classes})",
+        )
+    weights = class_weights(req)
+    if weights is not None:
+        _expect(
+            classes is None or len(weights) == classes,
+            f"field 'class_weights' has {len(weights)} weights, expected one per class ({classes})",
+        )
+        _expect(
+            int(labels.max()) < len(weights) and sum(weights[int(y)] for y in labels) > 0,
+            f"field 'class_weights' {weights} gives no weight to this batch's labels {sorted(set(labels.tolist()))}",
         )
     if req.perturbed is not None:
         pert = req.perturbed

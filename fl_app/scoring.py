@@ -64,6 +64,13 @@ def scores_and_features(
     return (sums / counts).view(batch_size, -1), features
 
 
-def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the class scores."""
-    return F.cross_entropy(scores, labels)
+def classification_loss(
+    scores: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross entropy over the class scores; with ``class_weights`` [C], each example's term is
+    weighted by its label's weight (still divided by the batch size)."""
+    if class_weights is None:
+        return F.cross_entropy(scores, labels)
+    return (
+        class_weights.to(scores.device, torch.float32)[labels] * F.cross_entropy(scores, labels, reduction="none")
+    ).mean()

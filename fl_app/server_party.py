@@ -18,13 +18,14 @@ from fl_app.protocol import (
     SelectRequest,
     StepReply,
     StepRequest,
+    class_weights,
     decode_frame,
     step_weight,
     validate_part,
     validate_request,
 )
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
-from fl_app.subset import last_layer_proxy, select_batches, selection_quality
+from fl_app.subset import class_parts, select_batches, selection_quality
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
@@ -228,6 +229,8 @@ class SplitServer:
             mine, theirs = getattr(pending.head, name), getattr(frame, name)  # on the device / as decoded
             if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine.cpu(), theirs)):
                 raise ProtocolError(f"field '{name}' of the step differs from the one its perturbed parts announced")
+        if class_weights(frame) != class_weights(pending.head):
+            raise ProtocolError("field 'class_weights' of the step differs from the one its perturbed parts announced")
         if tuple(frame.clean.shape) != tuple(pending.head.clean.shape):
             raise ProtocolError(
                 f"field 'clean' has shape {list(frame.clean.shape)}, but the step's perturbed parts "
@@ -317,7 +320,8 @@ class SplitServer:
         self.proxies.pop(key, None)
 
     def select(self, req: SelectRequest, key: str) -> StepReply:
-        """GradMatch over the proxies this session sent for batches 0..num_batches-1; forgets them."""
+        """GradMatch (per class with ``meta['per_class']``) over the proxies this session sent for
+        batches 0..num_batches-1; forgets them."""
         proxies = self.proxies.pop(key, {})
         missing = sorted(set(range(req.num_batches)) - set(proxies))
         if missing or len(proxies) != req.num_batches:
@@ -325,15 +329,24 @@ class SplitServer:
                 f"select request for {req.num_batches} batches, but proxies arrived for batches "
                 f"{sorted(proxies)[:10]} (missing {missing[:10]})"
             )
-        stacked = torch.stack([proxies[i] for i in range(req.num_batches)])
+        per_class = req.meta.get("per_class", False)
+        if not isinstance(per_class, bool):
+            raise ProtocolError(f"field 'per_class' of a select request is {per_class!r}, expected true or false")
+        parts = torch.stack([proxies[i] for i in range(req.num_batches)])  # [batches, C, d]
+        rows = parts if per_class else parts.sum(1)
         subset = select_batches(
-            "gradmatch", stacked, req.num_batches, req.budget, torch.Generator().manual_seed(req.seed)
+            "gradmatch-pc" if per_class else "gradmatch",
+            rows,
+            req.num_batches,
+            req.budget,
+            torch.Generator().manual_seed(req.seed),
         )
-        self.selections.append(selection_quality(stacked, subset, req.seed))
+        self.selections.append(selection_quality(rows, subset, req.seed))
+        weights = subset.class_weights()
         return StepReply(
             clean_loss=0.0,
             batch_ids=torch.tensor(subset.batch_ids),
-            batch_weights=torch.tensor(subset.weights, dtype=torch.float64),
+            batch_weights=weights if per_class else weights[:, 0],
         )
 
     def _scores(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
@@ -342,7 +355,7 @@ class SplitServer:
         )
 
     def _loss(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
-        return classification_loss(self._scores(hidden, req), req.labels)
+        return classification_loss(self._scores(hidden, req), req.labels, _class_weights(req))
 
     def score_perturbed(self, req: StepRequest, perturbed: torch.Tensor) -> torch.Tensor:
         """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch."""
@@ -387,7 +400,7 @@ class SplitServer:
         out, start = [], 0
         for head in heads:
             end = start + head.labels.shape[0]
-            out.append(classification_loss(scores[start:end], head.labels))
+            out.append(classification_loss(scores[start:end], head.labels, _class_weights(head)))
             start = end
         return out
 
@@ -409,8 +422,8 @@ class SplitServer:
                     self.top, clean, req.attention_mask, req.score_ids, req.target_ids, batch_size=req.labels.shape[0]
                 )
                 loss = classification_loss(scores, req.labels)
-            proxy = last_layer_proxy(features, scores, req.labels).cpu()  # selection runs on the CPU
-            self.proxies.setdefault(key, {})[int(req.meta["batch"])] = proxy
+            parts = class_parts(features, scores, req.labels)  # on the CPU, where selection runs
+            self.proxies.setdefault(key, {})[int(req.meta["batch"])] = parts
             self._check_buffers(key)  # past a limit the session fails, and failing discards its buffers
             correct = int((scores.argmax(1) == req.labels).sum())
             return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
@@ -457,3 +470,9 @@ class SplitServer:
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
         self.zo.step(seeds, lambda: float(self._loss(clean, req)), weight=step_weight(req))
         return loss
+
+
+def _class_weights(req: StepRequest) -> torch.Tensor | None:
+    """The request's per-class loss weights as a tensor (None: the plain mean)."""
+    weights = class_weights(req)
+    return None if weights is None else torch.tensor(weights)

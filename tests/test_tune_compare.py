@@ -79,3 +79,17 @@ def test_verdict_says_gradmatch_wins_only_where_the_paired_difference_clears_two
     assert "does not beat" in tune_compare.verdict(tune_compare.paired_differences(noisy, "gradmatch", "random"))
     one_seed = _study({"full": [0.8], "random 10%": [0.70], "gradmatch 10%": [0.90]})
     assert "does not beat" in tune_compare.verdict(tune_compare.paired_differences(one_seed, "gradmatch", "random"))
+
+
+def test_each_gradmatch_variant_gets_its_own_verdict_against_random():
+    study = _study(
+        {
+            "full": [0.8] * 3,
+            "random 10%": [0.70, 0.72, 0.71],
+            "gradmatch 10%": [0.70, 0.72, 0.71],
+            "gradmatch-pc 10%": [0.75, 0.78, 0.76],
+        }
+    )
+    assert tune_compare.selectors_in(study) == ["random", "gradmatch", "gradmatch-pc"]
+    lines = tune_compare.verdicts(study)
+    assert lines[0].startswith("gradmatch does not beat random") and lines[1].startswith("gradmatch-pc beats random")

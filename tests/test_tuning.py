@@ -14,7 +14,7 @@ from fl_app.batches import SubsetStream, fixed_batches, step_weights
 from fl_app.client_session import run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
-from fl_app.protocol import ProtocolError, SelectRequest, StepReply, StepRequest
+from fl_app.protocol import PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
 from fl_app.subset import Subset, round_plan
 from fl_app.train import InProcessFederation
@@ -45,6 +45,7 @@ def test_round_plan_schedules_warm_start_selection_and_reuse():
     plans = [round_plan("gradmatch", r, 2, 1) for r in range(1, 7)]
     assert plans == ["warm", "gradmatch", "keep", "gradmatch", "keep", "gradmatch"]
     assert [round_plan("gradmatch", r, 1, 0) for r in (1, 2)] == ["random", "gradmatch"]  # first subset is random
+    assert [round_plan("gradmatch-pc", r, 1, 0) for r in (1, 2)] == ["random", "gradmatch-pc"]
     assert [round_plan("random", r, 3, 0) for r in (1, 2, 4)] == ["random", "keep", "random"]
     assert round_plan("full", 5, 1, 2) == "full"
     with pytest.raises(ValueError, match="subset-selector"):
@@ -67,7 +68,8 @@ def test_subset_stream_visits_each_selected_batch_once_per_pass_with_mean_weight
 
 def test_server_proxy_is_the_classifier_gradient_for_an_encoder():
     """The proxy the server computes from a client's activations equals autograd's gradient of the
-    mean cross-entropy w.r.t. the classifier's weight and bias."""
+    mean cross-entropy w.r.t. the classifier's weight and bias, split by class: class c's part is
+    the gradient of the batch's class-c loss terms (over the batch size)."""
     bottom, top = split_model(tiny_model("bert"), 2)
     server = build_server(make_config({"model": "tiny-bert", "mode": "hosl"}), top, 3)
     gen = torch.Generator().manual_seed(0)
@@ -81,7 +83,13 @@ def test_server_proxy_is_the_classifier_gradient_for_an_encoder():
     top.zero_grad()
     torch.nn.functional.cross_entropy(top(hidden, mask), labels).backward()
     expected = torch.cat([head.weight.grad, head.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
-    assert torch.allclose(server.proxies["s"][0], expected, atol=1e-6)
+    parts = server.proxies["s"][0]
+    assert parts.shape[0] == 3 and torch.allclose(parts.sum(0), expected, atol=1e-6)
+    top.zero_grad()
+    terms = torch.nn.functional.cross_entropy(top(hidden, mask), labels, reduction="none")
+    (terms[labels == 2].sum() / len(labels)).backward()
+    expected = torch.cat([head.weight.grad, head.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
+    assert torch.allclose(parts[2], expected, atol=1e-6)
 
 
 def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
@@ -135,13 +143,15 @@ def test_bad_step_weight_is_rejected_naming_the_field(weight):
         server.handle(req)
 
 
-def test_step_weight_scales_both_sides_updates():
-    """A step of weight 2 moves the FO server (SGD) and the ZO client exactly twice as far as weight 1."""
+@pytest.mark.parametrize("double", [2.0, (2.0, 2.0)], ids=["batch weight", "class weights"])
+def test_step_weight_scales_both_sides_updates(double):
+    """A step of weight 2 moves the FO server (SGD) and the ZO client exactly twice as far as weight 1;
+    so do class weights of 2 for every class (the streamed perturbed losses carry them)."""
     from fl_app.local_transport import InProcessLink
 
     cfg = config(**{"server-optimizer": "sgd"})
     moves = {}
-    for weight in (1.0, 2.0):
+    for weight in (1.0, double):
         loaded, bottom, top = load_split(cfg)
         data = load_task_data(cfg, loaded)
         server, client = build_server(cfg, top, 2), build_client(cfg, bottom, 0)
@@ -154,21 +164,73 @@ def test_step_weight_scales_both_sides_updates():
             stats.projected_grads,
         )
     for side in (0, 1):
-        for one, two in zip(moves[1.0][side], moves[2.0][side]):
+        for one, two in zip(moves[1.0][side], moves[double][side]):
             assert torch.allclose(two, 2 * one, atol=1e-6, rtol=1e-4)
-    assert moves[2.0][2] == pytest.approx([2 * g for g in moves[1.0][2]])
+    # (l+ - l-) / 2 eps of losses weighted on the server: float32 rounding, amplified by 1 / eps
+    assert moves[double][2] == pytest.approx([2 * g for g in moves[1.0][2]], rel=1e-4)
 
 
-def test_gradmatch_session_selects_through_the_server_then_keeps_its_subset(coord):
-    c = coord(**{"subset-selector": "gradmatch"})
-    session, message = c.open(0, 1, {"subset": "gradmatch"})
+def _frozen_request(top, meta: dict, kind: str = "frozen") -> StepRequest:
+    gen = torch.Generator().manual_seed(1)
+    return StepRequest(
+        kind,
+        torch.randn(3, 5, top.hidden_size, generator=gen),
+        torch.ones(3, 5, dtype=torch.long),
+        torch.tensor([0, 1, 1]),
+        score_ids=torch.tensor([[5, 6]] * 3),
+        meta=meta,
+    )
+
+
+def test_class_weights_weigh_each_examples_loss_by_its_label():
+    def fresh():
+        return build_server(config(), load_split(config())[2], 2)  # the same starting top each time
+
+    server, req = fresh(), _frozen_request(fresh().top, {})
+    with torch.no_grad():
+        terms = torch.nn.functional.cross_entropy(server._scores(req.clean, req), req.labels, reduction="none")
+    plain = fresh().handle(_frozen_request(server.top, {}))
+    weighted = fresh().handle(_frozen_request(server.top, {"class_weights": [1.0, 3.0]}))
+    assert plain.clean_loss == pytest.approx(float(terms.mean()), rel=1e-5)
+    assert weighted.clean_loss == pytest.approx(float((torch.tensor([1.0, 3.0, 3.0]) * terms).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("weights", [[-1.0, 1.0], [1.0], [1.0, 0.0, 1.0], [0.0, 0.0], ["1", 1.0], "x", [1e9, 1.0]])
+def test_bad_class_weights_are_rejected_naming_the_field(weights):
+    loaded, bottom, top = load_split(config())
+    server = build_server(config(), top, 2)
+    with pytest.raises(ProtocolError, match="field 'class_weights'"):
+        server.handle(_frozen_request(top, {"class_weights": weights}))
+
+
+def test_step_whose_class_weights_differ_from_its_streamed_parts_is_refused():
+    loaded, bottom, top = load_split(config())
+    server = build_server(config(), top, 2)
+    req = _frozen_request(top, {"class_weights": [1.0, 1.0]}, kind="zo")
+    part = PerturbedPart(
+        torch.stack([req.clean, req.clean]), dict(req.meta), req.attention_mask, req.labels, req.score_ids
+    )
+    assert server.handle_bytes(part.to_bytes(), "s") is None  # scored as it came
+    with pytest.raises(ProtocolError, match="field 'class_weights' of the step differs"):
+        server.handle_bytes(_frozen_request(top, {"class_weights": [1.0, 2.0]}, kind="zo").to_bytes(), "s")
+
+
+@pytest.mark.parametrize("selector", ["gradmatch", "gradmatch-pc"])
+def test_gradmatch_session_selects_through_the_server_then_keeps_its_subset(coord, selector):
+    c = coord(**{"subset-selector": selector})
+    session, message = c.open(0, 1, {"subset": selector})
     report, state = run_session(c.config, 0, 2, None, message)
     assert c.finish_train(session, report)
     budget = math.ceil(0.25 * 64 / 8)  # 64 examples per client, batch 8
     assert 1 <= report["subset-batches"] <= budget and report["steps"] == report["subset-batches"]
     assert report["selection-bytes-up"] > 0 and report["selection-bytes-down"] > 0 and report["selection-seconds"] > 0
     assert report["bytes-up"] > report["selection-bytes-up"]  # selection cost is inside the session's totals
-    assert state.subset_ids and min(state.subset_weights) > 0 and not c.server.proxies
+    assert state.subset_ids and not c.server.proxies
+    if selector == "gradmatch":
+        assert min(state.subset_weights) > 0 and len(state.subset_weights) == len(state.subset_ids)
+    else:  # a weight per batch and class (2 classes), some class of every batch weighted
+        weights = torch.tensor(state.subset_weights).reshape(len(state.subset_ids), 2)
+        assert (weights >= 0).all() and (weights.sum(1) > 0).all()
     session, message = c.open(0, 2, {"subset": "keep"})
     report2, state2 = run_session(c.config, 0, 2, state, message)
     assert c.finish_train(session, report2)
