@@ -157,9 +157,8 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class SubsetSettings:
-    selector: str = setting(
-        "full", "subset-selector", SELECTORS
-    )  # full data, or random / gradmatch (per class) subsets
+    # full data, or random / gradmatch / per-class gradmatch subsets
+    selector: str = setting("full", "subset-selector", SELECTORS)
     fraction: float = setting(0.1, "subset-fraction", check=FRACTION)  # of each client's batches
     reselect_every: int = setting(1, "subset-reselect-every", check=POSITIVE)  # rounds between selections
     warm_start: float = setting(0.0, "subset-warm-start", check=BELOW_ONE)  # kappa: share of rounds on full data first

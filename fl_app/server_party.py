@@ -172,7 +172,7 @@ class SplitServer:
         self.limits = limits  # None: unbounded (build_server always passes the config's)
         self.steps = 0
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
-        self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch proxies per session and batch
+        self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch class parts [C, d] per session and batch
         self.selections: list[dict[str, float]] = []  # per GradMatch selection: its error vs random subsets'
         if config.order == "fo":
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
