@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import write_report
+from benchmarks.report import spread, write_report
 from fl_app.config import Config, make_config
 from fl_app.scenario import sample_and_partition
 from fl_app.train import run
@@ -181,11 +181,6 @@ def majority_accuracy(size: Size, task: str, seed: int) -> float:
     labels = [ex.label for ex in splits["train"]]
     common = max(set(labels), key=labels.count)
     return sum(ex.label == common for ex in splits["test"]) / len(splits["test"])
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation; 0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _run_dir(out: Path, task: str, mode: str, lr: float, seed: int) -> Path:

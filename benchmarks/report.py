@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -34,3 +35,8 @@ def write_report(stem: Path | str, markdown: str, data: Any) -> tuple[Path, Path
     md.write_text(f"{markdown.rstrip()}\n\nMeasured at {line}.\n")
     js.write_text(json.dumps({"provenance": stamp, "data": data}, indent=2, default=float))
     return md, js
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value) of results over seeds."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -23,12 +23,11 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any
 
 from benchmarks.flower_sim import ROOT, run_simulation
-from benchmarks.report import write_report
+from benchmarks.report import spread, write_report
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -114,11 +113,6 @@ def measure(
             study.setdefault(task, {})[seed] = found
             print(f"[tune_compare] {task} seed {seed}: " + ", ".join(f"{r['run']} {r['test']:.3f}" for r in found))
     return study
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation; 0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _cell(values: list[float], fmt: str = "{:.3f}") -> str:
