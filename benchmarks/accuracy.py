@@ -145,15 +145,23 @@ def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
     return make_config(keys)
 
 
+def finished(config: Config, out: Path) -> dict[str, Any] | None:
+    """The results in ``out`` if a run of ``config`` finished there, else None."""
+    done = out / "results.json"
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text())
+    expected = json.loads(json.dumps(dict(config.updated({"out-dir": str(out)}))))
+    return saved if saved.get("status") == "finished" and saved.get("config") == expected else None
+
+
 def run_once(config: Config, out: Path) -> dict[str, Any]:
     """The run's results: read from ``out`` if it already finished with this config, else run it."""
-    config = config.updated({"out-dir": str(out)})
-    done = out / "results.json"
-    if done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.get("status") == "finished" and saved.get("config") == json.loads(json.dumps(dict(config))):
-            return saved
+    if (saved := finished(config, out)) is not None:
+        return saved
+    if out.exists():
         shutil.rmtree(out)  # this benchmark's own folder of an unfinished or other run
+    config = config.updated({"out-dir": str(out)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # truncation counts are recorded in results.json
         return run(config, out)
@@ -187,9 +195,14 @@ def _run_dir(out: Path, task: str, mode: str, lr: float, seed: int) -> Path:
     return out / task / mode / (f"s{seed}" if mode == "zero-shot" else f"lr{lr:g}/s{seed}")
 
 
-def _one_run(size: Size, out: Path, key: tuple[str, str, float, int]) -> dict[str, Any]:
-    """One run's summary (read back if finished); ``key`` is (task, mode, learning rate, seed)."""
-    return summary(run_once(scenario(size, *key), _run_dir(out, *key)))
+def _one_run(size: Size, out: Path, key: tuple[str, str, float, int], run_missing: bool = True) -> dict | None:
+    """One run's summary (read back if finished; None if not and ``run_missing`` is off); ``key`` is
+    (task, mode, learning rate, seed)."""
+    config, path = scenario(size, *key), _run_dir(out, *key)
+    if not run_missing:
+        saved = finished(config, path)
+        return None if saved is None else summary(saved)
+    return summary(run_once(config, path))
 
 
 def _one_thread() -> None:
@@ -200,9 +213,12 @@ def _one_thread() -> None:
 
 def _run_all(size: Size, out: Path, keys: list[tuple[str, str, float, int]], jobs: int) -> dict[tuple, Any]:
     """Every run of ``keys``, in this process or in ``jobs`` worker processes of one torch thread each
-    (on a CPU, two one-thread runs side by side finish sooner than two two-thread runs in a row: the
-    ZO directions are drawn on one core)."""
-    if jobs <= 1:
+    (the ZO directions are drawn on one core: on 2 cores, two one-thread SST-2 hosl runs side by side
+    took 2.5 s/step each, one two-thread run 1.65 s/step, so about 1.3x the throughput); ``jobs = 0``
+    runs nothing and gives None for each run that has not finished."""
+    if jobs <= 0:
+        return {key: _one_run(size, out, key, run_missing=False) for key in keys}
+    if jobs == 1:
         return {key: _one_run(size, out, key) for key in keys}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
@@ -212,19 +228,21 @@ def _run_all(size: Size, out: Path, keys: list[tuple[str, str, float, int]], job
 
 def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
     """Every run of a size: zero-shot and the learning-rate sweep (seed 0), then each mode on every
-    other seed at its best; ``jobs`` runs at a time."""
+    other seed at its best; ``jobs`` runs at a time. ``jobs = 0`` runs nothing: only the tasks whose
+    runs have all finished are in the result."""
     first = [(t, "zero-shot", 0.0, s) for t in size.tasks for s in size.seeds]
     first += [(t, mode, lr, 0) for t in size.tasks for mode in MODES for lr in size.grids[mode]]
     done = _run_all(size, out, first, jobs)
+    swept = [t for t in size.tasks if all(r is not None for k, r in done.items() if k[0] == t)]
     best = {
         (t, mode): max(size.grids[mode], key=lambda lr: done[t, mode, lr, 0]["dev"] or -1.0)
-        for t in size.tasks
+        for t in swept
         for mode in MODES
     }
     rest = [(t, mode, lr, s) for (t, mode), lr in best.items() for s in size.seeds if s != 0]
     done.update(_run_all(size, out, rest, jobs))
     rows: dict[str, Any] = {}
-    for task in size.tasks:
+    for task in [t for t in swept if all(r is not None for k, r in done.items() if k[0] == t)]:
         row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}, "sweep_runs": []}
         row["runs"]["zero-shot"] = [done[task, "zero-shot", 0.0, s] for s in size.seeds]
         row["majority"] = [majority_accuracy(size, task, s) for s in size.seeds]
@@ -342,11 +360,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: report the tasks whose runs have all finished"
+    )
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     stem = "accuracy" if args.size in ("quick", "full") else f"accuracy_{args.size}"
+    command = f"python -m benchmarks.accuracy --size {args.size}"
     started = time.perf_counter()
-    rows = measure(size, args.out / args.size, args.jobs)
+    rows = measure(size, args.out / args.size, 0 if args.report_only else args.jobs)
+    if not rows:
+        parser.error(f"no task of --size {args.size} has all its runs finished in {args.out / args.size}")
+    missing = [t for t in size.tasks if t not in rows]
     args.docs.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, args.docs, stem)
     minutes = (time.perf_counter() - started) / 60
@@ -354,9 +379,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for row in rows.values() for r in _all_runs(row)]
     run_minutes = sum(r["seconds"] or 0 for r in runs) / 60
     text = (
-        f"# Accuracy of the three modes, over seeds\n\n`python -m benchmarks.accuracy --size {args.size}` "
+        f"# Accuracy of the three modes, over seeds\n\n`{command}` "
         f"({len(runs)} runs, {run_minutes:.0f} minutes of run time; this invocation {minutes:.0f} minutes, since runs "
-        f"already in `--out` are read, not rerun). `{setup['model']}`, client "
+        "already in `--out` are read, not rerun). "
+        + (f"**Not finished yet: {', '.join(missing)}** (the same command completes them). " if missing else "")
+        + f"`{setup['model']}`, client "
         f"{setup['client-params']} / server {setup['server-params']} parameters, cut after layer "
         f"{setup['cut-layer']}, one client; {size.rounds} rounds x {size.steps} steps of batch "
         f"{setup['batch-size']}, Q = {size.queries}, eps = {setup['zo-eps']:g}; {size.n_train} train / "

@@ -35,6 +35,13 @@ def test_each_mode_sets_its_own_learning_rate_and_zero_shot_trains_nothing():
     assert scenario(SIZES["smollm2"], "boolq", "zero-shot", 0.0, 0)["client-params"] == "frozen"
 
 
+def test_report_only_runs_nothing_and_reports_no_unfinished_task(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "run", lambda *_: pytest.fail("report-only ran a run"))
+    assert measure(TINY, tmp_path, jobs=0) == {}
+    with pytest.raises(SystemExit):
+        accuracy.main(["--size", "quick", "--out", str(tmp_path), "--docs", str(tmp_path), "--report-only"])
+
+
 @pytest.mark.slow
 def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_path, monkeypatch):
     rows = measure(TINY, tmp_path / "runs", jobs=2)  # worker processes; read back below in this one
@@ -62,6 +69,9 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
 
     monkeypatch.setattr(accuracy, "run", no_run)
     assert measure(TINY, tmp_path / "runs") == rows
+    assert measure(TINY, tmp_path / "runs", jobs=0) == rows  # report only: every run has finished
+    (tmp_path / "runs" / "rte" / "hosl" / f"lr{rows['rte']['best_lr']['hosl']:g}" / "s1" / "results.json").unlink()
+    assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing a run: not reported, nothing run
     text = table(rows)
     assert text.count("\n") == 1 + len(TINY.tasks) and "±" in text
     hosl = rows["rte"]["runs"]["hosl"][0]
