@@ -5,7 +5,7 @@ reports not written yet named as such."""
 from pathlib import Path
 
 from benchmarks.report import write_report
-from benchmarks.results import SECTIONS, build
+from benchmarks.results import SECTIONS, accuracy_headline, build
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -33,3 +33,21 @@ def test_sections_carry_their_report_stamp_plots_and_computed_headline(tmp_path)
     assert "![accuracy_test.png](accuracy_test.png)" in own and "Measured at commit" in own
     for section in SECTIONS[1:]:
         assert f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`" in text
+
+
+def test_accuracy_headline_reports_gaps_only_where_a_mode_learned_the_task():
+    rows = {
+        task: {
+            "majority": [majority] * 3,
+            "runs": {
+                mode: [{"test": acc + 0.01 * s} for s in range(3)]
+                for mode, acc in {"zero-shot": 0.5, "fo-fo": fo, "hosl": hosl, "zo-zo": 0.55}.items()
+            },
+        }
+        for task, majority, fo, hosl in (("sst2", 0.5, 0.80, 0.78), ("rte", 0.6, 0.60, 0.61))
+    }
+    line = accuracy_headline(rows)
+    assert "majority class by more than 2 points on sst2 (" in line
+    assert "hosl - fo-fo is between -2.0 and -2.0" in line and "hosl - zo-zo between +23.0 and +23.0" in line
+    rows["sst2"]["majority"] = [0.9] * 3
+    assert "on none" in accuracy_headline(rows) and "between" not in accuracy_headline(rows)
