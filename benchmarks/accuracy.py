@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import shutil
 import statistics
@@ -268,9 +269,11 @@ LEARNED = 0.02  # a mode has learned a task when its mean test accuracy beats th
 
 
 def learned(row: dict[str, Any], mode: str) -> bool:
-    """Whether ``mode``'s mean test accuracy beats the majority class's by more than LEARNED."""
-    mean = statistics.fmean(r["test"] for r in row["runs"][mode])
-    return mean > statistics.fmean(row["majority"]) + LEARNED
+    """Whether ``mode``'s mean test accuracy beats the majority class's by more than LEARNED and
+    by more than two standard errors over seeds."""
+    tests = [r["test"] for r in row["runs"][mode]]
+    mean, sd = spread(tests)
+    return mean - statistics.fmean(row["majority"]) > max(LEARNED, 2 * sd / math.sqrt(len(tests)))
 
 
 def table(rows: dict[str, Any]) -> str:
@@ -407,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"`{p.name}`" for p in plots)
         + ".\n\n## Test accuracy (%, mean ± sd over seeds)\n\n"
         + f"Gaps in points; {PAPER}. Majority class: always answering the training sample's most common label; "
-        + f"a mode learned a task when its mean beats that by more than {100 * LEARNED:g} points. Where no mode "
+        + f"a mode learned a task when its mean beats that by more than {100 * LEARNED:g} points and by more than two "
+        + "standard errors over seeds. Where no mode "
         + "learned a task, its gaps say nothing about HOSL: every mode answers (nearly) the majority class."
         + f"\n\n{table(rows)}\n\n## Data and cost per step\n\n{cost_table(rows)}"
         + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"

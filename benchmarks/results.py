@@ -96,7 +96,8 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
     head = f"Over {len(rows)} task(s) and {seeds} seed(s)"
     if known:
         head += (
-            f", fo-fo or hosl beat the majority class by more than {100 * LEARNED:g} points on "
+            f", fo-fo or hosl beat the majority class (by more than {100 * LEARNED:g} points and two standard "
+            "errors) on "
             f"{', '.join(taught) or 'none'} (the other tasks' gaps say nothing about HOSL)"
         )
     scope = {t: rows[t] for t in taught} if known else rows
