@@ -331,7 +331,8 @@ def sweep_table(rows: dict[str, Any]) -> str:
 
 def plot(rows: dict[str, Any], docs: Path, stem: str = "accuracy") -> list[Path]:
     """``<stem>_dev.png`` (dev accuracy per round, seed mean, one panel per task) and
-    ``<stem>_test.png`` (test accuracy by task and mode, error bars: one standard deviation)."""
+    ``<stem>_test.png`` (test accuracy by task and mode, error bars: one standard deviation; dashed:
+    the majority class)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,9 +361,12 @@ def plot(rows: dict[str, Any], docs: Path, stem: str = "accuracy") -> list[Path]
         stats = [spread([r["test"] for r in rows[t]["runs"][kind]]) for t in tasks]
         xs = [i + (k - 1.5) * 0.2 for i in range(len(tasks))]
         ax.bar(xs, [m for m, _ in stats], 0.2, yerr=[sd for _, sd in stats], capsize=3, label=kind)
+    for i, task in enumerate(tasks):
+        ax.hlines(statistics.fmean(rows[task]["majority"]), i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+    ax.plot([], [], "k--", label="majority class")
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test accuracy")
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(ncol=5, fontsize=8)
     fig.tight_layout()
     test_path = docs / f"{stem}_test.png"
     fig.savefig(test_path, dpi=90)
