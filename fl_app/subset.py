@@ -68,44 +68,13 @@ def _nonneg_lstsq(columns: torch.Tensor, target: torch.Tensor) -> tuple[list[int
     return [], torch.zeros(0)
 
 
-def omp_select(
-    grads: torch.Tensor, target: torch.Tensor, budget: int, tol: float = 1e-6
-) -> tuple[list[int], torch.Tensor]:
-    """Non-negative orthogonal matching pursuit: up to ``budget`` rows of ``grads`` [n, d] whose
-    non-negative combination approximates ``target`` [d]. Returns (row ids, weights >= 0)."""
-    if grads.ndim != 2 or target.shape != grads.shape[1:]:
-        raise ValueError(f"grads must be [n, d] and target [d]; got {list(grads.shape)}, {list(target.shape)}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
-    chosen: list[int] = []
-    weights = torch.zeros(0)
-    residual = target.float().clone()
-    for _ in range(min(budget, grads.shape[0]) * 2):  # picks can be dropped again; bound the loop
-        if len(chosen) >= budget or residual.norm() <= tol * max(1.0, float(target.norm())):
-            break
-        scores = grads.float() @ residual
-        if chosen:
-            scores[chosen] = -math.inf
-        best = int(scores.argmax())
-        if scores[best] <= 0:
-            break  # nothing left that reduces the residual with a non-negative weight
-        kept, weights = _nonneg_lstsq(grads[chosen + [best]].float(), target)
-        chosen = [(chosen + [best])[i] for i in kept]
-        residual = target.float() - weights @ grads[chosen].float() if chosen else target.float().clone()
-    return chosen, weights
-
-
-def omp_select_per_class(parts: torch.Tensor, budget: int, tol: float = 1e-6) -> tuple[list[int], torch.Tensor]:
-    """Per-class non-negative OMP over whole batches: ``parts`` [n, C, d] are each batch's class
-    parts; each class's target is the sum of its parts. A batch is added where its parts best reduce
-    all classes' residuals together; each class's weights are then solved on its own (non-negative
-    least squares over the chosen batches' parts of that class). Returns (up to ``budget`` batch
-    ids, weights [k, C] >= 0; 0 where the batch has no example of the class)."""
-    if parts.ndim != 3 or budget < 1:
-        raise ValueError(f"parts must be [n, C, d] and budget >= 1; got {list(parts.shape)}, {budget}")
-    parts = parts.float()
+def _omp(parts: torch.Tensor, targets: torch.Tensor, budget: int, tol: float) -> tuple[list[int], torch.Tensor]:
+    """Non-negative OMP over rows with C parts each: ``parts`` [n, C, d], ``targets`` [C, d]. A row is
+    added where its parts best reduce all residuals together; each part's weights are then solved on
+    their own (non-negative least squares over the chosen rows holding that part), and rows left
+    with no positive weight are dropped. Returns (row ids, weights [k, C] >= 0)."""
+    parts, targets = parts.float(), targets.float()
     present = parts.abs().sum(2) > 0  # [n, C]
-    targets = parts.sum(0)
     chosen: list[int] = []
     weights = torch.zeros(0, parts.shape[1])
     residual = targets.clone()
@@ -130,6 +99,28 @@ def omp_select_per_class(parts: torch.Tensor, budget: int, tol: float = 1e-6) ->
         weights = solved[alive]
         residual = targets - torch.einsum("kc,kcd->cd", weights, parts[chosen]) if chosen else targets.clone()
     return chosen, weights
+
+
+def omp_select(
+    grads: torch.Tensor, target: torch.Tensor, budget: int, tol: float = 1e-6
+) -> tuple[list[int], torch.Tensor]:
+    """Non-negative orthogonal matching pursuit: up to ``budget`` rows of ``grads`` [n, d] whose
+    non-negative combination approximates ``target`` [d]. Returns (row ids, weights > 0)."""
+    if grads.ndim != 2 or target.shape != grads.shape[1:]:
+        raise ValueError(f"grads must be [n, d] and target [d]; got {list(grads.shape)}, {list(target.shape)}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    chosen, weights = _omp(grads.unsqueeze(1), target.unsqueeze(0), budget, tol)
+    return chosen, weights[:, 0]
+
+
+def omp_select_per_class(parts: torch.Tensor, budget: int, tol: float = 1e-6) -> tuple[list[int], torch.Tensor]:
+    """Per-class non-negative OMP over whole batches: ``parts`` [n, C, d] are each batch's class
+    parts; each class's target is the sum of its parts. Returns (up to ``budget`` batch ids,
+    weights [k, C] >= 0; 0 where the batch has no example of the class)."""
+    if parts.ndim != 3 or budget < 1:
+        raise ValueError(f"parts must be [n, C, d] and budget >= 1; got {list(parts.shape)}, {budget}")
+    return _omp(parts, parts.sum(0), budget, tol)
 
 
 @dataclass(frozen=True)
@@ -176,7 +167,7 @@ def select_batches(
         fill = [1.0] * proxies.shape[1]
     else:
         ids, weights = omp_select(proxies, proxies.sum(0), budget)
-        chosen = {i: [w] for i, w in zip(ids, weights.tolist()) if w > 0}
+        chosen = {i: [w] for i, w in zip(ids, weights.tolist())}
         fill = [1.0]
     rest = [i for i in torch.randperm(num_batches, generator=rng).tolist() if i not in chosen]
     for i in rest[: budget - len(chosen)]:
