@@ -354,8 +354,8 @@ class SplitServer:
             self.top, hidden, req.attention_mask, req.score_ids, req.target_ids, batch_size=req.labels.shape[0]
         )
 
-    def _loss(self, hidden: torch.Tensor, req: StepRequest) -> torch.Tensor:
-        return classification_loss(self._scores(hidden, req), req.labels, _class_weights(req))
+    def _loss(self, hidden: torch.Tensor, req: StepRequest, weights: torch.Tensor | None) -> torch.Tensor:
+        return classification_loss(self._scores(hidden, req), req.labels, weights)
 
     def score_perturbed(self, req: StepRequest, perturbed: torch.Tensor) -> torch.Tensor:
         """Losses of perturbed activations ``[k, rows, seq, hidden]`` of ``req``'s batch."""
@@ -446,7 +446,7 @@ class SplitServer:
     @torch.enable_grad()  # independent of the caller's grad mode (e.g. a same-thread ZO client)
     def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
         clean = clean.detach().requires_grad_(need_grad)  # a leaf: backprop stops at the cut
-        loss = self._loss(clean, req)
+        loss = self._loss(clean, req, _class_weights(req))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"server loss is {float(loss.detach())} at server step {self.steps}; no update applied"
@@ -464,11 +464,12 @@ class SplitServer:
 
     @torch.no_grad()
     def _zo_step(self, clean: torch.Tensor, req: StepRequest) -> float:
-        loss = float(self._loss(clean, req))
+        weights = _class_weights(req)  # parsed once, not once per perturbed forward
+        loss = float(self._loss(clean, req, weights))
         if not math.isfinite(loss):
             raise FloatingPointError(f"server loss is {loss} at server step {self.steps}; no update applied")
         seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
-        self.zo.step(seeds, lambda: float(self._loss(clean, req)), weight=step_weight(req))
+        self.zo.step(seeds, lambda: float(self._loss(clean, req, weights)), weight=step_weight(req))
         return loss
 
 

@@ -143,13 +143,15 @@ def test_bad_step_weight_is_rejected_naming_the_field(weight):
         server.handle(req)
 
 
+@pytest.mark.parametrize("mode", ["hosl", "zo-zo"])
 @pytest.mark.parametrize("double", [2.0, (2.0, 2.0)], ids=["batch weight", "class weights"])
-def test_step_weight_scales_both_sides_updates(double):
-    """A step of weight 2 moves the FO server (SGD) and the ZO client exactly twice as far as weight 1;
-    so do class weights of 2 for every class (the streamed perturbed losses carry them)."""
+def test_step_weight_scales_both_sides_updates(double, mode):
+    """A step of weight 2 moves the server (FO with SGD, or ZO) and the ZO client exactly twice as far
+    as weight 1; so do class weights of 2 for every class (the streamed perturbed losses carry them,
+    and a ZO server weighs every perturbed loss it computes by them)."""
     from fl_app.local_transport import InProcessLink
 
-    cfg = config(**{"server-optimizer": "sgd"})
+    cfg = config(**{"server-optimizer": "sgd", "mode": mode})
     moves = {}
     for weight in (1.0, double):
         loaded, bottom, top = load_split(cfg)
