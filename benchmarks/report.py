@@ -26,14 +26,16 @@ def provenance() -> dict[str, Any]:
     return {"commit": commit, **machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def write_report(stem: Path | str, markdown: str, data: Any) -> tuple[Path, Path]:
-    """``stem.md`` (the markdown, then a provenance line) and ``stem.json`` (``data`` with the provenance)."""
+def write_report(stem: Path | str, markdown: str, data: Any, command: str | None = None) -> tuple[Path, Path]:
+    """``stem.md`` (the markdown, then a provenance line) and ``stem.json`` (``data`` with the provenance,
+    and ``command``, the invocation that wrote it, when given: results.md shows it to reproduce the report)."""
     stem, stamp = Path(stem), provenance()
     stem.parent.mkdir(parents=True, exist_ok=True)
     line = ", ".join(f"{k} {v}" for k, v in stamp.items())
     md, js = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".json")
     md.write_text(f"{markdown.rstrip()}\n\nMeasured at {line}.\n")
-    js.write_text(json.dumps({"provenance": stamp, "data": data}, indent=2, default=float))
+    record = {"provenance": stamp, **({"command": command} if command else {}), "data": data}
+    js.write_text(json.dumps(record, indent=2, default=float))
     return md, js
 
 

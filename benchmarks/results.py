@@ -131,13 +131,15 @@ def section_text(docs: Path, section: Section) -> str:
     head = f"## {section.title}\n\n"
     if not (md.is_file() and js.is_file()):
         return head + f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`.\n"
+    record = json.loads(js.read_text())  # older reports are a bare list
+    command = (record.get("command") if isinstance(record, dict) else None) or section.command  # as it was run
     lines = md.read_text().rstrip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     body = "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
     plots = [p for p in dict.fromkeys(re.findall(r"[\w.-]+\.png", body)) if (docs / p).is_file()]
     shown = "".join(f"\n\n![{p}]({p})" for p in plots)
-    return head + f"Reproduce: `{section.command}` (report: `docs/{section.stem}.md`).\n\n{body}{shown}\n"
+    return head + f"Reproduce: `{command}` (report: `docs/{section.stem}.md`).\n\n{body}{shown}\n"
 
 
 def build(docs: Path) -> str:

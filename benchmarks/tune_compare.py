@@ -257,8 +257,9 @@ def verdicts(study: dict[str, dict[int, list[dict]]]) -> list[str]:
     ]
 
 
-def report(study: dict[str, dict[int, list[dict]]], docs: Path, command: str) -> Path:
-    """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study."""
+def report(study: dict[str, dict[int, list[dict]]], docs: Path, flags: str) -> Path:
+    """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study run with ``flags`` (``--tasks ...``)."""
+    command = f"python -m benchmarks.tune_compare {flags}"
     agg = aggregate(study)
     docs.mkdir(parents=True, exist_ok=True)
     png = plot(agg, docs / "tuning.png")
@@ -271,7 +272,8 @@ def report(study: dict[str, dict[int, list[dict]]], docs: Path, command: str) ->
         + "".join(f"{line}\n\n" for line in verdicts(study))
         + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
-    md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg})
+    rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs"  # rewrites docs/tuning.md
+    md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg}, rerun)
     return md
 
 
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         args.set,
         task_sets,
     )
-    command = "python -m benchmarks.tune_compare " + " ".join(
+    flags = " ".join(
         [
             f"--tasks {' '.join(args.tasks)}",
             f"--seeds {' '.join(map(str, args.seeds))}",
@@ -314,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         ]
         + [f"--set {s}" for s in args.set]
         + [f"--task-set {s}" for s in args.task_set]
+        + ([f"--scenario {args.scenario}"] if args.scenario != str(SCENARIO) else [])
     )
-    print(f"[tune_compare] wrote {report(study, args.docs or out, command)}", flush=True)
+    print(f"[tune_compare] wrote {report(study, args.docs or out, flags)}", flush=True)
 
 
 if __name__ == "__main__":

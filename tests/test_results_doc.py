@@ -34,6 +34,12 @@ def test_sections_carry_their_report_stamp_plots_and_computed_headline(tmp_path)
     for section in SECTIONS[1:]:
         assert f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`" in text
 
+    tuning = next(s for s in SECTIONS if s.stem == "tuning")
+    write_report(tmp_path / "tuning", "# Tuning\n\nBody.", {"study": {}}, "python -m benchmarks.tune_compare --seeds 0")
+    text = build(tmp_path)  # a report that records its own command is reproduced by that command
+    assert "Reproduce: `python -m benchmarks.tune_compare --seeds 0` (report: `docs/tuning.md`)" in text
+    assert f"Reproduce: `{tuning.command}`" not in text
+
 
 def test_accuracy_headline_reports_gaps_only_where_a_mode_learned_the_task():
     rows = {

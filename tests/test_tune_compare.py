@@ -52,9 +52,12 @@ def test_study_over_seeds_runs_each_row_once_and_reports_spread(tmp_path, monkey
     assert [r["test"] for r in agg["sst2"] if r["run"] == "random 50%"][0] == [
         study["sst2"][s][1]["test"] for s in (0, 1)
     ]
-    md = tune_compare.report(study, tmp_path / "docs", "python -m benchmarks.tune_compare --seeds 0 1")
+    md = tune_compare.report(study, tmp_path / "docs", "--seeds 0 1")
     text = md.read_text()
     assert "| sst2 | gradmatch 50% |" in text and "±" in text and "Measured at commit" in text
+    assert "`python -m benchmarks.tune_compare --seeds 0 1`" in text
+    recorded = json.loads(md.with_suffix(".json").read_text())["command"]  # results.md's "Reproduce"
+    assert recorded == "python -m benchmarks.tune_compare --out runs/tune --seeds 0 1 --docs docs"
     assert (tmp_path / "docs" / "tuning.png").stat().st_size > 1000
 
 
