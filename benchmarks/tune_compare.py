@@ -257,6 +257,37 @@ def verdicts(study: dict[str, dict[int, list[dict]]]) -> list[str]:
     ]
 
 
+def same_choice_gaps(study: dict[str, dict[int, list[dict]]]) -> list[dict[str, Any]]:
+    """Rows of one task and seed whose studies chose the same configuration: their final tests differ
+    only by the final training's own run-to-run noise (with clients side by side the server trains in
+    arrival order), the floor below which differences between rows say nothing."""
+    found = []
+    for task, by_seed in study.items():
+        for seed, runs in by_seed.items():
+            groups: dict[str, list[dict]] = {}
+            for r in runs:
+                groups.setdefault(json.dumps(r["best_params"], sort_keys=True), []).append(r)
+            for same in (g for g in groups.values() if len(g) > 1):
+                tests = [r["test"] for r in same]
+                found.append(
+                    {"task": task, "seed": seed, "runs": [r["run"] for r in same], "gap": max(tests) - min(tests)}
+                )
+    return found
+
+
+def noise_line(study: dict[str, dict[int, list[dict]]]) -> str:
+    """The same-choice gaps, plainly (empty if no two rows chose alike)."""
+    gaps = same_choice_gaps(study)
+    if not gaps:
+        return ""
+    listed = "; ".join(f"{g['task']} seed {g['seed']}: {', '.join(g['runs'])} {100 * g['gap']:.1f}" for g in gaps)
+    return (
+        f"Noise floor: rows that chose the same configuration still differ in final test by up to "
+        f"{100 * max(g['gap'] for g in gaps):.1f} points ({listed}); the final training is not bit-reproducible "
+        "with clients side by side (the server trains on activations in arrival order)."
+    )
+
+
 def report(study: dict[str, dict[int, list[dict]]], docs: Path, flags: str) -> Path:
     """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study run with ``flags`` (``--tasks ...``)."""
     command = f"python -m benchmarks.tune_compare {flags}"
@@ -269,7 +300,7 @@ def report(study: dict[str, dict[int, list[dict]]], docs: Path, flags: str) -> P
         "task, seed and row). The full row tunes on all data; the others on subsets reselected every round; "
         "each study's best configuration is then trained on the full data and tested. Speed-up: the full "
         f"row's tuning wall time over the row's, on the same seed. Plot: `{png.name}`.\n\n"
-        + "".join(f"{line}\n\n" for line in verdicts(study))
+        + "".join(f"{line}\n\n" for line in [*verdicts(study), noise_line(study)] if line)
         + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
     rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs"  # rewrites docs/tuning.md

@@ -96,3 +96,21 @@ def test_each_gradmatch_variant_gets_its_own_verdict_against_random():
     assert tune_compare.selectors_in(study) == ["random", "gradmatch", "gradmatch-pc"]
     lines = tune_compare.verdicts(study)
     assert lines[0].startswith("gradmatch does not beat random") and lines[1].startswith("gradmatch-pc beats random")
+
+
+def test_rows_that_chose_the_same_configuration_give_the_noise_floor():
+    study = _study({"full": [0.80, 0.70], "random 10%": [0.77, 0.72], "gradmatch 10%": [0.79, 0.71]})
+    for seed, runs in study["sst2"].items():
+        for i, r in enumerate(runs):
+            r["best_params"] = {"client-lr": 1e-4 if i < 2 or seed else 3e-4, "zo-queries": 2}
+    gaps = tune_compare.same_choice_gaps(study)
+    assert [(g["seed"], g["runs"]) for g in gaps] == [
+        (0, ["full", "random 10%"]),
+        (1, ["full", "random 10%", "gradmatch 10%"]),
+    ]
+    assert gaps[0]["gap"] == pytest.approx(0.03) and gaps[1]["gap"] == pytest.approx(0.02)
+    assert "differ in final test by up to 3.0 points" in tune_compare.noise_line(study)
+    for runs in study["sst2"].values():
+        for i, r in enumerate(runs):
+            r["best_params"] = {"client-lr": float(i)}
+    assert tune_compare.same_choice_gaps(study) == [] and tune_compare.noise_line(study) == ""
