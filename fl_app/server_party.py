@@ -423,6 +423,8 @@ class SplitServer:
                 )
                 loss = classification_loss(scores, req.labels)
             parts = class_parts(features, scores, req.labels)  # on the CPU, where selection runs
+            if not torch.isfinite(parts).all():  # a diverged top: selecting on it would record NaN quality
+                raise FloatingPointError(f"server gradient proxies are not finite at server step {self.steps}")
             self.proxies.setdefault(key, {})[int(req.meta["batch"])] = parts
             self._check_buffers(key)  # past a limit the session fails, and failing discards its buffers
             correct = int((scores.argmax(1) == req.labels).sum())

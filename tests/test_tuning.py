@@ -341,3 +341,16 @@ def test_study_over_the_federation_records_trials_prunes_and_plots(coord, tmp_pa
     qualities = [q for t in trials for r in t["rounds"] if r["plan"] == "gradmatch" for q in r["selection_quality"]]
     assert qualities and all(q["gradmatch_error"] >= 0 and q["random_error"] > 0 for q in qualities)
     assert Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_proxies_of_a_diverged_top_are_refused_not_selected_on():
+    loaded, bottom, top = load_split(config())
+    server = build_server(config(), top, 2)
+    req = _frozen_request(server.top, {"batch": 0}, kind="proxy")
+    server.handle(req, key="s")
+    assert torch.isfinite(server.proxies["s"][0]).all()
+    with torch.no_grad():
+        server.params[0].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="proxies are not finite"):
+        server.handle(_frozen_request(server.top, {"batch": 1}, kind="proxy"), key="s")
+    assert 1 not in server.proxies["s"]
