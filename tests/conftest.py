@@ -23,14 +23,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 VOCAB = 120
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``-n 2 --dist loadgroup`` (the README command) the Flower tests run one after another
-    on one worker (each starts its own SuperLink, Ray or SuperNodes), the rest beside them."""
-    for item in items:
-        if item.get_closest_marker("flower"):
-            item.add_marker(pytest.mark.xdist_group("flower"))
-
-
 def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
