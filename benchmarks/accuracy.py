@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import shutil
 import statistics
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import spread, write_report
+from benchmarks.report import spread, standard_error, write_report
 from fl_app.config import Config, make_config
 from fl_app.scenario import sample_and_partition
 from fl_app.train import run
@@ -272,8 +271,7 @@ def learned(row: dict[str, Any], mode: str) -> bool:
     """Whether ``mode``'s mean test accuracy beats the majority class's by more than LEARNED and
     by more than two standard errors over seeds."""
     tests = [r["test"] for r in row["runs"][mode]]
-    mean, sd = spread(tests)
-    return mean - statistics.fmean(row["majority"]) > max(LEARNED, 2 * sd / math.sqrt(len(tests)))
+    return spread(tests)[0] - statistics.fmean(row["majority"]) > max(LEARNED, 2 * standard_error(tests))
 
 
 def table(rows: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,3 +43,8 @@ def write_report(stem: Path | str, markdown: str, data: Any, command: str | None
 def spread(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value) of results over seeds."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of results over seeds (0 for one value)."""
+    return spread(values)[1] / math.sqrt(len(values))

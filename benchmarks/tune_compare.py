@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from benchmarks.flower_sim import ROOT, run_simulation
-from benchmarks.report import spread, write_report
+from benchmarks.report import spread, standard_error, write_report
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -151,8 +150,7 @@ def paired_differences(study: dict[str, dict[int, list[dict]]], a: str, b: str) 
                 if any(x["run"] == f"{b} {frac}" for x in runs)
             ]
             if diffs:
-                m, sd = spread(diffs)
-                found[f"{task} {frac}"] = {"diffs": diffs, "mean": m, "se": sd / math.sqrt(len(diffs))}
+                found[f"{task} {frac}"] = {"diffs": diffs, "mean": spread(diffs)[0], "se": standard_error(diffs)}
     return found
 
 
