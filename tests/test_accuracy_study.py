@@ -6,7 +6,7 @@ import json
 import pytest
 
 import benchmarks.accuracy as accuracy
-from benchmarks.accuracy import MODES, SIZES, Size, cost_table, measure, plot, scenario, table
+from benchmarks.accuracy import MODES, SIZES, Size, cost_table, measure, plot, scenario, sweep_table, table
 
 TINY = Size(
     tasks=("rte",),
@@ -79,3 +79,40 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     assert f"| rte | {hosl['test_count']} | 192 |" in cost_table(rows)
     paths = plot(rows, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monkeypatch):
+    """With ``sweep_task``, the grids run on that task's seed 0 only; the other task runs each mode
+    once per seed, at the rate that won there (a fake run: dev accuracy rises with the rate)."""
+    calls = []
+
+    def fake_run(config, out):
+        frozen = config["client-params"] == "frozen"  # zero-shot
+        calls.append((config["task"], "zero-shot" if frozen else config["mode"], config["client-lr"], config["seed"]))
+        score = 0.5 if frozen else 0.5 + config["client-lr"]
+        results = {
+            "status": "finished",
+            "config": json.loads(json.dumps(dict(config))),
+            "eval": {"history": [{"accuracy": score}], "test": {"accuracy": score, "count": 16}},
+            "wall_seconds": 1.0,
+            "data": {"max_length": 64, "truncated": {}},
+            "client": {"peak_memory_bytes": 2**20, "seconds_per_step": 0.1},
+        }
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    size = Size(**{**TINY.__dict__, "tasks": ("sst2", "rte"), "sweep_task": "sst2"})
+    rows = measure(size, tmp_path)
+    top = {mode: max(size.grids[mode]) for mode in MODES}
+    assert {mode: rows[t]["best_lr"][mode] for t in size.tasks for mode in MODES} == top
+    trained = [c for c in calls if c[1] in MODES]
+    assert sorted(c for c in trained if c[0] == "rte") == sorted(
+        ("rte", mode, top[mode], s) for mode in MODES for s in size.seeds
+    )  # no rte sweep
+    assert len([c for c in trained if c[0] == "sst2"]) == sum(len(g) for g in size.grids.values()) + len(MODES)
+    assert rows["rte"]["sweep"] == {} and set(rows["sst2"]["sweep"]) == set(MODES)
+    assert sweep_table(rows).count("| sst2 |") == len(MODES) and "| rte |" not in sweep_table(rows)
+    with pytest.raises(ValueError, match="sweep_task = 'cb'"):
+        Size(**{**TINY.__dict__, "sweep_task": "cb"})
