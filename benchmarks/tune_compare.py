@@ -116,7 +116,7 @@ def measure(
 
 def _cell(values: list[float], fmt: str = "{:.3f}") -> str:
     m, sd = spread(values)
-    return fmt.format(m) + (" ± " + fmt.format(sd) if len(values) > 1 else "")
+    return fmt.format(m) + (" ± " + fmt.replace("+", "").format(sd) if len(values) > 1 else "")  # sd unsigned
 
 
 def aggregate(study: dict[str, dict[int, list[dict]]]) -> dict[str, list[dict]]:

@@ -55,6 +55,7 @@ def test_study_over_seeds_runs_each_row_once_and_reports_spread(tmp_path, monkey
     md = tune_compare.report(study, tmp_path / "docs", "--seeds 0 1")
     text = md.read_text()
     assert "| sst2 | gradmatch 50% |" in text and "±" in text and "Measured at commit" in text
+    assert "± +" not in text and "± -" not in text  # a standard deviation has no sign
     assert "`python -m benchmarks.tune_compare --seeds 0 1`" in text
     recorded = json.loads(md.with_suffix(".json").read_text())["command"]  # results.md's "Reproduce"
     assert recorded == "python -m benchmarks.tune_compare --out runs/tune --seeds 0 1 --docs docs"
