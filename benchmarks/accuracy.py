@@ -245,7 +245,7 @@ def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
     """Every run of a size: zero-shot and the learning-rate sweep (seed 0; on ``size.sweep_task`` only
     if set), then each mode on every other seed of its task at its best; ``jobs`` runs at a time.
     ``jobs = 0`` runs nothing: only the tasks whose runs have all finished are in the result."""
-    swept_tasks = sorted({size.rates_from(t) for t in size.tasks}, key=size.tasks.index)
+    swept_tasks = (size.sweep_task,) if size.sweep_task else size.tasks
     first = [(t, "zero-shot", 0.0, s) for t in size.tasks for s in size.seeds]
     first += [(t, mode, lr, 0) for t in swept_tasks for mode in MODES for lr in size.grids[mode]]
     done = _run_all(size, out, first, jobs)
