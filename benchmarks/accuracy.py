@@ -17,24 +17,25 @@ Measured with two one-thread runs side by side, a step costs about 2.5 s (hosl) 
 (fo-fo) on SST-2 and 8 / 9 / 3 s at 128 tokens, so ``--jobs 2`` needs about 1.5 hours; the paper's
 budgets (thousands of steps) would take days here. ``smollm2`` is SmolLM2-135M with LoRA on both
 sides (SST-2, RTE, BoolQ, 2 seeds, 120 steps, RTE / BoolQ cut to 128 tokens; the rates are swept on
-SST-2 only and used for all three tasks). A run whose finished results.json is already in
-``--out`` with the same config is read, not rerun, so an interrupted study picks up where it stopped.
+SST-2 only and used for all three tasks). Each finished run is recorded in the size's ledger
+(``docs/ledgers/accuracy_<size>.json``, committed with the reports): a run found there with the same
+config is read back, not rerun, so a study spread over sessions and machines picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shutil
 import statistics
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ledger import Ledger
 from benchmarks.report import spread, standard_error, write_report
 from fl_app.config import Config, make_config
 from fl_app.scenario import sample_and_partition
@@ -108,8 +109,9 @@ SIZES = {
     "smollm2": Size(  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
         tasks=("sst2", "rte", "boolq"),
         seeds=(0, 1),
-        # zo-zo did not move at 1e-4 in 120 steps (docs/history.md), so its grid starts higher
-        grids={"fo-fo": (1e-4, 3e-4), "hosl": (1e-4, 3e-4), "zo-zo": (3e-4, 1e-3)},
+        # zo-zo did not move at 1e-4 in 120 steps (docs/history.md), nor at 3e-4 or 1e-3 on SST-2,
+        # so its grid starts higher and reaches 3e-3
+        grids={"fo-fo": (1e-4, 3e-4), "hosl": (1e-4, 3e-4), "zo-zo": (3e-4, 1e-3, 3e-3)},
         sweep_task="sst2",  # a 128-token RTE / BoolQ run costs about twice an SST-2 one
         rounds=4,
         steps=30,
@@ -158,22 +160,10 @@ def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
     return make_config(keys)
 
 
-def finished(config: Config, out: Path) -> dict[str, Any] | None:
-    """The results in ``out`` if a run of ``config`` finished there, else None."""
-    done = out / "results.json"
-    if not done.is_file():
-        return None
-    saved = json.loads(done.read_text())
-    expected = json.loads(json.dumps(dict(config.updated({"out-dir": str(out)}))))
-    return saved if saved.get("status") == "finished" and saved.get("config") == expected else None
-
-
 def run_once(config: Config, out: Path) -> dict[str, Any]:
-    """The run's results: read from ``out`` if it already finished with this config, else run it."""
-    if (saved := finished(config, out)) is not None:
-        return saved
+    """Run ``config`` in the folder ``out`` (emptied first: this benchmark's own) and return its results."""
     if out.exists():
-        shutil.rmtree(out)  # this benchmark's own folder of an unfinished or other run
+        shutil.rmtree(out)
     config = config.updated({"out-dir": str(out)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # truncation counts are recorded in results.json
@@ -206,18 +196,14 @@ def majority_accuracy(size: Size, task: str, seed: int) -> float:
     return sum(ex.label == common for ex in splits["test"]) / len(splits["test"])
 
 
-def _run_dir(out: Path, task: str, mode: str, lr: float, seed: int) -> Path:
-    return out / task / mode / (f"s{seed}" if mode == "zero-shot" else f"lr{lr:g}/s{seed}")
+def run_name(task: str, mode: str, lr: float, seed: int) -> str:
+    """A run's name in the ledger and its folder under ``--out``."""
+    return f"{task}/{mode}/" + (f"s{seed}" if mode == "zero-shot" else f"lr{lr:g}/s{seed}")
 
 
-def _one_run(size: Size, out: Path, key: tuple[str, str, float, int], run_missing: bool = True) -> dict | None:
-    """One run's summary (read back if finished; None if not and ``run_missing`` is off); ``key`` is
-    (task, mode, learning rate, seed)."""
-    config, path = scenario(size, *key), _run_dir(out, *key)
-    if not run_missing:
-        saved = finished(config, path)
-        return None if saved is None else summary(saved)
-    return summary(run_once(config, path))
+def _one_run(size: Size, out: Path, key: tuple[str, str, float, int]) -> dict[str, Any]:
+    """The summary of the run ``key`` (task, mode, learning rate, seed), run in its folder under ``out``."""
+    return summary(run_once(scenario(size, *key), out / run_name(*key)))
 
 
 def _one_thread() -> None:
@@ -226,29 +212,45 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_all(size: Size, out: Path, keys: list[tuple[str, str, float, int]], jobs: int) -> dict[tuple, Any]:
-    """Every run of ``keys``, in this process or in ``jobs`` worker processes of one torch thread each
-    (the ZO directions are drawn on one core: on 2 cores, two one-thread SST-2 hosl runs side by side
-    took 2.5 s/step each, one two-thread run 1.65 s/step, so about 1.3x the throughput); ``jobs = 0``
-    runs nothing and gives None for each run that has not finished."""
-    if jobs <= 0:
-        return {key: _one_run(size, out, key, run_missing=False) for key in keys}
+def _run_all(
+    size: Size, out: Path, keys: list[tuple[str, str, float, int]], jobs: int, ledger: Ledger
+) -> dict[tuple, Any]:
+    """Every run of ``keys``: read from the ledger if finished there with the same config, else run in
+    this process or in ``jobs`` worker processes of one torch thread each (the ZO directions are drawn
+    on one core: on 2 cores, two one-thread SST-2 hosl runs side by side took 2.5 s/step each, one
+    two-thread run 1.65 s/step, so about 1.3x the throughput) and recorded in the ledger as each
+    finishes; ``jobs = 0`` runs nothing and gives None for each run not in the ledger."""
+    done = {key: ledger.get(run_name(*key), dict(scenario(size, *key))) for key in keys}
+    missing = [key for key, found in done.items() if found is None]
+    if jobs <= 0 or not missing:
+        return done
+
+    def record(key: tuple[str, str, float, int], found: dict[str, Any]) -> None:
+        ledger.put(run_name(*key), dict(scenario(size, *key)), found)
+        done[key] = found
+
     if jobs == 1:
-        return {key: _one_run(size, out, key) for key in keys}
+        for key in missing:
+            record(key, _one_run(size, out, key))
+        return done
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = {key: pool.submit(_one_run, size, out, key) for key in keys}
-        return {key: future.result() for key, future in futures.items()}
+        futures = {pool.submit(_one_run, size, out, key): key for key in missing}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
+    return done
 
 
-def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
+def measure(size: Size, out: Path, jobs: int = 1, ledger: Ledger | None = None) -> dict[str, Any]:
     """Every run of a size: zero-shot and the learning-rate sweep (seed 0; on ``size.sweep_task`` only
-    if set), then each mode on every other seed of its task at its best; ``jobs`` runs at a time.
-    ``jobs = 0`` runs nothing: only the tasks whose runs have all finished are in the result."""
+    if set), then each mode on every other seed of its task at its best; ``jobs`` runs at a time, in
+    folders under ``out``, each recorded in ``ledger`` (default: ``out/ledger.json``) and read back
+    from it. ``jobs = 0`` runs nothing: only the tasks whose runs have all finished are in the result."""
+    ledger = ledger if ledger is not None else Ledger(out / "ledger.json")
     swept_tasks = (size.sweep_task,) if size.sweep_task else size.tasks
     first = [(t, "zero-shot", 0.0, s) for t in size.tasks for s in size.seeds]
     first += [(t, mode, lr, 0) for t in swept_tasks for mode in MODES for lr in size.grids[mode]]
-    done = _run_all(size, out, first, jobs)
+    done = _run_all(size, out, first, jobs, ledger)
 
     def complete(task: str) -> bool:
         return all(r is not None for k, r in done.items() if k[0] == task)
@@ -260,7 +262,7 @@ def measure(size: Size, out: Path, jobs: int = 1) -> dict[str, Any]:
         for mode in MODES
     }
     rest = [(t, mode, lr, s) for (t, mode), lr in best.items() for s in size.seeds if (t, mode, lr, s) not in done]
-    done.update(_run_all(size, out, rest, jobs))
+    done.update(_run_all(size, out, rest, jobs, ledger))
     rows: dict[str, Any] = {}
     for task in [t for t in size.tasks if (t, MODES[0]) in best and complete(t)]:
         row: dict[str, Any] = {"sweep": {}, "best_lr": {}, "runs": {}, "sweep_runs": []}
@@ -394,7 +396,8 @@ def plot(rows: dict[str, Any], docs: Path, stem: str = "accuracy") -> list[Path]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy", help="where the runs' folders go")
+    parser.add_argument("--ledger", type=Path, help="finished runs (default: docs/ledgers/accuracy_<size>.json)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread")
     parser.add_argument(
@@ -405,20 +408,22 @@ def main(argv: list[str] | None = None) -> None:
     stem = "accuracy" if args.size in ("quick", "full") else f"accuracy_{args.size}"
     command = f"python -m benchmarks.accuracy --size {args.size}"
     started = time.perf_counter()
-    rows = measure(size, args.out / args.size, 0 if args.report_only else args.jobs)
+    ledger = Ledger(args.ledger or ROOT / "docs" / "ledgers" / f"accuracy_{args.size}.json")
+    rows = measure(size, args.out / args.size, 0 if args.report_only else args.jobs, ledger)
     if not rows:
-        parser.error(f"no task of --size {args.size} has all its runs finished in {args.out / args.size}")
+        parser.error(f"no task of --size {args.size} has all its runs finished in {ledger.path}")
     missing = [t for t in size.tasks if t not in rows]
     args.docs.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, args.docs, stem)
     minutes = (time.perf_counter() - started) / 60
+    shown = ledger.path.relative_to(ROOT) if ledger.path.is_relative_to(ROOT) else ledger.path
     setup = scenario(size, size.tasks[0], "hosl", size.grids["hosl"][0], 0)
     runs = [r for row in rows.values() for r in _all_runs(row)]
     run_minutes = sum(r["seconds"] or 0 for r in runs) / 60
     text = (
         f"# Accuracy of the three modes, over seeds\n\n`{command}` "
         f"({len(runs)} runs, {run_minutes:.0f} minutes of run time; this invocation {minutes:.0f} minutes, since runs "
-        "already in `--out` are read, not rerun). "
+        f"already in the ledger `{shown}` are read, not rerun). "
         + (f"**Not finished yet: {', '.join(missing)}** (the same command completes them). " if missing else "")
         + f"`{setup['model']}`, client "
         f"{setup['client-params']} / server {setup['server-params']} parameters, cut after layer "

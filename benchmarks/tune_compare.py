@@ -12,9 +12,10 @@ Writes ``<docs>/tuning.md`` / ``.json`` / ``tuning.png``: per task and row, tuni
 full-data tuning and final test accuracy after retraining on the full data (mean ± sd over
 seeds), the paired difference gradmatch - random, and the selection quality (how far each selected
 subset's weighted proxy sum is from the full sum, next to random subsets of the same size drawn
-on the same proxies); the per-seed rows follow. A (task, seed, row) whose finished results.json
-is already in ``--out`` with the same request is read back, not rerun, so a study spread over
-several sessions picks up where it stopped.
+on the same proxies); the per-seed rows follow. Each finished (task, seed, row) is recorded in
+the ledger ``docs/ledgers/tuning.json`` (committed with the reports); one found there with the
+same request (scenario, overrides, SuperNodes) is read back, not rerun, so a study spread over
+sessions and machines picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.flower_sim import ROOT, run_simulation
+from benchmarks.ledger import Ledger
 from benchmarks.report import spread, standard_error, write_report
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
@@ -65,17 +67,10 @@ def rows_of(fractions: list[float], selectors: list[str]) -> list[tuple[str, str
 
 
 def run_row(scenario: Path, overrides: list[str], run_dir: Path, supernodes: int) -> dict:
-    """The run's results: read back if ``run_dir`` holds a finished run of the same request, else run."""
-    request = {"scenario": scenario.read_text(), "overrides": overrides, "supernodes": supernodes}
-    done, asked = run_dir / "results.json", run_dir / "request.json"
-    if done.is_file() and asked.is_file() and json.loads(asked.read_text()) == request:
-        results = json.loads(done.read_text())
-        if results.get("status") == "finished":
-            return results
+    """One `flwr run` of the scenario in ``run_dir`` (emptied first: this benchmark's own); its results."""
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # this benchmark's own folder of an unfinished or other run
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    asked.write_text(json.dumps(request))
     return run_simulation(scenario, [*overrides, f"out-dir={run_dir}"], supernodes)
 
 
@@ -88,9 +83,12 @@ def measure(
     supernodes: int,
     sets: list[str],
     task_sets: dict[str, list[str]] | None = None,
+    ledger: Ledger | None = None,
 ) -> dict[str, dict[int, list[dict]]]:
-    """Per task and seed, each row's summary (the full row first, with ``speed_up`` over it);
-    ``task_sets`` adds one task's own overrides (a shorter max length, say)."""
+    """Per task and seed, each row's summary (the full row first, with ``speed_up`` over it), read
+    from ``ledger`` (default: ``out/ledger.json``) or run in a folder under ``out`` and recorded
+    there; ``task_sets`` adds one task's own overrides (a shorter max length, say)."""
+    ledger = ledger if ledger is not None else Ledger(out / "ledger.json")
     study: dict[str, dict[int, list[dict]]] = {}
     for task in tasks:
         for seed in seeds:
@@ -104,8 +102,13 @@ def measure(
                     f"subset-selector={selector}",
                     f"subset-fraction={fraction}",
                 ]
-                run_dir = out / task / f"s{seed}" / name.replace(" ", "_").replace("%", "pct")
-                found.append(summarise(name, run_row(scenario, overrides, run_dir, supernodes)))
+                key = f"{task}/s{seed}/" + name.replace(" ", "_").replace("%", "pct")
+                request = {"scenario": scenario.read_text(), "overrides": overrides, "supernodes": supernodes}
+                summary = ledger.get(key, request)
+                if summary is None:
+                    summary = summarise(name, run_row(scenario, overrides, out / key, supernodes))
+                    ledger.put(key, request, summary)
+                found.append(summary)
             for r in found:
                 r["speed_up"] = found[0]["tuning_seconds"] / r["tuning_seconds"]
                 r["test_vs_full"] = r["test"] - found[0]["test"]
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--task-set", action="append", default=[], metavar="TASK:KEY=VALUE")
     parser.add_argument("--docs", type=Path, help="where tuning.md / .json / .png go (default: --out)")
+    parser.add_argument("--ledger", type=Path, default=ROOT / "docs" / "ledgers" / "tuning.json", help="finished runs")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     task_sets: dict[str, list[str]] = {}
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         args.supernodes,
         args.set,
         task_sets,
+        Ledger(args.ledger),
     )
     flags = " ".join(
         [

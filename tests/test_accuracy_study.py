@@ -2,11 +2,13 @@
 seed run at the chosen one, finished runs read back instead of rerun, the tables and plots written."""
 
 import json
+import shutil
 
 import pytest
 
 import benchmarks.accuracy as accuracy
 from benchmarks.accuracy import MODES, SIZES, Size, cost_table, measure, plot, scenario, sweep_table, table
+from benchmarks.ledger import Ledger
 
 TINY = Size(
     tasks=("rte",),
@@ -68,10 +70,15 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
         raise AssertionError("a finished run was run again")
 
     monkeypatch.setattr(accuracy, "run", no_run)
+    shutil.rmtree(tmp_path / "runs" / "rte")  # the run folders are lost (a new machine): the ledger is enough
     assert measure(TINY, tmp_path / "runs") == rows
     assert measure(TINY, tmp_path / "runs", jobs=0) == rows  # report only: every run has finished
-    (tmp_path / "runs" / "rte" / "hosl" / f"lr{rows['rte']['best_lr']['hosl']:g}" / "s1" / "results.json").unlink()
-    assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing a run: not reported, nothing run
+    ledger = Ledger(tmp_path / "runs" / "ledger.json")
+    swept = sum(len(g) for g in TINY.grids.values())
+    assert len(ledger.entries) == len(TINY.seeds) + swept + len(MODES) * (len(TINY.seeds) - 1)  # zero-shot, sweep, rest
+    del ledger.entries[f"rte/hosl/lr{rows['rte']['best_lr']['hosl']:g}/s1"]
+    ledger.put("rte/zero-shot/s1", {"another": "config"}, {})  # a run of another config is not read back
+    assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing runs: not reported, nothing run
     text = table(rows)
     assert text.count("\n") == 1 + len(TINY.tasks) and "±" in text
     hosl = rows["rte"]["runs"]["hosl"][0]
@@ -98,8 +105,6 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
             "data": {"max_length": 64, "truncated": {}},
             "client": {"peak_memory_bytes": 2**20, "seconds_per_step": 0.1},
         }
-        out.mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps(results))
         return results
 
     monkeypatch.setattr(accuracy, "run", fake_run)

@@ -1,0 +1,49 @@
+"""A study's finished runs, kept in a JSON file in the repository (``docs/ledgers/<study>.json``).
+
+A study longer than a session (SmolLM2 accuracy, tuning over seeds) loses its run folders when the
+machine changes; its ledger is committed with the reports, so the next session, on any machine,
+reads each finished run back instead of rerunning it. A run is matched by its request (the whole
+config or the scenario with its overrides): a run of a changed request is not read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import provenance
+
+
+class Ledger:
+    """Finished runs' summaries by name, each with the request that produced it and where it ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, name: str, request: Any) -> dict[str, Any] | None:
+        """A copy of the summary of run ``name`` if it finished with this ``request``, else None."""
+        entry = self.entries.get(name)
+        if entry is None or entry["request"] != _plain(request):
+            return None
+        return json.loads(json.dumps(entry["summary"]))
+
+    def put(self, name: str, request: Any, summary: dict[str, Any]) -> None:
+        """Record a finished run and rewrite the file at once (atomically: a crash leaves the old one)."""
+        stamp = provenance()
+        self.entries[name] = {
+            "request": _plain(request),
+            "summary": _plain(summary),
+            "ran_at": {k: stamp[k] for k in ("commit", "host", "threads", "date")},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+        os.replace(partial, self.path)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, keys as strings), so requests compare alike."""
+    return json.loads(json.dumps(value, default=float))
