@@ -46,7 +46,8 @@ SECTIONS = (
         "tuning",
         "AUTOMATA: tuning on subsets over seeds",
         "python -m benchmarks.tune_compare --out runs/tune --tasks sst2 rte --seeds 0 1 2 "
-        "--selectors random gradmatch gradmatch-pc --task-set rte:max-length=128 --docs docs",
+        "--selectors random gradmatch gradmatch-pc --task-selectors rte:random,gradmatch "
+        "--task-set rte:max-length=128 --task-set rte:n-train=256 --docs docs",
     ),
     Section(
         "client_cost", "The ZO client step against its floor", "python -m benchmarks.client_cost --steps 4 --repeats 2"

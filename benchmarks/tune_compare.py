@@ -6,7 +6,7 @@ sampler and the model's initialisation together.
 
     python -m benchmarks.tune_compare --out runs/tune [--tasks sst2 rte] [--seeds 0 1 2]
         [--fractions 0.1 0.3] [--selectors random gradmatch] [--set key=value ...]
-        [--task-set rte:max-length=128 ...] [--docs docs]
+        [--task-set rte:max-length=128 ...] [--task-selectors rte:random,gradmatch ...] [--docs docs]
 
 Writes ``<docs>/tuning.md`` / ``.json`` / ``tuning.png``: per task and row, tuning speed-up over
 full-data tuning and final test accuracy after retraining on the full data (mean ± sd over
@@ -29,6 +29,7 @@ from typing import Any
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
 from benchmarks.report import spread, standard_error, write_report
+from fl_app.config import SELECTORS
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -84,16 +85,18 @@ def measure(
     sets: list[str],
     task_sets: dict[str, list[str]] | None = None,
     ledger: Ledger | None = None,
+    task_rows: dict[str, list[tuple[str, str, float]]] | None = None,
 ) -> dict[str, dict[int, list[dict]]]:
     """Per task and seed, each row's summary (the full row first, with ``speed_up`` over it), read
     from ``ledger`` (default: ``out/ledger.json``) or run in a folder under ``out`` and recorded
-    there; ``task_sets`` adds one task's own overrides (a shorter max length, say)."""
+    there; ``task_sets`` adds one task's own overrides (a shorter max length, say), ``task_rows``
+    one task's own rows in place of ``rows`` (fewer selectors, say)."""
     ledger = ledger if ledger is not None else Ledger(out / "ledger.json")
     study: dict[str, dict[int, list[dict]]] = {}
     for task in tasks:
         for seed in seeds:
             found = []
-            for name, selector, fraction in rows:
+            for name, selector, fraction in (task_rows or {}).get(task, rows):
                 overrides = [
                     *sets,
                     *(task_sets or {}).get(task, []),
@@ -316,10 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["sst2"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
-    parser.add_argument("--selectors", nargs="+", default=["random", "gradmatch"])
+    subsets = [sel for sel in SELECTORS if sel != "full"]
+    parser.add_argument("--selectors", nargs="+", default=["random", "gradmatch"], choices=subsets)
     parser.add_argument("--supernodes", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--task-set", action="append", default=[], metavar="TASK:KEY=VALUE")
+    parser.add_argument(
+        "--task-selectors", action="append", default=[], metavar="TASK:SEL[,SEL...]", help="a task's own selectors"
+    )
     parser.add_argument("--docs", type=Path, help="where tuning.md / .json / .png go (default: --out)")
     parser.add_argument("--ledger", type=Path, default=ROOT / "docs" / "ledgers" / "tuning.json", help="finished runs")
     args = parser.parse_args(argv)
@@ -330,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or "=" not in pair:
             parser.error(f"--task-set {item!r}: expected TASK:KEY=VALUE")
         task_sets.setdefault(task, []).append(pair)
+    task_rows: dict[str, list[tuple[str, str, float]]] = {}
+    for item in args.task_selectors:
+        task, sep, names = item.partition(":")
+        if not sep or task not in args.tasks or not set(names.split(",")) <= set(subsets):
+            parser.error(f"--task-selectors {item!r}: expected TASK:SEL[,SEL...], a task of --tasks, SEL of {subsets}")
+        task_rows[task] = rows_of(args.fractions, names.split(","))
     study = measure(
         Path(args.scenario),
         args.tasks,
@@ -340,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         args.set,
         task_sets,
         Ledger(args.ledger),
+        task_rows,
     )
     flags = " ".join(
         [
@@ -350,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         + [f"--set {s}" for s in args.set]
         + [f"--task-set {s}" for s in args.task_set]
+        + [f"--task-selectors {s}" for s in args.task_selectors]
         + ([f"--scenario {args.scenario}"] if args.scenario != str(SCENARIO) else [])
     )
     print(f"[tune_compare] wrote {report(study, args.docs or out, flags)}", flush=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import benchmarks.tune_compare as tune_compare
+from benchmarks.ledger import Ledger
 from fl_app.config import make_config, read_scenario
 from fl_app.train import run
 
@@ -117,3 +118,34 @@ def test_rows_that_chose_the_same_configuration_give_the_noise_floor():
         for i, r in enumerate(runs):
             r["best_params"] = {"client-lr": float(i)}
     assert tune_compare.same_choice_gaps(study) == [] and tune_compare.noise_line(study) == ""
+
+
+def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger(tmp_path, monkeypatch):
+    """``--task-selectors rte:random`` runs rte's full and random rows only, sst2 every selector's; a
+    row in the ledger with the same request is read from it (nothing here may run)."""
+    monkeypatch.setattr(tune_compare, "run_simulation", lambda *_: pytest.fail("a recorded row was run again"))
+    seen, real_measure = {}, tune_compare.measure
+
+    def measure(*args):
+        seen["study"] = real_measure(*args)
+        return seen["study"]
+
+    monkeypatch.setattr(tune_compare, "measure", measure)
+    monkeypatch.setattr(tune_compare, "report", lambda study, docs, flags: seen.setdefault("flags", flags))
+    ledger = Ledger(tmp_path / "tuning.json")
+    for task, selectors in (("sst2", ["random", "gradmatch"]), ("rte", ["random"])):
+        for name, selector, fraction in tune_compare.rows_of([0.1], selectors):
+            overrides = [f"task={task}", "seed=0", f"subset-selector={selector}", f"subset-fraction={fraction}"]
+            key = f"{task}/s0/" + name.replace(" ", "_").replace("%", "pct")
+            summary = {**_study({"full": [0.7]})["sst2"][0][0], "run": name, "tuning_seconds": 2.0 - fraction}
+            ledger.put(key, {"scenario": SCENARIO.read_text(), "overrides": overrides, "supernodes": 4}, summary)
+    common = ["--out", str(tmp_path), "--scenario", str(SCENARIO), "--ledger", str(ledger.path), "--fractions", "0.1"]
+    tune_compare.main([*common, "--tasks", "sst2", "rte", "--task-selectors", "rte:random"])
+    assert {task: [r["run"] for r in by_seed[0]] for task, by_seed in seen["study"].items()} == {
+        "sst2": ["full", "random 10%", "gradmatch 10%"],
+        "rte": ["full", "random 10%"],
+    }
+    assert seen["study"]["rte"][0][1]["speed_up"] == pytest.approx(1.0 / 1.9)  # full / random tuning seconds
+    assert "--task-selectors rte:random" in seen["flags"]
+    with pytest.raises(SystemExit):  # a selector that does not exist fails before anything runs
+        tune_compare.main([*common, "--tasks", "rte", "--task-selectors", "rte:randm"])
