@@ -94,7 +94,7 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
     seeds = max(len(row["runs"]["hosl"]) for row in rows.values())
     known = {t: row for t, row in rows.items() if "majority" in row}
     taught = [t for t, row in known.items() if learned(row, "fo-fo") or learned(row, "hosl")]
-    head = f"Over {len(rows)} task(s) and {seeds} seed(s)"
+    head = f"Over {len(rows)} task(s) ({', '.join(rows)}) and {seeds} seed(s)"  # a partial study names its tasks
     if known:
         head += (
             f", fo-fo or hosl beat the majority class (by more than {100 * LEARNED:g} points and two standard "

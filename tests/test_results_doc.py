@@ -53,6 +53,7 @@ def test_accuracy_headline_reports_gaps_only_where_a_mode_learned_the_task():
         for task, majority, fo, hosl in (("sst2", 0.5, 0.80, 0.78), ("rte", 0.6, 0.60, 0.605))
     }
     line = accuracy_headline(rows)
+    assert line.startswith("Over 2 task(s) (sst2, rte) and 3 seed(s)")  # a partial study says which tasks it covers
     assert "majority class (by more than 2 points and two standard errors) on sst2 (" in line
     assert "hosl - fo-fo is between -2.0 and -2.0" in line and "hosl - zo-zo between +23.0 and +23.0" in line
     rows["sst2"]["majority"] = [0.9] * 3
