@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
 from benchmarks.report import spread, standard_error, write_report
-from fl_app.config import SELECTORS
+from fl_app.config import SELECTORS, make_config, read_scenario
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -292,8 +292,58 @@ def noise_line(study: dict[str, dict[int, list[dict]]]) -> str:
     )
 
 
-def report(study: dict[str, dict[int, list[dict]]], docs: Path, flags: str) -> Path:
-    """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study run with ``flags`` (``--tasks ...``)."""
+def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any] | None = None) -> str:
+    """Where no GradMatch variant beats random: what the measurements point to, each part computed from
+    them (selection quality, largest paired gap against the noise floor, selection's share of the
+    study's time) and from the study's ``settings`` (warm start, reselection); empty otherwise."""
+    variants = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")]
+    if not variants or "random" not in selectors_in(study) or any(" beats " in v for v in verdicts(study)):
+        return ""
+    runs = [r for by_seed in study.values() for found in by_seed.values() for r in found]
+    picked = [r for r in runs if r["run"].split(" ")[0] in variants]
+    randoms = [r for r in runs if r["run"].startswith("random ")]
+    parts = []
+    errors = [(r["gradmatch_error"], r["random_error"]) for r in picked if r["gradmatch_error"] is not None]
+    if errors and mean([g for g, _ in errors]):
+        ratio = mean([x for _, x in errors]) / mean([g for g, _ in errors])
+        parts.append(
+            f"the selection itself works as designed: a GradMatch subset's weighted proxy sum is {ratio:.1f}x "
+            "closer to the full sum than a random subset's of the same size"
+        )
+    diffs = [abs(d) for sel in variants for v in paired_differences(study, sel, "random").values() for d in v["diffs"]]
+    if diffs and (gaps := same_choice_gaps(study)):
+        floor = max(g["gap"] for g in gaps)
+        where = "within" if max(diffs) <= floor else "beyond"
+        parts.append(
+            f"the largest paired gap to random ({100 * max(diffs):.1f} points) is {where} the noise floor "
+            f"({100 * floor:.1f} points): more seeds, or a deterministic final training, would resolve smaller gaps"
+        )
+    if picked and randoms and (spent := sum(r["tuning_seconds"] for r in picked)):
+        share = sum(r["selection_seconds"] for r in picked) / spent
+        parts.append(
+            f"selection takes {100 * share:.0f}% of a GradMatch study's tuning time, why its speed-up "
+            f"({mean([r['speed_up'] for r in picked]):.1f}x) is below random's "
+            f"({mean([r['speed_up'] for r in randoms]):.1f}x)"
+            + (
+                f"; reselecting less often (subset-reselect-every = {settings['subset-reselect-every']} here) "
+                "would close that"
+                if settings
+                else ""
+            )
+        )
+    if settings and not settings["subset-warm-start"]:
+        parts.append(
+            "the first selection scores proxies of the untrained model (subset-warm-start = 0 here; AUTOMATA "
+            "trains on the full data for a share of the rounds first)"
+        )
+    return "What the measurements suggest: " + "; ".join(parts) + "." if parts else ""
+
+
+def report(
+    study: dict[str, dict[int, list[dict]]], docs: Path, flags: str, settings: dict[str, Any] | None = None
+) -> Path:
+    """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study run with ``flags`` (``--tasks ...``) on a
+    scenario with ``settings`` (its subset keys, for the suggestions)."""
     command = f"python -m benchmarks.tune_compare {flags}"
     agg = aggregate(study)
     docs.mkdir(parents=True, exist_ok=True)
@@ -304,7 +354,7 @@ def report(study: dict[str, dict[int, list[dict]]], docs: Path, flags: str) -> P
         "task, seed and row). The full row tunes on all data; the others on subsets reselected every round; "
         "each study's best configuration is then trained on the full data and tested. Speed-up: the full "
         f"row's tuning wall time over the row's, on the same seed. Plot: `{png.name}`.\n\n"
-        + "".join(f"{line}\n\n" for line in [*verdicts(study), noise_line(study)] if line)
+        + "".join(f"{line}\n\n" for line in [*verdicts(study), suggestions(study, settings), noise_line(study)] if line)
         + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
     rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs"  # rewrites docs/tuning.md
@@ -343,6 +393,14 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or task not in args.tasks or not set(names.split(",")) <= set(subsets):
             parser.error(f"--task-selectors {item!r}: expected TASK:SEL[,SEL...], a task of --tasks, SEL of {subsets}")
         task_rows[task] = rows_of(args.fractions, names.split(","))
+    if bad := [s for s in args.set if "=" not in s]:
+        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE")
+    keys = {**read_scenario(Path(args.scenario)), **dict(s.split("=", 1) for s in args.set)}
+    try:
+        config = make_config(keys)  # a bad scenario or --set fails here, before any run
+    except ValueError as err:
+        parser.error(str(err))
+    settings = {key: config[key] for key in ("subset-reselect-every", "subset-warm-start")}
     study = measure(
         Path(args.scenario),
         args.tasks,
@@ -367,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         + [f"--task-selectors {s}" for s in args.task_selectors]
         + ([f"--scenario {args.scenario}"] if args.scenario != str(SCENARIO) else [])
     )
-    print(f"[tune_compare] wrote {report(study, args.docs or out, flags)}", flush=True)
+    print(f"[tune_compare] wrote {report(study, args.docs or out, flags, settings)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
         return seen["study"]
 
     monkeypatch.setattr(tune_compare, "measure", measure)
-    monkeypatch.setattr(tune_compare, "report", lambda study, docs, flags: seen.setdefault("flags", flags))
+    monkeypatch.setattr(
+        tune_compare, "report", lambda study, docs, flags, settings: seen.update(flags=flags, settings=settings)
+    )
     ledger = Ledger(tmp_path / "tuning.json")
     for task, selectors in (("sst2", ["random", "gradmatch"]), ("rte", ["random"])):
         for name, selector, fraction in tune_compare.rows_of([0.1], selectors):
@@ -147,5 +149,24 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
     }
     assert seen["study"]["rte"][0][1]["speed_up"] == pytest.approx(1.0 / 1.9)  # full / random tuning seconds
     assert "--task-selectors rte:random" in seen["flags"]
-    with pytest.raises(SystemExit):  # a selector that does not exist fails before anything runs
-        tune_compare.main([*common, "--tasks", "rte", "--task-selectors", "rte:randm"])
+    assert seen["settings"] == {"subset-reselect-every": 1, "subset-warm-start": 0.0}  # tune_tiny's, for suggestions
+    for bad in (["--task-selectors", "rte:randm"], ["--set", "subset-fraction=2"], ["--set", "bogus=1"]):
+        with pytest.raises(SystemExit):  # a selector or setting that cannot be fails before anything runs
+            tune_compare.main([*common, "--tasks", "rte", *bad])
+
+
+def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_suggest():
+    study = _study({"full": [0.80, 0.70], "random 10%": [0.77, 0.72], "gradmatch 10%": [0.79, 0.71]})
+    for runs in study["sst2"].values():
+        for r in runs:
+            gm = r["run"].startswith("gradmatch")
+            r.update(best_params={"client-lr": 1e-4}, selection_seconds=25.0 if gm else 0.0, tuning_seconds=100.0)
+            r.update(gradmatch_error=0.5 if gm else None, random_error=2.0 if gm else None, speed_up=4.0 if gm else 5.0)
+    line = tune_compare.suggestions(study, {"subset-reselect-every": 1, "subset-warm-start": 0.0})
+    assert "4.0x closer to the full sum" in line and "selection takes 25% of a GradMatch study's tuning time" in line
+    assert "largest paired gap to random (2.0 points) is within the noise floor (3.0 points)" in line
+    assert "(4.0x) is below random's (5.0x)" in line and "subset-warm-start = 0 here" in line
+    assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 3, "subset-warm-start": 0.2})
+    for seed, runs in study["sst2"].items():
+        runs[2]["test"] = runs[1]["test"] + 0.05 + 0.01 * seed  # gradmatch now wins on both seeds, clearly
+    assert tune_compare.suggestions(study) == ""
