@@ -313,10 +313,10 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     diffs = [abs(d) for sel in variants for v in paired_differences(study, sel, "random").values() for d in v["diffs"]]
     if diffs and (gaps := same_choice_gaps(study)):
         floor = max(g["gap"] for g in gaps)
-        where = "within" if max(diffs) <= floor else "beyond"
         parts.append(
-            f"the largest paired gap to random ({100 * max(diffs):.1f} points) is {where} the noise floor "
-            f"({100 * floor:.1f} points): more seeds, or a deterministic final training, would resolve smaller gaps"
+            f"{sum(d <= floor for d in diffs)} of {len(diffs)} paired gaps to random (seed by seed; the largest "
+            f"{100 * max(diffs):.1f} points) are within the noise floor ({100 * floor:.1f} points), so more seeds "
+            "or a deterministic final training would be needed to resolve differences of that size"
         )
     if picked and randoms and (spent := sum(r["tuning_seconds"] for r in picked)):
         share = sum(r["selection_seconds"] for r in picked) / spent

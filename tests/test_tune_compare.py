@@ -164,7 +164,7 @@ def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_sugge
             r.update(gradmatch_error=0.5 if gm else None, random_error=2.0 if gm else None, speed_up=4.0 if gm else 5.0)
     line = tune_compare.suggestions(study, {"subset-reselect-every": 1, "subset-warm-start": 0.0})
     assert "4.0x closer to the full sum" in line and "selection takes 25% of a GradMatch study's tuning time" in line
-    assert "largest paired gap to random (2.0 points) is within the noise floor (3.0 points)" in line
+    assert "2 of 2 paired gaps to random (seed by seed; the largest 2.0 points) are within the noise floor (3.0" in line
     assert "(4.0x) is below random's (5.0x)" in line and "subset-warm-start = 0 here" in line
     assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 3, "subset-warm-start": 0.2})
     for seed, runs in study["sst2"].items():
