@@ -294,7 +294,7 @@ def noise_line(study: dict[str, dict[int, list[dict]]]) -> str:
 
 def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any] | None = None) -> str:
     """Where no GradMatch variant beats random: what the measurements point to, each part computed from
-    them (selection quality, largest paired gap against the noise floor, selection's share of the
+    them (selection quality, the paired gaps against the noise floor, selection's share of the
     study's time) and from the study's ``settings`` (warm start, reselection); empty otherwise."""
     variants = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")]
     if not variants or "random" not in selectors_in(study) or any(" beats " in v for v in verdicts(study)):
@@ -307,8 +307,13 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     if errors and mean([g for g, _ in errors]):
         ratio = mean([x for _, x in errors]) / mean([g for g, _ in errors])
         parts.append(
-            f"the selection itself works as designed: a GradMatch subset's weighted proxy sum is {ratio:.1f}x "
-            "closer to the full sum than a random subset's of the same size"
+            (
+                "the selection itself works as designed: "
+                if ratio > 1
+                else "the selection does not match the full gradient better than chance: "
+            )
+            + f"a GradMatch subset's weighted proxy sum is {ratio:.1f}x closer to the full sum than a random "
+            "subset's of the same size"
         )
     diffs = [abs(d) for sel in variants for v in paired_differences(study, sel, "random").values() for d in v["diffs"]]
     if diffs and (gaps := same_choice_gaps(study)):

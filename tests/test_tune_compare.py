@@ -167,6 +167,8 @@ def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_sugge
     assert "2 of 2 paired gaps to random (seed by seed; the largest 2.0 points) are within the noise floor (3.0" in line
     assert "(4.0x) is below random's (5.0x)" in line and "subset-warm-start = 0 here" in line
     assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 3, "subset-warm-start": 0.2})
+    study["sst2"][0][2]["gradmatch_error"] = study["sst2"][1][2]["gradmatch_error"] = 4.0
+    assert "does not match the full gradient better than chance: a GradMatch" in tune_compare.suggestions(study)
     for seed, runs in study["sst2"].items():
         runs[2]["test"] = runs[1]["test"] + 0.05 + 0.01 * seed  # gradmatch now wins on both seeds, clearly
     assert tune_compare.suggestions(study) == ""
