@@ -8,6 +8,7 @@ config or the scenario with its overrides): a run of a changed request is not re
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -31,17 +32,21 @@ class Ledger:
         return json.loads(json.dumps(entry["summary"]))
 
     def put(self, name: str, request: Any, summary: dict[str, Any]) -> None:
-        """Record a finished run and rewrite the file at once (atomically: a crash leaves the old one)."""
+        """Record a finished run in the file at once: under a lock, over what is in the file now (another
+        process's runs are kept), written atomically (a crash leaves the old file)."""
         stamp = provenance()
-        self.entries[name] = {
+        entry = {
             "request": _plain(request),
             "summary": _plain(summary),
-            "ran_at": {k: stamp[k] for k in ("commit", "host", "threads", "date")},
+            "ran_at": {k: stamp[k] for k in ("commit", "host", "date")},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".tmp")
-        partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        os.replace(partial, self.path)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.entries = {**(json.loads(self.path.read_text()) if self.path.is_file() else {}), name: entry}
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+            os.replace(partial, self.path)
 
 
 def _plain(value: Any) -> Any:

@@ -15,4 +15,7 @@ def test_a_run_is_read_back_only_with_the_request_that_produced_it(tmp_path):
     found = again.get("sst2/s0/full", {"overrides": ["seed=0"], "lr": 1e-4})
     found["test"] = 0.0  # a caller adding its own fields (speed-ups) does not change the ledger
     assert Ledger(path).get("sst2/s0/full", {"overrides": ["seed=0"], "lr": 1e-4}) == {"test": 0.75}
-    assert [p.name for p in path.parent.iterdir()] == ["study.json"]  # written whole, no partial file left
+    Ledger(path).put("sst2/s1/full", {"overrides": ["seed=1"]}, {"test": 0.7})  # another process, meanwhile
+    again.put("sst2/s2/full", {"overrides": ["seed=2"]}, {"test": 0.8})
+    assert sorted(Ledger(path).entries) == ["sst2/s0/full", "sst2/s1/full", "sst2/s2/full"]  # none lost
+    assert not list(path.parent.glob("*.tmp"))  # written whole: no partial file left
