@@ -338,6 +338,36 @@ def cost_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FLAT = 0.01  # a sweep is flat when every rate's final dev accuracy is within this of the others
+
+
+def flat_sweeps(rows: dict[str, Any]) -> str:
+    """The sweeps whose rates all end within FLAT on dev, plainly (empty if none): there the swept rate
+    barely matters at this budget; for hosl it is the ZO bottom's, so the server seems to carry the learning."""
+    flat = [
+        (task, mode, min(by_lr.values()), max(by_lr.values()), len(by_lr))
+        for task, row in rows.items()
+        for mode, by_lr in row["sweep"].items()
+        if len(by_lr) > 1 and max(by_lr.values()) - min(by_lr.values()) <= FLAT
+    ]
+    if not flat:
+        return ""
+    listed = "; ".join(f"{t} {m}: {lo:.3f} to {hi:.3f} over {n} rates" for t, m, lo, hi, n in flat)
+    hosl = [t for t, m, *_ in flat if m == "hosl"]
+    return (
+        f"Flat sweeps (final dev within {100 * FLAT:g} point(s) over the whole grid): {listed}. The swept rate "
+        "barely matters there at this budget"
+        + (
+            f"; for hosl ({', '.join(hosl)}) the swept rate is the ZO bottom's, so its zeroth-order steps hardly "
+            "move dev accuracy: hosl's learning here appears to come from the server's backprop on the top (a "
+            "frozen-bottom run would tell)"
+            if hosl
+            else ""
+        )
+        + "."
+    )
+
+
 def sweep_table(rows: dict[str, Any]) -> str:
     """Final dev accuracy of each learning rate tried (seed 0)."""
     lines = ["| task | mode | dev accuracy by learning rate |", "|---|---|---|"]
@@ -444,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         + f"\n\n{table(rows)}\n\n## Data and cost per step\n\n{cost_table(rows)}"
         + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
+        + (f"\n\n{flat}" if (flat := flat_sweeps(rows)) else "")
         + "\n"
     )
     write_report(args.docs / stem, text, rows)

@@ -7,7 +7,18 @@ import shutil
 import pytest
 
 import benchmarks.accuracy as accuracy
-from benchmarks.accuracy import MODES, SIZES, Size, cost_table, measure, plot, scenario, sweep_table, table
+from benchmarks.accuracy import (
+    MODES,
+    SIZES,
+    Size,
+    cost_table,
+    flat_sweeps,
+    measure,
+    plot,
+    scenario,
+    sweep_table,
+    table,
+)
 from benchmarks.ledger import Ledger
 
 TINY = Size(
@@ -121,3 +132,12 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
     assert sweep_table(rows).count("| sst2 |") == len(MODES) and "| rte |" not in sweep_table(rows)
     with pytest.raises(ValueError, match="sweep_task = 'cb'"):
         Size(**{**TINY.__dict__, "sweep_task": "cb"})
+
+
+def test_a_flat_sweep_is_named_and_for_hosl_the_report_says_the_server_carries_the_learning():
+    rows = {"sst2": {"sweep": {"fo-fo": {"1e-4": 0.75, "1e-3": 0.835}, "hosl": {"1e-4": 0.73, "3e-3": 0.725}}}}
+    line = flat_sweeps(rows)
+    assert "sst2 hosl: 0.725 to 0.730 over 2 rates" in line and "fo-fo" not in line
+    assert "for hosl (sst2) the swept rate is the ZO bottom's" in line
+    rows["sst2"]["sweep"]["hosl"]["3e-3"] = 0.70
+    assert flat_sweeps(rows) == ""
