@@ -5,8 +5,9 @@
 all-MiniLM-L6-v2, full parameters, cut after layer 2, one client (or SmolLM2 with LoRA): the same
 data, steps, batch and cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
 small grid on seed 0 (dev, never test), then runs at it on every seed; ``zero-shot`` is the
-untrained model (both sides frozen). For each task: test accuracy mean and standard deviation per
-mode, and the gaps hosl - fo-fo and hosl - zo-zo beside the paper's. Writes ``<docs>/accuracy.md``
+untrained model (both sides frozen), ``frozen-bottom`` the control for hosl's ZO bottom (hosl's top
+trained alone, run last). For each task: test accuracy mean and standard deviation per mode, the
+gaps hosl - fo-fo and hosl - zo-zo beside the paper's, and hosl - frozen bottom. Writes ``<docs>/accuracy.md``
 / ``.json``, ``accuracy_dev.png`` (dev accuracy per round by mode, one panel per task) and
 ``accuracy_test.png`` (test accuracy by task and mode, with error bars).
 
@@ -43,6 +44,7 @@ from fl_app.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fo-fo", "hosl", "zo-zo")
+CONTROL = "frozen-bottom"  # hosl with its bottom frozen: what hosl's ZO bottom adds over training the top alone
 # HOSL paper (OPT-125M / OPT-1.3B, six tasks): hosl within 0.20-4.23 points of fo-fo, up to +15.55 over zo-zo
 PAPER = "the paper: hosl - fo-fo between -4.23 and -0.20 points, hosl - zo-zo up to +15.55 (OPT-1.3B RTE)"
 BASE = {
@@ -136,7 +138,8 @@ SIZES = {
 
 def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
     """One run: ``lr`` is the client's (fo-fo, hosl) or both ZO sides' (zo-zo; the server keeps Adam
-    otherwise); ``mode = zero-shot`` trains nothing (both sides frozen) and scores the untrained model."""
+    otherwise); ``mode = zero-shot`` trains nothing (both sides frozen) and scores the untrained model;
+    ``mode = frozen-bottom`` is hosl with its bottom frozen: only the top trains, as hosl's server does."""
     keys: dict[str, Any] = {
         **BASE,
         "model": size.model,
@@ -155,6 +158,8 @@ def scenario(size: Size, task: str, mode: str, lr: float, seed: int) -> Config:
     if mode == "zero-shot":
         keys.update({"mode": "hosl", "client-params": "frozen", "server-params": "frozen", "num-rounds": 1})
         keys["local-steps"] = 1
+    elif mode == CONTROL:
+        keys.update({"mode": "hosl", "client-params": "frozen"})
     else:
         keys.update({"mode": mode, "client-lr": lr, **({"server-lr": lr} if mode == "zo-zo" else {})})
     return make_config(keys)
@@ -198,7 +203,7 @@ def majority_accuracy(size: Size, task: str, seed: int) -> float:
 
 def run_name(task: str, mode: str, lr: float, seed: int) -> str:
     """A run's name in the ledger and its folder under ``--out``."""
-    return f"{task}/{mode}/" + (f"s{seed}" if mode == "zero-shot" else f"lr{lr:g}/s{seed}")
+    return f"{task}/{mode}/" + (f"s{seed}" if mode in ("zero-shot", CONTROL) else f"lr{lr:g}/s{seed}")
 
 
 def _one_run(size: Size, out: Path, key: tuple[str, str, float, int]) -> dict[str, Any]:
@@ -252,8 +257,8 @@ def measure(size: Size, out: Path, jobs: int = 1, ledger: Ledger | None = None) 
     first += [(t, mode, lr, 0) for t in swept_tasks for mode in MODES for lr in size.grids[mode]]
     done = _run_all(size, out, first, jobs, ledger)
 
-    def complete(task: str) -> bool:
-        return all(r is not None for k, r in done.items() if k[0] == task)
+    def complete(task: str) -> bool:  # the frozen-bottom control aside: a task is reported without it
+        return all(r is not None for k, r in done.items() if k[0] == task and k[1] != CONTROL)
 
     best = {
         (t, mode): max(size.grids[mode], key=lambda lr: done[size.rates_from(t), mode, lr, 0]["dev"] or -1.0)
@@ -262,6 +267,7 @@ def measure(size: Size, out: Path, jobs: int = 1, ledger: Ledger | None = None) 
         for mode in MODES
     }
     rest = [(t, mode, lr, s) for (t, mode), lr in best.items() for s in size.seeds if (t, mode, lr, s) not in done]
+    rest += [(t, CONTROL, 0.0, s) for t in size.tasks for s in size.seeds]  # last: the evidence comes first
     done.update(_run_all(size, out, rest, jobs, ledger))
     rows: dict[str, Any] = {}
     for task in [t for t in size.tasks if (t, MODES[0]) in best and complete(t)]:
@@ -276,13 +282,17 @@ def measure(size: Size, out: Path, jobs: int = 1, ledger: Ledger | None = None) 
             row["best_lr"][mode] = lr
             row["runs"][mode] = [done[task, mode, lr, s] for s in size.seeds]
             print(f"[accuracy] {task} {mode}: lr {lr:g}, test {[r['test'] for r in row['runs'][mode]]}", flush=True)
+        if all(done[task, CONTROL, 0.0, s] is not None for s in size.seeds):
+            row["control"] = [done[task, CONTROL, 0.0, s] for s in size.seeds]
         rows[task] = row
     return rows
 
 
 def _all_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every run of a task: the sweep's and the seeds' (the best learning rate's seed-0 run is in both)."""
-    return [r for runs in row["runs"].values() for r in runs] + list(row.get("sweep_runs", []))
+    """Every run of a task: the sweep's, the seeds' (the best learning rate's seed-0 run is in both)
+    and the frozen-bottom control's."""
+    runs = [r for runs in row["runs"].values() for r in runs]
+    return runs + list(row.get("sweep_runs", [])) + list(row.get("control", []))
 
 
 LEARNED = 0.02  # a mode has learned a task when its mean test accuracy beats the majority class by this
@@ -315,6 +325,24 @@ def table(rows: dict[str, Any]) -> str:
         lrs = " / ".join(f"{row['best_lr'][mode]:g}" for mode in MODES)
         which = ", ".join(mode for mode in MODES if learned(row, mode)) or "none"
         lines.append(f"| {task} | {' | '.join(cells)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} | {which} | {lrs} |")
+    return "\n".join(lines)
+
+
+def control_table(rows: dict[str, Any]) -> str:
+    """Per task: hosl against the same top trained over a frozen bottom (test %, mean ± sd) and the
+    paired gap (points ± standard error over seeds): what hosl's ZO bottom adds."""
+    lines = ["| task | frozen bottom | hosl | hosl - frozen bottom |", "|---|---|---|---|"]
+    for task, row in rows.items():
+        if "control" not in row:
+            lines.append(f"| {task} | not run yet | | |")
+            continue
+        pairs = [(h["test"], c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
+        (cm, csd), (hm, hsd) = spread([c for _, c in pairs]), spread([h for h, _ in pairs])
+        diffs = [100 * (h - c) for h, c in pairs]
+        lines.append(
+            f"| {task} | {100 * cm:.1f} ± {100 * csd:.1f} | {100 * hm:.1f} ± {100 * hsd:.1f} | "
+            f"{spread(diffs)[0]:+.1f} ± {standard_error(diffs):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -360,7 +388,7 @@ def flat_sweeps(rows: dict[str, Any]) -> str:
         + (
             f"; for hosl ({', '.join(hosl)}) the swept rate is the ZO bottom's, so its zeroth-order steps hardly "
             "move dev accuracy: hosl's learning here appears to come from the server's backprop on the top (a "
-            "frozen-bottom run would tell)"
+            "frozen-bottom control below tells)"
             if hosl
             else ""
         )
@@ -471,7 +499,10 @@ def main(argv: list[str] | None = None) -> None:
         + f"a mode learned a task when its mean beats that by more than {100 * LEARNED:g} points and by more than two "
         + "standard errors over seeds. Where no mode "
         + "learned a task, its gaps say nothing about HOSL: every mode answers (nearly) the majority class."
-        + f"\n\n{table(rows)}\n\n## Data and cost per step\n\n{cost_table(rows)}"
+        + f"\n\n{table(rows)}\n\n## What hosl's ZO bottom adds\n\nThe same top trained over a frozen bottom "
+        + "(hosl with client parameters frozen, the server as in hosl; one run per seed, no sweep). A gap near zero "
+        + f"means hosl's accuracy here is the server's.\n\n{control_table(rows)}"
+        + f"\n\n## Data and cost per step\n\n{cost_table(rows)}"
         + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
         + (f"\n\n{flat}" if (flat := flat_sweeps(rows)) else "")

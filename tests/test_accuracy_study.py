@@ -8,9 +8,11 @@ import pytest
 
 import benchmarks.accuracy as accuracy
 from benchmarks.accuracy import (
+    CONTROL,
     MODES,
     SIZES,
     Size,
+    control_table,
     cost_table,
     flat_sweeps,
     measure,
@@ -41,6 +43,8 @@ def test_each_mode_sets_its_own_learning_rate_and_zero_shot_trains_nothing():
     assert zozo["client-lr"] == zozo["server-lr"] == 3e-4 and zozo["mode"] == "zo-zo"
     hosl = scenario(TINY, "rte", "hosl", 3e-4, 1)
     assert hosl["server-lr"] == accuracy.BASE["server-lr"] and hosl["seed"] == 1
+    control = scenario(SIZES["smollm2"], "rte", CONTROL, 0.0, 1)  # hosl's top, trained over a frozen bottom
+    assert (control["mode"], control["client-params"], control["server-params"]) == ("hosl", "frozen", "lora")
     zero = scenario(TINY, "rte", "zero-shot", 0.0, 2)
     assert zero["client-params"] == zero["server-params"] == "frozen"
     lora = scenario(SIZES["smollm2"], "boolq", "hosl", 1e-4, 0)
@@ -77,6 +81,8 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
             )
             assert saved["config"]["seed"] == 1 and saved["eval"]["test"]["accuracy"] == runs[1]["test"]
 
+    assert [r["dev_per_round"] != [] for r in rows["rte"]["control"]] == [True] * len(TINY.seeds)  # real runs
+
     def no_run(*_):
         raise AssertionError("a finished run was run again")
 
@@ -86,7 +92,8 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     assert measure(TINY, tmp_path / "runs", jobs=0) == rows  # report only: every run has finished
     ledger = Ledger(tmp_path / "runs" / "ledger.json")
     swept = sum(len(g) for g in TINY.grids.values())
-    assert len(ledger.entries) == len(TINY.seeds) + swept + len(MODES) * (len(TINY.seeds) - 1)  # zero-shot, sweep, rest
+    rest = len(MODES) * (len(TINY.seeds) - 1) + len(TINY.seeds)  # other seeds at the best rates; the control
+    assert len(ledger.entries) == len(TINY.seeds) + swept + rest  # zero-shot, sweep, rest
     del ledger.entries[f"rte/hosl/lr{rows['rte']['best_lr']['hosl']:g}/s1"]
     ledger.put("rte/zero-shot/s1", {"another": "config"}, {})  # a run of another config is not read back
     assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing runs: not reported, nothing run
@@ -105,9 +112,10 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
     calls = []
 
     def fake_run(config, out):
-        frozen = config["client-params"] == "frozen"  # zero-shot
-        calls.append((config["task"], "zero-shot" if frozen else config["mode"], config["client-lr"], config["seed"]))
-        score = 0.5 if frozen else 0.5 + config["client-lr"]
+        frozen = config["client-params"] == "frozen"  # zero-shot, or the frozen-bottom control
+        kind = ("zero-shot" if config["server-params"] == "frozen" else CONTROL) if frozen else config["mode"]
+        calls.append((config["task"], kind, config["client-lr"], config["seed"]))
+        score = {"zero-shot": 0.5, CONTROL: 0.6}.get(kind, 0.5 + config["client-lr"])
         results = {
             "status": "finished",
             "config": json.loads(json.dumps(dict(config))),
@@ -130,6 +138,15 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
     assert len([c for c in trained if c[0] == "sst2"]) == sum(len(g) for g in size.grids.values()) + len(MODES)
     assert rows["rte"]["sweep"] == {} and set(rows["sst2"]["sweep"]) == set(MODES)
     assert sweep_table(rows).count("| sst2 |") == len(MODES) and "| rte |" not in sweep_table(rows)
+    assert sorted(c[0::3] for c in calls if c[1] == CONTROL) == sorted((t, s) for t in size.tasks for s in size.seeds)
+    hosl = 100 * (0.5 + top["hosl"] - 0.6)  # the fake hosl's test minus the fake control's, in points
+    assert f"| rte | 60.0 ± 0.0 | {hosl + 60:.1f} ± 0.0 | {hosl:+.1f} ± 0.0 |" in control_table(rows)
+    ledger = Ledger(tmp_path / "ledger.json")
+    del ledger.entries[f"rte/{CONTROL}/s1"]
+    ledger.path.write_text(json.dumps(ledger.entries))
+    rows = measure(size, tmp_path, jobs=0)  # without its control, a task is still reported
+    assert "control" not in rows["rte"] and "control" in rows["sst2"]
+    assert "| rte | not run yet | | |" in control_table(rows)
     with pytest.raises(ValueError, match="sweep_task = 'cb'"):
         Size(**{**TINY.__dict__, "sweep_task": "cb"})
 
