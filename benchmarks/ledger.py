@@ -3,12 +3,14 @@
 A study longer than a session (SmolLM2 accuracy, tuning over seeds) loses its run folders when the
 machine changes; its ledger is committed with the reports, so the next session, on any machine,
 reads each finished run back instead of rerunning it. A run is matched by its request (the whole
-config or the scenario with its overrides): a run of a changed request is not read back.
+config or the scenario with its overrides): a run of a changed request is not read back, and when
+one is recorded under the same name the earlier run is kept as ``<name>@<request hash>``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +22,7 @@ from benchmarks.report import provenance
 class Ledger:
     """Finished runs' summaries by name, each with the request that produced it and where it ran."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
 
@@ -43,7 +45,11 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.entries = {**(json.loads(self.path.read_text()) if self.path.is_file() else {}), name: entry}
+            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            if (earlier := self.entries.get(name)) is not None and earlier["request"] != entry["request"]:
+                digest = hashlib.sha256(json.dumps(earlier["request"], sort_keys=True).encode()).hexdigest()[:12]
+                self.entries[f"{name}@{digest}"] = earlier  # another request's run: kept, never overwritten
+            self.entries[name] = entry
             partial = self.path.with_name(self.path.name + ".tmp")
             partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
             os.replace(partial, self.path)

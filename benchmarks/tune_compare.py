@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
 from benchmarks.report import spread, standard_error, write_report
-from fl_app.config import SELECTORS, make_config, read_scenario
+from fl_app.config import SELECTORS, scenario_config
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -160,10 +160,15 @@ def paired_differences(study: dict[str, dict[int, list[dict]]], a: str, b: str) 
     return found
 
 
+def wins_of(diffs: dict[str, dict[str, Any]]) -> list[str]:
+    """Where the paired mean is more than two standard errors above zero, over more than one seed."""
+    return [k for k, d in diffs.items() if len(d["diffs"]) > 1 and d["mean"] > 2 * d["se"] > 0]
+
+
 def verdict(diffs: dict[str, dict[str, Any]], a: str = "gradmatch", b: str = "random") -> str:
     """Plainly: where ``a`` beats ``b`` on final test (paired mean more than two standard errors
     above zero, over more than one seed), or that it does not anywhere."""
-    wins = [k for k, d in diffs.items() if len(d["diffs"]) > 1 and d["mean"] > 2 * d["se"] > 0]
+    wins = wins_of(diffs)
     listed = "; ".join(f"{k}: {100 * d['mean']:+.1f} ± {100 * d['se']:.1f}" for k, d in diffs.items())
     if wins:
         return (
@@ -294,45 +299,60 @@ def noise_line(study: dict[str, dict[int, list[dict]]]) -> str:
 
 def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any] | None = None) -> str:
     """Where no GradMatch variant beats random: what the measurements point to, each part computed from
-    them (selection quality, the paired gaps against the noise floor, selection's share of the
-    study's time) and from the study's ``settings`` (warm start, reselection); empty otherwise."""
+    them (selection quality, the paired gaps against the noise floor, selection's share of the study's
+    time, speed-ups of the rows paired by task, seed and fraction) and from the study's ``settings``
+    (warm start, reselection); empty otherwise."""
     variants = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")]
-    if not variants or "random" not in selectors_in(study) or any(" beats " in v for v in verdicts(study)):
+    if not variants or "random" not in selectors_in(study):
         return ""
-    runs = [r for by_seed in study.values() for found in by_seed.values() for r in found]
-    picked = [r for r in runs if r["run"].split(" ")[0] in variants]
-    randoms = [r for r in runs if r["run"].startswith("random ")]
+    paired = {sel: paired_differences(study, sel, "random") for sel in variants}
+    if any(wins_of(diffs) for diffs in paired.values()):
+        return ""
+    pairs = [  # (gradmatch-variant row, the random row of its task, seed and fraction)
+        (r, next(x for x in runs if x["run"] == "random " + r["run"].split(" ", 1)[1]))
+        for by_seed in study.values()
+        for runs in by_seed.values()
+        for r in runs
+        if r["run"].split(" ")[0] in variants and any(x["run"] == "random " + r["run"].split(" ", 1)[1] for x in runs)
+    ]
     parts = []
-    errors = [(r["gradmatch_error"], r["random_error"]) for r in picked if r["gradmatch_error"] is not None]
-    if errors and mean([g for g, _ in errors]):
+    errors = [(r["gradmatch_error"], r["random_error"]) for r, _ in pairs if r["gradmatch_error"] is not None]
+    if errors and mean([g for g, _ in errors]) and mean([x for _, x in errors]):
         ratio = mean([x for _, x in errors]) / mean([g for g, _ in errors])
+        size = "the full sum than a random subset's of the same size"
         parts.append(
-            (
-                "the selection itself works as designed: "
-                if ratio > 1
-                else "the selection does not match the full gradient better than chance: "
-            )
-            + f"a GradMatch subset's weighted proxy sum is {ratio:.1f}x closer to the full sum than a random "
-            "subset's of the same size"
+            f"the selection itself works as designed: a GradMatch subset's weighted proxy sum is {ratio:.1f}x "
+            f"closer to {size}"
+            if ratio > 1
+            else "the selection does not match the full gradient better than chance: a GradMatch subset's "
+            f"weighted proxy sum is {1 / ratio:.1f}x farther from {size}"
         )
-    diffs = [abs(d) for sel in variants for v in paired_differences(study, sel, "random").values() for d in v["diffs"]]
+    diffs = [d for by_key in paired.values() for v in by_key.values() for d in v["diffs"]]
     if diffs and (gaps := same_choice_gaps(study)):
         floor = max(g["gap"] for g in gaps)
+        beyond = [d for d in diffs if abs(d) > floor]
         parts.append(
-            f"{sum(d <= floor for d in diffs)} of {len(diffs)} paired gaps to random (seed by seed; the largest "
-            f"{100 * max(diffs):.1f} points) are within the noise floor ({100 * floor:.1f} points), so more seeds "
-            "or a deterministic final training would be needed to resolve differences of that size"
-        )
-    if picked and randoms and (spent := sum(r["tuning_seconds"] for r in picked)):
-        share = sum(r["selection_seconds"] for r in picked) / spent
-        parts.append(
-            f"selection takes {100 * share:.0f}% of a GradMatch study's tuning time, why its speed-up "
-            f"({mean([r['speed_up'] for r in picked]):.1f}x) is below random's "
-            f"({mean([r['speed_up'] for r in randoms]):.1f}x)"
+            f"{len(diffs) - len(beyond)} of {len(diffs)} paired gaps to random (seed by seed) are within the noise "
+            f"floor ({100 * floor:.1f} points)"
             + (
-                f"; reselecting less often (subset-reselect-every = {settings['subset-reselect-every']} here) "
-                "would close that"
-                if settings
+                f"; of the {len(beyond)} beyond it, {sum(d < 0 for d in beyond)} favour random"
+                f" (largest {100 * max(abs(d) for d in beyond):.1f} points)"
+                if beyond
+                else ""
+            )
+            + ": more seeds or a deterministic final training would be needed to resolve gaps of that size"
+        )
+    if pairs and (spent := sum(r["tuning_seconds"] for r, _ in pairs)):
+        share = sum(r["selection_seconds"] for r, _ in pairs) / spent
+        mine, theirs = mean([r["speed_up"] for r, _ in pairs]), mean([x["speed_up"] for _, x in pairs])
+        slower = mine < theirs
+        parts.append(
+            f"selection takes {100 * share:.0f}% of a GradMatch study's tuning time; its speed-up ({mine:.1f}x) is "
+            f"{'below' if slower else 'not below'} random's ({theirs:.1f}x) on the same task, seed and fraction"
+            + (
+                f", and reselecting less often (subset-reselect-every = {settings['subset-reselect-every']} here) "
+                "would narrow that"
+                if settings and slower
                 else ""
             )
         )
@@ -389,8 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     task_sets: dict[str, list[str]] = {}
     for item in args.task_set:
         task, sep, pair = item.partition(":")
-        if not sep or "=" not in pair:
-            parser.error(f"--task-set {item!r}: expected TASK:KEY=VALUE")
+        if not sep or "=" not in pair or task not in args.tasks:
+            parser.error(f"--task-set {item!r}: expected TASK:KEY=VALUE, a task of --tasks")
         task_sets.setdefault(task, []).append(pair)
     task_rows: dict[str, list[tuple[str, str, float]]] = {}
     for item in args.task_selectors:
@@ -398,14 +418,13 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or task not in args.tasks or not set(names.split(",")) <= set(subsets):
             parser.error(f"--task-selectors {item!r}: expected TASK:SEL[,SEL...], a task of --tasks, SEL of {subsets}")
         task_rows[task] = rows_of(args.fractions, names.split(","))
-    if bad := [s for s in args.set if "=" not in s]:
-        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE")
-    keys = {**read_scenario(Path(args.scenario)), **dict(s.split("=", 1) for s in args.set)}
-    try:
-        config = make_config(keys)  # a bad scenario or --set fails here, before any run
+    try:  # every task's scenario, as its runs will get it: a bad one fails here, before any run
+        configs = [
+            scenario_config(args.scenario, [*args.set, *task_sets.get(t, []), f"task={t}"])[0] for t in args.tasks
+        ]
     except ValueError as err:
         parser.error(str(err))
-    settings = {key: config[key] for key in ("subset-reselect-every", "subset-warm-start")}
+    settings = {key: configs[0][key] for key in ("subset-reselect-every", "subset-warm-start")}  # the first task's
     study = measure(
         Path(args.scenario),
         args.tasks,

@@ -94,9 +94,13 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     swept = sum(len(g) for g in TINY.grids.values())
     rest = len(MODES) * (len(TINY.seeds) - 1) + len(TINY.seeds)  # other seeds at the best rates; the control
     assert len(ledger.entries) == len(TINY.seeds) + swept + rest  # zero-shot, sweep, rest
+    recorded = ledger.path.read_text()
     del ledger.entries[f"rte/hosl/lr{rows['rte']['best_lr']['hosl']:g}/s1"]
+    ledger.path.write_text(json.dumps(ledger.entries))
+    assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing a run: not reported, nothing run
+    ledger.path.write_text(recorded)
     ledger.put("rte/zero-shot/s1", {"another": "config"}, {})  # a run of another config is not read back
-    assert measure(TINY, tmp_path / "runs", jobs=0) == {}  # rte is missing runs: not reported, nothing run
+    assert measure(TINY, tmp_path / "runs", jobs=0) == {}
     text = table(rows)
     assert text.count("\n") == 1 + len(TINY.tasks) and "±" in text
     hosl = rows["rte"]["runs"]["hosl"][0]
@@ -151,10 +155,28 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
         Size(**{**TINY.__dict__, "sweep_task": "cb"})
 
 
-def test_a_flat_sweep_is_named_and_for_hosl_the_report_says_the_server_carries_the_learning():
-    rows = {"sst2": {"sweep": {"fo-fo": {"1e-4": 0.75, "1e-3": 0.835}, "hosl": {"1e-4": 0.73, "3e-3": 0.725}}}}
-    line = flat_sweeps(rows)
-    assert "sst2 hosl: 0.725 to 0.730 over 2 rates" in line and "fo-fo" not in line
-    assert "for hosl (sst2) the swept rate is the ZO bottom's" in line
-    rows["sst2"]["sweep"]["hosl"]["3e-3"] = 0.70
-    assert flat_sweeps(rows) == ""
+def test_a_flat_sweep_is_named_and_where_hosl_learned_the_report_says_the_server_carries_it():
+    def row(hosl_test: float) -> dict:
+        runs = {m: [{"test": t}, {"test": t + 0.01}] for m, t in (("fo-fo", 0.85), ("hosl", hosl_test))}
+        sweep = {"fo-fo": {"1e-4": 0.75, "1e-3": 0.835}, "hosl": {"1e-4": 0.73, "3e-3": 0.725, "1e-2": None}}
+        return {"majority": [0.52, 0.51], "runs": runs, "sweep": sweep}
+
+    line = flat_sweeps({"sst2": row(0.80)})
+    assert "sst2 hosl: 0.725 to 0.730 over 2 rates." in line and "fo-fo" not in line
+    assert "hosl learned sst2 over a flat sweep of its ZO bottom's rate" in line and "control above" in line
+    line = flat_sweeps({"rte": row(0.52)})  # hosl at the majority class: flat because nothing was learned
+    assert "rte hosl: 0.725 to 0.730 over 2 rates (not learned)" in line and "hosl learned" not in line
+    wide = row(0.80)
+    wide["sweep"]["hosl"]["3e-3"] = 0.70
+    assert flat_sweeps({"sst2": wide}) == ""
+
+
+def test_a_run_that_fails_in_a_worker_leaves_the_others_recorded(tmp_path):
+    keys = [("rte", "zero-shot", 0.0, 0), ("rte", "zero-shot", 0.0, 1)]
+    blocker = tmp_path / "runs" / accuracy.run_name(*keys[1])
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the run's folder goes: the run fails in its worker")
+    ledger = Ledger(tmp_path / "ledger.json")
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed .*rte/zero-shot/s1: NotADirectoryError"):
+        accuracy._run_all(TINY, tmp_path / "runs", keys, 2, ledger)
+    assert list(Ledger(ledger.path).entries) == ["rte/zero-shot/s0"]

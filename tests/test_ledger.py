@@ -19,3 +19,8 @@ def test_a_run_is_read_back_only_with_the_request_that_produced_it(tmp_path):
     again.put("sst2/s2/full", {"overrides": ["seed=2"]}, {"test": 0.8})
     assert sorted(Ledger(path).entries) == ["sst2/s0/full", "sst2/s1/full", "sst2/s2/full"]  # none lost
     assert not list(path.parent.glob("*.tmp"))  # written whole: no partial file left
+    again.put("sst2/s0/full", {"overrides": ["seed=0"], "lr": 3e-4}, {"test": 0.6})  # another request, same name
+    kept = Ledger(path)
+    assert kept.get("sst2/s0/full", {"overrides": ["seed=0"], "lr": 3e-4}) == {"test": 0.6}
+    earlier = [e for name, e in kept.entries.items() if name.startswith("sst2/s0/full@")]
+    assert [e["summary"] for e in earlier] == [{"test": 0.75}]  # the earlier run is kept, not overwritten

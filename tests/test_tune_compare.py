@@ -150,25 +150,44 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
     assert seen["study"]["rte"][0][1]["speed_up"] == pytest.approx(1.0 / 1.9)  # full / random tuning seconds
     assert "--task-selectors rte:random" in seen["flags"]
     assert seen["settings"] == {"subset-reselect-every": 1, "subset-warm-start": 0.0}  # tune_tiny's, for suggestions
-    for bad in (["--task-selectors", "rte:randm"], ["--set", "subset-fraction=2"], ["--set", "bogus=1"]):
+    bad_args = (
+        ["--task-selectors", "rte:randm"],
+        ["--set", "subset-fraction=2"],
+        ["--set", "bogus=1"],
+        ["--task-set", "rte:max-length=abc"],
+        ["--task-set", "cb:max-length=128"],  # cb is not one of --tasks
+        ["--tasks", "rte", "nosuchtask"],
+    )
+    for bad in bad_args:
         with pytest.raises(SystemExit):  # a selector or setting that cannot be fails before anything runs
             tune_compare.main([*common, "--tasks", "rte", *bad])
 
 
 def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_suggest():
-    study = _study({"full": [0.80, 0.70], "random 10%": [0.77, 0.72], "gradmatch 10%": [0.79, 0.71]})
-    for runs in study["sst2"].values():
-        for r in runs:
-            gm = r["run"].startswith("gradmatch")
-            r.update(best_params={"client-lr": 1e-4}, selection_seconds=25.0 if gm else 0.0, tuning_seconds=100.0)
+    study = _study({"full": [0.80, 0.70], "random 10%": [0.77, 0.72], "gradmatch 10%": [0.79, 0.66]})
+    for seed, runs in study["sst2"].items():
+        for i, r in enumerate(runs):
+            gm, alike = r["run"].startswith("gradmatch"), seed == 0 and i < 2  # only these two chose alike
+            r.update(best_params={"client-lr": 1e-4 if alike else i + 10 * seed}, tuning_seconds=100.0)
+            r.update(selection_seconds=25.0 if gm else 0.0)
             r.update(gradmatch_error=0.5 if gm else None, random_error=2.0 if gm else None, speed_up=4.0 if gm else 5.0)
     line = tune_compare.suggestions(study, {"subset-reselect-every": 1, "subset-warm-start": 0.0})
     assert "4.0x closer to the full sum" in line and "selection takes 25% of a GradMatch study's tuning time" in line
-    assert "2 of 2 paired gaps to random (seed by seed; the largest 2.0 points) are within the noise floor (3.0" in line
-    assert "(4.0x) is below random's (5.0x)" in line and "subset-warm-start = 0 here" in line
+    # paired gaps +2 and -6 points against a noise floor of 3 (seed 0: full and random chose alike, 0.80 vs 0.77)
+    assert (
+        "1 of 2 paired gaps to random (seed by seed) are within the noise floor (3.0 points); of the 1 beyond" in line
+    )
+    assert "it, 1 favour random (largest 6.0 points)" in line
+    assert "(4.0x) is below random's (5.0x) on the same task" in line and "subset-reselect-every = 1 here" in line
+    assert "subset-warm-start = 0 here" in line
     assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 3, "subset-warm-start": 0.2})
+    for runs in study["sst2"].values():
+        runs[2]["speed_up"] = 6.0
+    assert "(6.0x) is not below random's (5.0x)" in tune_compare.suggestions(study)
     study["sst2"][0][2]["gradmatch_error"] = study["sst2"][1][2]["gradmatch_error"] = 4.0
-    assert "does not match the full gradient better than chance: a GradMatch" in tune_compare.suggestions(study)
+    assert "better than chance: a GradMatch subset's weighted proxy sum is 2.0x farther from the full sum" in (
+        tune_compare.suggestions(study)
+    )
     for seed, runs in study["sst2"].items():
         runs[2]["test"] = runs[1]["test"] + 0.05 + 0.01 * seed  # gradmatch now wins on both seeds, clearly
     assert tune_compare.suggestions(study) == ""
