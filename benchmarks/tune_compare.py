@@ -308,13 +308,14 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     paired = {sel: paired_differences(study, sel, "random") for sel in variants}
     if any(wins_of(diffs) for diffs in paired.values()):
         return ""
-    pairs = [  # (gradmatch-variant row, the random row of its task, seed and fraction)
-        (r, next(x for x in runs if x["run"] == "random " + r["run"].split(" ", 1)[1]))
-        for by_seed in study.values()
-        for runs in by_seed.values()
-        for r in runs
-        if r["run"].split(" ")[0] in variants and any(x["run"] == "random " + r["run"].split(" ", 1)[1] for x in runs)
-    ]
+    pairs = []  # (gradmatch-variant row, the random row of its task, seed and fraction)
+    for by_seed in study.values():
+        for runs in by_seed.values():
+            by_name = {x["run"]: x for x in runs}
+            for r in runs:
+                selector, _, fraction = r["run"].partition(" ")
+                if selector in variants and (twin := by_name.get(f"random {fraction}")) is not None:
+                    pairs.append((r, twin))
     parts = []
     errors = [(r["gradmatch_error"], r["random_error"]) for r, _ in pairs if r["gradmatch_error"] is not None]
     if errors and mean([g for g, _ in errors]) and mean([x for _, x in errors]):
