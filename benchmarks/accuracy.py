@@ -412,6 +412,24 @@ def flat_sweeps(rows: dict[str, Any]) -> str:
     )
 
 
+def edge_sweeps(rows: dict[str, Any]) -> str:
+    """The sweeps, flat ones aside, whose best final dev is at the grid's smallest or largest rate (a
+    diverged rate counts as tried), plainly: a rate beyond the grid might do better. Empty if none."""
+    edges = []
+    for task, row in rows.items():
+        for mode, by_lr in row["sweep"].items():
+            rates = sorted(float(lr) for lr in by_lr)
+            devs = {float(lr): d for lr, d in by_lr.items() if d is not None}
+            if len(rates) < 2 or not devs or max(devs.values()) - min(devs.values()) <= FLAT:
+                continue
+            best = max(sorted(devs), key=lambda lr: devs[lr])  # ties: the smaller, as measure picks
+            if best in (rates[0], rates[-1]):
+                edges.append(f"{task} {mode} at {best:g} ({'smallest' if best == rates[0] else 'largest'})")
+    if not edges:
+        return ""
+    return f"Best rate at the edge of its grid (a rate beyond it might do better): {'; '.join(edges)}."
+
+
 def sweep_table(rows: dict[str, Any]) -> str:
     """Final dev accuracy of each learning rate tried (seed 0)."""
     lines = ["| task | mode | dev accuracy by learning rate |", "|---|---|---|"]
@@ -522,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         + f"\n\n## Data and cost per step\n\n{cost_table(rows)}"
         + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
-        + (f"\n\n{flat}" if (flat := flat_sweeps(rows)) else "")
+        + "".join(f"\n\n{remark}" for remark in (flat_sweeps(rows), edge_sweeps(rows)) if remark)
         + "\n"
     )
     write_report(args.docs / stem, text, rows)

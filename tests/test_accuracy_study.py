@@ -14,6 +14,7 @@ from benchmarks.accuracy import (
     Size,
     control_table,
     cost_table,
+    edge_sweeps,
     flat_sweeps,
     measure,
     plot,
@@ -180,3 +181,14 @@ def test_a_run_that_fails_in_a_worker_leaves_the_others_recorded(tmp_path):
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed .*rte/zero-shot/s1: NotADirectoryError"):
         accuracy._run_all(TINY, tmp_path / "runs", keys, 2, ledger)
     assert list(Ledger(ledger.path).entries) == ["rte/zero-shot/s0"]
+
+
+def test_a_best_rate_at_the_edge_of_its_grid_is_named_unless_the_sweep_is_flat_or_reaches_past_it():
+    def rows(hosl: dict) -> dict:
+        return {"cb": {"sweep": {"fo-fo": {"0.02": 0.70, "0.05": 0.76, "0.1": 0.74}, "hosl": hosl}}}
+
+    line = edge_sweeps(rows({"1e-4": 0.70, "3e-4": 0.72, "1e-3": 0.75}))
+    assert line == "Best rate at the edge of its grid (a rate beyond it might do better): cb hosl at 0.001 (largest)."
+    assert "cb hosl at 0.0001 (smallest)" in edge_sweeps(rows({"1e-4": 0.75, "3e-4": 0.70}))
+    assert edge_sweeps(rows({"1e-4": 0.70, "3e-4": 0.75, "1e-3": None})) == ""  # the diverged rate is past it
+    assert edge_sweeps(rows({"1e-4": 0.750, "3e-4": 0.752})) == ""  # flat: no best to speak of
