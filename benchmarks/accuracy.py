@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ledger import Ledger
-from benchmarks.report import spread, standard_error, write_report
+from benchmarks.report import mean_sd, spread, standard_error, write_report
 from fl_app.config import Config, make_config
 from fl_app.scenario import sample_and_partition
 from fl_app.train import run
@@ -326,14 +326,12 @@ def table(rows: dict[str, Any]) -> str:
     )
     lines = [head, "|" + "---|" * 10]
     for task, row in rows.items():
-        means = {mode: spread([r["test"] for r in runs]) for mode, runs in row["runs"].items()}
-        means["majority"] = spread(row["majority"])
-        seeds = len(row["runs"]["hosl"])
-        cells = [
-            f"{100 * m:.1f} ± {100 * sd:.1f}" if seeds > 1 else f"{100 * m:.1f}"
-            for m, sd in (means[k] for k in ("majority", "zero-shot", *MODES))
+        tests = {mode: [r["test"] for r in runs] for mode, runs in row["runs"].items()}
+        tests["majority"] = row["majority"]
+        cells = [mean_sd(tests[k], 1, 100) for k in ("majority", "zero-shot", *MODES)]
+        gaps = [
+            100 * (statistics.fmean(tests["hosl"]) - statistics.fmean(tests[other])) for other in ("fo-fo", "zo-zo")
         ]
-        gaps = [100 * (means["hosl"][0] - means[other][0]) for other in ("fo-fo", "zo-zo")]
         lrs = " / ".join(f"{row['best_lr'][mode]:g}" for mode in MODES)
         which = ", ".join(mode for mode in MODES if learned(row, mode)) or "none"
         lines.append(f"| {task} | {' | '.join(cells)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} | {which} | {lrs} |")
@@ -349,11 +347,10 @@ def control_table(rows: dict[str, Any]) -> str:
             lines.append(f"| {task} | not run yet | | |")
             continue
         pairs = [(h["test"], c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
-        (cm, csd), (hm, hsd) = spread([c for _, c in pairs]), spread([h for h, _ in pairs])
         diffs = [100 * (h - c) for h, c in pairs]
+        gap = f"{statistics.fmean(diffs):+.1f}" + (f" ± {standard_error(diffs):.1f}" if len(diffs) > 1 else "")
         lines.append(
-            f"| {task} | {100 * cm:.1f} ± {100 * csd:.1f} | {100 * hm:.1f} ± {100 * hsd:.1f} | "
-            f"{spread(diffs)[0]:+.1f} ± {standard_error(diffs):.1f} |"
+            f"| {task} | {mean_sd([c for _, c in pairs], 1, 100)} | {mean_sd([h for h, _ in pairs], 1, 100)} | {gap} |"
         )
     return "\n".join(lines)
 

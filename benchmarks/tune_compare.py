@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
-from benchmarks.report import spread, standard_error, write_report
+from benchmarks.report import mean_sd, spread, standard_error, write_report
 from fl_app.config import SELECTORS, scenario_config
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
@@ -120,11 +120,6 @@ def measure(
     return study
 
 
-def _cell(values: list[float], fmt: str = "{:.3f}") -> str:
-    m, sd = spread(values)
-    return fmt.format(m) + (" ± " + fmt.replace("+", "").format(sd) if len(values) > 1 else "")  # sd unsigned
-
-
 def aggregate(study: dict[str, dict[int, list[dict]]]) -> dict[str, list[dict]]:
     """Per task, one entry per row with its per-seed values gathered (selection errors averaged)."""
     per_seed = ("speed_up", "tuning_seconds", "steps", "test", "test_vs_full", "best_dev", "pruned")
@@ -188,9 +183,9 @@ def table(agg: dict[str, list[dict]]) -> str:
         for r in rows:
             error = "-" if r["gradmatch_error"] is None else f"{r['gradmatch_error']:.3f} / {r['random_error']:.3f}"
             lines.append(
-                f"| {task} | {r['run']} | {_cell(r['speed_up'], '{:.2f}')}x | {_cell(r['tuning_seconds'], '{:.0f}')} | "
-                f"{_cell(r['steps'], '{:.0f}')} | {_cell(r['test'])} | {_cell(r['test_vs_full'], '{:+.3f}')} | "
-                f"{_cell(r['best_dev'])} | {_cell(r['pruned'], '{:.1f}')} | {error} |"
+                f"| {task} | {r['run']} | {mean_sd(r['speed_up'], 2)}x | {mean_sd(r['tuning_seconds'], 0)} | "
+                f"{mean_sd(r['steps'], 0)} | {mean_sd(r['test'])} | {mean_sd(r['test_vs_full'], signed=True)} | "
+                f"{mean_sd(r['best_dev'])} | {mean_sd(r['pruned'], 1)} | {error} |"
             )
     return "\n".join(lines)
 

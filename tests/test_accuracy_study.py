@@ -23,6 +23,7 @@ from benchmarks.accuracy import (
     table,
 )
 from benchmarks.ledger import Ledger
+from benchmarks.report import mean_sd
 
 TINY = Size(
     tasks=("rte",),
@@ -192,3 +193,11 @@ def test_a_best_rate_at_the_edge_of_its_grid_is_named_unless_the_sweep_is_flat_o
     assert "cb hosl at 0.0001 (smallest)" in edge_sweeps(rows({"1e-4": 0.75, "3e-4": 0.70}))
     assert edge_sweeps(rows({"1e-4": 0.70, "3e-4": 0.75, "1e-3": None})) == ""  # the diverged rate is past it
     assert edge_sweeps(rows({"1e-4": 0.750, "3e-4": 0.752})) == ""  # flat: no best to speak of
+
+
+def test_one_seed_shows_its_value_without_a_spread_and_several_show_mean_and_sd():
+    one = {"runs": {"hosl": [{"test": 0.612}]}, "control": [{"test": 0.601}]}
+    assert control_table({"sst2": one}).splitlines()[-1] == "| sst2 | 60.1 | 61.2 | +1.1 |"
+    two = {"runs": {"hosl": [{"test": 0.60}, {"test": 0.64}]}, "control": [{"test": 0.60}, {"test": 0.62}]}
+    assert control_table({"sst2": two}).splitlines()[-1] == "| sst2 | 61.0 ± 1.4 | 62.0 ± 2.8 | +1.0 ± 1.0 |"
+    assert mean_sd([-0.5, -0.3], 2, signed=True) == "-0.40 ± 0.14" and mean_sd([0.25], 1, 100) == "25.0"
