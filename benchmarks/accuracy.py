@@ -6,7 +6,7 @@ all-MiniLM-L6-v2, full parameters, cut after layer 2, one client (or SmolLM2 wit
 data, steps, batch and cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a
 small grid on seed 0 (dev, never test), then runs at it on every seed; ``zero-shot`` is the
 untrained model (both sides frozen), ``frozen-bottom`` the control for hosl's ZO bottom (hosl's top
-trained alone, run last). For each task: test accuracy mean and standard deviation per mode, the
+trained alone, run after its task's modes). For each task: test accuracy mean and standard deviation per mode, the
 gaps hosl - fo-fo and hosl - zo-zo beside the paper's, and hosl - frozen bottom. Writes ``<docs>/accuracy.md``
 / ``.json``, ``accuracy_dev.png`` (dev accuracy per round by mode, one panel per task) and
 ``accuracy_test.png`` (test accuracy by task and mode, with error bars).
@@ -278,8 +278,11 @@ def measure(size: Size, out: Path, jobs: int = 1, ledger: Ledger | None = None) 
         if complete(size.rates_from(t))
         for mode in MODES
     }
-    rest = [(t, mode, lr, s) for (t, mode), lr in best.items() for s in size.seeds if (t, mode, lr, s) not in done]
-    rest += [(t, CONTROL, 0.0, s) for t in size.tasks for s in size.seeds]  # last: the evidence comes first
+    rest = []  # task by task, each task's control after its modes: a task completes before the next starts
+    for t in size.tasks:
+        rest += [(t, mode, best[t, mode], s) for mode in MODES if (t, mode) in best for s in size.seeds]
+        rest += [(t, CONTROL, 0.0, s) for s in size.seeds]
+    rest = [key for key in rest if key not in done]
     done.update(_run_all(size, out, rest, jobs, ledger))
     rows: dict[str, Any] = {}
     for task in [t for t in size.tasks if (t, MODES[0]) in best and complete(t)]:

@@ -145,6 +145,9 @@ def test_a_sweep_task_sets_every_tasks_rates_and_only_it_is_swept(tmp_path, monk
     assert rows["rte"]["sweep"] == {} and set(rows["sst2"]["sweep"]) == set(MODES)
     assert sweep_table(rows).count("| sst2 |") == len(MODES) and "| rte |" not in sweep_table(rows)
     assert sorted(c[0::3] for c in calls if c[1] == CONTROL) == sorted((t, s) for t in size.tasks for s in size.seeds)
+    after_sweep = calls[len(size.tasks) * len(size.seeds) + sum(len(g) for g in size.grids.values()) :]
+    order = [(c[0], c[1] == CONTROL) for c in after_sweep]  # task by task, each task's control after its modes
+    assert order == sorted(order, key=lambda o: (size.tasks.index(o[0]), o[1])) and order[-1] == ("rte", True)
     hosl = 100 * (0.5 + top["hosl"] - 0.6)  # the fake hosl's test minus the fake control's, in points
     assert f"| rte | 60.0 ± 0.0 | {hosl + 60:.1f} ± 0.0 | {hosl:+.1f} ± 0.0 |" in control_table(rows)
     ledger = Ledger(tmp_path / "ledger.json")
