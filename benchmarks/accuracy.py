@@ -405,23 +405,25 @@ def flat_sweeps(rows: dict[str, Any]) -> str:
         for t, m, lo, hi, n, ok in flat
     )
     hosl = [t for t, m, *_, ok in flat if m == "hosl" and ok]
-    return (
-        f"Flat sweeps (final dev within {100 * FLAT:g} point(s) over the whole grid): {listed}. Where the mode "
-        "learned the task, the swept rate barely matters at this budget; where it did not, no rate taught it"
-        + (
-            f". hosl learned {', '.join(hosl)} over a flat sweep of its ZO bottom's rate: its zeroth-order steps "
+    said = [f"Flat sweeps (final dev within {100 * FLAT:g} point(s) over the whole grid): {listed}."]
+    some, every = any(ok for *_, ok in flat), all(ok for *_, ok in flat)
+    if some:
+        said.append("Where the mode learned the task, the swept rate barely matters at this budget.")
+    if not every:
+        said.append("Where it did not, no rate taught it." if some else "No rate taught these modes their tasks.")
+    if hosl:
+        said.append(
+            f"hosl learned {', '.join(hosl)} over a flat sweep of its ZO bottom's rate: its zeroth-order steps "
             "hardly move dev accuracy there, so hosl's accuracy appears to come from the server's backprop on the "
-            "top (the frozen-bottom control above tells)"
-            if hosl
-            else ""
+            "top (the frozen-bottom control above tells)."
         )
-        + "."
-    )
+    return " ".join(said)
 
 
 def edge_sweeps(rows: dict[str, Any]) -> str:
     """The sweeps, flat ones aside, whose best final dev is at the grid's smallest or largest rate (a
-    diverged rate counts as tried), plainly: a rate beyond the grid might do better. Empty if none."""
+    diverged rate counts as tried), plainly, each marked if its mode did not learn the task: a rate
+    beyond the grid might do better. Empty if none."""
     edges = []
     for task, row in rows.items():
         for mode, by_lr in row["sweep"].items():
@@ -431,7 +433,10 @@ def edge_sweeps(rows: dict[str, Any]) -> str:
                 continue
             best = max(sorted(devs), key=lambda lr: devs[lr])  # ties: the smaller, as measure picks
             if best in (rates[0], rates[-1]):
-                edges.append(f"{task} {mode} at {best:g} ({'smallest' if best == rates[0] else 'largest'})")
+                where = "smallest" if best == rates[0] else "largest"
+                edges.append(
+                    f"{task} {mode} at {best:g} ({where}" + ("" if learned(row, mode) else ", not learned") + ")"
+                )
     if not edges:
         return ""
     return f"Best rate at the edge of its grid (a rate beyond it might do better): {'; '.join(edges)}."

@@ -169,8 +169,12 @@ def test_a_flat_sweep_is_named_and_where_hosl_learned_the_report_says_the_server
     line = flat_sweeps({"sst2": row(0.80)})
     assert "sst2 hosl: 0.725 to 0.730 over 2 rates." in line and "fo-fo" not in line
     assert "hosl learned sst2 over a flat sweep of its ZO bottom's rate" in line and "control above" in line
+    assert "Where the mode learned the task, the swept rate barely matters" in line and "no rate taught" not in line
     line = flat_sweeps({"rte": row(0.52)})  # hosl at the majority class: flat because nothing was learned
     assert "rte hosl: 0.725 to 0.730 over 2 rates (not learned)" in line and "hosl learned" not in line
+    assert "No rate taught these modes their tasks." in line and "barely matters" not in line
+    both = flat_sweeps({"sst2": row(0.80), "rte": row(0.52)})
+    assert "barely matters at this budget. Where it did not, no rate taught it." in both
     wide = row(0.80)
     wide["sweep"]["hosl"]["3e-3"] = 0.70
     assert flat_sweeps({"sst2": wide}) == ""
@@ -188,11 +192,14 @@ def test_a_run_that_fails_in_a_worker_leaves_the_others_recorded(tmp_path):
 
 
 def test_a_best_rate_at_the_edge_of_its_grid_is_named_unless_the_sweep_is_flat_or_reaches_past_it():
-    def rows(hosl: dict) -> dict:
-        return {"cb": {"sweep": {"fo-fo": {"0.02": 0.70, "0.05": 0.76, "0.1": 0.74}, "hosl": hosl}}}
+    def rows(hosl: dict, hosl_test: float = 0.80) -> dict:
+        runs = {"fo-fo": [{"test": 0.80}, {"test": 0.81}], "hosl": [{"test": hosl_test}, {"test": hosl_test}]}
+        sweep = {"fo-fo": {"0.02": 0.70, "0.05": 0.76, "0.1": 0.74}, "hosl": hosl}
+        return {"cb": {"sweep": sweep, "runs": runs, "majority": [0.5, 0.5]}}
 
     line = edge_sweeps(rows({"1e-4": 0.70, "3e-4": 0.72, "1e-3": 0.75}))
     assert line == "Best rate at the edge of its grid (a rate beyond it might do better): cb hosl at 0.001 (largest)."
+    assert "cb hosl at 0.001 (largest, not learned)" in edge_sweeps(rows({"1e-4": 0.70, "1e-3": 0.75}, 0.5))
     assert "cb hosl at 0.0001 (smallest)" in edge_sweeps(rows({"1e-4": 0.75, "3e-4": 0.70}))
     assert edge_sweeps(rows({"1e-4": 0.70, "3e-4": 0.75, "1e-3": None})) == ""  # the diverged rate is past it
     assert edge_sweeps(rows({"1e-4": 0.750, "3e-4": 0.752})) == ""  # flat: no best to speak of
