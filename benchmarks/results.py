@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import LEARNED, learned
+from benchmarks.report import standard_error
 from benchmarks.tune_compare import verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ def _data(docs: Path, stem: str) -> Any | None:
 
 def accuracy_headline(rows: dict[str, Any]) -> str:
     """Which tasks fo-fo or hosl learned (beat the majority class), and over those tasks the range of
-    hosl's gaps to fo-fo and zo-zo (seed means, points)."""
+    hosl's gaps to fo-fo and zo-zo, and to its frozen-bottom control where run (seed means, points)."""
 
     def mean(runs: list[dict]) -> float:
         return sum(r["test"] for r in runs) / len(runs)
@@ -108,10 +110,25 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
         other: [100 * (mean(row["runs"]["hosl"]) - mean(row["runs"][other])) for row in scope.values()]
         for other in ("fo-fo", "zo-zo")
     }
+    paired = {  # per task with its control: hosl - frozen bottom per seed, in points
+        t: [100 * (h["test"] - c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
+        for t, row in scope.items()
+        if "control" in row
+    }
+    controlled = [statistics.fmean(d) for d in paired.values()]
+    clear = [t for t, d in paired.items() if abs(statistics.fmean(d)) > 2 * standard_error(d)]
     return (
         f"{head}; there, hosl - fo-fo is between {min(gaps['fo-fo']):+.1f} and {max(gaps['fo-fo']):+.1f} "
         f"test-accuracy points and hosl - zo-zo between {min(gaps['zo-zo']):+.1f} and {max(gaps['zo-zo']):+.1f} "
-        "(the HOSL paper, OPT at thousands of steps: -4.23 to -0.20 and up to +15.55)."
+        "(the HOSL paper, OPT at thousands of steps: -4.23 to -0.20 and up to +15.55)"
+        + (
+            f"; hosl - frozen bottom, what hosl's ZO bottom adds to its server's training, is between "
+            f"{min(controlled):+.1f} and {max(controlled):+.1f} points, beyond two standard errors of zero on "
+            f"{', '.join(clear) or 'none'}"
+            if controlled
+            else ""
+        )
+        + "."
     )
 
 

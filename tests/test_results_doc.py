@@ -56,5 +56,12 @@ def test_accuracy_headline_reports_gaps_only_where_a_mode_learned_the_task():
     assert line.startswith("Over 2 task(s) (sst2, rte) and 3 seed(s)")  # a partial study says which tasks it covers
     assert "majority class (by more than 2 points and two standard errors) on sst2 (" in line
     assert "hosl - fo-fo is between -2.0 and -2.0" in line and "hosl - zo-zo between +23.0 and +23.0" in line
+    assert "frozen bottom" not in line  # no control run
+    rows["sst2"]["control"] = [{"test": 0.775 + 0.01 * s} for s in range(3)]
+    line = accuracy_headline(rows)
+    assert "hosl - frozen bottom, what hosl's ZO bottom adds to its server's training, is between +0.5 and +0.5" in line
+    assert line.endswith("beyond two standard errors of zero on sst2.")  # the same +0.5 on every seed
+    rows["sst2"]["control"][0]["test"] = 0.795  # seed 0 now -1.5 points: the gap is within the noise
+    assert accuracy_headline(rows).endswith("between -0.2 and -0.2 points, beyond two standard errors of zero on none.")
     rows["sst2"]["majority"] = [0.9] * 3
     assert "on none" in accuracy_headline(rows) and "between" not in accuracy_headline(rows)
