@@ -348,6 +348,11 @@ def table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def control_gaps(row: dict[str, Any]) -> list[float]:
+    """hosl - frozen bottom test accuracy per seed, in points, of a task row that has its control."""
+    return [100 * (h["test"] - c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
+
+
 def control_table(rows: dict[str, Any]) -> str:
     """Per task: hosl against the same top trained over a frozen bottom (test %, mean ± sd) and the
     paired gap (points ± standard error over seeds): what hosl's ZO bottom adds."""
@@ -356,12 +361,10 @@ def control_table(rows: dict[str, Any]) -> str:
         if "control" not in row:
             lines.append(f"| {task} | not run yet | | |")
             continue
-        pairs = [(h["test"], c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
-        diffs = [100 * (h - c) for h, c in pairs]
+        diffs = control_gaps(row)
         gap = f"{statistics.fmean(diffs):+.1f}" + (f" ± {standard_error(diffs):.1f}" if len(diffs) > 1 else "")
-        lines.append(
-            f"| {task} | {mean_sd([c for _, c in pairs], 1, 100)} | {mean_sd([h for h, _ in pairs], 1, 100)} | {gap} |"
-        )
+        frozen, hosl = ([r["test"] for r in runs] for runs in (row["control"], row["runs"]["hosl"]))
+        lines.append(f"| {task} | {mean_sd(frozen, 1, 100)} | {mean_sd(hosl, 1, 100)} | {gap} |")
     return "\n".join(lines)
 
 

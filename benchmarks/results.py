@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import LEARNED, learned
+from benchmarks.accuracy import LEARNED, control_gaps, learned
 from benchmarks.report import standard_error
 from benchmarks.tune_compare import verdicts
 
@@ -110,11 +110,7 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
         other: [100 * (mean(row["runs"]["hosl"]) - mean(row["runs"][other])) for row in scope.values()]
         for other in ("fo-fo", "zo-zo")
     }
-    paired = {  # per task with its control: hosl - frozen bottom per seed, in points
-        t: [100 * (h["test"] - c["test"]) for h, c in zip(row["runs"]["hosl"], row["control"])]
-        for t, row in scope.items()
-        if "control" in row
-    }
+    paired = {t: control_gaps(row) for t, row in scope.items() if "control" in row}
     controlled = [statistics.fmean(d) for d in paired.values()]
     clear = [t for t, d in paired.items() if abs(statistics.fmean(d)) > 2 * standard_error(d)]
     return (
