@@ -296,8 +296,8 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     """Where no GradMatch variant beats random: what the measurements point to, each part computed from
     them (selection quality, the paired gaps against the noise floor, selection's share of the study's
     time, speed-ups of the rows paired by task, seed and fraction) and from the study's ``settings``
-    (warm start, reselection); empty otherwise."""
-    variants = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")]
+    (warm start, reselection: those every task shares); empty otherwise."""
+    variants, settings = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")], settings or {}
     if not variants or "random" not in selectors_in(study):
         return ""
     paired = {sel: paired_differences(study, sel, "random") for sel in variants}
@@ -348,11 +348,11 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
             + (
                 f", and reselecting less often (subset-reselect-every = {settings['subset-reselect-every']} here) "
                 "would narrow that"
-                if settings and slower
+                if "subset-reselect-every" in settings and slower
                 else ""
             )
         )
-    if settings and not settings["subset-warm-start"]:
+    if settings.get("subset-warm-start", 1) == 0:
         parts.append(
             "the first selection scores proxies of the untrained model (subset-warm-start = 0 here; AUTOMATA "
             "trains on the full data for a share of the rounds first)"
@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     except ValueError as err:
         parser.error(str(err))
-    settings = {key: configs[0][key] for key in ("subset-reselect-every", "subset-warm-start")}  # the first task's
+    keys = ("subset-reselect-every", "subset-warm-start")  # quoted by the suggestions only where every task agrees
+    settings = {k: configs[0][k] for k in keys if all(config[k] == configs[0][k] for config in configs)}
     study = measure(
         Path(args.scenario),
         args.tasks,

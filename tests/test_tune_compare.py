@@ -150,6 +150,9 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
     assert seen["study"]["rte"][0][1]["speed_up"] == pytest.approx(1.0 / 1.9)  # full / random tuning seconds
     assert "--task-selectors rte:random" in seen["flags"]
     assert seen["settings"] == {"subset-reselect-every": 1, "subset-warm-start": 0.0}  # tune_tiny's, for suggestions
+    monkeypatch.setattr(tune_compare, "measure", lambda *_: seen["study"])  # tasks that disagree on a setting:
+    tune_compare.main([*common, "--tasks", "sst2", "rte", "--task-set", "rte:subset-warm-start=0.2"])
+    assert seen["settings"] == {"subset-reselect-every": 1}  # the suggestions quote only what every task shares
     bad_args = (
         ["--task-selectors", "rte:randm"],
         ["--set", "subset-fraction=2"],
@@ -181,6 +184,7 @@ def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_sugge
     assert "(4.0x) is below random's (5.0x) on the same task" in line and "subset-reselect-every = 1 here" in line
     assert "subset-warm-start = 0 here" in line
     assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 3, "subset-warm-start": 0.2})
+    assert "warm-start" not in tune_compare.suggestions(study, {"subset-reselect-every": 1})  # tasks disagreed
     for runs in study["sst2"].values():
         runs[2]["speed_up"] = 6.0
     assert "(6.0x) is not below random's (5.0x)" in tune_compare.suggestions(study)
