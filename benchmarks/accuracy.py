@@ -552,7 +552,9 @@ def main(argv: list[str] | None = None) -> None:
         + "(hosl with client parameters frozen, the server as in hosl; one run per seed, no sweep, so hosl's rate, the "
         + "best of its sweep on seed 0 dev, has a small edge). Where hosl learned the task, a gap near zero means its "
         + f"accuracy is the server's.\n\n{control_table(rows)}"
-        + f"\n\n## Data and cost per step\n\n{cost_table(rows)}"
+        + "\n\n## Data and cost per step\n\nSeconds per step come from runs gathered over several sessions on a "
+        + "shared 2-core machine under different loads: compare them loosely, and read cost ratios from "
+        + f"`benchmarks.client_cost`, measured side by side.\n\n{cost_table(rows)}"
         + "\n\n## Learning-rate sweep (final dev accuracy, seed 0)\n\n"
         + sweep_table(rows)
         + "".join(f"\n\n{remark}" for remark in (flat_sweeps(rows), edge_sweeps(rows)) if remark)
