@@ -297,7 +297,8 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     them (selection quality, the paired gaps against the noise floor, selection's share of the study's
     time, speed-ups of the rows paired by task, seed and fraction) and from the study's ``settings``
     (warm start, reselection: those every task shares); empty otherwise."""
-    variants, settings = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")], settings or {}
+    variants = [sel for sel in selectors_in(study) if sel.startswith("gradmatch")]
+    settings = settings or {}
     if not variants or "random" not in selectors_in(study):
         return ""
     paired = {sel: paired_differences(study, sel, "random") for sel in variants}
@@ -352,7 +353,7 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
                 else ""
             )
         )
-    if settings.get("subset-warm-start", 1) == 0:
+    if settings.get("subset-warm-start") == 0:
         parts.append(
             "the first selection scores proxies of the untrained model (subset-warm-start = 0 here; AUTOMATA "
             "trains on the full data for a share of the rounds first)"
