@@ -1,7 +1,8 @@
 """Run a scenario under `flwr run` local simulation and return its finished results.json.
 
-Each run gets its own FLWR_HOME (runtime dependency installation disabled) and its background
-SuperLink is stopped afterwards, so runs do not share an environment.
+Each run gets its own FLWR_HOME (runtime dependency installation disabled) and the processes it
+started (the background SuperLink, its SuperExec and simulation) are stopped afterwards, also when
+the study is stopped with SIGTERM, so runs do not share an environment or outlive their study.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fl_app.config import merge_scenario
@@ -32,7 +36,7 @@ def home_pids(flwr_home: Path, marker: bytes = b"") -> list[int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmd and f"FLWR_HOME={flwr_home}".encode() in env:
+        if marker in cmd and f"FLWR_HOME={flwr_home}".encode() in env and int(proc.name) != os.getpid():
             pids.append(int(proc.name))
     return pids
 
@@ -52,6 +56,27 @@ def stop(pids: list[int], wait: float = 10, sig: signal.Signals = signal.SIGTERM
     deadline = time.time() + wait
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
         time.sleep(0.2)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def home_stopped_on_exit(flwr_home: Path) -> Iterator[None]:
+    """Stop every process started with ``FLWR_HOME=flwr_home`` when the block ends. In the main
+    thread SIGTERM meanwhile exits through the block (status 143), so stopping a study with
+    ``kill -TERM`` also stops the SuperLink, SuperExec and simulation its runs started in their
+    own process groups."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
+    try:
+        yield
+    finally:
+        stop(home_pids(flwr_home))
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def free_port() -> int:
@@ -113,11 +138,9 @@ def run_simulation(
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, **private_superlink_env(home)}
     federation = f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}"
-    try:
+    with home_stopped_on_exit(home):
         results, _ = flwr_run_results(["--run-config", str(cfg), "--federation-config", federation], env, out, timeout)
-        return results
-    finally:
-        stop(superlink_pids(home))
+    return results
 
 
 def flwr_run_results(args: list[str], env: dict[str, str], out: Path, timeout: float) -> tuple[dict, str]:
