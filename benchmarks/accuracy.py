@@ -39,7 +39,7 @@ from typing import Any
 from benchmarks.ledger import Ledger
 from benchmarks.report import mean_sd, spread, standard_error, write_report
 from fl_app.config import Config, make_config
-from fl_app.scenario import sample_and_partition
+from fl_app.scenario import majority_test_accuracy
 from fl_app.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,12 +206,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def majority_accuracy(size: Size, task: str, seed: int) -> float:
     """Test accuracy of always answering the training sample's most common label (no model)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the runs' own results.json record the split sizes
-        splits, _ = sample_and_partition(scenario(size, task, "zero-shot", 0.0, seed))
-    labels = [ex.label for ex in splits["train"]]
-    common = max(set(labels), key=labels.count)
-    return sum(ex.label == common for ex in splits["test"]) / len(splits["test"])
+    return majority_test_accuracy(scenario(size, task, "zero-shot", 0.0, seed))
 
 
 def run_name(task: str, mode: str, lr: float, seed: int) -> str:
@@ -320,11 +315,15 @@ def _all_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
 LEARNED = 0.02  # a mode has learned a task when its mean test accuracy beats the majority class by this
 
 
+def beats_floor(tests: list[float], floor: list[float]) -> bool:
+    """Whether the mean of ``tests`` (one per seed) beats the mean of ``floor`` (a no-model answer's
+    test accuracy per seed) by more than LEARNED and by more than two standard errors over seeds."""
+    return spread(tests)[0] - statistics.fmean(floor) > max(LEARNED, 2 * standard_error(tests))
+
+
 def learned(row: dict[str, Any], mode: str) -> bool:
-    """Whether ``mode``'s mean test accuracy beats the majority class's by more than LEARNED and
-    by more than two standard errors over seeds."""
-    tests = [r["test"] for r in row["runs"][mode]]
-    return spread(tests)[0] - statistics.fmean(row["majority"]) > max(LEARNED, 2 * standard_error(tests))
+    """Whether ``mode`` beats the majority class on this task (:func:`beats_floor`)."""
+    return beats_floor([r["test"] for r in row["runs"][mode]], row["majority"])
 
 
 def table(rows: dict[str, Any]) -> str:

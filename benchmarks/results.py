@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.accuracy import LEARNED, control_gaps, learned
 from benchmarks.report import standard_error
-from benchmarks.tune_compare import verdicts
+from benchmarks.tune_compare import floor_line, verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,8 @@ def headlines(docs: Path) -> list[str]:
         if (rows := _data(docs, stem)) is not None:
             found.append(f"**{stem}**: {accuracy_headline(rows)}")
     if (tuning := _data(docs, "tuning")) is not None:
-        found += [f"**tuning**: {line}" for line in verdicts(tuning["study"])]
+        floors = [floor_line(tuning["aggregate"], tuning["constant_answer"])] if tuning.get("constant_answer") else []
+        found += [f"**tuning**: {line}" for line in [*floors, *verdicts(tuning["study"])]]
     return found
 
 

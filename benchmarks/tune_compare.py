@@ -26,10 +26,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from benchmarks.accuracy import LEARNED, beats_floor
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
 from benchmarks.report import mean_sd, spread, standard_error, write_report
 from fl_app.config import SELECTORS, scenario_config
+from fl_app.scenario import majority_test_accuracy
 
 SCENARIO = ROOT / "sim_configs" / "tune_minilm.toml"
 
@@ -361,11 +363,54 @@ def suggestions(study: dict[str, dict[int, list[dict]]], settings: dict[str, Any
     return "What the measurements suggest: " + "; ".join(parts) + "." if parts else ""
 
 
+def constant_answer_floors(
+    scenario: Path, tasks: list[str], seeds: list[int], sets: list[str], task_sets: dict[str, list[str]]
+) -> dict[str, list[float]]:
+    """Per task, the best constant answer's test accuracy (the test split's most common label, no
+    model) on each seed's data sample: the floor a row must beat to have learned the task."""
+    return {
+        task: [
+            majority_test_accuracy(
+                scenario_config(scenario, [*sets, *task_sets.get(task, []), f"task={task}", f"seed={seed}"])[0],
+                best_constant=True,
+            )
+            for seed in seeds
+        ]
+        for task in tasks
+    }
+
+
+def floor_line(agg: dict[str, list[dict]], floors: dict[str, list[float]]) -> str:
+    """The best constant answer per task, and on each task the rows whose final test does not beat it
+    (:func:`beats_floor`): where none does, the task was not learned and its selector comparison
+    says nothing about selection."""
+    listed = ", ".join(f"{task} {100 * mean(values):.1f}" for task, values in floors.items())
+    text = f"Best constant answer (the test split's most common label, no model) on test: {listed} (seed mean)."
+    for task, rows in agg.items():
+        below = [r["run"] for r in rows if not beats_floor(r["test"], floors[task])]
+        if len(below) == len(rows):
+            text += (
+                f" No row beats it on {task} (by more than {100 * LEARNED:g} points and two standard errors over "
+                f"seeds): the study does not learn {task} at this budget, so {task}'s selector comparison says "
+                "nothing about selection."
+            )
+        elif below:
+            text += f" On {task}, {', '.join(below)} do{'es' if len(below) == 1 else ''} not beat it."
+        else:
+            text += f" Every row beats it on {task}."
+    return text
+
+
 def report(
-    study: dict[str, dict[int, list[dict]]], docs: Path, flags: str, settings: dict[str, Any] | None = None
+    study: dict[str, dict[int, list[dict]]],
+    docs: Path,
+    flags: str,
+    settings: dict[str, Any] | None = None,
+    floors: dict[str, list[float]] | None = None,
 ) -> Path:
     """``<docs>/tuning.md`` / ``.json`` / ``.png`` from the study run with ``flags`` (``--tasks ...``) on a
-    scenario with ``settings`` (its subset keys, for the suggestions)."""
+    scenario with ``settings`` (its subset keys, for the suggestions), beside each task's constant-answer
+    ``floors`` per seed."""
     command = f"python -m benchmarks.tune_compare {flags}"
     agg = aggregate(study)
     docs.mkdir(parents=True, exist_ok=True)
@@ -376,11 +421,20 @@ def report(
         "task, seed and row). The full row tunes on all data; the others on subsets reselected every round; "
         "each study's best configuration is then trained on the full data and tested. Speed-up: the full "
         f"row's tuning wall time over the row's, on the same seed. Plot: `{png.name}`.\n\n"
-        + "".join(f"{line}\n\n" for line in [*verdicts(study), suggestions(study, settings), noise_line(study)] if line)
+        + "".join(
+            f"{line}\n\n"
+            for line in [
+                floor_line(agg, floors) if floors else "",
+                *verdicts(study),
+                suggestions(study, settings),
+                noise_line(study),
+            ]
+            if line
+        )
         + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
     rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs"  # rewrites docs/tuning.md
-    md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg}, rerun)
+    md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg, "constant_answer": floors}, rerun)
     return md
 
 
@@ -447,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
         + [f"--task-selectors {s}" for s in args.task_selectors]
         + ([f"--scenario {args.scenario}"] if args.scenario != str(SCENARIO) else [])
     )
-    print(f"[tune_compare] wrote {report(study, args.docs or out, flags, settings)}", flush=True)
+    floors = constant_answer_floors(Path(args.scenario), args.tasks, args.seeds, args.set, task_sets)
+    print(f"[tune_compare] wrote {report(study, args.docs or out, flags, settings, floors)}", flush=True)
 
 
 if __name__ == "__main__":

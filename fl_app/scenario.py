@@ -67,6 +67,17 @@ def sample_and_partition(config: Config) -> tuple[dict[str, list[Example]], list
     return splits, parts
 
 
+def majority_test_accuracy(config: Config, best_constant: bool = False) -> float:
+    """Test accuracy of always answering the training sample's most common label (no model); with
+    ``best_constant``, the test split's own most common label: the most any constant answer scores."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the runs' own results.json record the split sizes
+        splits, _ = sample_and_partition(config)
+    labels = [ex.label for ex in splits["test" if best_constant else "train"]]
+    common = max(set(labels), key=labels.count)
+    return sum(ex.label == common for ex in splits["test"]) / len(splits["test"])
+
+
 def load_task_data(config: Config, loaded: LoadedModel) -> TaskData:
     """Sample train/dev/test, partition train across ``num-clients`` and build the encoder."""
     task = get_task(config.data.task)

@@ -24,6 +24,7 @@ from benchmarks.accuracy import (
 )
 from benchmarks.ledger import Ledger
 from benchmarks.report import mean_sd
+from fl_app.scenario import sample_and_partition
 
 TINY = Size(
     tasks=("rte",),
@@ -67,9 +68,7 @@ def test_the_study_picks_learning_rates_on_dev_and_reads_finished_runs_back(tmp_
     for task in TINY.tasks:
         row = rows[task]
         assert len(row["runs"]["zero-shot"]) == len(TINY.seeds)
-        test_labels = [
-            ex.label for ex in accuracy.sample_and_partition(scenario(TINY, task, "hosl", 1e-4, 0))[0]["test"]
-        ]
+        test_labels = [ex.label for ex in sample_and_partition(scenario(TINY, task, "hosl", 1e-4, 0))[0]["test"]]
         assert row["majority"][0] in {test_labels.count(c) / len(test_labels) for c in set(test_labels)}
         for mode in MODES:
             sweep = row["sweep"][mode]

@@ -39,6 +39,12 @@ def test_sections_carry_their_report_stamp_plots_and_computed_headline(tmp_path)
     text = build(tmp_path)  # a report that records its own command is reproduced by that command
     assert "Reproduce: `python -m benchmarks.tune_compare --seeds 0` (report: `docs/tuning.md`)" in text
     assert f"Reproduce: `{tuning.command}`" not in text
+    aggregate = {"rte": [{"run": "full", "test": [0.52, 0.53, 0.52]}]}  # a study that did not learn its task
+    data = {"study": {}, "aggregate": aggregate, "constant_answer": {"rte": [0.527] * 3}}
+    write_report(tmp_path / "tuning", "# Tuning\n\nBody.", data, "python -m benchmarks.tune_compare --seeds 0")
+    assert "**tuning**: Best constant answer (the test split's most common label, no model) on test: rte 52.7" in (
+        build(tmp_path)
+    )
 
 
 def test_accuracy_headline_reports_gaps_only_where_a_mode_learned_the_task():

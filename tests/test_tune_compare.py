@@ -10,7 +10,8 @@ import pytest
 
 import benchmarks.tune_compare as tune_compare
 from benchmarks.ledger import Ledger
-from fl_app.config import make_config, read_scenario
+from fl_app.config import make_config, read_scenario, scenario_config
+from fl_app.scenario import majority_test_accuracy, sample_and_partition
 from fl_app.train import run
 
 SCENARIO = Path(__file__).resolve().parents[1] / "sim_configs" / "tune_tiny.toml"
@@ -132,7 +133,9 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
 
     monkeypatch.setattr(tune_compare, "measure", measure)
     monkeypatch.setattr(
-        tune_compare, "report", lambda study, docs, flags, settings: seen.update(flags=flags, settings=settings)
+        tune_compare,
+        "report",
+        lambda study, docs, flags, settings, floors: seen.update(flags=flags, settings=settings, floors=floors),
     )
     ledger = Ledger(tmp_path / "tuning.json")
     for task, selectors in (("sst2", ["random", "gradmatch"]), ("rte", ["random"])):
@@ -150,6 +153,9 @@ def test_a_task_can_run_its_own_selectors_and_finished_rows_come_from_the_ledger
     assert seen["study"]["rte"][0][1]["speed_up"] == pytest.approx(1.0 / 1.9)  # full / random tuning seconds
     assert "--task-selectors rte:random" in seen["flags"]
     assert seen["settings"] == {"subset-reselect-every": 1, "subset-warm-start": 0.0}  # tune_tiny's, for suggestions
+    for task in ("sst2", "rte"):  # each task's floor on its own seed's sample
+        config = scenario_config(SCENARIO, [f"task={task}", "seed=0"])[0]
+        assert seen["floors"][task] == [majority_test_accuracy(config, best_constant=True)]
     monkeypatch.setattr(tune_compare, "measure", lambda *_: seen["study"])  # tasks that disagree on a setting:
     tune_compare.main([*common, "--tasks", "sst2", "rte", "--task-set", "rte:subset-warm-start=0.2"])
     assert seen["settings"] == {"subset-reselect-every": 1}  # the suggestions quote only what every task shares
@@ -195,3 +201,29 @@ def test_when_gradmatch_does_not_win_the_report_says_what_the_measurements_sugge
     for seed, runs in study["sst2"].items():
         runs[2]["test"] = runs[1]["test"] + 0.05 + 0.01 * seed  # gradmatch now wins on both seeds, clearly
     assert tune_compare.suggestions(study) == ""
+
+
+def test_the_floor_is_the_best_constant_answer_on_the_seeds_test_split():
+    """RTE at 256 training examples, seed 0: the training sample's majority label is the test split's
+    minority one, so the best constant answer (the floor the tuning report uses) scores more."""
+    config = scenario_config(tune_compare.SCENARIO, ["task=rte", "n-train=256", "seed=0"])[0]
+    splits, _ = sample_and_partition(config)
+    test = [ex.label for ex in splits["test"]]
+    shares = {label: test.count(label) / len(test) for label in set(test)}
+    best, majority = majority_test_accuracy(config, best_constant=True), majority_test_accuracy(config)
+    assert best == max(shares.values()) and majority in shares.values() and majority < best
+
+
+def test_the_floor_line_says_where_no_row_learned_the_task():
+    def agg(tests: dict[str, list[float]]) -> dict:
+        return tune_compare.aggregate(_study(tests))
+
+    floors = {"sst2": [0.5, 0.5, 0.5]}
+    learned = agg({"full": [0.80, 0.82, 0.81], "random 10%": [0.75, 0.77, 0.76], "gradmatch 10%": [0.7, 0.72, 0.71]})
+    line = tune_compare.floor_line(learned, floors)
+    assert "no model) on test: sst2 50.0 (seed mean)" in line and "Every row beats it on sst2." in line
+    some = agg({"full": [0.80, 0.82, 0.81], "random 10%": [0.51, 0.50, 0.52], "gradmatch 10%": [0.7, 0.45, 0.6]})
+    assert "On sst2, random 10%, gradmatch 10% do not beat it." in tune_compare.floor_line(some, floors)
+    none = agg({"full": [0.50, 0.52, 0.51], "random 10%": [0.51, 0.50, 0.52], "gradmatch 10%": [0.5, 0.53, 0.51]})
+    assert "No row beats it on sst2" in tune_compare.floor_line(none, floors)
+    assert "sst2's selector comparison says nothing about selection" in tune_compare.floor_line(none, floors)
