@@ -77,6 +77,12 @@ def run_row(scenario: Path, overrides: list[str], run_dir: Path, supernodes: int
     return run_simulation(scenario, [*overrides, f"out-dir={run_dir}"], supernodes)
 
 
+def task_overrides(sets: list[str], task_sets: dict[str, list[str]] | None, task: str, seed: int) -> list[str]:
+    """A task's run overrides on one seed: the study's ``sets``, then the task's own, then task and
+    seed. Its runs, its validation and its constant-answer floor all sample the data from these."""
+    return [*sets, *(task_sets or {}).get(task, []), f"task={task}", f"seed={seed}"]
+
+
 def measure(
     scenario: Path,
     tasks: list[str],
@@ -100,10 +106,7 @@ def measure(
             found = []
             for name, selector, fraction in (task_rows or {}).get(task, rows):
                 overrides = [
-                    *sets,
-                    *(task_sets or {}).get(task, []),
-                    f"task={task}",
-                    f"seed={seed}",
+                    *task_overrides(sets, task_sets, task, seed),
                     f"subset-selector={selector}",
                     f"subset-fraction={fraction}",
                 ]
@@ -371,7 +374,7 @@ def constant_answer_floors(
     return {
         task: [
             majority_test_accuracy(
-                scenario_config(scenario, [*sets, *task_sets.get(task, []), f"task={task}", f"seed={seed}"])[0],
+                scenario_config(scenario, task_overrides(sets, task_sets, task, seed))[0],
                 best_constant=True,
             )
             for seed in seeds
@@ -471,7 +474,9 @@ def main(argv: list[str] | None = None) -> None:
         task_rows[task] = rows_of(args.fractions, names.split(","))
     try:  # every task's scenario, as its runs will get it: a bad one fails here, before any run
         configs = [
-            scenario_config(args.scenario, [*args.set, *task_sets.get(t, []), f"task={t}"])[0] for t in args.tasks
+            scenario_config(args.scenario, task_overrides(args.set, task_sets, t, seed))[0]
+            for t in args.tasks
+            for seed in args.seeds
         ]
     except ValueError as err:
         parser.error(str(err))
