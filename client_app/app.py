@@ -15,7 +15,14 @@ from flwr.clientapp import ClientApp
 
 from fl_app.client_session import EVAL_METRICS, NodeSettings, run_eval_session, run_session
 from fl_app.config import make_config
-from fl_app.records import ClientState, history_from_record, report_to_record, state_from_records, state_to_records
+from fl_app.records import (
+    ClientState,
+    history_from_record,
+    metric_value,
+    report_to_record,
+    state_from_records,
+    state_to_records,
+)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -111,7 +118,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         result = run_eval_session(config, partition_id, num_partitions, state, session, history, average, node=node)
     except Exception as err:
         return _error_reply(msg, context, err)
-    metrics = {k: float(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
+    metrics = {k: metric_value(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
     return Message(
         RecordDict(
             {"report": ConfigRecord({"ok": True, "partition-id": partition_id}), "metrics": MetricRecord(metrics)}

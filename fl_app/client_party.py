@@ -14,6 +14,7 @@ from fl_app.config import EMBEDDING_ROWS, HOSL_FEEDBACK
 from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
+from fl_app.schedules import lr_factor
 from fl_app.subset import Subset
 from fl_app.trainable import OptimSettings, make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator
@@ -68,9 +69,13 @@ class ClientOptimConfig(OptimSettings):
     zo_embedding_rows: str = "batch"  # batch: perturb only the embedding rows a batch uses; all: every row (MeZO)
     hosl_feedback: str = "losses"  # losses: the server scores each perturbed activation; gradient: it returns dL/dh
     portable_directions: bool = False  # draw z on the CPU whatever the device (synced bottoms replay it)
+    lr_schedule: str = "constant"  # the rate over the client's steps (fl_app.schedules)
+    lr_warmup: int = 0  # steps of linear warm-up
+    lr_horizon: int = 0  # the client's steps in the run, where a decaying schedule reaches 0 (0: no decay)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        lr_factor(self.lr_schedule, 0, self.lr_warmup, self.lr_horizon)  # raises naming a bad schedule
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.zo_embedding_rows not in EMBEDDING_ROWS:
@@ -99,6 +104,7 @@ class StepStats:
     seconds: float
     seeds: list[int]
     projected_grads: list[float]
+    lr: float  # the rate this step applied (the schedule's, at the client's step)
     rows: bytes = b""  # the step's packed embedding-row selection (empty: all rows), for synced replay
 
 
@@ -150,12 +156,25 @@ class SplitClient:
         self.row_roles: list[tuple[str, int] | None] = []
         if config.order == "zo" and params:
             draw_on = torch.device("cpu") if config.portable_directions else None
-            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions, draw_on)
+            self.zo = ZOEstimator(
+                params,
+                config.zo_eps,
+                config.lr,
+                config.weight_decay,
+                config.zo_directions,
+                draw_on,
+                clip=config.zo_grad_clip,
+            )
             self.optimizer = None
             self.row_roles = embedding_roles(bottom, params) if config.zo_embedding_rows == "batch" else []
         else:
             self.zo = None
             self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+
+    @torch.no_grad()
+    def cut_activations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The bottom's activations for ``batch`` (float32, on the CPU), as it is now."""
+        return self._forward(batch).to("cpu", torch.float32)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = [batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")]
@@ -183,6 +202,7 @@ class SplitClient:
         loss is then the weighted mean, which the client's update follows as it is.
         """
         weighting = step_weighting(weight)
+        lr = self.lr_at(self.steps)
         start = time.perf_counter()
         resident = resident_bytes(self.bottom, self.optimizer)
         tokens = batch["input_ids"].numel()
@@ -195,9 +215,9 @@ class SplitClient:
             if self.zo is not None:
                 rows = self.step_rows(batch)
                 zo_step = self._zo_step_from_gradient if self.config.hosl_feedback == "gradient" else self._zo_step
-                loss, up, down, seeds, grads = zo_step(batch, link, weighting, rows)
+                loss, up, down, seeds, grads = zo_step(batch, link, weighting, rows, lr)
             elif self.params:
-                loss, up, down = self._fo_step(batch, link.exchange, weighting)
+                loss, up, down = self._fo_step(batch, link.exchange, weighting, lr)
                 seeds, grads = [], []
             else:
                 loss, up, down = self._frozen_step(batch, link.exchange, weighting)
@@ -207,7 +227,12 @@ class SplitClient:
             self.memory.record(resident, tokens, known)
         self.steps += 1
         release_freed_memory()  # the step's freed activations and frames leave the process
-        return StepStats(loss, up, down, known, time.perf_counter() - start, seeds, grads, pack_rows(rows))
+        return StepStats(loss, up, down, known, time.perf_counter() - start, seeds, grads, lr, pack_rows(rows))
+
+    def lr_at(self, step: int) -> float:
+        """The client's rate at its 0-based ``step``: the base rate times the schedule's factor."""
+        config = self.config
+        return config.lr * lr_factor(config.lr_schedule, step, config.lr_warmup, config.lr_horizon)
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
         """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""
@@ -216,7 +241,7 @@ class SplitClient:
         return batch_rows(self.row_roles, self.params, batch["input_ids"])
 
     @torch.no_grad()
-    def _zo_step(self, batch, link: Link, weighting: tuple[float, dict], rows):
+    def _zo_step(self, batch, link: Link, weighting: tuple[float, dict], rows, lr: float):
         """The clean activations are computed first; each perturbed one goes to the server as soon as it is
         computed (the client holds at most two); the clean request follows and its reply carries all 2Q
         losses. The restore of the last query shares the update's pass."""
@@ -241,11 +266,11 @@ class SplitClient:
             self.zo.perturb(seeds[-1], +1.0, rows)  # leave the weights as they were before the step
             raise
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
-        grads = self.zo.finish(seeds, losses, rows, weighting[0])  # restores the weights itself if the losses are bad
+        grads = self.zo.finish(seeds, losses, rows, weighting[0], lr)  # restores the weights itself if losses are bad
         return reply.clean_loss, up, len(answer), seeds, grads
 
     @torch.no_grad()
-    def _zo_step_from_gradient(self, batch, link: Link, weighting: tuple[float, dict], rows):
+    def _zo_step_from_gradient(self, batch, link: Link, weighting: tuple[float, dict], rows, lr: float):
         """``hosl-feedback = gradient``: the clean activations go up as an FO step, whose reply carries
         dL/dh at the cut (the server trains its top as in any step); each query's loss difference is then
         <dL/dh, h+ - h->, equal to the server's l+ - l- up to O(eps^3), so no perturbed activation leaves
@@ -260,10 +285,10 @@ class SplitClient:
         losses = self.zo.walk(
             seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))), rows
         )
-        grads = self.zo.finish(seeds, losses, rows)
+        grads = self.zo.finish(seeds, losses, rows, lr=lr)
         return reply.clean_loss, len(payload), len(answer), seeds, grads
 
-    def _fo_step(self, batch, exchange, weighting: tuple[float, dict]):
+    def _fo_step(self, batch, exchange, weighting: tuple[float, dict], lr: float):
         hidden = self._forward(batch)
         payload = self._request("fo", hidden, batch, weighting[1]).to_bytes()
         answer = exchange(payload)
@@ -271,6 +296,8 @@ class SplitClient:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             hidden.backward(reply.grad.to(hidden.device, hidden.dtype))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return reply.clean_loss, len(payload), len(answer)
@@ -313,14 +340,23 @@ class SplitClient:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], link: Link) -> dict[str, float]:
-        """Accuracy and mean loss of this client's bottom + the server's top over ``batches``."""
-        correct = count = 0
+        """Accuracy and mean loss of this client's bottom + the server's top over ``batches``, and
+        ``correct``: per example (in order) 1 if the top scored it right, else 0."""
+        outcomes: list[int] = []
+        count = 0
         loss_sum = 0.0
         for batch in batches:
             reply = StepReply.from_bytes(link.exchange(self._request("eval", self._forward(batch), batch).to_bytes()))
-            correct += reply.correct
+            right = reply.example_correct
+            if right is None or right.shape != (reply.count,) or int(right.sum()) != reply.correct:
+                raise ValueError(
+                    f"server's eval reply has example_correct of shape {None if right is None else list(right.shape)} "
+                    f"and sum {None if right is None else int(right.sum())}, expected ({reply.count},) summing to "
+                    f"{reply.correct}"
+                )
+            outcomes += [int(c) for c in right.tolist()]
             count += reply.count
             loss_sum += reply.clean_loss * reply.count
         if count == 0:
             raise ValueError("evaluation set is empty")
-        return {"accuracy": correct / count, "loss": loss_sum / count, "count": count}
+        return {"accuracy": sum(outcomes) / count, "loss": loss_sum / count, "count": count, "correct": outcomes}

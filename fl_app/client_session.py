@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
+from fl_app.bottom_effect import DRIFT_KEYS, SWAP_KEYS, activation_change, relative_change
 from fl_app.client_party import Link, SplitClient, StepMemory
 from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
@@ -280,6 +281,9 @@ def run_session(
         source, subset, selection = _training_source(
             client, partition_id, examples, data.encoder, config, session, plan, state, link
         )
+        client.config = dataclasses.replace(
+            client.config, lr_horizon=schedule_horizon(config, state.trial, len(source))
+        )
         stats = []
         for indices, weight in source:
             stats.append(client.train_step(data.encoder([examples[i] for i in indices]), link, weight))
@@ -305,6 +309,7 @@ def run_session(
         "grads": [s.projected_grads for s in stats],
         "rows": [s.rows for s in stats],
         "lr": client.config.lr,
+        "step-lrs": [s.lr for s in stats],
         "subset-plan": plan,
         "subset-batches": len(subset.batch_ids) if subset else 0,
         **selection,
@@ -328,6 +333,13 @@ def run_session(
                 "cannot keep client %d's state in %s (set node config state-dir): %s", partition_id, folder, err
             )
     return report, new_state
+
+
+def schedule_horizon(config: Config, trial: int, steps: int) -> int:
+    """The client steps a decaying rate schedule spans: the phase's rounds (a tuning trial's, or the
+    run's) times this session's ``steps``. A client sampled in fewer rounds ends above the last rate."""
+    rounds = config.tune.rounds if 0 < trial <= config.tune.trials else config.federation.num_rounds
+    return rounds * steps
 
 
 def _progress(partition_id: int, session: Mapping[str, Any], stats: list, steps: int) -> None:
@@ -408,7 +420,42 @@ def _choose_subset(
     }
 
 
-EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down")  # what an evaluation session reports
+# what an evaluation session reports: numbers, and per-example 0/1 lists (correct, swap-correct)
+EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down", "correct", *DRIFT_KEYS, *SWAP_KEYS)
+
+
+def wants_swap(config: Config, session: Mapping[str, Any]) -> bool:
+    """Whether this evaluation also scores the initial bottom (``eval-swap``; never the untrained round 0)."""
+    if int(session["round"]) == 0 or config.eval.swap == "none":
+        return False
+    return config.eval.swap == "every" or session["split"] == "test"
+
+
+def measure_bottom(
+    client: SplitClient, config: Config, partition_id: int, probe: dict[str, torch.Tensor], evaluate_initial
+) -> dict[str, Any]:
+    """The bottom's drift from its starting values (trainable tensors; cut activations on ``probe``)
+    and, if ``evaluate_initial`` is given, its result with the initial bottom in place (the swap
+    evaluation). The trained weights are back in place afterwards, whatever happens."""
+    named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in named.items()}
+    with torch.no_grad():
+        after = client.cut_activations(probe)
+        try:
+            reset_client_bottom(config, client.bottom, partition_id)
+            before = client.cut_activations(probe)
+            effect: dict[str, Any] = {
+                "drift-params": relative_change(trained, {n: p.detach() for n, p in named.items()}),
+                "drift-activations": activation_change(after, before, probe["attention_mask"]),
+            }
+            if evaluate_initial is not None:
+                initial = evaluate_initial()
+                effect.update({"swap-accuracy": initial["accuracy"], "swap-loss": initial["loss"]})
+                effect["swap-correct"] = initial["correct"]
+        finally:
+            for name, value in trained.items():
+                named[name].copy_(value)
+    return effect
 
 
 def run_eval_session(
@@ -423,7 +470,8 @@ def run_eval_session(
     node: NodeSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
-    applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO)."""
+    applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO); after training, also
+    the bottom's drift and, where ``eval-swap`` asks, the swap evaluation (:func:`measure_bottom`)."""
     node = node or NodeSettings()
     folder, after_training = (
         node.state_folder(session),
@@ -440,8 +488,17 @@ def run_eval_session(
     if not part:
         return {"partition-id": partition_id, **pool_eval([])}
     link = link or connect(session, config, node)
+    probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe batch
+
+    def score() -> dict[str, Any]:
+        return client.evaluate(eval_batches(data.encoder, part, config.data.batch_size), link)
+
     try:
-        result = client.evaluate(eval_batches(data.encoder, part, config.data.batch_size), link)
+        result = score()
+        if int(session["round"]) > 0:
+            result.update(
+                measure_bottom(client, config, partition_id, probe, score if wants_swap(config, session) else None)
+            )
     finally:
         link.close()
     return {"partition-id": partition_id, **result, "bytes-up": link.bytes_up, "bytes-down": link.bytes_down}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fl_app.schedules import SCHEDULES
 from fl_app.tasks import get_task
 
 MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # (client order, server order)
@@ -35,10 +36,20 @@ OPTIMIZERS = ("sgd", "adam")
 SELECTORS = ("full", "random", "gradmatch", "gradmatch-pc")  # data subsets (AUTOMATA; -pc: per class)
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # server-device / client-device (fl_app.devices)
 
+FREEZABLE = ("embeddings", "norms", "biases")  # parameter groups a client can leave untrained
 POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
 DEVICE = "auto, cpu, cuda, cuda:<index> or mps"
+FREEZE_GROUPS = f"empty or comma-separated of {', '.join(FREEZABLE)}"
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """A comma-separated setting as a tuple of its stripped, non-empty items."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 CHECKS = {
     DEVICE: lambda v: DEVICE_NAMES.fullmatch(v) is not None,
+    FREEZE_GROUPS: lambda v: set(split_list(v)) <= set(FREEZABLE),
     POSITIVE: lambda v: v > 0,
     NON_NEGATIVE: lambda v: v >= 0,
     FRACTION: lambda v: 0 < v <= 1,
@@ -71,6 +82,9 @@ class ModelSettings:
     lora_alpha: int = setting(16, "lora-alpha", check=POSITIVE)
     lora_targets: str = setting("", "lora-targets")  # comma-separated module names; "" = the family's default
     freeze_embeddings: bool = setting(False, "freeze-embeddings")  # the client trains its layers only
+    # groups of the client's parameters left untrained (comma-separated: embeddings, norms, biases):
+    # a ZO client then perturbs only the layers' matrices (d_c shrinks; see fl_app.trainable)
+    client_freeze: str = setting("", "client-freeze", check=FREEZE_GROUPS)
     # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
     # its weights' memory, but eps and each update are then rounded to that dtype (see docs/client_dtype.md)
     client_dtype: str = setting("float32", "client-dtype", DTYPES)
@@ -83,6 +97,12 @@ class ModelSettings:
     def targets(self) -> tuple[str, ...]:
         """``lora-targets`` as a tuple (empty = the family's default)."""
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def frozen_groups(self) -> tuple[str, ...]:
+        """``client-freeze`` as a tuple, with ``freeze-embeddings`` folded in."""
+        groups = split_list(self.client_freeze)
+        return groups + ("embeddings",) if self.freeze_embeddings and "embeddings" not in groups else groups
 
 
 @dataclass(frozen=True)
@@ -112,11 +132,19 @@ class ZOSettings:
     # projects its own h+ - h- on it: one upload per step, no scoring forwards, but the gradient carries
     # more about the labels than 2Q scalar losses do)
     hosl_feedback: str = setting("losses", "hosl-feedback", HOSL_FEEDBACK)
+    # > 0: each projected gradient g_q is clipped to [-c, c] before the update (both ZO sides); the
+    # clipped value is what is applied and what synced clients replay
+    grad_clip: float = setting(0.0, "zo-grad-clip", check=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class OptimSettings:
     client_lr: float = setting(1e-4, "client-lr", check=POSITIVE)
+    # the client's rate over its steps (ZO or FO): constant, or decaying to 0 over the run's client steps
+    # (rounds x steps per session), linearly or along a half cosine; after client-lr-warmup steps of
+    # linear warm-up (fl_app.schedules)
+    client_lr_schedule: str = setting("constant", "client-lr-schedule", SCHEDULES)
+    client_lr_warmup: int = setting(0, "client-lr-warmup", check=NON_NEGATIVE)
     server_lr: float = setting(5e-5, "server-lr", check=POSITIVE)
     client_optimizer: str = setting("sgd", "client-optimizer", OPTIMIZERS)  # first-order clients only
     server_optimizer: str = setting("adam", "server-optimizer", OPTIMIZERS)  # first-order servers only
@@ -179,6 +207,10 @@ class EvalSettings:
     examples: int = setting(200, "eval-examples", check=NON_NEGATIVE)  # dev examples scored (0 = all)
     test: bool = setting(True, "eval-test")  # score the test split at the end
     untrained: bool = setting(True, "eval-untrained")  # score dev before training (round 0: the baseline)
+    # swap evaluation (fl_app.bottom_effect): also score the top over the client's initial bottom, per
+    # example (flips, McNemar p): at the test evaluation, at every evaluation, or never; the bottom's
+    # drift from its start is measured at every evaluation
+    swap: str = setting("test", "eval-swap", ("test", "every", "none"))
 
 
 GROUPS = {

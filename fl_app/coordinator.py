@@ -286,7 +286,8 @@ class Coordinator:
             return
         if self.client_order == "zo":
             for rep in sorted(reports, key=lambda r: r["partition-id"]):
-                self.history.extend(rnd, rep["partition-id"], rep["lr"], rep["seeds"], rep["grads"], rep.get("rows"))
+                rates = rep.get("step-lrs", rep["lr"])  # each step's scheduled rate
+                self.history.extend(rnd, rep["partition-id"], rates, rep["seeds"], rep["grads"], rep.get("rows"))
         else:
             self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
 

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from fl_app.bottom_effect import pool_drift, pool_swap
+
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
@@ -111,16 +113,25 @@ def track_peak_memory(device: torch.device | None = None) -> Iterator[PeakMemory
 
 
 def pool_eval(reports: list[dict[str, float]]) -> dict[str, Any]:
-    """Pool per-client evaluation reports (accuracy, loss, count) into one, keeping per-client accuracy."""
+    """Pool per-client evaluation reports (accuracy, loss, count) into one, keeping per-client accuracy,
+    the per-example outcomes, and the bottom's drift and swap evaluation where the reports carry them."""
     total = sum(r["count"] for r in reports)
     if not total:
         return {"accuracy": None, "loss": None, "count": 0, "per_client": []}
-    return {
+    pooled = {
         "accuracy": sum(r["accuracy"] * r["count"] for r in reports) / total,
         "loss": sum(r["loss"] * r["count"] for r in reports) / total,
         "count": total,
         "per_client": [r["accuracy"] for r in reports],
     }
+    if all("correct" in r for r in reports):  # per example, in shard order: for paired comparisons
+        pooled["correct"] = [int(c) for r in reports for c in r["correct"]]
+    drift, swap = pool_drift(reports), pool_swap(reports)
+    if drift is not None:
+        pooled["drift"] = drift
+    if swap is not None:
+        pooled["swap"] = swap
+    return pooled
 
 
 def log_to_stderr(*names: str, level: int = logging.INFO) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 
 def plot_results(results: Mapping[str, Any], path: Path) -> Path:
-    """Dev accuracy per round, training loss per step, bytes and client peak memory per round."""
+    """Dev accuracy per round, training loss per step, bytes and client peak memory per round, the
+    bottom's drift from its start per evaluation, and the swap evaluations (the final top over the
+    trained and the initial bottom, with the flips and McNemar's p)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,7 +18,7 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     rounds = results["rounds"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(3, 2, figsize=(10, 10))
     dev = [e for e in results["eval"]["history"] if e.get("accuracy") is not None]
     axes[0, 0].plot([e["round"] for e in dev], [e["accuracy"] for e in dev], marker="o")
     axes[0, 0].set(title="dev accuracy", xlabel="round (0 = untrained)")
@@ -34,7 +36,9 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     axes[1, 1].plot(numbers, peaks, marker="o")
     axes[1, 1].set(title="client peak memory per round", xlabel="round", ylabel="MiB")
     axes[1, 1].set_ylim(bottom=0)
-    for ax in (axes[0, 0], axes[1, 0], axes[1, 1]):
+    _plot_drift(axes[2, 0], results["eval"]["history"])
+    _plot_swaps(axes[2, 1], results["eval"])
+    for ax in (axes[0, 0], axes[1, 0], axes[1, 1], axes[2, 0]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{results['mode']}: {results['config']['task']} on {results['config']['model']}")
     fig.tight_layout()
@@ -42,3 +46,33 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _plot_drift(ax, history: list[Mapping[str, Any]]) -> None:
+    """The bottom's relative change from its start at each evaluation (trainable tensors, cut activations)."""
+    drifted = [e for e in history if "drift" in e]
+    for key, label in (("params", "trainable tensors"), ("activations", "cut activations (probe batch)")):
+        ax.plot([e["round"] for e in drifted], [100 * e["drift"][key] for e in drifted], marker="o", label=label)
+    ax.set(title="bottom's drift from its start", xlabel="round", ylabel="% of its norm")
+    ax.set_ylim(bottom=0)
+    if drifted:
+        ax.legend()
+
+
+def _plot_swaps(ax, evaluation: Mapping[str, Any]) -> None:
+    """Each swap evaluation: accuracy of the same top over the trained and over the initial bottom."""
+    swaps = [(f"round {e['round']}", e["swap"]) for e in evaluation["history"] if "swap" in e]
+    if (evaluation.get("test") or {}).get("swap"):
+        swaps.append(("test", evaluation["test"]["swap"]))
+    ax.set(title="swap: the top over the trained / initial bottom", ylabel="accuracy")
+    if not swaps:
+        ax.text(0.5, 0.5, "no swap evaluation (eval-swap = none)", ha="center", va="center", transform=ax.transAxes)
+        return
+    at = range(len(swaps))
+    ax.bar([i - 0.2 for i in at], [s["accuracy"] for _, s in swaps], width=0.4, label="trained bottom")
+    ax.bar([i + 0.2 for i in at], [s["initial_accuracy"] for _, s in swaps], width=0.4, label="initial bottom")
+    for i, (_, s) in zip(at, swaps):
+        ax.annotate(f"+{s['gained']} / -{s['lost']}\np={s['p_value']:.2g}", (i, 0.02), ha="center", fontsize=8)
+    ax.set_xticks(list(at), [name for name, _ in swaps])
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", fontsize=8)

@@ -189,7 +189,8 @@ def validate_part(part: PerturbedPart, hidden_size: int) -> None:
 class StepReply:
     """Server -> client: the 2Q losses of the perturbed activations, the clean loss, and for FO
     clients the gradient of the (weighted) loss with respect to the clean activations. A reply to
-    a :class:`SelectRequest` carries the chosen ``batch_ids`` and their ``batch_weights``."""
+    a :class:`SelectRequest` carries the chosen ``batch_ids`` and their ``batch_weights``; a reply to an
+    ``eval`` step carries ``example_correct``, 1 per example the top scored right (else 0)."""
 
     clean_loss: float
     perturbed_losses: torch.Tensor | None = None
@@ -198,6 +199,7 @@ class StepReply:
     batch_weights: torch.Tensor | None = None
     correct: int = 0
     count: int = 0
+    example_correct: torch.Tensor | None = None
 
     def to_bytes(self) -> bytes:
         tensors = {}
@@ -208,6 +210,8 @@ class StepReply:
         if self.batch_ids is not None:
             tensors["batch_ids"] = self.batch_ids.to("cpu", torch.int64)
             tensors["batch_weights"] = self.batch_weights.to("cpu", torch.float64)
+        if self.example_correct is not None:
+            tensors["example_correct"] = self.example_correct.to("cpu", torch.uint8)
         meta = {"clean_loss": self.clean_loss, "correct": self.correct, "count": self.count}
         return st_save(_on_wire(tensors), metadata={"meta": json.dumps(meta)})
 
@@ -220,6 +224,7 @@ class StepReply:
             grad=tensors.get("grad"),
             batch_ids=tensors.get("batch_ids"),
             batch_weights=tensors.get("batch_weights"),
+            example_correct=tensors.get("example_correct"),
             **meta,
         )
 

@@ -29,20 +29,23 @@ class History:
         self,
         rnd: int,
         client: int,
-        lr: float,
+        lr: float | list[float],
         seeds: list[list[int]],
         grads: list[list[float]],
         rows: list[bytes] | None = None,
     ) -> None:
+        """Add one session's steps; ``lr`` is one rate for all of them, or each step's (a schedule's)."""
         rows = rows if rows is not None else [b""] * len(seeds)
-        if not len(seeds) == len(grads) == len(rows):
+        lrs = [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)] * len(seeds)
+        if not len(seeds) == len(grads) == len(rows) == len(lrs):
             raise ValueError(
-                f"history needs seeds, grads and rows per step, got {len(seeds)}, {len(grads)}, {len(rows)}"
+                f"history needs seeds, grads, rows and rates per step, got {len(seeds)}, {len(grads)}, "
+                f"{len(rows)}, {len(lrs)}"
             )
-        for step_seeds, step_grads, step_rows in zip(seeds, grads, rows):
+        for step_seeds, step_grads, step_rows, step_lr in zip(seeds, grads, rows, lrs):
             self.rounds.append(rnd)
             self.clients.append(client)
-            self.lrs.append(lr)
+            self.lrs.append(step_lr)
             self.seeds.append(step_seeds)
             self.grads.append(step_grads)
             self.rows.append(step_rows)
@@ -167,3 +170,11 @@ def report_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
     report["grads"] = _unflatten([float(g) for g in record["grads"]], int(record["queries"]), steps)
     report["rows"] = [bytes(r) for r in record["rows"]]
     return report
+
+
+def metric_value(value: Any) -> float | list[int]:
+    """An evaluation metric as a Flower MetricRecord holds it and the round loop reads it: a number as a
+    float, a per-example 0/1 list (``correct``, ``swap-correct``) as ints."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return float(value)

@@ -144,7 +144,7 @@ def _spec(config: Config, side: str) -> TrainableSpec:
         lora_r=model.lora_r,
         lora_alpha=model.lora_alpha,
         lora_targets=model.targets,
-        freeze_embeddings=model.freeze_embeddings and side == "client",
+        freeze=model.frozen_groups if side == "client" else (),
     )
 
 
@@ -160,6 +160,7 @@ def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServe
         zo_eps=zo.eps,
         zo_queries=zo.queries,
         zo_directions=zo.directions,
+        zo_grad_clip=zo.grad_clip,
         seed=config.run.seed,
     )
     limits = BufferLimits(config.stream.session_buffer_mb * 2**20, config.stream.server_buffer_mb * 2**20)
@@ -226,6 +227,9 @@ def split_client(
         zo_eps=zo.eps,
         zo_queries=zo.queries,
         zo_directions=zo.directions,
+        zo_grad_clip=zo.grad_clip,
+        lr_schedule=optim.client_lr_schedule,
+        lr_warmup=optim.client_lr_warmup,
         zo_embedding_rows=zo.embedding_rows,
         hosl_feedback=zo.hosl_feedback,
         portable_directions=config.federation.bottoms == "synced",

@@ -179,7 +179,9 @@ class SplitServer:
             self.zo = None
         else:
             self.optimizer = None
-            self.zo = ZOEstimator(params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions)
+            self.zo = ZOEstimator(
+                params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions, clip=config.zo_grad_clip
+            )
         self.ledger = UpdateLedger(params, self.optimizer)
 
     def rollback(self, session: str) -> bool:
@@ -433,8 +435,10 @@ class SplitServer:
             with torch.no_grad():
                 scores = self._scores(clean, req)
                 loss = classification_loss(scores, req.labels)
-            correct = int((scores.argmax(1) == req.labels).sum())
-            return StepReply(clean_loss=float(loss), correct=correct, count=int(req.labels.shape[0]))
+            right = scores.argmax(1) == req.labels
+            return StepReply(
+                clean_loss=float(loss), correct=int(right.sum()), count=int(req.labels.shape[0]), example_correct=right
+            )
         self.steps += 1
         record = self.ledger.track(session, extra=self.steps - 1) if session is not None and self.params else None
         if self.zo is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_app.config import DIRECTIONS, PARAM_MODES
+from fl_app.config import DIRECTIONS, FREEZABLE, PARAM_MODES
 
 DEFAULT_LORA_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 EMBEDDING_TYPES = (nn.Embedding,)
@@ -22,7 +22,7 @@ class TrainableSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
-    freeze_embeddings: bool = False
+    freeze: tuple[str, ...] = ()  # groups left untrained: embeddings, norms, biases (config.FREEZABLE)
 
     def __post_init__(self) -> None:
         if self.mode not in PARAM_MODES:
@@ -30,6 +30,9 @@ class TrainableSpec:
                 f"unknown parameter mode '{self.mode}' (fields client-params/server-params); "
                 f"known: {', '.join(PARAM_MODES)}"
             )
+        unknown = set(self.freeze) - set(FREEZABLE)
+        if unknown:
+            raise ValueError(f"client-freeze names unknown groups {sorted(unknown)}; known: {', '.join(FREEZABLE)}")
         if self.mode == "lora" and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ValueError(f"lora-r must be >= 1 and lora-alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
 
@@ -66,10 +69,16 @@ def configure_trainable(
             p.requires_grad_("lora_" in name or _is_head(name))
         else:
             p.requires_grad_(False)
-    if spec.freeze_embeddings:
-        for sub in module.modules():
-            if isinstance(sub, EMBEDDING_TYPES):
-                sub.weight.requires_grad_(False)
+    for sub in module.modules():
+        if "embeddings" in spec.freeze and isinstance(sub, EMBEDDING_TYPES):
+            sub.weight.requires_grad_(False)
+        if "norms" in spec.freeze and "norm" in type(sub).__name__.lower():  # LayerNorm, RMSNorm, ...
+            for p in sub.parameters(recurse=False):
+                p.requires_grad_(False)
+    if "biases" in spec.freeze:
+        for name, p in module.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                p.requires_grad_(False)
     seen: set[int] = set()
     params = []
     for p in module.parameters():
@@ -125,6 +134,7 @@ class OptimSettings:
     zo_eps: float = 1e-3
     zo_queries: int = 1
     zo_directions: str = "gaussian"
+    zo_grad_clip: float = 0.0  # > 0: clip each projected gradient to [-c, c]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -134,5 +144,7 @@ class OptimSettings:
             raise ValueError(f"{self.side}-lr must be a positive finite number, got {self.lr!r}")
         if self.zo_queries < 1:
             raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
+        if not (math.isfinite(self.zo_grad_clip) and self.zo_grad_clip >= 0):
+            raise ValueError(f"zo-grad-clip must be a finite number >= 0, got {self.zo_grad_clip!r}")
         if self.zo_directions not in DIRECTIONS:
             raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {self.zo_directions!r}")

@@ -81,6 +81,7 @@ class ZOEstimator:
         weight_decay: float = 0.0,
         directions: str = "gaussian",
         draw_on: torch.device | None = None,
+        clip: float = 0.0,
     ):
         _check_positive("zo-eps", eps)
         _check_positive("lr", lr)
@@ -88,6 +89,9 @@ class ZOEstimator:
             raise ValueError(f"weight-decay must be >= 0, got {weight_decay!r}")
         if directions not in DIRECTIONS:
             raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {directions!r}")
+        if not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(f"zo-grad-clip must be a finite number >= 0, got {clip!r}")
+        self.clip = clip  # > 0: each projected gradient is clipped to [-clip, clip] before it is applied
         self.params = list(params)
         if not self.params:
             raise ValueError(
@@ -193,11 +197,12 @@ class ZOEstimator:
         self.apply([(seed, scale * self.eps)], rows)
 
     def projected_gradient(self, loss_plus: float, loss_minus: float) -> float:
-        """(l+ - l-) / (2 eps); non-finite losses are rejected rather than applied."""
+        """(l+ - l-) / (2 eps), clipped to [-clip, clip] when the estimator has a clip; non-finite losses
+        are rejected rather than applied."""
         g = (float(loss_plus) - float(loss_minus)) / (2 * self.eps)
         if not math.isfinite(g):
             raise FloatingPointError(f"non-finite ZO projected gradient from losses {loss_plus!r}, {loss_minus!r}")
-        return g
+        return max(-self.clip, min(self.clip, g)) if self.clip else g
 
     def perturbed_states(self, seeds: Sequence[int], rows: Rows | None = None) -> Iterator[None]:
         """Walk theta through theta + eps z_1, theta - eps z_1, theta + eps z_2, ... yielding once in each
@@ -274,11 +279,17 @@ class ZOEstimator:
         return self.finish(seeds, self.walk(seeds, loss_fn, rows), rows, weight)
 
     def finish(
-        self, seeds: Sequence[int], losses: Sequence[float], rows: Rows | None = None, weight: float = 1.0
+        self,
+        seeds: Sequence[int],
+        losses: Sequence[float],
+        rows: Rows | None = None,
+        weight: float = 1.0,
+        lr: float | None = None,
     ) -> list[float]:
         """End a completed :meth:`perturbed_states` walk with its 2Q losses (l+_1, l-_1, l+_2, ...): update
-        theta (the last restore in the same pass) and return the weighted projected gradients. If the
-        losses are unusable, theta is restored and the error raised."""
+        theta at ``lr`` (default: the estimator's; the last restore in the same pass) and return the
+        weighted (and clipped) projected gradients that were applied. If the losses are unusable, theta
+        is restored and the error raised."""
         try:
             if len(losses) != 2 * len(seeds):
                 raise ValueError(
@@ -288,7 +299,7 @@ class ZOEstimator:
         except (ValueError, FloatingPointError):
             self.perturb(seeds[-1], +1.0, rows)
             raise
-        self.update(seeds, grads, rows=rows, restore=seeds[-1])
+        self.update(seeds, grads, lr=lr, rows=rows, restore=seeds[-1])
         return grads
 
 

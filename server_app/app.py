@@ -27,7 +27,7 @@ from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
-from fl_app.records import history_to_record, report_from_record
+from fl_app.records import history_to_record, metric_value, report_from_record
 from fl_app.rounds import NO_REPLY, SessionReply, SessionRequest
 
 log = logging.getLogger("hosl.server")
@@ -197,7 +197,7 @@ def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> Ses
         if "weights" in reply.content.array_records:
             report["weights"] = reply.content.array_records["weights"].to_torch_state_dict()
     elif report is not None:
-        report = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+        report = {k: metric_value(v) for k, v in reply.content.metric_records["metrics"].items()}
     return SessionReply(report, reason)
 
 

@@ -103,14 +103,22 @@ def test_malformed_frame_ends_one_session_and_others_continue(coord):
     assert [r["steps"] for r in session_round(c, 1, [0], {})] == [2]
 
 
-@pytest.mark.parametrize("rows", ["batch", "all"])
-def test_synced_bottoms_match_and_late_client_catches_up(coord, rows):
-    c = coord(bottoms="synced", **{"zo-embedding-rows": rows})
+STABLE = {"client-lr-schedule": "cosine", "client-lr-warmup": 3, "zo-grad-clip": 0.05}  # rates vary per step
+
+
+@pytest.mark.parametrize("rows, stability", [("batch", {}), ("all", {}), ("batch", STABLE)])
+def test_synced_bottoms_match_and_late_client_catches_up(coord, rows, stability):
+    """Synced ZO bottoms agree after replay, also when each step has its own scheduled rate and
+    clipped projected gradients (the history carries what each step applied)."""
+    c = coord(bottoms="synced", **{"zo-embedding-rows": rows, **stability})
     states: dict[int, ClientState] = {}
     session_round(c, 1, [0, 1], states)
     session_round(c, 2, [0, 1], states)
     assert len(c.history) == 8  # 2 rounds x 2 clients x 2 steps
     assert all(packed for packed in c.history.rows) == (rows == "batch")  # row ids travel with the history
+    if stability:  # the warm-up's rates 1/3, 2/3 of the base, then the cosine decay over 2 rounds x 2 steps
+        assert c.history.lrs[:2] == pytest.approx([c.config.optim.client_lr / 3, 2 * c.config.optim.client_lr / 3])
+        assert len(set(c.history.lrs)) > 2 and max(abs(g) for step in c.history.grads for g in step) <= 0.05
     latest = c.history.since(0)
 
     def caught_up(pid):

@@ -64,7 +64,14 @@ def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tm
     synced: each session carries the (seed, projected gradient) history the client has not applied
     yet, which the checkpoint must keep."""
     out = tmp_path / "sim"
-    overrides = ["max-concurrent-clients=1", "eval-test=false", "num-rounds=3", "bottoms=synced", "client-lr=0.001"]
+    overrides = [
+        "max-concurrent-clients=1",
+        "eval-test=false",
+        "num-rounds=3",
+        "bottoms=synced",
+        "client-lr=0.001",
+        "eval-swap=every",
+    ]
     for attempt in (1, 2):  # a run whose Ray fails to start on a loaded machine never checkpoints: once more
         env = flwr_env if attempt == 1 else {**flwr_env, **private_superlink_env(tmp_path / "home-2")}
         home = Path(env["FLWR_HOME"])
@@ -110,6 +117,14 @@ def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tm
     sim_losses = [h["train_loss"] for h in results["history"]]
     local_losses = [h["train_loss"] for h in local["history"]]
     assert sim_losses == pytest.approx(local_losses, abs=1e-6)
+    # what the bottom adds crosses Flower's records: drift and the per-example swap, as the local runner's
+    sim_evals, local_evals = results["eval"]["history"], local["eval"]["history"]
+    assert [e["round"] for e in sim_evals] == [e["round"] for e in local_evals] == [0, 1, 2, 3]
+    for sim_eval, local_eval in zip(sim_evals[1:], local_evals[1:]):
+        assert sim_eval["drift"]["params"] == pytest.approx(local_eval["drift"]["params"], rel=1e-4)
+        assert sim_eval["correct"] == local_eval["correct"] and sim_eval["swap"] == pytest.approx(
+            local_eval["swap"], rel=1e-4
+        )
 
 
 def _ancestors(pid: int) -> list[int]:

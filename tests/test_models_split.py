@@ -115,7 +115,7 @@ def test_lora_keeps_new_classifier_head_trainable():
 
 def test_freeze_embeddings_and_frozen_mode():
     bottom, _ = split_model(tiny_model("llama"), 2)
-    params = configure_trainable(bottom, TrainableSpec(mode="full", freeze_embeddings=True), "llama")
+    params = configure_trainable(bottom, TrainableSpec(mode="full", freeze=("embeddings",)), "llama")
     assert bottom.body.embed_tokens.weight.requires_grad is False
     assert params and all(p is not bottom.body.embed_tokens.weight for p in params)
     assert configure_trainable(bottom, TrainableSpec(mode="frozen"), "llama") == []

@@ -1,0 +1,108 @@
+"""What training the client's bottom adds: how far it moved, and what the top scores over it.
+
+At every evaluation a client measures its bottom's *drift* from its starting values (the
+trainable tensors' relative change, and the relative change of the cut activations on a fixed
+probe batch). A *swap evaluation* scores the same top over the trained bottom and over the
+initial one, example by example: the predictions that flip right and wrong, and an exact McNemar
+test of whether the trained bottom changes accuracy at all. A bottom that learned nothing flips
+nothing (p = 1); one that drifts while the top holds its accuracy over the initial bottom is
+moving in directions that do not help.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+DRIFT_KEYS = ("drift-params", "drift-activations")  # what each evaluating client reports
+SWAP_KEYS = ("swap-accuracy", "swap-loss", "swap-correct")  # ... and, in a swap evaluation, the initial bottom's
+
+
+def relative_change(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+    """||new - old|| / ||old|| over all tensors together (0 when there are none; inf when old is zero
+    and new is not). Computed in float64 on the CPU."""
+    if set(new) != set(old):
+        raise ValueError(f"drift needs the same tensors before and after, differing in {sorted(set(new) ^ set(old))}")
+    moved = base = 0.0
+    for name, value in new.items():
+        start = old[name].detach().to("cpu", torch.float64)
+        moved += float((value.detach().to("cpu", torch.float64) - start).pow(2).sum())
+        base += float(start.pow(2).sum())
+    if moved == 0.0:
+        return 0.0
+    return math.sqrt(moved / base) if base > 0 else math.inf
+
+
+def activation_change(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> float:
+    """||new - old|| / ||old|| of cut activations over the real (unmasked) token positions."""
+    if new.shape != old.shape or new.shape[:2] != mask.shape:
+        raise ValueError(
+            f"activation drift needs equal shapes, got {list(new.shape)}, {list(old.shape)}, mask {list(mask.shape)}"
+        )
+    keep = mask.to("cpu").bool()
+    new, old = new.detach().to("cpu", torch.float64)[keep], old.detach().to("cpu", torch.float64)[keep]
+    base = float(old.norm())
+    moved = float((new - old).norm())
+    if moved == 0.0:
+        return 0.0
+    return moved / base if base > 0 else math.inf
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes: ``gained`` examples right only with the
+    trained bottom, ``lost`` right only with the initial one (binomial test of gained vs lost at 1/2).
+    No discordant pair gives p = 1."""
+    if gained < 0 or lost < 0:
+        raise ValueError(f"flip counts must be >= 0, got gained={gained}, lost={lost}")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_flips(trained: Sequence[int], initial: Sequence[int]) -> tuple[int, int]:
+    """(right only under ``trained``, right only under ``initial``) for per-example 0/1 outcomes."""
+    if len(trained) != len(initial):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(trained)} and {len(initial)}")
+    gained = sum(1 for a, b in zip(trained, initial) if a and not b)
+    lost = sum(1 for a, b in zip(trained, initial) if b and not a)
+    return gained, lost
+
+
+def pool_drift(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The evaluating clients' drift: mean and per client (None when no report carries it)."""
+    have = [r for r in reports if "drift-params" in r]
+    if not have:
+        return None
+    params = [float(r["drift-params"]) for r in have]
+    acts = [float(r["drift-activations"]) for r in have]
+    return {
+        "params": sum(params) / len(params),
+        "activations": sum(acts) / len(acts),
+        "per_client": [{"params": p, "activations": a} for p, a in zip(params, acts)],
+    }
+
+
+def pool_swap(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The swap evaluation over every evaluating client's shard, in shard order: the initial bottom's
+    accuracy and loss under the same top, the flips and McNemar's p (None when no report has one)."""
+    have = [r for r in reports if "swap-correct" in r]
+    if not have:
+        return None
+    trained = [int(c) for r in have for c in r["correct"]]
+    initial = [int(c) for r in have for c in r["swap-correct"]]
+    count = len(initial)
+    gained, lost = paired_flips(trained, initial)
+    return {
+        "accuracy": sum(trained) / count,
+        "initial_accuracy": sum(initial) / count,
+        "initial_loss": sum(float(r["swap-loss"]) * len(r["swap-correct"]) for r in have) / count,
+        "gained": gained,
+        "lost": lost,
+        "p_value": mcnemar_exact(gained, lost),
+        "count": count,
+    }

@@ -1,0 +1,118 @@
+"""What the bottom adds: drift from its start and the swap evaluation (the same top over the
+initial bottom), in each evaluation session and pooled into results.json."""
+
+import math
+
+import pytest
+import torch
+
+from fl_app.bottom_effect import activation_change, mcnemar_exact, paired_flips, pool_swap, relative_change
+from fl_app.client_session import run_eval_session, run_session
+from fl_app.config import make_config, read_scenario
+from fl_app.train import run
+
+SMOKE = "sim_configs/smoke_tiny.toml"
+
+
+def config(**over):
+    return make_config({**read_scenario(SMOKE), "num-clients": 2, "local-steps": 3, "client-lr": 1e-2, **over})
+
+
+@pytest.fixture
+def coord(coordinators):
+    return lambda **over: coordinators(config(**over))
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_test_of_the_flips():
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(3, 1) == pytest.approx(2 * (1 + 4) / 16)
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024) == mcnemar_exact(0, 10)
+    # gained 9 lost 8 (the issue's pilot): no evidence either way
+    assert mcnemar_exact(9, 8) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="gained=-1"):
+        mcnemar_exact(-1, 2)
+
+
+def test_relative_and_activation_change():
+    old = {"a": torch.ones(4), "b": torch.zeros(2)}
+    assert relative_change(old, old) == 0.0
+    assert relative_change({"a": torch.ones(4) * 1.5, "b": torch.zeros(2)}, old) == pytest.approx(0.5)
+    assert relative_change({"a": torch.ones(4), "b": torch.ones(2)}, {"a": torch.zeros(4), "b": torch.zeros(2)}) == (
+        math.inf
+    )
+    with pytest.raises(ValueError, match="differing in"):
+        relative_change({"a": torch.ones(4)}, old)
+    h = torch.ones(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    moved = h.clone()
+    moved[0, 2] += 100  # a padded position: not counted
+    assert activation_change(moved, h, mask) == 0.0
+    moved[1, 0] += 1.0  # one real position of 3, four elements
+    assert activation_change(moved, h, mask) == pytest.approx(math.sqrt(4) / math.sqrt(3 * 4))
+
+
+def test_pooled_swap_counts_flips_across_shards_in_order():
+    reports = [
+        {"correct": [1, 1, 0], "swap-correct": [0, 1, 0], "swap-loss": 0.5},
+        {"correct": [0, 1], "swap-correct": [1, 0], "swap-loss": 1.0},
+    ]
+    assert paired_flips([1, 1, 0, 0, 1], [0, 1, 0, 1, 0]) == (2, 1)
+    swap = pool_swap(reports)
+    assert swap["gained"] == 2 and swap["lost"] == 1 and swap["count"] == 5
+    assert swap["accuracy"] == pytest.approx(3 / 5) and swap["initial_accuracy"] == pytest.approx(2 / 5)
+    assert swap["initial_loss"] == pytest.approx((0.5 * 3 + 1.0 * 2) / 5)
+    assert swap["p_value"] == pytest.approx(mcnemar_exact(2, 1))
+    assert pool_swap([{"correct": [1]}]) is None
+
+
+def test_swap_with_an_untouched_bottom_flips_nothing_and_reports_p_one(coord):
+    c = coord()
+    _, message = c.open(0, 1, {"split": "test", "shard": 0, "num-shards": 1})
+    result = run_eval_session(c.config, 0, 2, None, {**message, "state-dir": ""})
+    assert result["drift-params"] == 0.0 and result["drift-activations"] == 0.0
+    assert result["swap-correct"] == result["correct"] and len(result["correct"]) == result["count"] == 32
+    swap = pool_swap([result])
+    assert swap["gained"] == swap["lost"] == 0 and swap["p_value"] == 1.0
+    assert swap["initial_accuracy"] == swap["accuracy"] == result["accuracy"]
+
+
+def test_swap_scores_the_initial_bottom_and_leaves_the_trained_one_in_place(coord):
+    c = coord()
+    session, message = c.open(0, 1)
+    _, state = run_session(c.config, 0, 2, None, message)
+    assert c.finish_train(session, _)
+    test = {"split": "test", "shard": 0, "num-shards": 1}
+    _, message = c.open(0, 1, test)
+    trained = run_eval_session(c.config, 0, 2, state, message)
+    _, message = c.open(0, 1, test)
+    untrained = run_eval_session(c.config, 0, 2, None, {**message, "state-dir": ""})
+    assert trained["drift-params"] > 0 and trained["drift-activations"] > 0
+    assert trained["swap-correct"] == untrained["correct"]  # the same top over the initial bottom
+    assert trained["swap-loss"] == pytest.approx(untrained["loss"]) and trained["loss"] != untrained["loss"]
+    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
+    dev = run_eval_session(c.config, 0, 2, state, message)  # eval-swap = test: drift only on dev
+    assert "swap-correct" not in dev and dev["drift-params"] == pytest.approx(trained["drift-params"])
+    _, message = c.open(0, 1, test)
+    again = run_eval_session(c.config, 0, 2, state, message)
+    assert again["correct"] == trained["correct"] and again["loss"] == trained["loss"]
+
+
+@pytest.mark.parametrize("bottoms", ["personal", "synced"])
+def test_results_carry_drift_every_evaluation_and_the_swap_at_test(tmp_path, bottoms):
+    results = run(config(bottoms=bottoms, **{"eval-swap": "test"}), tmp_path)
+    history = results["eval"]["history"]
+    assert [e["round"] for e in history] == [0, 1, 2] and "drift" not in history[0]
+    assert all(e["drift"]["params"] > 0 and len(e["drift"]["per_client"]) == 2 for e in history[1:])
+    assert all("swap" not in e for e in history)
+    test = results["eval"]["test"]
+    assert len(test["correct"]) == test["count"] == 32
+    swap = test["swap"]
+    assert swap["count"] == 32 and swap["accuracy"] == pytest.approx(test["accuracy"])
+    assert swap["p_value"] == pytest.approx(mcnemar_exact(swap["gained"], swap["lost"]))
+    assert (tmp_path / "results.png").exists()
+
+
+def test_eval_swap_every_adds_the_swap_to_each_dev_evaluation(tmp_path):
+    results = run(config(**{"eval-swap": "every", "num-rounds": 1, "eval-test": False}), tmp_path)
+    (entry,) = [e for e in results["eval"]["history"] if e["round"] > 0]
+    assert entry["swap"]["count"] == entry["count"] and 0 <= entry["swap"]["p_value"] <= 1
