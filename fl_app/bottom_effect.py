@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+LOSS_RISE = 1.10  # a dev loss this far above the run's best so far ...
+DRIFT_GROWTH = 1.5  # ... while the bottom's drift has grown this much since then: the run is diverging
 DRIFT_KEYS = ("drift-params", "drift-activations")  # what each evaluating client reports
 SWAP_KEYS = ("swap-accuracy", "swap-loss", "swap-correct")  # ... and, in a swap evaluation, the initial bottom's
 
@@ -106,3 +108,21 @@ def pool_swap(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         "p_value": mcnemar_exact(gained, lost),
         "count": count,
     }
+
+
+def divergence(history: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why the run looks like diverging, or None: the latest evaluation's dev loss is more than
+    :data:`LOSS_RISE` times the best so far while the bottom's drift has grown :data:`DRIFT_GROWTH`-fold
+    since that best (a frozen bottom never drifts: a top that overfits is not flagged here)."""
+    evals = [e for e in history if e.get("loss") is not None and "drift" in e]
+    if len(evals) < 2:
+        return None
+    best, last = min(evals, key=lambda e: e["loss"]), evals[-1]
+    was, now = best["drift"]["params"], last["drift"]["params"]
+    if last is best or not last["loss"] > LOSS_RISE * best["loss"] or not now > DRIFT_GROWTH * was > 0:
+        return None
+    return (
+        f"dev loss rose from {best['loss']:.4f} (round {best['round']}) to {last['loss']:.4f} while the bottom "
+        f"drifted from {100 * was:.2f} % to {100 * now:.2f} % of its norm: the client's training may be "
+        "diverging (lower client-lr, or set zo-grad-clip or a decaying client-lr-schedule)"
+    )

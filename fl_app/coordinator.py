@@ -11,6 +11,7 @@ import logging
 import platform
 import random
 import secrets
+import statistics
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fl_app.bottom_effect import divergence
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
@@ -273,9 +275,13 @@ class Coordinator:
             "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports),
             "selection_quality": self.take_selections(),
         }
+        grads = [abs(g) for rep in reports for step in rep.get("grads", []) for g in step]
+        if grads:  # the ZO estimates' scale: what a zo-grad-clip bound cuts
+            entry["zo_grad_abs"] = {"median": statistics.median(grads), "max": max(grads)}
         self.results["rounds"].append(entry)
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})
+            entry["diverging"] = divergence(self.results["eval"]["history"])
         self.checkpoint(rnd)
         return entry
 

@@ -170,6 +170,8 @@ def run_round(
         f"dropped {len(dropped)}, data {plan}, {entry['steps']} steps, {entry['seconds']:.1f} s",
         flush=True,
     )
+    if entry.get("diverging"):
+        print(f"[hosl] {label}round {rnd}: warning: {entry['diverging']}", flush=True)
     return entry
 
 

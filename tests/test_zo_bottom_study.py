@@ -1,0 +1,57 @@
+"""The ZO-bottom study (benchmarks.zo_bottom) in miniature on the tiny encoder: every phase runs,
+picks go by dev cross-entropy with grid edges said, finished runs are read back from the ledger."""
+
+import pytest
+
+import benchmarks.zo_bottom as study
+from benchmarks.ledger import Ledger
+
+
+def _summary(dev_loss, correct):
+    return {"dev_loss": [1.0, dev_loss], "test_correct": correct}
+
+
+def test_pick_goes_by_final_dev_cross_entropy_and_says_when_it_is_at_an_edge():
+    runs = {1e-4: _summary(0.5, []), 3e-4: _summary(0.4, []), 1e-3: _summary(0.45, [])}
+    assert study.pick(runs) == (3e-4, False)
+    assert study.pick({**runs, 1e-3: _summary(0.3, [])}) == (1e-3, True)
+    assert study.pick({**runs, 1e-3: None}) is None  # a run not finished yet: no pick
+
+
+def test_paired_difference_has_a_per_example_standard_error_and_mcnemar():
+    a, b = [1, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 1]
+    got = study.paired(a, b)
+    assert got["points"] == pytest.approx(100 * 1 / 6) and got["gained"] == 2 and got["lost"] == 1
+    assert got["se"] > 0 and got["p"] == pytest.approx(1.0)
+
+
+def test_the_cut_is_the_largest_headroom_that_clears_two_standard_errors(monkeypatch):
+    monkeypatch.setattr(study, "CUTS", (1, 2, 4))
+    h = lambda points, se: {"headroom": {"points": points, "se": se}}  # noqa: E731
+    assert study.chosen_cut({"cut1": h(3.0, 1.0), "cut2": h(5.0, 3.0), "cut4": h(4.0, 1.5)})[0] == 4
+    cut, why = study.chosen_cut({"cut1": h(1.0, 1.0), "cut2": h(2.0, 3.0), "cut4": h(0.5, 1.5)})
+    assert cut == 2 and why.startswith("no cut")
+    assert study.chosen_cut({"cut1": h(1.0, 1.0)}) is None
+
+
+@pytest.mark.slow
+def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
+    )
+    monkeypatch.setattr(study, "budget", lambda steps, every: {"num-rounds": 2, "local-steps": 2, "n-train": 32})
+    monkeypatch.setattr(study, "CUTS", (1, 2))
+    monkeypatch.setattr(study, "SEEDS", (0, 1))
+    ledger = Ledger(tmp_path / "ledger.json")
+    data = study.measure("long", tmp_path / "runs", 1, ledger)
+    assert set(data["headroom"]) == {"cut1", "cut2"} and data["cut"]["cut"] in (1, 2)
+    assert set(data["pilot"]["picks"]) == {"hosl-full", "hosl-lora", "zo-zo"}
+    assert len(data["long"]) == 2 * 5 and all(r is not None for r in data["long"].values())
+    hosl = data["long"]["long/hosl-full/s0"]
+    assert len(hosl["test_correct"]) == 16 and hosl["test_swap"]["count"] == 16 and hosl["drift"][-1]["params"] > 0
+    assert data["long"]["long/frozen/s0"]["drift"][-1]["params"] == 0.0
+    again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # nothing runs
+    assert again["long"] == data["long"] and again["cut"] == data["cut"]
+    text = study.report(again)
+    assert "## 3. Long budget" in text and "hosl-full over 2 seeds" in text and "share of the headroom" in text
+    assert "The study's cut" in text
