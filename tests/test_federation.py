@@ -103,7 +103,12 @@ def test_malformed_frame_ends_one_session_and_others_continue(coord):
     assert [r["steps"] for r in session_round(c, 1, [0], {})] == [2]
 
 
-STABLE = {"client-lr-schedule": "cosine", "client-lr-warmup": 3, "zo-grad-clip": 0.05}  # rates vary per step
+STABLE = {  # rates vary per step, estimates are clipped, norms and biases stay untrained
+    "client-lr-schedule": "cosine",
+    "client-lr-warmup": 3,
+    "zo-grad-clip": 0.05,
+    "client-freeze": "norms,biases",
+}
 
 
 @pytest.mark.parametrize("rows, stability", [("batch", {}), ("all", {}), ("batch", STABLE)])
