@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks.accuracy import LEARNED, control_gaps, learned
 from benchmarks.report import standard_error
 from benchmarks.tune_compare import floor_line, verdicts
+from benchmarks.zo_bottom import headline as zo_bottom_headline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,13 +36,19 @@ class Section:
 
 SECTIONS = (
     Section(
+        "zo_bottom",
+        "What hosl's ZO bottom adds at long budgets (all-MiniLM-L6-v2, SST-2)",
+        "python -m benchmarks.zo_bottom --phase long --jobs 2",
+    ),
+    Section(
         "accuracy",
-        "Six tasks, three modes, three seeds (all-MiniLM-L6-v2)",
+        "Six tasks, three modes, three seeds (all-MiniLM-L6-v2; 30 steps: a pipeline check, too short to "
+        "show what the ZO bottom adds)",
         "python -m benchmarks.accuracy --size full --jobs 2 --out runs/accuracy",
     ),
     Section(
         "accuracy_smollm2",
-        "SmolLM2-135M with LoRA (SST-2, RTE, BoolQ)",
+        "SmolLM2-135M with LoRA (SST-2, RTE, BoolQ; 120 steps: a short-budget check)",
         "python -m benchmarks.accuracy --size smollm2 --jobs 2 --out runs/accuracy",
     ),
     Section(
@@ -131,6 +138,8 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
 def headlines(docs: Path) -> list[str]:
     """One computed sentence per report that has a headline and exists."""
     found = []
+    if (study := _data(docs, "zo_bottom")) is not None:
+        found += [f"**zo_bottom**: {line}" for line in zo_bottom_headline(study)]
     for stem in ("accuracy", "accuracy_smollm2"):
         if (rows := _data(docs, stem)) is not None:
             found.append(f"**{stem}**: {accuracy_headline(rows)}")

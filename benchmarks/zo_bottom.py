@@ -378,6 +378,65 @@ def _long_comparisons(runs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def headline(data: dict[str, Any]) -> list[str]:
+    """The study's findings so far, one sentence each (for results.md)."""
+    lines = []
+    measured = {k: v["headroom"] for k, v in data["headroom"].items() if "headroom" in v}
+    if measured:
+        lines.append(
+            "headroom fo-fo - frozen bottom at 1,000 steps (seed 0, paired per example): "
+            + "; ".join(f"{k} {h['points']:+.1f} ± {h['se']:.1f} points (p {h['p']:.2g})" for k, h in measured.items())
+            + (f"; the study's cut is {data['cut']['cut']}" if "cut" in data else "")
+        )
+    if data.get("pilot", {}).get("picks"):
+        lines.append(
+            "pilot picks (400 steps, by dev cross-entropy): "
+            + "; ".join(f"{k} rate {p['lr']:g}, {p['schedule']}" for k, p in data["pilot"]["picks"].items())
+        )
+    if "long" in data:
+        lines += _long_comparisons(data["long"])
+    return lines
+
+
+def plot(data: dict[str, Any], path: Path) -> Path | None:
+    """Per phase with runs: dev cross-entropy and the bottom's weight drift against steps, per run."""
+    phases = [(name, runs) for name, runs in _phase_runs(data) if runs]
+    if not phases:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(phases), 2, figsize=(12, 4 * len(phases)), squeeze=False)
+    for (title, runs), (loss_ax, drift_ax) in zip(phases, axes):
+        for name, r in runs.items():
+            steps = [r["steps_per_round"] * (i + 1) for i in range(len(r["dev_loss"]))]
+            label = name.split("/", 1)[1]
+            loss_ax.plot(steps, r["dev_loss"], marker=".", label=label)
+            drift_ax.plot(steps, [100 * (d or {}).get("params", 0.0) for d in r["drift"]], marker=".", label=label)
+        loss_ax.set(title=f"{title}: dev cross-entropy", xlabel="client step")
+        drift_ax.set(title=f"{title}: bottom's weight drift", xlabel="client step", ylabel="% of its norm")
+        drift_ax.set_yscale("symlog", linthresh=0.1)
+        loss_ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _phase_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(phase title, its finished runs by name)."""
+    headroom = {n: r for e in data["headroom"].values() for n, r in e["runs"].items() if r is not None}
+    phases = [("headroom", headroom)]
+    if "pilot" in data:
+        phases.append(("pilot", {n: r for n, r in data["pilot"]["runs"].items() if r is not None}))
+    if "long" in data:
+        phases.append(("long", {n: r for n, r in data["long"].items() if r is not None}))
+    return phases
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=PHASES, default="long", help="run every phase up to this one")
@@ -388,7 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = measure(args.phase, Path(args.out), args.jobs, Ledger(Path(args.ledger)))
     command = f"python -m benchmarks.zo_bottom --phase {args.phase} --jobs 0"
-    md, _ = write_report(Path(args.docs) / "zo_bottom", report(data), data, command)
+    figure = plot(data, Path(args.docs) / "zo_bottom.png")
+    text = report(data) + ("\n\nLearning curves and drift: zo_bottom.png" if figure else "")
+    md, _ = write_report(Path(args.docs) / "zo_bottom", text, data, command)
     print(f"[zo_bottom] report written to {md}")
 
 

@@ -55,3 +55,7 @@ def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, 
     text = study.report(again)
     assert "## 3. Long budget" in text and "hosl-full over 2 seeds" in text and "share of the headroom" in text
     assert "The study's cut" in text
+    lines = study.headline(again)
+    assert lines[0].startswith("headroom fo-fo - frozen bottom") and any("hosl-lora over 2 seeds" in x for x in lines)
+    figure = study.plot(again, tmp_path / "zo_bottom.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG"
