@@ -111,6 +111,7 @@ class Coordinator:
         self.results: dict[str, Any] = {
             "mode": config.run.mode,
             "config": dict(config),
+            "num_clients": config.federation.num_clients,  # under Flower: the federation's (server_app)
             "machine": machine(),
             "parameters": {"server": param_counts(self.server.top)},
             "devices": {"server": str(self.server.device), "clients": []},  # clients: every device seen

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -79,9 +80,10 @@ def flow(
         poll = FIRST_POLL_SECONDS if ended else min(2 * poll, POLL_SECONDS)
 
 
-def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
-    """node id -> the partition id it holds, asked of ``node_ids`` (nodes that do not answer are left
-    out), QUERY_WINDOW at a time (10,000 queries at once would stall Flower's simulation engine)."""
+def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, tuple[int, int]]:
+    """node id -> (the partition id it holds, the partition count it was given; 0 if none), asked of
+    ``node_ids`` (nodes that do not answer are left out), QUERY_WINDOW at a time (10,000 queries at
+    once would stall Flower's simulation engine)."""
     messages = ((n, Message(RecordDict(), dst_node_id=n, message_type="query")) for n in node_ids)
     claims = {}
     for node_id, reply in flow(grid, messages, QUERY_WINDOW, timeout, lambda: None):
@@ -89,8 +91,18 @@ def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int,
             reason = reply.error.reason if reply else f"no reply within {timeout:.0f} s"
             log.warning("node %s did not answer the query: %s", node_id, reason)
             continue
-        claims[node_id] = int(reply.content.config_records["node"]["partition-id"])
+        node = reply.content.config_records["node"]
+        claims[node_id] = (int(node["partition-id"]), int(node.get("num-partitions", 0)))
     return claims
+
+
+def num_clients_mismatch(scenario: int, federation: int) -> str:
+    """What to tell a user whose scenario's ``num-clients`` is not the federation's client count."""
+    return (
+        f"the scenario says num-clients = {scenario}, but the federation has {federation} clients (its nodes' "
+        f"num-partitions): {federation} clients train, each on 1/{federation} of the data. Under flwr run the "
+        f'federation decides: --federation-config "num-supernodes={scenario}" runs {scenario}'
+    )
 
 
 def probe_message_rtt(grid: Grid, node_id: int, count: int) -> list[float]:
@@ -138,6 +150,7 @@ class FlowerFederation:
     def __init__(self, grid: Grid, query_timeout: float, min_nodes: int = 1, wait: float = 3600.0):
         self.grid, self.query_timeout = grid, query_timeout
         self.claims: dict[int, int] = {}  # node id -> partition id, in the order nodes were first seen
+        self.counts: dict[int, int] = {}  # node id -> the partition count its node config gives (num-partitions)
         self.nodes: dict[int, int] = {}  # partition id -> node id, as of the last discovery
         deadline = time.monotonic() + wait
         while len(self.grid.get_node_ids()) < min_nodes and time.monotonic() < deadline:
@@ -151,7 +164,8 @@ class FlowerFederation:
         online = [int(n) for n in self.grid.get_node_ids()]
         new = [n for n in online if n not in self.claims]
         if new:
-            self.claims.update(sorted(ask_partitions(self.grid, new, self.query_timeout).items()))
+            for node_id, (pid, count) in sorted(ask_partitions(self.grid, new, self.query_timeout).items()):
+                self.claims[node_id], self.counts[node_id] = pid, count
         nodes = {pid: node for pid, node in self.nodes.items() if node in online}  # holders stay while online
         for node_id, pid in self.claims.items():  # then the oldest claim of each free partition
             if node_id not in online or nodes.get(pid) == node_id:
@@ -170,6 +184,13 @@ class FlowerFederation:
             print(f"[hosl] nodes changed: partitions {gone} gone, {joined} joined", flush=True)
         self.nodes = nodes
         return sorted(nodes)
+
+    def num_clients(self) -> int:
+        """How many clients the federation has: the partition count its online nodes were given (under
+        ``flwr run``, the number of SuperNodes), the most common one if they disagree; else the number
+        of partitions online."""
+        counts = Counter(self.counts[node] for node in self.nodes.values() if self.counts.get(node))
+        return counts.most_common(1)[0][0] if counts else len(self.nodes)
 
     def run_sessions(
         self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
@@ -251,6 +272,9 @@ def _run(grid: Grid, coord: Coordinator) -> None:
         f"bottoms {config.federation.bottoms}",
         flush=True,
     )
+    coord.results["num_clients"] = fed.num_clients()  # the federation decides, not the scenario
+    if fed.num_clients() != config.federation.num_clients:
+        print(f"[hosl] warning: {num_clients_mismatch(config.federation.num_clients, fed.num_clients())}", flush=True)
     if config.run.probe_messages:
         rtts = probe_message_rtt(grid, fed.nodes[min(fed.nodes)], config.run.probe_messages)
         coord.results["flower_message_rtt_seconds"] = rtts

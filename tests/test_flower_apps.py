@@ -104,6 +104,7 @@ def test_simulation_killed_mid_run_resumes_and_matches_local_runner(flwr_env, tm
         if env is not flwr_env:
             stop(superlink_pids(home))
     assert results["resumed"][0]["after_round"] == len(killed["rounds"])
+    assert results["num_clients"] == 2  # the federation's count (2 SuperNodes), recorded by the ServerApp
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["accuracy"] is not None for r in rounds)

@@ -21,8 +21,9 @@ def plain_messages(monkeypatch):
 class FakeGrid:
     """Online nodes and the partition id each claims; answers query messages like a ClientApp."""
 
-    def __init__(self, claims: dict[int, int]):
+    def __init__(self, claims: dict[int, int], counts: dict[int, int] | None = None):
         self.claims, self.asked, self._replies = dict(claims), [], {}
+        self.counts = counts or {}  # node id -> its num-partitions (absent: the node config has none)
         self.awaited, self.most_awaited = 0, 0  # queries pushed and not yet pulled
 
     def get_node_ids(self):
@@ -35,6 +36,8 @@ class FakeGrid:
             self.asked.append(node)
             mid = f"m{len(self._replies)}"
             record = {"node": {"partition-id": self.claims[node]}}
+            if node in self.counts:
+                record["node"]["num-partitions"] = self.counts[node]
             self._replies[mid] = SimpleNamespace(
                 metadata=SimpleNamespace(reply_to_message_id=mid),
                 has_error=lambda: False,
@@ -152,3 +155,13 @@ def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkey
     got = dict(replies)
     assert got[0].report == {"accuracy": 10.0} and got[3].report == {"accuracy": 13.0}
     assert got[4].report is None and got[4].reason == server_app.NO_REPLY
+
+
+def test_the_number_of_clients_is_the_federations_and_a_disagreeing_scenario_is_told():
+    """Under flwr run the nodes' num-partitions (the SuperNode count) decides how many clients train,
+    whatever the scenario's num-clients says (a scenario saying 1 trained 2 clients, silently)."""
+    assert FlowerFederation(FakeGrid({11: 0, 12: 1}, {11: 2, 12: 2}), query_timeout=5, wait=0).num_clients() == 2
+    assert FlowerFederation(FakeGrid({11: 0}, {11: 4}), query_timeout=5, wait=0).num_clients() == 4  # 3 not up yet
+    assert FlowerFederation(FakeGrid({11: 0, 12: 1}), query_timeout=5, wait=0).num_clients() == 2  # none declared
+    text = server_app.num_clients_mismatch(1, 2)
+    assert "num-clients = 1" in text and "2 clients train" in text and "num-supernodes=1" in text
