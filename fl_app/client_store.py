@@ -3,7 +3,8 @@ restarted SuperNode, whose in-memory state Flower forgot) continues each bottom 
 
 Files live in ``<folder>/client-<partition id>/round-<round>.pt`` and are written atomically. A
 client loads the newest file up to the last round the server finished; older files are pruned
-once a newer one is finished (the server's checkpoint is past it).
+once a newer one is finished (the server's checkpoint is past it), and when the run finishes only
+each client's newest file is kept (its final bottom).
 """
 
 from __future__ import annotations
@@ -51,3 +52,16 @@ def load_client_state(folder: Path, partition_id: int, upto_round: int) -> Clien
         return None
     payload = load_checkpoint(files[max(files)])
     return ClientState(**payload)
+
+
+def keep_newest_states(folder: Path) -> int:
+    """A finished run's client states: each client's newest file stays (its final bottom), older ones
+    go, since nothing resumes from them; returns how many files were removed."""
+    removed = 0
+    for own in sorted(folder.glob("client-*")) if folder.is_dir() else ():
+        files = _rounds(folder, int(own.name.removeprefix("client-"))) if own.name[7:].isdigit() else {}
+        for r, path in files.items():
+            if r < max(files):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed

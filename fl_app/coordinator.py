@@ -24,6 +24,7 @@ import torch
 
 from fl_app.bottom_effect import divergence
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.client_store import keep_newest_states
 from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
 from fl_app.frame_auth import node_key, read_key_file, read_pem
@@ -363,6 +364,8 @@ class Coordinator:
         self._summarise(status, error)
         if status == "finished" and self.results["rounds"]:
             self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
+        if status == "finished":  # nothing resumes a finished run: each client's final state is enough
+            keep_newest_states(self.out_dir / "clients" / self.run_id)
         return self._write()
 
     def _write(self) -> Path:

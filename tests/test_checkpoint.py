@@ -12,6 +12,7 @@ import torch
 
 from fl_app import train as train_cli
 from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.config import make_config, read_scenario
 
 
 def test_checkpoint_round_trip_and_crash_mid_write_keeps_the_old_one(tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_resume_refuses_a_folder_trained_with_other_settings(tmp_path, capsys):
 def test_client_states_on_disk_keep_what_a_resume_needs(tmp_path):
     """A client's per-round states: loading takes the newest round up to the one asked for; a file
     is pruned only once a newer round is finished (checkpointed) by the server."""
-    from fl_app.client_store import load_client_state, save_client_state
+    from fl_app.client_store import keep_newest_states, load_client_state, save_client_state
     from fl_app.records import ClientState
 
     def state(steps):
@@ -112,3 +113,18 @@ def test_client_states_on_disk_keep_what_a_resume_needs(tmp_path):
     back = load_client_state(tmp_path, 3, upto_round=3)  # resuming after round 3: round 2's state
     assert back.steps == 6 and torch.equal(back.weights["w"], torch.full((2,), 6.0)) and back.subset_weights == [0.5]
     assert load_client_state(tmp_path, 3, upto_round=1) is None and load_client_state(tmp_path, 4, 9) is None
+    save_client_state(tmp_path, 5, 2, state(2), finished_round=0)
+    save_client_state(tmp_path, 5, 3, state(4), finished_round=1)  # round 2's file kept: round 3 not finished
+    (tmp_path / "client-notes").mkdir()  # not a client's folder: left alone
+    assert keep_newest_states(tmp_path) == 2  # the run finished: each client's final state only
+    assert [p.name for p in (tmp_path / "client-3").iterdir()] == ["round-00004.pt"]
+    assert [p.name for p in (tmp_path / "client-5").iterdir()] == ["round-00003.pt"]
+    assert load_client_state(tmp_path, 5, upto_round=9).steps == 4 and keep_newest_states(tmp_path / "none") == 0
+
+
+def test_a_finished_run_keeps_each_clients_final_state_only(tmp_path):
+    config = make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-rounds": 3, "eval-test": False})
+    train_cli.run(config, tmp_path)
+    (folder,) = (tmp_path / "clients").iterdir()  # the run's own
+    assert sorted(p.name for p in (folder / "client-0").iterdir()) == ["round-00003.pt"]
+    assert sorted(p.name for p in (folder / "client-1").iterdir()) == ["round-00003.pt"]
