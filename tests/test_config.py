@@ -2,6 +2,9 @@
 
 import dataclasses
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +58,44 @@ def test_resume_takes_a_boolean_or_a_run_folder():
         make_config({"resume": True})
     with pytest.raises(ValueError, match="a tuning study .* cannot be resumed"):
         make_config({"resume": "/runs/a", "tune-trials": 2})
+
+
+def test_every_key_has_help_and_hosl_config_keys_lists_them_all():
+    from fl_app.config_cli import keys_markdown, keys_text
+
+    assert all(f.metadata["help"].strip() for _, f in SETTINGS.values())
+    text = keys_text()
+    assert all(f"  {key} = " in text for key in DEFAULTS) and "[optim]" in text
+    assert '  client-lr-schedule = "constant"   (constant, linear, cosine)' in text
+    out = subprocess.run(
+        [sys.executable, "-m", "fl_app.config", "--keys"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out == text
+    shipped = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert shipped == keys_markdown(), "docs/config.md is stale: hosl-config --markdown > docs/config.md"
+
+
+def test_config_imports_nothing_from_fl_app_that_imports_it():
+    """config.py sits at the bottom of fl_app: what it imports (outside its __main__ guard) must not import
+    it back, directly or through others, so reading settings never pulls the library above them in."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+
+    def fl_imports(module: str) -> set[str]:
+        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text())
+        found = set()
+        for node in tree.body:  # top level only: the __main__ guard's import is not walked
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fl_app"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("fl_app")}
+        return found
+
+    seen, todo = set(), list(fl_imports("fl_app.config"))
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += fl_imports(module)
+    assert seen and "fl_app.config" not in seen, seen
