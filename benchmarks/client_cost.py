@@ -46,7 +46,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from fl_app.config import make_config, read_scenario
     from fl_app.local_transport import InProcessLink
     from fl_app.protocol import StepReply
-    from fl_app.scenario import build_client, build_server, client_seed, load_split, load_task_data
+    from fl_app.scenario import build_client, build_server, load_split, load_task_data
 
     config = make_config({**read_scenario(spec["scenario"]), **spec["overrides"]})
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     server = build_server(config, top, data.task.num_classes)
     client = build_client(config, bottom, 0)
     del bottom
-    stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], client_seed(config, 0))
+    stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], config.client_seed(0))
     q = config["zo-queries"]
     timers = {"generate": 0.0, "passes": 0.0, "forward": 0.0, "wait": 0.0}
 

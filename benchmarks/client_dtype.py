@@ -30,7 +30,7 @@ import torch
 from benchmarks.report import write_report
 from fl_app.batches import BatchStream
 from fl_app.config import make_config, read_scenario
-from fl_app.scenario import client_seed, client_trainable, load_client_bottom, load_task_data, split_client
+from fl_app.scenario import client_trainable, load_client_bottom, load_task_data, split_client
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _measure(scenario: dict[str, Any], dtype: str, steps: int) -> dict[str, Any]
     loaded, bottom = load_client_bottom(config)
     data = load_task_data(config, loaded)
     client = split_client(config, bottom, client_trainable(config, bottom, 0), 0)
-    stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], client_seed(config, 0))
+    stream = BatchStream(data.encoder, data.client_examples(0), config["batch-size"], config.client_seed(0))
     readout = torch.randn(data.encoder.max_length * bottom.hidden_size, generator=torch.Generator().manual_seed(0))
     eps, q = config["zo-eps"], config["zo-queries"]
     out: dict[str, Any] = {

@@ -9,7 +9,6 @@ Times SplitServer.score_perturbed on one real HOSL request with score_chunk_rows
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
@@ -46,7 +45,7 @@ def main() -> None:
     reference = None
     for _ in range(args.repeats):
         for chunk in chunks:
-            server.config = dataclasses.replace(server.config, score_chunk_rows=chunk)
+            server.score_chunk_rows = chunk
             started = time.perf_counter()
             losses = server.score_perturbed(request, request.perturbed)
             timings[chunk].append(time.perf_counter() - started)

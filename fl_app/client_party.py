@@ -10,13 +10,13 @@ from typing import Protocol
 
 import torch
 
-from fl_app.config import EMBEDDING_ROWS, HOSL_FEEDBACK
+from fl_app.config import Config
 from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
 from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.schedules import lr_factor
 from fl_app.subset import Subset
-from fl_app.trainable import OptimSettings, make_fo_optimizer
+from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator
 
 
@@ -55,33 +55,6 @@ def batch_rows(
         else:
             rows.append(torch.arange(min(p.shape[0], role[1] + input_ids.shape[1])))
     return rows
-
-
-@dataclass(frozen=True)
-class ClientOptimConfig(OptimSettings):
-    """How a client trains its bottom, and the dtype its activations travel in."""
-
-    side: str = "client"
-    order: str = "zo"
-    lr: float = 1e-6
-    zo_queries: int = 10
-    wire_dtype: str = "float32"
-    zo_embedding_rows: str = "batch"  # batch: perturb only the embedding rows a batch uses; all: every row (MeZO)
-    hosl_feedback: str = "losses"  # losses: the server scores each perturbed activation; gradient: it returns dL/dh
-    portable_directions: bool = False  # draw z on the CPU whatever the device (synced bottoms replay it)
-    lr_schedule: str = "constant"  # the rate over the client's steps (fl_app.schedules)
-    lr_warmup: int = 0  # steps of linear warm-up
-    lr_horizon: int = 0  # the client's steps in the run, where a decaying schedule reaches 0 (0: no decay)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        lr_factor(self.lr_schedule, 0, self.lr_warmup, self.lr_horizon)  # raises naming a bad schedule
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire-dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
-        if self.zo_embedding_rows not in EMBEDDING_ROWS:
-            raise ValueError(f"zo-embedding-rows must be one of {EMBEDDING_ROWS}, got {self.zo_embedding_rows!r}")
-        if self.hosl_feedback not in HOSL_FEEDBACK:
-            raise ValueError(f"hosl-feedback must be one of {HOSL_FEEDBACK}, got {self.hosl_feedback!r}")
 
 
 def step_weighting(weight: float | Sequence[float]) -> tuple[float, dict]:
@@ -144,32 +117,33 @@ class SplitClient:
         self,
         bottom: ClientBottom,
         params: list[torch.nn.Parameter],
-        config: ClientOptimConfig,
-        client_id: str = "0",
+        config: Config,
+        index: int = 0,
         memory: StepMemory | None = None,
     ):
-        self.bottom, self.params, self.config, self.client_id = bottom, params, config, client_id
-        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        """Client ``index`` training ``params`` of ``bottom`` as ``config`` says (its rate, optimiser or ZO
+        estimator, wire dtype); its seed is ``config.client_seed(index)``."""
+        self.bottom, self.params, self.config, self.client_id = bottom, params, config, str(index)
+        self.seed = config.client_seed(index)
+        self.lr = config.optim.client_lr  # the base rate; a session sets the schedule's horizon below
+        self.lr_horizon = 0  # the client's steps in the run, where a decaying schedule reaches 0 (0: no decay)
+        self.wire_dtype = WIRE_DTYPES[config.stream.wire_dtype]
         self.device = next(bottom.parameters()).device  # batches go here; activations leave as CPU frames
         self.steps = 0  # the only mutable state besides the weights: seeds and batches derive from it
         self.memory = memory if memory is not None else StepMemory()
         self.row_roles: list[tuple[str, int] | None] = []
-        if config.order == "zo" and params:
-            draw_on = torch.device("cpu") if config.portable_directions else None
+        optim, zo = config.optim, config.zo
+        if config.client_order == "zo" and params:
+            synced = config.federation.bottoms == "synced"  # other parties replay z: drawn on the CPU
+            draw_on = torch.device("cpu") if synced else None
             self.zo = ZOEstimator(
-                params,
-                config.zo_eps,
-                config.lr,
-                config.weight_decay,
-                config.zo_directions,
-                draw_on,
-                clip=config.zo_grad_clip,
+                params, zo.eps, self.lr, optim.weight_decay, zo.directions, draw_on, clip=zo.grad_clip
             )
             self.optimizer = None
-            self.row_roles = embedding_roles(bottom, params) if config.zo_embedding_rows == "batch" else []
+            self.row_roles = embedding_roles(bottom, params) if zo.embedding_rows == "batch" else []
         else:
             self.zo = None
-            self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+            self.optimizer = make_fo_optimizer(optim.client_optimizer, params, self.lr, optim.weight_decay)
 
     @torch.no_grad()
     def cut_activations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -214,7 +188,7 @@ class SplitClient:
             rows = None
             if self.zo is not None:
                 rows = self.step_rows(batch)
-                zo_step = self._zo_step_from_gradient if self.config.hosl_feedback == "gradient" else self._zo_step
+                zo_step = self._zo_step_from_gradient if self.config.zo.hosl_feedback == "gradient" else self._zo_step
                 loss, up, down, seeds, grads = zo_step(batch, link, weighting, rows, lr)
             elif self.params:
                 loss, up, down = self._fo_step(batch, link.exchange, weighting, lr)
@@ -231,8 +205,8 @@ class SplitClient:
 
     def lr_at(self, step: int) -> float:
         """The client's rate at its 0-based ``step``: the base rate times the schedule's factor."""
-        config = self.config
-        return config.lr * lr_factor(config.lr_schedule, step, config.lr_warmup, config.lr_horizon)
+        optim = self.config.optim
+        return self.lr * lr_factor(optim.client_lr_schedule, step, optim.client_lr_warmup, self.lr_horizon)
 
     def step_rows(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None] | None:
         """The rows a ZO step perturbs: per parameter the batch's embedding rows (None: all rows)."""
@@ -245,7 +219,7 @@ class SplitClient:
         """The clean activations are computed first; each perturbed one goes to the server as soon as it is
         computed (the client holds at most two); the clean request follows and its reply carries all 2Q
         losses. The restore of the last query shares the update's pass."""
-        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
+        seeds = draw_seeds(step_generator(self.seed, self.steps), self.config.zo.queries)
         meta = {"client": self.client_id, "step": self.steps, **weighting[1]}  # parts are scored as they come
         clean = self._forward(batch)
         up = 0
@@ -275,7 +249,7 @@ class SplitClient:
         dL/dh at the cut (the server trains its top as in any step); each query's loss difference is then
         <dL/dh, h+ - h->, equal to the server's l+ - l- up to O(eps^3), so no perturbed activation leaves
         the client: one upload and one download per step instead of 2Q + 1 uploads."""
-        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
+        seeds = draw_seeds(step_generator(self.seed, self.steps), self.config.zo.queries)
         clean = self._forward(batch)
         payload = self._request("fo", clean, batch, weighting[1]).to_bytes()
         answer = link.exchange(payload)

@@ -31,7 +31,6 @@ from fl_app.models import ClientBottom, param_counts
 from fl_app.records import ClientState, History
 from fl_app.scenario import (
     TaskData,
-    client_seed,
     client_trainable,
     load_client_bottom,
     load_task_data,
@@ -281,9 +280,7 @@ def run_session(
         source, subset, selection = _training_source(
             client, partition_id, examples, data.encoder, config, session, plan, state, link
         )
-        client.config = dataclasses.replace(
-            client.config, lr_horizon=schedule_horizon(config, state.trial, len(source))
-        )
+        client.lr_horizon = schedule_horizon(config, state.trial, len(source))
         stats = []
         for indices, weight in source:
             stats.append(client.train_step(data.encoder([examples[i] for i in indices]), link, weight))
@@ -308,7 +305,7 @@ def run_session(
         "seeds": [s.seeds for s in stats],
         "grads": [s.projected_grads for s in stats],
         "rows": [s.rows for s in stats],
-        "lr": client.config.lr,
+        "lr": client.lr,
         "step-lrs": [s.lr for s in stats],
         "subset-plan": plan,
         "subset-batches": len(subset.batch_ids) if subset else 0,
@@ -370,7 +367,7 @@ def _training_source(
 
     Full data continues its epochs across rounds (from the client's global step); a subset's passes
     start with the session. Steps per session: ``local-epochs`` passes, or ``local-steps``."""
-    seed, batch_size = client_seed(config, partition_id), config.data.batch_size
+    seed, batch_size = config.client_seed(partition_id), config.data.batch_size
     batches = fixed_batches(len(examples), batch_size, seed)
     budget = budget_batches(config.subset.fraction, len(examples), batch_size)
     round_seed = seed * 1_009 + int(session["round"])

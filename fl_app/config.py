@@ -14,6 +14,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+import math
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -49,8 +50,8 @@ def split_list(value: str) -> tuple[str, ...]:
 CHECKS = {
     DEVICE: lambda v: DEVICE_NAMES.fullmatch(v) is not None,
     FREEZE_GROUPS: lambda v: set(split_list(v)) <= set(FREEZABLE),
-    POSITIVE: lambda v: v > 0,
-    NON_NEGATIVE: lambda v: v >= 0,
+    POSITIVE: lambda v: math.isfinite(v) and v > 0,
+    NON_NEGATIVE: lambda v: math.isfinite(v) and v >= 0,
     FRACTION: lambda v: 0 < v <= 1,
     BELOW_ONE: lambda v: 0 <= v < 1,
 }
@@ -368,6 +369,10 @@ class Config(Mapping):
     @property
     def server_order(self) -> str:
         return MODES[self.run.mode][1]
+
+    def client_seed(self, index: int) -> int:
+        """Seed of client ``index``: distinct per client, fixed by the scenario seed."""
+        return self.run.seed * 100_003 + index + 1
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fl_app.client_party import ClientOptimConfig, SplitClient, StepMemory
+from fl_app.client_party import SplitClient, StepMemory
 from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.devices import resolve_device
 from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
-from fl_app.server_party import BufferLimits, ServerOptimConfig, SplitServer
+from fl_app.server_party import BufferLimits, SplitServer
 from fl_app.tasks import Example, Task, get_task
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
 
@@ -36,11 +36,6 @@ class TaskData:
     def client_examples(self, index: int) -> list[Example]:
         train = self.splits["train"]
         return [train[i] for i in self.partitions[index]]
-
-
-def client_seed(config: Config, index: int) -> int:
-    """Seed of client ``index``: distinct per client, fixed by the scenario seed."""
-    return config.run.seed * 100_003 + index + 1
 
 
 def sample_and_partition(config: Config) -> tuple[dict[str, list[Example]], list[list[int]]]:
@@ -151,21 +146,9 @@ def _spec(config: Config, side: str) -> TrainableSpec:
 def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServer:
     """The server party with its trainable set and optimiser per ``mode``."""
     params = configure_trainable(top, _spec(config, "server"), top.family)
-    optim, zo = config.optim, config.zo
-    optim = ServerOptimConfig(
-        order=config.server_order,
-        optimizer=optim.server_optimizer,
-        lr=optim.server_lr,
-        weight_decay=optim.weight_decay,
-        zo_eps=zo.eps,
-        zo_queries=zo.queries,
-        zo_directions=zo.directions,
-        zo_grad_clip=zo.grad_clip,
-        seed=config.run.seed,
-    )
     limits = BufferLimits(config.stream.session_buffer_mb * 2**20, config.stream.server_buffer_mb * 2**20)
     top.to(server_device(config))  # after LoRA is drawn (on the CPU: the same adapters on every device)
-    return SplitServer(top, params, optim, num_classes=num_classes, limits=limits)
+    return SplitServer(top, params, config, num_classes=num_classes, limits=limits)
 
 
 def server_device(config: Config) -> torch.device:
@@ -182,7 +165,7 @@ def client_trainable(config: Config, bottom: ClientBottom, index: int) -> list[t
     """Set what client ``index`` trains on ``bottom`` (once per bottom) and move it to ``client-device``;
     LoRA adapters are initialised from the client's seed (on the CPU), so the same (seed, client) always
     starts from the same adapters."""
-    params = configure_trainable(bottom, _spec(config, "client"), bottom.family, lora_seed=client_seed(config, index))
+    params = configure_trainable(bottom, _spec(config, "client"), bottom.family, lora_seed=config.client_seed(index))
     bottom.to(client_device(config))
     return params
 
@@ -206,7 +189,7 @@ def reset_client_bottom(config: Config, bottom: ClientBottom, index: int) -> Non
             for name in pretrained:
                 trainable[name].copy_(values.pop(name))
     if len(pretrained) < len(trainable):
-        init_lora(bottom, client_seed(config, index))
+        init_lora(bottom, config.client_seed(index))
 
 
 def split_client(
@@ -218,25 +201,7 @@ def split_client(
 ) -> SplitClient:
     """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`);
     clients taking turns on one bottom pass the same ``memory``."""
-    optim, zo = config.optim, config.zo
-    optim = ClientOptimConfig(
-        order=config.client_order,
-        optimizer=optim.client_optimizer,
-        lr=optim.client_lr,
-        weight_decay=optim.weight_decay,
-        zo_eps=zo.eps,
-        zo_queries=zo.queries,
-        zo_directions=zo.directions,
-        zo_grad_clip=zo.grad_clip,
-        lr_schedule=optim.client_lr_schedule,
-        lr_warmup=optim.client_lr_warmup,
-        zo_embedding_rows=zo.embedding_rows,
-        hosl_feedback=zo.hosl_feedback,
-        portable_directions=config.federation.bottoms == "synced",
-        seed=client_seed(config, index),
-        wire_dtype=config.stream.wire_dtype,
-    )
-    return SplitClient(bottom, params, optim, client_id=str(index), memory=memory)
+    return SplitClient(bottom, params, config, index, memory=memory)
 
 
 def build_client(config: Config, bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:

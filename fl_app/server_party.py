@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fl_app.config import Config
 from fl_app.metrics import tensor_bytes
 from fl_app.models import ServerTop
 from fl_app.protocol import (
@@ -26,17 +27,10 @@ from fl_app.protocol import (
 )
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
 from fl_app.subset import class_parts, select_batches, selection_quality
-from fl_app.trainable import OptimSettings, make_fo_optimizer
+from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
-
-@dataclass(frozen=True)
-class ServerOptimConfig(OptimSettings):
-    """How the server trains its top, and how many rows it scores per forward."""
-
-    side: str = "server"
-    order: str = "fo"
-    score_chunk_rows: int = 256  # rows per forward when scoring perturbed activations together
+SCORE_CHUNK_ROWS = 256  # rows per forward when scoring perturbed activations together
 
 
 class UpdateLedger:
@@ -163,25 +157,25 @@ class SplitServer:
         self,
         top: ServerTop,
         params: list[torch.nn.Parameter],
-        config: ServerOptimConfig,
+        config: Config,
         num_classes: int | None = None,
         limits: BufferLimits | None = None,
     ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
+        self.score_chunk_rows = SCORE_CHUNK_ROWS
         self.device = next(top.parameters()).device  # frames' tensors are moved here as they arrive
         self.limits = limits  # None: unbounded (build_server always passes the config's)
         self.steps = 0
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch class parts [C, d] per session and batch
         self.selections: list[dict[str, float]] = []  # per GradMatch selection: its error vs random subsets'
-        if config.order == "fo":
-            self.optimizer = make_fo_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+        optim, zo = config.optim, config.zo
+        if config.server_order == "fo":
+            self.optimizer = make_fo_optimizer(optim.server_optimizer, params, optim.server_lr, optim.weight_decay)
             self.zo = None
         else:
             self.optimizer = None
-            self.zo = ZOEstimator(
-                params, config.zo_eps, config.lr, config.weight_decay, config.zo_directions, clip=config.zo_grad_clip
-            )
+            self.zo = ZOEstimator(params, zo.eps, optim.server_lr, optim.weight_decay, zo.directions, clip=zo.grad_clip)
         self.ledger = UpdateLedger(params, self.optimizer)
 
     def rollback(self, session: str) -> bool:
@@ -374,7 +368,7 @@ class SplitServer:
         units = [(j, i) for j, job in enumerate(jobs) for i in range(job.perturbed.shape[0])]
         for unit in [*units, None]:
             size = 0 if unit is None else jobs[unit[0]].head.labels.shape[0]
-            if chunk and (unit is None or rows + size > self.config.score_chunk_rows):
+            if chunk and (unit is None or rows + size > self.score_chunk_rows):
                 for (j, _), loss in zip(chunk, self._score_units(jobs, chunk)):
                     losses[j].append(loss)
                 chunk, rows = [], 0
@@ -474,7 +468,7 @@ class SplitServer:
         loss = float(self._loss(clean, req, weights))
         if not math.isfinite(loss):
             raise FloatingPointError(f"server loss is {loss} at server step {self.steps}; no update applied")
-        seeds = draw_seeds(step_generator(self.config.seed, self.steps), self.config.zo_queries)
+        seeds = draw_seeds(step_generator(self.config.run.seed, self.steps), self.config.zo.queries)
         self.zo.step(seeds, lambda: float(self._loss(clean, req, weights)), weight=step_weight(req))
         return loss
 

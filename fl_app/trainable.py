@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fl_app.config import DIRECTIONS, FREEZABLE, PARAM_MODES
+from fl_app.config import FREEZABLE, PARAM_MODES
 
 DEFAULT_LORA_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 EMBEDDING_TYPES = (nn.Embedding,)
@@ -119,32 +118,3 @@ def make_fo_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r} (fields client-optimizer/server-optimizer); known: sgd, adam")
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """How one party trains: ``order`` ``zo`` (MeZO, forward passes only) or ``fo`` (backprop with
-    ``optimizer`` sgd/adam; ZO is always MeZO's plain SGD). Checked on construction."""
-
-    side: str  # "client" or "server", for error messages
-    order: str
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    zo_eps: float = 1e-3
-    zo_queries: int = 1
-    zo_directions: str = "gaussian"
-    zo_grad_clip: float = 0.0  # > 0: clip each projected gradient to [-c, c]
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.order not in ("fo", "zo"):
-            raise ValueError(f"{self.side} order must be 'fo' or 'zo', got {self.order!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{self.side}-lr must be a positive finite number, got {self.lr!r}")
-        if self.zo_queries < 1:
-            raise ValueError(f"zo-queries must be >= 1, got {self.zo_queries!r}")
-        if not (math.isfinite(self.zo_grad_clip) and self.zo_grad_clip >= 0):
-            raise ValueError(f"zo-grad-clip must be a finite number >= 0, got {self.zo_grad_clip!r}")
-        if self.zo_directions not in DIRECTIONS:
-            raise ValueError(f"zo-directions must be one of {DIRECTIONS}, got {self.zo_directions!r}")

@@ -37,14 +37,12 @@ def test_each_choice_key_refuses_a_value_outside_its_choices(key):
 
 
 def test_the_choices_are_the_ones_the_modules_use():
-    from fl_app.client_party import EMBEDDING_ROWS, HOSL_FEEDBACK
     from fl_app.protocol import WIRE_DTYPES
     from fl_app.subset import SELECTORS
     from fl_app.trainable import PARAM_MODES
     from fl_app.zo import DIRECTIONS
 
-    assert CHOICES["zo-directions"] is DIRECTIONS and CHOICES["zo-embedding-rows"] is EMBEDDING_ROWS
-    assert CHOICES["hosl-feedback"] is HOSL_FEEDBACK and CHOICES["subset-selector"] is SELECTORS
+    assert CHOICES["zo-directions"] is DIRECTIONS and CHOICES["subset-selector"] is SELECTORS
     assert CHOICES["client-params"] is CHOICES["server-params"] is PARAM_MODES
     assert tuple(WIRE_DTYPES) == CHOICES["wire-dtype"]
 
