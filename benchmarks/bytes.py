@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 from benchmarks.report import write_report
-from fl_app.client_session import run_session
+from fl_app.client_session import ClientSide, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import Coordinator
+from fl_app.records import SessionRequest
 
 SCALAR = 8
 
@@ -41,23 +42,24 @@ def measure(config: dict, out: Path) -> dict:
                 history = coord.history_for(pid, synced.get(pid, 0))
                 down_msgs += history_bytes(history) if history is not None else 0
                 down_msgs += weights_bytes(coord.average) if coord.average is not None else 0
-                report, states[pid] = run_session(config, pid, 2, states.get(pid), message, history, coord.average)
-                up_msgs += SCALAR * sum(len(s) + len(g) for s, g in zip(report["seeds"], report["grads"]))
-                if "weights" in report:
-                    up_msgs += weights_bytes(report["weights"])
+                request = SessionRequest(message, history=history, average=coord.average)
+                report, states[pid] = run_session(request, ClientSide(config, pid, 2, states.get(pid)))
+                up_msgs += SCALAR * sum(len(s) + len(g) for s, g in zip(report.seeds, report.grads))
+                if report.weights is not None:
+                    up_msgs += weights_bytes(report.weights)
                 coord.finish_train(session, report)
                 reports.append(report)
                 synced[pid] = rnd - 1
             coord.sync(rnd, reports)
             coord.record_round(rnd, reports, [], None, 0.0)
-            steps = sum(r["steps"] for r in reports)
+            steps = sum(r.steps for r in reports)
             per_round.append(
                 {
-                    "stream_up_per_step": sum(r["bytes-up"] for r in reports) / steps,
-                    "stream_down_per_step": sum(r["bytes-down"] for r in reports) / steps,
+                    "stream_up_per_step": sum(r.bytes_up for r in reports) / steps,
+                    "stream_down_per_step": sum(r.bytes_down for r in reports) / steps,
                     "messages_up": up_msgs,
                     "messages_down": down_msgs,
-                    "round_total": sum(r["bytes-up"] + r["bytes-down"] for r in reports) + up_msgs + down_msgs,
+                    "round_total": sum(r.bytes_up + r.bytes_down for r in reports) + up_msgs + down_msgs,
                 }
             )
         weights = weights_bytes(states[0].weights)

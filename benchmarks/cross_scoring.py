@@ -21,19 +21,20 @@ from typing import Any
 from benchmarks.report import write_report
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import Coordinator
+from fl_app.records import SessionRequest, SessionSettings
 
 SCENARIO = "sim_configs/quick_minilm.toml"
 
 
-def _client(settings: dict[str, Any], pid: int, clients: int, message: dict, barrier, out) -> None:
+def _client(settings: dict[str, Any], pid: int, clients: int, message: SessionSettings, barrier, out) -> None:
     """One client process: load the bottom, wait for the others, run the session, report its steps."""
-    from fl_app.client_session import make_client, run_session
+    from fl_app.client_session import ClientSide, make_client, run_session
 
     config = make_config(settings)
     make_client(config.updated({"num-clients": clients}), pid, None)  # load before the clock starts
     barrier.wait()
-    report, _ = run_session(config, pid, clients, None, message)
-    out.put((pid, report["steps"], report["step-seconds"]))
+    report, _ = run_session(SessionRequest(message), ClientSide(config, pid, clients))
+    out.put((pid, report.steps, report.step_seconds))
 
 
 def measure(clients: int, across: bool, steps: int) -> dict[str, Any]:

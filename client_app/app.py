@@ -13,13 +13,14 @@ import traceback
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import EVAL_METRICS, NodeSettings, run_eval_session, run_session
+from fl_app.client_session import EVAL_METRICS, ClientSide, NodeSettings, run_eval_session, run_session
 from fl_app.config import make_config
 from fl_app.records import (
     ClientState,
+    SessionRequest,
+    SessionSettings,
     history_from_record,
     metric_value,
-    report_to_record,
     state_from_records,
     state_to_records,
 )
@@ -50,17 +51,21 @@ def _save_state(context: Context, state: ClientState) -> None:
     context.state.config_records["client"] = ConfigRecord(counters)
 
 
-def _session_inputs(msg: Message, context: Context):
-    """(config with the trial's overrides, session settings, partition id, partition count, synced
-    history, averaged bottom)."""
+def _session_inputs(msg: Message, context: Context) -> tuple[SessionRequest, ClientSide]:
+    """The session the message asks for and what this node brings to it (its config, partition,
+    saved state and node settings)."""
     records, arrays = msg.content.config_records, msg.content.array_records
-    overrides = dict(records["overrides"]) if "overrides" in records else {}
-    config = make_config({**context.run_config, **overrides})
-    session = dict(records["session"])
+    request = SessionRequest(
+        SessionSettings.from_record(records["session"]),
+        dict(records["overrides"]) if "overrides" in records else {},
+        history_from_record(records["history"]) if "history" in records else None,
+        arrays["average"].to_torch_state_dict() if "average" in arrays else None,
+    )
     partition_id, num_partitions = _partition(context)
-    history = history_from_record(records["history"]) if "history" in records else None
-    average = arrays["average"].to_torch_state_dict() if "average" in arrays else None
-    return config, session, partition_id, num_partitions, history, average
+    node = NodeSettings.from_node_config(context.node_config)
+    return request, ClientSide(
+        make_config(context.run_config), partition_id, num_partitions, _load_state(context), node
+    )
 
 
 def _error_reply(msg: Message, context: Context, err: Exception) -> Message:
@@ -84,27 +89,14 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Run one training session over the step stream and report."""
     try:
-        config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        own_data = str(context.node_config.get("data-dir", ""))  # a node's own data instead of a partition
-        report, state = run_session(
-            config,
-            partition_id,
-            num_partitions,
-            _load_state(context),
-            session,
-            history,
-            average,
-            train_data_dir=own_data,
-            node=NodeSettings.from_node_config(context.node_config),
-        )
+        report, state = run_session(*_session_inputs(msg, context))
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
         return _error_reply(msg, context, err)
     _save_state(context, state)
-    weights = report.pop("weights", None)  # synced FO clients: their bottom, for the server's average
-    content = RecordDict({"report": ConfigRecord({"ok": True, **report_to_record(report)})})
-    if weights is not None:
-        content["weights"] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    content = RecordDict({"report": ConfigRecord({"ok": True, **report.to_record()})})
+    if report.weights is not None:  # synced FO clients: their bottom, for the server's average
+        content["weights"] = ArrayRecord({k: v.contiguous() for k, v in report.weights.items()})
     return Message(content, reply_to=msg)
 
 
@@ -112,16 +104,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
     try:
-        config, session, partition_id, num_partitions, history, average = _session_inputs(msg, context)
-        node = NodeSettings.from_node_config(context.node_config)
-        state = _load_state(context)
-        result = run_eval_session(config, partition_id, num_partitions, state, session, history, average, node=node)
+        request, side = _session_inputs(msg, context)
+        result = run_eval_session(request, side)
     except Exception as err:
         return _error_reply(msg, context, err)
     metrics = {k: metric_value(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
     return Message(
         RecordDict(
-            {"report": ConfigRecord({"ok": True, "partition-id": partition_id}), "metrics": MetricRecord(metrics)}
+            {"report": ConfigRecord({"ok": True, "partition-id": side.partition_id}), "metrics": MetricRecord(metrics)}
         ),
         reply_to=msg,
     )

@@ -28,7 +28,7 @@ from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file, read_pem
 from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
-from fl_app.records import ClientState, History
+from fl_app.records import ClientState, History, SessionRequest, SessionSettings, TrainReport
 from fl_app.scenario import (
     TaskData,
     client_trainable,
@@ -38,7 +38,7 @@ from fl_app.scenario import (
     split_client,
 )
 from fl_app.stream import StepStreamClient
-from fl_app.subset import PLANS, Subset, budget_batches, select_batches
+from fl_app.subset import Subset, budget_batches, select_batches
 from fl_app.tasks import Example
 from fl_app.zo import unpack_rows
 
@@ -159,6 +159,9 @@ class NodeSettings:
     key: bytes | None = None  # node config stream-key-file: this node's key (the server derives the same)
     ca: bytes | None = None  # node config stream-ca: the only CA the node trusts for the step stream
     state_dir: str = ""  # node config state-dir: where this node keeps client states ("" = where the session says)
+    data_dir: str = (
+        ""  # node config data-dir: the node's own training data (same layout as data/) instead of a partition
+    )
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> NodeSettings:
@@ -167,115 +170,116 @@ class NodeSettings:
             key=read_key_file(key_file, "node config stream-key-file") if key_file else None,
             ca=read_pem(ca_file, "node config stream-ca") if ca_file else None,
             state_dir=str(node.get("state-dir", "")),
+            data_dir=str(node.get("data-dir", "")),
         )
 
-    def state_folder(self, session: Mapping[str, Any]) -> Path | None:
+    def state_folder(self, session: SessionSettings) -> Path | None:
         """Where this client's per-round states of this run go (None: the run keeps none on disk)."""
-        if not session.get("state-dir"):
+        if not session.state_dir:
             return None
-        return (
-            Path(self.state_dir).expanduser() / str(session["run-id"]) if self.state_dir else Path(session["state-dir"])
-        )
+        return Path(self.state_dir).expanduser() / session.run_id if self.state_dir else Path(session.state_dir)
 
 
-def connect(session: Mapping[str, Any], config: Config, node: NodeSettings | None = None) -> StepStreamClient:
+@dataclass(frozen=True)
+class ClientSide:
+    """What the client brings to a session: the run's config (before a tuning trial's overrides, which
+    the request carries), its partition, the state it kept and its node's own settings."""
+
+    config: Config
+    partition_id: int
+    num_partitions: int
+    state: ClientState | None = None
+    node: NodeSettings = NodeSettings()
+
+
+def connect(session: SessionSettings, config: Config, node: NodeSettings | None = None) -> StepStreamClient:
     """The step stream named in a session message, with the scenario's frame size limit.
 
     The node's own CA (``stream-ca``) replaces the certificate the message carries, and a node
     with one refuses a plain-text stream; a server that authenticates nodes needs the node's key."""
     node = node or NodeSettings()
-    offered = (session.get("root-certificate") or "").encode() or None
+    offered = session.root_certificate.encode() or None
     if node.ca is not None and offered is None:
         raise ValueError(
-            f"node config stream-ca is set but the server's step stream at {session['address']} is not TLS "
+            f"node config stream-ca is set but the server's step stream at {session.address} is not TLS "
             "(set stream-tls-cert / stream-tls-key on the server)"
         )
-    if session.get("node-auth") and node.key is None:
+    if session.node_auth and node.key is None:
         raise ValueError(
             "the server authenticates nodes (stream-secret-file): set node config stream-key-file to this "
             "node's key file (python -m fl_app.frame_auth writes one)"
         )
     return StepStreamClient(
-        session["address"],
-        session["token"],
+        session.address,
+        session.token,
         node.ca or offered,
         max_message_bytes=config.stream.max_frame_mb * 2**20,
         node_key=node.key,
     )
 
 
-def _prepare(
-    config: Config,
-    partition_id: int,
-    num_partitions: int,
-    state: ClientState | None,
-    session: Mapping[str, Any],
-    history: History | None,
-    average: Mapping[str, torch.Tensor] | None,
-    folder: Path | None = None,
-    upto_round: int = 0,
-):
-    """(config, client, task data, state, updates caught up) for a session: the saved state if it is
-    this trial's (from ``folder`` on disk, the newest up to ``upto_round``, when none is in memory: a
-    resumed run or a restarted node),
+@dataclass
+class _Prepared:
+    """A session's client, ready: its config (the trial's overrides and the partition count applied),
+    the client on the working bottom, the task data, the state it started from, updates caught up."""
+
+    config: Config
+    client: SplitClient
+    data: TaskData
+    state: ClientState
+    caught_up: int
+
+
+def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Prepared:
+    """The session's client: the saved state if it is this trial's (from the node's state folder on
+    disk, the newest up to ``upto_round``, when none is in memory: a resumed run or a restarted node),
     the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    config = config.updated({"num-clients": num_partitions})
+    session, partition_id = request.session, side.partition_id
+    if session.client != partition_id:
+        raise ValueError(f"the session is for client {session.client}, but this node holds partition-id {partition_id}")
+    if not 0 <= partition_id < side.num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {side.num_partitions})")
+    config = side.config.updated({**request.overrides, "num-clients": side.num_partitions})
+    state, folder = side.state, side.node.state_folder(session)
     if state is None and folder is not None:
         state = load_client_state(folder, partition_id, upto_round)
-    trial = int(session.get("trial", 0))
-    state = state_for_trial(state, trial) or ClientState(trial=trial)
-    if average:
-        state = dataclasses.replace(state, weights=dict(average))
+    state = state_for_trial(state, session.trial) or ClientState(trial=session.trial)
+    if request.average:
+        state = dataclasses.replace(state, weights=dict(request.average))
     client, data = make_client(config, partition_id, state)
     caught_up = 0
-    if history is not None and client.zo is not None:
-        caught_up = catch_up(client, history, partition_id, state.synced_round)
-    return config, client, data, state, caught_up
+    if request.history is not None and client.zo is not None:
+        caught_up = catch_up(client, request.history, partition_id, state.synced_round)
+    return _Prepared(config, client, data, state, caught_up)
 
 
 def run_session(
-    config: Config,
-    partition_id: int,
-    num_partitions: int,
-    state: ClientState | None,
-    session: Mapping[str, Any],
-    history: History | None = None,
-    average: Mapping[str, torch.Tensor] | None = None,
-    train_data_dir: str = "",
-    link: SessionLink | None = None,
-    node: NodeSettings | None = None,
-) -> tuple[dict[str, Any], ClientState]:
+    request: SessionRequest, side: ClientSide, link: SessionLink | None = None
+) -> tuple[TrainReport, ClientState]:
     """Run one training session over the step stream; returns the report and the state to keep.
 
-    ``session`` carries: round, token, address, root-certificate (PEM or ""), local-steps, and
-    optionally trial (a state from another trial is dropped) and subset (a plan of
-    :data:`fl_app.subset.PLANS`: full data, warm start, a new random / gradmatch subset, or keep).
-    ``history`` (synced ZO) is applied first; ``average`` (synced FO) replaces the weights first.
-    ``train_data_dir`` (a node's own data, same file layout as ``data/``) replaces its partition.
-    ``link`` reaches the server (default: the step stream the session names, reached with the
-    ``node``'s secrets). Synced FO clients also report their ``weights`` (for the server's average).
+    The request's ``history`` (synced ZO) is applied first, its ``average`` (synced FO) replaces the
+    weights first; its session's ``subset`` plan (:data:`fl_app.subset.PLANS`) says what data the
+    steps use. A node's own ``data_dir`` replaces its partition. ``link`` reaches the server
+    (default: the step stream the session names, reached with the node's secrets). Synced FO clients
+    also report their ``weights`` (for the server's average).
     """
-    plan = str(session.get("subset", "full"))
-    if plan not in PLANS:
-        raise ValueError(f"field 'subset' of the session is {plan!r}, expected one of {PLANS}")
     started = time.perf_counter()
-    node = node or NodeSettings()
-    folder = node.state_folder(session)
-    config, client, data, state, caught_up = _prepare(
-        config, partition_id, num_partitions, state, session, history, average, folder, int(session["round"]) - 1
-    )
+    session, partition_id = request.session, side.partition_id
+    ready = _prepare(request, side, session.round - 1)
+    config, client, data, state = ready.config, ready.client, ready.data, ready.state
+    plan = session.subset
     if plan == "keep" and not state.subset_ids:  # not selected when the others chose theirs: choose now
         if config.subset.selector == "full":
             raise ValueError("session asks to keep a subset, but subset-selector is 'full' (field 'subset')")
         plan = config.subset.selector
+    own_data = side.node.data_dir
     examples = (
-        local_train_examples(config.data.task, config.data.n_train, config.run.seed, train_data_dir)
-        if train_data_dir
+        local_train_examples(config.data.task, config.data.n_train, config.run.seed, own_data)
+        if own_data
         else data.client_examples(partition_id)
     )
-    link = link or connect(session, config, node)
+    link = link or connect(session, config, side.node)
     try:
         source, subset, selection = _training_source(
             client, partition_id, examples, data.encoder, config, session, plan, state, link
@@ -287,44 +291,44 @@ def run_session(
             _progress(partition_id, session, stats, len(source))
     finally:
         link.close()
-    losses = [s.loss for s in stats]
-    report = {
-        "partition-id": partition_id,
-        "steps": len(stats),
-        "losses": losses,
-        "train-loss": sum(losses) / len(losses),
-        "bytes-up": link.bytes_up,
-        "bytes-down": link.bytes_down,
-        "peak-memory-bytes": max(s.peak_memory_bytes for s in stats),
-        "step-seconds": sum(s.seconds for s in stats),
-        "session-seconds": time.perf_counter() - started,
-        "caught-up-updates": caught_up,
-        "device": str(client.device),
-        "max-length": data.encoder.max_length,
-        **{f"truncated-{split}": count for split, count in data.truncated.items()},
-        "seeds": [s.seeds for s in stats],
-        "grads": [s.projected_grads for s in stats],
-        "rows": [s.rows for s in stats],
-        "lr": client.lr,
-        "step-lrs": [s.lr for s in stats],
-        "subset-plan": plan,
-        "subset-batches": len(subset.batch_ids) if subset else 0,
+    counts = param_counts(client.bottom)
+    report = TrainReport(
+        partition_id=partition_id,
+        losses=[s.loss for s in stats],
+        seeds=[s.seeds for s in stats],
+        grads=[s.projected_grads for s in stats],
+        rows=[s.rows for s in stats],
+        step_lrs=[s.lr for s in stats],
+        lr=client.lr,
+        bytes_up=link.bytes_up,
+        bytes_down=link.bytes_down,
+        peak_memory_bytes=max(s.peak_memory_bytes for s in stats),
+        step_seconds=sum(s.seconds for s in stats),
+        session_seconds=time.perf_counter() - started,
+        caught_up_updates=ready.caught_up,
+        device=str(client.device),
+        max_length=data.encoder.max_length,
+        truncated=dict(data.truncated),
+        subset_plan=plan,
+        subset_batches=len(subset.batch_ids) if subset else 0,
         **selection,
-        **{f"bottom-{k}": v for k, v in param_counts(client.bottom).items()},
-    }
+        bottom_params=counts["params"],
+        bottom_trainable=counts["trainable"],
+    )
     new_state = ClientState(
         weights=trainable_state(client),
         steps=client.steps,
-        synced_round=int(session["round"]) - 1,
+        synced_round=session.round - 1,
         trial=state.trial,
         subset_ids=list(subset.batch_ids) if subset else [],
         subset_weights=list(subset.weights) if subset else [],
     )
     if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
-        report["weights"] = new_state.weights
+        report.weights = new_state.weights
+    folder = side.node.state_folder(session)
     if folder is not None:
         try:
-            save_client_state(folder, partition_id, int(session["round"]), new_state, int(session["finished-round"]))
+            save_client_state(folder, partition_id, session.round, new_state, session.finished_round)
         except OSError as err:  # the session's work stands; only a later resume or restart cannot use it
             log.warning(
                 "cannot keep client %d's state in %s (set node config state-dir): %s", partition_id, folder, err
@@ -339,13 +343,13 @@ def schedule_horizon(config: Config, trial: int, steps: int) -> int:
     return rounds * steps
 
 
-def _progress(partition_id: int, session: Mapping[str, Any], stats: list, steps: int) -> None:
+def _progress(partition_id: int, session: SessionSettings, stats: list, steps: int) -> None:
     """A line about four times per session (and at its end): steps done, mean loss, seconds per step."""
     done = len(stats)
     if done == steps or done % max(1, steps // 4) == 0:
         recent = stats[-max(1, steps // 4) :]
         print(
-            f"[hosl] round {session['round']} client {partition_id}: step {done}/{steps}, "
+            f"[hosl] round {session.round} client {partition_id}: step {done}/{steps}, "
             f"loss {sum(s.loss for s in recent) / len(recent):.4f}, "
             f"{sum(s.seconds for s in recent) / len(recent):.2f} s/step",
             flush=True,
@@ -358,7 +362,7 @@ def _training_source(
     examples: list[Example],
     encoder,
     config: Config,
-    session: Mapping[str, Any],
+    session: SessionSettings,
     plan: str,
     state: ClientState,
     link: SessionLink,
@@ -370,7 +374,7 @@ def _training_source(
     seed, batch_size = config.client_seed(partition_id), config.data.batch_size
     batches = fixed_batches(len(examples), batch_size, seed)
     budget = budget_batches(config.subset.fraction, len(examples), batch_size)
-    round_seed = seed * 1_009 + int(session["round"])
+    round_seed = seed * 1_009 + session.round
     subset, selection = _choose_subset(
         client, [[examples[i] for i in b] for b in batches], encoder, budget, plan, state, round_seed, link
     )
@@ -381,11 +385,7 @@ def _training_source(
     )
     first = 0 if subset else client.steps
     per_pass = budget if plan == "warm" else len(source)
-    steps = (
-        math.ceil(config.optim.local_epochs * per_pass)
-        if config.optim.local_epochs > 0
-        else int(session["local-steps"])
-    )
+    steps = math.ceil(config.optim.local_epochs * per_pass) if config.optim.local_epochs > 0 else session.local_steps
     return [source.weighted_indices(step) for step in range(first, first + steps)], subset, selection
 
 
@@ -411,9 +411,9 @@ def _choose_subset(
     else:
         subset = None
     return subset, {
-        "selection-seconds": time.perf_counter() - started,
-        "selection-bytes-up": link.bytes_up - up,
-        "selection-bytes-down": link.bytes_down - down,
+        "selection_seconds": time.perf_counter() - started,
+        "selection_bytes_up": link.bytes_up - up,
+        "selection_bytes_down": link.bytes_down - down,
     }
 
 
@@ -421,11 +421,11 @@ def _choose_subset(
 EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down", "correct", *DRIFT_KEYS, *SWAP_KEYS)
 
 
-def wants_swap(config: Config, session: Mapping[str, Any]) -> bool:
+def wants_swap(config: Config, session: SessionSettings) -> bool:
     """Whether this evaluation also scores the initial bottom (``eval-swap``; never the untrained round 0)."""
-    if int(session["round"]) == 0 or config.eval.swap == "none":
+    if session.round == 0 or config.eval.swap == "none":
         return False
-    return config.eval.swap == "every" or session["split"] == "test"
+    return config.eval.swap == "every" or session.split == "test"
 
 
 def measure_bottom(
@@ -455,36 +455,22 @@ def measure_bottom(
     return effect
 
 
-def run_eval_session(
-    config: Config,
-    partition_id: int,
-    num_partitions: int,
-    state: ClientState | None,
-    session: Mapping[str, Any],
-    history: History | None = None,
-    average: Mapping[str, torch.Tensor] | None = None,
-    link: SessionLink | None = None,
-    node: NodeSettings | None = None,
-) -> dict[str, Any]:
-    """Evaluate this client's bottom on its shard of ``session['split']`` (dev or test), after
+def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLink | None = None) -> dict[str, Any]:
+    """Evaluate this client's bottom on its shard of the session's split (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO); after training, also
     the bottom's drift and, where ``eval-swap`` asks, the swap evaluation (:func:`measure_bottom`)."""
-    node = node or NodeSettings()
-    folder, after_training = (
-        node.state_folder(session),
-        int(session["round"]),
-    )  # evaluation follows the round's training
-    config, client, data, _, _ = _prepare(
-        config, partition_id, num_partitions, state, session, history, average, folder, after_training
-    )
-    split = session["split"]
-    examples = data.splits[split]
-    if split == "dev" and config.eval.examples:
+    session, partition_id = request.session, side.partition_id
+    if session.split not in ("dev", "test"):
+        raise ValueError(f"field 'split' of an evaluation session is {session.split!r}, expected dev or test")
+    ready = _prepare(request, side, session.round)  # evaluation follows the round's training
+    config, client, data = ready.config, ready.client, ready.data
+    examples = data.splits[session.split]
+    if session.split == "dev" and config.eval.examples:
         examples = examples[: config.eval.examples]
-    part = shard(examples, int(session["shard"]), int(session["num-shards"]))
+    part = shard(examples, session.shard, session.num_shards)
     if not part:
         return {"partition-id": partition_id, **pool_eval([])}
-    link = link or connect(session, config, node)
+    link = link or connect(session, config, side.node)
     probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe batch
 
     def score() -> dict[str, Any]:
@@ -492,7 +478,7 @@ def run_eval_session(
 
     try:
         result = score()
-        if int(session["round"]) > 0:
+        if session.round > 0:
             result.update(
                 measure_bottom(client, config, partition_id, probe, score if wants_swap(config, session) else None)
             )

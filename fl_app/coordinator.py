@@ -32,7 +32,7 @@ from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
 from fl_app.protocol import ProtocolError
-from fl_app.records import History
+from fl_app.records import History, SessionSettings, TrainReport
 from fl_app.scenario import build_server, load_server_top
 from fl_app.server_party import ScoreJob
 from fl_app.stream import Session, SessionTable, StepStreamServer
@@ -177,23 +177,24 @@ class Coordinator:
         chosen = random.Random(self.config.run.seed * 7_777 + rnd).sample(sorted(partition_ids), want)
         return sorted(chosen)
 
-    def open(self, client_id: int, rnd: int, extra: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
-        """A new session for ``client_id`` and the config its session message carries."""
+    def open(self, client_id: int, rnd: int, **extra: Any) -> tuple[Session, SessionSettings]:
+        """A new session for ``client_id`` and the settings its session message carries (``extra``: a
+        training session's ``subset`` plan, an evaluation's ``split``, ``shard`` and ``num_shards``)."""
         session = self.stream.open_session(str(client_id), node_key(self.secret, client_id) if self.secret else None)
-        message = {
+        settings = {
+            "client": client_id,
             "round": rnd,
             "token": session.token,
             "address": self.advertised_address,
-            "root-certificate": self.root_certificate,
-            "node-auth": self.secret is not None,  # the client needs its node key (stream-key-file)
-            "local-steps": self.config.optim.local_steps,
+            "local_steps": self.config.optim.local_steps,
+            "root_certificate": self.root_certificate or "",
+            "node_auth": self.secret is not None,  # the client needs its node key (stream-key-file)
             "trial": self.trial,
-            "run-id": self.run_id,  # clients keep their states per run, per round, in state-dir
-            "state-dir": str(self.out_dir / "clients" / self.run_id) if self.config.run.client_checkpoints else "",
-            "finished-round": self.finished_round,
-            **(extra or {}),
+            "run_id": self.run_id,  # clients keep their states per run, per round, in state-dir
+            "state_dir": str(self.out_dir / "clients" / self.run_id) if self.config.run.client_checkpoints else "",
+            "finished_round": self.finished_round,
         }
-        return session, message
+        return session, SessionSettings(**{**settings, **extra})
 
     def history_for(self, client_id: int, synced_round: int) -> History | None:
         """History entries client ``client_id``, synced through ``synced_round``, still needs (synced ZO only)."""
@@ -201,7 +202,7 @@ class Coordinator:
             return None
         return self.history.since(synced_round, exclude_client=client_id)
 
-    def finish_train(self, session: Session, report: Mapping[str, Any] | None, reason: str = "") -> bool:
+    def finish_train(self, session: Session, report: TrainReport | None, reason: str = "") -> bool:
         """Commit a session's updates if the client reported success, otherwise roll them back."""
         if report is None or session.status != "open":
             self.stream.fail(session, reason or session.reason or "no report")
@@ -229,55 +230,54 @@ class Coordinator:
     def record_round(
         self,
         rnd: int,
-        reports: list[dict[str, Any]],
+        reports: list[TrainReport],
         dropped: list[dict[str, Any]],
         evaluation: dict[str, Any] | None,
         seconds: float,
     ) -> dict[str, Any]:
         """Fold one round's reports into the results and checkpoint (after :meth:`sync`)."""
-        for rep in sorted(reports, key=lambda r: r["partition-id"]):
+        for rep in sorted(reports, key=lambda r: r.partition_id):
             self.results["parameters"]["client"] = {
-                "params": rep["bottom-params"],
-                "trainable": rep["bottom-trainable"],
+                "params": rep.bottom_params,
+                "trainable": rep.bottom_trainable,
             }
-            for loss in rep["losses"]:
+            for loss in rep.losses:
                 self.results["history"].append(
                     {
                         "round": rnd,
-                        "client": rep["partition-id"],
+                        "client": rep.partition_id,
                         "train_loss": loss,
-                        "bytes_up": rep["bytes-up"] / max(1, rep["steps"]),
-                        "bytes_down": rep["bytes-down"] / max(1, rep["steps"]),
-                        "peak_memory_bytes": rep["peak-memory-bytes"],
+                        "bytes_up": rep.bytes_up / max(1, rep.steps),
+                        "bytes_down": rep.bytes_down / max(1, rep.steps),
+                        "peak_memory_bytes": rep.peak_memory_bytes,
                     }
                 )
-            self.results["step_seconds"] += rep["step-seconds"]
-            if "max-length" in rep:  # the clients sample the same splits: any report's counts are the run's
-                truncated = {k.removeprefix("truncated-"): v for k, v in rep.items() if k.startswith("truncated-")}
-                self.results["data"] = {"max_length": rep["max-length"], "truncated": truncated}
+            self.results["step_seconds"] += rep.step_seconds
+            # the clients sample the same splits: any report's truncation counts are the run's
+            self.results["data"] = {"max_length": rep.max_length, "truncated": dict(rep.truncated)}
             seen = self.results.setdefault("devices", {}).setdefault("clients", [])
-            if rep.get("device") and rep["device"] not in seen:
-                seen.append(rep["device"])
-            self.results["comm"]["bytes_up"] += rep["bytes-up"] + rep.get("message-bytes-up", 0)
-            self.results["comm"]["bytes_down"] += rep["bytes-down"] + rep.get("message-bytes-down", 0)
-        losses = [loss for rep in reports for loss in rep["losses"]]
+            if rep.device and rep.device not in seen:
+                seen.append(rep.device)
+            self.results["comm"]["bytes_up"] += rep.bytes_up + rep.message_bytes_up
+            self.results["comm"]["bytes_down"] += rep.bytes_down + rep.message_bytes_down
+        losses = [loss for rep in reports for loss in rep.losses]
         entry = {
             "round": rnd,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "accuracy": None if evaluation is None else evaluation["accuracy"],
-            "clients": sorted(r["partition-id"] for r in reports),
+            "clients": sorted(r.partition_id for r in reports),
             "dropped": dropped,
             "seconds": seconds,
-            "bytes_up": sum(r["bytes-up"] + r.get("message-bytes-up", 0) for r in reports),
-            "bytes_down": sum(r["bytes-down"] + r.get("message-bytes-down", 0) for r in reports),
-            "message_bytes_up": sum(r.get("message-bytes-up", 0) for r in reports),
-            "message_bytes_down": sum(r.get("message-bytes-down", 0) for r in reports),
-            "steps": sum(r["steps"] for r in reports),
-            "selection_seconds": sum(r.get("selection-seconds", 0.0) for r in reports),
-            "selection_bytes": sum(r.get("selection-bytes-up", 0) + r.get("selection-bytes-down", 0) for r in reports),
+            "bytes_up": sum(r.bytes_up + r.message_bytes_up for r in reports),
+            "bytes_down": sum(r.bytes_down + r.message_bytes_down for r in reports),
+            "message_bytes_up": sum(r.message_bytes_up for r in reports),
+            "message_bytes_down": sum(r.message_bytes_down for r in reports),
+            "steps": sum(r.steps for r in reports),
+            "selection_seconds": sum(r.selection_seconds for r in reports),
+            "selection_bytes": sum(r.selection_bytes_up + r.selection_bytes_down for r in reports),
             "selection_quality": self.take_selections(),
         }
-        grads = [abs(g) for rep in reports for step in rep.get("grads", []) for g in step]
+        grads = [abs(g) for rep in reports for step in rep.grads for g in step]
         if grads:  # the ZO estimates' scale: what a zo-grad-clip bound cuts
             entry["zo_grad_abs"] = {"median": statistics.median(grads), "max": max(grads)}
         self.results["rounds"].append(entry)
@@ -287,17 +287,16 @@ class Coordinator:
         self.checkpoint(rnd)
         return entry
 
-    def sync(self, rnd: int, reports: list[dict[str, Any]]) -> None:
+    def sync(self, rnd: int, reports: list[TrainReport]) -> None:
         """Synced bottoms: add the round's ZO steps to the history, or average the FO clients'
         weights, before the round is evaluated (so evaluation sees this round's updates)."""
         if self.config.federation.bottoms != "synced":
             return
         if self.client_order == "zo":
-            for rep in sorted(reports, key=lambda r: r["partition-id"]):
-                rates = rep.get("step-lrs", rep["lr"])  # each step's scheduled rate
-                self.history.extend(rnd, rep["partition-id"], rates, rep["seeds"], rep["grads"], rep.get("rows"))
+            for rep in sorted(reports, key=lambda r: r.partition_id):
+                self.history.extend(rnd, rep.partition_id, rep.step_lrs, rep.seeds, rep.grads, rep.rows)
         else:
-            self.average = fedavg([r["weights"] for r in reports], [r["steps"] for r in reports]) or self.average
+            self.average = fedavg([r.weights for r in reports], [r.steps for r in reports]) or self.average
 
     def take_selections(self) -> list[dict[str, float]]:
         """The server's GradMatch selection diagnostics since the last call."""

@@ -8,10 +8,12 @@ once, for both apps (``client_app`` stores and sends them, ``server_app`` sends 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+from fl_app.subset import PLANS
 
 
 @dataclass
@@ -77,6 +79,88 @@ class ClientState:
     trial: int = 0
     subset_ids: list[int] = field(default_factory=list)
     subset_weights: list[float] = field(default_factory=list)
+
+
+SPLITS = ("", "dev", "test")  # "" for a training session
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the server asks one client to do in a session: where its step stream is and how to prove
+    itself there, which round (and tuning trial) it is, and either the data plan of a training session
+    or the shard of an evaluation. A Flower message carries it as a flat record (:meth:`to_record`)."""
+
+    client: int  # the partition id the session is for (the client checks it is its own)
+    round: int
+    token: str  # the session's bearer token on the step stream
+    address: str  # host:port of the step stream
+    local_steps: int
+    root_certificate: str = ""  # PEM of the stream's TLS certificate ("": plain text)
+    node_auth: bool = False  # the server authenticates nodes: the client needs its node key
+    trial: int = 0  # a state saved in another tuning trial is dropped
+    run_id: str = ""
+    state_dir: str = ""  # where clients keep per-round states ("": none)
+    finished_round: int = 0  # the server's last checkpointed round (older client states may go)
+    subset: str = "full"  # a training session's data plan (fl_app.subset.PLANS)
+    split: str = ""  # an evaluation's split (dev or test); "" for training
+    shard: int = 0  # the evaluation's contiguous shard of the split ...
+    num_shards: int = 1  # ... of this many
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), {"int": int, "str": str, "bool": bool}[str(f.type)]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"field '{_record_key(f.name)}' of the session is {value!r}, expected {f.type}")
+        if self.subset not in PLANS:
+            raise ValueError(f"field 'subset' of the session is {self.subset!r}, expected one of {PLANS}")
+        if self.split not in SPLITS or not 0 <= self.shard < self.num_shards:
+            raise ValueError(
+                f"fields 'split', 'shard', 'num-shards' of the session are {self.split!r}, {self.shard}, "
+                f"{self.num_shards}: expected dev or test (or none), and 0 <= shard < num-shards"
+            )
+
+    def to_record(self) -> dict[str, Any]:
+        """The flat record a Flower ConfigRecord holds (hyphenated keys)."""
+        return {_record_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SessionSettings:
+        """Inverse of :meth:`to_record`; a missing, unknown or mistyped field is an error naming it."""
+        known = {_record_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(record) - set(known))
+        if unknown:
+            raise ValueError(f"session message has unknown fields {unknown}")
+        try:
+            return cls(**{known[k]: v for k, v in record.items()})
+        except TypeError as err:
+            raise ValueError(f"session message is incomplete: {err}") from err
+
+
+def _record_key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass
+class SessionRequest:
+    """What one client needs for a session: the server's settings, the tuning trial's overrides, and
+    the synced state to apply first."""
+
+    session: SessionSettings
+    overrides: dict[str, Any] = field(default_factory=dict)  # the tuning trial's hyper-parameters
+    history: History | None = None  # synced ZO: the other clients' (seed, projected gradient) steps
+    average: dict[str, torch.Tensor] | None = None  # synced FO: the averaged bottom
+
+    @property
+    def partition_id(self) -> int:
+        return self.session.client
+
+
+@dataclass
+class SessionReply:
+    """A client's report (training) or metrics (evaluation), or why there is none."""
+
+    report: TrainReport | dict[str, Any] | None
+    reason: str = ""
 
 
 def _flatten(steps: list[list[Any]]) -> tuple[int, list[Any]]:
@@ -146,30 +230,80 @@ def state_from_records(weights: Mapping[str, torch.Tensor], counters: Mapping[st
     )
 
 
-def report_to_record(report: Mapping[str, Any]) -> dict[str, Any]:
-    """A training report with its per-step seeds and projected gradients flattened."""
-    queries, seeds = _flatten(report["seeds"])
-    _, grads = _flatten(report["grads"])
-    flat = {k: v for k, v in report.items() if k not in ("seeds", "grads", "rows", "losses")}
-    return {
-        **flat,
-        "queries": queries,
-        "seeds": [int(s) for s in seeds],
-        "grads": [float(g) for g in grads],
-        "rows": [bytes(r) for r in report["rows"]],
-        "losses": [float(x) for x in report["losses"]],
-    }
+@dataclass
+class TrainReport:
+    """What a client reports after a training session: per step its loss, ZO seeds, projected
+    gradients, embedding-row selection and rate (what synced clients replay), and what the session
+    cost. A Flower message carries it flat (:meth:`to_record`); synced FO clients' ``weights`` travel
+    beside it as arrays."""
 
+    partition_id: int
+    losses: list[float]
+    seeds: list[list[int]]  # per step, its Q direction seeds (ZO clients; empty lists otherwise)
+    grads: list[list[float]]  # per step, the projected gradients applied
+    rows: list[bytes]  # per step, its packed embedding-row selection (b"": all rows)
+    step_lrs: list[float]  # per step, the rate it applied (a schedule's)
+    lr: float  # the client's base rate
+    bytes_up: int
+    bytes_down: int
+    peak_memory_bytes: int
+    step_seconds: float
+    session_seconds: float
+    caught_up_updates: int  # synced ZO: other clients' steps replayed first
+    device: str
+    max_length: int
+    truncated: dict[str, int]  # per split: examples that did not fit whole
+    subset_plan: str
+    subset_batches: int
+    selection_seconds: float
+    selection_bytes_up: int
+    selection_bytes_down: int
+    bottom_params: int
+    bottom_trainable: int
+    weights: dict[str, torch.Tensor] | None = None  # synced FO clients: the bottom, for the server's average
+    message_bytes_up: int = 0  # under Flower, set by the server: the session messages' own sizes
+    message_bytes_down: int = 0
 
-def report_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`report_to_record` (one row selection per step; b"" = all rows)."""
-    report = {k: v for k, v in record.items() if k != "queries"}
-    steps = len(record["losses"])
-    report["losses"] = [float(x) for x in record["losses"]]
-    report["seeds"] = _unflatten([int(s) for s in record["seeds"]], int(record["queries"]), steps)
-    report["grads"] = _unflatten([float(g) for g in record["grads"]], int(record["queries"]), steps)
-    report["rows"] = [bytes(r) for r in record["rows"]]
-    return report
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def train_loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+    def to_record(self) -> dict[str, Any]:
+        """The flat record a Flower ConfigRecord holds (no weights; per-step lists flattened)."""
+        queries, seeds = _flatten(self.seeds)
+        _, grads = _flatten(self.grads)
+        skip = {"seeds", "grads", "weights", "truncated", "message_bytes_up", "message_bytes_down"}
+        flat = {_record_key(f.name): getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {
+            **flat,
+            **{f"truncated-{split}": count for split, count in self.truncated.items()},
+            "queries": queries,
+            "seeds": [int(x) for x in seeds],
+            "grads": [float(g) for g in grads],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainReport:
+        """Inverse of :meth:`to_record`; a missing field is an error naming it."""
+        lists = {"seeds", "grads", "truncated", "losses", "rows", "step_lrs"}
+        names = {f.name for f in fields(cls)} - lists - {"weights", "message_bytes_up", "message_bytes_down"}
+        missing = sorted(_record_key(n) for n in names | lists - {"truncated"} if _record_key(n) not in record)
+        if missing or "queries" not in record:
+            raise ValueError(f"training report lacks fields {missing or ['queries']}")
+        steps = len(record["losses"])
+        return cls(
+            **{name: record[_record_key(name)] for name in names},
+            losses=[float(x) for x in record["losses"]],
+            rows=[bytes(r) for r in record["rows"]],
+            step_lrs=[float(x) for x in record["step-lrs"]],
+            seeds=_unflatten([int(x) for x in record["seeds"]], int(record["queries"]), steps),
+            grads=_unflatten([float(g) for g in record["grads"]], int(record["queries"]), steps),
+            truncated={k.removeprefix("truncated-"): int(v) for k, v in record.items() if k.startswith("truncated-")},
+        )
 
 
 def metric_value(value: Any) -> float | list[int]:

@@ -15,39 +15,17 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from fl_app.coordinator import Coordinator
-from fl_app.records import History
+from fl_app.records import SessionReply, SessionRequest, TrainReport
 from fl_app.stream import Session
 from fl_app.subset import round_plan
 from fl_app.tuning import plot_history, run_study, warm_rounds
 
 log = logging.getLogger("hosl.rounds")
 NO_REPLY = "no reply before round-timeout"
-
-
-@dataclass
-class SessionRequest:
-    """What one client needs for a session: its settings, and the synced state to apply first."""
-
-    partition_id: int
-    session: dict[str, Any]  # round, token, address, root-certificate, local-steps, trial, and subset or split
-    overrides: dict[str, Any] = field(default_factory=dict)  # the tuning trial's hyper-parameters
-    history: History | None = None  # synced ZO: the other clients' (seed, projected gradient) steps
-    average: dict[str, torch.Tensor] | None = None  # synced FO: the averaged bottom
-
-
-@dataclass
-class SessionReply:
-    """A client's report (training) or metrics (evaluation), or why there is none."""
-
-    report: dict[str, Any] | None
-    reason: str = ""
 
 
 class Federation(Protocol):
@@ -69,9 +47,9 @@ class Federation(Protocol):
 
 def session_request(coord: Coordinator, pid: int, rnd: int, extra: dict[str, Any]) -> tuple[Session, SessionRequest]:
     """Open a session for client ``pid`` and build its request (the history it still needs, if synced)."""
-    session, settings = coord.open(pid, rnd, extra)
+    session, settings = coord.open(pid, rnd, **extra)
     request = SessionRequest(
-        pid, settings, dict(coord.overrides), coord.history_for(pid, coord.synced.get(pid, 0)), coord.average
+        settings, dict(coord.overrides), coord.history_for(pid, coord.synced.get(pid, 0)), coord.average
     )
     return session, request
 
@@ -104,7 +82,7 @@ def _run_sessions(
 
 def train_round(
     fed: Federation, coord: Coordinator, rnd: int, plan: str = "full"
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[TrainReport], list[dict[str, Any]]]:
     """One round of training sessions, each client using its data as ``plan`` says
     (:data:`fl_app.subset.PLANS`); returns (reports, dropped), each in client order."""
     reports, dropped = [], []
@@ -118,7 +96,7 @@ def train_round(
             reason = reply.reason or session.reason
             dropped.append({"client": pid, "reason": reason})
             log.warning("round %d: client %d dropped: %s", rnd, pid, reason)
-    return sorted(reports, key=lambda r: r["partition-id"]), sorted(dropped, key=lambda d: d["client"])
+    return sorted(reports, key=lambda r: r.partition_id), sorted(dropped, key=lambda d: d["client"])
 
 
 def evaluators(coord: Coordinator, clients: list[int], split: str) -> list[int]:
@@ -136,7 +114,7 @@ def evaluate_round(
     clients = evaluators(coord, clients, split)
     if not clients:
         return None
-    shards = {pid: {"split": split, "shard": index, "num-shards": len(clients)} for index, pid in enumerate(clients)}
+    shards = {pid: {"split": split, "shard": index, "num_shards": len(clients)} for index, pid in enumerate(clients)}
     reports = {}
     for session, reply in _run_sessions(fed, coord, "evaluate", clients, rnd, shards.__getitem__):
         coord.finish_eval(session)
@@ -160,7 +138,7 @@ def run_round(
     started = time.perf_counter()
     reports, dropped = train_round(fed, coord, rnd, plan)
     coord.sync(rnd, reports)
-    clients = sorted(r["partition-id"] for r in reports)
+    clients = sorted(r.partition_id for r in reports)
     evaluation = evaluate_round(fed, coord, rnd, clients, "dev") if evaluate else None
     entry = coord.record_round(rnd, reports, dropped, evaluation, time.perf_counter() - started)
     acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"

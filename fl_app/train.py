@@ -18,13 +18,12 @@ from typing import Any
 
 from fl_app import rounds
 from fl_app.checkpoint import run_folder
-from fl_app.client_session import run_eval_session, run_session
+from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import Config, exit_with_error, scenario_config
 from fl_app.coordinator import Coordinator
 from fl_app.local_transport import InProcessLink
 from fl_app.preflight import check_out_dir, check_scenario
-from fl_app.records import ClientState
-from fl_app.rounds import SessionReply, SessionRequest
+from fl_app.records import ClientState, SessionReply, SessionRequest
 
 log = logging.getLogger("fl_app.train")
 
@@ -47,14 +46,13 @@ class InProcessFederation:
     ) -> Iterator[tuple[int, SessionReply]]:
         for request in requests:  # one at a time: this process has one working bottom
             pid = request.partition_id
-            config = self.coord.base_config.updated(request.overrides)
-            link = InProcessLink(functools.partial(self.coord.handle, request.session["token"]))
-            inputs = (config, pid, self.num_clients, self.states.get(pid), request.session, request.history)
+            link = InProcessLink(functools.partial(self.coord.handle, request.session.token))
+            side = ClientSide(self.coord.base_config, pid, self.num_clients, self.states.get(pid))
             try:
                 if kind == "train":
-                    report, self.states[pid] = run_session(*inputs, request.average, link=link)
+                    report, self.states[pid] = run_session(request, side, link)
                 else:
-                    report = run_eval_session(*inputs, request.average, link=link)
+                    report = run_eval_session(request, side, link)
             except Exception as err:  # noqa: BLE001 - the client's failure is the round's business, as under Flower
                 log.warning("client %d's %s session failed", pid, kind, exc_info=True)
                 yield pid, SessionReply(None, f"{type(err).__name__}: {err}")  # as a ClientApp's error reply

@@ -28,8 +28,8 @@ from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
-from fl_app.records import history_to_record, metric_value, report_from_record
-from fl_app.rounds import NO_REPLY, SessionReply, SessionRequest
+from fl_app.records import SessionReply, SessionRequest, TrainReport, history_to_record, metric_value
+from fl_app.rounds import NO_REPLY
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
@@ -128,7 +128,7 @@ def _reply_report(reply: Message | None) -> tuple[dict[str, Any] | None, str]:
 
 def session_content(request: SessionRequest) -> RecordDict:
     """A session message: settings, plus the synced history (ZO) or averaged bottom (FO) if any."""
-    content = RecordDict({"session": ConfigRecord(request.session)})
+    content = RecordDict({"session": ConfigRecord(request.session.to_record())})
     if request.overrides:
         content["overrides"] = ConfigRecord(request.overrides)
     if request.history is not None:
@@ -212,11 +212,11 @@ def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> Ses
     evaluation metrics), or why there is none."""
     report, reason = _reply_report(reply)
     if report is not None and kind == "train":
-        report = report_from_record(report)
-        report["message-bytes-down"] = record_bytes(content)
-        report["message-bytes-up"] = record_bytes(reply.content)
+        report = TrainReport.from_record(report)
+        report.message_bytes_down = record_bytes(content)
+        report.message_bytes_up = record_bytes(reply.content)
         if "weights" in reply.content.array_records:
-            report["weights"] = reply.content.array_records["weights"].to_torch_state_dict()
+            report.weights = reply.content.array_records["weights"].to_torch_state_dict()
     elif report is not None:
         report = {k: metric_value(v) for k, v in reply.content.metric_records["metrics"].items()}
     return SessionReply(report, reason)

@@ -1,6 +1,7 @@
 """What the bottom adds: drift from its start and the swap evaluation (the same top over the
 initial bottom), in each evaluation session and pooled into results.json."""
 
+import dataclasses
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from fl_app.bottom_effect import (
     pool_swap,
     relative_change,
 )
-from fl_app.client_session import run_eval_session, run_session
+from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
+from fl_app.records import SessionRequest
 from fl_app.train import run
 
 SMOKE = "sim_configs/smoke_tiny.toml"
@@ -75,8 +77,10 @@ def test_pooled_swap_counts_flips_across_shards_in_order():
 
 def test_swap_with_an_untouched_bottom_flips_nothing_and_reports_p_one(coord):
     c = coord()
-    _, message = c.open(0, 1, {"split": "test", "shard": 0, "num-shards": 1})
-    result = run_eval_session(c.config, 0, 2, None, {**message, "state-dir": ""})
+    _, message = c.open(0, 1, split="test", shard=0, num_shards=1)
+    result = run_eval_session(
+        SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 2, None)
+    )
     assert result["drift-params"] == 0.0 and result["drift-activations"] == 0.0
     assert result["swap-correct"] == result["correct"] and len(result["correct"]) == result["count"] == 32
     swap = pool_swap([result])
@@ -87,21 +91,25 @@ def test_swap_with_an_untouched_bottom_flips_nothing_and_reports_p_one(coord):
 def test_swap_scores_the_initial_bottom_and_leaves_the_trained_one_in_place(coord):
     c = coord()
     session, message = c.open(0, 1)
-    _, state = run_session(c.config, 0, 2, None, message)
+    _, state = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, None))
     assert c.finish_train(session, _)
-    test = {"split": "test", "shard": 0, "num-shards": 1}
-    _, message = c.open(0, 1, test)
-    trained = run_eval_session(c.config, 0, 2, state, message)
-    _, message = c.open(0, 1, test)
-    untrained = run_eval_session(c.config, 0, 2, None, {**message, "state-dir": ""})
+    test = {"split": "test", "shard": 0, "num_shards": 1}
+    _, message = c.open(0, 1, **test)
+    trained = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
+    _, message = c.open(0, 1, **test)
+    untrained = run_eval_session(
+        SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 2, None)
+    )
     assert trained["drift-params"] > 0 and trained["drift-activations"] > 0
     assert trained["swap-correct"] == untrained["correct"]  # the same top over the initial bottom
     assert trained["swap-loss"] == pytest.approx(untrained["loss"]) and trained["loss"] != untrained["loss"]
-    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
-    dev = run_eval_session(c.config, 0, 2, state, message)  # eval-swap = test: drift only on dev
+    _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
+    dev = run_eval_session(
+        SessionRequest(message), ClientSide(c.config, 0, 2, state)
+    )  # eval-swap = test: drift only on dev
     assert "swap-correct" not in dev and dev["drift-params"] == pytest.approx(trained["drift-params"])
-    _, message = c.open(0, 1, test)
-    again = run_eval_session(c.config, 0, 2, state, message)
+    _, message = c.open(0, 1, **test)
+    again = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
     assert again["correct"] == trained["correct"] and again["loss"] == trained["loss"]
 
 

@@ -1,6 +1,7 @@
 """Coordinator + client sessions over the real step stream (no Flower): drops roll back, synced
 bottoms stay identical, a client that missed rounds catches up by replaying history."""
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -10,11 +11,11 @@ import torch
 
 from fl_app import frame_auth
 from fl_app.batches import BatchStream
-from fl_app.client_session import NodeSettings, catch_up, make_client, run_eval_session, run_session
+from fl_app.client_session import ClientSide, NodeSettings, catch_up, make_client, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, stream_credentials
 from fl_app.protocol import ProtocolError, StepRequest
-from fl_app.records import ClientState
+from fl_app.records import ClientState, SessionRequest
 from fl_app.stream import StepStreamClient
 
 
@@ -45,7 +46,9 @@ def session_round(c, rnd, clients, states):
     for pid in clients:
         session, message = c.open(pid, rnd)
         history = c.history_for(pid, states[pid].synced_round if pid in states else 0)
-        report, states[pid] = run_session(c.config, pid, 3, states.get(pid), message, history)
+        report, states[pid] = run_session(
+            SessionRequest(message, history=history), ClientSide(c.config, pid, 3, states.get(pid))
+        )
         assert c.finish_train(session, report)
         reports.append(report)
     c.sync(rnd, reports)
@@ -58,7 +61,7 @@ def test_session_trains_and_state_round_trips(coord):
     states = {}
     before = server_weights(c)
     reports = session_round(c, 1, [0, 1], states)
-    assert [r["steps"] for r in reports] == [2, 2] and all(r["bytes-up"] > 0 for r in reports)
+    assert [r.steps for r in reports] == [2, 2] and all(r.bytes_up > 0 for r in reports)
     assert any(not torch.equal(a, b) for a, b in zip(before, server_weights(c)))
     assert states[0].steps == 2 and states[0].weights
     client, _ = make_client(c.config, 0, states[0])
@@ -72,7 +75,7 @@ def test_stalled_client_is_dropped_and_its_server_updates_rolled_back(coord):
     committed = server_weights(c)
     session, message = c.open(1, 2)
     client, data = make_client(c.config, 1, None)
-    link = StepStreamClient(message["address"], message["token"])
+    link = StepStreamClient(message.address, message.token)
     stream = BatchStream(data.encoder, data.client_examples(1), 8, 0)
     client.train_step(stream.batch(0), link)  # one step lands on the server ...
     assert any(not torch.equal(a, b) for a, b in zip(committed, server_weights(c)))
@@ -88,7 +91,7 @@ def test_stalled_client_is_dropped_and_its_server_updates_rolled_back(coord):
 def test_malformed_frame_ends_one_session_and_others_continue(coord):
     c = coord()
     bad, bad_msg = c.open(2, 1)
-    link = StepStreamClient(bad_msg["address"], bad_msg["token"])
+    link = StepStreamClient(bad_msg.address, bad_msg.token)
     frame = StepRequest(
         kind="fo",
         clean=torch.full((2, 4, 32), float("nan")),
@@ -100,7 +103,7 @@ def test_malformed_frame_ends_one_session_and_others_continue(coord):
         link.exchange(frame)
     link.close()
     assert bad.status == "failed"
-    assert [r["steps"] for r in session_round(c, 1, [0], {})] == [2]
+    assert [r.steps for r in session_round(c, 1, [0], {})] == [2]
 
 
 STABLE = {  # rates vary per step, estimates are clipped, norms and biases stay untrained
@@ -148,8 +151,8 @@ def test_federated_eval_shards_cover_the_split(coord):
     c = coord()
     counts = []
     for shard in range(3):
-        session, message = c.open(shard, 1, {"split": "dev", "shard": shard, "num-shards": 3})
-        counts.append(run_eval_session(c.config, shard, 3, None, message)["count"])
+        session, message = c.open(shard, 1, split="dev", shard=shard, num_shards=3)
+        counts.append(run_eval_session(SessionRequest(message), ClientSide(c.config, shard, 3, None))["count"])
         c.finish_eval(session)
     assert sum(counts) == 32 and max(counts) - min(counts) <= 1
 
@@ -176,14 +179,19 @@ def test_client_trains_on_its_own_local_data_dir(coord, tmp_path):
         fh.write(rows)
     c = coord()
     session, message = c.open(0, 1)
-    report, state = run_session(c.config, 0, 3, None, message, train_data_dir=str(own))
-    assert report["steps"] == 2 and state.steps == 2
+    report, state = run_session(
+        SessionRequest(message), ClientSide(c.config, 0, 3, None, node=NodeSettings(data_dir=str(own)))
+    )
+    assert report.steps == 2 and state.steps == 2
     _, message_p = c.open(0, 1)
-    partition_report, _ = run_session(c.config, 0, 3, None, message_p)
-    assert report["losses"] != partition_report["losses"]  # the node's own sentences, not its partition
+    partition_report, _ = run_session(SessionRequest(message_p), ClientSide(c.config, 0, 3, None))
+    assert report.losses != partition_report.losses  # the node's own sentences, not its partition
     session2, message2 = c.open(1, 1)
     with pytest.raises(ValueError, match="data-dir"):
-        run_session(c.config, 1, 3, None, message2, train_data_dir=str(tmp_path / "missing"))
+        run_session(
+            SessionRequest(message2),
+            ClientSide(c.config, 1, 3, None, node=NodeSettings(data_dir=str(tmp_path / "missing"))),
+        )
 
 
 def test_abrupt_disconnect_drops_session_and_rolls_back(coord):
@@ -193,7 +201,7 @@ def test_abrupt_disconnect_drops_session_and_rolls_back(coord):
     committed = server_weights(c)
     session, message = c.open(0, 1)
     client, data = make_client(c.config, 0, None)
-    link = StepStreamClient(message["address"], message["token"])
+    link = StepStreamClient(message.address, message.token)
     client.train_step(BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0), link)
     assert any(not torch.equal(a, b) for a, b in zip(committed, server_weights(c)))
     link._channel.close()  # the client vanishes without ending its stream
@@ -238,16 +246,20 @@ def test_with_a_server_secret_only_the_node_holding_its_key_trains(coordinators,
     conf = config(**{"stream-secret-file": secret})
     c = coordinators(conf, stream_credentials(conf))
     session, message = c.open(0, 1)
-    wire = json.dumps(message)
-    assert message["node-auth"] and all(Path(f).read_text().strip() not in wire for f in (secret, key0))
+    wire = json.dumps(message.to_record())
+    assert message.node_auth and all(Path(f).read_text().strip() not in wire for f in (secret, key0))
     with pytest.raises(ValueError, match="set node config stream-key-file"):
-        run_session(c.config, 0, 3, None, message)
+        run_session(SessionRequest(message), ClientSide(c.config, 0, 3, None))
     with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*wrong session key"):
-        run_session(c.config, 0, 3, None, message, node=NodeSettings.from_node_config({"stream-key-file": key1}))
+        run_session(
+            SessionRequest(message),
+            ClientSide(c.config, 0, 3, None, node=NodeSettings.from_node_config({"stream-key-file": key1})),
+        )
     report, _ = run_session(
-        c.config, 0, 3, None, message, node=NodeSettings.from_node_config({"stream-key-file": key0})
+        SessionRequest(message),
+        ClientSide(c.config, 0, 3, None, node=NodeSettings.from_node_config({"stream-key-file": key0})),
     )
-    assert c.finish_train(session, report) and report["steps"] == 2
+    assert c.finish_train(session, report) and report.steps == 2
     assert json.loads(c.write_results().read_text())["refused"] == {"stream": 1}
 
 
@@ -266,14 +278,14 @@ def test_a_node_with_its_own_ca_trusts_only_it(coordinators, tmp_path):
     session, message = c.open(0, 1)
     wrong_ca = NodeSettings(ca=(tmp_path / "theirs/ca.crt").read_bytes())
     with pytest.raises(ConnectionError, match="UNAVAILABLE"):
-        run_session(c.config, 0, 3, None, message, node=wrong_ca)
+        run_session(SessionRequest(message), ClientSide(c.config, 0, 3, None, node=wrong_ca))
     right_ca = NodeSettings.from_node_config({"stream-ca": str(tmp_path / "ours/ca.crt")})
-    report, _ = run_session(c.config, 0, 3, None, message, node=right_ca)
+    report, _ = run_session(SessionRequest(message), ClientSide(c.config, 0, 3, None, node=right_ca))
     assert c.finish_train(session, report)
     plain = coordinators(config())
     _, plain_message = plain.open(0, 1)
     with pytest.raises(ValueError, match="stream-ca is set but the server's step stream .* is not TLS"):
-        run_session(plain.config, 0, 3, None, plain_message, node=right_ca)
+        run_session(SessionRequest(plain_message), ClientSide(plain.config, 0, 3, None, node=right_ca))
 
 
 def _rss_mib() -> float:
@@ -339,7 +351,7 @@ def test_a_step_after_its_session_failed_is_refused_and_each_run_keeps_its_own_c
     with pytest.raises(ProtocolError, match="no longer open"):
         c.handle(session.token, frame)
     assert all(torch.equal(a, b) for a, b in zip(before, server_weights(c)))
-    assert c.open(0, 1)[1]["state-dir"] != coord().open(0, 1)[1]["state-dir"]
+    assert c.open(0, 1)[1].state_dir != coord().open(0, 1)[1].state_dir
 
 
 def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
@@ -348,12 +360,14 @@ def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
     c = coord()
     states = {}
     session_round(c, 1, [0], states)
-    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
-    kept = run_eval_session(c.config, 0, 3, states[0], message)
-    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
-    reloaded = run_eval_session(c.config, 0, 3, None, message)
-    _, message = c.open(0, 1, {"split": "dev", "shard": 0, "num-shards": 1})
-    untrained = run_eval_session(c.config, 0, 3, None, {**message, "state-dir": ""})
+    _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
+    kept = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 3, states[0]))
+    _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
+    reloaded = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 3, None))
+    _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
+    untrained = run_eval_session(
+        SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 3, None)
+    )
     assert reloaded == {**kept, "bytes-up": reloaded["bytes-up"], "bytes-down": reloaded["bytes-down"]}
     assert reloaded["loss"] != untrained["loss"]
 
@@ -366,13 +380,13 @@ def test_an_intruder_with_a_stolen_token_leaves_no_update_behind(coord):
     before = server_weights(c)
     session, message = c.open(0, 1)
     intruder, data = make_client(c.config, 1, None)
-    link = StepStreamClient(message["address"], message["token"])
+    link = StepStreamClient(message.address, message.token)
     stream = BatchStream(data.encoder, data.client_examples(1), 8, 0)
     for i in range(3):
         intruder.train_step(stream.batch(i), link)
     assert any(not torch.equal(a, b) for a, b in zip(before, server_weights(c)))
     with pytest.raises(ConnectionError, match="already has its stream"):
-        run_session(c.config, 0, 3, None, message)
+        run_session(SessionRequest(message), ClientSide(c.config, 0, 3, None))
     assert not c.finish_train(session, None, "client error: refused stream")  # as the ClientApp's error reply
     assert all(torch.equal(a, b) for a, b in zip(before, server_weights(c)))  # exactly as before
     with pytest.raises(ConnectionError):
@@ -457,9 +471,9 @@ def test_a_lone_client_gets_the_same_losses_with_scoring_across_clients(coord):
     for across in (True, False):
         c = coord(**{"score-across-clients": across})
         session, message = c.open(0, 1)
-        report, _ = run_session(c.config, 0, 3, None, message)
+        report, _ = run_session(SessionRequest(message), ClientSide(c.config, 0, 3, None))
         assert c.finish_train(session, report)
-        runs.append((report["losses"], report["grads"]))
+        runs.append((report.losses, report.grads))
     assert runs[0] == runs[1]
 
 
@@ -477,7 +491,7 @@ def test_a_round_that_breaks_off_leaves_no_session_open(coord):
 
         def run_sessions(self, kind, requests, window, timeout, tick):
             pending = iter(requests)
-            sessions.extend(c.stream.sessions[next(pending).session["token"]] for _ in range(2))
+            sessions.extend(c.stream.sessions[next(pending).session.token] for _ in range(2))
             raise ConnectionError("the grid went away")
             yield  # a generator, as a federation's run_sessions is
 

@@ -1,15 +1,16 @@
 """The flat forms of the synced history, client state and training report round-trip exactly."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from fl_app.records import (
     ClientState,
     History,
+    TrainReport,
     history_from_record,
     history_to_record,
-    report_from_record,
-    report_to_record,
     state_from_records,
     state_to_records,
 )
@@ -45,21 +46,42 @@ def test_history_refuses_ragged_or_truncated_steps():
 
 
 def test_report_round_trips_zo_and_fo():
-    zo = {
-        "partition-id": 1,
-        "steps": 2,
-        "losses": [0.7, 0.6],
-        "lr": 1e-3,
-        "subset-plan": "full",
-        "seeds": [[1, 2], [3, 4]],
-        "grads": [[0.5, -0.5], [0.25, 0.75]],
-        "rows": [b"\x07", b""],
-    }
-    fo = {**zo, "seeds": [[], []], "grads": [[], []], "rows": [b"", b""]}
+    zo = TrainReport(
+        partition_id=1,
+        losses=[0.7, 0.6],
+        seeds=[[1, 2], [3, 4]],
+        grads=[[0.5, -0.5], [0.25, 0.75]],
+        rows=[b"\x07", b""],
+        step_lrs=[5e-4, 1e-3],
+        lr=1e-3,
+        bytes_up=10,
+        bytes_down=4,
+        peak_memory_bytes=1 << 20,
+        step_seconds=0.5,
+        session_seconds=0.7,
+        caught_up_updates=0,
+        device="cpu",
+        max_length=64,
+        truncated={"train": 3, "test": 0},
+        subset_plan="full",
+        subset_batches=0,
+        selection_seconds=0.0,
+        selection_bytes_up=0,
+        selection_bytes_down=0,
+        bottom_params=100,
+        bottom_trainable=40,
+    )
+    fo = dataclasses.replace(zo, seeds=[[], []], grads=[[], []], rows=[b"", b""])
     for report in (zo, fo):
-        record = report_to_record(report)
-        assert not any(isinstance(v, list) and v and isinstance(v[0], list) for v in record.values())
-        assert report_from_record(record) == report
+        record = report.to_record()
+        assert not any(isinstance(v, (list, dict)) and v and isinstance(v[0], list) for v in record.values())
+        assert all(not isinstance(v, dict) for v in record.values()) and record["truncated-train"] == 3
+        assert TrainReport.from_record({"ok": True, **record}) == report
+        assert report.steps == 2 and report.train_loss == pytest.approx(0.65)
+    record = zo.to_record()
+    del record["step-lrs"]
+    with pytest.raises(ValueError, match=r"training report lacks fields \['step-lrs'\]"):
+        TrainReport.from_record(record)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -77,3 +99,33 @@ def test_client_state_round_trips_exactly(dtype):
         [0.5, 1.5],
     )
     assert all(torch.equal(back.weights[k].to(dtype), v) for k, v in weights.items())
+
+
+def test_a_session_travels_as_a_flat_record_and_a_bad_one_is_refused_naming_its_field():
+    from fl_app.records import SessionSettings
+
+    session = SessionSettings(client=1, round=2, token="t", address="h:1", local_steps=4, split="dev", num_shards=2)
+    record = session.to_record()
+    assert record["num-shards"] == 2 and record["local-steps"] == 4 and "num_shards" not in record
+    assert SessionSettings.from_record(record) == session
+    with pytest.raises(ValueError, match="field 'round' of the session is '2'"):
+        SessionSettings.from_record({**record, "round": "2"})
+    with pytest.raises(ValueError, match=r"unknown fields \['rounds'\]"):
+        SessionSettings.from_record({**record, "rounds": 2})
+    with pytest.raises(ValueError, match="incomplete"):
+        SessionSettings.from_record({k: v for k, v in record.items() if k != "token"})
+    with pytest.raises(ValueError, match="field 'subset' of the session is 'most'"):
+        SessionSettings.from_record({**record, "subset": "most"})
+    with pytest.raises(ValueError, match="0 <= shard < num-shards"):
+        SessionSettings.from_record({**record, "shard": 2})
+
+
+def test_a_session_for_another_client_is_refused(coordinators):
+    from fl_app.client_session import ClientSide, run_session
+    from fl_app.config import make_config, read_scenario
+    from fl_app.records import SessionRequest
+
+    c = coordinators(make_config(read_scenario("sim_configs/smoke_tiny.toml")))
+    _, session = c.open(1, 1)
+    with pytest.raises(ValueError, match="the session is for client 1, but this node holds partition-id 0"):
+        run_session(SessionRequest(session), ClientSide(c.config, 0, 2))

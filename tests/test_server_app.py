@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fl_app.records import SessionSettings
 from server_app import app as server_app
 from server_app.app import FlowerFederation
 
@@ -144,7 +145,9 @@ def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkey
     def requests():
         for pid in range(5):
             drawn.append(len(grid.polls))  # sessions pushed before this one was drawn (opened)
-            yield server_app.SessionRequest(pid, {"round": 1})
+            yield server_app.SessionRequest(
+                SessionSettings(client=pid, round=1, token="t", address="a:1", local_steps=1)
+            )
 
     replies = list(fed.run_sessions("evaluate", requests(), window=2, timeout=1.0, tick=lambda: None))
     assert drawn == [0, 1, 2, 3, 4]  # each drawn only when the one before it was pushed: none opened early

@@ -11,10 +11,11 @@ import torch
 
 from fl_app import rounds
 from fl_app.batches import SubsetStream, fixed_batches, step_weights
-from fl_app.client_session import run_session
+from fl_app.client_session import ClientSide, run_session
 from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
 from fl_app.protocol import PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest
+from fl_app.records import SessionRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
 from fl_app.subset import Subset, round_plan
 from fl_app.train import InProcessFederation
@@ -220,53 +221,53 @@ def test_step_whose_class_weights_differ_from_its_streamed_parts_is_refused():
 @pytest.mark.parametrize("selector", ["gradmatch", "gradmatch-pc"])
 def test_gradmatch_session_selects_through_the_server_then_keeps_its_subset(coord, selector):
     c = coord(**{"subset-selector": selector})
-    session, message = c.open(0, 1, {"subset": selector})
-    report, state = run_session(c.config, 0, 2, None, message)
+    session, message = c.open(0, 1, subset=selector)
+    report, state = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, None))
     assert c.finish_train(session, report)
     budget = math.ceil(0.25 * 64 / 8)  # 64 examples per client, batch 8
-    assert 1 <= report["subset-batches"] <= budget and report["steps"] == report["subset-batches"]
-    assert report["selection-bytes-up"] > 0 and report["selection-bytes-down"] > 0 and report["selection-seconds"] > 0
-    assert report["bytes-up"] > report["selection-bytes-up"]  # selection cost is inside the session's totals
+    assert 1 <= report.subset_batches <= budget and report.steps == report.subset_batches
+    assert report.selection_bytes_up > 0 and report.selection_bytes_down > 0 and report.selection_seconds > 0
+    assert report.bytes_up > report.selection_bytes_up  # selection cost is inside the session's totals
     assert state.subset_ids and not c.server.proxies
     if selector == "gradmatch":
         assert min(state.subset_weights) > 0 and len(state.subset_weights) == len(state.subset_ids)
     else:  # a weight per batch and class (2 classes), some class of every batch weighted
         weights = torch.tensor(state.subset_weights).reshape(len(state.subset_ids), 2)
         assert (weights >= 0).all() and (weights.sum(1) > 0).all()
-    session, message = c.open(0, 2, {"subset": "keep"})
-    report2, state2 = run_session(c.config, 0, 2, state, message)
+    session, message = c.open(0, 2, subset="keep")
+    report2, state2 = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
     assert c.finish_train(session, report2)
-    assert state2.subset_ids == state.subset_ids and report2["selection-bytes-up"] == 0
+    assert state2.subset_ids == state.subset_ids and report2.selection_bytes_up == 0
     assert state2.steps == state.steps + len(state.subset_ids)
-    session, message = c.open(0, 3, {"subset": "full"})
-    report3, _ = run_session(c.config, 0, 2, state2, message)
-    assert report3["steps"] == 8 and report3["subset-batches"] == 0  # one pass over all 8 batches
+    session, message = c.open(0, 3, subset="full")
+    report3, _ = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, state2))
+    assert report3.steps == 8 and report3.subset_batches == 0  # one pass over all 8 batches
     c.finish_train(session, report3)
 
 
 def test_state_of_another_trial_is_dropped(coord):
     c = coord()
-    session, message = c.open(0, 1, {"subset": "full"})
-    _, state = run_session(c.config, 0, 2, None, message)
+    session, message = c.open(0, 1, subset="full")
+    _, state = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, None))
     c.finish_train(session, {"ok": True})
-    session, message = c.open(0, 2, {"subset": "warm", "trial": 5})
-    report, fresh = run_session(c.config, 0, 2, state, message)
+    session, message = c.open(0, 2, subset="warm", trial=5)
+    report, fresh = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
     c.finish_train(session, report)
-    assert fresh.trial == 5 and fresh.steps == report["steps"] == 2  # restarted: 2 warm steps (budget), not 8 + 2
+    assert fresh.trial == 5 and fresh.steps == report.steps == 2  # restarted: 2 warm steps (budget), not 8 + 2
 
 
 def test_client_without_a_subset_chooses_one_in_a_keep_round(coord):
     """With fraction-train < 1 a client may first take part in a round where the others keep theirs."""
     c = coord(**{"subset-selector": "random"})
-    session, message = c.open(1, 2, {"subset": "keep"})
-    report, state = run_session(c.config, 1, 2, None, message)
+    session, message = c.open(1, 2, subset="keep")
+    report, state = run_session(SessionRequest(message), ClientSide(c.config, 1, 2, None))
     c.finish_train(session, report)
-    assert report["subset-plan"] == "random" and len(state.subset_ids) == report["subset-batches"] == 2
+    assert report.subset_plan == "random" and len(state.subset_ids) == report.subset_batches == 2
     c = coord()
-    session, message = c.open(1, 2, {"subset": "keep"})
+    session, message = c.open(1, 2, subset="keep")
     with pytest.raises(ValueError, match="subset-selector is 'full'"):
         try:
-            run_session(c.config, 1, 2, None, message)
+            run_session(SessionRequest(message), ClientSide(c.config, 1, 2, None))
         finally:
             c.finish_train(session, None, "test")
 

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from fl_app.client_session import run_session, schedule_horizon
+from fl_app.client_session import ClientSide, run_session, schedule_horizon
 from fl_app.config import make_config, read_scenario
 from fl_app.models import split_model
+from fl_app.records import SessionRequest
 from fl_app.schedules import lr_factor
 from fl_app.train import run
 from fl_app.trainable import TrainableSpec, configure_trainable
@@ -38,15 +39,17 @@ def test_a_session_applies_the_scheduled_rate_at_each_client_step(coordinators):
     horizon = schedule_horizon(config, 0, 4)
     assert horizon == 2 * 4  # num-rounds x steps per session
     session, message = c.open(0, 1)
-    report, state = run_session(config, 0, 2, None, message)
+    report, state = run_session(SessionRequest(message), ClientSide(config, 0, 2, None))
     base = config.optim.client_lr
     expected = [base * lr_factor("linear", s, 2, horizon) for s in range(4)]
-    assert report["step-lrs"] == pytest.approx(expected) and expected[:2] == pytest.approx([base / 2, base])
+    assert report.step_lrs == pytest.approx(expected) and expected[:2] == pytest.approx([base / 2, base])
     assert c.finish_train(session, report)
     session, message = c.open(0, 2)
-    report, _ = run_session(config, 0, 2, state, message)  # the schedule goes on from the client's step count
-    assert report["step-lrs"] == pytest.approx([base * lr_factor("linear", s, 2, horizon) for s in range(4, 8)])
-    assert report["step-lrs"][-1] == pytest.approx(base / 6)
+    report, _ = run_session(
+        SessionRequest(message), ClientSide(config, 0, 2, state)
+    )  # the schedule goes on from the client's step count
+    assert report.step_lrs == pytest.approx([base * lr_factor("linear", s, 2, horizon) for s in range(4, 8)])
+    assert report.step_lrs[-1] == pytest.approx(base / 6)
 
 
 def test_clipped_projected_gradients_are_bounded_and_applied_as_reported():
