@@ -19,7 +19,7 @@ Measured with two one-thread runs side by side, a step costs about 2.5 s (hosl) 
 budgets (thousands of steps) would take days here. ``smollm2`` is SmolLM2-135M with LoRA on both
 sides (SST-2, RTE, BoolQ, 2 seeds, 120 steps, RTE / BoolQ cut to 128 tokens; the rates are swept on
 SST-2 only and used for all three tasks). Each finished run is recorded in the size's ledger
-(``docs/ledgers/accuracy_<size>.json``, committed with the reports): a run found there with the same
+(``docs/results/ledgers/accuracy_<size>.json``, committed with the reports): a run found there with the same
 config is read back, not rerun, so a study spread over sessions and machines picks up where it stopped.
 """
 
@@ -503,8 +503,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy", help="where the runs' folders go")
-    parser.add_argument("--ledger", type=Path, help="finished runs (default: docs/ledgers/accuracy_<size>.json)")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--ledger", type=Path, help="finished runs (default: docs/results/ledgers/accuracy_<size>.json)"
+    )
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread")
     parser.add_argument(
         "--report-only", action="store_true", help="run nothing: report the tasks whose runs have all finished"
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = "accuracy" if args.size in ("quick", "full") else f"accuracy_{args.size}"
     command = f"python -m benchmarks.accuracy --size {args.size}"
     started = time.perf_counter()
-    ledger = Ledger(args.ledger or ROOT / "docs" / "ledgers" / f"accuracy_{args.size}.json")
+    ledger = Ledger(args.ledger or ROOT / "docs" / "results" / "ledgers" / f"accuracy_{args.size}.json")
     rows = measure(size, args.out / args.size, 0 if args.report_only else args.jobs, ledger)
     if not rows:
         parser.error(f"no task of --size {args.size} has all its runs finished in {ledger.path}")

@@ -1,7 +1,7 @@
 """What a ZO client step costs against its floor, and what the old code path cost, side by side.
 
     python -m benchmarks.client_cost [--scenario sim_configs/sst2_minilm_full.toml] [--steps 6] [--repeats 3]
-                                     [--baseline 5a52b98] [--out docs/client_cost]
+                                     [--baseline 5a52b98] [--out docs/results/client_cost]
 
 Both code trees come from git (``--baseline`` and ``--candidate``, default HEAD). For each variant it
 times HOSL steps of one client over the in-process link in a fresh process,
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--candidate", default="HEAD", help="the revision measured against the baseline")
-    parser.add_argument("--out", default="docs/client_cost")
+    parser.add_argument("--out", default="docs/results/client_cost")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))

@@ -1,7 +1,7 @@
 """What storing a ZO client's bottom in half precision does to one step, against float32.
 
     python -m benchmarks.client_dtype [--scenario sim_configs/sst2_minilm_full.toml] [--steps 3] \
-        [--out docs/client_dtype]
+        [--out docs/results/client_dtype]
 
 For each ``client-dtype`` the same bottom takes the same ZO steps (same seeds, batches and row
 selection) against a fixed smooth readout of its activations, L(h) = <r, h> / sqrt(numel) (the
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="sim_configs/sst2_minilm_full.toml")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default="docs/client_dtype")
+    parser.add_argument("--out", default="docs/results/client_dtype")
     args = parser.parse_args()
     scenario = read_scenario(args.scenario)
     results = [_measure(scenario, dtype, args.steps) for dtype in DTYPES]

@@ -8,7 +8,7 @@ alone, one working bottom). Each case runs in a fresh subprocess and reads /proc
 RSS counts memory-mapped checkpoint pages only once touched, so each build case also reports RSS
 after one client step's worth of work (a forward pass and a ZO perturbation of every trainable tensor).
 
-    python -m benchmarks.client_memory --matrix [--out docs/client_memory]
+    python -m benchmarks.client_memory --matrix [--out docs/results/client_memory]
 
 The matrix: inference (a frozen bottom's forward) / hosl / fo-fo SGD / fo-fo Adam clients on MiniLM
 (full) and SmolLM2 cut 10 (full and LoRA), batch x length 16x64, 16x256 and 32x256 (real task tokens
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--matrix", action="store_true", help="the mode x model x batch-shape matrix")
     parser.add_argument("--matrix-case", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="docs/client_memory", help="with --matrix: <out>.md and <out>.json")
+    parser.add_argument("--out", default="docs/results/client_memory", help="with --matrix: <out>.md and <out>.json")
     args = parser.parse_args(argv)
     if args.matrix_case:
         print(json.dumps(matrix_case(json.loads(args.matrix_case))))

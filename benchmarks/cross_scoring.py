@@ -1,7 +1,7 @@
 """Server throughput with and without scoring several clients' perturbed activations in one forward
 (``score-across-clients``), at 2, 4 and 8 concurrent MiniLM clients, side by side in one run.
 
-    python -m benchmarks.cross_scoring [--clients 2 4 8] [--steps 3] [--out docs/cross_scoring]
+    python -m benchmarks.cross_scoring [--clients 2 4 8] [--steps 3] [--out docs/results/cross_scoring]
 
 Each client is its own process (as a ClientApp is) running a training session over the real step
 stream against one in-process Coordinator; all clients start their steps together (a barrier, after
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=3, help="steps per client")
-    parser.add_argument("--out", default="docs/cross_scoring")
+    parser.add_argument("--out", default="docs/results/cross_scoring")
     args = parser.parse_args(argv)
     rows = []
     for clients in args.clients:

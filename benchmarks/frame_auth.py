@@ -1,7 +1,7 @@
 """What sealing step-stream frames (counter + HMAC-SHA256, :mod:`fl_app.frame_auth`) costs, side by
 side with what carrying the same frames over the stream costs, in one run.
 
-    python -m benchmarks.frame_auth [--out docs/frame_auth] [--repeats 20]
+    python -m benchmarks.frame_auth [--out docs/results/frame_auth] [--repeats 20]
 
 Frame sizes are a step's activations at the cut (rows x seq x hidden, wire dtype): the tiny
 smoke model, MiniLM at its default scenario, OPT-125m in float16, and a large frame.
@@ -43,7 +43,7 @@ def seal_and_check(payload: bytes) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="docs/frame_auth")
+    parser.add_argument("--out", default="docs/results/frame_auth")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     server = StepStreamServer(lambda token, payload: b"ok", port=0)

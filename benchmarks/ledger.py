@@ -1,4 +1,4 @@
-"""A study's finished runs, kept in a JSON file in the repository (``docs/ledgers/<study>.json``).
+"""A study's finished runs, kept in a JSON file in the repository (``docs/results/ledgers/<study>.json``).
 
 A study longer than a session (SmolLM2 accuracy, tuning over seeds) loses its run folders when the
 machine changes; its ledger is committed with the reports, so the next session, on any machine,

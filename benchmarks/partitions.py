@@ -1,7 +1,7 @@
 """Label-skewed partitions at scale: our Dirichlet partitioner beside Flower Datasets'
 ``DirichletPartitioner`` on the shipped SST-2 and CB training pools, in one run.
 
-    python -m benchmarks.partitions [--out docs/partitions] [--alpha 0.1]
+    python -m benchmarks.partitions [--out docs/results/partitions] [--alpha 0.1]
 
 Needs ``flwr-datasets`` (0.6.1 pins ``datasets<5``, which this project does not use; it runs with
 ``pip install --no-deps flwr-datasets==0.6.1 seaborn==0.13.2``). For each task and client count it
@@ -99,7 +99,7 @@ def attempt(fn, labels: np.ndarray, clients: int, alpha: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/partitions")
+    parser.add_argument("--out", default="docs/results/partitions")
     parser.add_argument("--alpha", type=float, default=0.1)
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,8 @@
-"""``docs/results.md``, assembled from the benchmark reports in ``docs/`` by one command.
+"""``docs/results.md``, assembled from the benchmark reports in ``docs/results/`` by one command.
 
     python -m benchmarks.results [--docs docs]
 
-Every section is one benchmark's own report (``<stem>.md``, written with its ``.json`` by
+Every section is one benchmark's own report (``results/<stem>.md``, written with its ``.json`` by
 :func:`benchmarks.report.write_report`, stamped with its commit and machine) under the command
 that reproduces it, with its plots; the headline figures are computed here from the reports'
 JSON. A report that has not been written yet says so and names its command. Nothing in the file
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Section:
-    stem: str  # docs/<stem>.md and .json
+    stem: str  # docs/results/<stem>.md and .json
     title: str
     command: str  # writes docs/<stem>.md
 
@@ -56,7 +56,7 @@ SECTIONS = (
         "AUTOMATA: tuning on subsets over seeds",
         "python -m benchmarks.tune_compare --out runs/tune --tasks sst2 rte --seeds 0 1 2 "
         "--selectors random gradmatch gradmatch-pc --task-selectors rte:random,gradmatch "
-        "--task-set rte:max-length=128 --task-set rte:n-train=256 --docs docs",
+        "--task-set rte:max-length=128 --task-set rte:n-train=256 --docs docs/results",
     ),
     Section(
         "client_cost", "The ZO client step against its floor", "python -m benchmarks.client_cost --steps 4 --repeats 2"
@@ -66,15 +66,19 @@ SECTIONS = (
         "Half-precision ZO client weights",
         "python -m benchmarks.client_dtype --scenario sim_configs/sst2_minilm_full.toml --steps 3",
     ),
-    Section("bytes", "Bytes per step and per round", "python -m benchmarks.bytes --out docs"),
-    Section("transport", "Step transport: stream against local runner", "python -m benchmarks.transport --out docs"),
+    Section("bytes", "Bytes per step and per round", "python -m benchmarks.bytes --out docs/results"),
     Section(
-        "wire_dtype", "Half-precision activations on the wire", "python -m benchmarks.wire_dtype --out docs/wire_dtype"
+        "transport", "Step transport: stream against local runner", "python -m benchmarks.transport --out docs/results"
+    ),
+    Section(
+        "wire_dtype",
+        "Half-precision activations on the wire",
+        "python -m benchmarks.wire_dtype --out docs/results/wire_dtype",
     ),
     Section(
         "server_batching",
         "Server batching of perturbed activations",
-        "python -m benchmarks.server_batching --out docs/server_batching",
+        "python -m benchmarks.server_batching --out docs/results/server_batching",
     ),
     Section("side_by_side", "Clients side by side on the cores", "python -m benchmarks.side_by_side"),
     Section("cross_scoring", "Scoring perturbed activations across clients", "python -m benchmarks.cross_scoring"),
@@ -88,8 +92,11 @@ SECTIONS = (
 )
 
 
+REPORTS = "results"  # the generated reports' folder under docs/ (results.md itself stays in docs/)
+
+
 def _data(docs: Path, stem: str) -> Any | None:
-    path = docs / f"{stem}.json"
+    path = docs / REPORTS / f"{stem}.json"
     return json.loads(path.read_text())["data"] if path.is_file() else None
 
 
@@ -151,27 +158,27 @@ def headlines(docs: Path) -> list[str]:
 
 def section_text(docs: Path, section: Section) -> str:
     """The report under its title and command, headings one level down, its plots shown."""
-    md, js = docs / f"{section.stem}.md", docs / f"{section.stem}.json"
+    md, js = docs / REPORTS / f"{section.stem}.md", docs / REPORTS / f"{section.stem}.json"
     head = f"## {section.title}\n\n"
     if not (md.is_file() and js.is_file()):
-        return head + f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`.\n"
+        return head + f"Not measured yet: `{section.command}` writes `docs/{REPORTS}/{section.stem}.md`.\n"
     record = json.loads(js.read_text())  # older reports are a bare list
     command = (record.get("command") if isinstance(record, dict) else None) or section.command  # as it was run
     lines = md.read_text().rstrip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     body = "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
-    plots = [p for p in dict.fromkeys(re.findall(r"[\w.-]+\.png", body)) if (docs / p).is_file()]
-    shown = "".join(f"\n\n![{p}]({p})" for p in plots)
-    return head + f"Reproduce: `{command}` (report: `docs/{section.stem}.md`).\n\n{body}{shown}\n"
+    plots = [p for p in dict.fromkeys(re.findall(r"[\w.-]+\.png", body)) if (docs / REPORTS / p).is_file()]
+    shown = "".join(f"\n\n![{p}]({REPORTS}/{p})" for p in plots)
+    return head + f"Reproduce: `{command}` (report: `docs/{REPORTS}/{section.stem}.md`).\n\n{body}{shown}\n"
 
 
 def build(docs: Path) -> str:
     """The whole of results.md for the reports in ``docs``."""
     top = (
         "# Measured results\n\n"
-        "Generated by `python -m benchmarks.results` from the benchmark reports in `docs/`: each section is one "
-        "benchmark's report, stamped with the commit and machine it ran on, under the command that reproduces "
+        "Generated by `python -m benchmarks.results` from the benchmark reports in `docs/results/`: each section is "
+        "one benchmark's report, stamped with the commit and machine it ran on, under the command that reproduces "
         "it. Do not edit this file; rerun a benchmark, then the generator. Seconds come from shared 2-core "
         "machines and are indicative; the ratios inside each report were measured side by side in one run.\n"
     )

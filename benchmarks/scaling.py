@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="quick")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--profile", type=int, default=0, help="seconds of py-spy sampling at the largest tiny point")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 `flwr run` with each client given both cores (Ray runs one client at a time, the default) against one
 core each (two clients at once, each torch using its own thread pool), measured in one run.
 
-    python -m benchmarks.side_by_side [--rounds 1] [--repeats 2] [--out docs/side_by_side]
+    python -m benchmarks.side_by_side [--rounds 1] [--repeats 2] [--out docs/results/side_by_side]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default="docs/side_by_side")
+    parser.add_argument("--out", default="docs/results/side_by_side")
     args = parser.parse_args()
     runs = []
     for _ in range(args.repeats):  # interleaved, so a load change hits both arms alike

@@ -13,7 +13,7 @@ full-data tuning and final test accuracy after retraining on the full data (mean
 seeds), the paired difference gradmatch - random, and the selection quality (how far each selected
 subset's weighted proxy sum is from the full sum, next to random subsets of the same size drawn
 on the same proxies); the per-seed rows follow. Each finished (task, seed, row) is recorded in
-the ledger ``docs/ledgers/tuning.json`` (committed with the reports); one found there with the
+the ledger ``docs/results/ledgers/tuning.json`` (committed with the reports); one found there with the
 same request (scenario, overrides, SuperNodes) is read back, not rerun, so a study spread over
 sessions and machines picks up where it stopped.
 """
@@ -436,7 +436,7 @@ def report(
         )
         + f"## Mean ± sd over seeds\n\n{table(agg)}\n\n## Every run\n\n{seed_table(study)}\n"
     )
-    rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs"  # rewrites docs/tuning.md
+    rerun = f"python -m benchmarks.tune_compare --out runs/tune {flags} --docs docs/results"  # rewrites its report
     md, _ = write_report(docs / "tuning", text, {"study": study, "aggregate": agg, "constant_answer": floors}, rerun)
     return md
 
@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         "--task-selectors", action="append", default=[], metavar="TASK:SEL[,SEL...]", help="a task's own selectors"
     )
     parser.add_argument("--docs", type=Path, help="where tuning.md / .json / .png go (default: --out)")
-    parser.add_argument("--ledger", type=Path, default=ROOT / "docs" / "ledgers" / "tuning.json", help="finished runs")
+    parser.add_argument(
+        "--ledger", type=Path, default=ROOT / "docs" / "results" / "ledgers" / "tuning.json", help="finished runs"
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     task_sets: dict[str, list[str]] = {}

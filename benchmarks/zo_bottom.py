@@ -10,7 +10,7 @@ drift and the swap evaluation (:mod:`fl_app.bottom_effect`). Rates are picked by
 cross-entropy (accuracy ties are common on 500 examples), and a pick at the edge of its grid is said.
 
 Phases, each after the one before (``--phase`` runs up to it), each run resumable from the ledger
-``docs/ledgers/zo_bottom.json``:
+``docs/results/ledgers/zo_bottom.json``:
 
 1. ``headroom`` (seed 0, 1,000 steps, cuts 1, 2 and 4): the frozen bottom with the server rate swept,
    then fo-fo (SGD client, rates that stay stable) at the frozen bottom's best server rate. headroom =
@@ -442,8 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", choices=PHASES, default="long", help="run every phase up to this one")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each); 0: report only")
     parser.add_argument("--out", default="runs/zo_bottom", help="run folders")
-    parser.add_argument("--docs", default="docs", help="where zo_bottom.md / .json go")
-    parser.add_argument("--ledger", default=str(ROOT / "docs/ledgers/zo_bottom.json"), help="finished runs")
+    parser.add_argument("--docs", default="docs/results", help="where zo_bottom.md / .json go")
+    parser.add_argument("--ledger", default=str(ROOT / "docs/results/ledgers/zo_bottom.json"), help="finished runs")
     args = parser.parse_args(argv)
     data = measure(args.phase, Path(args.out), args.jobs, Ledger(Path(args.ledger)))
     command = f"python -m benchmarks.zo_bottom --phase {args.phase} --jobs 0"

@@ -59,7 +59,7 @@ CHECKS = {
 
 def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None, *, help: str) -> Any:
     """A field of a settings group: its default, its run-config key, what values it accepts and what it
-    means (``hosl-config --keys`` and ``docs/config.md`` print it)."""
+    means (``hosl-config --keys`` and ``docs/reference/config.md`` print it)."""
     return field(default=default, metadata={"key": key, "choices": choices, "check": check, "help": help})
 
 
@@ -108,7 +108,7 @@ class ModelSettings:
         DTYPES,
         help="the dtype a ZO client stores and perturbs its bottom in (and runs it in): float16 / bfloat16 halve "
         "its weights' memory, but eps and each update are then rounded to that dtype (see "
-        "docs/client_dtype.md)",
+        "docs/results/client_dtype.md)",
     )
     server_device: str = setting(
         "auto",
@@ -247,7 +247,7 @@ class FederationSettings:
         False,
         "score-across-clients",
         help="score the perturbed activations of concurrent clients' steps in one forward (float noise only; no "
-        "gain measured on a 2-core CPU: docs/cross_scoring.md)",
+        "gain measured on a 2-core CPU: docs/results/cross_scoring.md)",
     )
     step_timeout: float = setting(
         120.0, "step-timeout", check=POSITIVE, help="a connected client silent this long drops"

@@ -69,8 +69,8 @@ def test_every_key_has_help_and_hosl_config_keys_lists_them_all():
         [sys.executable, "-m", "fl_app.config", "--keys"], capture_output=True, text=True, check=True
     ).stdout
     assert out == text
-    shipped = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
-    assert shipped == keys_markdown(), "docs/config.md is stale: hosl-config --markdown > docs/config.md"
+    shipped = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md").read_text()
+    assert shipped == keys_markdown(), "docs/reference/config.md is stale: hosl-config --markdown > docs/reference/config.md"
 
 
 def test_config_imports_nothing_from_fl_app_that_imports_it():

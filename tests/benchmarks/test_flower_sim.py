@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A study in miniature: inside `home_stopped_on_exit` it starts a process under its FLWR_HOME in a
 # new session (as `flwr run` starts its SuperLink), records its PID and then waits to be stopped.

@@ -14,7 +14,7 @@ from fl_app.config import make_config, read_scenario, scenario_config
 from fl_app.scenario import majority_test_accuracy, sample_and_partition
 from fl_app.train import run
 
-SCENARIO = Path(__file__).resolve().parents[1] / "sim_configs" / "tune_tiny.toml"
+SCENARIO = Path(__file__).resolve().parents[2] / "sim_configs" / "tune_tiny.toml"
 SMALL = ["tune-trials=2", "tune-rounds=2", "num-rounds=1", "n-train=64", "n-dev=16", "n-test=16", "eval-examples=16"]
 
 
@@ -62,7 +62,7 @@ def test_study_over_seeds_runs_each_row_once_and_reports_spread(tmp_path, monkey
     assert "± +" not in text and "± -" not in text  # a standard deviation has no sign
     assert "`python -m benchmarks.tune_compare --seeds 0 1`" in text
     recorded = json.loads(md.with_suffix(".json").read_text())["command"]  # results.md's "Reproduce"
-    assert recorded == "python -m benchmarks.tune_compare --out runs/tune --seeds 0 1 --docs docs"
+    assert recorded == "python -m benchmarks.tune_compare --out runs/tune --seeds 0 1 --docs docs/results"
     assert (tmp_path / "docs" / "tuning.png").stat().st_size > 1000
 
 

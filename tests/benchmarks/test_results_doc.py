@@ -1,4 +1,4 @@
-"""docs/results.md is what `python -m benchmarks.results` builds from the reports in docs/: each
+"""docs/results.md is what `python -m benchmarks.results` builds from the reports in docs/results/: each
 report under its command with its stamp and plots, headlines computed from the reports' JSON, and
 reports not written yet named as such."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from benchmarks.report import write_report
 from benchmarks.results import SECTIONS, accuracy_headline, build
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_shipped_results_md_is_the_generators_output():
@@ -24,25 +24,34 @@ def test_sections_carry_their_report_stamp_plots_and_computed_headline(tmp_path)
         }
         for task, fo, hosl in (("sst2", 0.80, 0.78), ("rte", 0.60, 0.61))
     }
-    write_report(tmp_path / "accuracy", "# Title\n\nBody, plot `accuracy_test.png`.\n\n## Sub\n\n| a |\n|---|", rows)
-    (tmp_path / "accuracy_test.png").write_bytes(b"png")
+    write_report(
+        tmp_path / "results" / "accuracy", "# Title\n\nBody, plot `accuracy_test.png`.\n\n## Sub\n\n| a |\n|---|", rows
+    )
+    (tmp_path / "results" / "accuracy_test.png").write_bytes(b"png")
     text = build(tmp_path)
     assert "hosl - fo-fo is between -2.0 and +1.0" in text and "hosl - zo-zo between +6.0 and +23.0" in text
     at = [s.stem for s in SECTIONS].index("accuracy")
     own = text[text.index("## " + SECTIONS[at].title) : text.index("## " + SECTIONS[at + 1].title)]
     assert f"Reproduce: `{SECTIONS[at].command}`" in own and "### Sub" in own and "# Title" not in own
-    assert "![accuracy_test.png](accuracy_test.png)" in own and "Measured at commit" in own
+    assert "![accuracy_test.png](results/accuracy_test.png)" in own and "Measured at commit" in own
     for section in SECTIONS[:at] + SECTIONS[at + 1 :]:
-        assert f"Not measured yet: `{section.command}` writes `docs/{section.stem}.md`" in text
+        assert f"Not measured yet: `{section.command}` writes `docs/results/{section.stem}.md`" in text
 
     tuning = next(s for s in SECTIONS if s.stem == "tuning")
-    write_report(tmp_path / "tuning", "# Tuning\n\nBody.", {"study": {}}, "python -m benchmarks.tune_compare --seeds 0")
+    write_report(
+        tmp_path / "results" / "tuning",
+        "# Tuning\n\nBody.",
+        {"study": {}},
+        "python -m benchmarks.tune_compare --seeds 0",
+    )
     text = build(tmp_path)  # a report that records its own command is reproduced by that command
-    assert "Reproduce: `python -m benchmarks.tune_compare --seeds 0` (report: `docs/tuning.md`)" in text
+    assert "Reproduce: `python -m benchmarks.tune_compare --seeds 0` (report: `docs/results/tuning.md`)" in text
     assert f"Reproduce: `{tuning.command}`" not in text
     aggregate = {"rte": [{"run": "full", "test": [0.52, 0.53, 0.52]}]}  # a study that did not learn its task
     data = {"study": {}, "aggregate": aggregate, "constant_answer": {"rte": [0.527] * 3}}
-    write_report(tmp_path / "tuning", "# Tuning\n\nBody.", data, "python -m benchmarks.tune_compare --seeds 0")
+    write_report(
+        tmp_path / "results" / "tuning", "# Tuning\n\nBody.", data, "python -m benchmarks.tune_compare --seeds 0"
+    )
     assert "**tuning**: Best constant answer (the test split's most common label, no model) on test: rte 52.7" in (
         build(tmp_path)
     )
