@@ -13,14 +13,13 @@ import traceback
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import EVAL_METRICS, ClientSide, NodeSettings, run_eval_session, run_session
+from fl_app.client_session import ClientSide, NodeSettings, run_eval_session, run_session
 from fl_app.config import make_config
 from fl_app.records import (
     ClientState,
     SessionRequest,
     SessionSettings,
     history_from_record,
-    metric_value,
     state_from_records,
     state_to_records,
 )
@@ -108,10 +107,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         result = run_eval_session(request, side)
     except Exception as err:
         return _error_reply(msg, context, err)
-    metrics = {k: metric_value(v) for k, v in result.items() if k in EVAL_METRICS and v is not None}
     return Message(
         RecordDict(
-            {"report": ConfigRecord({"ok": True, "partition-id": side.partition_id}), "metrics": MetricRecord(metrics)}
+            {
+                "report": ConfigRecord({"ok": True, "partition-id": side.partition_id}),
+                "metrics": MetricRecord(result.to_record()),
+            }
         ),
         reply_to=msg,
     )

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from fl_app.records import EvalReport
+
 LOSS_RISE = 1.10  # a dev loss this far above the run's best so far ...
 DRIFT_GROWTH = 1.5  # ... while the bottom's drift has grown this much since then: the run is diverging
-DRIFT_KEYS = ("drift-params", "drift-activations")  # what each evaluating client reports
-SWAP_KEYS = ("swap-accuracy", "swap-loss", "swap-correct")  # ... and, in a swap evaluation, the initial bottom's
 
 
 def relative_change(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
@@ -75,13 +75,13 @@ def paired_flips(trained: Sequence[int], initial: Sequence[int]) -> tuple[int, i
     return gained, lost
 
 
-def pool_drift(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def pool_drift(reports: Sequence[EvalReport]) -> dict[str, Any] | None:
     """The evaluating clients' drift: mean and per client (None when no report carries it)."""
-    have = [r for r in reports if "drift-params" in r]
+    have = [r for r in reports if r.drift_params is not None]
     if not have:
         return None
-    params = [float(r["drift-params"]) for r in have]
-    acts = [float(r["drift-activations"]) for r in have]
+    params = [float(r.drift_params) for r in have]
+    acts = [float(r.drift_activations) for r in have]
     return {
         "params": sum(params) / len(params),
         "activations": sum(acts) / len(acts),
@@ -89,20 +89,20 @@ def pool_drift(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def pool_swap(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def pool_swap(reports: Sequence[EvalReport]) -> dict[str, Any] | None:
     """The swap evaluation over every evaluating client's shard, in shard order: the initial bottom's
     accuracy and loss under the same top, the flips and McNemar's p (None when no report has one)."""
-    have = [r for r in reports if "swap-correct" in r]
+    have = [r for r in reports if r.swap_correct is not None]
     if not have:
         return None
-    trained = [int(c) for r in have for c in r["correct"]]
-    initial = [int(c) for r in have for c in r["swap-correct"]]
+    trained = [int(c) for r in have for c in r.correct]
+    initial = [int(c) for r in have for c in r.swap_correct]
     count = len(initial)
     gained, lost = paired_flips(trained, initial)
     return {
         "accuracy": sum(trained) / count,
         "initial_accuracy": sum(initial) / count,
-        "initial_loss": sum(float(r["swap-loss"]) * len(r["swap-correct"]) for r in have) / count,
+        "initial_loss": sum(float(r.swap_loss) * len(r.swap_correct) for r in have) / count,
         "gained": gained,
         "lost": lost,
         "p_value": mcnemar_exact(gained, lost),

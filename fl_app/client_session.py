@@ -20,15 +20,14 @@ from typing import Any, Protocol
 import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
-from fl_app.bottom_effect import DRIFT_KEYS, SWAP_KEYS, activation_change, relative_change
+from fl_app.bottom_effect import activation_change, relative_change
 from fl_app.client_party import Link, SplitClient, StepMemory
 from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file, read_pem
-from fl_app.metrics import pool_eval
 from fl_app.models import ClientBottom, param_counts
-from fl_app.records import ClientState, History, SessionRequest, SessionSettings, TrainReport
+from fl_app.records import ClientState, EvalReport, History, SessionRequest, SessionSettings, TrainReport
 from fl_app.scenario import (
     TaskData,
     client_trainable,
@@ -417,10 +416,6 @@ def _choose_subset(
     }
 
 
-# what an evaluation session reports: numbers, and per-example 0/1 lists (correct, swap-correct)
-EVAL_METRICS = ("accuracy", "loss", "count", "bytes-up", "bytes-down", "correct", *DRIFT_KEYS, *SWAP_KEYS)
-
-
 def wants_swap(config: Config, session: SessionSettings) -> bool:
     """Whether this evaluation also scores the initial bottom (``eval-swap``; never the untrained round 0)."""
     if session.round == 0 or config.eval.swap == "none":
@@ -433,7 +428,8 @@ def measure_bottom(
 ) -> dict[str, Any]:
     """The bottom's drift from its starting values (trainable tensors; cut activations on ``probe``)
     and, if ``evaluate_initial`` is given, its result with the initial bottom in place (the swap
-    evaluation). The trained weights are back in place afterwards, whatever happens."""
+    evaluation), as :class:`EvalReport` fields. The trained weights are back in place afterwards,
+    whatever happens."""
     named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
     trained = {n: p.detach().clone() for n, p in named.items()}
     with torch.no_grad():
@@ -442,20 +438,20 @@ def measure_bottom(
             reset_client_bottom(config, client.bottom, partition_id)
             before = client.cut_activations(probe)
             effect: dict[str, Any] = {
-                "drift-params": relative_change(trained, {n: p.detach() for n, p in named.items()}),
-                "drift-activations": activation_change(after, before, probe["attention_mask"]),
+                "drift_params": relative_change(trained, {n: p.detach() for n, p in named.items()}),
+                "drift_activations": activation_change(after, before, probe["attention_mask"]),
             }
             if evaluate_initial is not None:
                 initial = evaluate_initial()
-                effect.update({"swap-accuracy": initial["accuracy"], "swap-loss": initial["loss"]})
-                effect["swap-correct"] = initial["correct"]
+                effect.update(swap_accuracy=initial["accuracy"], swap_loss=initial["loss"])
+                effect["swap_correct"] = initial["correct"]
         finally:
             for name, value in trained.items():
                 named[name].copy_(value)
     return effect
 
 
-def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLink | None = None) -> dict[str, Any]:
+def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLink | None = None) -> EvalReport:
     """Evaluate this client's bottom on its shard of the session's split (dev or test), after
     applying the synced ``history`` (ZO) or taking the ``average`` bottom (FO); after training, also
     the bottom's drift and, where ``eval-swap`` asks, the swap evaluation (:func:`measure_bottom`)."""
@@ -469,7 +465,7 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
         examples = examples[: config.eval.examples]
     part = shard(examples, session.shard, session.num_shards)
     if not part:
-        return {"partition-id": partition_id, **pool_eval([])}
+        return EvalReport(partition_id)
     link = link or connect(session, config, side.node)
     probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe batch
 
@@ -484,4 +480,4 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
             )
     finally:
         link.close()
-    return {"partition-id": partition_id, **result, "bytes-up": link.bytes_up, "bytes-down": link.bytes_down}
+    return EvalReport(partition_id, **result, bytes_up=link.bytes_up, bytes_down=link.bytes_down)

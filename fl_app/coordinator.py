@@ -32,7 +32,7 @@ from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.models import param_counts
 from fl_app.plots import plot_results
 from fl_app.protocol import ProtocolError
-from fl_app.records import History, SessionSettings, TrainReport
+from fl_app.records import EvalReport, History, SessionSettings, TrainReport
 from fl_app.scenario import build_server, load_server_top
 from fl_app.server_party import ScoreJob
 from fl_app.stream import Session, SessionTable, StepStreamServer
@@ -304,11 +304,11 @@ class Coordinator:
             taken, self.server.selections = self.server.selections, []
         return taken
 
-    def record_eval(self, rnd: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    def record_eval(self, rnd: int, reports: list[EvalReport]) -> dict[str, Any]:
         result = pool_eval(reports)
         for rep in reports:
-            self.results["comm"]["bytes_up"] += rep.get("bytes-up", 0)
-            self.results["comm"]["bytes_down"] += rep.get("bytes-down", 0)
+            self.results["comm"]["bytes_up"] += rep.bytes_up
+            self.results["comm"]["bytes_down"] += rep.bytes_down
         return result
 
     def checkpoint(self, rnd: int) -> None:

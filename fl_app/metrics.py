@@ -15,6 +15,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fl_app.bottom_effect import pool_drift, pool_swap
+from fl_app.records import EvalReport
 
 
 @contextlib.contextmanager
@@ -112,20 +113,19 @@ def track_peak_memory(device: torch.device | None = None) -> Iterator[PeakMemory
         result.transient_bytes += torch.cuda.max_memory_allocated(device) - on_device
 
 
-def pool_eval(reports: list[dict[str, float]]) -> dict[str, Any]:
+def pool_eval(reports: list[EvalReport]) -> dict[str, Any]:
     """Pool per-client evaluation reports (accuracy, loss, count) into one, keeping per-client accuracy,
     the per-example outcomes, and the bottom's drift and swap evaluation where the reports carry them."""
-    total = sum(r["count"] for r in reports)
+    total = sum(r.count for r in reports)
     if not total:
         return {"accuracy": None, "loss": None, "count": 0, "per_client": []}
     pooled = {
-        "accuracy": sum(r["accuracy"] * r["count"] for r in reports) / total,
-        "loss": sum(r["loss"] * r["count"] for r in reports) / total,
+        "accuracy": sum(r.accuracy * r.count for r in reports) / total,
+        "loss": sum(r.loss * r.count for r in reports) / total,
         "count": total,
-        "per_client": [r["accuracy"] for r in reports],
+        "per_client": [r.accuracy for r in reports],
+        "correct": [int(c) for r in reports for c in r.correct],  # per example, in shard order
     }
-    if all("correct" in r for r in reports):  # per example, in shard order: for paired comparisons
-        pooled["correct"] = [int(c) for r in reports for c in r["correct"]]
     drift, swap = pool_drift(reports), pool_swap(reports)
     if drift is not None:
         pooled["drift"] = drift

@@ -146,7 +146,7 @@ class SessionRequest:
     the synced state to apply first."""
 
     session: SessionSettings
-    overrides: dict[str, Any] = field(default_factory=dict)  # the tuning trial's hyper-parameters
+    overrides: dict[str, int | float | str | bool] = field(default_factory=dict)  # a tuning trial's run-config keys
     history: History | None = None  # synced ZO: the other clients' (seed, projected gradient) steps
     average: dict[str, torch.Tensor] | None = None  # synced FO: the averaged bottom
 
@@ -156,10 +156,53 @@ class SessionRequest:
 
 
 @dataclass
+class EvalReport:
+    """What a client reports after an evaluation session: its shard's outcomes (``correct``: 1 per
+    example scored right, in split order) and, after training, its bottom's drift from its start and
+    the swap evaluation (the same top over the initial bottom; ``swap_*`` None when not asked). A
+    Flower MetricRecord carries it (:meth:`to_record`)."""
+
+    partition_id: int
+    count: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    correct: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    drift_params: float | None = None
+    drift_activations: float | None = None
+    swap_accuracy: float | None = None
+    swap_loss: float | None = None
+    swap_correct: list[int] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Numbers and 0/1 lists, the fields that are set (a MetricRecord holds no None)."""
+        return {_record_key(f.name): getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> EvalReport:
+        """Inverse of :meth:`to_record`; unknown fields are an error naming them."""
+        known = {_record_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(record) - set(known))
+        if unknown:
+            raise ValueError(f"evaluation report has unknown fields {unknown}")
+        values = {}
+        for key, value in record.items():
+            kind = str(known[key].type)
+            if kind.startswith("list"):
+                values[known[key].name] = [int(v) for v in value]
+            elif kind.startswith("int"):
+                values[known[key].name] = int(value)
+            else:
+                values[known[key].name] = float(value)
+        return cls(**values)
+
+
+@dataclass
 class SessionReply:
     """A client's report (training) or metrics (evaluation), or why there is none."""
 
-    report: TrainReport | dict[str, Any] | None
+    report: TrainReport | EvalReport | None
     reason: str = ""
 
 
@@ -304,11 +347,3 @@ class TrainReport:
             grads=_unflatten([float(g) for g in record["grads"]], int(record["queries"]), steps),
             truncated={k.removeprefix("truncated-"): int(v) for k, v in record.items() if k.startswith("truncated-")},
         )
-
-
-def metric_value(value: Any) -> float | list[int]:
-    """An evaluation metric as a Flower MetricRecord holds it and the round loop reads it: a number as a
-    float, a per-example 0/1 list (``correct``, ``swap-correct``) as ints."""
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return float(value)

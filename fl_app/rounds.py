@@ -121,7 +121,7 @@ def evaluate_round(
         pid = int(session.client_id)
         if reply.report is None:
             log.warning("round %d: evaluation by client %d failed: %s", rnd, pid, reply.reason)
-        elif reply.report.get("count"):
+        elif reply.report.count:
             reports[pid] = reply.report
     return coord.record_eval(rnd, [reports[pid] for pid in sorted(reports)])
 

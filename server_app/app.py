@@ -28,7 +28,7 @@ from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
-from fl_app.records import SessionReply, SessionRequest, TrainReport, history_to_record, metric_value
+from fl_app.records import EvalReport, SessionReply, SessionRequest, TrainReport, history_to_record
 from fl_app.rounds import NO_REPLY
 
 log = logging.getLogger("hosl.server")
@@ -218,7 +218,7 @@ def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> Ses
         if "weights" in reply.content.array_records:
             report.weights = reply.content.array_records["weights"].to_torch_state_dict()
     elif report is not None:
-        report = {k: metric_value(v) for k, v in reply.content.metric_records["metrics"].items()}
+        report = EvalReport.from_record(reply.content.metric_records["metrics"])
     return SessionReply(report, reason)
 
 

@@ -18,7 +18,7 @@ from fl_app.bottom_effect import (
 )
 from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.records import SessionRequest
+from fl_app.records import EvalReport, SessionRequest
 from fl_app.train import run
 
 SMOKE = "sim_configs/smoke_tiny.toml"
@@ -63,8 +63,8 @@ def test_relative_and_activation_change():
 
 def test_pooled_swap_counts_flips_across_shards_in_order():
     reports = [
-        {"correct": [1, 1, 0], "swap-correct": [0, 1, 0], "swap-loss": 0.5},
-        {"correct": [0, 1], "swap-correct": [1, 0], "swap-loss": 1.0},
+        EvalReport(0, count=3, correct=[1, 1, 0], swap_correct=[0, 1, 0], swap_loss=0.5),
+        EvalReport(1, count=2, correct=[0, 1], swap_correct=[1, 0], swap_loss=1.0),
     ]
     assert paired_flips([1, 1, 0, 0, 1], [0, 1, 0, 1, 0]) == (2, 1)
     swap = pool_swap(reports)
@@ -72,7 +72,18 @@ def test_pooled_swap_counts_flips_across_shards_in_order():
     assert swap["accuracy"] == pytest.approx(3 / 5) and swap["initial_accuracy"] == pytest.approx(2 / 5)
     assert swap["initial_loss"] == pytest.approx((0.5 * 3 + 1.0 * 2) / 5)
     assert swap["p_value"] == pytest.approx(mcnemar_exact(2, 1))
-    assert pool_swap([{"correct": [1]}]) is None
+    assert pool_swap([EvalReport(0, count=1, correct=[1])]) is None
+
+
+def test_an_evaluation_report_travels_as_a_metric_record():
+    report = EvalReport(
+        2, count=3, accuracy=2 / 3, loss=0.5, correct=[1, 0, 1], drift_params=0.1, swap_correct=[1, 1, 0]
+    )
+    record = report.to_record()
+    assert "swap-loss" not in record and record["swap-correct"] == [1, 1, 0] and record["partition-id"] == 2
+    assert EvalReport.from_record(record) == report
+    with pytest.raises(ValueError, match=r"unknown fields \['accuracy-ish'\]"):
+        EvalReport.from_record({**record, "accuracy-ish": 1.0})
 
 
 def test_swap_with_an_untouched_bottom_flips_nothing_and_reports_p_one(coord):
@@ -81,11 +92,11 @@ def test_swap_with_an_untouched_bottom_flips_nothing_and_reports_p_one(coord):
     result = run_eval_session(
         SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 2, None)
     )
-    assert result["drift-params"] == 0.0 and result["drift-activations"] == 0.0
-    assert result["swap-correct"] == result["correct"] and len(result["correct"]) == result["count"] == 32
+    assert result.drift_params == 0.0 and result.drift_activations == 0.0
+    assert result.swap_correct == result.correct and len(result.correct) == result.count == 32
     swap = pool_swap([result])
     assert swap["gained"] == swap["lost"] == 0 and swap["p_value"] == 1.0
-    assert swap["initial_accuracy"] == swap["accuracy"] == result["accuracy"]
+    assert swap["initial_accuracy"] == swap["accuracy"] == result.accuracy
 
 
 def test_swap_scores_the_initial_bottom_and_leaves_the_trained_one_in_place(coord):
@@ -100,17 +111,17 @@ def test_swap_scores_the_initial_bottom_and_leaves_the_trained_one_in_place(coor
     untrained = run_eval_session(
         SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 2, None)
     )
-    assert trained["drift-params"] > 0 and trained["drift-activations"] > 0
-    assert trained["swap-correct"] == untrained["correct"]  # the same top over the initial bottom
-    assert trained["swap-loss"] == pytest.approx(untrained["loss"]) and trained["loss"] != untrained["loss"]
+    assert trained.drift_params > 0 and trained.drift_activations > 0
+    assert trained.swap_correct == untrained.correct  # the same top over the initial bottom
+    assert trained.swap_loss == pytest.approx(untrained.loss) and trained.loss != untrained.loss
     _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
     dev = run_eval_session(
         SessionRequest(message), ClientSide(c.config, 0, 2, state)
     )  # eval-swap = test: drift only on dev
-    assert "swap-correct" not in dev and dev["drift-params"] == pytest.approx(trained["drift-params"])
+    assert dev.swap_correct is None and dev.drift_params == pytest.approx(trained.drift_params)
     _, message = c.open(0, 1, **test)
     again = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
-    assert again["correct"] == trained["correct"] and again["loss"] == trained["loss"]
+    assert again.correct == trained.correct and again.loss == trained.loss
 
 
 @pytest.mark.parametrize("bottoms", ["personal", "synced"])

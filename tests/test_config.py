@@ -70,7 +70,9 @@ def test_every_key_has_help_and_hosl_config_keys_lists_them_all():
     ).stdout
     assert out == text
     shipped = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md").read_text()
-    assert shipped == keys_markdown(), "docs/reference/config.md is stale: hosl-config --markdown > docs/reference/config.md"
+    assert shipped == keys_markdown(), (
+        "docs/reference/config.md is stale: hosl-config --markdown > docs/reference/config.md"
+    )
 
 
 def test_config_imports_nothing_from_fl_app_that_imports_it():

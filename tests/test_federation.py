@@ -152,7 +152,7 @@ def test_federated_eval_shards_cover_the_split(coord):
     counts = []
     for shard in range(3):
         session, message = c.open(shard, 1, split="dev", shard=shard, num_shards=3)
-        counts.append(run_eval_session(SessionRequest(message), ClientSide(c.config, shard, 3, None))["count"])
+        counts.append(run_eval_session(SessionRequest(message), ClientSide(c.config, shard, 3, None)).count)
         c.finish_eval(session)
     assert sum(counts) == 32 and max(counts) - min(counts) <= 1
 
@@ -368,8 +368,8 @@ def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
     untrained = run_eval_session(
         SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 3, None)
     )
-    assert reloaded == {**kept, "bytes-up": reloaded["bytes-up"], "bytes-down": reloaded["bytes-down"]}
-    assert reloaded["loss"] != untrained["loss"]
+    assert reloaded == dataclasses.replace(kept, bytes_up=reloaded.bytes_up, bytes_down=reloaded.bytes_down)
+    assert reloaded.loss != untrained.loss
 
 
 def test_an_intruder_with_a_stolen_token_leaves_no_update_behind(coord):

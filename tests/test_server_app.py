@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fl_app.records import SessionSettings
+from fl_app.records import EvalReport, SessionSettings
 from server_app import app as server_app
 from server_app.app import FlowerFederation
 
@@ -118,7 +118,7 @@ class SessionGrid(FakeGrid):
                         has_error=lambda: False,
                         content=SimpleNamespace(
                             config_records={"report": {"ok": True}},
-                            metric_records={"metrics": {"accuracy": float(entry[0])}},
+                            metric_records={"metrics": {"partition-id": entry[0] - 10, "accuracy": float(entry[0])}},
                         ),
                     )
                 )
@@ -156,7 +156,7 @@ def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkey
     # 1 ends first and 2, 3 take its place one after another while 0 (slow) is still running
     assert order[:3] == [1, 2, 3] and set(order) == {0, 1, 2, 3, 4}
     got = dict(replies)
-    assert got[0].report == {"accuracy": 10.0} and got[3].report == {"accuracy": 13.0}
+    assert got[0].report == EvalReport(0, accuracy=10.0) and got[3].report == EvalReport(3, accuracy=13.0)
     assert got[4].report is None and got[4].reason == server_app.NO_REPLY
 
 
