@@ -5,36 +5,20 @@ import os
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-)
 
 from fl_app.coordinator import Coordinator
-from fl_app.models import LoadedModel
+from fl_app.models import LoadedModel, build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-VOCAB = 120
+VOCAB = 120  # token ids the fixtures draw (the tiny tokenizer has more)
 
 
 def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
-    if family == "opt":
-        model = OPTForCausalLM(OPTConfig(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1, **common))
-    elif family == "llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **common)
-        )
-    else:
-        model = BertForSequenceClassification(BertConfig(intermediate_size=64, num_labels=3, **common))
-    return LoadedModel(model.eval(), None, family)
+    """The product's tiny model of ``family`` (opt, llama, bert; 3 labels for the encoder), as scenarios
+    with ``model = tiny-<family>`` build it."""
+    return build_tiny_model(f"tiny-{family}", num_labels=3, seed=seed, num_layers=layers)
 
 
 @pytest.fixture
