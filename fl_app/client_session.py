@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -284,10 +284,10 @@ def run_session(
             client, partition_id, examples, data.encoder, config, session, plan, state, link
         )
         client.lr_horizon = schedule_horizon(config, state.trial, len(source))
-        stats = []
+        stats, progress = [], _Progress(len(source))
         for indices, weight in source:
             stats.append(client.train_step(data.encoder([examples[i] for i in indices]), link, weight))
-            _progress(partition_id, session, stats, len(source))
+            _progress(partition_id, session, stats, len(source), progress)
     finally:
         link.close()
     counts = param_counts(client.bottom)
@@ -342,10 +342,28 @@ def schedule_horizon(config: Config, trial: int, steps: int) -> int:
     return rounds * steps
 
 
-def _progress(partition_id: int, session: SessionSettings, stats: list, steps: int) -> None:
-    """A line about four times per session (and at its end): steps done, mean loss, seconds per step."""
+PROGRESS_SECONDS = 30.0  # a long phase prints at least this often
+
+
+class _Progress:
+    """When a session prints a line: about four times per session, at its end, and whenever
+    :data:`PROGRESS_SECONDS` passed without one (a slow step or a long evaluation never goes silent)."""
+
+    def __init__(self, total: int):
+        self.total, self.last = total, time.monotonic()
+
+    def due(self, done: int) -> bool:
+        quarter = done == self.total or done % max(1, self.total // 4) == 0
+        if quarter or time.monotonic() - self.last >= PROGRESS_SECONDS:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+def _progress(partition_id: int, session: SessionSettings, stats: list, steps: int, progress: _Progress) -> None:
+    """A training session's line: steps done, mean loss and seconds per step of the recent steps."""
     done = len(stats)
-    if done == steps or done % max(1, steps // 4) == 0:
+    if progress.due(done):
         recent = stats[-max(1, steps // 4) :]
         print(
             f"[hosl] round {session.round} client {partition_id}: step {done}/{steps}, "
@@ -353,6 +371,19 @@ def _progress(partition_id: int, session: SessionSettings, stats: list, steps: i
             f"{sum(s.seconds for s in recent) / len(recent):.2f} s/step",
             flush=True,
         )
+
+
+def _scored_with_progress(
+    batches: Iterator[dict[str, torch.Tensor]], label: str, total: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` as they are scored, with a line of progress at least every PROGRESS_SECONDS."""
+    progress, done = _Progress(total), 0
+    for batch in batches:
+        yield batch
+        done += int(batch["input_ids"].shape[0])
+        if time.monotonic() - progress.last >= PROGRESS_SECONDS:
+            progress.last = time.monotonic()
+            print(f"[hosl] {label}: {done}/{total} examples scored", flush=True)
 
 
 def _training_source(
@@ -469,8 +500,11 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
     link = link or connect(session, config, side.node)
     probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe batch
 
+    label = f"round {session.round} client {partition_id}: {session.split}"
+
     def score() -> dict[str, Any]:
-        return client.evaluate(eval_batches(data.encoder, part, config.data.batch_size), link)
+        batches = eval_batches(data.encoder, part, config.data.batch_size)
+        return client.evaluate(_scored_with_progress(batches, label, len(part)), link)
 
     try:
         result = score()

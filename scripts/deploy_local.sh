@@ -85,9 +85,11 @@ flower-superlink "${LINK_SEC[@]}" "${LINK_STATE[@]}" --host 127.0.0.1 --port "$P
 PIDS+=($!)
 # Wait for the SuperLink to accept connections (a loaded machine can take far longer than a few seconds).
 LINK_UP=""
-for _ in $(seq 1 240); do
+echo "starting the SuperLink on 127.0.0.1:$PORT (up to 2 minutes on a loaded machine)"
+for tick in $(seq 1 240); do
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { LINK_UP=1; break; }
   kill -0 "${PIDS[0]}" 2>/dev/null || { echo "SuperLink exited; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }
+  [ $((tick % 60)) -eq 0 ] && echo "still waiting for the SuperLink ($((tick / 2)) s)"
   sleep 0.5
 done
 [ -n "$LINK_UP" ] || { echo "SuperLink not accepting connections on 127.0.0.1:$PORT after 120 s; see $FLWR_HOME/logs/superlink.log" >&2; exit 1; }

@@ -498,3 +498,23 @@ def test_a_round_that_breaks_off_leaves_no_session_open(coord):
     with pytest.raises(ConnectionError):
         rounds.train_round(Breaking(), c, 1)
     assert len(sessions) == 2 and all(s.status != "open" for s in sessions)
+
+
+def test_long_phases_print_a_line_at_least_every_progress_interval(coord, monkeypatch, capsys):
+    """A slow training session or a long evaluation is never silent for more than PROGRESS_SECONDS
+    (here 0: every step and every scored batch prints), on top of the four lines per session."""
+    from fl_app import client_session
+
+    c = coord(**{"local-steps": 8})
+    session, message = c.open(0, 1)
+    run_session(SessionRequest(message), ClientSide(c.config, 0, 3))
+    quarters = [line for line in capsys.readouterr().out.splitlines() if "client 0: step" in line]
+    assert [line.split("step ")[1].split(",")[0] for line in quarters] == ["2/8", "4/8", "6/8", "8/8"]
+    monkeypatch.setattr(client_session, "PROGRESS_SECONDS", 0.0)
+    session, message = c.open(0, 2)
+    run_session(SessionRequest(message), ClientSide(c.config, 0, 3))
+    _, message = c.open(0, 2, split="dev", shard=0, num_shards=1)
+    run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 3))
+    out = capsys.readouterr().out
+    assert sum("client 0: step" in line for line in out.splitlines()) == 8
+    assert "round 2 client 0: dev: 8/32 examples scored" in out and "dev: 32/32 examples scored" in out
