@@ -20,8 +20,16 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     rounds = results["rounds"]
     fig, axes = plt.subplots(3, 2, figsize=(10, 10))
     dev = [e for e in results["eval"]["history"] if e.get("accuracy") is not None]
-    axes[0, 0].plot([e["round"] for e in dev], [e["accuracy"] for e in dev], marker="o")
-    axes[0, 0].set(title="dev accuracy", xlabel="round (0 = untrained)")
+    axes[0, 0].plot([e["round"] for e in dev], [e["accuracy"] for e in dev], marker="o", label="dev")
+    test = results["eval"].get("test") or {}
+    if test.get("accuracy") is not None and rounds:
+        last = rounds[-1]["round"]
+        axes[0, 0].plot([last], [test["accuracy"]], marker="*", markersize=12, linestyle="", label="test (end)")
+        axes[0, 0].annotate(
+            f"{test['accuracy']:.3f}", (last, test["accuracy"]), textcoords="offset points", xytext=(6, -4)
+        )
+    axes[0, 0].set(title="accuracy", xlabel="round (0 = untrained)")
+    axes[0, 0].legend(fontsize=8)
     losses = [h["train_loss"] for h in results["history"]]
     axes[0, 1].plot(range(1, len(losses) + 1), losses, linewidth=0.8)
     axes[0, 1].set(title="training loss per client step", xlabel="step (all clients, in round order)")
@@ -38,8 +46,11 @@ def plot_results(results: Mapping[str, Any], path: Path) -> Path:
     axes[1, 1].set_ylim(bottom=0)
     _plot_drift(axes[2, 0], results["eval"]["history"])
     _plot_swaps(axes[2, 1], results["eval"])
-    for ax in (axes[0, 0], axes[1, 0], axes[1, 1], axes[2, 0]):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1], axes[2, 0]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if len(numbers) == 1:  # one round: a range around it, so no fractional ticks appear
+        for ax in (axes[1, 0], axes[1, 1], axes[2, 0]):
+            ax.set_xlim(numbers[0] - 1, numbers[0] + 1)
     fig.suptitle(f"{results['mode']}: {results['config']['task']} on {results['config']['model']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
