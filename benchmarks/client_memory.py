@@ -82,8 +82,9 @@ def run_case(case: str, overrides: dict) -> dict[str, float]:
         if case == "old":
             import copy
 
-            from fl_app.models import load_model, split_model
+            from fl_app.part_loading import load_model
             from fl_app.scenario import build_client, load_task_data
+            from fl_app.split import split_model
             from fl_app.tasks import get_task
 
             loaded = load_model(config["model"], num_labels=get_task(config["task"]).num_classes, seed=config["seed"])

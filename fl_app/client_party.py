@@ -12,9 +12,9 @@ import torch
 
 from fl_app.config import Config
 from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
-from fl_app.models import ClientBottom
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
 from fl_app.schedules import lr_factor
+from fl_app.split import ClientBottom
 from fl_app.subset import Subset
 from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator

@@ -26,7 +26,6 @@ from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file, read_pem
-from fl_app.models import ClientBottom, param_counts
 from fl_app.records import ClientState, EvalReport, History, SessionRequest, SessionSettings, TrainReport
 from fl_app.scenario import (
     TaskData,
@@ -36,6 +35,7 @@ from fl_app.scenario import (
     reset_client_bottom,
     split_client,
 )
+from fl_app.split import ClientBottom, param_counts
 from fl_app.stream import StepStreamClient
 from fl_app.subset import Subset, budget_batches, select_batches
 from fl_app.tasks import Example

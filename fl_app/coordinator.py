@@ -29,12 +29,12 @@ from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
 from fl_app.frame_auth import node_key, read_key_file, read_pem
 from fl_app.metrics import pool_eval, release_freed_memory
-from fl_app.models import param_counts
 from fl_app.plots import plot_results
 from fl_app.protocol import ProtocolError
 from fl_app.records import EvalReport, History, SessionSettings, TrainReport
 from fl_app.scenario import build_server, load_server_top
 from fl_app.server_party import ScoreJob
+from fl_app.split import param_counts
 from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
 

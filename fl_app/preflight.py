@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 from fl_app.config import SETTINGS, Config
-from fl_app.models import check_cut, model_layers
+from fl_app.model_catalog import model_layers
 from fl_app.scenario import sample_and_partition
+from fl_app.split import check_cut
 
 # Settings a resumed run may change: where and how it is served, not what it trains.
 RESUMABLE_CHANGES = frozenset(

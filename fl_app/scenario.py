@@ -17,8 +17,10 @@ from fl_app.client_party import SplitClient, StepMemory
 from fl_app.config import Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.devices import resolve_device
-from fl_app.models import ClientBottom, LoadedModel, ServerTop, load_bottom, load_top, pristine_bottom_tensors
+from fl_app.model_catalog import LoadedModel
+from fl_app.part_loading import load_bottom, load_top, pristine_bottom_tensors
 from fl_app.server_party import BufferLimits, SplitServer
+from fl_app.split import ClientBottom, ServerTop
 from fl_app.tasks import Example, Task, get_task
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
 

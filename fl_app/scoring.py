@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fl_app.models import ServerTop
+from fl_app.split import ServerTop
 
 
 def class_scores(

@@ -11,7 +11,6 @@ import torch
 
 from fl_app.config import Config
 from fl_app.metrics import tensor_bytes
-from fl_app.models import ServerTop
 from fl_app.protocol import (
     LABEL_KEYS,
     PerturbedPart,
@@ -26,6 +25,7 @@ from fl_app.protocol import (
     validate_request,
 )
 from fl_app.scoring import class_scores, classification_loss, scores_and_features
+from fl_app.split import ServerTop
 from fl_app.subset import class_parts, select_batches, selection_quality
 from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fl_app.coordinator import Coordinator
-from fl_app.models import LoadedModel, build_tiny_model
+from fl_app.model_catalog import LoadedModel
+from fl_app.tiny_models import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from fl_app.models import load_model, param_counts, split_model
+from fl_app.part_loading import load_model
+from fl_app.split import param_counts, split_model
 from fl_app.trainable import TrainableSpec, configure_trainable
 from tests.conftest import tiny_model
 

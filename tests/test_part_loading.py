@@ -8,8 +8,10 @@ import torch
 import transformers.modeling_utils
 from transformers import LlamaForCausalLM
 
-import fl_app.models
-from fl_app.models import build_tiny_model, load_bottom, load_model, load_top, param_counts, split_model
+import fl_app.part_loading
+from fl_app.part_loading import load_bottom, load_model, load_top
+from fl_app.split import param_counts, split_model
+from fl_app.tiny_models import build_tiny_model
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
 
 LAYERS = 4
@@ -156,7 +158,7 @@ class ReadRecorder:
                 return getattr(self.inner, name)
 
         monkeypatch.setattr(transformers.modeling_utils, "safe_open", Handle)  # transformers' own loading
-        monkeypatch.setattr(fl_app.models, "safe_open", Handle)  # the top's lazy state dict
+        monkeypatch.setattr(fl_app.part_loading, "safe_open", Handle)  # the top's lazy state dict
 
 
 def layer_of(key: str) -> int | None:
@@ -265,7 +267,7 @@ def test_reset_rereads_pristine_weights_from_disk(checkpoints, monkeypatch, work
     assert start and set(start) == {n for n, _ in first.bottom.named_parameters()}  # full: everything trains
     scramble(first)
     recorder = ReadRecorder(monkeypatch)
-    monkeypatch.setattr(fl_app.models, "load_bottom", lambda *a, **k: pytest.fail("reset rebuilt the bottom"))
+    monkeypatch.setattr(fl_app.part_loading, "load_bottom", lambda *a, **k: pytest.fail("reset rebuilt the bottom"))
     second, _ = working_cleared.make_client(cfg, 1, None)
     assert second.bottom is first.bottom
     assert len(recorder.read) == len(start)  # every trainable tensor re-read from disk, nothing else
@@ -285,12 +287,12 @@ def test_clients_taking_turns_on_a_tiny_bottom_reset_from_one_kept_build(monkeyp
     from fl_app.scenario import build_server, load_server_top
 
     cfg = session_config("tiny-opt")
-    fl_app.models._tiny_bottom_tensors.cache_clear()
+    fl_app.part_loading._tiny_bottom_tensors.cache_clear()
     first, data = working_cleared.make_client(cfg, 0, None)
     start = trainable(first)
     builds, profiled = [], []
-    real_load, real_track = fl_app.models.load_bottom, client_party.track_peak_memory
-    monkeypatch.setattr(fl_app.models, "load_bottom", lambda *a, **k: builds.append(1) or real_load(*a, **k))
+    real_load, real_track = fl_app.part_loading.load_bottom, client_party.track_peak_memory
+    monkeypatch.setattr(fl_app.part_loading, "load_bottom", lambda *a, **k: builds.append(1) or real_load(*a, **k))
     monkeypatch.setattr(client_party, "track_peak_memory", lambda device: profiled.append(1) or real_track(device))
     server = build_server(cfg, load_server_top(cfg)[1], num_classes=2)
     for pid in (1, 2, 0):
@@ -301,7 +303,7 @@ def test_clients_taking_turns_on_a_tiny_bottom_reset_from_one_kept_build(monkeyp
         link = InProcessLink(server.handle_bytes)
         assert client.train_step(batch, link).peak_memory_bytes > 0
         link.close()
-    fl_app.models._tiny_bottom_tensors.cache_clear()  # later tests start without it
+    fl_app.part_loading._tiny_bottom_tensors.cache_clear()  # later tests start without it
     assert len(builds) == 1  # the first reset built it; the others reused it
     assert len(profiled) == 1  # the first client's step; the next clients' steps of the same size were not
 

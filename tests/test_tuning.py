@@ -13,10 +13,10 @@ from fl_app import rounds
 from fl_app.batches import SubsetStream, fixed_batches, step_weights
 from fl_app.client_session import ClientSide, run_session
 from fl_app.config import make_config, read_scenario
-from fl_app.models import split_model
 from fl_app.protocol import PerturbedPart, ProtocolError, SelectRequest, StepReply, StepRequest
 from fl_app.records import SessionRequest
 from fl_app.scenario import build_client, build_server, load_split, load_task_data
+from fl_app.split import split_model
 from fl_app.subset import Subset, round_plan
 from fl_app.train import InProcessFederation
 from fl_app.tuning import parse_space

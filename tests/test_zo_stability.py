@@ -8,9 +8,9 @@ import torch
 
 from fl_app.client_session import ClientSide, run_session, schedule_horizon
 from fl_app.config import make_config, read_scenario
-from fl_app.models import split_model
 from fl_app.records import SessionRequest
 from fl_app.schedules import lr_factor
+from fl_app.split import split_model
 from fl_app.train import run
 from fl_app.trainable import TrainableSpec, configure_trainable
 from fl_app.zo import ZOEstimator
