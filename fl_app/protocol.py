@@ -291,6 +291,26 @@ def validate_request(
 
     ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts.
     ``vocab_size``: a decoder's LM-head rows, the range of ``score_ids`` and ``target_ids``."""
+    _check_kind(req)
+    rows, seq_len = _check_clean(req.clean, hidden_size)
+    _check_mask(req.attention_mask, rows, seq_len)
+    labels = req.labels
+    _expect(
+        labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
+        f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64",
+    )
+    classes = _check_candidates(req, rows, seq_len, num_classes, vocab_size)
+    if classes is not None:
+        _expect(
+            bool(((labels >= 0) & (labels < classes)).all()),
+            f"field 'labels' has values {labels.tolist()} outside [0, {classes})",
+        )
+    _check_class_weights(req, classes)
+    _check_perturbed(req, streamed)
+
+
+def _check_kind(req: StepRequest) -> None:
+    """Fields ``kind``, ``weight`` and, for a proxy step, ``batch``."""
     _expect(req.kind in STEP_KINDS, f"field 'kind' is '{req.kind}', expected one of {STEP_KINDS}")
     step_weight(req)
     if req.kind == "proxy":
@@ -299,7 +319,10 @@ def validate_request(
             isinstance(batch, int) and not isinstance(batch, bool) and batch >= 0,
             f"field 'batch' of a proxy step is {batch!r}, expected a batch index >= 0",
         )
-    clean = req.clean
+
+
+def _check_clean(clean: torch.Tensor, hidden_size: int) -> tuple[int, int]:
+    """Field ``clean``: float activations [rows, seq_len, hidden], finite; returns (rows, seq_len)."""
     _expect(
         clean.dtype in WIRE_DTYPES.values(),
         f"field 'clean' has dtype {clean.dtype}, expected a float dtype {list(WIRE_DTYPES)}",
@@ -311,7 +334,11 @@ def validate_request(
     rows, seq_len = clean.shape[:2]
     _expect(rows > 0 and seq_len > 0, f"field 'clean' has shape {_shape(clean)}, expected non-empty rows and seq_len")
     _expect(torch.isfinite(clean).all().item(), "field 'clean' contains NaN or Inf activations")
-    mask = req.attention_mask
+    return rows, seq_len
+
+
+def _check_mask(mask: torch.Tensor, rows: int, seq_len: int) -> None:
+    """Field ``attention_mask``: 0/1 integers [rows, seq_len], at least one real token per row."""
     _expect(
         mask.dtype in (torch.int64, torch.int32, torch.bool) and _shape(mask) == [rows, seq_len],
         f"field 'attention_mask' has shape {_shape(mask)} dtype {mask.dtype}, expected [{rows}, {seq_len}] integer",
@@ -320,31 +347,32 @@ def validate_request(
         bool(((mask == 0) | (mask == 1)).all()) and bool((mask.sum(1) > 0).all()),
         "field 'attention_mask' must be 0/1 with at least one real token per row",
     )
-    labels = req.labels
-    _expect(
-        labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
-        f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64",
-    )
-    batch = labels.shape[0]
+
+
+def _check_candidates(
+    req: StepRequest, rows: int, seq_len: int, num_classes: int | None, vocab_size: int | None
+) -> int | None:
+    """Fields ``score_ids`` (a decoder's verbaliser tokens) or ``target_ids`` (multi-token candidates),
+    or neither (an encoder's classes); returns the number of classes the labels index."""
+    batch = req.labels.shape[0]
     if req.score_ids is not None:
         ids = req.score_ids
         _expect(
             ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[0] == rows == batch,
             f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch",
         )
-        classes = ids.shape[1]
         _expect(
             vocab_size is None or bool(((ids >= 0) & (ids < vocab_size)).all()),
             f"field 'score_ids' has token ids outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
         )
-    elif req.target_ids is not None:
+        return ids.shape[1]
+    if req.target_ids is not None:
         tgt = req.target_ids
         _expect(
             tgt.dtype == torch.int64 and _shape(tgt) == [rows, seq_len] and rows % batch == 0,
             f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows a multiple "
             f"of batch {batch}",
         )
-        classes = rows // batch
         real = tgt[tgt != -100]
         _expect(
             vocab_size is None or bool(((real >= 0) & (real < vocab_size)).all()),
@@ -354,35 +382,40 @@ def validate_request(
             bool((tgt[:, 1:] != -100).any(1).all()),
             "field 'target_ids' has a row with no target token after position 0",
         )
-    else:
-        _expect(rows == batch, f"field 'clean' has {rows} rows but 'labels' has {batch}")
-        classes = num_classes
-    if classes is not None:
-        _expect(
-            bool(((labels >= 0) & (labels < classes)).all()),
-            f"field 'labels' has values {labels.tolist()} outside [0, {classes})",
-        )
+        return rows // batch
+    _expect(rows == batch, f"field 'clean' has {rows} rows but 'labels' has {batch}")
+    return num_classes
+
+
+def _check_class_weights(req: StepRequest, classes: int | None) -> None:
+    """Field ``class_weights`` (gradmatch-pc): one weight per class, some weight on this batch's labels."""
     weights = class_weights(req)
-    if weights is not None:
-        _expect(
-            classes is None or len(weights) == classes,
-            f"field 'class_weights' has {len(weights)} weights, expected one per class ({classes})",
-        )
-        _expect(
-            int(labels.max()) < len(weights) and sum(weights[int(y)] for y in labels) > 0,
-            f"field 'class_weights' {weights} gives no weight to this batch's labels {sorted(set(labels.tolist()))}",
-        )
-    if req.perturbed is not None:
-        pert = req.perturbed
-        _expect(req.kind == "zo", f"field 'perturbed' sent with kind '{req.kind}', only 'zo' steps carry it")
-        _expect(
-            pert.dtype in WIRE_DTYPES.values()
-            and pert.ndim == 4
-            and pert.shape[0] % 2 == 0
-            and _shape(pert)[1:] == _shape(clean),
-            f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected "
-            f"[2Q, {rows}, {seq_len}, {hidden_size}] float",
-        )
-        _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
-    else:
+    if weights is None:
+        return
+    labels = req.labels
+    _expect(
+        classes is None or len(weights) == classes,
+        f"field 'class_weights' has {len(weights)} weights, expected one per class ({classes})",
+    )
+    _expect(
+        int(labels.max()) < len(weights) and sum(weights[int(y)] for y in labels) > 0,
+        f"field 'class_weights' {weights} gives no weight to this batch's labels {sorted(set(labels.tolist()))}",
+    )
+
+
+def _check_perturbed(req: StepRequest, streamed: bool) -> None:
+    """Field ``perturbed``: only on ``zo`` steps, [2Q, rows, seq_len, hidden] finite floats (or streamed)."""
+    if req.perturbed is None:
         _expect(req.kind != "zo" or streamed, "a 'zo' step request must carry field 'perturbed' or follow its parts")
+        return
+    pert, clean = req.perturbed, req.clean
+    _expect(req.kind == "zo", f"field 'perturbed' sent with kind '{req.kind}', only 'zo' steps carry it")
+    _expect(
+        pert.dtype in WIRE_DTYPES.values()
+        and pert.ndim == 4
+        and pert.shape[0] % 2 == 0
+        and _shape(pert)[1:] == _shape(clean),
+        f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected "
+        f"[2Q, {clean.shape[0]}, {clean.shape[1]}, {clean.shape[2]}] float",
+    )
+    _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")
