@@ -1,6 +1,6 @@
 """Test accuracy of the three modes on the HOSL paper's six tasks, over seeds, with spread.
 
-    python -m benchmarks.accuracy [--size quick|full|smollm2] [--jobs 2] [--out runs/accuracy] [--docs docs]
+    python -m benchmarks.accuracy [--size quick|full|smollm2] [--jobs 2] [--out runs/accuracy] [--docs docs/results]
 
 all-MiniLM-L6-v2, full parameters, cut after layer 2, one client (or SmolLM2 with LoRA): the same
 data, steps, batch and cut for every mode. Each mode first gets its own learning rate, the best final dev accuracy of a

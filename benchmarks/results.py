@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Section:
     stem: str  # docs/results/<stem>.md and .json
     title: str
-    command: str  # writes docs/<stem>.md
+    command: str  # writes docs/results/<stem>.md
 
 
 SECTIONS = (

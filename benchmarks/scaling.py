@@ -1,6 +1,6 @@
 """How cost and accuracy change with the number of clients, under `flwr run` simulation.
 
-    python -m benchmarks.scaling [--size quick|full] [--out runs/scaling] [--docs docs]
+    python -m benchmarks.scaling [--size quick|full] [--out runs/scaling] [--docs docs/results]
 
 Each point of the sweep is one `flwr run` (its own FLWR_HOME and SuperLink) of a scenario with
 one more setting changed: the number of clients, the share of them per round (``fraction-train``),

@@ -6,7 +6,7 @@ sampler and the model's initialisation together.
 
     python -m benchmarks.tune_compare --out runs/tune [--tasks sst2 rte] [--seeds 0 1 2]
         [--fractions 0.1 0.3] [--selectors random gradmatch] [--set key=value ...]
-        [--task-set rte:max-length=128 ...] [--task-selectors rte:random,gradmatch ...] [--docs docs]
+        [--task-set rte:max-length=128 ...] [--task-selectors rte:random,gradmatch ...] [--docs docs/results]
 
 Writes ``<docs>/tuning.md`` / ``.json`` / ``tuning.png``: per task and row, tuning speed-up over
 full-data tuning and final test accuracy after retraining on the full data (mean ± sd over

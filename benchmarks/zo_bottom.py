@@ -1,6 +1,6 @@
 """HOSL that learns: does training the client's bottom pay at all, and how much of it does ZO capture?
 
-    python -m benchmarks.zo_bottom [--phase headroom|pilot|long] [--jobs 2] [--out runs/zo_bottom] [--docs docs]
+    python -m benchmarks.zo_bottom [--phase headroom|pilot|long] [--jobs 2] [--out runs/zo_bottom] [--docs docs/results]
 
 all-MiniLM-L6-v2 on SST-2, one client, batches of 16 fresh examples (n-train = steps x batch: the
 top never sees an example twice, so it does not overfit), dev 500 examples (from train, disjoint),
@@ -143,14 +143,22 @@ def run_all(runs: dict[str, dict[str, Any]], out: Path, jobs: int, ledger: Ledge
     return done
 
 
-def pick(runs: dict[Any, dict[str, Any] | None]) -> tuple[Any, bool] | None:
-    """(the key whose run ends with the lowest dev cross-entropy, whether it is at the edge of the grid
-    of keys, in their order); None until every run has finished."""
+def pick(runs: dict[Any, dict[str, Any] | None]) -> tuple[Any, str] | None:
+    """(the key whose run ends with the lowest dev cross-entropy, a remark on where it lies in its grid:
+    "" inside a grid of three or more, "at the edge of its grid", or "of a two-point grid", whose
+    optimum may lie outside it); a run that ended non-finite never wins; None until all finished."""
     if not runs or any(r is None for r in runs.values()):
         return None
     keys = list(runs)
-    best = min(keys, key=lambda k: runs[k]["dev_loss"][-1])
-    return best, len(keys) > 1 and best in (keys[0], keys[-1])
+
+    def final_loss(key: Any) -> float:
+        loss = runs[key]["dev_loss"][-1]
+        return loss if math.isfinite(loss) else math.inf
+
+    best = min(keys, key=final_loss)
+    if len(keys) == 2:
+        return best, "of a two-point grid"
+    return best, "at the edge of its grid" if best in (keys[0], keys[-1]) and len(keys) > 2 else ""
 
 
 def paired(a: list[int], b: list[int]) -> dict[str, float]:
@@ -249,10 +257,11 @@ def pilot_picks(done: dict[str, Any]) -> dict[str, Any]:
         chosen = pick(grid)
         if chosen is not None:
             (lr, schedule), _ = chosen
+            edge = "at the edge of its grid" if lr in (rates[0], rates[-1]) else ""
             picks[kind] = {
                 "lr": lr,
                 "schedule": schedule,
-                "rate_at_edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
+                "rate_grid": "of a two-point grid" if len(rates) == 2 else edge,
             }
     return picks
 
@@ -315,11 +324,11 @@ def report(data: dict[str, Any]) -> str:
     lines.append("")
     for cut_key, entry in data["headroom"].items():
         h = entry.get("headroom")
-        lr, edge = entry["server_lr"]
-        text = f"- {cut_key}: server rate {lr:g}" + (" (at the edge of its grid)" if edge else "")
+        lr, where = entry["server_lr"]
+        text = f"- {cut_key}: server rate {lr:g}" + (f" ({where})" if where else "")
         if h is not None:
-            clr, cedge = entry["client_lr"]
-            text += f", fo-fo client rate {clr:g}" + (" (at the edge of its grid)" if cedge else "")
+            clr, cwhere = entry["client_lr"]
+            text += f", fo-fo client rate {clr:g}" + (f" ({cwhere})" if cwhere else "")
             text += (
                 f"; headroom fo-fo - frozen {h['points']:+.1f} ± {h['se']:.1f} points (per-example SE), "
                 f"flips +{h['gained']} / -{h['lost']}, McNemar p {h['p']:.2g}"
@@ -335,8 +344,8 @@ def report(data: dict[str, Any]) -> str:
         lines += ["", "## 2. Pilot (seed 0, 400 steps; picked by final dev cross-entropy)", "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["pilot"]["runs"].items()]
         for kind, p in data["pilot"]["picks"].items():
-            edge = " (at the edge of its grid)" if p["rate_at_edge"] else ""
-            lines.append(f"- {kind}: rate {p['lr']:g}{edge}, schedule {p['schedule']}")
+            where = f" ({p['rate_grid']})" if p["rate_grid"] else ""
+            lines.append(f"- {kind}: rate {p['lr']:g}{where}, schedule {p['schedule']}")
     if "long" in data:
         lines += ["", "## 3. Long budget (1,000 steps, seeds 0-2)", "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["long"].items()]
@@ -442,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", choices=PHASES, default="long", help="run every phase up to this one")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each); 0: report only")
     parser.add_argument("--out", default="runs/zo_bottom", help="run folders")
-    parser.add_argument("--docs", default="docs/results", help="where zo_bottom.md / .json go")
+    parser.add_argument("--docs", default=str(ROOT / "docs/results"), help="where zo_bottom.md / .json go")
     parser.add_argument("--ledger", default=str(ROOT / "docs/results/ledgers/zo_bottom.json"), help="finished runs")
     args = parser.parse_args(argv)
     data = measure(args.phase, Path(args.out), args.jobs, Ledger(Path(args.ledger)))

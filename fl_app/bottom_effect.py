@@ -20,7 +20,7 @@ import torch
 from fl_app.records import EvalReport
 
 LOSS_RISE = 1.10  # a dev loss this far above the run's best so far ...
-DRIFT_GROWTH = 1.5  # ... while the bottom's drift has grown this much since then: the run is diverging
+DRIFT_GROWTH = 1.5  # ... while the drift grew this much faster than the rounds since then: diverging
 
 
 def relative_change(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
@@ -112,17 +112,21 @@ def pool_swap(reports: Sequence[EvalReport]) -> dict[str, Any] | None:
 
 def divergence(history: Sequence[Mapping[str, Any]]) -> str | None:
     """Why the run looks like diverging, or None: the latest evaluation's dev loss is more than
-    :data:`LOSS_RISE` times the best so far while the bottom's drift has grown :data:`DRIFT_GROWTH`-fold
-    since that best (a frozen bottom never drifts: a top that overfits is not flagged here)."""
+    :data:`LOSS_RISE` times the best so far while the bottom's drift has grown faster than its steps
+    since that best (more than :data:`DRIFT_GROWTH` times the growth in rounds). A drift that grows
+    with the steps (steady updates) or slower (a ZO random walk) is not flagged, so a top that simply
+    overfits over a steadily moving bottom is not; nor is anything over a frozen bottom (no drift)."""
     evals = [e for e in history if e.get("loss") is not None and "drift" in e]
     if len(evals) < 2:
         return None
     best, last = min(evals, key=lambda e: e["loss"]), evals[-1]
     was, now = best["drift"]["params"], last["drift"]["params"]
-    if last is best or not last["loss"] > LOSS_RISE * best["loss"] or not now > DRIFT_GROWTH * was > 0:
+    if last is best or not last["loss"] > LOSS_RISE * best["loss"] or not was > 0:
+        return None
+    if not now > DRIFT_GROWTH * was * last["round"] / best["round"]:
         return None
     return (
-        f"dev loss rose from {best['loss']:.4f} (round {best['round']}) to {last['loss']:.4f} while the bottom "
-        f"drifted from {100 * was:.2f} % to {100 * now:.2f} % of its norm: the client's training may be "
-        "diverging (lower client-lr, or set zo-grad-clip or a decaying client-lr-schedule)"
+        f"dev loss rose from {best['loss']:.4f} (round {best['round']}) to {last['loss']:.4f} while the bottom's "
+        f"drift grew faster than its steps, from {100 * was:.2f} % to {100 * now:.2f} % of its norm: the client's "
+        "training may be diverging (try a lower client-lr, zo-grad-clip or a decaying client-lr-schedule)"
     )

@@ -380,7 +380,7 @@ def _scored_with_progress(
     progress, done = _Progress(total), 0
     for batch in batches:
         yield batch
-        done += int(batch["input_ids"].shape[0])
+        done += int(batch["labels"].shape[0])  # examples (a multi-token task has a row per candidate)
         if time.monotonic() - progress.last >= PROGRESS_SECONDS:
             progress.last = time.monotonic()
             print(f"[hosl] {label}: {done}/{total} examples scored", flush=True)
@@ -508,10 +508,16 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
 
     try:
         result = score()
-        if session.round > 0:
-            result.update(
-                measure_bottom(client, config, partition_id, probe, score if wants_swap(config, session) else None)
-            )
+        traffic = {"bytes_up": link.bytes_up, "bytes_down": link.bytes_down}  # the swap's pass is not the run's
+        swap = wants_swap(config, session)
+        if session.round > 0 and not client.params:  # nothing trained: nothing moved, no second pass needed
+            result.update(drift_params=0.0, drift_activations=0.0)
+            if swap:
+                result.update(
+                    swap_accuracy=result["accuracy"], swap_loss=result["loss"], swap_correct=result["correct"]
+                )
+        elif session.round > 0:
+            result.update(measure_bottom(client, config, partition_id, probe, score if swap else None))
     finally:
         link.close()
-    return EvalReport(partition_id, **result, bytes_up=link.bytes_up, bytes_down=link.bytes_down)
+    return EvalReport(partition_id, **result, **traffic)

@@ -185,8 +185,8 @@ class ZOSettings:
         0.0,
         "zo-grad-clip",
         check=NON_NEGATIVE,
-        help="> 0: each projected gradient g_q is clipped to [-c, c] before the update (both ZO sides); the "
-        "clipped value is what is applied and what synced clients replay",
+        help="> 0: each projected gradient g_q is clipped to [-c, c] (both ZO sides; before a subset batch's "
+        "weight scales it); the applied value is what synced clients replay",
     )
 
 

@@ -149,12 +149,15 @@ def _eval(rnd, loss, drift):
     return {"round": rnd, "loss": loss, "drift": {"params": drift, "activations": drift}}
 
 
-def test_divergence_is_a_rising_dev_loss_while_the_bottom_drifts():
+def test_divergence_is_a_rising_dev_loss_while_the_bottom_drifts_faster_than_its_steps():
     assert divergence([_eval(1, 0.40, 0.01), _eval(2, 0.35, 0.02)]) is None  # improving
     rising = divergence([_eval(1, 0.40, 0.01), _eval(2, 0.35, 0.02), _eval(3, 0.50, 0.40)])
     assert rising and "round 2" in rising and "0.3500" in rising and "40.00 %" in rising
     assert divergence([_eval(1, 0.35, 0.02), _eval(2, 0.50, 0.025)]) is None  # the bottom barely moved
     assert divergence([_eval(1, 0.35, 0.0), _eval(2, 0.60, 0.0)]) is None  # a frozen bottom: the top overfits
+    # a top that overfits over a bottom drifting steadily (in proportion to its steps) is not diverging
+    steady = [_eval(2, 0.30, 0.02), _eval(4, 0.33, 0.04), _eval(6, 0.40, 0.06)]
+    assert divergence(steady) is None and divergence([*steady[:2], _eval(6, 0.40, 0.30)]) is not None
 
 
 def test_a_diverging_run_says_so_in_its_output(coord, monkeypatch, capsys):

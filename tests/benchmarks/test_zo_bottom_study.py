@@ -13,9 +13,10 @@ def _summary(dev_loss, correct):
 
 def test_pick_goes_by_final_dev_cross_entropy_and_says_when_it_is_at_an_edge():
     runs = {1e-4: _summary(0.5, []), 3e-4: _summary(0.4, []), 1e-3: _summary(0.45, [])}
-    assert study.pick(runs) == (3e-4, False)
-    assert study.pick({**runs, 1e-3: _summary(0.3, [])}) == (1e-3, True)
+    assert study.pick(runs) == (3e-4, "")
+    assert study.pick({**runs, 1e-3: _summary(0.3, [])}) == (1e-3, "at the edge of its grid")
     assert study.pick({**runs, 1e-3: None}) is None  # a run not finished yet: no pick
+    assert study.pick({1e-4: _summary(float("nan"), []), 3e-4: _summary(0.9, [])}) == (3e-4, "of a two-point grid")
 
 
 def test_paired_difference_has_a_per_example_standard_error_and_mcnemar():
