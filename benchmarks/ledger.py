@@ -3,8 +3,9 @@
 A study longer than a session (SmolLM2 accuracy, tuning over seeds) loses its run folders when the
 machine changes; its ledger is committed with the reports, so the next session, on any machine,
 reads each finished run back instead of rerunning it. A run is matched by its request (the whole
-config or the scenario with its overrides): a run of a changed request is not read back, and when
-one is recorded under the same name the earlier run is kept as ``<name>@<request hash>``.
+config or the scenario with its overrides): a run of a changed request is not read back (settings
+added to the project since, at their defaults, change nothing), and when one is recorded under the
+same name the earlier run is kept as ``<name>@<request hash>``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Ledger:
     def get(self, name: str, request: Any) -> dict[str, Any] | None:
         """A copy of the summary of run ``name`` if it finished with this ``request``, else None."""
         entry = self.entries.get(name)
-        if entry is None or entry["request"] != _plain(request):
+        if entry is None or not _answers(entry["request"], _plain(request)):
             return None
         return json.loads(json.dumps(entry["summary"]))
 
@@ -53,6 +54,22 @@ class Ledger:
             partial = self.path.with_name(self.path.name + ".tmp")
             partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
             os.replace(partial, self.path)
+
+
+def _answers(stored: Any, request: Any) -> bool:
+    """Whether a run recorded for ``stored`` answers ``request``: the same request, or a scenario config
+    whose keys the recorded one lacks are all at their defaults (settings added since the run ran,
+    which change nothing it did). A key the recorded run had and the request lacks never matches."""
+    if stored == request:
+        return True
+    if not (isinstance(stored, dict) and isinstance(request, dict)) or set(stored) - set(request):
+        return False
+    from fl_app.config import DEFAULTS  # only config requests get here
+
+    added = set(request) - set(stored)
+    return all(k in DEFAULTS and request[k] == _plain(DEFAULTS[k]) for k in added) and all(
+        stored[k] == request[k] for k in stored
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -24,3 +24,16 @@ def test_a_run_is_read_back_only_with_the_request_that_produced_it(tmp_path):
     assert kept.get("sst2/s0/full", {"overrides": ["seed=0"], "lr": 3e-4}) == {"test": 0.6}
     earlier = [e for name, e in kept.entries.items() if name.startswith("sst2/s0/full@")]
     assert [e["summary"] for e in earlier] == [{"test": 0.75}]  # the earlier run is kept, not overwritten
+
+
+def test_a_run_recorded_before_a_setting_existed_is_read_back_while_that_setting_is_at_its_default(tmp_path):
+    from fl_app.config import make_config
+
+    ledger = Ledger(tmp_path / "ledger.json")
+    now = dict(make_config({"seed": 3}))
+    then = {k: v for k, v in now.items() if k not in ("eval-swap", "zo-grad-clip")}  # the run predates two keys
+    ledger.put("run", then, {"test": 0.8})
+    assert Ledger(tmp_path / "ledger.json").get("run", now) == {"test": 0.8}
+    assert ledger.get("run", {**now, "zo-grad-clip": 1.0}) is None  # the new setting changes the run
+    assert ledger.get("run", {**now, "seed": 4}) is None
+    assert ledger.get("run", {k: v for k, v in now.items() if k != "seed"}) is None  # a setting the run had is gone
