@@ -354,7 +354,11 @@ class _Progress:
 
     def due(self, done: int) -> bool:
         quarter = done == self.total or done % max(1, self.total // 4) == 0
-        if quarter or time.monotonic() - self.last >= PROGRESS_SECONDS:
+        return self.overdue() or quarter
+
+    def overdue(self) -> bool:
+        """Whether PROGRESS_SECONDS passed since the last line; if so, a line is printed now."""
+        if time.monotonic() - self.last >= PROGRESS_SECONDS:
             self.last = time.monotonic()
             return True
         return False
@@ -381,8 +385,7 @@ def _scored_with_progress(
     for batch in batches:
         yield batch
         done += int(batch["labels"].shape[0])  # examples (a multi-token task has a row per candidate)
-        if time.monotonic() - progress.last >= PROGRESS_SECONDS:
-            progress.last = time.monotonic()
+        if progress.overdue():
             print(f"[hosl] {label}: {done}/{total} examples scored", flush=True)
 
 
@@ -498,7 +501,6 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
     if not part:
         return EvalReport(partition_id)
     link = link or connect(session, config, side.node)
-    probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe batch
 
     label = f"round {session.round} client {partition_id}: {session.split}"
 
@@ -517,6 +519,7 @@ def run_eval_session(request: SessionRequest, side: ClientSide, link: SessionLin
                     swap_accuracy=result["accuracy"], swap_loss=result["loss"], swap_correct=result["correct"]
                 )
         elif session.round > 0:
+            probe = data.encoder((data.splits["dev"] or part)[: config.data.batch_size])  # fixed: the drift's probe
             result.update(measure_bottom(client, config, partition_id, probe, score if swap else None))
     finally:
         link.close()
