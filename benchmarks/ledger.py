@@ -34,6 +34,15 @@ class Ledger:
             return None
         return json.loads(json.dumps(entry["summary"]))
 
+    def find(self, request: Any) -> dict[str, Any] | None:
+        """A copy of the summary of any run that finished with this ``request``, whatever its name
+        (one study phase reusing another's run), else None."""
+        plain = _plain(request)
+        for entry in self.entries.values():
+            if _answers(entry["request"], plain):
+                return json.loads(json.dumps(entry["summary"]))
+        return None
+
     def put(self, name: str, request: Any, summary: dict[str, Any]) -> None:
         """Record a finished run in the file at once: under a lock, over what is in the file now (another
         process's runs are kept), written atomically (a crash leaves the old file)."""

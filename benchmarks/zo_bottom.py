@@ -6,8 +6,9 @@ all-MiniLM-L6-v2 on SST-2, one client, batches of 16 fresh examples (n-train = s
 top never sees an example twice, so it does not overfit), dev 500 examples (from train, disjoint),
 test the whole 872-example validation set, scored example by example, so runs on the same seed are
 compared pairwise (flips, McNemar p, a per-example standard error). Every run records the bottom's
-drift and the swap evaluation (:mod:`fl_app.bottom_effect`). Rates are picked by the final dev
-cross-entropy (accuracy ties are common on 500 examples), and a pick at the edge of its grid is said.
+drift and the swap evaluation (:mod:`fl_app.bottom_effect`). Rates are picked by the mean dev
+cross-entropy of the last three evaluations (accuracy ties are common on 500 examples, and one
+evaluation's cross-entropy moves by +-0.03), and a pick at the edge of its grid is said.
 
 Phases, each after the one before (``--phase`` runs up to it), each run resumable from the ledger
 ``docs/results/ledgers/zo_bottom.json``:
@@ -17,11 +18,14 @@ Phases, each after the one before (``--phase`` runs up to it), each run resumabl
    fo-fo - frozen; the cut with the largest headroom beyond two per-example standard errors is the
    study's cut.
 2. ``pilot`` (seed 0, 400 steps at that cut; dev, drift and swap every 50 steps): the full client
-   (1e-4, 3e-4) and the LoRA client (3e-3, 1e-2; eps 1e-2 as MeZO's LoRA), each with a constant rate
-   and with a cosine decay after 40 steps of warm-up; zo-zo at 1e-4 and 3e-4 (both sides ZO).
+   at 1e-4 and 3e-4, each with a constant rate and with a cosine decay after 40 steps of warm-up,
+   and at 3e-4 cosine with each g_q clipped to 10; the LoRA client (eps 1e-2 as MeZO's LoRA) at
+   3e-3, 1e-2 and 3e-2, and zo-zo (both sides ZO) at 1e-4 and 3e-4, both with the cosine schedule
+   (never worse than a constant rate for the full client, and far better at 3e-4).
 3. ``long`` (1,000 steps, seeds 0, 1, 2): frozen bottom, fo-fo, hosl with the full client and with
    the LoRA client, zo-zo, each at its pick. hosl - frozen, its share of the headroom
-   (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed.
+   (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed. Seed 0's
+   frozen bottom and fo-fo are the headroom phase's runs at the chosen cut (the same config).
 
 Measured with one-thread runs on 2 cores: a frozen-bottom step about 0.55 s, an fo-fo step 0.73 s.
 """
@@ -63,12 +67,28 @@ BASE: dict[str, Any] = {
 CUTS = (1, 2, 4)
 SERVER_LRS = (5e-5, 2e-4)  # Adam on the top
 FOFO_LRS = (0.01, 0.03)  # SGD on the bottom: stable over 1,000 steps (0.1, the 30-step study's, was not)
-PILOT = {  # per client kind: its rates and what else it sets
-    "hosl-full": ((1e-4, 3e-4), {"mode": "hosl"}),
-    "hosl-lora": ((3e-3, 1e-2), {"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2}),
-    "zo-zo": ((1e-4, 3e-4), {"mode": "zo-zo"}),
+COSINE = {"client-lr-schedule": "cosine", "client-lr-warmup": 40}
+SCHEDULES = {"constant": {}, "cosine": COSINE}
+GRAD_CLIP = 10.0  # about 2.5x the median |g_q| of the first pilot runs (4), a quarter of their largest
+
+
+def _grid(rates: tuple[float, ...], schedules: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Pilot runs by label (``lr<rate>/<schedule>``): each rate with each schedule."""
+    return {f"lr{lr:g}/{s}": {"client-lr": lr, **SCHEDULES[s]} for lr in rates for s in schedules}
+
+
+PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per client kind: its keys, its grid
+    "hosl-full": (
+        {"mode": "hosl"},
+        {
+            **_grid((1e-4, 3e-4), ("constant", "cosine")),
+            f"lr0.0003/cosine/clip{GRAD_CLIP:g}": {"client-lr": 3e-4, **COSINE, "zo-grad-clip": GRAD_CLIP},
+        },
+    ),
+    "hosl-lora": ({"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2}, _grid((3e-3, 1e-2, 3e-2), ("cosine",))),
+    "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
 }
-SCHEDULES = {"constant": {}, "cosine": {"client-lr-schedule": "cosine", "client-lr-warmup": 40}}
+PICK_LAST = 3  # evaluations whose mean dev cross-entropy picks a run (one evaluation is noisy, +-0.03)
 SEEDS = (0, 1, 2)
 
 
@@ -114,9 +134,10 @@ def _run(out: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_all(runs: dict[str, dict[str, Any]], out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
-    """Each run's summary: from the ledger when it finished there with the same config, else run
+    """Each run's summary: from the ledger when a run finished there with the same config (under this
+    name or another phase's), else run
     (``jobs`` one-thread processes) and recorded as it finishes; ``jobs = 0`` runs nothing (None)."""
-    done = {name: ledger.get(name, request(o)) for name, o in runs.items()}
+    done = {name: ledger.get(name, request(o)) or ledger.find(request(o)) for name, o in runs.items()}
     missing = [name for name, found in done.items() if found is None]
     if jobs <= 0 or not missing:
         return done
@@ -144,21 +165,23 @@ def run_all(runs: dict[str, dict[str, Any]], out: Path, jobs: int, ledger: Ledge
 
 
 def pick(runs: dict[Any, dict[str, Any] | None]) -> tuple[Any, str] | None:
-    """(the key whose run ends with the lowest dev cross-entropy, a remark on where it lies in its grid:
-    "" inside a grid of three or more, "at the edge of its grid", or "of a two-point grid", whose
-    optimum may lie outside it); a run that ended non-finite never wins; None until all finished."""
+    """(the key whose run's last ``PICK_LAST`` evaluations have the lowest mean dev cross-entropy, a
+    remark on where it lies in its grid: "" inside a grid of three or more, "at the edge of its grid",
+    or "of a two-point grid", whose optimum may lie outside it); a run that ended non-finite never
+    wins; None until all finished."""
     if not runs or any(r is None for r in runs.values()):
         return None
     keys = list(runs)
-
-    def final_loss(key: Any) -> float:
-        loss = runs[key]["dev_loss"][-1]
-        return loss if math.isfinite(loss) else math.inf
-
-    best = min(keys, key=final_loss)
+    best = min(keys, key=lambda key: late_loss(runs[key]))
     if len(keys) == 2:
         return best, "of a two-point grid"
     return best, "at the edge of its grid" if best in (keys[0], keys[-1]) and len(keys) > 2 else ""
+
+
+def late_loss(run: dict[str, Any]) -> float:
+    """The mean dev cross-entropy of a run's last ``PICK_LAST`` evaluations (inf if any is not finite)."""
+    late = run["dev_loss"][-PICK_LAST:]
+    return statistics.fmean(late) if all(math.isfinite(x) for x in late) else math.inf
 
 
 def paired(a: list[int], b: list[int]) -> dict[str, float]:
@@ -239,44 +262,43 @@ def chosen_cut(found: dict[str, Any]) -> tuple[int, str] | None:
 
 
 def pilot_runs(cut: int, server_lr: float) -> dict[str, dict[str, Any]]:
+    """Every pilot run by name (``pilot/<kind>/<label>``); zo-zo's top takes its client's rate."""
     common = {**budget(400, 50), "cut-layer": cut, "seed": 0, "server-lr": server_lr, "eval-swap": "every"}
     runs = {}
-    for kind, (rates, keys) in PILOT.items():
-        for lr in rates:
-            for schedule, sched_keys in SCHEDULES.items():
-                extra = {"server-lr": lr} if kind == "zo-zo" else {}
-                runs[f"pilot/{kind}/lr{lr:g}/{schedule}"] = {**common, **keys, **sched_keys, "client-lr": lr, **extra}
+    for kind, (keys, grid) in PILOT.items():
+        for label, run_keys in grid.items():
+            top = {"server-lr": run_keys["client-lr"]} if kind == "zo-zo" else {}
+            runs[f"pilot/{kind}/{label}"] = {**common, **keys, **run_keys, **top}
     return runs
 
 
 def pilot_picks(done: dict[str, Any]) -> dict[str, Any]:
-    """Per client kind: the (rate, schedule) with the lowest final dev cross-entropy."""
+    """Per client kind: the grid label picked by late dev cross-entropy, its keys, and where its rate
+    lies among the kind's rates."""
     picks = {}
-    for kind, (rates, _) in PILOT.items():
-        grid = {(lr, s): done[f"pilot/{kind}/lr{lr:g}/{s}"] for lr in rates for s in SCHEDULES}
-        chosen = pick(grid)
-        if chosen is not None:
-            (lr, schedule), _ = chosen
-            edge = "at the edge of its grid" if lr in (rates[0], rates[-1]) else ""
-            picks[kind] = {
-                "lr": lr,
-                "schedule": schedule,
-                "rate_grid": "of a two-point grid" if len(rates) == 2 else edge,
-            }
+    for kind, (_, grid) in PILOT.items():
+        chosen = pick({label: done[f"pilot/{kind}/{label}"] for label in grid})
+        if chosen is None:
+            continue
+        label = chosen[0]
+        rates = sorted({k["client-lr"] for k in grid.values()})
+        lr = grid[label]["client-lr"]
+        where = "at the edge of its grid" if lr in (rates[0], rates[-1]) else ""
+        where = "of a two-point grid" if len(rates) == 2 else where
+        picks[kind] = {"run": label, "keys": grid[label], "rate_grid": where}
     return picks
 
 
 def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every long run by name (``long/<kind>/s<seed>``), each client kind at its pilot pick."""
     runs = {}
     for seed in SEEDS:
         common = {**budget(1000, 100), "cut-layer": cut, "seed": seed, "server-lr": server_lr}
         runs[f"long/frozen/s{seed}"] = {**common, "mode": "hosl", "client-params": "frozen"}
         runs[f"long/fo-fo/s{seed}"] = {**common, "mode": "fo-fo", "client-lr": fofo_lr}
         for kind, chosen in picks.items():
-            keys = {**PILOT[kind][1], **SCHEDULES[chosen["schedule"]], "client-lr": chosen["lr"]}
-            if kind == "zo-zo":
-                keys["server-lr"] = chosen["lr"]
-            runs[f"long/{kind}/s{seed}"] = {**common, **keys}
+            top = {"server-lr": chosen["keys"]["client-lr"]} if kind == "zo-zo" else {}
+            runs[f"long/{kind}/s{seed}"] = {**common, **PILOT[kind][0], **chosen["keys"], **top}
     return runs
 
 
@@ -304,13 +326,13 @@ def _run_row(name: str, r: dict[str, Any] | None) -> str:
     swap = r["test_swap"] or {}
     flips = f"+{swap['gained']} / -{swap['lost']} (p {swap['p_value']:.2g})" if swap else ""
     return (
-        f"| {name} | {100 * r['test']:.1f} | {r['dev_loss'][-1]:.4f} | {100 * drift.get('params', 0):.2f} / "
+        f"| {name} | {100 * r['test']:.1f} | {late_loss(r):.4f} | {100 * drift.get('params', 0):.2f} / "
         f"{100 * drift.get('activations', 0):.2f} | {flips} | {r['diverging'] or ''} | {r['seconds'] / 60:.0f} |"
     )
 
 
 RUN_HEADER = (
-    "| run | test % | final dev CE | drift % (weights / cut activations) | swap flips vs initial bottom "
+    "| run | test % | late dev CE | drift % (weights / cut activations) | swap flips vs initial bottom "
     "| diverging rounds | minutes |\n|---|---|---|---|---|---|---|"
 )
 
@@ -341,11 +363,12 @@ def report(data: dict[str, Any]) -> str:
             f"The study's cut: **{c['cut']}** ({c['why']}); server rate {c['server_lr']:g}, fo-fo {c['fofo_lr']:g}.",
         ]
     if "pilot" in data:
-        lines += ["", "## 2. Pilot (seed 0, 400 steps; picked by final dev cross-entropy)", "", RUN_HEADER]
+        title = "## 2. Pilot (seed 0, 400 steps; picked by the mean dev cross-entropy of the last three evaluations)"
+        lines += ["", title, "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["pilot"]["runs"].items()]
         for kind, p in data["pilot"]["picks"].items():
-            where = f" ({p['rate_grid']})" if p["rate_grid"] else ""
-            lines.append(f"- {kind}: rate {p['lr']:g}{where}, schedule {p['schedule']}")
+            where = f" (its rate {p['rate_grid']})" if p["rate_grid"] else ""
+            lines.append(f"- {kind}: {p['run']}{where}")
     if "long" in data:
         lines += ["", "## 3. Long budget (1,000 steps, seeds 0-2)", "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["long"].items()]
@@ -399,8 +422,8 @@ def headline(data: dict[str, Any]) -> list[str]:
         )
     if data.get("pilot", {}).get("picks"):
         lines.append(
-            "pilot picks (400 steps, by dev cross-entropy): "
-            + "; ".join(f"{k} rate {p['lr']:g}, {p['schedule']}" for k, p in data["pilot"]["picks"].items())
+            "pilot picks (400 steps, by late dev cross-entropy): "
+            + "; ".join(f"{k} {p['run']}" for k, p in data["pilot"]["picks"].items())
         )
     if "long" in data:
         lines += _long_comparisons(data["long"])

@@ -37,3 +37,13 @@ def test_a_run_recorded_before_a_setting_existed_is_read_back_while_that_setting
     assert ledger.get("run", {**now, "zo-grad-clip": 1.0}) is None  # the new setting changes the run
     assert ledger.get("run", {**now, "seed": 4}) is None
     assert ledger.get("run", {k: v for k, v in now.items() if k != "seed"}) is None  # a setting the run had is gone
+
+
+def test_a_run_is_found_by_its_request_under_any_name(tmp_path):
+    path = tmp_path / "study.json"
+    Ledger(path).put("headroom/cut4/frozen", {"seed": 0, "lr": 2e-4}, {"test": 0.84})
+    again = Ledger(path)
+    assert again.find({"seed": 0, "lr": 2e-4}) == {"test": 0.84}  # another phase's name, the same run
+    assert again.find({"seed": 1, "lr": 2e-4}) is None
+    again.find({"seed": 0, "lr": 2e-4})["test"] = 0.0
+    assert again.find({"seed": 0, "lr": 2e-4}) == {"test": 0.84}  # a copy, as get gives

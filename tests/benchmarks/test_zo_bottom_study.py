@@ -11,12 +11,16 @@ def _summary(dev_loss, correct):
     return {"dev_loss": [1.0, dev_loss], "test_correct": correct}
 
 
-def test_pick_goes_by_final_dev_cross_entropy_and_says_when_it_is_at_an_edge():
+def test_pick_goes_by_late_dev_cross_entropy_and_says_when_it_is_at_an_edge():
     runs = {1e-4: _summary(0.5, []), 3e-4: _summary(0.4, []), 1e-3: _summary(0.45, [])}
     assert study.pick(runs) == (3e-4, "")
     assert study.pick({**runs, 1e-3: _summary(0.3, [])}) == (1e-3, "at the edge of its grid")
     assert study.pick({**runs, 1e-3: None}) is None  # a run not finished yet: no pick
     assert study.pick({1e-4: _summary(float("nan"), []), 3e-4: _summary(0.9, [])}) == (3e-4, "of a two-point grid")
+    lucky = {"dev_loss": [0.9, 0.9, 0.2]}  # lowest last evaluation, high before it
+    steady = {"dev_loss": [0.4, 0.4, 0.4]}
+    assert study.pick({"lucky": lucky, "steady": steady})[0] == "steady"
+    assert study.late_loss({"dev_loss": [5.0, 0.3, 0.4, 0.5]}) == pytest.approx(0.4)  # the last three only
 
 
 def test_paired_difference_has_a_per_example_standard_error_and_mcnemar():
@@ -47,6 +51,9 @@ def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, 
     data = study.measure("long", tmp_path / "runs", 1, ledger)
     assert set(data["headroom"]) == {"cut1", "cut2"} and data["cut"]["cut"] in (1, 2)
     assert set(data["pilot"]["picks"]) == {"hosl-full", "hosl-lora", "zo-zo"}
+    assert len(data["pilot"]["runs"]) == sum(len(grid) for _, grid in study.PILOT.values())
+    picked = data["pilot"]["picks"]["hosl-lora"]
+    assert picked["keys"] == study.PILOT["hosl-lora"][1][picked["run"]]
     assert len(data["long"]) == 2 * 5 and all(r is not None for r in data["long"].values())
     hosl = data["long"]["long/hosl-full/s0"]
     assert len(hosl["test_correct"]) == 16 and hosl["test_swap"]["count"] == 16 and hosl["drift"][-1]["params"] > 0
