@@ -1,0 +1,86 @@
+"""scripts/flwr_run.sh, the README's run command: `flwr run` of the checkout with its own FLWR_HOME,
+no per-run dependency installation and a local SuperLink on ports of its own, kept for later runs
+while that SuperLink lives. A stand-in `flwr` on PATH prints what it was given."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "flwr_run.sh"
+
+
+def _fake_flwr(bin_dir: Path) -> None:
+    bin_dir.mkdir()
+    fake = bin_dir / "flwr"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "ARGS $*"\n'
+        'echo "HOME $FLWR_HOME"\n'
+        'echo "NODEPS $FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"\n'
+        'echo "PORTS $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT $FLWR_LOCAL_CONTROL_API_PORT"\n'
+    )
+    fake.chmod(0o755)
+
+
+def _run(tmp_path: Path, *args: str, **env: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        env={**base, "PATH": path, "FLWR_HOME": str(tmp_path / "home"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if not line.startswith("["))
+
+
+def test_the_run_gets_its_own_home_no_dependency_installation_and_private_ports(tmp_path):
+    _fake_flwr(tmp_path / "bin")
+    got = _run(tmp_path, "--stream", "--run-config", "sim_configs/smoke_tiny.toml")
+    assert got["ARGS"] == f"run {ROOT} --stream --run-config sim_configs/smoke_tiny.toml"
+    assert got["HOME"] == str(tmp_path / "home") and got["NODEPS"] == "1"
+    http, control = (int(p) for p in got["PORTS"].split())
+    assert http != control and not {http, control} & {39091, 39093}  # never Flower's shared defaults
+    assert (tmp_path / "home" / "local-superlink-ports").read_text().split() == [str(http), str(control)]
+
+
+def test_ports_you_export_are_used_as_they_are(tmp_path):
+    _fake_flwr(tmp_path / "bin")
+    got = _run(tmp_path, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="40001", FLWR_LOCAL_CONTROL_API_PORT="40003")
+    assert got["PORTS"] == "40001 40003"
+
+
+def test_stop_with_no_superlink_of_this_home_stops_nothing(tmp_path):
+    _fake_flwr(tmp_path / "bin")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--stop"],
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.strip() == f"no SuperLink running with FLWR_HOME={tmp_path / 'home'}"
+
+
+def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tmp_path):
+    _fake_flwr(tmp_path / "bin")
+    first = _run(tmp_path)["PORTS"]
+    stand_in = tmp_path / "bin" / "flower-superlink"  # a process named like the SuperLink, of this home
+    stand_in.write_text("#!/usr/bin/env bash\nsleep 120\n")
+    stand_in.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    ours = subprocess.Popen([str(stand_in)], env={**base, "FLWR_HOME": str(tmp_path / "home")})
+    other = subprocess.Popen([str(stand_in)], env={**base, "FLWR_HOME": str(tmp_path / "other")})
+    try:
+        assert _run(tmp_path)["PORTS"] == first  # the running SuperLink's ports, read back
+        subprocess.run(["bash", str(SCRIPT), "--stop"], env={**base, "FLWR_HOME": str(tmp_path / "home")}, check=True)
+        assert ours.wait(timeout=30) != 0  # stopped
+        assert other.poll() is None  # another home's SuperLink is left running
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
