@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from fl_app import step_timing
 from fl_app.config import Config
 from fl_app.metrics import release_freed_memory, resident_bytes, track_peak_memory
 from fl_app.protocol import LABEL_KEYS, WIRE_DTYPES, PerturbedPart, SelectRequest, StepReply, StepRequest
@@ -152,7 +153,8 @@ class SplitClient:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = [batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")]
-        return self.bottom(*(None if t is None else t.to(self.device) for t in inputs))
+        with step_timing.section("forward"):
+            return self.bottom(*(None if t is None else t.to(self.device) for t in inputs))
 
     def _request(
         self, kind: str, clean: torch.Tensor, batch: dict[str, torch.Tensor], extra: dict | None = None

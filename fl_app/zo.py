@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_app import step_timing
 from fl_app.config import DIRECTIONS
 
 Z_CHUNK = 1 << 20  # elements of z generated at a time (4 MiB in fp32)
@@ -140,7 +141,7 @@ class ZOEstimator:
             self._apply_chunk_rounded_once(index, chunk, terms, numel)
             return
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel, self.draw_on).to(self.device)
+            z = self._direction(seed, index, numel)
             offset = 0
             for target, row_ids, size in chunk:
                 piece = z[offset : offset + size]
@@ -165,7 +166,7 @@ class ZOEstimator:
         dtype once per pass (adding term by term in half precision would round once per term)."""
         delta = torch.zeros(numel, dtype=torch.float32, device=self.device)
         for seed, coef in terms:
-            z = direction_chunk(self.directions, seed, index, numel, self.draw_on).to(self.device)
+            z = self._direction(seed, index, numel)
             if self.directions == "rademacher":
                 z.mul_(2).sub_(1)
             delta.add_(z, alpha=coef)
@@ -180,17 +181,23 @@ class ZOEstimator:
                 target.index_copy_(0, row_ids, block.to(target.dtype))
             offset += size
 
+    def _direction(self, seed: int, index: int, numel: int) -> torch.Tensor:
+        """Chunk ``index`` of z(seed), on the weights' device."""
+        with step_timing.section("generate"):
+            return direction_chunk(self.directions, seed, index, numel, self.draw_on).to(self.device)
+
     @torch.no_grad()
     def apply(self, terms: Sequence[tuple[int, float]], rows: Rows | None = None) -> None:
         """In place, in one pass: theta += sum over (seed, coef) in ``terms`` of coef * z(seed)."""
         if not terms:
             return
-        chunks = self._chunks(rows)
-        if self.directions == "gaussian" and len(chunks) > 1 and self.draw_on.type == "cpu":  # randn: one core
-            list(_POOL.map(lambda item: self._apply_chunk(item[0], item[1], terms), enumerate(chunks)))
-        else:
-            for index, chunk in enumerate(chunks):
-                self._apply_chunk(index, chunk, terms)
+        with step_timing.section("passes"):
+            chunks = self._chunks(rows)
+            if self.directions == "gaussian" and len(chunks) > 1 and self.draw_on.type == "cpu":  # randn: one core
+                list(_POOL.map(lambda item: self._apply_chunk(item[0], item[1], terms), enumerate(chunks)))
+            else:
+                for index, chunk in enumerate(chunks):
+                    self._apply_chunk(index, chunk, terms)
 
     def perturb(self, seed: int, scale: float, rows: Rows | None = None) -> None:
         """In place: theta += scale * eps * z(seed)."""
