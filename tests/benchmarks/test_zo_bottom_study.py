@@ -44,7 +44,9 @@ def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, 
     monkeypatch.setattr(
         study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
     )
-    monkeypatch.setattr(study, "budget", lambda steps, every: {"num-rounds": 2, "local-steps": 2, "n-train": 32})
+    monkeypatch.setattr(
+        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
+    )
     monkeypatch.setattr(study, "CUTS", (1, 2))
     monkeypatch.setattr(study, "SEEDS", (0, 1))
     ledger = Ledger(tmp_path / "ledger.json")
@@ -67,3 +69,26 @@ def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, 
     assert lines[0].startswith("headroom fo-fo - frozen bottom") and any("hosl-lora over 2 seeds" in x for x in lines)
     figure = study.plot(again, tmp_path / "zo_bottom.png")
     assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
+    )
+    monkeypatch.setattr(study, "SMOL", {**study.SMOL, "model": "tiny-llama", "cut-layer": 2})
+    monkeypatch.setattr(
+        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
+    )
+    ledger = Ledger(tmp_path / "ledger.json")
+    data = study.measure("smollm2", tmp_path / "runs", 1, ledger)
+    assert all(r is None for e in data["headroom"].values() for r in e["runs"].values())  # MiniLM: not run
+    found = data["smollm2"]
+    assert set(found["pilot"]["picks"]) == {"fo-fo", "hosl"}
+    assert len(found["long"]) == 4 * len(study.SMOL_SEEDS) and all(r is not None for r in found["long"].values())
+    assert found["long"]["smollm2/long/frozen/s0"]["drift"][-1]["params"] == 0.0
+    assert found["long"]["smollm2/long/hosl/s0"]["drift"][-1]["params"] > 0
+    again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # read back, not run
+    assert again["smollm2"]["long"] == found["long"]
+    assert "## 4. SmolLM2" in study.report(again)
+    assert any(line.startswith("SmolLM2: hosl over 2 seeds") for line in study.headline(again))
