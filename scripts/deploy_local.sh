@@ -16,11 +16,13 @@
 #   * step-stream frames are keyed by node keys (run config stream-secret-file, node config
 #     stream-key-file): a session token read anywhere is useless without its node's key.
 # Without --tls-dir the script refuses to run unless --insecure is given explicitly.
+# --port P is the SuperLink's port (default: a free one; a port already in use is refused); each
+# SuperNode gets a free port of its own.
 # --database FILE keeps the SuperLink's state in FILE, so a restarted SuperLink still knows its nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NODES=2 PORT=9500 RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR="" DATABASE=""
+NODES=2 PORT="" RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR="" DATABASE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) NODES=$2; shift 2 ;;
@@ -38,6 +40,20 @@ if [ -z "$TLS_DIR" ] && [ "$INSECURE" -ne 1 ]; then
   echo "give --tls-dir DIR (ca.crt, server.pem, server.key) or ask for --insecure explicitly" >&2
   exit 2
 fi
+
+# Ports: the SuperLink's (--port, else a free one) and one per SuperNode, all free now (another
+# user's SuperLink on a fixed port would otherwise answer for ours).
+free_ports() { python -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"; }
+if [ -z "$PORT" ]; then
+  read -r PORT < <(free_ports 1)
+elif (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "--port $PORT: something already listens on 127.0.0.1:$PORT; give another port or leave --port out" >&2
+  exit 2
+fi
+read -r -a NODE_PORTS < <(free_ports "$NODES")
 
 export FLWR_HOME="${FLWR_HOME_DIR:-$(mktemp -d /tmp/hosl-deploy.XXXXXX)}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
@@ -101,7 +117,7 @@ for ((i = 0; i < NODES; i++)); do
       || { echo "registering SuperNode $i failed; see $FLWR_HOME/logs/register-$i.log" >&2; exit 1; }
     NODE_AUTH=(--auth-supernode-private-key "$KEYS/supernode-$i")
   fi
-  flower-supernode "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "127.0.0.1:$PORT" --port $((PORT + 100 + i)) \
+  flower-supernode "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "127.0.0.1:$PORT" --port "${NODE_PORTS[i]}" \
     --node-config "partition-id=$i num-partitions=$NODES ${NODE_EXTRA[i]:-}" > "$FLWR_HOME/logs/supernode-$i.log" 2>&1 &
   PIDS+=($!)
 done

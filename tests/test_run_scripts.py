@@ -1,8 +1,10 @@
-"""scripts/flwr_run.sh, the README's run command: `flwr run` of the checkout with its own FLWR_HOME,
-no per-run dependency installation and a local SuperLink on ports of its own, kept for later runs
-while that SuperLink lives. A stand-in `flwr` on PATH prints what it was given."""
+"""The run scripts' own checks, without Flower running. scripts/flwr_run.sh, the README's run command:
+`flwr run` of the checkout with its own FLWR_HOME, no per-run dependency installation and a local
+SuperLink on ports of its own, kept for later runs while that SuperLink lives (a stand-in `flwr` on
+PATH prints what it was given). scripts/deploy_local.sh refuses a SuperLink port already in use."""
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -84,3 +86,20 @@ def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tm
         for proc in (ours, other):
             proc.kill()
             proc.wait()
+
+
+def test_deploy_refuses_a_superlink_port_already_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "deploy_local.sh"), "--insecure", "--port", str(port)],
+            env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert f"--port {port}: something already listens on 127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "home").exists()  # refused before anything started
