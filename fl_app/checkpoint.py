@@ -36,8 +36,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only;
+    ``bytes`` is allowed by name, since pickle writes an empty one as a call to it)."""
+    with torch.serialization.safe_globals([bytes]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -128,3 +128,12 @@ def test_a_finished_run_keeps_each_clients_final_state_only(tmp_path):
     (folder,) = (tmp_path / "clients").iterdir()  # the run's own
     assert sorted(p.name for p in (folder / "client-0").iterdir()) == ["round-00003.pt"]
     assert sorted(p.name for p in (folder / "client-1").iterdir()) == ["round-00003.pt"]
+
+
+def test_a_checkpoint_with_empty_byte_strings_loads_as_a_synced_lora_run_writes_it(tmp_path):
+    """A synced ZO history with no embedding rows holds b"" per step, which pickle writes as a call to
+    ``bytes``: the checkpoint must load (a resume of such a run failed here before)."""
+    out = tmp_path / "run"
+    train_cli.main([SMOKE, "--out", str(out), "--set", "bottoms=synced", "--set", "client-params=lora"])
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["history"]["rows"] and set(saved["history"]["rows"]) == {b""}
