@@ -1,0 +1,379 @@
+"""What a user takes away from a run: the trained model in Hugging Face format.
+
+    hosl-export RUN_DIR --out DIR [--client N | --synced] [--states DIR]
+    python -m fl_app.export ...
+
+The run's trained top (``checkpoint.pt``: its latest finished round, so a run still going exports
+too) is stitched with a bottom into the model family's own class, LoRA adapters merged into their
+weights, and saved with ``save_pretrained`` beside the tokenizer: ``AutoModelForCausalLM`` (OPT,
+Llama-family) or ``AutoModelForSequenceClassification`` (BERT-style, with the classifier the run
+trained) loads it with no import of this project. Which bottom: a client's personal one
+(``--client N``, from the client states the run kept), the synced one (``--synced``: the pristine
+bottom with every client's ZO updates replayed, or the clients' average for FO bottoms), or, for a
+run whose bottom never trained, the pristine one. Before anything is written the stitched model's
+logits on a probe batch are checked against the split model's (bottom, then top).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from fl_app.checkpoint import load_checkpoint
+from fl_app.client_store import load_client_state
+from fl_app.config import Config, make_config
+from fl_app.part_loading import BOTTOM_KEY_PREFIXES, LAYER_KEYS, load_model
+from fl_app.records import ClientState, History
+from fl_app.split import ClientBottom, ServerTop
+from fl_app.tasks import get_task
+
+AGREEMENT = 1e-5  # largest |logit| difference between the exported model and the split one
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported as asked: one line saying why."""
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """A run folder's config and its latest checkpoint."""
+
+    folder: Path
+    config: Config
+    saved: dict[str, Any]
+
+    @property
+    def round(self) -> int:
+        return int(self.saved["round"])
+
+    @property
+    def run_id(self) -> str:
+        return str(self.saved["run_id"])
+
+
+def read_run(folder: Path) -> RunCheckpoint:
+    """The run in ``folder``: its config (results.json) and latest checkpoint; ExportError if it has none."""
+    results_file, checkpoint_file = folder / "results.json", folder / "checkpoint.pt"
+    if not results_file.is_file():
+        raise ExportError(f"{folder} is not a run folder (no results.json)")
+    if not checkpoint_file.is_file():
+        raise ExportError(f"{folder} has no checkpoint.pt yet (the run has not finished a round)")
+    try:
+        config = make_config(json.loads(results_file.read_text())["config"])
+    except (KeyError, ValueError) as err:
+        raise ExportError(f"{results_file} holds no usable run config: {err}") from err
+    return RunCheckpoint(folder, config, load_checkpoint(checkpoint_file))
+
+
+def client_states(run: RunCheckpoint, states: Path | None = None) -> dict[int, ClientState]:
+    """Each client's newest state up to the checkpoint's round, from ``states`` (a node's
+    ``state-dir`` for this run) or the run folder's ``clients/<run id>``."""
+    folder = states if states is not None else run.folder / "clients" / run.run_id
+    found = {}
+    for own in sorted(folder.glob("client-*")) if folder.is_dir() else ():
+        suffix = own.name.removeprefix("client-")
+        if suffix.isdigit() and (state := load_client_state(folder, int(suffix), run.round)) is not None:
+            found[int(suffix)] = state
+    return found
+
+
+def trained_split(
+    run: RunCheckpoint, client: int | None = None, synced: bool = False, states: Path | None = None
+) -> tuple[ClientBottom, ServerTop, Any, dict[str, Any]]:
+    """(bottom, top, tokenizer, which bottom) of the run as trained, built as the run built them."""
+    from fl_app.scenario import build_server, client_trainable, load_split
+
+    config = run.config
+    loaded, bottom, top = load_split(config)
+    num_classes = get_task(config.data.task).num_classes
+    server = build_server(config, top, num_classes)
+    params = dict(server.top.named_parameters())
+    with torch.no_grad():
+        for name, value in run.saved["server"].items():
+            params[name].copy_(value)
+    index = 0 if client is None else client
+    trainable = client_trainable(config, bottom, index)
+    which = _bottom_choice(run, trainable, client, synced, states)
+    if which["bottom"] == "client":
+        named = {n: p for n, p in bottom.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, value in which.pop("state").weights.items():
+                named[name].copy_(value)
+    elif which["bottom"] == "synced":
+        _synced_bottom(run, config, bottom, trainable)
+    server.top.to("cpu")
+    bottom.to("cpu")
+    return bottom, server.top, loaded.tokenizer, which
+
+
+def _bottom_choice(
+    run: RunCheckpoint, trainable: list[nn.Parameter], client: int | None, synced: bool, states: Path | None
+) -> dict[str, Any]:
+    """Which bottom goes into the export, checked against what the run has."""
+    config = run.config
+    if client is not None and synced:
+        raise ExportError("give --client N or --synced, not both")
+    if not trainable:
+        if client is not None or synced:
+            raise ExportError("the run's bottom never trained (client-params = frozen): leave out --client / --synced")
+        return {"bottom": "pristine"}
+    is_synced = config.federation.bottoms == "synced"
+    if synced:
+        if not is_synced:
+            raise ExportError("the run kept personal bottoms (bottoms = personal): choose one with --client N")
+        return {"bottom": "synced"}
+    kept = client_states(run, states)
+    choices = (
+        f"--client {' / '.join(map(str, sorted(kept)))}" if kept else "no client states were kept (client-checkpoints)"
+    )
+    if is_synced:
+        choices += " or --synced"
+    if client is None:
+        if len(kept) == 1 and not is_synced:
+            client = next(iter(kept))
+        else:
+            raise ExportError(f"the run trained its bottoms: choose one: {choices}")
+    if client not in kept:
+        raise ExportError(f"no state of client {client} up to round {run.round}; choose {choices}")
+    return {"bottom": "client", "client": client, "state": kept[client]}
+
+
+def _synced_bottom(run: RunCheckpoint, config: Config, bottom: ClientBottom, trainable: list[nn.Parameter]) -> None:
+    """The synced bottom: ZO bottoms replay every client's updates onto the pristine bottom (as each
+    client catches up), FO bottoms take the clients' average."""
+    from fl_app.client_session import catch_up
+    from fl_app.scenario import split_client
+
+    if config.client_order == "zo":
+        client = split_client(config, bottom, trainable, 0)
+        catch_up(client, History(**run.saved["history"]), partition_id=-1, synced_round=0)
+        return
+    average = run.saved.get("average")
+    if not average:
+        raise ExportError("the checkpoint holds no averaged bottom yet")
+    named = {n: p for n, p in bottom.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, value in average.items():
+            named[name].copy_(value)
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Fold every LoRA adapter in ``module`` into its base weight and put the base layer back in the
+    adapter's place (what peft's ``merge_and_unload`` does to a whole PeftModel)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, LoraLayer):
+            sub.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, sub.get_base_layer())
+
+
+def _top_key(key: str, family: str, cut: int) -> str:
+    """A top key in the whole model's numbering: layer i of the top is layer cut + i."""
+    match = re.match(rf"^((?:.*\.)?{re.escape(LAYER_KEYS[family])})\.(\d+)\.(.+)$", key)
+    return f"{match.group(1)}.{cut + int(match.group(2))}.{match.group(3)}" if match else key
+
+
+def stitch(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, cut: int) -> PreTrainedModel:
+    """``whole`` (a freshly loaded model of the same name) with the bottom's and the top's weights, LoRA
+    merged; a tied LM head whose weight now differs from the bottom's embedding is untied."""
+    merge_lora(bottom)
+    merge_lora(top)
+    family = bottom.family
+    prefix = BOTTOM_KEY_PREFIXES[family][0]
+    values = {f"{prefix}{k}": v for k, v in bottom.body.state_dict().items()}
+    values.update({_top_key(k, family, cut): v for k, v in top.model.state_dict().items()})
+    if family != "bert":
+        head, embedding = whole.get_output_embeddings(), whole.get_input_embeddings()
+        tied = head.weight is embedding.weight
+        embed_key = f"{prefix}embed_tokens.weight"
+        if tied and not torch.equal(values["lm_head.weight"], values[embed_key]):
+            whole.config.tie_word_embeddings = False
+            getattr(whole.config, "text_config", whole.config).tie_word_embeddings = False
+            head.weight = nn.Parameter(head.weight.detach().clone())
+    expected = whole.state_dict()
+    missing = sorted(set(expected) - set(values))
+    if missing:
+        raise RuntimeError(f"the split model lacks weights of the whole model: {missing[:5]}")
+    whole.load_state_dict({k: values[k] for k in expected}, strict=True)
+    return whole.eval()
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading reports off: they list a head as newly initialised, which the trained one replaces."""
+    ours, verbosity = logging.getLogger("fl_app.part_loading"), hf_logging.get_verbosity()
+    level = ours.level
+    ours.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+
+
+def probe_batch(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [2, 12] (away from the special ids at the start of a vocabulary) and a mask whose
+    second row is right-padded, as prompts are."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(8, vocab_size - 1), vocab_size, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def split_logits(bottom: ClientBottom, top: ServerTop, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The split model's logits: the bottom's cut activations through the top."""
+    return top(bottom(ids, mask), mask).float()
+
+
+@torch.no_grad()
+def whole_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def _max_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest |a - b|, over the real tokens only for per-token logits."""
+    if a.dim() == 3:
+        a, b = a[mask.bool()], b[mask.bool()]
+    return float((a - b).abs().max())
+
+
+def _commit() -> str:
+    """The commit of the code that exported (``unknown`` outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def provenance(run: RunCheckpoint, which: dict[str, Any]) -> dict[str, Any]:
+    """What the export came from: run, round, bottom, code and the run's config."""
+    return {
+        "run_dir": str(run.folder),
+        "run_id": run.run_id,
+        "round": run.round,
+        "bottom": which["bottom"],
+        **({"client": which["client"]} if "client" in which else {}),
+        "commit": _commit(),
+        "task": run.config.data.task,
+        "config": dict(run.config),
+    }
+
+
+def model_card(record: dict[str, Any], model: PreTrainedModel) -> str:
+    """README.md of the export: what it is, where it came from and how to load it."""
+    config = record["config"]
+    task = get_task(config["task"])
+    encoder = model.config.model_type == "bert"
+    loader = "AutoModelForSequenceClassification" if encoder else "AutoModelForCausalLM"
+    fields = {name: "{" + name + "}" for name in task.required}
+    from fl_app.tasks import Example
+
+    example = Example(fields, 0)
+    use = (
+        f"Classes are the classifier's {task.num_classes} logits."
+        if encoder
+        else f"Prompt (MeZO's template for {task.name}): `{task.prompt(example)!r}`; a class's score is the "
+        f"log-probability of its candidate {task.candidates(example)!r} after the prompt (the first token "
+        "of each candidate, read at the prompt's last token)."
+    )
+    bottom = record["bottom"] + (f" (client {record['client']})" if "client" in record else "")
+    return "\n".join(
+        [
+            f"# {config['model']} fine-tuned on {task.name} with HOSL-Flower",
+            "",
+            f"Mode `{config['mode']}`: the first {config['cut-layer']} layers trained on the clients "
+            f"({config['client-params']}), the rest on the server ({config['server-params']}). "
+            f"Exported from run `{record['run_id']}` after round {record['round']}, bottom: {bottom}, "
+            f"at commit {record['commit']}. LoRA adapters, if any, are merged into the weights.",
+            "",
+            "```python",
+            f"from transformers import {loader}, AutoTokenizer",
+            f"model = {loader}.from_pretrained(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+            "",
+            use,
+            "",
+            "The run's config:",
+            "",
+            "```json",
+            json.dumps(config, indent=1, sort_keys=True, default=float),
+            "```",
+            "",
+        ]
+    )
+
+
+def export_run(
+    folder: Path, out: Path, client: int | None = None, synced: bool = False, states: Path | None = None
+) -> Path:
+    """Export the run in ``folder`` to ``out`` (a new or empty folder) and return ``out``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty folder")
+    run = read_run(folder)
+    with quiet_loading():
+        bottom, top, tokenizer, which = trained_split(run, client, synced, states)
+    config = run.config
+    with quiet_loading():
+        whole = load_model(config.model.name, get_task(config.data.task).num_classes, config.run.seed).model
+    ids, mask = probe_batch(whole.config.vocab_size)
+    expected = split_logits(bottom, top, ids, mask)
+    model = stitch(bottom, top, whole, config.model.cut_layer)
+    gap = _max_gap(whole_logits(model, ids, mask), expected, mask)
+    if not gap <= AGREEMENT:
+        raise RuntimeError(f"the stitched model's logits differ from the split model's by {gap:.2e}")
+    record = provenance(run, which)
+    model.config.hosl_export = {k: v for k, v in record.items() if k != "config"}
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "README.md").write_text(model_card(record, model))
+    (partial / "hosl_run_config.json").write_text(json.dumps(record["config"], indent=1, default=float))
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hosl-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="the run's folder (results.json, checkpoint.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the model")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--client", type=int, help="export client N's personal bottom")
+    which.add_argument("--synced", action="store_true", help="export the synced bottom")
+    parser.add_argument("--states", type=Path, help="where the clients' states are (default: RUN_DIR/clients/<run>)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run_dir.resolve(), args.out.resolve(), args.client, args.synced, args.states)
+    except ExportError as err:
+        print(f"hosl-export: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"[hosl] exported to {out}")
+
+
+if __name__ == "__main__":
+    main()

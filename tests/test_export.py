@@ -1,0 +1,143 @@
+"""hosl-export (fl_app.export): a run's trained model saved in Hugging Face format loads with plain
+transformers, in a process that never imports fl_app, and gives the split model's logits (bottom,
+then top); which bottom is exported is the user's choice, checked against what the run kept."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_app import export
+from fl_app.config import make_config, read_scenario
+from fl_app.scenario import load_split
+from fl_app.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    **read_scenario(ROOT / "sim_configs" / "smoke_tiny.toml"),
+    "num-rounds": 1,
+    "local-steps": 2,
+    "eval-swap": "none",
+    "eval-test": False,
+}
+
+LOAD_AND_SCORE = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+path, out = sys.argv[1], sys.argv[2]
+loader = AutoModelForSequenceClassification if "{encoder}" == "True" else AutoModelForCausalLM
+model = loader.from_pretrained(path).eval()
+AutoTokenizer.from_pretrained(path)
+ids, mask = torch.load(sys.argv[3])
+with torch.no_grad():
+    torch.save(model(input_ids=ids, attention_mask=mask).logits, out)
+assert not any(name == "fl_app" or name.startswith("fl_app.") for name in sys.modules)
+"""
+
+
+def _train(tmp_path: Path, name: str, **overrides) -> Path:
+    out = tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        run(make_config({**TINY, **overrides, "out-dir": str(out)}), out)
+    return out
+
+
+def _logits_elsewhere(model_dir: Path, tmp_path: Path, encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the exported model's logits on the probe batch, computed in a fresh process; the mask)."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids, mask = export.probe_batch(vocab, seed=1)
+    torch.save((ids, mask), tmp_path / "probe.pt")
+    script = LOAD_AND_SCORE.replace("{encoder}", str(encoder))
+    subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), str(tmp_path / "logits.pt"), str(tmp_path / "probe.pt")],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    return torch.load(tmp_path / "logits.pt"), mask
+
+
+CASES = [
+    ("tiny-opt", "full", "full", "personal"),
+    ("tiny-llama", "lora", "lora", "personal"),
+    ("tiny-bert", "full", "lora", "personal"),
+    ("tiny-llama", "full", "full", "synced"),
+    ("tiny-bert", "lora", "full", "synced"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "client_params", "server_params", "bottoms"), CASES)
+def test_the_exported_model_gives_the_split_models_logits_in_plain_transformers(
+    tmp_path, model, client_params, server_params, bottoms
+):
+    folder = _train(
+        tmp_path, "run", model=model, **{"client-params": client_params, "server-params": server_params}, bottoms=bottoms
+    )
+    choice = {"synced": True} if bottoms == "synced" else {"client": 1}
+    out = export.export_run(folder, tmp_path / "model", **choice)
+    got, mask = _logits_elsewhere(out, tmp_path, encoder=model == "tiny-bert")
+    bottom, top, _, which = export.trained_split(export.read_run(folder), **choice)
+    ids, _ = export.probe_batch(json.loads((out / "config.json").read_text())["vocab_size"], seed=1)
+    expected = export.split_logits(bottom, top, ids, mask)
+    assert export._max_gap(got.float(), expected, mask) <= 1e-5
+    assert which["bottom"] == bottoms.replace("personal", "client")
+    rebuilt = export.split_logits(*export.trained_split(export.read_run(folder), **choice)[:2], ids, mask)
+    assert torch.equal(rebuilt, expected)  # built the same way twice: deterministic
+    card = (out / "README.md").read_text()
+    assert "Exported from run" in card and f"after round 1, bottom: {which['bottom']}" in card
+    recorded = json.loads((out / "config.json").read_text())["hosl_export"]
+    assert recorded["round"] == 1 and recorded["bottom"] == which["bottom"]
+
+
+@pytest.mark.slow
+def test_a_personal_bottom_is_the_clients_own(tmp_path):
+    folder = _train(tmp_path, "run")
+    run_ = export.read_run(folder)
+    zero, top, _, _ = export.trained_split(run_, client=0)
+    one, _, _, _ = export.trained_split(run_, client=1)
+    _, pristine, _ = load_split(run_.config)
+    ids, mask = export.probe_batch(top.model.config.vocab_size)
+    with torch.no_grad():
+        assert not torch.equal(zero(ids, mask), one(ids, mask))  # two clients, two bottoms
+        assert not torch.equal(zero(ids, mask), pristine(ids, mask))  # each trained
+
+
+def test_bad_requests_are_one_line_errors_with_exit_2_and_nothing_written(tmp_path):
+    folder = _train(tmp_path, "run")
+    cases = [
+        ([str(tmp_path / "nowhere")], "is not a run folder (no results.json)"),
+        ([str(folder), "--client", "7"], "no state of client 7 up to round 1; choose --client 0 / 1"),
+        ([str(folder)], "the run trained its bottoms: choose one: --client 0 / 1"),
+        ([str(folder), "--synced"], "the run kept personal bottoms"),
+    ]
+    (tmp_path / "nocheckpoint").mkdir()
+    (tmp_path / "nocheckpoint" / "results.json").write_text("{}")
+    cases.append(([str(tmp_path / "nocheckpoint")], "has no checkpoint.pt yet"))
+    for args, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fl_app.export", *args, "--out", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hosl-export: error: ") and message in lines[0], lines
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_frozen_bottom_exports_the_pristine_one_and_refuses_a_client(tmp_path):
+    folder = _train(tmp_path, "run", **{"client-params": "frozen"})
+    with pytest.raises(export.ExportError, match="never trained"):
+        export.export_run(folder, tmp_path / "model", client=0)
+    out = export.export_run(folder, tmp_path / "model")
+    assert json.loads((out / "config.json").read_text())["hosl_export"]["bottom"] == "pristine"
+    with pytest.raises(export.ExportError, match="exists and is not an empty folder"):
+        export.export_run(folder, out)
