@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,16 +218,19 @@ def stitch(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, cut: in
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Loading reports off: they list a head as newly initialised, which the trained one replaces."""
+    """Loading reports and progress bars off: the reports list a head as newly initialised, which the
+    trained one replaces."""
     ours, verbosity = logging.getLogger("fl_app.part_loading"), hf_logging.get_verbosity()
     level = ours.level
     ours.setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         ours.setLevel(level)
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def probe_batch(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,24 +285,30 @@ def provenance(run: RunCheckpoint, which: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_card(record: dict[str, Any], model: PreTrainedModel) -> str:
+def model_card(record: dict[str, Any], parts: str, family: str) -> str:
     """README.md of the export: what it is, where it came from and how to load it."""
-    config = record["config"]
-    task = get_task(config["task"])
-    encoder = model.config.model_type == "bert"
-    loader = "AutoModelForSequenceClassification" if encoder else "AutoModelForCausalLM"
-    fields = {name: "{" + name + "}" for name in task.required}
     from fl_app.tasks import Example
 
-    example = Example(fields, 0)
+    config = record["config"]
+    task = get_task(config["task"])
+    loader = "AutoModelForSequenceClassification" if family == "bert" else "AutoModelForCausalLM"
+    example = Example({name: "{" + name + "}" for name in task.required}, 0)
     use = (
         f"Classes are the classifier's {task.num_classes} logits."
-        if encoder
+        if family == "bert"
         else f"Prompt (MeZO's template for {task.name}): `{task.prompt(example)!r}`; a class's score is the "
         f"log-probability of its candidate {task.candidates(example)!r} after the prompt (the first token "
         "of each candidate, read at the prompt's last token)."
     )
     bottom = record["bottom"] + (f" (client {record['client']})" if "client" in record else "")
+    model_lines = [f"model = {loader}.from_pretrained(PATH)  # LoRA merged into the weights"]
+    adapter_dir = "PATH/adapter" if parts == "both" else "PATH"
+    adapter_lines = [
+        "from peft import PeftModel",
+        f"base = {loader}.from_pretrained(BASE)  # the run's base model: adapter_config.json names it",
+        f'model = PeftModel.from_pretrained(base, "{adapter_dir}")',
+    ]
+    code = {"model": model_lines, "adapters": adapter_lines, "both": model_lines + ["# or", *adapter_lines]}[parts]
     return "\n".join(
         [
             f"# {config['model']} fine-tuned on {task.name} with HOSL-Flower",
@@ -306,11 +316,11 @@ def model_card(record: dict[str, Any], model: PreTrainedModel) -> str:
             f"Mode `{config['mode']}`: the first {config['cut-layer']} layers trained on the clients "
             f"({config['client-params']}), the rest on the server ({config['server-params']}). "
             f"Exported from run `{record['run_id']}` after round {record['round']}, bottom: {bottom}, "
-            f"at commit {record['commit']}. LoRA adapters, if any, are merged into the weights.",
+            f"at commit {record['commit']}.",
             "",
             "```python",
             f"from transformers import {loader}, AutoTokenizer",
-            f"model = {loader}.from_pretrained(PATH)",
+            *code,
             "tokenizer = AutoTokenizer.from_pretrained(PATH)",
             "```",
             "",
@@ -326,36 +336,144 @@ def model_card(record: dict[str, Any], model: PreTrainedModel) -> str:
     )
 
 
+ADAPTER_SIDES = ("lora", "frozen")  # what each side may have trained for peft adapters to hold it all
+HEAD_MODULES = {"bert": ["classifier", "pooler"]}  # trained whole beside the adapters (peft's modules_to_save)
+
+
+def _plain_name(name: str) -> str:
+    """A peft model's parameter name as the split parts name it (adapter "default")."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+
+
+def adapter_model(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, config: Config) -> nn.Module:
+    """``whole`` (the pristine base model) as a peft model whose LoRA adapters (and, for encoders, the
+    trained classifier and pooler) are the run's; ExportError unless both sides trained LoRA or nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from fl_app.trainable import DEFAULT_LORA_TARGETS
+
+    model = config.model
+    _require_adapters(config)
+    family = bottom.family
+    lora = LoraConfig(
+        r=model.lora_r,
+        lora_alpha=model.lora_alpha,
+        target_modules=list(model.targets or DEFAULT_LORA_TARGETS[family]),
+        lora_dropout=0.0,
+        modules_to_save=HEAD_MODULES.get(family),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+        peft_model = get_peft_model(whole, lora)
+    prefix = BOTTOM_KEY_PREFIXES[family][0]
+    values = {f"{prefix}{k}": v for k, v in bottom.body.state_dict().items()}
+    values.update({_top_key(k, family, config.model.cut_layer): v for k, v in top.model.state_dict().items()})
+    with torch.no_grad():
+        for name, tensor in peft_model.state_dict(keep_vars=True).items():
+            plain = _plain_name(name)
+            if plain in values:
+                tensor.copy_(values[plain])
+            elif "lora_B" in plain:  # a frozen side's layer: its adapter adds nothing
+                tensor.zero_()
+    return peft_model.eval()
+
+
 def export_run(
-    folder: Path, out: Path, client: int | None = None, synced: bool = False, states: Path | None = None
+    folder: Path,
+    out: Path,
+    client: int | None = None,
+    synced: bool = False,
+    states: Path | None = None,
+    parts: str = "auto",
 ) -> Path:
-    """Export the run in ``folder`` to ``out`` (a new or empty folder) and return ``out``."""
+    """Export the run in ``folder`` to ``out`` (a new or empty folder) and return ``out``. ``parts``:
+    ``model`` (the merged model), ``adapters`` (peft adapters only), ``both`` (the model, and its
+    adapters in ``out/adapter``), ``auto`` (``both`` for a LoRA run, else ``model``)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty folder")
     run = read_run(folder)
+    config = run.config
+    if parts == "auto":
+        parts = "both" if adapters_possible(config) else "model"
+    elif parts != "model":
+        _require_adapters(config)
     with quiet_loading():
         bottom, top, tokenizer, which = trained_split(run, client, synced, states)
-    config = run.config
-    with quiet_loading():
-        whole = load_model(config.model.name, get_task(config.data.task).num_classes, config.run.seed).model
-    ids, mask = probe_batch(whole.config.vocab_size)
-    expected = split_logits(bottom, top, ids, mask)
-    model = stitch(bottom, top, whole, config.model.cut_layer)
-    gap = _max_gap(whole_logits(model, ids, mask), expected, mask)
-    if not gap <= AGREEMENT:
-        raise RuntimeError(f"the stitched model's logits differ from the split model's by {gap:.2e}")
-    record = provenance(run, which)
-    model.config.hosl_export = {k: v for k, v in record.items() if k != "config"}
+        num_classes = get_task(config.data.task).num_classes
+        copies = 2 if parts == "both" else 1  # the adapters wrap one pristine model, the merged model fills one
+        fresh = [load_model(config.model.name, num_classes, config.run.seed).model for _ in range(copies)]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "README.md").write_text(model_card(record, model))
-    (partial / "hosl_run_config.json").write_text(json.dumps(record["config"], indent=1, default=float))
+    partial.mkdir(parents=True)
+    try:
+        with quiet_loading():
+            _write_parts(partial, parts, bottom, top, fresh, tokenizer, provenance(run, which))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left
+        raise
     if out.exists():
         out.rmdir()
     partial.rename(out)
     return out
+
+
+def _write_parts(
+    folder: Path,
+    parts: str,
+    bottom: ClientBottom,
+    top: ServerTop,
+    fresh: list[PreTrainedModel],
+    tokenizer: Any,
+    record: dict[str, Any],
+) -> None:
+    """Write what ``parts`` asks for into ``folder``, each checked against the split model first."""
+    config = make_config(record["config"])
+    ids, mask = probe_batch(fresh[0].config.vocab_size)
+    expected = split_logits(bottom, top, ids, mask)
+    if parts in ("adapters", "both"):
+        adapted = adapter_model(bottom, top, fresh.pop(), config)
+        _check(whole_logits(adapted, ids, mask), expected, mask, "adapters")
+        adapted.peft_config["default"].base_model_name_or_path = base_model_path(config.model.name)
+        # embeddings never train under LoRA: no lookup of the base model's vocabulary (a download)
+        adapted.save_pretrained(folder / "adapter" if parts == "both" else folder, save_embedding_layers=False)
+    if parts in ("model", "both"):
+        model = stitch(bottom, top, fresh.pop(), config.model.cut_layer)
+        _check(whole_logits(model, ids, mask), expected, mask, "stitched model")
+        model.config.hosl_export = {k: v for k, v in record.items() if k != "config"}
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(record, parts, bottom.family))
+    (folder / "hosl_run_config.json").write_text(json.dumps(record["config"], indent=1, default=float))
+
+
+def adapters_possible(config: Config) -> bool:
+    """Whether peft adapters can hold everything the run trained."""
+    sides = (config.model.client_params, config.model.server_params)
+    return all(v in ADAPTER_SIDES for v in sides) and "lora" in sides
+
+
+def _require_adapters(config: Config) -> None:
+    if not adapters_possible(config):
+        sides = f"client-params = {config.model.client_params}, server-params = {config.model.server_params}"
+        raise ExportError(
+            "adapters hold LoRA runs only (both sides lora or frozen, one of them lora); "
+            f"this run has {sides}: export the merged model instead"
+        )
+
+
+def base_model_path(name: str) -> str:
+    """What ``PeftModel.from_pretrained`` needs to find the base model: a hub name as it is, a local or
+    packaged model's folder; a tiny model has none (it is built in-process)."""
+    from fl_app.model_catalog import TINY_MODELS, resolve_model_path
+
+    return name if name in TINY_MODELS else str(resolve_model_path(name))
+
+
+def _check(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    gap = _max_gap(got, expected, mask)
+    if not gap <= AGREEMENT:
+        raise RuntimeError(f"the {what}'s logits differ from the split model's by {gap:.2e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,10 +483,14 @@ def main(argv: list[str] | None = None) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--client", type=int, help="export client N's personal bottom")
     which.add_argument("--synced", action="store_true", help="export the synced bottom")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--adapters", action="store_true", help="LoRA runs: peft adapters only")
+    parts.add_argument("--merge", action="store_true", help="LoRA runs: the merged model only (no adapters)")
     parser.add_argument("--states", type=Path, help="where the clients' states are (default: RUN_DIR/clients/<run>)")
     args = parser.parse_args(argv)
     try:
-        out = export_run(args.run_dir.resolve(), args.out.resolve(), args.client, args.synced, args.states)
+        chosen = "adapters" if args.adapters else "model" if args.merge else "auto"
+        out = export_run(args.run_dir.resolve(), args.out.resolve(), args.client, args.synced, args.states, chosen)
     except ExportError as err:
         print(f"hosl-export: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -31,7 +31,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 path, out = sys.argv[1], sys.argv[2]
 loader = AutoModelForSequenceClassification if "{encoder}" == "True" else AutoModelForCausalLM
 model = loader.from_pretrained(path).eval()
-AutoTokenizer.from_pretrained(path)
+if len(sys.argv) > 4:  # path is the base model; these are the run's adapters
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, sys.argv[4]).eval()
+else:
+    AutoTokenizer.from_pretrained(path)
 ids, mask = torch.load(sys.argv[3])
 with torch.no_grad():
     torch.save(model(input_ids=ids, attention_mask=mask).logits, out)
@@ -47,14 +51,18 @@ def _train(tmp_path: Path, name: str, **overrides) -> Path:
     return out
 
 
-def _logits_elsewhere(model_dir: Path, tmp_path: Path, encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the exported model's logits on the probe batch, computed in a fresh process; the mask)."""
+def _logits_elsewhere(
+    model_dir: Path, tmp_path: Path, encoder: bool, adapters: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the exported model's logits on the probe batch, computed in a fresh process; the mask). With
+    ``adapters``, ``model_dir`` is the base model they are loaded on."""
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     ids, mask = export.probe_batch(vocab, seed=1)
     torch.save((ids, mask), tmp_path / "probe.pt")
     script = LOAD_AND_SCORE.replace("{encoder}", str(encoder))
+    args = [str(model_dir), str(tmp_path / "logits.pt"), str(tmp_path / "probe.pt")]
     subprocess.run(
-        [sys.executable, "-c", script, str(model_dir), str(tmp_path / "logits.pt"), str(tmp_path / "probe.pt")],
+        [sys.executable, "-c", script, *args, *([str(adapters)] if adapters else [])],
         check=True,
         cwd=tmp_path,
         timeout=300,
@@ -77,7 +85,11 @@ def test_the_exported_model_gives_the_split_models_logits_in_plain_transformers(
     tmp_path, model, client_params, server_params, bottoms
 ):
     folder = _train(
-        tmp_path, "run", model=model, **{"client-params": client_params, "server-params": server_params}, bottoms=bottoms
+        tmp_path,
+        "run",
+        model=model,
+        **{"client-params": client_params, "server-params": server_params},
+        bottoms=bottoms,
     )
     choice = {"synced": True} if bottoms == "synced" else {"client": 1}
     out = export.export_run(folder, tmp_path / "model", **choice)
@@ -141,3 +153,34 @@ def test_a_frozen_bottom_exports_the_pristine_one_and_refuses_a_client(tmp_path)
     assert json.loads((out / "config.json").read_text())["hosl_export"]["bottom"] == "pristine"
     with pytest.raises(export.ExportError, match="exists and is not an empty folder"):
         export.export_run(folder, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "client_params", "server_params"), [("tiny-bert", "lora", "lora"), ("tiny-opt", "frozen", "lora")]
+)
+def test_lora_runs_also_export_peft_adapters_that_load_on_the_base_model(tmp_path, model, client_params, server_params):
+    folder = _train(tmp_path, "run", model=model, **{"client-params": client_params, "server-params": server_params})
+    choice = {} if client_params == "frozen" else {"client": 0}
+    out = export.export_run(folder, tmp_path / "model", **choice)  # a LoRA run: the model and its adapters
+    assert (out / "model.safetensors").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    config = make_config({**TINY, "model": model})
+    base = tmp_path / "base"
+    export.load_model(model, 2, config.run.seed).model.save_pretrained(base)  # the pristine base model
+    got, mask = _logits_elsewhere(base, tmp_path, encoder=model == "tiny-bert", adapters=out / "adapter")
+    bottom, top, _, _ = export.trained_split(export.read_run(folder), **choice)
+    ids, _ = export.probe_batch(json.loads((base / "config.json").read_text())["vocab_size"], seed=1)
+    assert export._max_gap(got.float(), export.split_logits(bottom, top, ids, mask), mask) <= 1e-5
+    only = export.export_run(folder, tmp_path / "adapters-only", parts="adapters", **choice)
+    assert (only / "adapter_model.safetensors").is_file() and not (only / "model.safetensors").exists()
+    merged = export.export_run(folder, tmp_path / "merged-only", parts="model", **choice)
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter").exists()
+
+
+def test_adapters_are_refused_for_a_run_that_trained_full_parameters(tmp_path):
+    folder = _train(tmp_path, "run", **{"server-params": "lora"})  # client: full parameters
+    with pytest.raises(export.ExportError, match="adapters hold LoRA runs only"):
+        export.export_run(folder, tmp_path / "model", client=0, parts="adapters")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
+    out = export.export_run(folder, tmp_path / "model", client=0)  # auto: the merged model alone
+    assert not (out / "adapter").exists()
