@@ -30,6 +30,7 @@ MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # 
 PARAM_MODES = ("full", "lora", "frozen")  # what a side trains
 DTYPES = ("float32", "float16", "bfloat16")  # activations on the wire; a ZO client's weights
 DIRECTIONS = ("gaussian", "rademacher")  # ZO perturbation directions
+TRACKERS = ("none", "tensorboard", "mlflow")  # where a run is also logged
 EMBEDDING_ROWS = ("batch", "all")  # which embedding rows a ZO client perturbs
 HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
 OPTIMIZERS = ("sgd", "adam")
@@ -76,6 +77,12 @@ class RunSettings:
     resume: str = setting("", "resume", help="'true': continue the run in out-dir from its last round; or a run folder")
     client_checkpoints: bool = setting(
         True, "client-checkpoints", help="clients keep per-round states on disk (resume)"
+    )
+    tracker: str = setting(
+        "none",
+        "tracker",
+        TRACKERS,
+        help="also log to TensorBoard (<run>/tensorboard) or MLflow (<run>/mlflow.db); pip install -e '.[track]'",
     )
 
 

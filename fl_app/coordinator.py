@@ -37,6 +37,7 @@ from fl_app.server_party import ScoreJob
 from fl_app.split import param_counts
 from fl_app.stream import Session, SessionTable, StepStreamServer
 from fl_app.tasks import get_task
+from fl_app.tracking import Tracker, eval_values, open_tracker, round_values
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Coordinator:
             "step_seconds": 0.0,
         }
         self.started = time.perf_counter()
+        self.tracker: Tracker | None = None  # opened with the first round it logs
 
     def reset(self, trial: int, overrides: Mapping[str, Any]) -> None:
         """Start run segment ``trial`` from the starting weights with ``overrides`` (a tuning trial's
@@ -284,8 +286,25 @@ class Coordinator:
         if evaluation is not None:
             self.results["eval"]["history"].append({"round": rnd, **evaluation})
             entry["diverging"] = divergence(self.results["eval"]["history"])
+        self._track_round(rnd, reports, entry, evaluation)
         self.checkpoint(rnd)
         return entry
+
+    def _track_round(
+        self, rnd: int, reports: list[TrainReport], entry: dict[str, Any], evaluation: dict[str, Any] | None
+    ) -> None:
+        """The round's per-step losses (numbered across the run) and its scalars, to the tracker; a
+        tuning trial's under ``trial<N>/``."""
+        if self.tracker is None:
+            name = self.out_dir.name
+            self.tracker = open_tracker(self.config.run.tracker, self.out_dir, dict(self.base_config), name)
+        prefix = f"trial{self.trial}/" if self.trial and self.trial <= self.config.tune.trials else ""
+        first = len(self.results["history"]) - sum(len(r.losses) for r in reports)
+        losses = [loss for rep in sorted(reports, key=lambda r: r.partition_id) for loss in rep.losses]
+        points = [(f"{prefix}train/loss", loss, first + i) for i, loss in enumerate(losses)]
+        peak = max((r.peak_memory_bytes for r in reports), default=0)
+        points += [(f"{prefix}{k}", v, rnd) for k, v in round_values(entry, evaluation, peak).items()]
+        self.tracker.log(points)
 
     def sync(self, rnd: int, reports: list[TrainReport]) -> None:
         """Synced bottoms: add the round's ZO steps to the history, or average the FO clients'
@@ -365,6 +384,13 @@ class Coordinator:
             self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
         if status == "finished":  # nothing resumes a finished run: each client's final state is enough
             keep_newest_states(self.out_dir / "clients" / self.run_id)
+        if status != "running" and self.tracker is not None:
+            test = self.results["eval"].get("test")
+            if test:
+                last = self.results["rounds"][-1]["round"] if self.results["rounds"] else 0
+                self.tracker.log([(k, v, last) for k, v in eval_values("test", test).items()])
+            self.tracker.close()
+            self.tracker = None
         return self._write()
 
     def _write(self) -> Path:

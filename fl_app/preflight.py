@@ -5,6 +5,7 @@ folder can be written. Each failure is one ValueError naming the field and the v
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -71,9 +72,17 @@ def _results(path: Path) -> dict:
         return {}
 
 
+def check_tracker(config: Config) -> None:
+    """The package ``tracker`` logs with is installed (the server's; clients never track)."""
+    needs = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(config.run.tracker)
+    if needs and importlib.util.find_spec(needs) is None:
+        raise ValueError(f"tracker = {config.run.tracker} needs the package '{needs}': pip install -e '.[track]'")
+
+
 def check_scenario(config: Config, data: bool = True) -> None:
-    """The model and, unless ``data=False`` (a server whose clients hold the data), the data (the
-    task itself was checked by make_config)."""
+    """The model, the tracker's package and, unless ``data=False`` (a server whose clients hold the
+    data), the data (the task itself was checked by make_config)."""
     check_model(config)
+    check_tracker(config)
     if data:
         check_data(config)
