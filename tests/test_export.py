@@ -184,3 +184,49 @@ def test_adapters_are_refused_for_a_run_that_trained_full_parameters(tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
     out = export.export_run(folder, tmp_path / "model", client=0)  # auto: the merged model alone
     assert not (out / "adapter").exists()
+
+
+PLAIN_SST2 = """
+import csv, gzip, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model_dir, data, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+with gzip.open(data, "rt", newline="") as fh:
+    rows = list(csv.DictReader(fh, delimiter="\\t", quoting=csv.QUOTE_NONE))
+right = 0
+for start in range(0, len(rows), 64):
+    batch = rows[start : start + 64]
+    enc = tokenizer([r["sentence"] for r in batch], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**enc).logits.argmax(-1).tolist()
+    right += sum(p == int(r["label"]) for p, r in zip(predicted, batch))
+assert not any(name == "fl_app" or name.startswith("fl_app.") for name in sys.modules)
+print(len(rows), right / len(rows))
+"""
+
+
+@pytest.mark.slow
+def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tmp_path):
+    """Plain transformers code (no fl_app) over every row of the shipped SST-2 validation file gives
+    the run's own test accuracy exactly (one client: the run scored the whole split with its bottom)."""
+    scenario = read_scenario(ROOT / "sim_configs" / "quick_minilm.toml")
+    overrides = {"num-clients": 1, "num-rounds": 1, "local-steps": 4, "n-test": 872, "eval-swap": "none"}
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        results = run(make_config({**scenario, **overrides, "out-dir": str(out)}), out)
+    model = export.export_run(out, tmp_path / "model")  # one client: its bottom, without --client
+    data = ROOT / "data" / "sst2" / "dev.tsv.gz"
+    max_length = str(results["data"]["max_length"])
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_SST2, str(model), str(data), max_length],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    count, accuracy = proc.stdout.split()
+    assert int(count) == results["eval"]["test"]["count"] == 872
+    assert float(accuracy) == results["eval"]["test"]["accuracy"]
