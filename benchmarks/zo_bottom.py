@@ -89,7 +89,14 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
             f"lr0.0003/cosine/clip{GRAD_CLIP:g}": {"client-lr": 3e-4, **COSINE, "zo-grad-clip": GRAD_CLIP},
         },
     ),
-    "hosl-lora": ({"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2}, _grid((3e-3, 1e-2, 3e-2), ("cosine",))),
+    "hosl-lora": (
+        {"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2},
+        {
+            **_grid((3e-3, 1e-2, 3e-2), ("cosine",)),
+            # rank 1: d_c = 6,144 perturbed values against rank 8's 49,152; HOSL's rate sqrt(d_c / TQ)
+            **{f"r1/lr{lr:g}/cosine": {"client-lr": lr, **COSINE, "lora-r": 1} for lr in (1e-2, 3e-2)},
+        },
+    ),
     "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
 }
 SMOL: dict[str, Any] = {  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
@@ -313,15 +320,18 @@ def pilot_picks(done: dict[str, Any]) -> dict[str, Any]:
 
 
 def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every long run by name (``long/<kind>/s<seed>``), each client kind at its pilot pick."""
+    """Every long run by name (``long/<kind>/s<seed>``), each client kind at its pilot pick; the
+    controls (frozen bottom, fo-fo) of every seed first, since every comparison needs them."""
     runs = {}
+    common = {**budget(1000, 100), "cut-layer": cut, "server-lr": server_lr}
     for seed in SEEDS:
-        common = {**budget(1000, 100), "cut-layer": cut, "seed": seed, "server-lr": server_lr}
-        runs[f"long/frozen/s{seed}"] = {**common, "mode": "hosl", "client-params": "frozen"}
-        runs[f"long/fo-fo/s{seed}"] = {**common, "mode": "fo-fo", "client-lr": fofo_lr}
-        for kind, chosen in picks.items():
-            top = {"server-lr": chosen["keys"]["client-lr"]} if kind == "zo-zo" else {}
-            runs[f"long/{kind}/s{seed}"] = {**common, **PILOT[kind][0], **chosen["keys"], **top}
+        runs[f"long/frozen/s{seed}"] = {**common, "seed": seed, "mode": "hosl", "client-params": "frozen"}
+    for seed in SEEDS:
+        runs[f"long/fo-fo/s{seed}"] = {**common, "seed": seed, "mode": "fo-fo", "client-lr": fofo_lr}
+    for kind, chosen in picks.items():
+        top = {"server-lr": chosen["keys"]["client-lr"]} if kind == "zo-zo" else {}
+        for seed in SEEDS:
+            runs[f"long/{kind}/s{seed}"] = {**common, "seed": seed, **PILOT[kind][0], **chosen["keys"], **top}
     return runs
 
 
