@@ -186,31 +186,11 @@ def test_adapters_are_refused_for_a_run_that_trained_full_parameters(tmp_path):
     assert not (out / "adapter").exists()
 
 
-PLAIN_SST2 = """
-import csv, gzip, sys, torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-model_dir, data, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-with gzip.open(data, "rt", newline="") as fh:
-    rows = list(csv.DictReader(fh, delimiter="\\t", quoting=csv.QUOTE_NONE))
-right = 0
-for start in range(0, len(rows), 64):
-    batch = rows[start : start + 64]
-    enc = tokenizer([r["sentence"] for r in batch], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**enc).logits.argmax(-1).tolist()
-    right += sum(p == int(r["label"]) for p, r in zip(predicted, batch))
-assert not any(name == "fl_app" or name.startswith("fl_app.") for name in sys.modules)
-print(len(rows), right / len(rows))
-"""
-
-
 @pytest.mark.slow
 def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tmp_path):
-    """Plain transformers code (no fl_app) over every row of the shipped SST-2 validation file gives
-    the run's own test accuracy exactly (one client: the run scored the whole split with its bottom)."""
+    """Plain transformers code (benchmarks/plain_sst2.py, no fl_app) over every row of the shipped SST-2
+    validation file gives the run's own test accuracy exactly (one client: the run scored the whole
+    split with its bottom)."""
     scenario = read_scenario(ROOT / "sim_configs" / "quick_minilm.toml")
     overrides = {"num-clients": 1, "num-rounds": 1, "local-steps": 4, "n-test": 872, "eval-swap": "none"}
     out = tmp_path / "run"
@@ -221,7 +201,7 @@ def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tm
     data = ROOT / "data" / "sst2" / "dev.tsv.gz"
     max_length = str(results["data"]["max_length"])
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_SST2, str(model), str(data), max_length],
+        [sys.executable, str(ROOT / "benchmarks" / "plain_sst2.py"), str(model), str(data), max_length],
         capture_output=True,
         text=True,
         check=True,
