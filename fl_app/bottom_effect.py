@@ -21,6 +21,7 @@ from fl_app.records import EvalReport
 
 LOSS_RISE = 1.10  # a dev loss this far above the run's best so far ...
 DRIFT_GROWTH = 1.5  # ... while the drift grew this much faster than the rounds since then: diverging
+SWAP_P = 0.01  # or a swap evaluation in which the trained bottom loses significantly more than it gains
 
 
 def relative_change(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
@@ -111,11 +112,20 @@ def pool_swap(reports: Sequence[EvalReport]) -> dict[str, Any] | None:
 
 
 def divergence(history: Sequence[Mapping[str, Any]]) -> str | None:
-    """Why the run looks like diverging, or None: the latest evaluation's dev loss is more than
+    """Why the run looks like diverging, or None. Either the latest evaluation's swap (``eval-swap =
+    every``) shows the trained bottom scoring worse than its start through the same top (more
+    predictions lost than gained, McNemar p below :data:`SWAP_P`), or its dev loss is more than
     :data:`LOSS_RISE` times the best so far while the bottom's drift has grown faster than its steps
     since that best (more than :data:`DRIFT_GROWTH` times the growth in rounds). A drift that grows
     with the steps (steady updates) or slower (a ZO random walk) is not flagged, so a top that simply
     overfits over a steadily moving bottom is not; nor is anything over a frozen bottom (no drift)."""
+    swap = history[-1].get("swap") if history else None
+    if swap and swap["lost"] > swap["gained"] and swap["p_value"] < SWAP_P:
+        return (
+            f"the trained bottom now scores worse than its start through the same top ({swap['gained']} "
+            f"predictions gained, {swap['lost']} lost, McNemar p {swap['p_value']:.2g}): the client's training "
+            "is hurting (try a lower client-lr, zo-grad-clip or a decaying client-lr-schedule)"
+        )
     evals = [e for e in history if e.get("loss") is not None and "drift" in e]
     if len(evals) < 2:
         return None

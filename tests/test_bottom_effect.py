@@ -160,6 +160,17 @@ def test_divergence_is_a_rising_dev_loss_while_the_bottom_drifts_faster_than_its
     assert divergence(steady) is None and divergence([*steady[:2], _eval(6, 0.40, 0.30)]) is not None
 
 
+def test_divergence_is_also_a_swap_in_which_the_trained_bottom_loses_significantly():
+    def swapped(gained, lost):
+        swap = {"gained": gained, "lost": lost, "p_value": mcnemar_exact(gained, lost)}
+        return {**_eval(1, 0.40, 0.05), "swap": swap}
+
+    hurt = divergence([swapped(97, 215)])  # from the first evaluation on: LoRA at 3e-2 in the pilot
+    assert hurt and "97 predictions gained, 215 lost" in hurt
+    assert divergence([swapped(9, 16)]) is None  # more lost, but within chance (p 0.23)
+    assert divergence([swapped(215, 97)]) is None  # a bottom that helps
+
+
 def test_a_diverging_run_says_so_in_its_output(coord, monkeypatch, capsys):
     """The round loop flags the round whose evaluation shows the divergence, in results and output."""
     c = coord()
