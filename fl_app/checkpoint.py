@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -76,3 +77,35 @@ def run_folder(out_dir: str, config: Mapping[str, Any], root: Path = Path("runs"
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     return folder
+
+
+class RunFolderBusy(ValueError):
+    """Another run holds the run folder."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for the life of the run (``<folder>/.run.lock``, holding the
+    owner's pid); the operating system releases it when the process ends, however it ends."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ".run.lock"
+        self.handle = open(path, "a+")  # noqa: SIM115 - held open for the run: the lock lives with it
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise RunFolderBusy(
+                f"out-dir {str(folder)!r} is in use by another run (pid {owner}); give another out-dir, or wait"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fl_app.bottom_effect import divergence
-from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.checkpoint import RunFolderLock, load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.client_store import keep_newest_states
 from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
@@ -75,6 +75,7 @@ class Coordinator:
         """``serve_stream=False``: no gRPC server; clients in this process reach :meth:`handle` directly.
         ``credentials``: see :func:`stream_credentials` (default: none, a plain stream)."""
         credentials = credentials or StreamCredentials()
+        self.folder_lock = RunFolderLock(out_dir)  # first: a second run into the folder stops here
         self.config = config  # this run segment's (a tuning trial's overrides applied)
         self.base_config = config
         self.out_dir = out_dir
@@ -418,6 +419,7 @@ class Coordinator:
 
     def close(self) -> None:
         self.stream.stop()
+        self.folder_lock.release()
 
 
 def machine() -> dict[str, Any]:

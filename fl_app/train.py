@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app import rounds
-from fl_app.checkpoint import run_folder
+from fl_app.checkpoint import RunFolderBusy, run_folder
 from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import Config, exit_with_error, scenario_config
 from fl_app.coordinator import Coordinator
@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         check_out_dir(out_dir, "--out", resume=config if config.run.resume else None)
     except ValueError as err:
         exit_with_error(str(err))
-    run(config, out_dir)  # prints each round, test accuracy and, last, where the results are
+    try:
+        run(config, out_dir)  # prints each round, test accuracy and, last, where the results are
+    except RunFolderBusy as err:  # refused before anything trained
+        exit_with_error(str(err))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app import rounds
-from fl_app.checkpoint import run_folder
+from fl_app.checkpoint import RunFolderBusy, run_folder
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
@@ -253,7 +253,11 @@ def main(grid: Grid, context: Context) -> None:
     except ValueError as err:
         print(f"[hosl] error: {err}", flush=True)
         raise
-    coord = Coordinator(config, out_dir, credentials)
+    try:
+        coord = Coordinator(config, out_dir, credentials)
+    except RunFolderBusy as err:  # a second run into the folder: refused before training
+        print(f"[hosl] error: {err}", flush=True)
+        raise
     try:
         with _exit_on_sigterm():
             _run(grid, coord)

@@ -40,11 +40,13 @@ def fresh():
 
 @pytest.fixture
 def coordinators(tmp_path):
-    """Factory of Coordinators writing to ``tmp_path`` for a given config; all closed after the test."""
+    """Factory of Coordinators for a given config, the first writing to ``tmp_path``, later ones to
+    ``tmp_path/coord<N>`` (each run holds its folder); all closed after the test."""
     made = []
 
     def build(config, credentials=None):
-        made.append(Coordinator(config, tmp_path, credentials))
+        folder = tmp_path / f"coord{len(made)}" if made else tmp_path
+        made.append(Coordinator(config, folder, credentials))
         return made[-1]
 
     yield build

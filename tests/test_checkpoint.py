@@ -2,6 +2,7 @@
 and a killed run resumes to the result it would have had."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from fl_app import train as train_cli
-from fl_app.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.checkpoint import RunFolderBusy, RunFolderLock, load_checkpoint, save_checkpoint, write_json_atomic
 from fl_app.config import make_config, read_scenario
 
 
@@ -137,3 +138,24 @@ def test_a_checkpoint_with_empty_byte_strings_loads_as_a_synced_lora_run_writes_
     train_cli.main([SMOKE, "--out", str(out), "--set", "bottoms=synced", "--set", "client-params=lora"])
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["history"]["rows"] and set(saved["history"]["rows"]) == {b""}
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_training(tmp_path, capsys):
+    """A run holds its folder (an OS lock, released however the run ends): a second run into the same
+    folder is refused with one line and exit code 2 before it trains or writes anything."""
+    out = tmp_path / "run"
+    holder = RunFolderLock(out)  # a run already going there, as far as the lock is concerned
+    try:
+        with pytest.raises(SystemExit) as refused:
+            train_cli.main([SMOKE, "--out", str(out)])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by another run (pid {os.getpid()})" in err[0]
+        assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()
+        with pytest.raises(RunFolderBusy):
+            RunFolderLock(out)
+    finally:
+        holder.release()
+    train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1"])  # free again: the run goes ahead
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+    RunFolderLock(out).release()  # and the finished run let go of it
