@@ -206,7 +206,14 @@ class Coordinator:
         return self.history.since(synced_round, exclude_client=client_id)
 
     def finish_train(self, session: Session, report: TrainReport | None, reason: str = "") -> bool:
-        """Commit a session's updates if the client reported success, otherwise roll them back."""
+        """Commit a session's updates if the client reported success in a report that holds up
+        (:meth:`TrainReport.problem`), otherwise roll them back."""
+        if report is not None and session.status == "open":
+            zo_client = self.client_order == "zo" and self.config.model.client_params != "frozen"
+            queries = self.config.zo.queries if zo_client else 0
+            problem = report.problem(int(session.client_id), queries)
+            if problem is not None:  # never committed, never in the synced history: the client is dropped
+                report, reason = None, f"bad report: {problem}"
         if report is None or session.status != "open":
             self.stream.fail(session, reason or session.reason or "no report")
             self._end(session)

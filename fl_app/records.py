@@ -7,6 +7,7 @@ once, for both apps (``client_app`` stores and sends them, ``server_app`` sends 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -314,6 +315,31 @@ class TrainReport:
     @property
     def train_loss(self) -> float:
         return sum(self.losses) / len(self.losses)
+
+    def problem(self, client: int, queries: int) -> str | None:
+        """Why the server must not commit this report of client ``client``'s session, or None: it
+        names another client, its per-step lists disagree, a ZO step (``queries`` > 0) has other than
+        ``queries`` seeds and gradients (an FO one has any), or a number is not finite."""
+        if self.partition_id != client:
+            return f"the report names client {self.partition_id}, the session is client {client}'s"
+        steps = self.steps
+        lengths = {
+            "seeds": len(self.seeds),
+            "grads": len(self.grads),
+            "rows": len(self.rows),
+            "step-lrs": len(self.step_lrs),
+        }
+        if any(n != steps for n in lengths.values()):
+            return f"per-step lists differ from its {steps} losses: {lengths}"
+        widths = {len(s) for s in self.seeds} | {len(g) for g in self.grads}
+        if steps and widths != {queries}:
+            return f"each step must carry {queries} seeds and projected gradients, got {sorted(widths)}"
+        numbers = [*self.losses, *self.step_lrs, *(g for step in self.grads for g in step)]
+        if not all(math.isfinite(x) for x in numbers):
+            return "a loss, rate or projected gradient is not finite"
+        if self.weights and not all(bool(torch.isfinite(w).all()) for w in self.weights.values()):
+            return "its bottom's weights are not finite"
+        return None
 
     def to_record(self) -> dict[str, Any]:
         """The flat record a Flower ConfigRecord holds (no weights; per-step lists flattened)."""

@@ -210,15 +210,18 @@ class FlowerFederation:
 def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> SessionReply:
     """A reply message as the round loop wants it (a training report with its message sizes, or
     evaluation metrics), or why there is none."""
-    report, reason = _reply_report(reply)
-    if report is not None and kind == "train":
-        report = TrainReport.from_record(report)
-        report.message_bytes_down = record_bytes(content)
-        report.message_bytes_up = record_bytes(reply.content)
-        if "weights" in reply.content.array_records:
-            report.weights = reply.content.array_records["weights"].to_torch_state_dict()
-    elif report is not None:
-        report = EvalReport.from_record(reply.content.metric_records["metrics"])
+    try:
+        report, reason = _reply_report(reply)
+        if report is not None and kind == "train":
+            report = TrainReport.from_record(report)
+            report.message_bytes_down = record_bytes(content)
+            report.message_bytes_up = record_bytes(reply.content)
+            if "weights" in reply.content.array_records:
+                report.weights = reply.content.array_records["weights"].to_torch_state_dict()
+        elif report is not None:
+            report = EvalReport.from_record(reply.content.metric_records["metrics"])
+    except (ValueError, KeyError, TypeError) as err:  # a malformed report drops its client, never the run
+        return SessionReply(None, f"malformed report: {type(err).__name__}: {err}")
     return SessionReply(report, reason)
 
 

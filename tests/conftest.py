@@ -52,3 +52,41 @@ def coordinators(tmp_path):
     yield build
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def train_report():
+    """Factory of a plausible TrainReport: ``steps`` steps of ``queries`` seeds and gradients each
+    (0: an FO client's), fields overridden by keyword."""
+
+    def build(partition_id=0, steps=2, queries=2, **overrides):
+        from fl_app.records import TrainReport
+
+        fields = dict(
+            partition_id=partition_id,
+            losses=[0.7] * steps,
+            seeds=[list(range(q * queries, (q + 1) * queries)) for q in range(steps)],
+            grads=[[0.5] * queries for _ in range(steps)],
+            rows=[b""] * steps,
+            step_lrs=[1e-3] * steps,
+            lr=1e-3,
+            bytes_up=10,
+            bytes_down=4,
+            peak_memory_bytes=1 << 20,
+            step_seconds=0.5,
+            session_seconds=0.7,
+            caught_up_updates=0,
+            device="cpu",
+            max_length=64,
+            truncated={},
+            subset_plan="full",
+            subset_batches=0,
+            selection_seconds=0.0,
+            selection_bytes_up=0,
+            selection_bytes_down=0,
+            bottom_params=100,
+            bottom_trainable=40,
+        )
+        return TrainReport(**{**fields, **overrides})
+
+    return build

@@ -212,7 +212,7 @@ def test_abrupt_disconnect_drops_session_and_rolls_back(coord):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
 
 
-def test_every_end_of_a_session_frees_what_the_server_buffered_for_it(coord):
+def test_every_end_of_a_session_frees_what_the_server_buffered_for_it(coord, train_report):
     """A client that streamed perturbed parts and then closed cleanly, or failed, mid-step leaves no
     buffered activation on the server."""
     from fl_app.local_transport import InProcessLink
@@ -230,7 +230,7 @@ def test_every_end_of_a_session_frees_what_the_server_buffered_for_it(coord):
         session, _ = c.open(0, 1)
         c.handle(session.token, part)
         assert session.token in c.server.pending
-        c.finish_train(session, {"steps": 0} if ending == "clean" else None, "test")
+        c.finish_train(session, train_report(steps=0) if ending == "clean" else None, "test")
         assert session.token not in c.server.pending and session.token not in c.server.proxies
 
 
@@ -421,7 +421,9 @@ def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, 
 
 
 @pytest.mark.parametrize("across", [True, False])
-def test_concurrent_sessions_over_the_stream_with_and_without_scoring_across_clients(coord, across, monkeypatch):
+def test_concurrent_sessions_over_the_stream_with_and_without_scoring_across_clients(
+    coord, train_report, across, monkeypatch
+):
     """Three clients (each its own bottom, as in separate processes) stream their steps at once:
     every session commits and each job of perturbed pairs is scored exactly once (together with
     other sessions' jobs when they wait at the same time)."""
@@ -450,7 +452,7 @@ def test_concurrent_sessions_over_the_stream_with_and_without_scoring_across_cli
             stream = BatchStream(data.encoder, data.client_examples(pid), 8, pid)
             losses[pid] = [clients[pid].train_step(stream.batch(step), link).loss for step in range(2)]
             link.close()
-            assert c.finish_train(session, {"partition-id": pid})
+            assert c.finish_train(session, train_report(partition_id=pid, queries=3))
         except Exception as err:  # noqa: BLE001
             errors.append(err)
 
@@ -518,3 +520,24 @@ def test_long_phases_print_a_line_at_least_every_progress_interval(coord, monkey
     out = capsys.readouterr().out
     assert sum("client 0: step" in line for line in out.splitlines()) == 8
     assert "round 2 client 0: dev: 8/32 examples scored" in out and "dev: 32/32 examples scored" in out
+
+
+def test_a_report_that_does_not_hold_up_is_rolled_back_and_its_client_dropped(coord, train_report):
+    """The server commits a session only on a report that names the session's client, carries Q
+    seeds and gradients per step and finite numbers; anything else rolls the session back."""
+    import math
+
+    c = coord()
+    q = c.config.zo.queries
+    cases = {
+        "names client 1, the session is client 0's": train_report(partition_id=1, queries=q),
+        "per-step lists differ": train_report(queries=q, step_lrs=[1e-3]),
+        f"must carry {q} seeds": train_report(queries=q + 1),
+        "not finite": train_report(queries=q, grads=[[math.nan] * q, [0.5] * q]),
+    }
+    for expected, report in cases.items():
+        session, _ = c.open(0, 1)
+        assert c.finish_train(session, report) is False
+        assert expected in session.reason and session.reason.startswith("bad report: ")
+    session, _ = c.open(0, 1)
+    assert c.finish_train(session, train_report(queries=q)) is True  # a sound report commits

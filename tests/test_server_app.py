@@ -168,3 +168,22 @@ def test_the_number_of_clients_is_the_federations_and_a_disagreeing_scenario_is_
     assert FlowerFederation(FakeGrid({11: 0, 12: 1}), query_timeout=5, wait=0).num_clients() == 2  # none declared
     text = server_app.num_clients_mismatch(1, 2)
     assert "num-clients = 1" in text and "2 clients train" in text and "num-supernodes=1" in text
+
+
+def test_a_malformed_training_report_drops_its_client_not_the_run(train_report):
+    """A reply whose report lacks fields, or has no report record at all, is a dropped session with
+    the reason, never an exception in the round loop."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    good = train_report(queries=2).to_record()
+    lacking = {k: v for k, v in good.items() if k != "losses"}
+    for content, reason in (
+        (RecordDict({"report": ConfigRecord({"ok": True, **lacking})}), "lacks fields ['losses']"),
+        (RecordDict({}), "KeyError"),
+    ):
+        reply = SimpleNamespace(has_error=lambda: False, content=content)
+        got = server_app._session_reply("train", RecordDict({}), reply)
+        assert got.report is None and got.reason.startswith("malformed report: ") and reason in got.reason
+    content = RecordDict({"report": ConfigRecord({"ok": True, **good})})
+    reply = SimpleNamespace(has_error=lambda: False, content=content)
+    assert server_app._session_reply("train", RecordDict({}), reply).report.losses == [0.7, 0.7]

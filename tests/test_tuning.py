@@ -245,11 +245,11 @@ def test_gradmatch_session_selects_through_the_server_then_keeps_its_subset(coor
     c.finish_train(session, report3)
 
 
-def test_state_of_another_trial_is_dropped(coord):
+def test_state_of_another_trial_is_dropped(coord, train_report):
     c = coord()
     session, message = c.open(0, 1, subset="full")
     _, state = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, None))
-    c.finish_train(session, {"ok": True})
+    c.finish_train(session, train_report(queries=c.config.zo.queries))
     session, message = c.open(0, 2, subset="warm", trial=5)
     report, fresh = run_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
     c.finish_train(session, report)
