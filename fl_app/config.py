@@ -48,7 +48,7 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-CHECKS = {
+CHECKS: dict[str, Any] = {
     DEVICE: lambda v: DEVICE_NAMES.fullmatch(v) is not None,
     FREEZE_GROUPS: lambda v: set(split_list(v)) <= set(FREEZABLE),
     POSITIVE: lambda v: math.isfinite(v) and v > 0,
@@ -56,6 +56,21 @@ CHECKS = {
     FRACTION: lambda v: 0 < v <= 1,
     BELOW_ONE: lambda v: 0 <= v < 1,
 }
+
+
+def between(low: float, high: float) -> str:
+    """The check ``low <= value <= high`` (finite), registered under its own text: the bound a key
+    needs so that a value that passes cannot exhaust the machine or overflow what it feeds."""
+    text = f"in [{low:g}, {high:g}]"
+    CHECKS[text] = lambda v: math.isfinite(v) and low <= v <= high
+    return text
+
+
+MANY = between(1, 1_000_000)  # rounds, steps, clients, trials: far past any run, far short of exhausting memory
+PORT = between(0, 65_535)
+FRAME_MB = between(1, 2047)  # gRPC's message limit is a signed 32-bit byte count
+BUFFER_MB = between(1, 1 << 20)
+QUERIES = between(1, 256)  # 2Q perturbed passes per step; MeZO uses 1 to 16
 
 
 def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None, *, help: str) -> Any:
@@ -95,7 +110,7 @@ class ModelSettings:
     client_params: str = setting("full", "client-params", PARAM_MODES, help="what the client trains")
     server_params: str = setting("full", "server-params", PARAM_MODES, help="what the server trains")
     lora_r: int = setting(
-        8, "lora-r", check=POSITIVE, help="LoRA rank of each adapter (client-params / server-params = lora)"
+        8, "lora-r", check=between(1, 4096), help="LoRA rank of each adapter (client-params / server-params = lora)"
     )
     lora_alpha: int = setting(
         16, "lora-alpha", check=POSITIVE, help="LoRA scaling: adapters add (alpha / r) B A to their weight"
@@ -161,9 +176,11 @@ class DataSettings:
         check=NON_NEGATIVE,
         help="test examples sampled from the task's held-out split, scored at the end",
     )
-    max_length: int = setting(0, "max-length", check=NON_NEGATIVE, help="tokens per example; 0 = the task's default")
+    max_length: int = setting(
+        0, "max-length", check=between(0, 1 << 17), help="tokens per example; 0 = the task's default"
+    )
     batch_size: int = setting(
-        16, "batch-size", check=POSITIVE, help="examples per client step (and per evaluation batch)"
+        16, "batch-size", check=between(1, 1 << 16), help="examples per client step (and per evaluation batch)"
     )
     partition: str = setting(
         "iid", "partition", ("iid", "dirichlet", "shard"), help="how train data is split among clients"
@@ -175,7 +192,7 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ZOSettings:
-    queries: int = setting(4, "zo-queries", check=POSITIVE, help="Q directions per step (2Q perturbed passes)")
+    queries: int = setting(4, "zo-queries", check=QUERIES, help="Q directions per step (2Q perturbed passes)")
     eps: float = setting(1e-3, "zo-eps", check=POSITIVE, help="perturbation size")
     directions: str = setting("rademacher", "zo-directions", DIRECTIONS, help="+-1 (cheap to draw) or MeZO's gaussian")
     embedding_rows: str = setting("batch", "zo-embedding-rows", EMBEDDING_ROWS, help="batch: only the rows it uses")
@@ -227,7 +244,7 @@ class OptimSettings:
     weight_decay: float = setting(
         0.0, "weight-decay", check=NON_NEGATIVE, help="decoupled weight decay on both sides' matrices"
     )
-    local_steps: int = setting(8, "local-steps", check=POSITIVE, help="steps per client per round")
+    local_steps: int = setting(8, "local-steps", check=MANY, help="steps per client per round")
     local_epochs: float = setting(0.0, "local-epochs", check=NON_NEGATIVE, help="> 0: passes over the data instead")
 
 
@@ -236,20 +253,20 @@ class FederationSettings:
     num_clients: int = setting(
         2,
         "num-clients",
-        check=POSITIVE,
+        check=MANY,
         help="clients (data partitions) of the local runner; under flwr run the federation's SuperNodes decide",
     )
     num_rounds: int = setting(
-        3, "num-rounds", check=POSITIVE, help="rounds of training (after tuning, when tune-trials > 0)"
+        3, "num-rounds", check=MANY, help="rounds of training (after tuning, when tune-trials > 0)"
     )
     bottoms: str = setting(
         "personal", "bottoms", ("personal", "synced"), help="synced: every client replays all updates"
     )
     fraction_train: float = setting(1.0, "fraction-train", check=FRACTION, help="clients selected per round")
     min_clients: int = setting(
-        1, "min-clients", check=POSITIVE, help="client nodes the ServerApp waits for before the first round"
+        1, "min-clients", check=MANY, help="client nodes the ServerApp waits for before the first round"
     )
-    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=POSITIVE, help="sessions open at once")
+    max_concurrent_clients: int = setting(2, "max-concurrent-clients", check=MANY, help="sessions open at once")
     score_across_clients: bool = setting(
         False,
         "score-across-clients",
@@ -265,7 +282,7 @@ class FederationSettings:
 @dataclass(frozen=True)
 class StreamSettings:
     host: str = setting("127.0.0.1", "stream-host", help="where the server's step stream listens")
-    port: int = setting(0, "stream-port", check=NON_NEGATIVE, help="0 = any free port")
+    port: int = setting(0, "stream-port", check=PORT, help="0 = any free port")
     advertise_host: str = setting("", "stream-advertise-host", help="the address clients dial ('' = host)")
     tls_cert: str = setting("", "stream-tls-cert", help="PEM files; both set = TLS")
     tls_key: str = setting("", "stream-tls-key", help="PEM private key of stream-tls-cert")
@@ -273,9 +290,9 @@ class StreamSettings:
     workers: int = setting(
         0, "stream-workers", check=NON_NEGATIVE, help="streams served at once (0 = 2 per session, >= 4)"
     )
-    max_frame_mb: int = setting(256, "max-frame-mb", check=POSITIVE, help="largest frame either side accepts")
-    session_buffer_mb: int = setting(512, "session-buffer-mb", check=POSITIVE, help="server memory a session may hold")
-    server_buffer_mb: int = setting(4096, "server-buffer-mb", check=POSITIVE, help="... and all sessions together")
+    max_frame_mb: int = setting(256, "max-frame-mb", check=FRAME_MB, help="largest frame either side accepts")
+    session_buffer_mb: int = setting(512, "session-buffer-mb", check=BUFFER_MB, help="server memory a session may hold")
+    server_buffer_mb: int = setting(4096, "server-buffer-mb", check=BUFFER_MB, help="... and all sessions together")
     wire_dtype: str = setting("float32", "wire-dtype", DTYPES, help="activations on the wire")
 
 
@@ -293,8 +310,10 @@ class SubsetSettings:
 
 @dataclass(frozen=True)
 class TuneSettings:
-    trials: int = setting(0, "tune-trials", check=NON_NEGATIVE, help="> 0: a study, then the best trained on full data")
-    rounds: int = setting(3, "tune-rounds", check=POSITIVE, help="rounds per trial")
+    trials: int = setting(
+        0, "tune-trials", check=between(0, 100_000), help="> 0: a study, then the best trained on full data"
+    )
+    rounds: int = setting(3, "tune-rounds", check=MANY, help="rounds per trial")
     sampler: str = setting("tpe", "tune-sampler", ("tpe", "random"), help="Optuna sampler of the tuning study")
     pruner: str = setting(
         "hyperband", "tune-pruner", ("hyperband", "asha", "none"), help="Optuna pruner that stops poor trials early"
@@ -304,7 +323,7 @@ class TuneSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    every: int = setting(1, "eval-every", check=POSITIVE, help="rounds between dev evaluations (and the last)")
+    every: int = setting(1, "eval-every", check=MANY, help="rounds between dev evaluations (and the last)")
     examples: int = setting(200, "eval-examples", check=NON_NEGATIVE, help="dev examples scored (0 = all)")
     test: bool = setting(True, "eval-test", help="score the test split at the end")
     untrained: bool = setting(True, "eval-untrained", help="score dev before training (round 0: the baseline)")

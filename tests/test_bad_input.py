@@ -34,7 +34,7 @@ CASES = [
     (["zo-queries=x"], "config key 'zo-queries' expects int, got 'x'"),
     (["mode=zo-fo"], "config key 'mode' must be one of"),
     (["bogus=1"], "unknown config key 'bogus'"),
-    (["batch-size=0"], "config key 'batch-size' must be > 0, got 0"),
+    (["batch-size=0"], "config key 'batch-size' must be in [1, 65536], got 0"),
     (["stream-host=0.0.0.0"], "'stream-host' = '0.0.0.0' listens on every interface, but clients need an address"),
     (["stream-tls-cert=server.pem"], "'stream-tls-cert' and 'stream-tls-key' go together"),
 ]

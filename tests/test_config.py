@@ -99,3 +99,19 @@ def test_config_imports_nothing_from_fl_app_that_imports_it():
             seen.add(module)
             todo += fl_imports(module)
     assert seen and "fl_app.config" not in seen, seen
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [
+        ("stream-port", 70_000, "[0, 65535]"),  # not a port
+        ("max-frame-mb", 4096, "[1, 2047]"),  # overflows gRPC's 32-bit message limit
+        ("num-rounds", 10**12, "[1, 1e+06]"),  # a round list that exhausts memory
+        ("zo-queries", 100_000, "[1, 256]"),  # frames no server accepts
+        ("num-clients", 10**9, "[1, 1e+06]"),
+        ("session-buffer-mb", 10**9, "[1, 1.04858e+06]"),
+    ],
+)
+def test_numeric_keys_have_ranges_that_keep_a_run_possible(key, value, bound):
+    with pytest.raises(ValueError, match=re.escape(f"config key '{key}' must be in {bound}, got {value}")):
+        make_config({key: value})
