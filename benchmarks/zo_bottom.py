@@ -93,8 +93,14 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
         {"mode": "hosl", "client-params": "lora", "zo-eps": 1e-2},
         {
             **_grid((3e-3, 1e-2, 3e-2), ("cosine",)),
-            # rank 1: d_c = 6,144 perturbed values against rank 8's 49,152; HOSL's rate sqrt(d_c / TQ)
-            **{f"r1/lr{lr:g}/cosine": {"client-lr": lr, **COSINE, "lora-r": 1} for lr in (1e-2, 3e-2)},
+            # rank 1: d_c = 6,144 perturbed values against rank 8's 49,152; HOSL's rate sqrt(d_c / TQ).
+            # At lora-alpha 16 its adapters are scaled by 16 (rank 8's by 2) and both rates diverged;
+            # at lora-alpha 2 the scale is rank 8's.
+            **{
+                f"r1-alpha{alpha}/lr{lr:g}/cosine": {"client-lr": lr, **COSINE, "lora-r": 1, "lora-alpha": alpha}
+                for alpha in (16, 2)
+                for lr in (1e-2, 3e-2)
+            },
         },
     ),
     "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
