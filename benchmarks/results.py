@@ -59,6 +59,11 @@ SECTIONS = (
         "--task-set rte:max-length=128 --task-set rte:n-train=256 --docs docs/results",
     ),
     Section(
+        "export_check",
+        "Exported models score SST-2 as their runs did (plain transformers, no fl_app)",
+        "python -m benchmarks.export_check --models minilm smollm2",
+    ),
+    Section(
         "client_cost", "The ZO client step against its floor", "python -m benchmarks.client_cost --steps 4 --repeats 2"
     ),
     Section(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,62 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint or client state that cannot be resumed from: unreadable, not ours, or not this
+    run's model and rounds."""
+
+
+CHECKPOINT_KEYS = frozenset(
+    {"round", "run_id", "server", "optimizer", "server_steps", "history", "average", "synced", "results", "rng"}
+)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, or a ValueError saying in one line why it cannot be one (unreadable,
+    truncated, not ours, keys missing or unknown)."""
+    try:
+        saved = load_checkpoint(path)
+    except pickle.UnpicklingError:
+        raise CheckpointRefused(
+            f"resume: {path} holds objects other than tensors and plain values (not read)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean the same here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointRefused(
+            f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {first})"
+        ) from None
+    if not isinstance(saved, dict) or set(saved) != CHECKPOINT_KEYS:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointRefused(f"resume: {path} is not a checkpoint of this project (keys {found})")
+    return saved
+
+
+def check_weights(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor], what: str) -> None:
+    """``saved`` has exactly ``expected``'s names, each with its shape and a floating dtype, all finite;
+    else a CheckpointRefused naming the first tensor that is not."""
+    if not isinstance(saved, Mapping) or set(saved) != set(expected):
+        differ = sorted(set(saved) ^ set(expected))[:3] if isinstance(saved, Mapping) else type(saved).__name__
+        raise CheckpointRefused(f"{what} does not match the model: names differ ({differ})")
+    for name, value in saved.items():
+        want = expected[name]
+        if not torch.is_tensor(value) or value.shape != want.shape or not value.is_floating_point():
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise CheckpointRefused(f"{what}: {name} is {got}, expected a float tensor of shape {tuple(want.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointRefused(f"{what}: {name} holds values that are not finite")
+
+
+def mark_failed(folder: Path, error: str) -> None:
+    """Set an existing results.json's status to failed with ``error``, keeping everything else in it."""
+    path = folder / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(results, dict):
+        write_json_atomic(path, {**results, "status": "failed", "error": error})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 
 from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batches, shard
 from fl_app.bottom_effect import activation_change, relative_change
+from fl_app.checkpoint import check_weights
 from fl_app.client_party import Link, SplitClient, StepMemory
 from fl_app.client_store import load_client_state, save_client_state
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
@@ -107,13 +108,11 @@ def trainable_state(client: SplitClient) -> dict[str, torch.Tensor]:
 
 
 def restore(client: SplitClient, state: ClientState) -> None:
-    """Load trainable weights and the step counter; unknown or missing names are an error."""
+    """Load trainable weights and the step counter; weights that are not the bottom's (names, shapes,
+    finite floats) are an error."""
     named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
     if state.weights:
-        if set(state.weights) != set(named):
-            raise ValueError(
-                f"saved client state does not match the model: {sorted(set(state.weights) ^ set(named))[:5]}"
-            )
+        check_weights(state.weights, named, "saved client state")  # names, shapes, finite values
         with torch.no_grad():
             for name, value in state.weights.items():
                 named[name].copy_(value)

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from fl_app.bottom_effect import divergence
-from fl_app.checkpoint import RunFolderLock, load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.checkpoint import (
+    CheckpointRefused,
+    RunFolderLock,
+    check_weights,
+    read_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from fl_app.client_store import keep_newest_states
 from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
@@ -365,7 +372,8 @@ class Coordinator:
     def resume(self, folder: Path) -> None:
         """Continue the run checkpointed in ``folder`` (checked first by
         :func:`fl_app.preflight.check_out_dir`) after its last finished round."""
-        saved = load_checkpoint(folder / "checkpoint.pt")
+        saved = read_checkpoint(folder / "checkpoint.pt")
+        self._check_resumable(saved)
         with self.lock:
             params = dict(self.server.top.named_parameters())
             with torch.no_grad():
@@ -383,6 +391,21 @@ class Coordinator:
         self.started = time.perf_counter() - self.results.get("wall_seconds", 0.0)
         torch.set_rng_state(saved["rng"])
         self.finished_round, self.run_id = saved["round"], saved["run_id"]
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        """The checkpoint fits this run: the server's trainable weights by name, shape and finite
+        values, and a round that its own results reached; else a ValueError saying what does not."""
+        trainable = {n: p for n, p in self.server.top.named_parameters() if p.requires_grad}
+        check_weights(saved["server"], trainable, "resume: the checkpoint's server weights")
+        try:
+            recorded = [r["round"] for r in json.loads(saved["results"])["rounds"]]
+        except (TypeError, ValueError, KeyError) as err:
+            raise CheckpointRefused(f"resume: the checkpoint's results are unreadable ({err})") from None
+        if not isinstance(saved["round"], int) or not recorded or saved["round"] != recorded[-1]:
+            raise CheckpointRefused(
+                f"resume: the checkpoint says round {saved['round']!r}, its results end at round "
+                f"{recorded[-1] if recorded else None}"
+            )
 
     def write_results(self, status: str = "running", error: str = "") -> Path:
         """Write results.json; ``status`` is "running" after a round, "finished" at the end and

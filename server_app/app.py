@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app import rounds
-from fl_app.checkpoint import RunFolderBusy, run_folder
+from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, mark_failed, run_folder
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
@@ -272,7 +272,12 @@ def _run(grid: Grid, coord: Coordinator) -> None:
     """Resume if asked, find the nodes, optionally time Flower round trips, run the rounds."""
     config = coord.config
     if config.run.resume:
-        coord.resume(coord.out_dir)
+        try:
+            coord.resume(coord.out_dir)
+        except CheckpointRefused as err:  # one line first; the run it would continue is marked failed
+            print(f"[hosl] error: {err}", flush=True)
+            mark_failed(coord.out_dir, str(err))
+            raise
     fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
     print(
         f"[hosl] {len(fed.nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "

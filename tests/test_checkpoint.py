@@ -159,3 +159,75 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_training(tmp_path, 
     train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1"])  # free again: the run goes ahead
     assert json.loads((out / "results.json").read_text())["status"] == "finished"
     RunFolderLock(out).release()  # and the finished run let go of it
+
+
+class _NotPlain:  # pickled into a checkpoint, it needs code to load: refused unread
+    pass
+
+
+def _tamper_cases():
+    def scalar(saved):
+        name = next(iter(saved["server"]))
+        saved["server"][name] = torch.tensor(0.5)
+        return f"{name} is (), expected a float tensor of shape"
+
+    def nan(saved):
+        name = next(iter(saved["server"]))
+        saved["server"][name] = torch.full_like(saved["server"][name], float("nan"))
+        return f"{name} holds values that are not finite"
+
+    def far_round(saved):
+        saved["round"] = 999
+        return "the checkpoint says round 999, its results end at round 1"
+
+    def unknown_keys(saved):
+        saved["extra"] = 1
+        return "is not a checkpoint of this project"
+
+    return {"scalar": scalar, "nan": nan, "far-round": far_round, "unknown-keys": unknown_keys}
+
+
+@pytest.mark.parametrize("case", ["scalar", "nan", "far-round", "unknown-keys", "truncated", "empty", "pickled"])
+def test_a_tampered_checkpoint_is_refused_with_one_line_and_the_run_marked_failed(tmp_path, capsys, case):
+    out = tmp_path / "run"
+    train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1"])
+    path = out / "checkpoint.pt"
+    if case in _tamper_cases():
+        saved = load_checkpoint(path)
+        expected = _tamper_cases()[case](saved)
+        save_checkpoint(path, saved)
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+        expected = "is not a readable checkpoint"
+    elif case == "empty":
+        path.write_bytes(b"")
+        expected = "is not a readable checkpoint"
+    else:
+        torch.save({"round": _NotPlain()}, path)
+        expected = "holds objects other than tensors and plain values (not read)"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1", "--set", "resume=true"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "weights_only" not in err[0], err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and expected in results["error"]
+    assert results["rounds"] and results["rounds"][0]["round"] == 1  # what the run had is kept
+
+
+def test_a_client_state_that_is_not_the_bottoms_is_refused(tmp_path):
+    from fl_app.client_session import restore
+    from fl_app.records import ClientState
+    from fl_app.scenario import build_client, load_split
+
+    config = make_config(read_scenario(SMOKE))
+    _, bottom, _ = load_split(config)
+    client = build_client(config, bottom, 0)
+    named = {n: p for n, p in client.bottom.named_parameters() if p.requires_grad}
+    name = next(iter(named))
+    with pytest.raises(ValueError, match=f"saved client state: {name} is \\(\\), expected a float tensor"):
+        restore(client, ClientState(weights={**{n: p.detach() for n, p in named.items()}, name: torch.tensor(0.0)}))
+    nan = {n: torch.full_like(p, float("nan")) for n, p in named.items()}
+    with pytest.raises(ValueError, match="holds values that are not finite"):
+        restore(client, ClientState(weights=nan))

@@ -192,7 +192,8 @@ def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tm
     validation file gives the run's own test accuracy exactly (one client: the run scored the whole
     split with its bottom)."""
     scenario = read_scenario(ROOT / "sim_configs" / "quick_minilm.toml")
-    overrides = {"num-clients": 1, "num-rounds": 1, "local-steps": 4, "n-test": 872, "eval-swap": "none"}
+    overrides = {"num-clients": 1, "num-rounds": 1, "local-steps": 24, "server-lr": 2e-4, "n-test": 872}
+    overrides["eval-swap"] = "none"  # a top that learned something: its predictions are not all one class
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -209,4 +210,4 @@ def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tm
     )
     count, accuracy = proc.stdout.split()
     assert int(count) == results["eval"]["test"]["count"] == 872
-    assert float(accuracy) == results["eval"]["test"]["accuracy"]
+    assert float(accuracy) == results["eval"]["test"]["accuracy"] > 0.6
