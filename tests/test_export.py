@@ -211,3 +211,26 @@ def test_an_exported_minilm_scores_the_shipped_sst2_test_split_as_the_run_did(tm
     count, accuracy = proc.stdout.split()
     assert int(count) == results["eval"]["test"]["count"] == 872
     assert float(accuracy) == results["eval"]["test"]["accuracy"] > 0.6
+
+
+@pytest.mark.slow
+def test_a_run_still_going_exports_its_latest_checkpoint(tmp_path):
+    """A run killed (as if still going) after its first checkpoint exports that round: its top with the
+    client's state up to the same round (client states past the checkpoint are never read)."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fl_app.train", str(ROOT / "sim_configs" / "smoke_tiny.toml"), "--out", str(out)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen([*cmd, "--set", "num-rounds=6"], cwd=ROOT, **quiet)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "checkpoint.pt").exists():
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    run_ = export.read_run(out)
+    assert json.loads((out / "results.json").read_text())["status"] == "running" and run_.round < 6
+    model = export.export_run(out, tmp_path / "model", client=0)  # checked against the split model inside
+    assert json.loads((model / "config.json").read_text())["hosl_export"]["round"] == run_.round
