@@ -393,8 +393,8 @@ def measure(phase: str, out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
     data["cut"] = {"cut": cut[0], "why": cut[1], "server_lr": server_lr, "fofo_lr": fofo_lr}
     pilot = run_all(pilot_runs(cut[0], server_lr), out, minilm_jobs, ledger)
     data["pilot"] = {"runs": pilot, "picks": pilot_picks(pilot)}
-    if phase == "pilot" or len(data["pilot"]["picks"]) < len(PILOT):
-        return data
+    if phase == "pilot":
+        return data  # below: the controls, and each client kind whose pilot has picked
     long = long_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"])
     data["long"] = run_all(long, out, minilm_jobs, ledger)
     return data
@@ -517,8 +517,25 @@ def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seed
     return lines
 
 
+def _headroom(runs: dict[str, Any], prefix: str, seeds: tuple[int, ...]) -> list[str]:
+    """fo-fo - frozen bottom over the seeds both finished: per seed, and every seed's pairs pooled."""
+    done = [s for s in seeds if runs.get(f"{prefix}/fo-fo/s{s}") and runs.get(f"{prefix}/frozen/s{s}")]
+    if not done:
+        return []
+    fofo = [runs[f"{prefix}/fo-fo/s{s}"]["test_correct"] for s in done]
+    frozen = [runs[f"{prefix}/frozen/s{s}"]["test_correct"] for s in done]
+    per_seed = [paired(a, b)["points"] for a, b in zip(fofo, frozen)]
+    pooled = paired([x for run in fofo for x in run], [x for run in frozen for x in run])
+    return [
+        f"- headroom fo-fo - frozen over {len(done)} seeds: {mean_sd(per_seed, 1, signed=True)} points "
+        f"(per seed {', '.join(f'{x:+.1f}' for x in per_seed)}; per example, seeds pooled, "
+        f"{pooled['points']:+.1f} ± {pooled['se']:.1f}, flips +{pooled['gained']} / -{pooled['lost']}, "
+        f"McNemar p {pooled['p']:.2g})"
+    ]
+
+
 def _long_comparisons(runs: dict[str, Any]) -> list[str]:
-    return _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
+    return _headroom(runs, "long", SEEDS) + _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
 
 
 def _smollm2_comparisons(runs: dict[str, Any]) -> list[str]:
