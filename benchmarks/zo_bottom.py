@@ -558,7 +558,7 @@ def headline(data: dict[str, Any]) -> list[str]:
             + "; ".join(f"{k} {p['run']}" for k, p in data["pilot"]["picks"].items())
         )
     if "long" in data:
-        lines += _long_comparisons(data["long"])
+        lines += [line.removeprefix("- ") for line in _long_comparisons(data["long"])]
     if "long" in data.get("smollm2", {}):
         lines += _smollm2_comparisons(data["smollm2"]["long"])
     return lines
