@@ -27,6 +27,7 @@ from fl_app.checkpoint import (
     CheckpointRefused,
     RunFolderLock,
     check_weights,
+    mark_failed,
     read_checkpoint,
     save_checkpoint,
     write_json_atomic,
@@ -371,9 +372,14 @@ class Coordinator:
 
     def resume(self, folder: Path) -> None:
         """Continue the run checkpointed in ``folder`` (checked first by
-        :func:`fl_app.preflight.check_out_dir`) after its last finished round."""
-        saved = read_checkpoint(folder / "checkpoint.pt")
-        self._check_resumable(saved)
+        :func:`fl_app.preflight.check_out_dir`) after its last finished round; a checkpoint that does
+        not fit this run is refused (CheckpointRefused) and that run's results.json marked failed."""
+        try:
+            saved = read_checkpoint(folder / "checkpoint.pt")
+            self._check_resumable(saved)
+        except CheckpointRefused as err:  # the run it would continue is marked failed, kept as it was
+            mark_failed(folder, str(err))
+            raise
         with self.lock:
             params = dict(self.server.top.named_parameters())
             with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app import rounds
-from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, mark_failed, run_folder
+from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, run_folder
 from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import Config, exit_with_error, scenario_config
 from fl_app.coordinator import Coordinator
@@ -66,11 +66,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     coord = Coordinator(config, out_dir, serve_stream=False)
     try:
         if config.run.resume:
-            try:
-                coord.resume(out_dir)
-            except CheckpointRefused as err:  # the run it would continue is marked failed, kept as it was
-                mark_failed(out_dir, str(err))
-                raise
+            coord.resume(out_dir)
         rounds.run(InProcessFederation(coord, config.federation.num_clients), coord)
     finally:
         coord.close()

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app import rounds
-from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, mark_failed, run_folder
+from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, run_folder
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
@@ -274,9 +274,8 @@ def _run(grid: Grid, coord: Coordinator) -> None:
     if config.run.resume:
         try:
             coord.resume(coord.out_dir)
-        except CheckpointRefused as err:  # one line first; the run it would continue is marked failed
+        except CheckpointRefused as err:  # one line first (resume marked the run it would continue failed)
             print(f"[hosl] error: {err}", flush=True)
-            mark_failed(coord.out_dir, str(err))
             raise
     fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
     print(
