@@ -53,17 +53,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         saved = load_checkpoint(path)
     except pickle.UnpicklingError:
-        raise CheckpointRefused(
-            f"resume: {path} holds objects other than tensors and plain values (not read)"
-        ) from None
+        raise CheckpointRefused(f"{path} holds objects other than tensors and plain values (not read)") from None
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean the same here
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointRefused(
-            f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {first})"
-        ) from None
+        raise CheckpointRefused(f"{path} is not a readable checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(saved, dict) or set(saved) != CHECKPOINT_KEYS:
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise CheckpointRefused(f"resume: {path} is not a checkpoint of this project (keys {found})")
+        raise CheckpointRefused(f"{path} is not a checkpoint of this project (keys {found})")
     return saved
 
 

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import logging
-import re
 import shutil
 import subprocess
 import sys
@@ -35,10 +34,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from fl_app.checkpoint import load_checkpoint
+from fl_app.checkpoint import CheckpointRefused, read_checkpoint
 from fl_app.client_store import load_client_state
 from fl_app.config import Config, make_config
-from fl_app.part_loading import BOTTOM_KEY_PREFIXES, LAYER_KEYS, load_model
+from fl_app.part_loading import BOTTOM_KEY_PREFIXES, layer_of, load_model
 from fl_app.records import ClientState, History
 from fl_app.split import ClientBottom, ServerTop
 from fl_app.tasks import get_task
@@ -81,7 +80,11 @@ def read_run(folder: Path) -> RunCheckpoint:
         config = make_config(json.loads(results_file.read_text())["config"])
     except (KeyError, ValueError) as err:
         raise ExportError(f"{results_file} holds no usable run config: {err}") from err
-    return RunCheckpoint(folder, config, load_checkpoint(checkpoint_file))
+    try:
+        saved = read_checkpoint(checkpoint_file)
+    except CheckpointRefused as err:
+        raise ExportError(str(err)) from None
+    return RunCheckpoint(folder, config, saved)
 
 
 def client_states(run: RunCheckpoint, states: Path | None = None) -> dict[int, ClientState]:
@@ -100,7 +103,8 @@ def trained_split(
     run: RunCheckpoint, client: int | None = None, synced: bool = False, states: Path | None = None
 ) -> tuple[ClientBottom, ServerTop, Any, dict[str, Any]]:
     """(bottom, top, tokenizer, which bottom) of the run as trained, built as the run built them."""
-    from fl_app.scenario import build_server, client_trainable, load_split
+    from fl_app.client_session import catch_up, restore
+    from fl_app.scenario import build_server, client_trainable, load_split, split_client
 
     config = run.config
     loaded, bottom, top = load_split(config)
@@ -113,13 +117,15 @@ def trained_split(
     index = 0 if client is None else client
     trainable = client_trainable(config, bottom, index)
     which = _bottom_choice(run, trainable, client, synced, states)
+    side = split_client(config, bottom, trainable, index)  # the bottom as a client holds it
     if which["bottom"] == "client":
-        named = {n: p for n, p in bottom.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, value in which.pop("state").weights.items():
-                named[name].copy_(value)
-    elif which["bottom"] == "synced":
-        _synced_bottom(run, config, bottom, trainable)
+        restore(side, which.pop("state"))
+    elif which["bottom"] == "synced" and config.client_order == "zo":  # every client's updates, replayed
+        catch_up(side, History(**run.saved["history"]), partition_id=-1, synced_round=0)
+    elif which["bottom"] == "synced":  # FO: the clients' average, taken as a client takes it
+        if not run.saved.get("average"):
+            raise ExportError("the checkpoint holds no averaged bottom yet")
+        restore(side, ClientState(weights=dict(run.saved["average"])))
     server.top.to("cpu")
     bottom.to("cpu")
     return bottom, server.top, loaded.tokenizer, which
@@ -157,25 +163,6 @@ def _bottom_choice(
     return {"bottom": "client", "client": client, "state": kept[client]}
 
 
-def _synced_bottom(run: RunCheckpoint, config: Config, bottom: ClientBottom, trainable: list[nn.Parameter]) -> None:
-    """The synced bottom: ZO bottoms replay every client's updates onto the pristine bottom (as each
-    client catches up), FO bottoms take the clients' average."""
-    from fl_app.client_session import catch_up
-    from fl_app.scenario import split_client
-
-    if config.client_order == "zo":
-        client = split_client(config, bottom, trainable, 0)
-        catch_up(client, History(**run.saved["history"]), partition_id=-1, synced_round=0)
-        return
-    average = run.saved.get("average")
-    if not average:
-        raise ExportError("the checkpoint holds no averaged bottom yet")
-    named = {n: p for n, p in bottom.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, value in average.items():
-            named[name].copy_(value)
-
-
 def merge_lora(module: nn.Module) -> None:
     """Fold every LoRA adapter in ``module`` into its base weight and put the base layer back in the
     adapter's place (what peft's ``merge_and_unload`` does to a whole PeftModel)."""
@@ -188,10 +175,15 @@ def merge_lora(module: nn.Module) -> None:
             setattr(module.get_submodule(parent) if parent else module, attr, sub.get_base_layer())
 
 
-def _top_key(key: str, family: str, cut: int) -> str:
-    """A top key in the whole model's numbering: layer i of the top is layer cut + i."""
-    match = re.match(rf"^((?:.*\.)?{re.escape(LAYER_KEYS[family])})\.(\d+)\.(.+)$", key)
-    return f"{match.group(1)}.{cut + int(match.group(2))}.{match.group(3)}" if match else key
+def whole_model_values(bottom: ClientBottom, top: ServerTop, cut: int) -> dict[str, torch.Tensor]:
+    """The bottom's and the top's tensors under the whole model's names (layer i of the top is layer
+    cut + i of the whole)."""
+    family = bottom.family
+    values = {f"{BOTTOM_KEY_PREFIXES[family][0]}{k}": v for k, v in bottom.body.state_dict().items()}
+    for key, value in top.model.state_dict().items():
+        layer = layer_of(key, family)
+        values[f"{layer[0]}.{cut + layer[1]}.{layer[2]}" if layer else key] = value
+    return values
 
 
 def stitch(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, cut: int) -> PreTrainedModel:
@@ -199,14 +191,11 @@ def stitch(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, cut: in
     merged; a tied LM head whose weight now differs from the bottom's embedding is untied."""
     merge_lora(bottom)
     merge_lora(top)
-    family = bottom.family
-    prefix = BOTTOM_KEY_PREFIXES[family][0]
-    values = {f"{prefix}{k}": v for k, v in bottom.body.state_dict().items()}
-    values.update({_top_key(k, family, cut): v for k, v in top.model.state_dict().items()})
-    if family != "bert":
+    values = whole_model_values(bottom, top, cut)
+    if bottom.family != "bert":
         head, embedding = whole.get_output_embeddings(), whole.get_input_embeddings()
         tied = head.weight is embedding.weight
-        embed_key = f"{prefix}embed_tokens.weight"
+        embed_key = f"{BOTTOM_KEY_PREFIXES[bottom.family][0]}embed_tokens.weight"
         if tied and not torch.equal(values["lm_head.weight"], values[embed_key]):
             whole.config.tie_word_embeddings = False
             getattr(whole.config, "text_config", whole.config).tie_word_embeddings = False
@@ -369,9 +358,7 @@ def adapter_model(bottom: ClientBottom, top: ServerTop, whole: PreTrainedModel, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         peft_model = get_peft_model(whole, lora)
-    prefix = BOTTOM_KEY_PREFIXES[family][0]
-    values = {f"{prefix}{k}": v for k, v in bottom.body.state_dict().items()}
-    values.update({_top_key(k, family, config.model.cut_layer): v for k, v in top.model.state_dict().items()})
+    values = whole_model_values(bottom, top, config.model.cut_layer)
     with torch.no_grad():
         for name, tensor in peft_model.state_dict(keep_vars=True).items():
             plain = _plain_name(name)
@@ -411,7 +398,7 @@ def export_run(
     partial.mkdir(parents=True)
     try:
         with quiet_loading():
-            _write_parts(partial, parts, bottom, top, fresh, tokenizer, provenance(run, which))
+            _write_parts(partial, parts, config, bottom, top, fresh, tokenizer, provenance(run, which))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left
         raise
@@ -424,6 +411,7 @@ def export_run(
 def _write_parts(
     folder: Path,
     parts: str,
+    config: Config,
     bottom: ClientBottom,
     top: ServerTop,
     fresh: list[PreTrainedModel],
@@ -431,7 +419,6 @@ def _write_parts(
     record: dict[str, Any],
 ) -> None:
     """Write what ``parts`` asks for into ``folder``, each checked against the split model first."""
-    config = make_config(record["config"])
     ids, mask = probe_batch(fresh[0].config.vocab_size)
     expected = split_logits(bottom, top, ids, mask)
     if parts in ("adapters", "both"):

@@ -97,7 +97,7 @@ def _load_part(
     return model.eval()
 
 
-def _layer_of(key: str, family: str) -> tuple[str, int, str] | None:
+def layer_of(key: str, family: str) -> tuple[str, int, str] | None:
     """(text before the index, layer index, text after it) of a checkpoint key in the layer list, else None."""
     match = re.match(rf"^((?:.*\.)?{re.escape(LAYER_KEYS[family])})\.(\d+)\.(.+)$", key)
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
@@ -165,7 +165,7 @@ def load_top(
         handles = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in set(files.values())}
         state = {}  # the top's tensors, layers renumbered from 0; lazy slices, read when loaded
         for key, file in files.items():
-            layer = _layer_of(key, family)
+            layer = layer_of(key, family)
             if layer is None:
                 state[key] = handles[file].get_slice(key)
             elif layer[1] >= cut_layer:
