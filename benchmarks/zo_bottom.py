@@ -486,8 +486,8 @@ def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seed
     lines = []
     for kind in kinds:
         pairs: dict[str, list[float]] = {"frozen": [], "fo-fo": [], "zo-zo": [], "headroom": []}
-        mine_all: list[int] = []
-        frozen_all: list[int] = []
+        mine_all: list[list[int]] = []
+        frozen_all: list[list[int]] = []
         for seed in seeds:
             mine, frozen = runs.get(f"{prefix}/{kind}/s{seed}"), runs.get(f"{prefix}/frozen/s{seed}")
             fofo, zozo = runs.get(f"{prefix}/fo-fo/s{seed}"), runs.get(f"{prefix}/zo-zo/s{seed}")
@@ -497,19 +497,17 @@ def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seed
             pairs["fo-fo"].append(paired(mine["test_correct"], fofo["test_correct"])["points"])
             pairs["zo-zo"].append(paired(mine["test_correct"], zozo["test_correct"])["points"])
             pairs["headroom"].append(paired(fofo["test_correct"], frozen["test_correct"])["points"])
-            mine_all += mine["test_correct"]
-            frozen_all += frozen["test_correct"]
+            mine_all.append(mine["test_correct"])
+            frozen_all.append(frozen["test_correct"])
         if not pairs["frozen"]:
             continue
         headroom = statistics.fmean(pairs["headroom"])
         share = statistics.fmean(pairs["frozen"]) / headroom if headroom else math.nan
         n = len(pairs["frozen"])
         se = statistics.stdev(pairs["frozen"]) / math.sqrt(n) if n > 1 else math.nan
-        pooled = paired(mine_all, frozen_all)
         lines.append(
             f"- {kind} over {n} seeds: - frozen {mean_sd(pairs['frozen'], 1, signed=True)} (SE over seeds "
-            f"{se:.1f}; per example, seeds pooled, {pooled['points']:+.1f} ± {pooled['se']:.1f}, flips "
-            f"+{pooled['gained']} / -{pooled['lost']}, McNemar p {pooled['p']:.2g}), share of the headroom "
+            f"{se:.1f}; {_pooled(mine_all, frozen_all)}), share of the headroom "
             f"{share:.2f}, - fo-fo {mean_sd(pairs['fo-fo'], 1, signed=True)}, - zo-zo "
             f"{mean_sd(pairs['zo-zo'], 1, signed=True)}; headroom fo-fo - frozen "
             f"{mean_sd(pairs['headroom'], 1, signed=True)}"
@@ -525,13 +523,19 @@ def _headroom(runs: dict[str, Any], prefix: str, seeds: tuple[int, ...]) -> list
     fofo = [runs[f"{prefix}/fo-fo/s{s}"]["test_correct"] for s in done]
     frozen = [runs[f"{prefix}/frozen/s{s}"]["test_correct"] for s in done]
     per_seed = [paired(a, b)["points"] for a, b in zip(fofo, frozen)]
-    pooled = paired([x for run in fofo for x in run], [x for run in frozen for x in run])
     return [
         f"- headroom fo-fo - frozen over {len(done)} seeds: {mean_sd(per_seed, 1, signed=True)} points "
-        f"(per seed {', '.join(f'{x:+.1f}' for x in per_seed)}; per example, seeds pooled, "
-        f"{pooled['points']:+.1f} ± {pooled['se']:.1f}, flips +{pooled['gained']} / -{pooled['lost']}, "
-        f"McNemar p {pooled['p']:.2g})"
+        f"(per seed {', '.join(f'{x:+.1f}' for x in per_seed)}; {_pooled(fofo, frozen)})"
     ]
+
+
+def _pooled(a: list[list[int]], b: list[list[int]]) -> str:
+    """a - b with every seed's per-example pairs pooled: points, standard error, flips, McNemar p."""
+    pooled = paired([x for run in a for x in run], [x for run in b for x in run])
+    return (
+        f"per example, seeds pooled, {pooled['points']:+.1f} ± {pooled['se']:.1f}, flips +{pooled['gained']} / "
+        f"-{pooled['lost']}, McNemar p {pooled['p']:.2g}"
+    )
 
 
 def _long_comparisons(runs: dict[str, Any]) -> list[str]:
