@@ -45,31 +45,15 @@ def test_history_refuses_ragged_or_truncated_steps():
         history_from_record(record)
 
 
-def test_report_round_trips_zo_and_fo():
-    zo = TrainReport(
+def test_report_round_trips_zo_and_fo(train_report):
+    zo = train_report(
         partition_id=1,
         losses=[0.7, 0.6],
         seeds=[[1, 2], [3, 4]],
         grads=[[0.5, -0.5], [0.25, 0.75]],
         rows=[b"\x07", b""],
         step_lrs=[5e-4, 1e-3],
-        lr=1e-3,
-        bytes_up=10,
-        bytes_down=4,
-        peak_memory_bytes=1 << 20,
-        step_seconds=0.5,
-        session_seconds=0.7,
-        caught_up_updates=0,
-        device="cpu",
-        max_length=64,
         truncated={"train": 3, "test": 0},
-        subset_plan="full",
-        subset_batches=0,
-        selection_seconds=0.0,
-        selection_bytes_up=0,
-        selection_bytes_down=0,
-        bottom_params=100,
-        bottom_trainable=40,
     )
     fo = dataclasses.replace(zo, seeds=[[], []], grads=[[], []], rows=[b"", b""])
     for report in (zo, fo):
