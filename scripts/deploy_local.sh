@@ -43,17 +43,13 @@ fi
 
 # Ports: the SuperLink's (--port, else a free one) and one per SuperNode, all free now (another
 # user's SuperLink on a fixed port would otherwise answer for ours).
-free_ports() { python -c 'import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"; }
 if [ -z "$PORT" ]; then
-  read -r PORT < <(free_ports 1)
+  read -r PORT < <(python scripts/free_ports.py 1)
 elif (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
   echo "--port $PORT: something already listens on 127.0.0.1:$PORT; give another port or leave --port out" >&2
   exit 2
 fi
-read -r -a NODE_PORTS < <(free_ports "$NODES")
+read -r -a NODE_PORTS < <(python scripts/free_ports.py "$NODES")
 
 export FLWR_HOME="${FLWR_HOME_DIR:-$(mktemp -d /tmp/hosl-deploy.XXXXXX)}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1

@@ -34,11 +34,8 @@ fi
 if [ -z "${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-}" ] || [ -z "${FLWR_LOCAL_CONTROL_API_PORT:-}" ]; then
   if [ -f "$PORTS" ] && [ -n "$(own_superlinks)" ]; then
     read -r http control < "$PORTS"
-  else  # two ports free now, held at once so they differ
-    read -r http control < <(python -c 'import socket
-a, b = socket.socket(), socket.socket()
-a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
-print(a.getsockname()[1], b.getsockname()[1])')
+  else  # two ports free now
+    read -r http control < <(python "$ROOT/scripts/free_ports.py" 2)
     echo "$http $control" > "$PORTS"
   fi
   export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=$http FLWR_LOCAL_CONTROL_API_PORT=$control
