@@ -20,8 +20,9 @@ Phases, each after the one before (``--phase`` runs up to it), each run resumabl
 2. ``pilot`` (seed 0, 400 steps at that cut; dev, drift and swap every 50 steps): the full client
    at 1e-4 and 3e-4, each with a constant rate and with a cosine decay after 40 steps of warm-up,
    and at 3e-4 cosine with each g_q clipped to 10; the LoRA client (eps 1e-2 as MeZO's LoRA) at
-   3e-3, 1e-2 and 3e-2, and zo-zo (both sides ZO) at 1e-4 and 3e-4, both with the cosine schedule
-   (never worse than a constant rate for the full client, and far better at 3e-4).
+   3e-3, 1e-2 and 3e-2 (rank 8) and 1e-2 to 1e-1 (rank 1), and zo-zo (both sides ZO) at 1e-4 and
+   3e-4, both with the cosine schedule (never worse than a constant rate for the full client, and
+   far better at 3e-4).
 3. ``long`` (1,000 steps, seeds 0, 1, 2): frozen bottom, fo-fo, hosl with the full client and with
    the LoRA client, zo-zo, each at its pick. hosl - frozen, its share of the headroom
    (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed. Seed 0's
@@ -95,11 +96,11 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
             **_grid((3e-3, 1e-2, 3e-2), ("cosine",)),
             # rank 1: d_c = 6,144 perturbed values against rank 8's 49,152; HOSL's rate sqrt(d_c / TQ).
             # At lora-alpha 16 its adapters are scaled by 16 (rank 8's by 2) and both rates diverged;
-            # at lora-alpha 2 the scale is rank 8's.
+            # at lora-alpha 2 the scale is rank 8's, and its best rate (3e-2) was the top of its grid.
             **{
                 f"r1-alpha{alpha}/lr{lr:g}/cosine": {"client-lr": lr, **COSINE, "lora-r": 1, "lora-alpha": alpha}
-                for alpha in (16, 2)
-                for lr in (1e-2, 3e-2)
+                for alpha, rates in ((16, (1e-2, 3e-2)), (2, (1e-2, 3e-2, 1e-1)))
+                for lr in rates
             },
         },
     ),
