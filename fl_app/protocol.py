@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -23,10 +24,39 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 PART_KIND = "zo-part"
 SELECT_KIND = "select"
 MAX_STEP_WEIGHT = 1e4
+MAX_QUERIES = 1024  # bound on Q for a server without frame limits, so a client cannot make it buffer without limit
+MAX_META_BYTES = 64 * 1024  # a frame's metadata: a flat JSON object of scalars and lists of numbers
+MAX_META_KEYS = 32
 
 
 class ProtocolError(ValueError):
     """A malformed message: names the field, the value found and what was expected."""
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """The largest frame the run's scenario sends, checked on a frame's header before its tensors are
+    read: ``batch`` examples per step (labels), ``rows`` activation rows (batch x candidates with
+    multi-token candidates), ``tokens`` per row (the run's max-length), ``classes`` candidates per
+    example, ``activations`` perturbed activations per step (2Q)."""
+
+    batch: int
+    rows: int
+    tokens: int
+    classes: int
+    activations: int
+
+    def dims(self, name: str) -> tuple[tuple[str, int | None], ...] | None:
+        """Field ``name``'s dimensions as (what, bound); None bounds one the model checks (hidden)."""
+        rows, tokens = ("rows", self.rows), ("tokens", self.tokens)
+        return {
+            "clean": (rows, tokens, ("hidden", None)),
+            "perturbed": (("activations", self.activations), rows, tokens, ("hidden", None)),
+            "attention_mask": (rows, tokens),
+            "target_ids": (rows, tokens),
+            "labels": (("batch", self.batch),),
+            "score_ids": (rows, ("classes", self.classes)),
+        }.get(name)
 
 
 @dataclass
@@ -75,7 +105,7 @@ class StepRequest:
         for name in ("clean", "attention_mask", "labels"):
             if name not in tensors:
                 raise ProtocolError(f"request is missing field '{name}'")
-        return cls(kind=metadata.get("kind", ""), meta=json.loads(metadata.get("meta", "{}")), **tensors)
+        return cls(kind=metadata.get("kind", ""), meta=_meta(metadata), **tensors)
 
 
 @dataclass
@@ -141,7 +171,7 @@ class SelectRequest:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> SelectRequest:
-        meta = json.loads(metadata.get("meta", "{}"))
+        meta = _meta(metadata)
         values = {k: meta.pop(k, None) for k in ("budget", "num_batches", "seed")}
         for name, value in values.items():
             _expect(
@@ -155,11 +185,14 @@ class SelectRequest:
         return cls(meta=meta, **values)
 
 
-def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequest | PerturbedPart | SelectRequest:
-    """Parse a client frame: a :class:`PerturbedPart`, a :class:`SelectRequest` or a :class:`StepRequest`."""
+def decode_frame(
+    payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES, limits: FrameLimits | None = None
+) -> StepRequest | PerturbedPart | SelectRequest:
+    """Parse a client frame: a :class:`PerturbedPart`, a :class:`SelectRequest` or a :class:`StepRequest`.
+    With ``limits``, every tensor's declared shape is checked against them before any is read."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"request of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
-    tensors, metadata = _load(payload)
+    tensors, metadata = _load(payload, limits)
     if metadata.get("kind") == SELECT_KIND:
         _expect(not tensors, f"a '{SELECT_KIND}' frame carries no tensors, got {sorted(tensors)}")
         return SelectRequest.from_metadata(metadata)
@@ -170,7 +203,7 @@ def decode_frame(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> StepRequ
                 f"a '{PART_KIND}' frame carries field 'perturbed' and optionally "
                 f"{sorted(allowed - {'perturbed'})}, got {sorted(tensors)}"
             )
-        return PerturbedPart(meta=json.loads(metadata.get("meta", "{}")), **tensors)
+        return PerturbedPart(meta=_meta(metadata), **tensors)
     return StepRequest.from_tensors(tensors, metadata)
 
 
@@ -218,7 +251,7 @@ class StepReply:
     @classmethod
     def from_bytes(cls, payload: bytes) -> StepReply:
         tensors, metadata = _load(payload)
-        meta = json.loads(metadata.get("meta", "{}"))
+        meta = _meta(metadata)
         return cls(
             perturbed_losses=tensors.get("perturbed_losses"),
             grad=tensors.get("grad"),
@@ -235,15 +268,68 @@ def _on_wire(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
-def _load(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Deserialise a safetensors payload, turning any parse failure into a ProtocolError."""
+def _load(payload: bytes, limits: FrameLimits | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Deserialise a safetensors payload, turning any parse failure into a ProtocolError; with
+    ``limits``, the header's declared shapes are checked first (nothing is allocated for a refused frame)."""
+    header_len = int.from_bytes(payload[:8], "little")
+    _expect(8 + header_len <= len(payload), f"malformed frame ({len(payload)} bytes): header runs past its end")
+    try:
+        header = json.loads(payload[8 : 8 + header_len])
+    except (ValueError, RecursionError) as err:
+        raise ProtocolError(f"malformed frame ({len(payload)} bytes): header is not JSON ({err})") from err
+    _expect(isinstance(header, dict), f"malformed frame: header is a {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", None) or {}
+    _expect(
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+        "malformed frame: header field '__metadata__' must map names to strings",
+    )
+    if limits is not None:
+        for name, entry in header.items():
+            _check_declared(name, entry, limits)
     try:
         tensors = st_load(payload)
-        header_len = int.from_bytes(payload[:8], "little")
-        header = json.loads(payload[8 : 8 + header_len])
     except Exception as err:  # safetensors raises several error types for corrupt input
         raise ProtocolError(f"malformed frame ({len(payload)} bytes): {err}") from err
-    return tensors, header.get("__metadata__", {})
+    return tensors, metadata
+
+
+def _check_declared(name: str, entry: Any, limits: FrameLimits) -> None:
+    """Field ``name``'s declared shape (from the header) within the scenario's ``limits``."""
+    dims = limits.dims(name)
+    _expect(dims is not None, f"unknown tensor field '{name}' in frame")
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    _expect(
+        isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape),
+        f"malformed frame: field '{name}' declares shape {shape!r}",
+    )
+    _expect(
+        len(shape) == len(dims) and all(bound is None or 0 <= n <= bound for n, (_, bound) in zip(shape, dims)),
+        f"field '{name}' declares shape {shape}, expected at most "
+        f"[{', '.join(what if bound is None else f'{what} <= {bound}' for what, bound in dims)}] (the run's "
+        f"batch-size, max-length, classes and zo-queries)",
+    )
+
+
+def _meta(metadata: dict[str, str]) -> dict[str, Any]:
+    """A frame's ``meta``: a JSON object whose values are scalars or flat lists of numbers."""
+    text = metadata.get("meta", "{}")
+    _expect(len(text) <= MAX_META_BYTES, f"field 'meta' is {len(text)} bytes, over {MAX_META_BYTES}")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ProtocolError(f"field 'meta' is not JSON: {str(err)[:80]}") from err
+    _expect(
+        isinstance(meta, dict) and len(meta) <= MAX_META_KEYS,
+        f"field 'meta' is a {type(meta).__name__} of {len(meta)} entries, expected an object of at most "
+        f"{MAX_META_KEYS} entries",
+    )
+    for key, value in meta.items():
+        flat = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+        _expect(
+            flat or value is None or isinstance(value, (str, int, float, bool)),
+            f"field 'meta.{key}' is {str(value)[:60]}, expected a scalar or a list of numbers",
+        )
+    return meta
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -286,11 +372,14 @@ def validate_request(
     num_classes: int | None = None,
     streamed: bool = False,
     vocab_size: int | None = None,
+    decoder: bool | None = None,
 ) -> None:
     """Check every field's dtype, shape and values against the server's model; raise ProtocolError.
 
     ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts.
-    ``vocab_size``: a decoder's LM-head rows, the range of ``score_ids`` and ``target_ids``."""
+    ``vocab_size``: a decoder's LM-head rows, the range of ``score_ids`` and ``target_ids``.
+    ``decoder``: the model scores candidates (``score_ids`` or ``target_ids`` required) or is an
+    encoder with a classifier (neither allowed); None: not checked."""
     _check_kind(req)
     rows, seq_len = _check_clean(req.clean, hidden_size)
     _check_mask(req.attention_mask, rows, seq_len)
@@ -299,6 +388,10 @@ def validate_request(
         labels.dtype == torch.int64 and labels.ndim == 1 and labels.numel() > 0,
         f"field 'labels' has shape {_shape(labels)} dtype {labels.dtype}, expected [batch] int64",
     )
+    if decoder is not None:
+        given = [name for name in ("score_ids", "target_ids") if getattr(req, name) is not None]
+        wanted = "a decoder: it needs one of 'score_ids', 'target_ids'" if decoder else "an encoder: it takes neither"
+        _expect(len(given) == (1 if decoder else 0), f"fields {given} sent to {wanted}")
     classes = _check_candidates(req, rows, seq_len, num_classes, vocab_size)
     if classes is not None:
         _expect(

@@ -19,6 +19,7 @@ from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.devices import resolve_device
 from fl_app.model_catalog import LoadedModel
 from fl_app.part_loading import load_bottom, load_top, pristine_bottom_tensors
+from fl_app.protocol import FrameLimits
 from fl_app.server_party import BufferLimits, SplitServer
 from fl_app.split import ClientBottom, ServerTop
 from fl_app.tasks import Example, Task, get_task
@@ -150,7 +151,15 @@ def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServe
     params = configure_trainable(top, _spec(config, "server"), top.family)
     limits = BufferLimits(config.stream.session_buffer_mb * 2**20, config.stream.server_buffer_mb * 2**20)
     top.to(server_device(config))  # after LoRA is drawn (on the CPU: the same adapters on every device)
-    return SplitServer(top, params, config, num_classes=num_classes, limits=limits)
+    return SplitServer(top, params, config, num_classes, limits, frame_limits(config, num_classes))
+
+
+def frame_limits(config: Config, num_classes: int) -> FrameLimits:
+    """The largest frame ``config``'s clients send: rows by batch-size (times the candidates), tokens by
+    the max-length its batches are cut to, perturbed activations by 2 zo-queries."""
+    batch, classes = config.data.batch_size, max(1, num_classes)
+    tokens = config.data.max_length or get_task(config.data.task).max_length
+    return FrameLimits(batch, batch * classes, tokens, classes, 2 * config.zo.queries)
 
 
 def server_device(config: Config) -> torch.device:

@@ -13,6 +13,8 @@ from fl_app.config import Config
 from fl_app.metrics import tensor_bytes
 from fl_app.protocol import (
     LABEL_KEYS,
+    MAX_QUERIES,
+    FrameLimits,
     PerturbedPart,
     ProtocolError,
     SelectRequest,
@@ -134,9 +136,6 @@ class ScoreJob:
     perturbed: torch.Tensor  # [2m, rows, seq, hidden]
 
 
-MAX_QUERIES = 1024  # bound on Q, so a client cannot make the server buffer without limit
-
-
 @dataclass(frozen=True)
 class BufferLimits:
     """Bytes the server may hold between frames (streamed parts, GradMatch proxies): per session and
@@ -160,11 +159,13 @@ class SplitServer:
         config: Config,
         num_classes: int | None = None,
         limits: BufferLimits | None = None,
+        frames: FrameLimits | None = None,
     ):
         self.top, self.params, self.config, self.num_classes = top, params, config, num_classes
         self.score_chunk_rows = SCORE_CHUNK_ROWS
         self.device = next(top.parameters()).device  # frames' tensors are moved here as they arrive
         self.limits = limits  # None: unbounded (build_server always passes the config's)
+        self.frames = frames  # None: frame shapes bounded only by the frame size (build_server passes the run's)
         self.steps = 0
         self.pending: dict[str, PendingStep] = {}  # a ZO step whose perturbed parts are arriving, per session
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch class parts [C, d] per session and batch
@@ -197,7 +198,7 @@ class SplitServer:
         with :meth:`add_scores`. With ``session``, the step's weight change is recorded so the session
         can be rolled back.
         """
-        frame = decode_frame(payload)
+        frame = decode_frame(payload, limits=self.frames)
         key = session if session is not None else str(frame.meta.get("client", ""))
         if isinstance(frame, SelectRequest):
             return self.select(frame, key).to_bytes()
@@ -242,7 +243,7 @@ class SplitServer:
         if head is not None:
             if key in self.pending:
                 raise ProtocolError("a perturbed part announced a new step before the previous one finished")
-            validate_request(head, self.top.hidden_size, self.num_classes, vocab_size=self.top.vocab_size)
+            validate_request(head, self.top.hidden_size, self.num_classes, **self._model_fields())
         part = part.to(self.device)
         if head is not None:
             self.pending[key] = PendingStep(part.head())
@@ -258,8 +259,9 @@ class SplitServer:
             )
         pending.buffer.append(part.perturbed)
         buffered = sum(p.shape[0] for p in pending.buffer)
-        if len(pending.losses) + pending.deferred + buffered > 2 * MAX_QUERIES:
-            raise ProtocolError(f"more than {2 * MAX_QUERIES} perturbed activations streamed for one step")
+        most = self.frames.activations if self.frames is not None else 2 * MAX_QUERIES
+        if len(pending.losses) + pending.deferred + buffered > most:
+            raise ProtocolError(f"more than {most} perturbed activations streamed for one step (2 x zo-queries)")
         job = None
         if buffered >= 2:
             stacked = torch.cat(pending.buffer)
@@ -272,6 +274,10 @@ class SplitServer:
                 head.clean = head.clean.clone()
         self._check_buffers(key)
         return job
+
+    def _model_fields(self) -> dict[str, Any]:
+        """What :func:`validate_request` checks a frame's candidate fields against."""
+        return {"vocab_size": self.top.vocab_size, "decoder": self.top.family != "bert"}
 
     def add_scores(self, job: ScoreJob, losses: torch.Tensor) -> None:
         """The losses of ``job``'s activations, in order, back into its step (ignored if the session
@@ -319,11 +325,10 @@ class SplitServer:
         """GradMatch (per class with ``meta['per_class']``) over the proxies this session sent for
         batches 0..num_batches-1; forgets them."""
         proxies = self.proxies.pop(key, {})
-        missing = sorted(set(range(req.num_batches)) - set(proxies))
-        if missing or len(proxies) != req.num_batches:
+        if len(proxies) != req.num_batches or set(proxies) != set(range(len(proxies))):  # not the declared range
             raise ProtocolError(
-                f"select request for {req.num_batches} batches, but proxies arrived for batches "
-                f"{sorted(proxies)[:10]} (missing {missing[:10]})"
+                f"field 'num_batches' of a select request is {req.num_batches}, but proxies arrived for "
+                f"{len(proxies)} batches: {sorted(proxies)[:10]} (expected batches 0..num_batches-1)"
             )
         per_class = req.meta.get("per_class", False)
         if not isinstance(per_class, bool):
@@ -407,7 +412,7 @@ class SplitServer:
         last-layer gradient proxy for ``kind == 'proxy'``, kept under ``key`` until selection).
         ``scored``: the losses of this step's perturbed activations, already scored as they streamed in."""
         validate_request(
-            req, self.top.hidden_size, self.num_classes, streamed=scored is not None, vocab_size=self.top.vocab_size
+            req, self.top.hidden_size, self.num_classes, streamed=scored is not None, **self._model_fields()
         )
         req = req.to(self.device)  # checked as decoded (on the CPU), then moved
         perturbed_losses = self.score_perturbed(req, req.perturbed) if req.perturbed is not None else scored

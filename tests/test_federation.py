@@ -310,7 +310,8 @@ def test_buffered_parts_are_bounded_per_session_and_in_total_and_freed_when_sess
     """24 sessions each leave a 32 MiB part buffered (the burst that took a server from 431 MB to
     1.5 GB for good): every byte is freed, and RSS comes back, when the sessions end; past
     session-buffer-mb or server-buffer-mb a part is refused, failing only its own session."""
-    c = coordinators(config(**{"num-clients": 24, "n-train": 64, "server-buffer-mb": 24 * 35}))
+    big = {"batch-size": 64, "max-length": 4096}  # frames are bounded by the scenario's batch and length
+    c = coordinators(config(**{"num-clients": 24, "n-train": 64, "server-buffer-mb": 24 * 35, **big}))
     before = _rss_mib()
     sessions = []
     for pid in range(24):
@@ -328,7 +329,7 @@ def test_buffered_parts_are_bounded_per_session_and_in_total_and_freed_when_sess
     assert c.server.buffered_bytes() == 0
     after = _rss_mib()
     assert grown - before > 600 and after - before < 0.25 * (grown - before), (before, grown, after)
-    small = coordinators(config(**{"session-buffer-mb": 16}))
+    small = coordinators(config(**{"session-buffer-mb": 16, **big}))
     session, _ = small.open(0, 1)
     with pytest.raises(ProtocolError, match="over session-buffer-mb = 16"):
         small.handle(session.token, _big_part(0))

@@ -204,7 +204,7 @@ def test_pairs_scored_on_arrival_equal_scoring_them_together():
     """Streaming parts (scored pair by pair) gives the same losses as one request carrying all 2Q."""
     from fl_app.protocol import PerturbedPart, StepReply, StepRequest
 
-    _, _, server, data = parties()
+    _, _, server, data = parties(**{"zo-queries": 3})
     batch = BatchStream(data.encoder, data.client_examples(0), 8, 0).batch(0)
     rows, seq = batch["input_ids"].shape
     head = {"attention_mask": batch["attention_mask"], "labels": batch["labels"], "score_ids": batch["score_ids"]}

@@ -114,7 +114,7 @@ def test_server_selects_from_a_sessions_proxies_and_rejects_incomplete_sets():
                 server.handle_bytes(request.to_bytes(), "s")
 
     send_proxies(5)
-    with pytest.raises(ProtocolError, match="missing"):
+    with pytest.raises(ProtocolError, match="is 6, but proxies arrived for 5 batches"):
         server.handle_bytes(SelectRequest(budget=2, num_batches=6, seed=0).to_bytes(), "s")
     assert "s" not in server.proxies  # a failed selection forgets the session's proxies
     send_proxies(len(batches))
