@@ -213,6 +213,7 @@ def connect(session: SessionSettings, config: Config, node: NodeSettings | None 
         node.ca or offered,
         max_message_bytes=config.stream.max_frame_mb * 2**20,
         node_key=node.key,
+        admission_s=config.federation.step_timeout,  # a server short of worker slots: retried for this long
     )
 
 

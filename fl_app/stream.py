@@ -4,19 +4,23 @@ Each request frame is a serialised :class:`~fl_app.protocol.StepRequest`, each r
 :class:`~fl_app.protocol.StepReply`, both sealed with a step counter and a MAC
 (:mod:`fl_app.frame_auth`). A stream must present the session's token and a proof that it holds
 the session key; an unknown or closed token, a wrong proof, and a second stream on a token that
-already has one (a session has exactly one stream, once) are refused with UNAUTHENTICATED. A frame
-with a bad MAC or an unexpected counter (replayed, reordered) fails its session (rolled back) and is
-refused the same way. Every refusal is logged with its reason and counted (:meth:`SessionTable.refusals`).
-Frames above the size limit are refused by gRPC itself; malformed frames end that session with
-INVALID_ARGUMENT while the server keeps serving the others. At most ``max_workers`` streams are
-served at once; more are refused with RESOURCE_EXHAUSTED rather than queued. TLS is used when a
-certificate and key are given.
+already has one (a session has exactly one stream, once) are refused before the stream takes a worker
+slot (gRPC answers UNIMPLEMENTED, the server's log says why), so streams that prove nothing cannot
+crowd out sessions. An admitted stream is answered first with an empty accept frame. A frame with a
+bad MAC or an unexpected counter (replayed, reordered) fails its session (rolled back) and is refused
+with UNAUTHENTICATED. Every refusal is counted (:meth:`SessionTable.refusals`) and logged at most once
+per interval per peer (or, for streams refused before they have one, per reason). Frames above the
+size limit are refused by gRPC itself; malformed frames end that session with INVALID_ARGUMENT while
+the server keeps serving the others. At most ``max_workers`` streams are served at once; a client
+refused for that (RESOURCE_EXHAUSTED) retries with back-off until its admission deadline. TLS is used
+when a certificate and key are given.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import secrets
 import threading
 import time
@@ -36,7 +40,10 @@ METHOD = "/hosl.SplitStep/Session"
 TOKEN_KEY = "x-hosl-session"
 PROOF_KEY = "x-hosl-proof"  # open_proof(session key): the stream holds the key, not just the token
 CLOSE_FRAME = b""  # the client ends its session on purpose; a stream that ends without it was cut off
+ACCEPT_FRAME = b""  # the server's first frame on an admitted stream
 Handler = Callable[[str, bytes], "bytes | None"]  # None: the frame needs no reply
+LOG_INTERVAL_S = 10.0  # refusals of one peer (or reason) are logged at most once per interval
+RETRY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED,)  # worth a retry at admission (no worker slot free)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class SessionTable:
         self.on_failure = on_failure
         self.sessions: dict[str, Session] = {}
         self.refused: Counter[str] = Counter()  # refused streams and frames, by kind
+        self._unlogged: Counter[tuple[str, str]] = Counter()  # refusals since the last line, by (kind, source)
+        self._logged_at: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def open_session(self, client_id: str, node_key: bytes | None = None) -> Session:
@@ -87,11 +96,32 @@ class SessionTable:
             self.sessions[session.token] = session
         return session
 
-    def refuse(self, kind: str, reason: str, peer: str) -> None:
-        """Log and count one refused stream or frame."""
+    def refuse(self, kind: str, reason: str, peer: str | None) -> None:
+        """Count one refused stream or frame; log it unless this peer's (``None``: this reason's)
+        refusals were logged less than LOG_INTERVAL_S ago (the next line gives how many were not)."""
+        source = peer if peer is not None else f"unidentified peers ({reason})"
+        now = time.monotonic()
         with self._lock:
             self.refused[kind] += 1
-        log.warning("refused %s from %s: %s", kind, peer, reason)
+            self._unlogged[(kind, source)] += 1
+            if now - self._logged_at.get((kind, source), -LOG_INTERVAL_S) < LOG_INTERVAL_S:
+                return
+            self._logged_at[(kind, source)] = now
+            count = self._unlogged.pop((kind, source))
+        more = f" ({count} refusals since the last line)" if count > 1 else ""
+        log.warning("refused %s from %s: %s%s", kind, source, reason, more)
+
+    def admission(self, token: str, proof: str) -> tuple[Session | None, str]:
+        """The open session a stream with ``token`` and ``proof`` may serve, or why not."""
+        with self._lock:
+            session = self.sessions.get(token)
+        if session is None or session.status != "open":
+            return None, "unknown or closed session token"
+        if not secrets.compare_digest(proof, open_proof(session.key)):
+            return None, "wrong session key (the node's stream-key-file is missing or not this node's)"
+        if session.context is not None:
+            return None, "session token already has its stream"
+        return session, ""
 
     def refusals(self) -> dict[str, int]:
         """How many streams and frames were refused, by kind (for results.json)."""
@@ -162,10 +192,7 @@ class StepStreamServer(SessionTable):
             options=_grpc_options(max_message_bytes),
             maximum_concurrent_rpcs=max_workers,  # surplus streams are refused at once, not queued
         )
-        rpc = grpc.stream_stream_rpc_method_handler(self._serve)
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("hosl.SplitStep", {"Session": rpc}),)
-        )
+        self._server.add_generic_rpc_handlers((_Admission(self, grpc.stream_stream_rpc_method_handler(self._serve)),))
         address = f"{host}:{port}"
         if tls_cert is not None and tls_key is not None:
             self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
@@ -192,17 +219,13 @@ class StepStreamServer(SessionTable):
         sessions go on.
         """
         metadata = dict(context.invocation_metadata())
-        token, proof = metadata.get(TOKEN_KEY, ""), metadata.get(PROOF_KEY, "")
-        with self._lock:  # a session has one stream, once: a second or later stream on its token is refused
-            session = self.sessions.get(token)
-            if session is None or session.status != "open":
-                why = "unknown or closed session token"
-            elif not secrets.compare_digest(proof, open_proof(session.key)):
-                why = "wrong session key (the node's stream-key-file is missing or not this node's)"
-            elif session.context is not None:
+        token = metadata.get(TOKEN_KEY, "")
+        session, why = self.admission(token, metadata.get(PROOF_KEY, ""))
+        with self._lock:  # a session has one stream, once (two streams admitted at once: the second stops here)
+            if session is not None and session.context is not None:
                 why = "session token already has its stream"
-            else:
-                why, session.context = "", context
+            elif session is not None:
+                session.context = context
         if why:
             self.refuse("stream", why, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
@@ -215,6 +238,9 @@ class StepStreamServer(SessionTable):
                 self.fail(session, "client disconnected", cancel=False)
 
         context.add_callback(on_termination)
+        accept = sealer.seal(ACCEPT_FRAME)
+        session.bytes_down += len(accept)
+        yield accept
         try:
             for frame in requests:
                 session.last_activity = time.monotonic()
@@ -241,9 +267,34 @@ class StepStreamServer(SessionTable):
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:  # a frame no check caught: this session fails, the run goes on
+            log.exception("frame of client %s could not be handled", session.client_id)
+            self.fail(session, f"frame could not be handled: {type(err).__name__}: {err}", cancel=False)
+            context.abort(grpc.StatusCode.INTERNAL, f"frame could not be handled: {type(err).__name__}")
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait()
+
+
+class _Admission(grpc.GenericRpcHandler):
+    """Serves the session method to streams whose metadata proves an open session, and to no other.
+
+    gRPC asks for a stream's handler before it counts the stream against the server's concurrency
+    limit or gives it a worker thread, so a refused stream (answered UNIMPLEMENTED, as if the method
+    did not exist) costs a table lookup and a MAC comparison, never a worker slot."""
+
+    def __init__(self, table: SessionTable, rpc: grpc.RpcMethodHandler):
+        self.table, self.rpc = table, rpc
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method != METHOD:
+            return None
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        session, why = self.table.admission(metadata.get(TOKEN_KEY, ""), metadata.get(PROOF_KEY, ""))
+        if session is None:
+            self.table.refuse("stream", why, None)  # no peer address is known before a stream is served
+            return None
+        return self.rpc
 
 
 class StepStreamClient:
@@ -259,7 +310,11 @@ class StepStreamClient:
         root_certificate: bytes | None = None,
         max_message_bytes: int = 256 * 1024 * 1024,
         node_key: bytes | None = None,
+        admission_s: float = 60.0,
     ):
+        """Opens the stream and waits for the server to admit it: refused for lack of a worker slot, it
+        retries with back-off for up to ``admission_s`` seconds (the session was opened, so the server
+        is up: an unreachable one or a failed TLS handshake is not retried)."""
         options = _grpc_options(max_message_bytes)
         if root_certificate:
             self._channel = grpc.secure_channel(
@@ -269,12 +324,39 @@ class StepStreamClient:
             self._channel = grpc.insecure_channel(address, options=options)
         key = session_key(token, node_key)
         self._sealer, self._opener = FrameSealer(key, FROM_CLIENT), FrameOpener(key, FROM_SERVER)
-        self._outbox: queue.Queue[bytes | None] = queue.Queue()
-        call = self._channel.stream_stream(METHOD)
-        metadata = ((TOKEN_KEY, token), (PROOF_KEY, open_proof(key)))
-        self._responses = call(iter(self._outbox.get, None), metadata=metadata)
         self.bytes_up = 0
         self.bytes_down = 0
+        self._admit(((TOKEN_KEY, token), (PROOF_KEY, open_proof(key))), admission_s)
+
+    def _admit(self, metadata: tuple[tuple[str, str], ...], admission_s: float) -> None:
+        """Open the stream until the server's accept frame arrives (see the class's ``__init__``)."""
+        deadline, wait = time.monotonic() + admission_s, 0.05
+        while True:
+            self._outbox: queue.Queue[bytes | None] = queue.Queue()
+            self._responses = self._channel.stream_stream(METHOD)(iter(self._outbox.get, None), metadata=metadata)
+            try:
+                accept = next(self._responses)
+            except grpc.RpcError as err:
+                self._outbox.put(None)
+                if err.code() in RETRY_CODES and time.monotonic() + wait < deadline:
+                    time.sleep(wait * (0.5 + random.random()))
+                    wait = min(2 * wait, 5.0)
+                    continue
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise ConnectionError(
+                        "step stream refused: unknown or closed session token, a second stream for it, or a "
+                        "wrong node key (the node's stream-key-file); the server's log says which"
+                    ) from err
+                raise ConnectionError(f"step stream failed: {err.code().name}: {err.details()}") from err
+            except StopIteration as err:
+                raise ConnectionError("step stream closed by the server before admitting the session") from err
+            self.bytes_down += len(accept)
+            try:
+                if self._opener.open(accept) != ACCEPT_FRAME:
+                    raise ConnectionError("the server's first frame is not the accept frame")
+            except FrameRefused as err:
+                raise ConnectionError(f"refused the server's accept frame: {err}") from err
+            return
 
     def send(self, payload: bytes) -> None:
         """Send a frame that gets no reply (a perturbed-activation part)."""

@@ -41,7 +41,8 @@ def test_session_exchanges_frames_and_counts_bytes(server):
     assert client.exchange(b"12345") == b"54321"
     client.close()
     # wire bytes: two frames and the close frame up, two replies down, each sealed (counter + MAC)
-    assert session.steps == 2 and session.bytes_up == 8 + 3 * OVERHEAD and session.bytes_down == 8 + 2 * OVERHEAD
+    # and the accept frame (an empty payload) down first
+    assert session.steps == 2 and session.bytes_up == 8 + 3 * OVERHEAD and session.bytes_down == 8 + 3 * OVERHEAD
     assert client.bytes_down == session.bytes_down
     assert server.close_session(session).status == "done"
 
@@ -59,12 +60,34 @@ def test_stream_ending_without_close_frame_fails_the_session(server):
     client._channel.close()
 
 
-def test_stream_without_valid_token_is_rejected(server):
-    server.open_session("c0")
-    client = StepStreamClient(server.address, "not-the-token")
-    with pytest.raises(ConnectionError, match="UNAUTHENTICATED"):
-        client.exchange(b"hello")
-    client.close()
+def test_stream_without_valid_token_is_refused_before_it_is_served(server):
+    session = server.open_session("c0")
+    with pytest.raises(ConnectionError, match="step stream refused: unknown or closed session token"):
+        StepStreamClient(server.address, "not-the-token")
+    with pytest.raises(ConnectionError, match="step stream refused"):  # the right token without its key's proof
+        StepStreamClient(server.address, session.token, node_key=b"k" * 32)
+    assert server.refusals() == {"stream": 2} and session.status == "open" and session.context is None
+
+
+def test_a_client_refused_for_lack_of_a_worker_slot_retries_until_admitted():
+    """One slot, held by a session: a second session's stream is refused (RESOURCE_EXHAUSTED) and
+    retries with back-off; when the first session closes, the second is admitted and served."""
+    srv = StepStreamServer(echo_handler, port=0, max_workers=1)
+    try:
+        first, second = srv.open_session("a"), srv.open_session("b")
+        holder, closed = StepStreamClient(srv.address, first.token), threading.Event()
+        threading.Timer(0.5, lambda: (holder.close(), closed.set())).start()
+        waiting = StepStreamClient(srv.address, second.token, admission_s=30)
+        assert closed.is_set() and second.context is not None  # admitted only once the slot was free
+        assert waiting.exchange(b"abc") == b"cba"
+        waiting.close()
+        with pytest.raises(ConnectionError, match="RESOURCE_EXHAUSTED"):  # and gives up at its deadline
+            third = srv.open_session("c")
+            blocker = StepStreamClient(srv.address, third.token)
+            StepStreamClient(srv.address, srv.open_session("d").token, admission_s=0.3)
+        blocker.close()
+    finally:
+        srv.stop()
 
 
 def test_malformed_frame_ends_only_that_session(server):
@@ -151,10 +174,8 @@ def test_tls_stream_with_self_signed_certificates(tmp_path):
         secure = StepStreamClient(srv.address, session.token, root_certificate=ca)
         assert secure.exchange(b"tls") == b"slt"
         secure.close()
-        plain = StepStreamClient(srv.address, session.token)
-        with pytest.raises(ConnectionError):
-            plain.exchange(b"no tls")
-        plain.close()
+        with pytest.raises(ConnectionError, match="UNAVAILABLE"):
+            StepStreamClient(srv.address, session.token)
     finally:
         srv.stop()
 
@@ -182,17 +203,13 @@ def test_a_session_token_opens_one_stream_only(server):
     session = server.open_session("c0")
     client = StepStreamClient(server.address, session.token)
     assert client.exchange(b"abc") == b"cba"
-    intruder = StepStreamClient(server.address, session.token)
-    with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*already has its stream"):
-        intruder.exchange(b"evil")
-    intruder.close()
+    with pytest.raises(ConnectionError, match="step stream refused"):
+        StepStreamClient(server.address, session.token)
     assert client.exchange(b"xyz") == b"zyx" and session.status == "open"  # the client's stream goes on
     client.close()
-    late = StepStreamClient(server.address, session.token)
-    with pytest.raises(ConnectionError, match="UNAUTHENTICATED"):
-        late.exchange(b"again")
-    late.close()
-    assert session.steps == 2
+    with pytest.raises(ConnectionError, match="step stream refused"):
+        StepStreamClient(server.address, session.token)
+    assert session.steps == 2 and server.refusals() == {"stream": 2}
 
 
 def _rpc_code(client: StepStreamClient) -> tuple[grpc.StatusCode, str]:
@@ -234,10 +251,8 @@ def test_with_node_keys_a_token_alone_opens_nothing(server):
     secret = b"s" * 32
     session = server.open_session("0", node_key=node_key(secret, 0))
     for thief_key in (None, node_key(secret, 1)):
-        thief = StepStreamClient(server.address, session.token, node_key=thief_key)
-        with pytest.raises(ConnectionError, match="UNAUTHENTICATED.*wrong session key"):
-            thief.exchange(b"evil")
-        thief.close()
+        with pytest.raises(ConnectionError, match="step stream refused: .*wrong node key"):
+            StepStreamClient(server.address, session.token, node_key=thief_key)
     client = StepStreamClient(server.address, session.token, node_key=node_key(secret, 0))
     assert client.exchange(b"mine") == b"enim" and session.status == "open"
     client.close()
@@ -245,18 +260,16 @@ def test_with_node_keys_a_token_alone_opens_nothing(server):
 
 
 def test_surplus_streams_on_one_token_do_not_starve_other_clients():
-    """Eight streams on one token against a server with two workers: all refused at once, and
-    another client is still served (surplus streams used to hold every worker)."""
+    """Eight streams on one token against a server with two workers: all refused before they take a
+    worker, and another client is still served (surplus streams used to hold every worker)."""
     srv = StepStreamServer(echo_handler, port=0, max_workers=2)
     try:
         victim, other = srv.open_session("a"), srv.open_session("b")
         owner = StepStreamClient(srv.address, victim.token)
         assert owner.exchange(b"a") == b"a"
-        intruders = [StepStreamClient(srv.address, victim.token) for _ in range(8)]
-        for intruder in intruders:
-            with pytest.raises(ConnectionError, match="UNAUTHENTICATED|RESOURCE_EXHAUSTED"):
-                intruder.exchange(b"idle")
-            intruder.close()
+        for _ in range(8):
+            with pytest.raises(ConnectionError, match="step stream refused"):
+                StepStreamClient(srv.address, victim.token)
         answers = []
         worker = threading.Thread(target=lambda: answers.append(StepStreamClient(srv.address, other.token)))
         worker.start()
@@ -268,7 +281,7 @@ def test_surplus_streams_on_one_token_do_not_starve_other_clients():
         assert answers[1:] == [b"devres"]
         client.close()
         owner.close()
-        assert srv.refusals()["stream"] >= 1
+        assert srv.refusals() == {"stream": 8}
     finally:
         srv.stop()
 
@@ -293,18 +306,18 @@ def test_frames_are_bound_to_their_direction_key_and_order():
 
 def test_streams_beyond_the_worker_count_are_refused_at_once_not_queued():
     """With stream-workers = 2 and two streams being served, a third is refused with
-    RESOURCE_EXHAUSTED right away (it used to wait for a worker, as long as the others idled)."""
+    RESOURCE_EXHAUSTED (it used to wait for a worker, as long as the others idled); its client retries
+    until its admission deadline, then says so."""
     srv = StepStreamServer(echo_handler, port=0, max_workers=2)
     try:
         sessions = [srv.open_session(f"c{i}") for i in range(3)]
         busy = [StepStreamClient(srv.address, s.token) for s in sessions[:2]]
         assert [c.exchange(b"ab") for c in busy] == [b"ba", b"ba"]
-        third = StepStreamClient(srv.address, sessions[2].token)
         errors = []
 
         def try_third() -> None:
             try:
-                third.exchange(b"wait?")
+                StepStreamClient(srv.address, sessions[2].token, admission_s=0.5)
             except ConnectionError as err:
                 errors.append(str(err))
 
@@ -312,7 +325,6 @@ def test_streams_beyond_the_worker_count_are_refused_at_once_not_queued():
         attempt.start()
         attempt.join(60)  # queued, it would wait until a busy stream ends
         assert len(errors) == 1 and "RESOURCE_EXHAUSTED" in errors[0]
-        third.close()
         for c in busy:
             c.close()
     finally:
