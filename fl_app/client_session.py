@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -150,6 +151,9 @@ class SessionLink(Link, Protocol):
     def close(self) -> None: ...
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder: no separators, no '..'
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """What a SuperNode's own config adds to a session; its key and CA never go on the wire."""
@@ -172,10 +176,23 @@ class NodeSettings:
         )
 
     def state_folder(self, session: SessionSettings) -> Path | None:
-        """Where this client's per-round states of this run go (None: the run keeps none on disk)."""
+        """Where this client's per-round states of this run go (None: the run keeps none on disk):
+        ``<state-dir>/<run-id>`` with a node state-dir, else the run folder's ``clients/<run-id>`` that
+        the session names. Either way the run id is a plain name and the folder ends in it, so a
+        session message cannot send the state anywhere else."""
         if not session.state_dir:
             return None
-        return Path(self.state_dir).expanduser() / session.run_id if self.state_dir else Path(session.state_dir)
+        if not RUN_ID.fullmatch(session.run_id):
+            raise ValueError(f"session field run_id is {session.run_id[:80]!r}, expected 1-64 letters, digits, - or _")
+        if self.state_dir:
+            return Path(self.state_dir).expanduser() / session.run_id
+        folder = Path(session.state_dir)
+        if not folder.is_absolute() or ".." in folder.parts or folder.parts[-2:] != ("clients", session.run_id):
+            raise ValueError(
+                f"session field state_dir is {session.state_dir[:200]!r}, expected an absolute '<run folder>/clients/"
+                f"{session.run_id}' (or set node config state-dir)"
+            )
+        return folder
 
 
 @dataclass(frozen=True)

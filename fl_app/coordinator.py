@@ -202,7 +202,9 @@ class Coordinator:
             "node_auth": self.secret is not None,  # the client needs its node key (stream-key-file)
             "trial": self.trial,
             "run_id": self.run_id,  # clients keep their states per run, per round, in state-dir
-            "state_dir": str(self.out_dir / "clients" / self.run_id) if self.config.run.client_checkpoints else "",
+            "state_dir": str(self.out_dir.resolve() / "clients" / self.run_id)  # absolute: clients check it
+            if self.config.run.client_checkpoints
+            else "",
             "finished_round": self.finished_round,
         }
         return session, SessionSettings(**{**settings, **extra})

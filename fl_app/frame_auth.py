@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from pathlib import Path
 
 TAG_BYTES = 32
@@ -35,15 +36,27 @@ def node_key(secret: bytes, partition_id: int) -> bytes:
     return hmac.digest(secret, f"hosl-node-{partition_id}".encode(), "sha256")
 
 
+MIN_DISTINCT_BYTES = 8  # a random 16-byte key has fewer with probability ~1e-9; zeros or a pattern have 1-4
+
+
 def read_key_file(path: str, field: str) -> bytes:
-    """A key or secret stored as hex in a file; a clear error naming ``field`` otherwise."""
+    """A key or secret stored as hex in a file only its owner can read; a clear error naming ``field``
+    otherwise (unreadable, not hex, shorter than 16 bytes, readable by others, or not random)."""
     try:
         text = Path(path).read_text().strip()
         key = bytes.fromhex(text)
+        mode = os.stat(path).st_mode & 0o777
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read a hex key from {field} '{path}': {err}") from err
     if len(key) < 16:
         raise ValueError(f"{field} '{path}' holds {len(key)} bytes; a key needs at least 16")
+    if os.name == "posix" and mode & 0o077:
+        raise ValueError(f"{field} '{path}' is readable by others (mode {mode:o}); make it private: chmod 600 '{path}'")
+    if len(set(key)) < MIN_DISTINCT_BYTES:
+        raise ValueError(
+            f"{field} '{path}' holds {len(set(key))} distinct byte values in {len(key)} bytes: not a random key "
+            "(write one with python -m fl_app.frame_auth secret FILE)"
+        )
     return key
 
 
