@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -25,16 +26,37 @@ def _on_cpu(value: Any) -> Any:
     return value
 
 
+class WriteFailed(OSError):
+    """A file could not be written (disk full, no permission, ...): the old file, if any, is as it
+    was and no temporary file is left."""
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], private: bool = False) -> None:
+    """Write ``path`` through ``write(file)`` on a temporary file that is synced and renamed over it;
+    any failure (an ``OSError``, or torch's ``RuntimeError`` on a full disk) removes the temporary
+    file and raises :class:`WriteFailed` naming the path. ``private``: mode 0600 whatever an old file had."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except Exception as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise WriteFailed(f"could not write {path}: {type(err).__name__}: {reason}") from err
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Save ``payload`` so that a crash at any point leaves either the old or the new checkpoint; its
     tensors are saved from the CPU, so a checkpoint of a run on a GPU loads on any machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(_on_cpu(payload), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    cpu = _on_cpu(payload)
+    write_atomic(path, lambda fh: torch.save(cpu, fh))
 
 
 class CheckpointRefused(ValueError):
@@ -98,21 +120,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` readable by its owner only (mode 0600, whatever an old file had), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: fh.write(data), private=True)
 
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+    data = json.dumps(payload, indent=2, default=float).encode()
+    write_atomic(path, lambda fh: fh.write(data))
 
 
 def run_folder(out_dir: str, config: Mapping[str, Any], root: Path = Path("runs")) -> Path:

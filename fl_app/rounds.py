@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from fl_app.checkpoint import WriteFailed
 from fl_app.coordinator import Coordinator
 from fl_app.records import SessionReply, SessionRequest, TrainReport
 from fl_app.stream import Session
@@ -180,11 +181,14 @@ def tune(fed: Federation, coord: Coordinator, rounds: itertools.count) -> dict[s
 def run(fed: Federation, coord: Coordinator) -> Path:
     """The whole run (tuning first when ``tune-trials > 0``; from the last finished round when
     resuming); returns the finished results.json's path. A run that raises leaves results.json
-    with status "failed" and the reason."""
+    with status "failed" and the reason (when results.json can be written at all)."""
     try:
         return _run(fed, coord)
     except BaseException as err:
-        coord.write_results(status="failed", error=f"{type(err).__name__}: {err}")
+        try:
+            coord.write_results(status="failed", error=f"{type(err).__name__}: {err}")
+        except WriteFailed as unwritten:  # e.g. the disk that failed the run is still full: say so, raise the cause
+            log.error("the run failed (%s) and results.json could not be marked failed: %s", err, unwritten)
         raise
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fl_app import rounds
-from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, run_folder
+from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, WriteFailed, run_folder
 from fl_app.client_session import ClientSide, run_eval_session, run_session
 from fl_app.config import Config, exit_with_error, scenario_config
 from fl_app.coordinator import Coordinator
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         run(config, out_dir)  # prints each round, test accuracy and, last, where the results are
     except (RunFolderBusy, CheckpointRefused) as err:  # refused before anything trained
         exit_with_error(str(err))
+    except WriteFailed as err:  # e.g. a full disk: results.json says failed, the last checkpoint is intact
+        print(f"error: {err} (the run stopped; resume from its last checkpoint once there is room)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

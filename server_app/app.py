@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app import rounds
-from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, run_folder
+from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, WriteFailed, run_folder
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
@@ -264,6 +264,9 @@ def main(grid: Grid, context: Context) -> None:
     try:
         with _exit_on_sigterm():
             _run(grid, coord)
+    except WriteFailed as err:  # e.g. a full disk: one line first (results.json says failed if it could be written)
+        print(f"[hosl] error: {err}", flush=True)
+        raise
     finally:
         coord.close()
 

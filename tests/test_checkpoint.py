@@ -3,16 +3,25 @@ and a killed run resumes to the result it would have had."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from fl_app import train as train_cli
-from fl_app.checkpoint import RunFolderBusy, RunFolderLock, load_checkpoint, save_checkpoint, write_json_atomic
+from fl_app.checkpoint import (
+    RunFolderBusy,
+    RunFolderLock,
+    WriteFailed,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from fl_app.config import make_config, read_scenario
 
 
@@ -29,6 +38,55 @@ def test_checkpoint_round_trip_and_crash_mid_write_keeps_the_old_one(tmp_path, m
     monkeypatch.undo()
     loaded = load_checkpoint(path)
     assert loaded["round"] == 1 and torch.equal(loaded["server"]["w"], torch.ones(3))
+
+
+def _failing_save(fail: Callable[[str], bool]):
+    """torch.save that writes part of the file and then fails as torch does on a full disk, for the
+    files whose path ``fail`` picks (the path read back from the open file)."""
+    save = torch.save
+
+    def failing(obj, fh, *args, **kwargs):
+        path = os.readlink(f"/proc/self/fd/{fh.fileno()}")
+        if not fail(path):
+            return save(obj, fh, *args, **kwargs)
+        fh.write(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\nsecond line")
+
+    return failing
+
+
+def test_a_failed_write_raises_naming_the_file_keeps_the_old_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"round": 1, "server": {"w": torch.ones(3)}})
+    monkeypatch.setattr(torch, "save", _failing_save(lambda _: True))
+    with pytest.raises(WriteFailed, match=r"could not write .*checkpoint.pt: RuntimeError: \[enforce fail.*0$"):
+        save_checkpoint(path, {"round": 2, "server": {"w": torch.zeros(3)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(path)["round"] == 1
+
+
+def test_a_full_disk_fails_the_run_in_one_line_marks_it_failed_and_leaves_no_temporary_files(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    """Client 0's state and the round-1 checkpoint cannot be written (torch's RuntimeError, as on a
+    full disk): client 0's session stands with a warning (it used to be dropped), the run stops with
+    one line and exit code 1, and results.json says failed naming the file (it used to be missing)."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.fail("this test reads the path of an open file from /proc (Linux)")
+    monkeypatch.setattr(torch, "save", _failing_save(lambda path: "client-0" in path or "checkpoint" in path))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main([SMOKE, "--out", str(out), "--set", "client-checkpoints=true"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: could not write .*checkpoint\.pt: RuntimeError: ", err[0])
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "checkpoint.pt" in results["error"]
+    assert results["rounds"][0]["dropped"] == [] and results["rounds"][0]["clients"] == [0, 1]
+    assert any(
+        "cannot keep client 0's state" in r.getMessage() and "client-0" in r.getMessage() for r in caplog.records
+    )
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_results_json_is_replaced_whole(tmp_path, monkeypatch):
