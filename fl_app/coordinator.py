@@ -176,8 +176,9 @@ class Coordinator:
     def _rollback(self, session: Session) -> None:
         with self.lock:
             self.server.discard_parts(session.token)
-            if self.server.rollback(session.token):
-                log.warning("rolled back the server updates of client %s's partial session", session.client_id)
+            how = self.server.rollback(session.token)
+            if how:
+                log.warning("rolled back client %s's partial session (%s)", session.client_id, how)
 
     def select(self, partition_ids: list[int], rnd: int) -> list[int]:
         """Seeded selection of ``fraction-train`` of the clients, at least ``min-clients``."""
@@ -287,6 +288,8 @@ class Coordinator:
             "accuracy": None if evaluation is None else evaluation["accuracy"],
             "clients": sorted(r.partition_id for r in reports),
             "dropped": dropped,
+            # clients that started from their state on disk (a restarted node, a resumed run): its round
+            "restored": {str(r.partition_id): r.restored_round for r in reports if r.restored_round},
             "seconds": seconds,
             "bytes_up": sum(r.bytes_up + r.message_bytes_up for r in reports),
             "bytes_down": sum(r.bytes_down + r.message_bytes_down for r in reports),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,25 +35,50 @@ from fl_app.subset import class_parts, select_batches, selection_quality
 from fl_app.trainable import make_fo_optimizer
 from fl_app.zo import ZOEstimator, draw_seeds, step_generator
 
+log = logging.getLogger(__name__)
+
 SCORE_CHUNK_ROWS = 256  # rows per forward when scoring perturbed activations together
 
 
-class UpdateLedger:
-    """What each open session's steps changed in the server's trainable state: the weights and the
-    optimiser's state (Adam's moments and step counts), so a failed session can be undone.
+@dataclass
+class _Entry:
+    """One recorded step: whose it was, what applies it again (None: nothing can), the bytes it holds."""
 
-    Rollback: if no other session stepped since the failed one's first step, the state from before
-    that step is restored exactly (the server is as if the session never ran, its step counter
-    included); otherwise the session's own deltas are subtracted and the other sessions' updates
-    stay. A finished session is committed (its record dropped).
+    key: str
+    replay: Callable[[], Any] | None
+    size: int
+
+
+class UpdateLedger:
+    """What each open session's steps changed in the server's trainable state, so a failed session
+    can be undone exactly: as if it had never stepped, whatever other sessions did meanwhile.
+
+    At a session's first step the state (weights, the optimiser's state, and the owner's
+    ``counter()``, e.g. its step count) is snapshotted; every step is journalled with what replays
+    it. Rollback restores the failed session's snapshot and replays the other sessions' steps that
+    came after it, in order, re-taking the snapshots of sessions that began meanwhile; when nobody
+    else stepped in between, the restore alone is exact. A finished session is committed, and the
+    journal keeps only what an open session's rollback could replay. Past ``journal_bytes`` of
+    journalled requests (until the open sessions end), or over steps recorded without a replay, a
+    rollback subtracts the session's own accumulated deltas instead (weights and optimiser state:
+    exact for plain SGD, not with Adam's moments), and says so.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None = None):
-        self.params, self.optimizer = params, optimizer
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer | None = None,
+        journal_bytes: int | None = None,
+        counter: Callable[[], Any] | None = None,
+    ):
+        self.params, self.optimizer, self.journal_bytes = params, optimizer, journal_bytes
+        self.counter = counter or (lambda: None)
         self.deltas: dict[str, list[torch.Tensor]] = {}
         self.snapshots: dict[str, tuple[int, list[torch.Tensor], dict[str, Any] | None, Any]] = {}
+        self.journal: list[_Entry] = []
+        self.journal_start = 0  # the step number of journal[0]
         self.steps_recorded = 0  # over all sessions
-        self.session_steps: dict[str, int] = {}
+        self.overflowed = False  # the journal outgrew journal_bytes since the open sessions began
 
     def _optimizer_tensors(self) -> list[tuple[torch.nn.Parameter, str, torch.Tensor]]:
         if self.optimizer is None:
@@ -62,57 +90,110 @@ class UpdateLedger:
             if torch.is_tensor(value)
         ]
 
-    def track(self, key: str, extra: Any = None):
-        """Snapshot before a step (``extra``: a value the owner wants back on an exact rollback, e.g.
-        its step counter); call the returned function after the step to record its delta."""
+    def _snapshot(self, key: str) -> None:
+        state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        weights = [p.detach().clone() for p in self.params]
+        self.snapshots[key] = (self.steps_recorded, weights, state, self.counter())
+
+    def track(self, key: str, replay: Callable[[], Any] | None = None, size: int = 0) -> Callable[[], None]:
+        """Call before a step of session ``key``; call the returned function after it. ``replay``
+        applies the same step again (``size``: the bytes it holds), for another session's rollback."""
         before = [p.detach().clone() for p in self.params]
         opt_before = {(id(p), name): v.clone() for p, name, v in self._optimizer_tensors()}
         if key not in self.snapshots:
-            state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
-            self.snapshots[key] = (self.steps_recorded, before, state, extra)  # ``before`` is only ever read
+            self._snapshot(key)
 
         def done() -> None:
-            with torch.no_grad():
-                steps = [p.detach() - b for p, b in zip(self.params, before)]
-                for p, name, value in self._optimizer_tensors():
-                    start = opt_before.get((id(p), name))
-                    steps.append(value - start if start is not None else value.clone())  # fresh state starts at 0
-                acc = self.deltas.get(key)
-                if acc is None:
-                    self.deltas[key] = steps
-                else:
-                    acc.extend(torch.zeros_like(d) for d in steps[len(acc) :])  # state created by this step
-                    for total, d in zip(acc, steps):
-                        total.add_(d)
+            self._accumulate(key, before, opt_before)
+            if any(k != key for k in self.snapshots):  # only another open session's rollback replays it
+                self.journal.append(_Entry(key, replay, size))
+            else:
+                self.journal.append(_Entry(key, None, 0))
             self.steps_recorded += 1
-            self.session_steps[key] = self.session_steps.get(key, 0) + 1
+            self._trim()
 
         return done
+
+    @torch.no_grad()
+    def _accumulate(self, key: str, before: list[torch.Tensor], opt_before: dict) -> None:
+        steps = [p.detach() - b for p, b in zip(self.params, before)]
+        for p, name, value in self._optimizer_tensors():
+            start = opt_before.get((id(p), name))
+            steps.append(value - start if start is not None else value.clone())  # fresh state starts at 0
+        acc = self.deltas.get(key)
+        if acc is None:
+            self.deltas[key] = steps
+        else:
+            acc.extend(torch.zeros_like(d) for d in steps[len(acc) :])  # state created by this step
+            for total, d in zip(acc, steps):
+                total.add_(d)
+
+    def _trim(self) -> None:
+        """Drop the entries no open session's rollback replays; past ``journal_bytes``, every replay."""
+        oldest = min((snap[0] for snap in self.snapshots.values()), default=self.steps_recorded)
+        drop = max(0, oldest - self.journal_start)
+        del self.journal[:drop]
+        self.journal_start += drop
+        self.overflowed = self.overflowed and bool(self.snapshots)
+        held = sum(e.size for e in self.journal)
+        if self.journal_bytes is not None and held > self.journal_bytes and not self.overflowed:
+            log.warning(
+                "the rollback journal holds %.0f MiB, over server-buffer-mb: until the open sessions end, a "
+                "rollback subtracts the session's own updates instead of replaying the others' (approximate)",
+                held / 2**20,
+            )
+            self.overflowed = True
+        if self.overflowed:
+            self.journal = [_Entry(e.key, None, 0) for e in self.journal]
 
     def commit(self, key: str) -> None:
         self.deltas.pop(key, None)
         self.snapshots.pop(key, None)
-        self.session_steps.pop(key, None)
+        self._trim()
 
     @torch.no_grad()
-    def rollback(self, key: str) -> tuple[bool, Any]:
-        """Undo ``key``'s updates; (anything undone, the ``extra`` of its first step if the restore was exact)."""
-        deltas, snapshot = self.deltas.pop(key, None), self.snapshots.pop(key, None)
-        steps = self.session_steps.pop(key, 0)
+    def rollback(self, key: str, restore: Callable[[Any], None] | None = None) -> str:
+        """Undo ``key``'s updates; returns "" (nothing to undo), "exact" or "subtracted".
+
+        ``restore(counter)`` sets the owner's counter back to its value at the restored snapshot,
+        before the other sessions' steps are replayed (each replay advances it again)."""
+        snapshot, deltas = self.snapshots.pop(key, None), self.deltas.pop(key, None)
         if snapshot is None:
-            return False, None
-        started_at, weights, state, extra = snapshot
-        if self.steps_recorded - started_at == steps:  # nobody else stepped in between: restore exactly
-            for p, w in zip(self.params, weights):
-                p.copy_(w)
-            if self.optimizer is not None:
-                self.optimizer.load_state_dict(state)
-            self.steps_recorded = started_at
-            return True, extra
+            return ""
+        started_at, weights, state, counter = snapshot
+        later = self.journal[started_at - self.journal_start :]
+        others = [e for e in later if e.key != key]
+        if any(e.replay is None for e in others):
+            self._subtract(key, deltas or [])
+            return "subtracted"
+        for p, w in zip(self.params, weights):
+            p.copy_(w)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state)
+        if restore is not None:
+            restore(counter)
+        del self.journal[started_at - self.journal_start :]
+        self.steps_recorded = started_at
+        began_since = {e.key for e in others if e.key in self.snapshots and self.snapshots[e.key][0] >= started_at}
+        for entry in others:  # their accumulated deltas (the approximate fallback's) stay as first recorded
+            if entry.key in began_since:  # its snapshot held the failed session's steps: re-taken
+                began_since.discard(entry.key)
+                self._snapshot(entry.key)
+            entry.replay()
+            self.journal.append(entry)
+            self.steps_recorded += 1
+        return "exact"
+
+    def _subtract(self, key: str, deltas: list[torch.Tensor]) -> None:
+        """The approximate rollback: subtract ``key``'s accumulated deltas; forget its journal entries."""
         opt = self._optimizer_tensors()
-        for target, d in zip([p.detach() for p in self.params] + [v for _, _, v in opt], deltas or []):
+        for target, d in zip([p.detach() for p in self.params] + [v for _, _, v in opt], deltas):
             target.sub_(d)
-        return True, None
+        mine = [i for i, e in enumerate(self.journal) if e.key == key]
+        self.journal = [e for e in self.journal if e.key != key]
+        self.steps_recorded -= len(mine)
+        for k, (at, weights, state, counter) in list(self.snapshots.items()):
+            self.snapshots[k] = (at - sum(self.journal_start + i < at for i in mine), weights, state, counter)
 
 
 @dataclass
@@ -177,15 +258,17 @@ class SplitServer:
         else:
             self.optimizer = None
             self.zo = ZOEstimator(params, zo.eps, optim.server_lr, optim.weight_decay, zo.directions, clip=zo.grad_clip)
-        self.ledger = UpdateLedger(params, self.optimizer)
+        journal = limits.total_bytes if limits is not None else None
+        self.ledger = UpdateLedger(params, self.optimizer, journal, counter=lambda: self.steps)
 
-    def rollback(self, session: str) -> bool:
-        """Undo a failed session's updates (weights, optimiser state; the step counter too when no
-        other session stepped since); True if it had any."""
-        undone, steps_before = self.ledger.rollback(session)
-        if steps_before is not None:
-            self.steps = steps_before
-        return undone
+    def rollback(self, session: str) -> str:
+        """Undo a failed session's updates: "exact" (weights, optimiser state and step counter as if it
+        never stepped; other sessions' later steps replayed), "subtracted" (its own deltas taken off:
+        the journal overflowed) or "" (it made none)."""
+        return self.ledger.rollback(session, restore=self._set_steps)
+
+    def _set_steps(self, steps: int) -> None:
+        self.steps = steps
 
     def handle_bytes(
         self, payload: bytes, session: str | None = None, defer_scoring: bool = False
@@ -438,15 +521,26 @@ class SplitServer:
             return StepReply(
                 clean_loss=float(loss), correct=int(right.sum()), count=int(req.labels.shape[0]), example_correct=right
             )
+        record = None
+        if session is not None and self.params:
+            replay = functools.partial(self._replay, req)
+            record = self.ledger.track(session, replay, tensor_bytes(list(req._tensors().values())))
         self.steps += 1
-        record = self.ledger.track(session, extra=self.steps - 1) if session is not None and self.params else None
-        if self.zo is not None:
-            loss, grad = self._zo_step(clean, req), None
-        else:
-            loss, grad = self._fo_step(clean, req, need_grad=req.kind == "fo")
+        loss, grad = self._train(req, need_grad=req.kind == "fo")
         if record is not None:
             record()
         return StepReply(clean_loss=loss, perturbed_losses=perturbed_losses, grad=grad)
+
+    def _train(self, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
+        """The server's update on the step's clean activations (and, for an FO client, their gradient)."""
+        if self.zo is not None:
+            return self._zo_step(req.clean.float(), req), None
+        return self._fo_step(req.clean.float(), req, need_grad=need_grad)
+
+    def _replay(self, req: StepRequest) -> None:
+        """The same update again, as the next server step (another session's rollback replays it)."""
+        self.steps += 1
+        self._train(req, need_grad=False)
 
     @torch.enable_grad()  # independent of the caller's grad mode (e.g. a same-thread ZO client)
     def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
