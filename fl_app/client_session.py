@@ -24,7 +24,7 @@ from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batche
 from fl_app.bottom_effect import activation_change, relative_change
 from fl_app.checkpoint import check_weights
 from fl_app.client_party import Link, SplitClient, StepMemory
-from fl_app.client_store import load_client_state, save_client_state
+from fl_app.client_store import load_client_state, save_client_state, saved_round
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file, read_pem
@@ -244,6 +244,7 @@ class _Prepared:
     data: TaskData
     state: ClientState
     caught_up: int
+    restored_round: int = 0  # the round of the state read from disk (a restarted node, a resumed run); 0: none
 
 
 def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Prepared:
@@ -257,8 +258,10 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
         raise ValueError(f"partition-id {partition_id} is outside [0, {side.num_partitions})")
     config = side.config.updated({**request.overrides, "num-clients": side.num_partitions})
     state, folder = side.state, side.node.state_folder(session)
+    restored = 0
     if state is None and folder is not None:
         state = load_client_state(folder, partition_id, upto_round)
+        restored = saved_round(folder, partition_id, upto_round) if state is not None else 0
     state = state_for_trial(state, session.trial) or ClientState(trial=session.trial)
     if request.average:
         state = dataclasses.replace(state, weights=dict(request.average))
@@ -266,7 +269,7 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
     caught_up = 0
     if request.history is not None and client.zo is not None:
         caught_up = catch_up(client, request.history, partition_id, state.synced_round)
-    return _Prepared(config, client, data, state, caught_up)
+    return _Prepared(config, client, data, state, caught_up, restored)
 
 
 def run_session(
@@ -330,6 +333,7 @@ def run_session(
         **selection,
         bottom_params=counts["params"],
         bottom_trainable=counts["trainable"],
+        restored_round=ready.restored_round,
     )
     new_state = ClientState(
         weights=trainable_state(client),

@@ -45,12 +45,17 @@ def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientSt
     return path
 
 
+def saved_round(folder: Path, partition_id: int, upto_round: int) -> int:
+    """The newest round <= ``upto_round`` whose state is saved (0 if none is)."""
+    return max((r for r in _rounds(folder, partition_id) if r <= upto_round), default=0)
+
+
 def load_client_state(folder: Path, partition_id: int, upto_round: int) -> ClientState | None:
     """The state saved after the newest round <= ``upto_round`` (None if there is none)."""
-    files = {r: p for r, p in _rounds(folder, partition_id).items() if r <= upto_round}
-    if not files:
+    rnd = saved_round(folder, partition_id, upto_round)
+    if not rnd:
         return None
-    payload = load_checkpoint(files[max(files)])
+    payload = load_checkpoint(_rounds(folder, partition_id)[rnd])
     return ClientState(**payload)
 
 

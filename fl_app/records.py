@@ -304,6 +304,7 @@ class TrainReport:
     selection_bytes_down: int
     bottom_params: int
     bottom_trainable: int
+    restored_round: int = 0  # the round of the state on disk the session started from (restarted node, resume)
     weights: dict[str, torch.Tensor] | None = None  # synced FO clients: the bottom, for the server's average
     message_bytes_up: int = 0  # under Flower, set by the server: the session messages' own sizes
     message_bytes_down: int = 0
