@@ -267,6 +267,8 @@ class StepStreamServer(SessionTable):
         except (ProtocolError, FloatingPointError) as err:
             self.fail(session, f"malformed frame: {err}", cancel=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except grpc.RpcError:  # the client's side of the stream broke: its termination callback fails the session
+            raise
         except Exception as err:  # a frame no check caught: this session fails, the run goes on
             log.exception("frame of client %s could not be handled", session.client_id)
             self.fail(session, f"frame could not be handled: {type(err).__name__}: {err}", cancel=False)
