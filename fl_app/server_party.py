@@ -174,12 +174,19 @@ class UpdateLedger:
             restore(counter)
         del self.journal[started_at - self.journal_start :]
         self.steps_recorded = started_at
-        began_since = {e.key for e in others if e.key in self.snapshots and self.snapshots[e.key][0] >= started_at}
+        stepped = {e.key for e in others}
+        for k in [k for k, snap in self.snapshots.items() if snap[0] >= started_at and k not in stepped]:
+            del self.snapshots[k]  # began since, but no step of it completed: nothing of it to undo
+        began_since = {k for k in stepped if k in self.snapshots and self.snapshots[k][0] >= started_at}
         for entry in others:  # their accumulated deltas (the approximate fallback's) stay as first recorded
             if entry.key in began_since:  # its snapshot held the failed session's steps: re-taken
                 began_since.discard(entry.key)
                 self._snapshot(entry.key)
-            entry.replay()
+            try:
+                entry.replay()
+            except FloatingPointError as err:  # not finite on the restored state: that step stays out
+                log.warning("rollback: a step of session %s could not be replayed (%s); it is left out", entry.key, err)
+                continue
             self.journal.append(entry)
             self.steps_recorded += 1
         return "exact"

@@ -199,6 +199,45 @@ def test_ledger_without_replays_subtracts_an_interleaved_sessions_optimizer_stat
     assert ledger.rollback("b") == "exact" and ledger.rollback("b") == ""  # b was first: its snapshot
 
 
+def test_ledger_replays_the_other_sessions_steps_exactly_and_forgets_a_session_with_no_completed_step():
+    """a, b, a, b with Adam, then a fails: b's steps are replayed from a's snapshot, so the weights,
+    Adam's state and the owner's step counter equal b's steps alone; c, whose first step never
+    completed, has nothing left to undo."""
+
+    def adam_steps(grads: list[float]) -> tuple[torch.nn.Parameter, torch.optim.Adam]:
+        w = torch.nn.Parameter(torch.ones(3))
+        adam = torch.optim.Adam([w], lr=0.1)
+        for g in grads:
+            w.grad = torch.full((3,), g)
+            adam.step()
+        return w, adam
+
+    w = torch.nn.Parameter(torch.ones(3))
+    adam, count = torch.optim.Adam([w], lr=0.1), {"n": 0}
+    ledger = UpdateLedger([w], adam, counter=lambda: count["n"])
+
+    def step(g: float):
+        def apply() -> None:
+            w.grad = torch.full((3,), g)
+            adam.step()
+            count["n"] += 1
+
+        return apply
+
+    for key, g in (("a", 1.0), ("b", 2.0), ("a", 3.0), ("b", 4.0)):
+        apply = step(g)
+        done = ledger.track(key, apply, size=12)
+        apply()
+        done()
+    ledger.track("c")  # its step raised before completing: no done()
+    assert ledger.rollback("a", restore=lambda n: count.update(n=n)) == "exact"
+    alone, alone_adam = adam_steps([2.0, 4.0])
+    assert torch.equal(w, alone) and count["n"] == 2
+    assert torch.equal(adam.state[w]["exp_avg"], alone_adam.state[alone]["exp_avg"])
+    assert ledger.rollback("c") == "" and ledger.rollback("b", restore=lambda n: count.update(n=n)) == "exact"
+    assert w.tolist() == [1.0] * 3 and count["n"] == 0 and ledger.journal == []
+
+
 def test_a_session_token_opens_one_stream_only(server):
     """A copied token cannot open a second stream beside the client's, nor a new one after it closed."""
     session = server.open_session("c0")
