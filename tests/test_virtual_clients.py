@@ -1,0 +1,36 @@
+"""Which clients a node may serve, and how a round's clients are spread over the nodes."""
+
+import pytest
+
+from fl_app.virtual_clients import PartitionSet, assign
+
+
+def test_partition_sets_parse_ids_ranges_and_strides():
+    assert list(PartitionSet.parse("0-4")) == [0, 1, 2, 3, 4]
+    assert list(PartitionSet.parse("3, 7,11")) == [3, 7, 11]
+    every_20th = PartitionSet.parse("0-99999/20")
+    assert len(every_20th) == 5000 and 99980 in every_20th and 20 in every_20th and 21 not in every_20th
+    mixed = PartitionSet.parse("0-2,2,10-14/2")
+    assert list(mixed) == [0, 1, 2, 10, 12, 14] and len(mixed) == 6
+    assert list(PartitionSet.single(7)) == [7] and 8 not in PartitionSet.single(7)
+
+
+@pytest.mark.parametrize("text", ["", "a-b", "5-3", "0-9/0", "1-2-3", "-1"])
+def test_a_bad_partition_set_is_refused_naming_the_field_and_value(text):
+    with pytest.raises(ValueError, match=f"partitions = {text!r}"):
+        PartitionSet.parse(text)
+
+
+def test_a_rounds_clients_are_spread_evenly_over_the_nodes_that_may_serve_them():
+    nodes = {10: PartitionSet.parse("0-99"), 11: PartitionSet.parse("0-99"), 12: PartitionSet.parse("50-99")}
+    clients = list(range(0, 100, 5))  # 20 clients, 10 of them in 50-99
+    spread = assign(clients, nodes)
+    assert sorted(c for served in spread.values() for c in served) == clients  # each once
+    for node, served in spread.items():
+        assert all(c in nodes[node] for c in served)  # a node serves only the clients its config allows
+    assert sorted(len(s) for s in spread.values()) == [6, 7, 7] and assign(clients, nodes) == spread
+
+
+def test_a_client_no_node_may_serve_is_named():
+    with pytest.raises(ValueError, match="no node may serve client 7"):
+        assign([1, 7], {1: PartitionSet.parse("0-5")})
