@@ -178,8 +178,9 @@ class NodeSettings:
     def state_folder(self, session: SessionSettings) -> Path | None:
         """Where this client's per-round states of this run go (None: the run keeps none on disk):
         ``<state-dir>/<run-id>`` with a node state-dir, else the run folder's ``clients/<run-id>`` that
-        the session names. Either way the run id is a plain name and the folder ends in it, so a
-        session message cannot send the state anywhere else."""
+        the session names. Either way the run id is a plain name and the folder ends in it: without a
+        node state-dir a session can still name any absolute ``.../clients/<run id>`` (set state-dir on
+        a node that does not share the server's disk)."""
         if not session.state_dir:
             return None
         if not RUN_ID.fullmatch(session.run_id):

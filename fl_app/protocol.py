@@ -174,9 +174,10 @@ class SelectRequest:
         meta = _meta(metadata)
         values = {k: meta.pop(k, None) for k in ("budget", "num_batches", "seed")}
         for name, value in values.items():
+            least = 1 if name != "seed" else 0
             _expect(
-                isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name != "seed" else 0),
-                f"field '{name}' of a select request is {value!r}, expected a positive integer",
+                isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**62,
+                f"field '{name}' of a select request is {str(value)[:40]}, expected a positive integer below 2**62",
             )
         _expect(
             values["budget"] <= values["num_batches"],
@@ -318,11 +319,8 @@ def _meta(metadata: dict[str, str]) -> dict[str, Any]:
         meta = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise ProtocolError(f"field 'meta' is not JSON: {str(err)[:80]}") from err
-    _expect(
-        isinstance(meta, dict) and len(meta) <= MAX_META_KEYS,
-        f"field 'meta' is a {type(meta).__name__} of {len(meta)} entries, expected an object of at most "
-        f"{MAX_META_KEYS} entries",
-    )
+    _expect(isinstance(meta, dict), f"field 'meta' is a {type(meta).__name__}, expected an object")
+    _expect(len(meta) <= MAX_META_KEYS, f"field 'meta' has {len(meta)} entries, expected at most {MAX_META_KEYS}")
     for key, value in meta.items():
         flat = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
         _expect(
@@ -450,21 +448,29 @@ def _check_candidates(
     batch = req.labels.shape[0]
     if req.score_ids is not None:
         ids = req.score_ids
+        want = num_classes or "num_candidates"
         _expect(
-            ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[0] == rows == batch,
-            f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, num_candidates] with rows == batch",
+            ids.dtype == torch.int64
+            and ids.ndim == 2
+            and ids.shape[0] == rows == batch
+            and ids.shape[1] > 0
+            and (num_classes is None or ids.shape[1] == num_classes),
+            f"field 'score_ids' has shape {_shape(ids)}, expected [{batch}, {want}] with rows == batch",
         )
         _expect(
             vocab_size is None or bool(((ids >= 0) & (ids < vocab_size)).all()),
-            f"field 'score_ids' has token ids outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
+            f"field 'score_ids' has token ids outside [0, {vocab_size})",
         )
         return ids.shape[1]
     if req.target_ids is not None:
         tgt = req.target_ids
         _expect(
-            tgt.dtype == torch.int64 and _shape(tgt) == [rows, seq_len] and rows % batch == 0,
-            f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows a multiple "
-            f"of batch {batch}",
+            tgt.dtype == torch.int64
+            and _shape(tgt) == [rows, seq_len]
+            and rows % batch == 0
+            and (num_classes is None or rows == batch * num_classes),
+            f"field 'target_ids' has shape {_shape(tgt)}, expected [{rows}, {seq_len}] with rows = batch {batch} x "
+            f"{num_classes or 'the candidates'}",
         )
         real = tgt[tgt != -100]
         _expect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -74,7 +75,7 @@ class UpdateLedger:
         self.params, self.optimizer, self.journal_bytes = params, optimizer, journal_bytes
         self.counter = counter or (lambda: None)
         self.deltas: dict[str, list[torch.Tensor]] = {}
-        self.snapshots: dict[str, tuple[int, list[torch.Tensor], dict[str, Any] | None, Any]] = {}
+        self.snapshots: dict[str, tuple[int, list[torch.Tensor] | None, dict[str, Any] | None, Any]] = {}
         self.journal: list[_Entry] = []
         self.journal_start = 0  # the step number of journal[0]
         self.steps_recorded = 0  # over all sessions
@@ -163,8 +164,9 @@ class UpdateLedger:
         started_at, weights, state, counter = snapshot
         later = self.journal[started_at - self.journal_start :]
         others = [e for e in later if e.key != key]
-        if any(e.replay is None for e in others):
+        if weights is None or any(e.replay is None for e in others):  # None: a subtraction since tainted it
             self._subtract(key, deltas or [])
+            self._trim()
             return "subtracted"
         for p, w in zip(self.params, weights):
             p.copy_(w)
@@ -184,23 +186,27 @@ class UpdateLedger:
                 self._snapshot(entry.key)
             try:
                 entry.replay()
-            except FloatingPointError as err:  # not finite on the restored state: that step stays out
+            except Exception as err:  # e.g. not finite on the restored state: that step stays out
                 log.warning("rollback: a step of session %s could not be replayed (%s); it is left out", entry.key, err)
                 continue
             self.journal.append(entry)
             self.steps_recorded += 1
+        self._trim()
         return "exact"
 
     def _subtract(self, key: str, deltas: list[torch.Tensor]) -> None:
-        """The approximate rollback: subtract ``key``'s accumulated deltas; forget its journal entries."""
+        """The approximate rollback: subtract ``key``'s accumulated deltas; forget its journal entries.
+        A snapshot taken after one of its steps holds that step: it can no longer be restored (its
+        weights become None), so that session's own rollback subtracts too."""
         opt = self._optimizer_tensors()
         for target, d in zip([p.detach() for p in self.params] + [v for _, _, v in opt], deltas):
             target.sub_(d)
-        mine = [i for i, e in enumerate(self.journal) if e.key == key]
+        mine = [self.journal_start + i for i, e in enumerate(self.journal) if e.key == key]
         self.journal = [e for e in self.journal if e.key != key]
         self.steps_recorded -= len(mine)
         for k, (at, weights, state, counter) in list(self.snapshots.items()):
-            self.snapshots[k] = (at - sum(self.journal_start + i < at for i in mine), weights, state, counter)
+            held = sum(i < at for i in mine)
+            self.snapshots[k] = (at - held, None if held else weights, state, counter)
 
 
 @dataclass
@@ -530,8 +536,9 @@ class SplitServer:
             )
         record = None
         if session is not None and self.params:
-            replay = functools.partial(self._replay, req)
-            record = self.ledger.track(session, replay, tensor_bytes(list(req._tensors().values())))
+            kept = dataclasses.replace(req, perturbed=None)  # what a replay needs: not the 2Q perturbed activations
+            size = tensor_bytes(kept._tensors().values())
+            record = self.ledger.track(session, functools.partial(self._replay, kept), size)
         self.steps += 1
         loss, grad = self._train(req, need_grad=req.kind == "fo")
         if record is not None:

@@ -106,6 +106,8 @@ class SessionTable:
             self._unlogged[(kind, source)] += 1
             if now - self._logged_at.get((kind, source), -LOG_INTERVAL_S) < LOG_INTERVAL_S:
                 return
+            if len(self._logged_at) > 1024:  # peers include their ephemeral ports: forget the quiet ones
+                self._logged_at = {k: t for k, t in self._logged_at.items() if now - t < LOG_INTERVAL_S}
             self._logged_at[(kind, source)] = now
             count = self._unlogged.pop((kind, source))
         more = f" ({count} refusals since the last line)" if count > 1 else ""
@@ -136,11 +138,13 @@ class SessionTable:
                 return
             session.status = "failing"
         log.warning("session of client %s dropped: %s", session.client_id, reason)
-        if self.on_failure is not None:
-            self.on_failure(session)
-        session.reason, session.status = reason, "failed"
-        if cancel and session.context is not None:
-            session.context.cancel()
+        try:
+            if self.on_failure is not None:
+                self.on_failure(session)
+        finally:  # a rollback that raised still leaves the session failed and its stream cancelled
+            session.reason, session.status = reason, "failed"
+            if cancel and session.context is not None:
+                session.context.cancel()
 
     def close_session(self, session: Session) -> Session:
         """End a session: it can no longer be used; returns its final record."""
@@ -233,9 +237,11 @@ class StepStreamServer(SessionTable):
         session.last_activity = time.monotonic()
         ended_cleanly = False
 
-        def on_termination() -> None:  # runs when the RPC ends for any reason
-            if not ended_cleanly and session.status == "open":
-                self.fail(session, "client disconnected", cancel=False)
+        def on_termination() -> None:  # runs when the RPC ends for any reason, on gRPC's polling thread:
+            if not ended_cleanly and session.status == "open":  # the rollback runs on a thread of its own
+                threading.Thread(
+                    target=self.fail, args=(session, "client disconnected"), kwargs={"cancel": False}, daemon=True
+                ).start()
 
         context.add_callback(on_termination)
         accept = sealer.seal(ACCEPT_FRAME)
@@ -328,7 +334,12 @@ class StepStreamClient:
         self._sealer, self._opener = FrameSealer(key, FROM_CLIENT), FrameOpener(key, FROM_SERVER)
         self.bytes_up = 0
         self.bytes_down = 0
-        self._admit(((TOKEN_KEY, token), (PROOF_KEY, open_proof(key))), admission_s)
+        try:
+            self._admit(((TOKEN_KEY, token), (PROOF_KEY, open_proof(key))), admission_s)
+        except BaseException:  # no object reaches the caller: end the stream and close the channel here
+            self._outbox.put(None)
+            self._channel.close()
+            raise
 
     def _admit(self, metadata: tuple[tuple[str, str], ...], admission_s: float) -> None:
         """Open the stream until the server's accept frame arrives (see the class's ``__init__``)."""

@@ -116,11 +116,13 @@ def raw_frame(meta_text: str, server) -> bytes:
     "meta_text, message",
     [
         ("[1, 2]", "expected an object"),
+        ("5", "field 'meta' is a int, expected an object"),  # a scalar used to raise TypeError
+        ("null", "field 'meta' is a NoneType"),
         ("[" * 100_000 + "]" * 100_000, "field 'meta'"),  # absurd nesting: no RecursionError escapes
         ('{"client": {"nested": [1, 2]}}', "field 'meta.client'"),
         ('{"class_weights": [[1], [2]]}', "field 'meta.class_weights'"),
         ("{not json", "field 'meta' is not JSON"),
-        (json.dumps({f"k{i}": i for i in range(40)}), "at most 32 entries"),
+        (json.dumps({f"k{i}": i for i in range(40)}), "has 40 entries, expected at most 32"),
     ],
 )
 def test_malformed_metadata_is_a_protocol_error_naming_the_field(opt_server, meta_text, message):
@@ -134,6 +136,34 @@ def test_header_that_is_not_an_object_or_lies_about_its_length_is_a_protocol_err
     for payload in (b"\x04\x00\x00\x00\x00\x00\x00\x00[1] ", b"\xff\x00\x00\x00\x00\x00\x00\x00{}"):
         with pytest.raises(ProtocolError, match="malformed frame"):
             server.handle_bytes(payload)
+
+
+def test_candidates_per_example_must_be_the_tasks_classes(opt_server):
+    """A frame with another candidate count (or none) is refused: mixed in one forward with other
+    clients' steps (score-across-clients), it used to change their losses."""
+    _, server = opt_server
+    hidden = server.top.hidden_size
+    for ids in (torch.tensor([[3, 4, 5]] * 2), torch.zeros(2, 0, dtype=torch.long)):
+        frame = StepRequest(
+            "eval", torch.zeros(2, 8, hidden), torch.ones(2, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+        )
+        frame.score_ids = ids
+        with pytest.raises(ProtocolError, match=r"field 'score_ids' (declares|has) shape"):  # header or body check
+            server.handle_bytes(frame.to_bytes())
+    targets = torch.full((3, 8), -100)
+    targets[:, 2] = 5
+    frame = StepRequest(
+        "eval", torch.zeros(3, 8, hidden), torch.ones(3, 8, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    )
+    frame.target_ids = targets
+    with pytest.raises(ProtocolError, match="field 'target_ids' has shape .*rows = batch 1 x 2"):
+        server.handle_bytes(frame.to_bytes())
+
+
+def test_a_select_seed_beyond_what_a_generator_takes_is_a_protocol_error(opt_server):
+    _, server = opt_server
+    with pytest.raises(ProtocolError, match="field 'seed' of a select request is 18446744073709551615"):
+        server.handle_bytes(SelectRequest(budget=1, num_batches=1, seed=2**64 - 1).to_bytes())
 
 
 def test_candidate_fields_must_match_the_model_family():
