@@ -540,21 +540,22 @@ class SplitServer:
             size = tensor_bytes(kept._tensors().values())
             record = self.ledger.track(session, functools.partial(self._replay, kept), size)
         self.steps += 1
-        loss, grad = self._train(req, need_grad=req.kind == "fo")
+        loss, grad = self._train(clean, req, need_grad=req.kind == "fo")
         if record is not None:
             record()
         return StepReply(clean_loss=loss, perturbed_losses=perturbed_losses, grad=grad)
 
-    def _train(self, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
-        """The server's update on the step's clean activations (and, for an FO client, their gradient)."""
+    def _train(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
+        """The server's update on the step's clean activations ``clean`` (float32), and for an FO client
+        their gradient."""
         if self.zo is not None:
-            return self._zo_step(req.clean.float(), req), None
-        return self._fo_step(req.clean.float(), req, need_grad=need_grad)
+            return self._zo_step(clean, req), None
+        return self._fo_step(clean, req, need_grad=need_grad)
 
     def _replay(self, req: StepRequest) -> None:
         """The same update again, as the next server step (another session's rollback replays it)."""
         self.steps += 1
-        self._train(req, need_grad=False)
+        self._train(req.clean.float(), req, need_grad=False)
 
     @torch.enable_grad()  # independent of the caller's grad mode (e.g. a same-thread ZO client)
     def _fo_step(self, clean: torch.Tensor, req: StepRequest, need_grad: bool) -> tuple[float, torch.Tensor | None]:
