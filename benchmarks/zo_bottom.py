@@ -74,6 +74,7 @@ SERVER_LRS = (5e-5, 2e-4)  # Adam on the top
 FOFO_LRS = (0.01, 0.03)  # SGD on the bottom: stable over 1,000 steps (0.1, the 30-step study's, was not)
 COSINE = {"client-lr-schedule": "cosine", "client-lr-warmup": 40}
 SCHEDULES = {"constant": {}, "cosine": COSINE}
+BITFIT = "embeddings,matrices"  # client-freeze leaving the norms and biases (BitFit)
 GRAD_CLIP = 10.0  # about 2.5x the median |g_q| of the first pilot runs (4), a quarter of their largest
 
 
@@ -104,6 +105,10 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
             },
         },
     ),
+    # BitFit: the norms and biases alone (d_c = 20,736 at cut 4, against ~7.1M layer values for the full
+    # client), so ZO's variance per query falls ~340x; fo-bitfit is its first-order ceiling
+    "hosl-bitfit": ({"mode": "hosl", "client-freeze": BITFIT}, _grid((3e-3, 1e-2, 3e-2), ("cosine",))),
+    "fo-bitfit": ({"mode": "fo-fo", "client-freeze": BITFIT}, _grid((0.03, 0.3), ("constant",))),
     "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
 }
 SMOL: dict[str, Any] = {  # SmolLM2-135M with LoRA on both sides, as sim_configs/sst2_smollm2_lora.toml
@@ -541,7 +546,9 @@ def _pooled(a: list[list[int]], b: list[list[int]]) -> str:
 
 
 def _long_comparisons(runs: dict[str, Any]) -> list[str]:
-    return _headroom(runs, "long", SEEDS) + _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
+    return _headroom(runs, "long", SEEDS) + _comparisons(
+        runs, "long", ("hosl-full", "hosl-lora", "hosl-bitfit", "fo-bitfit"), SEEDS
+    )
 
 
 def _smollm2_comparisons(runs: dict[str, Any]) -> list[str]:
@@ -571,7 +578,7 @@ def headline(data: dict[str, Any]) -> list[str]:
 
 
 def plot(data: dict[str, Any], path: Path) -> Path | None:
-    """Per phase with runs: dev cross-entropy and the bottom's weight drift against steps, per run."""
+    """Per phase with runs: dev cross-entropy and the cut activations' drift against steps, per run."""
     phases = [(name, runs) for name, runs in _phase_runs(data) if runs]
     if not phases:
         return None
@@ -586,9 +593,10 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
             steps = [r["steps_per_round"] * (i + 1) for i in range(len(r["dev_loss"]))]
             label = name.split("/", 1)[1]
             loss_ax.plot(steps, r["dev_loss"], marker=".", label=label)
-            drift_ax.plot(steps, [100 * (d or {}).get("params", 0.0) for d in r["drift"]], marker=".", label=label)
+            moved = [100 * (d or {}).get("activations", 0.0) for d in r["drift"]]
+            drift_ax.plot(steps, moved, marker=".", label=label)
         loss_ax.set(title=f"{title}: dev cross-entropy", xlabel="client step")
-        drift_ax.set(title=f"{title}: bottom's weight drift", xlabel="client step", ylabel="% of its norm")
+        drift_ax.set(title=f"{title}: cut activations' drift", xlabel="client step", ylabel="% of their norm")
         drift_ax.set_yscale("symlog", linthresh=0.1)
         loss_ax.legend(fontsize=6)
     fig.tight_layout()

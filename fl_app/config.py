@@ -37,7 +37,7 @@ OPTIMIZERS = ("sgd", "adam")
 SELECTORS = ("full", "random", "gradmatch", "gradmatch-pc")  # data subsets (AUTOMATA; -pc: per class)
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # server-device / client-device (fl_app.devices)
 
-FREEZABLE = ("embeddings", "norms", "biases")  # parameter groups a client can leave untrained
+FREEZABLE = ("embeddings", "norms", "biases", "matrices")  # parameter groups a client can leave untrained
 POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in (0, 1]", "in [0, 1)"
 DEVICE = "auto, cpu, cuda, cuda:<index> or mps"
 FREEZE_GROUPS = f"empty or comma-separated of {', '.join(FREEZABLE)}"
@@ -121,8 +121,9 @@ class ModelSettings:
         "",
         "client-freeze",
         check=FREEZE_GROUPS,
-        help="groups of the client's parameters left untrained (comma-separated: embeddings, norms, biases): a ZO "
-        "client then perturbs only the layers' matrices (d_c shrinks; see fl_app.trainable)",
+        help="groups of the client's parameters left untrained (comma-separated: embeddings, norms, biases, "
+        "matrices = the layers' linear weights, never LoRA adapters): a ZO client perturbs only the rest, so d_c "
+        "shrinks; 'embeddings,matrices' leaves the norms and biases (BitFit; see fl_app.trainable)",
     )
     client_dtype: str = setting(
         "float32",
@@ -484,6 +485,11 @@ def _check_combinations(config: Config) -> None:
         raise ValueError(
             f"config key 'subset-selector' = {config.subset.selector!r} needs 'local-epochs' > 0 "
             "(a round is then a pass over the subset), got local-epochs = 0"
+        )
+    if config.model.client_params == "full" and set(split_list(config.model.client_freeze)) == set(FREEZABLE):
+        raise ValueError(
+            f"config key 'client-freeze' = {config.model.client_freeze!r} leaves the client nothing to train; "
+            "for an untrained bottom set client-params = 'frozen'"
         )
     if config.zo.hosl_feedback == "gradient" and (config.run.mode != "hosl" or config.model.client_params == "frozen"):
         raise ValueError(

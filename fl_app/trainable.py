@@ -21,7 +21,7 @@ class TrainableSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
-    freeze: tuple[str, ...] = ()  # groups left untrained: embeddings, norms, biases (config.FREEZABLE)
+    freeze: tuple[str, ...] = ()  # groups left untrained: embeddings, norms, biases, matrices (config.FREEZABLE)
 
     def __post_init__(self) -> None:
         if self.mode not in PARAM_MODES:
@@ -74,6 +74,10 @@ def configure_trainable(
         if "norms" in spec.freeze and "norm" in type(sub).__name__.lower():  # LayerNorm, RMSNorm, ...
             for p in sub.parameters(recurse=False):
                 p.requires_grad_(False)
+    if "matrices" in spec.freeze:  # the layers' linear weights; LoRA's factors (lora_A / lora_B) stay
+        for name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear) and "lora_" not in name:
+                sub.weight.requires_grad_(False)
     if "biases" in spec.freeze:
         for name, p in module.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":

@@ -160,6 +160,24 @@ def test_divergence_is_a_rising_dev_loss_while_the_bottom_drifts_faster_than_its
     assert divergence(steady) is None and divergence([*steady[:2], _eval(6, 0.40, 0.30)]) is not None
 
 
+def test_divergence_judges_the_cut_activations_not_a_lora_bottoms_growing_factors():
+    """The MiniLM study's LoRA client (seed 2, 1,000 steps): its factors' relative change grew about in
+    step with the rounds (157 % to 1,469 %) while dev loss rose from 0.359 to 0.646 and the cut
+    activations moved from 51 % to 117 % of their norm; test accuracy ended at 60.7 % (frozen 84.4)."""
+    losses = [0.371, 0.372, 0.359, 0.494, 0.646]
+    params = [1.57, 4.51, 7.70, 11.81, 14.69]
+    acts = [0.046, 0.244, 0.509, 0.983, 1.171]
+    history = [
+        {"round": r, "loss": loss, "drift": {"params": p, "activations": a}}
+        for r, loss, p, a in zip(range(1, 6), losses, params, acts)
+    ]
+    said = divergence(history)
+    assert said and "round 3" in said and "cut activations from 50.90 % to 117.10 %" in said
+    weights_only = [{**e, "drift": {"params": e["drift"]["params"], "activations": None}} for e in history]
+    assert divergence(weights_only) is None  # judged on the weights, as before, it went unnoticed
+    assert divergence(history[:3]) is None  # before the rise
+
+
 def test_divergence_is_also_a_swap_in_which_the_trained_bottom_loses_significantly():
     def swapped(gained, lost):
         swap = {"gained": gained, "lost": lost, "p_value": mcnemar_exact(gained, lost)}

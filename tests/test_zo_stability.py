@@ -97,3 +97,25 @@ def test_freezing_groups_leaves_only_the_layers_matrices_trainable():
         TrainableSpec(freeze=("heads",))
     with pytest.raises(ValueError, match="client-freeze"):
         make_config({"client-freeze": "norms,heads"})
+
+
+def test_freezing_embeddings_and_matrices_leaves_the_norms_and_biases_as_bitfit_does():
+    bottom, _ = split_model(tiny_model("bert"), 2)
+    everything = configure_trainable(bottom, TrainableSpec(mode="full"), "bert")
+    bitfit = configure_trainable(bottom, TrainableSpec(mode="full", freeze=("embeddings", "matrices")), "bert")
+    named = {id(p): n for n, p in bottom.named_parameters()}
+    assert bitfit and all(p.ndim == 1 for p in bitfit)
+    assert {id(p) for p in bitfit} == {id(p) for p in everything if p.ndim == 1}  # the embeddings' norm too
+    assert any(named[id(p)].endswith("bias") for p in bitfit) and any("LayerNorm" in named[id(p)] for p in bitfit)
+    with pytest.raises(ValueError, match="client-freeze.*nothing to train"):
+        make_config({"client-freeze": "embeddings,norms,biases,matrices"})
+
+
+def test_freezing_matrices_keeps_lora_adapters_trainable():
+    bottom, _ = split_model(tiny_model("bert"), 2)
+    lora = TrainableSpec(mode="lora", lora_r=2, lora_alpha=2)
+    adapters = configure_trainable(bottom, lora, "bert", lora_seed=0)
+    bottom, _ = split_model(tiny_model("bert"), 2)
+    spec = TrainableSpec(mode="lora", lora_r=2, lora_alpha=2, freeze=("matrices",))
+    frozen = configure_trainable(bottom, spec, "bert", lora_seed=0)
+    assert adapters and [p.shape for p in frozen] == [p.shape for p in adapters]
