@@ -255,7 +255,15 @@ class FederationSettings:
         2,
         "num-clients",
         check=MANY,
-        help="clients (data partitions) of the local runner; under flwr run the federation's SuperNodes decide",
+        help="clients (data partitions) of the local runner; under flwr run the federation's SuperNodes decide, "
+        "unless virtual-clients is on",
+    )
+    virtual_clients: bool = setting(
+        False,
+        "virtual-clients",
+        help="under flwr run, num-clients clients share the SuperNodes: each node serves any client < num-clients "
+        "(its node config 'partitions' narrows that, e.g. '0-999' or '0-99999/20'), and clients' states live in "
+        "the client store on disk (client-checkpoints), so a client can move between nodes (fl_app.virtual_clients)",
     )
     num_rounds: int = setting(
         3, "num-rounds", check=MANY, help="rounds of training (after tuning, when tune-trials > 0)"
@@ -490,6 +498,11 @@ def _check_combinations(config: Config) -> None:
         raise ValueError(
             f"config key 'client-freeze' = {config.model.client_freeze!r} leaves the client nothing to train; "
             "for an untrained bottom set client-params = 'frozen'"
+        )
+    if config.federation.virtual_clients and not config.run.client_checkpoints:
+        raise ValueError(
+            "config key 'virtual-clients' = true keeps every client's state in the client store on disk, but "
+            "client-checkpoints = false turns the store off"
         )
     if config.zo.hosl_feedback == "gradient" and (config.run.mode != "hosl" or config.model.client_params == "frozen"):
         raise ValueError(

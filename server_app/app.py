@@ -30,6 +30,7 @@ from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
 from fl_app.records import EvalReport, SessionReply, SessionRequest, TrainReport, history_to_record
 from fl_app.rounds import NO_REPLY
+from fl_app.virtual_clients import PartitionSet
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
@@ -80,10 +81,11 @@ def flow(
         poll = FIRST_POLL_SECONDS if ended else min(2 * poll, POLL_SECONDS)
 
 
-def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, tuple[int, int]]:
-    """node id -> (the partition id it holds, the partition count it was given; 0 if none), asked of
+def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, tuple[PartitionSet, int]]:
+    """node id -> (the clients it serves, the partition count it was given; 0 if none), asked of
     ``node_ids`` (nodes that do not answer are left out), QUERY_WINDOW at a time (10,000 queries at
-    once would stall Flower's simulation engine)."""
+    once would stall Flower's simulation engine). A node that names no ``partitions`` (an older
+    ClientApp) serves its ``partition-id``."""
     messages = ((n, Message(RecordDict(), dst_node_id=n, message_type="query")) for n in node_ids)
     claims = {}
     for node_id, reply in flow(grid, messages, QUERY_WINDOW, timeout, lambda: None):
@@ -92,7 +94,16 @@ def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int,
             log.warning("node %s did not answer the query: %s", node_id, reason)
             continue
         node = reply.content.config_records["node"]
-        claims[node_id] = (int(node["partition-id"]), int(node.get("num-partitions", 0)))
+        try:
+            served = (
+                PartitionSet.parse(str(node["partitions"]), f"node {node_id}'s partitions")
+                if "partitions" in node
+                else PartitionSet.single(int(node["partition-id"]))
+            )
+        except (ValueError, KeyError) as err:
+            log.warning("node %s answered the query with no usable client set: %s", node_id, err)
+            continue
+        claims[node_id] = (served, int(node.get("num-partitions", 0)))
     return claims
 
 
@@ -139,33 +150,44 @@ def session_content(request: SessionRequest) -> RecordDict:
 
 
 class FlowerFederation:
-    """Sessions as Flower messages to the ClientApps (one node per partition id).
+    """Sessions as Flower messages to the ClientApps: to the node bound to the client's partition, or
+    else to one of the nodes that serve several clients (virtual clients, :mod:`fl_app.virtual_clients`).
 
     Nodes are discovered again every round: a node that went away is skipped, a new or restarted
-    node is asked its partition id and used from then on. A partition keeps the node that holds it
-    while that node is online: a second node claiming it waits (logged) until the first is gone,
-    so a node that joins cannot take over another's partition. Two nodes claiming one partition
-    id at the start is an error (a mistyped node config would otherwise merge them silently)."""
+    node is asked which clients it serves and used from then on. A partition keeps the node bound
+    to it while that node is online: a second node claiming it waits (logged) until the first is
+    gone, so a node that joins cannot take over another's partition. Two nodes claiming one
+    partition id at the start is an error (a mistyped node config would otherwise merge them
+    silently). Nodes serving several clients may overlap: each session goes to the one of them that
+    may serve its client and has been sent the fewest sessions of the round so far (ties: the
+    lowest node id), an even and deterministic spread."""
 
     def __init__(self, grid: Grid, query_timeout: float, min_nodes: int = 1, wait: float = 3600.0):
         self.grid, self.query_timeout = grid, query_timeout
-        self.claims: dict[int, int] = {}  # node id -> partition id, in the order nodes were first seen
+        self.claims: dict[int, int] = {}  # node id -> partition id of a one-client node, in the order first seen
+        self.served: dict[int, PartitionSet] = {}  # node id -> the clients of a node serving several
         self.counts: dict[int, int] = {}  # node id -> the partition count its node config gives (num-partitions)
-        self.nodes: dict[int, int] = {}  # partition id -> node id, as of the last discovery
+        self.nodes: dict[int, int] = {}  # partition id -> node id of one-client nodes, as of the last discovery
+        self.shared: dict[int, PartitionSet] = {}  # node id -> clients, of the several-client nodes online
+        self._reachable: tuple[tuple[int, ...], frozenset[int]] = ((), frozenset())  # (shared nodes, their clients)
         deadline = time.monotonic() + wait
         while len(self.grid.get_node_ids()) < min_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
         self.partitions(first=True)
-        if not self.nodes:
+        if not self.nodes and not self.shared:
             raise RuntimeError("no client node answered; check that SuperNodes are connected")
 
     def partitions(self, first: bool = False) -> list[int]:
-        """Partition ids of the nodes online now (asks new nodes theirs)."""
+        """The clients the nodes online now serve (asks new nodes which)."""
         online = [int(n) for n in self.grid.get_node_ids()]
-        new = [n for n in online if n not in self.claims]
+        new = [n for n in online if n not in self.claims and n not in self.served]
         if new:
-            for node_id, (pid, count) in sorted(ask_partitions(self.grid, new, self.query_timeout).items()):
-                self.claims[node_id], self.counts[node_id] = pid, count
+            for node_id, (served, count) in sorted(ask_partitions(self.grid, new, self.query_timeout).items()):
+                self.counts[node_id] = count
+                if served.single_client is None:
+                    self.served[node_id] = served
+                else:
+                    self.claims[node_id] = served.single_client
         nodes = {pid: node for pid, node in self.nodes.items() if node in online}  # holders stay while online
         for node_id, pid in self.claims.items():  # then the oldest claim of each free partition
             if node_id not in online or nodes.get(pid) == node_id:
@@ -182,29 +204,57 @@ class FlowerFederation:
         gone, joined = sorted(set(self.nodes) - set(nodes)), sorted(set(nodes) - set(self.nodes))
         if not first and (gone or joined):
             print(f"[hosl] nodes changed: partitions {gone} gone, {joined} joined", flush=True)
-        self.nodes = nodes
-        return sorted(nodes)
+        shared = {node: self.served[node] for node in online if node in self.served}
+        if not first and set(shared) != set(self.shared):
+            print(
+                f"[hosl] nodes serving several clients changed: {sorted(set(self.shared) - set(shared))} gone, "
+                f"{sorted(set(shared) - set(self.shared))} joined",
+                flush=True,
+            )
+        self.nodes, self.shared = nodes, shared
+        return sorted(set(nodes) | self._shared_clients())
+
+    def _shared_clients(self) -> frozenset[int]:
+        """The clients the several-client nodes online serve (worked out again only when they change)."""
+        key = tuple(sorted(self.shared))
+        if key != self._reachable[0]:
+            self._reachable = (key, frozenset(c for node in key for c in self.shared[node]))
+        return self._reachable[1]
 
     def num_clients(self) -> int:
         """How many clients the federation has: the partition count its online nodes were given (under
         ``flwr run``, the number of SuperNodes), the most common one if they disagree; else the number
         of partitions online."""
-        counts = Counter(self.counts[node] for node in self.nodes.values() if self.counts.get(node))
-        return counts.most_common(1)[0][0] if counts else len(self.nodes)
+        nodes = [*self.nodes.values(), *self.shared]
+        counts = Counter(self.counts[node] for node in nodes if self.counts.get(node))
+        return counts.most_common(1)[0][0] if counts else len(self.nodes) + len(self._shared_clients())
 
     def run_sessions(
         self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
     ) -> Iterator[tuple[int, SessionReply]]:
-        """Each session as a message, pushed as soon as a slot of ``window`` is free (see :func:`flow`)."""
+        """Each session as a message, pushed as soon as a slot of ``window`` is free (see :func:`flow`),
+        to the node bound to its client, or else to the several-client node that may serve it and has
+        been sent the fewest of these sessions (ties: the lowest node id)."""
+        sent: Counter[int] = Counter()
 
         def messages() -> Iterator[tuple[tuple[int, RecordDict], Message]]:
             for request in requests:
                 content = session_content(request)
-                node = self.nodes[request.partition_id]
+                node = self.node_for(request.partition_id, sent)
+                sent[node] += 1
                 yield (request.partition_id, content), Message(content, dst_node_id=node, message_type=kind)
 
         for (pid, content), reply in flow(self.grid, messages(), window, timeout, tick):
             yield pid, _session_reply(kind, content, reply)
+
+    def node_for(self, client: int, sent: Counter[int]) -> int:
+        """The node a session of ``client`` goes to, given the sessions ``sent`` to each node so far."""
+        if client in self.nodes:
+            return self.nodes[client]
+        able = [node for node in sorted(self.shared) if client in self.shared[node]]
+        if not able:
+            raise ValueError(f"no online node serves client {client}")
+        return min(able, key=lambda node: sent[node])
 
 
 def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> SessionReply:
@@ -282,7 +332,9 @@ def _run(grid: Grid, coord: Coordinator) -> None:
             raise
     fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
     print(
-        f"[hosl] {len(fed.nodes)} client nodes; step stream on {coord.advertised_address}; mode {config.run.mode}, "
+        f"[hosl] {len(fed.nodes) + len(fed.shared)} client nodes"
+        + (f" ({len(fed.shared)} serving {len(fed._shared_clients())} clients)" if fed.shared else "")
+        + f"; step stream on {coord.advertised_address}; mode {config.run.mode}, "
         f"bottoms {config.federation.bottoms}",
         flush=True,
     )

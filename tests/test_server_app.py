@@ -20,7 +20,8 @@ def plain_messages(monkeypatch):
 
 
 class FakeGrid:
-    """Online nodes and the partition id each claims; answers query messages like a ClientApp."""
+    """Online nodes and the partition id each claims (or, as a string, the clients it serves: node config
+    partitions); answers query messages like a ClientApp."""
 
     def __init__(self, claims: dict[int, int], counts: dict[int, int] | None = None):
         self.claims, self.asked, self._replies = dict(claims), [], {}
@@ -36,7 +37,8 @@ class FakeGrid:
             node = m.metadata.dst_node_id
             self.asked.append(node)
             mid = f"m{len(self._replies)}"
-            record = {"node": {"partition-id": self.claims[node]}}
+            claim = self.claims[node]
+            record = {"node": {"partition-id": claim} if isinstance(claim, int) else {"partitions": claim}}
             if node in self.counts:
                 record["node"]["num-partitions"] = self.counts[node]
             self._replies[mid] = SimpleNamespace(
@@ -187,3 +189,31 @@ def test_a_malformed_training_report_drops_its_client_not_the_run(train_report):
     content = RecordDict({"report": ConfigRecord({"ok": True, **good})})
     reply = SimpleNamespace(has_error=lambda: False, content=content)
     assert server_app._session_reply("train", RecordDict({}), reply).report.losses == [0.7, 0.7]
+
+
+def test_nodes_serving_several_clients_share_them_evenly_and_a_bound_node_keeps_its_own(capsys):
+    """Virtual clients: a round's sessions go to the nodes whose partitions allow them, the least sent
+    first (ties: the lowest id); a node bound to one partition still gets that client's sessions."""
+    grid = FakeGrid({11: "0-9", 12: "0-9", 13: "5-19/2", 14: 3}, {11: 20, 12: 20, 13: 20, 14: 20})
+    fed = FlowerFederation(grid, query_timeout=5, wait=0)
+    assert fed.partitions() == [*range(10), 11, 13, 15, 17, 19] and fed.num_clients() == 20
+    assert fed.nodes == {3: 14} and sorted(fed.shared) == [11, 12, 13]
+    sent = server_app.Counter()
+    placed = {}
+    for client in [*range(10), 11, 13, 15, 17, 19]:
+        placed[client] = node = fed.node_for(client, sent)
+        sent[node] += 1
+    assert placed[3] == 14  # its own node, not a shared one
+    assert all(client in fed.shared[node] for client, node in placed.items() if node != 14)
+    assert [placed[c] for c in (0, 1, 2)] == [11, 12, 11] and placed[5] == 13  # 13 had sent none
+    assert {node: sent[node] for node in (11, 12, 13)} == {11: 3, 12: 3, 13: 8}  # 11-19 only 13 may serve
+    with pytest.raises(ValueError, match="no online node serves client 20"):
+        fed.node_for(20, sent)
+    del grid.claims[13]  # a several-client node goes: its clients beyond the others' go with it
+    assert fed.partitions() == list(range(10))
+    assert "nodes serving several clients changed: [13] gone, [] joined" in capsys.readouterr().out
+
+
+def test_a_node_answering_with_an_unreadable_client_set_is_left_out(caplog):
+    fed = FlowerFederation(FakeGrid({11: 0, 12: "0-x"}), query_timeout=5, wait=0)
+    assert fed.partitions() == [0] and "node 12 answered the query with no usable client set" in caplog.text
