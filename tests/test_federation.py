@@ -11,7 +11,15 @@ import torch
 
 from fl_app import frame_auth
 from fl_app.batches import BatchStream
-from fl_app.client_session import ClientSide, NodeSettings, catch_up, make_client, run_eval_session, run_session
+from fl_app.client_session import (
+    ClientSide,
+    NodeSettings,
+    _prepare,
+    catch_up,
+    make_client,
+    run_eval_session,
+    run_session,
+)
 from fl_app.config import make_config, read_scenario
 from fl_app.coordinator import fedavg, stream_credentials
 from fl_app.protocol import ProtocolError, StepRequest
@@ -542,3 +550,47 @@ def test_a_report_that_does_not_hold_up_is_rolled_back_and_its_client_dropped(co
         assert expected in session.reason and session.reason.startswith("bad report: ")
     session, _ = c.open(0, 1)
     assert c.finish_train(session, train_report(queries=q)) is True  # a sound report commits
+
+
+def test_a_dropped_virtual_client_is_rolled_back_and_the_next_node_starts_from_its_last_kept_state(coord):
+    """A client served by a node that keeps nothing in memory (virtual clients): a session that breaks
+    off mid-way leaves the server as it was and no state in the client store for its round, so the
+    node that serves the client next starts from the state of its last finished round, exactly."""
+    c = coord()
+    side = ClientSide(c.config, 0, 3, None, NodeSettings())  # state: from the client store only
+    session, message = c.open(0, 1)
+    report, kept = run_session(SessionRequest(message), side)
+    assert c.finish_train(session, report)
+    c.record_round(1, [report], [], None, 0.0)
+    committed = server_weights(c)
+
+    class BreaksOff:
+        """The step stream, until the session's second exchange: then the node dies."""
+
+        def __init__(self, link):
+            self.link, self.exchanges = link, 0
+            self.bytes_up = self.bytes_down = 0
+
+        def send(self, payload):
+            self.link.send(payload)
+
+        def exchange(self, payload):
+            self.exchanges += 1
+            if self.exchanges == 2:
+                raise ConnectionError("the node died")
+            return self.link.exchange(payload)
+
+        def close(self):
+            self.link.close()
+
+    session, message = c.open(0, 2)
+    with pytest.raises(ConnectionError):
+        run_session(SessionRequest(message), side, BreaksOff(StepStreamClient(message.address, message.token)))
+    assert not c.finish_train(session, None, "the node died")
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
+    store = Path(message.state_dir) / "client-0"
+    assert sorted(p.name for p in store.iterdir()) == ["round-00001.pt"]  # nothing of the broken round
+    _, message = c.open(0, 3)
+    again = _prepare(SessionRequest(message), side, 2)  # what the next node's session starts from
+    assert again.restored_round == 1 and again.state.steps == kept.steps
+    assert all(torch.equal(again.state.weights[k], v) for k, v in kept.weights.items())
