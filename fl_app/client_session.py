@@ -120,6 +120,16 @@ def restore(client: SplitClient, state: ClientState) -> None:
     client.steps = state.steps
 
 
+def replay_own(client: SplitClient, updates: History) -> None:
+    """Rebuild a client's bottom from its starting weights: its own ZO steps (client-state = seeds), in
+    order, each the one-pass update its session applied after that step's walk."""
+    if client.zo is None:
+        raise ValueError("a client state kept as seeds needs a ZO client (client-state = seeds)")
+    rows = updates.rows or [b""] * len(updates)
+    for lr, seeds, grads, packed in zip(updates.lrs, updates.seeds, updates.grads, rows):
+        client.zo.update(seeds, grads, lr=lr, rows=unpack_rows(packed, len(client.zo.params)))
+
+
 def catch_up(client: SplitClient, history: History, partition_id: int, synced_round: int) -> int:
     """Apply the other clients' ZO updates (seed, projected gradient) in history order; returns count."""
     applied = 0
@@ -266,7 +276,13 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
     state = state_for_trial(state, session.trial) or ClientState(trial=session.trial)
     if request.average:
         state = dataclasses.replace(state, weights=dict(request.average))
+    if config.federation.client_state == "seeds" and state.weights:
+        raise ValueError(
+            f"client {partition_id}'s saved state holds weights, but this run keeps states as seeds (client-state)"
+        )
     client, data = make_client(config, partition_id, state)
+    if state.updates:
+        replay_own(client, state.updates)
     caught_up = 0
     if request.history is not None and client.zo is not None:
         caught_up = catch_up(client, request.history, partition_id, state.synced_round)
@@ -336,13 +352,18 @@ def run_session(
         bottom_trainable=counts["trainable"],
         restored_round=ready.restored_round,
     )
+    updates = None
+    if config.federation.client_state == "seeds":  # the steps, not the weights they led to
+        updates = state.updates.copy() if state.updates is not None else History()
+        updates.extend(session.round, partition_id, report.step_lrs, report.seeds, report.grads, report.rows)
     new_state = ClientState(
-        weights=trainable_state(client),
+        weights=trainable_state(client) if updates is None else {},
         steps=client.steps,
         synced_round=session.round - 1,
         trial=state.trial,
         subset_ids=list(subset.batch_ids) if subset else [],
         subset_weights=list(subset.weights) if subset else [],
+        updates=updates,
     )
     if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
         report.weights = new_state.weights

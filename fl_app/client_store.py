@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fl_app.checkpoint import load_checkpoint, save_checkpoint
-from fl_app.records import ClientState
+from fl_app.checkpoint import CheckpointRefused, load_checkpoint, save_checkpoint
+from fl_app.records import ClientState, history_from_record, history_to_record
 
 _NAME = re.compile(r"round-(\d+)\.pt")
 
@@ -35,6 +35,7 @@ def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientSt
         "trial": state.trial,
         "subset_ids": list(state.subset_ids),
         "subset_weights": list(state.subset_weights),
+        "updates": history_to_record(state.updates) if state.updates is not None else None,
     }
     save_checkpoint(path, payload)
     files = _rounds(folder, partition_id)
@@ -55,8 +56,13 @@ def load_client_state(folder: Path, partition_id: int, upto_round: int) -> Clien
     rnd = saved_round(folder, partition_id, upto_round)
     if not rnd:
         return None
-    payload = load_checkpoint(_rounds(folder, partition_id)[rnd])
-    return ClientState(**payload)
+    path = _rounds(folder, partition_id)[rnd]
+    payload = load_checkpoint(path)
+    try:
+        updates = payload.pop("updates", None)
+        return ClientState(**payload, updates=history_from_record(updates) if updates is not None else None)
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointRefused(f"{path} is not a client state of this project ({type(err).__name__}: {err})") from None
 
 
 def keep_newest_states(folder: Path) -> int:

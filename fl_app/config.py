@@ -258,6 +258,15 @@ class FederationSettings:
         help="clients (data partitions) of the local runner; under flwr run the federation's SuperNodes decide, "
         "unless virtual-clients is on",
     )
+    client_state: str = setting(
+        "weights",
+        "client-state",
+        ("weights", "seeds"),
+        help="how a client's state is kept between its sessions (client store, node memory): its weights, or, for "
+        "a ZO client's personal bottom, its own (seed, projected gradient) steps from the starting bottom, replayed "
+        "when a session loads it (kilobytes per client instead of its trainable weights; replay time grows with "
+        "its steps: docs/results/scaling.md)",
+    )
     virtual_clients: bool = setting(
         False,
         "virtual-clients",
@@ -498,6 +507,14 @@ def _check_combinations(config: Config) -> None:
         raise ValueError(
             f"config key 'client-freeze' = {config.model.client_freeze!r} leaves the client nothing to train; "
             "for an untrained bottom set client-params = 'frozen'"
+        )
+    if config.federation.client_state == "seeds" and (
+        config.client_order != "zo" or config.federation.bottoms != "personal" or config.model.client_params == "frozen"
+    ):
+        raise ValueError(
+            "config key 'client-state' = 'seeds' keeps a ZO client's personal bottom as its own steps, got mode "
+            f"{config.run.mode!r}, bottoms {config.federation.bottoms!r}, client-params {config.model.client_params!r} "
+            "(it needs a ZO client: mode hosl or zo-zo, personal bottoms, a trained client)"
         )
     if config.federation.virtual_clients and not config.run.client_checkpoints:
         raise ValueError(

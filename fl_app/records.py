@@ -65,6 +65,12 @@ class History:
             [self.rows[i] for i in keep],
         )
 
+    def copy(self) -> History:
+        """A history with its own lists (extending it leaves this one as it is)."""
+        return History(
+            list(self.rounds), list(self.clients), list(self.lrs), list(self.seeds), list(self.grads), list(self.rows)
+        )
+
     def __len__(self) -> int:
         return len(self.rounds)
 
@@ -72,7 +78,9 @@ class History:
 @dataclass
 class ClientState:
     """Everything a client keeps between rounds: trainable weights, step count, sync position, the
-    tuning trial they belong to and the subset of batches it trains on (ids and weights)."""
+    tuning trial they belong to and the subset of batches it trains on (ids and weights). A ZO client
+    with ``client-state = seeds`` keeps ``updates`` instead of weights: its own (seed, projected
+    gradient) steps from its starting bottom, which a session replays to rebuild the weights."""
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
@@ -80,6 +88,7 @@ class ClientState:
     trial: int = 0
     subset_ids: list[int] = field(default_factory=list)
     subset_weights: list[float] = field(default_factory=list)
+    updates: History | None = None
 
 
 SPLITS = ("", "dev", "test")  # "" for a training session
@@ -259,6 +268,7 @@ def state_to_records(state: ClientState) -> tuple[dict[str, torch.Tensor], dict[
         "trial": state.trial,
         "subset-ids": list(state.subset_ids),
         "subset-weights": list(state.subset_weights),
+        **(history_to_record(state.updates) if state.updates is not None else {}),
     }
 
 
@@ -271,6 +281,7 @@ def state_from_records(weights: Mapping[str, torch.Tensor], counters: Mapping[st
         trial=int(counters["trial"]),
         subset_ids=[int(i) for i in counters["subset-ids"]],
         subset_weights=[float(w) for w in counters["subset-weights"]],
+        updates=history_from_record(counters) if "h-rounds" in counters else None,
     )
 
 

@@ -1,0 +1,79 @@
+"""A ZO client's personal bottom kept as its own (seed, projected gradient) steps (client-state = seeds):
+kilobytes per client, rebuilt exactly by replay wherever the client is served next."""
+
+import pytest
+import torch
+
+from fl_app.client_session import ClientSide, NodeSettings, _prepare, make_client, trainable_state
+from fl_app.client_store import load_client_state
+from fl_app.config import make_config, read_scenario
+from fl_app.records import ClientState, SessionRequest, SessionSettings, state_from_records, state_to_records
+from fl_app.train import run
+from fl_app.zo import unpack_rows
+
+SETTINGS = {**read_scenario("sim_configs/smoke_tiny.toml"), "eval-test": False, "num-rounds": 3}
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The smoke scenario with each representation: (results, run folder) per representation."""
+    runs = {}
+    for kept in ("weights", "seeds"):
+        out = tmp_path_factory.mktemp(kept)
+        runs[kept] = (run(make_config({**SETTINGS, "client-state": kept}), out), out)
+    return runs
+
+
+def _store(out):
+    (folder,) = out.glob("clients/*")
+    return folder
+
+
+def test_a_bottom_kept_as_seeds_is_replayed_bit_identically_wherever_it_is_loaded(both):
+    results, out = both["seeds"]
+    config = make_config({**SETTINGS, "client-state": "seeds"})
+    kept = load_client_state(_store(out), 0, 3)
+    assert kept.weights == {} and len(kept.updates) == kept.steps == 3 * SETTINGS["local-steps"]
+    store = _store(out)
+    session = SessionSettings(
+        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+    )
+    in_memory = ClientSide(config, 0, SETTINGS["num-clients"], kept)  # a node bound to the client
+    from_memory = trainable_state(_prepare(SessionRequest(session), in_memory, 3).client)
+    anywhere = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())  # any node: the store
+    ready = _prepare(SessionRequest(session), anywhere, 3)
+    assert ready.restored_round == 3
+    from_disk = trainable_state(ready.client)
+    # by hand: the starting bottom, then each of the client's own updates in order
+    client, _ = make_client(config, 0, None)
+    for lr, seeds, grads, rows in zip(kept.updates.lrs, kept.updates.seeds, kept.updates.grads, kept.updates.rows):
+        client.zo.update(seeds, grads, lr=lr, rows=unpack_rows(rows, len(client.zo.params)))
+    by_hand = trainable_state(client)
+    start = trainable_state(make_client(config, 0, None)[0])
+    for name, value in from_memory.items():
+        assert torch.equal(value, from_disk[name]) and torch.equal(value, by_hand[name])
+    assert any(not torch.equal(v, start[n]) for n, v in from_memory.items())  # it did move
+    # the weights the same run kept as weights differ by float rounding only (the walk's perturbations)
+    weights = load_client_state(_store(both["weights"][1]), 0, 3).weights
+    assert all(torch.allclose(from_memory[n], w, rtol=0, atol=1e-5) for n, w in weights.items())
+    other = [h["train_loss"] for h in both["weights"][0]["history"]]
+    assert [h["train_loss"] for h in results["history"]] == pytest.approx(other, abs=1e-4)
+
+
+def test_a_state_kept_as_seeds_is_kilobytes_on_disk_and_in_node_memory(both):
+    sizes = {kept: sum(p.stat().st_size for p in _store(out).rglob("*.pt")) for kept, (_, out) in both.items()}
+    assert sizes["seeds"] * 50 < sizes["weights"]
+    kept = load_client_state(_store(both["seeds"][1]), 1, 3)
+    weights, counters = state_to_records(kept)  # what a one-client node keeps in context.state
+    assert weights == {}
+    back = state_from_records(weights, counters)
+    assert back.updates == kept.updates and back.steps == kept.steps
+    assert state_from_records(*state_to_records(ClientState(steps=2))).updates is None
+
+
+@pytest.mark.parametrize(
+    "wrong", [{"mode": "fo-fo"}, {"bottoms": "synced"}, {"client-params": "frozen"}], ids=["fo", "synced", "frozen"]
+)
+def test_seeds_are_refused_where_a_bottom_is_not_a_personal_zo_one(wrong):
+    with pytest.raises(ValueError, match="client-state' = 'seeds'"):
+        make_config({**SETTINGS, "client-state": "seeds", **wrong})
