@@ -184,11 +184,17 @@ class DataSettings:
         16, "batch-size", check=between(1, 1 << 16), help="examples per client step (and per evaluation batch)"
     )
     partition: str = setting(
-        "iid", "partition", ("iid", "dirichlet", "shard"), help="how train data is split among clients"
+        "iid",
+        "partition",
+        ("iid", "dirichlet", "shard", "draw"),
+        help="how train data is split among clients; draw: each client draws min-partition-size examples at random "
+        "(clients may share examples: more clients than examples)",
     )
     dirichlet_alpha: float = setting(0.5, "dirichlet-alpha", check=POSITIVE, help="label skew (smaller = more skewed)")
     shards_per_client: int = setting(2, "shards-per-client", check=POSITIVE, help="shard: label-sorted shards each")
-    min_partition_size: int = setting(1, "min-partition-size", check=POSITIVE, help="dirichlet: examples per client")
+    min_partition_size: int = setting(
+        1, "min-partition-size", check=POSITIVE, help="dirichlet: least examples per client; draw: examples per client"
+    )
 
 
 @dataclass(frozen=True)

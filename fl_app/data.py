@@ -271,7 +271,7 @@ def sample_splits(
 def partition(
     labels: Sequence[int],
     num_clients: int,
-    scheme: Literal["iid", "dirichlet", "shard"] = "iid",
+    scheme: Literal["iid", "dirichlet", "shard", "draw"] = "iid",
     alpha: float = 0.5,
     seed: int = 0,
     min_size: int = 1,
@@ -282,10 +282,17 @@ def partition(
     below ``min_size`` take examples of their likeliest class from whoever holds most of it: no
     redrawing, so it works at any scale); or
     ``shard`` (pathological non-IID: examples sorted by label, cut into ``shards_per_client`` shards
-    per client, each client getting that many shards, so about that many classes)."""
+    per client, each client getting that many shards, so about that many classes). ``draw`` is the
+    one scheme whose lists overlap: each client draws ``min_size`` distinct examples at random, so a
+    scaling study can have more clients than the task has examples (100,000 clients of SST-2's 67k)."""
     n = len(labels)
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num-clients must be a positive integer, got {num_clients!r}")
+    if scheme == "draw":
+        if min_size > n:
+            raise ValueError(f"partition 'draw' needs min-partition-size {min_size} <= the train examples, have {n}")
+        rng = np.random.default_rng(seed)
+        return [sorted(rng.choice(n, size=min_size, replace=False).tolist()) for _ in range(num_clients)]
     if num_clients * min_size > n:
         each = f" x min-partition-size {min_size}" if min_size > 1 else ""
         raise ValueError(
@@ -299,7 +306,7 @@ def partition(
     if scheme == "shard":
         return _shard_partition(labels, num_clients, shards_per_client, rng)
     if scheme != "dirichlet":
-        raise ValueError(f"unknown partition scheme {scheme!r} (field 'partition'); known: iid, dirichlet, shard")
+        raise ValueError(f"unknown partition scheme {scheme!r} (field 'partition'); known: iid, dirichlet, shard, draw")
     if not alpha > 0:
         raise ValueError(f"dirichlet-alpha must be > 0, got {alpha!r}")
     classes = np.unique(labels)
