@@ -177,6 +177,15 @@ def test_shard_partition_gives_each_client_about_its_shards_of_classes():
         partition(labels, 501, "shard", seed=0)
 
 
+def test_draw_partition_gives_more_clients_than_examples_their_own_seeded_draws():
+    labels = [0, 1] * 50
+    parts = partition(labels, 1000, scheme="draw", min_size=4, seed=3)
+    assert len(parts) == 1000 and all(len(p) == len(set(p)) == 4 and 0 <= min(p) and max(p) < 100 for p in parts)
+    assert len({tuple(p) for p in parts}) > 900  # each client's own draw, not a few repeated
+    assert parts == partition(labels, 1000, scheme="draw", min_size=4, seed=3)
+    assert parts != partition(labels, 1000, scheme="draw", min_size=4, seed=4)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -188,15 +197,6 @@ def test_shard_partition_gives_each_client_about_its_shards_of_classes():
         ({"scheme": "draw", "min_size": 21}, "min-partition-size 21"),
     ],
 )
-def test_draw_partition_gives_more_clients_than_examples_their_own_seeded_draws():
-    labels = [0, 1] * 50
-    parts = partition(labels, 1000, scheme="draw", min_size=4, seed=3)
-    assert len(parts) == 1000 and all(len(p) == len(set(p)) == 4 and 0 <= min(p) and max(p) < 100 for p in parts)
-    assert len({tuple(p) for p in parts}) > 900  # each client's own draw, not a few repeated
-    assert parts == partition(labels, 1000, scheme="draw", min_size=4, seed=3)
-    assert parts != partition(labels, 1000, scheme="draw", min_size=4, seed=4)
-
-
 def test_bad_partition_settings_name_the_field(kwargs, field):
     args = {"num_clients": 2, **kwargs}
     with pytest.raises(ValueError, match=field):
