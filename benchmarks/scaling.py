@@ -13,9 +13,14 @@ own step peak, the bytes per round and the dev accuracy per round and on test. I
 
 ``quick`` (about 10 minutes on 2 cores) runs the tiny model only; ``full`` adds the large client
 counts, the fraction and concurrency sweeps and MiniLM (its accuracy is the one that means
-anything: the tiny model is randomly initialised). With ``--profile`` (needs ``py-spy``) the
-largest tiny point is also sampled, and the functions the server process and a ClientApp actor
-spend their time in are written down: where a curve bends, that says why.
+anything: the tiny model is randomly initialised). ``virtual`` serves many clients from few nodes
+(``virtual-clients``): 10,000 tiny clients with 1,000 per round on 10, 20 and 50 nodes (the
+clients-per-node axis), and 100,000 tiny clients, 1 % per round, on 20 nodes. ``minilm-1000``
+gives 1,000 MiniLM clients personal bottoms (5 % per round, on 4 nodes) with each client state
+representation (weights, seeds), beside the 1-client run, and records each client's state bytes.
+With ``--profile`` (needs ``py-spy``) the largest tiny point is also sampled, and the functions
+the server process and a ClientApp actor spend their time in are written down: where a curve
+bends, that says why.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class Point:
     alpha: float = 0.0  # 0: IID; otherwise a Dirichlet partition with this alpha
     bottoms: str = "personal"
     rounds: int = 2
+    nodes: int = 0  # 0: one SuperNode per client; else this many, each serving any client (virtual-clients)
+    client_state: str = "weights"  # or seeds (a ZO bottom kept as its own steps)
 
     @property
     def model(self) -> str:
@@ -57,25 +64,38 @@ class Point:
 
     def overrides(self, out: Path) -> list[str]:
         per_client = 4 if self.scenario == TINY else 32  # examples per client: the data grows with the clients
+        draw = per_client * self.clients > SST2_TRAIN  # more clients than disjoint partitions: each draws its own
+        scheme = "draw" if draw else "dirichlet" if self.alpha else "iid"
         return [
             f"out-dir={out}",
             f"num-clients={self.clients}",
-            f"n-train={max(per_client * self.clients, 16)}",
+            f"n-train={min(SST2_TRAIN, max(per_client * self.clients, 16))}",
             f"num-rounds={self.rounds}",
             f"fraction-train={self.fraction}",
             f"max-concurrent-clients={self.concurrency}",
-            f"partition={'dirichlet' if self.alpha else 'iid'}",
+            f"partition={scheme}",
+            f"min-partition-size={per_client if draw else 1}",
             f"dirichlet-alpha={self.alpha or 0.5}",
             f"bottoms={self.bottoms}",
             "eval-untrained=false",
+            f"virtual-clients={str(bool(self.nodes)).lower()}",
+            f"client-state={self.client_state}",
         ]
 
     def key(self) -> str:
         parts = [self.model, f"c{self.clients}", f"f{self.fraction}", f"w{self.concurrency}"]
-        return "-".join(parts + [f"a{self.alpha}" if self.alpha else "iid", self.bottoms, f"r{self.rounds}"])
+        parts += [f"a{self.alpha}" if self.alpha else "iid", self.bottoms, f"r{self.rounds}"]
+        parts += [f"n{self.nodes}"] if self.nodes else []
+        return "-".join(parts + ([self.client_state] if self.client_state != "weights" else []))
+
+    @property
+    def supernodes(self) -> int:
+        return self.nodes or self.clients
 
 
-SIZES = ("quick", "full", "1k", "10k")
+SST2_TRAIN = 67_000  # SST-2's train pool (67,349) less the dev split: beyond it clients draw their examples
+SIZES = ("quick", "full", "1k", "10k", "virtual", "minilm-1000")
+VIRTUAL_NODES = (10, 20, 50)  # the clients-per-node axis at 10,000 clients
 
 
 def sweep(size: str) -> list[tuple[str, Point]]:
@@ -85,6 +105,19 @@ def sweep(size: str) -> list[tuple[str, Point]]:
         return [("1,000 clients in one round", Point(TINY, 1000, rounds=1))]
     if size == "10k":
         return [("10,000 clients, 10 % per round", Point(TINY, 10_000, fraction=0.1))]
+    if size == "virtual":
+        study = "10,000 virtual clients, 1,000 per round, by node count"
+        points = [(study, Point(TINY, 10_000, fraction=0.1, nodes=n)) for n in VIRTUAL_NODES]
+        return points + [
+            ("100,000 virtual clients, 1 % per round", Point(TINY, 100_000, fraction=0.01, rounds=3, nodes=20))
+        ]
+    if size == "minilm-1000":
+        study = "1,000 MiniLM clients with personal bottoms, 5 % per round"
+        one = [(study, Point(MINILM, 1, rounds=3, client_state=kept)) for kept in ("weights", "seeds")]
+        return one + [
+            (study, Point(MINILM, 1000, fraction=0.05, rounds=3, nodes=4, client_state=kept))
+            for kept in ("weights", "seeds")
+        ]
     points: list[tuple[str, Point]] = []
     counts = (1, 16, 256) if size == "quick" else tuple(2**i for i in range(11))
     points += [("clients", Point(TINY, n)) for n in counts]
@@ -148,7 +181,7 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
     with MemorySampler(home) as memory:
         if profile_seconds:
             profiler.start()
-        results = run_simulation(ROOT / point.scenario, point.overrides(out), point.clients, home=home)
+        results = run_simulation(ROOT / point.scenario, point.overrides(out), point.supernodes, home=home)
     if profile_seconds:
         profiler.join()
     rounds = results["rounds"]
@@ -157,9 +190,11 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
     row = {
         **dataclasses.asdict(point),
         "model": point.model,
+        "supernodes": point.supernodes,
         "run_seconds": time.perf_counter() - started,
         "round_seconds": seconds,
         "seconds_per_round": sum(seconds) / len(seconds),
+        "max_round_seconds": max(seconds),
         "clients_per_round": sum(len(r["clients"]) for r in rounds) / len(rounds),
         "dropped": sum(len(r["dropped"]) for r in rounds),
         "steps_per_second": steps / sum(seconds),
@@ -167,6 +202,7 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
         "actor_peak_rss": memory.peaks["actor"],
         "client_step_peak": results["client"].get("peak_memory_bytes", 0),
         "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / len(rounds),  # incl. messages
+        "client_state_bytes": client_state_bytes(out),
         "accuracy": [r["accuracy"] for r in rounds],
         "test_accuracy": (results["eval"].get("test") or {}).get("accuracy"),
     }
@@ -174,6 +210,13 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
     if profile.exists():
         row["profile"] = json.loads(profile.read_text())
     return row
+
+
+def client_state_bytes(out: Path) -> float | None:
+    """Mean bytes on disk of a client's state in the run's client store (each client's newest file)."""
+    sizes = [max(own.glob("round-*.pt")).stat().st_size for own in out.glob("clients/*/client-*")]
+    sizes = [size for size in sizes if size]
+    return sum(sizes) / len(sizes) if sizes else None
 
 
 PROFILED = ("fl_app/", "client_app/", "server_app/", "flwr/")
@@ -234,6 +277,8 @@ def busiest(raw: str, top: int = 20) -> dict[str, Any]:
 
 COLUMNS = (
     ("clients", "clients", "{}"),
+    ("nodes", "supernodes", "{}"),
+    ("client state", "client_state", "{}"),
     ("per round", "clients_per_round", "{:.0f}"),
     ("window", "concurrency", "{}"),
     ("partition", "alpha", "{}"),
@@ -246,6 +291,7 @@ COLUMNS = (
     ("MiB / round", "bytes_per_round", "mib"),
     ("dev acc per round", "accuracy", "accs"),
     ("test acc", "test_accuracy", "{:.3f}"),
+    ("state KiB / client", "client_state_bytes", "kib"),
     ("dropped", "dropped", "{}"),
 )
 
@@ -258,6 +304,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return "n/a"
     if fmt == "mib":
         return f"{value / 2**20:.1f}"
+    if fmt == "kib":
+        return f"{value / 2**10:.1f}"
     if fmt == "accs":
         return " / ".join("n/a" if a is None else f"{a:.3f}" for a in value)
     return fmt.format(value)
@@ -364,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(
                 f"{role} (all threads: {summary['busy']:.2f}):\n\n| busy | function |\n|---|---|\n{lines}\n"
             )
-    stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size}")
+    stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size.replace('-', '_')}")
     write_report(stem, "\n".join(sections), rows_by_study)
     print(f"[scaling] {len(done)} runs in {minutes:.1f} min; wrote {stem}.md", flush=True)
 

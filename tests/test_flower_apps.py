@@ -332,6 +332,19 @@ def test_hundred_simulated_clients_complete_and_are_measured(tmp_path):
     assert row["accuracy"][-1] is not None and row["test_accuracy"] is not None
 
 
+def test_virtual_clients_beyond_the_node_count_keep_their_seeds_states_on_disk(tmp_path):
+    """A virtual point of the scaling study in miniature: 300 clients on 3 nodes, 10 % per round, each
+    bottom kept as seeds: nobody dropped, every round's sessions done, a client's state some KiB."""
+    from benchmarks.scaling import TINY, Point, run_point
+
+    row = run_point(Point(TINY, 300, fraction=0.1, nodes=3, client_state="seeds"), tmp_path / "v300")
+    assert row["supernodes"] == 3 and row["clients_per_round"] == 30 and row["dropped"] == 0
+    assert len(row["round_seconds"]) == 2 and row["server_peak_rss"] > 2**27
+    assert 0 < row["client_state_bytes"] < 20 * 2**10  # 1 step of 2 queries per round: a few KiB
+    trained = {int(p.name.removeprefix("client-")) for p in (tmp_path / "v300").glob("clients/*/client-*")}
+    assert len(trained) >= 30 and max(trained) < 300
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_client_state_round_trips_through_the_node_context(dtype):
     """The ClientApp keeps its bottom in ``context.state`` between rounds; half-precision bottoms

@@ -14,6 +14,21 @@ def test_sweeps_cover_each_study_and_share_equal_runs():
     assert {p.alpha for s, p in full if s == "partition-minilm"} == {0.0, 1.0, 0.3, 0.1}
     assert [(p.clients, p.fraction) for _, p in sweep("10k")] == [(10_000, 0.1)]
     assert [(p.clients, p.rounds) for _, p in sweep("1k")] == [(1000, 1)]
+    virtual = [p for _, p in sweep("virtual")]
+    assert [(p.clients, p.supernodes) for p in virtual] == [(10_000, 10), (10_000, 20), (10_000, 50), (100_000, 20)]
+    assert all(p.clients * p.fraction == 1000 for p in virtual)
+    minilm = [p for _, p in sweep("minilm-1000")]
+    assert {(p.clients, p.client_state) for p in minilm} == {(c, k) for c in (1, 1000) for k in ("weights", "seeds")}
+
+
+def test_a_virtual_point_runs_its_clients_on_few_nodes_and_draws_data_beyond_the_task():
+    point = Point(TINY, 100_000, fraction=0.01, rounds=3, nodes=20, client_state="seeds")
+    got = dict(o.split("=", 1) for o in point.overrides("/tmp/x"))
+    assert got["virtual-clients"] == "true" and got["client-state"] == "seeds" and point.supernodes == 20
+    assert got["partition"] == "draw" and got["min-partition-size"] == "4" and int(got["n-train"]) <= 67_000
+    assert point.key().endswith("-n20-seeds")
+    plain = dict(o.split("=", 1) for o in Point(TINY, 64).overrides("/tmp/x"))
+    assert plain["virtual-clients"] == "false" and plain["partition"] == "iid" and Point(TINY, 64).supernodes == 64
 
 
 def test_a_point_changes_only_its_settings_and_scales_the_data_with_the_clients():
@@ -41,6 +56,9 @@ def test_profile_summary_counts_each_function_once_per_stack():
 def test_table_names_the_partition_and_formats_missing_figures():
     row = {
         "clients": 8,
+        "supernodes": 8,
+        "client_state": "weights",
+        "client_state_bytes": 3 * 2**10,
         "clients_per_round": 8.0,
         "concurrency": 4,
         "alpha": 0.1,
@@ -57,7 +75,7 @@ def test_table_names_the_partition_and_formats_missing_figures():
     }
     line = table([row]).splitlines()[-1]
     assert "| Dirichlet 0.1 |" in line and "| 1024.0 |" in line and "| 0.500 / n/a |" in line
-    assert line.endswith("| n/a | 0 |")
+    assert line.endswith("| n/a | 3.0 | 0 |") and line.startswith("| 8 | 8 | weights |")
 
 
 def test_plots_are_written_for_the_studies_present(tmp_path):
