@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.config import CHOICES, DEFAULTS, GROUPS, SETTINGS, Config, make_config
+from fl_app.config import CHOICES, DEFAULTS, GROUPS, SETTINGS, Config, make_config, read_scenario
 
 
 def test_every_key_is_one_typed_field_and_the_flat_view_round_trips():
@@ -115,3 +115,9 @@ def test_config_imports_nothing_from_fl_app_that_imports_it():
 def test_numeric_keys_have_ranges_that_keep_a_run_possible(key, value, bound):
     with pytest.raises(ValueError, match=re.escape(f"config key '{key}' must be in {bound}, got {value}")):
         make_config({key: value})
+
+
+@pytest.mark.parametrize("path", sorted(Path("sim_configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_scenario_is_a_valid_config(path):
+    config = make_config(read_scenario(path))
+    assert config.federation.num_clients >= 1 and config.data.task
