@@ -258,6 +258,73 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
     assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
 
 
+def _netns_available() -> str:
+    """Why network namespaces cannot be made here ('' when they can)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2 (ip netns) to put the nodes on separate network namespaces"
+    name = f"hosl-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode:
+        return f"cannot create a network namespace here: {made.stderr.strip()[:200]}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ""
+
+
+def _rounds_done(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "results.json").read_text()).get("rounds", [])
+    except (OSError, ValueError):
+        return []
+
+
+def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network(tmp_path):
+    """deploy_local.sh --netns: the SuperLink and ServerApp on one network namespace (10.77.0.1), each
+    SuperNode on its own, joined by a bridge, with TLS (the certificate names 10.77.0.1), SuperNode
+    authentication and node keys, the step stream bound and advertised at 10.77.0.1. Node 1's link is
+    cut in the middle of a round: its session is dropped (whatever it did on the server rolled back) and
+    the round ends without it, as soon as Flower reports the node unavailable; the link comes back and
+    the node rejoins a later round and trains to the end."""
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    subprocess.run(
+        ["bash", "scripts/make_certs.sh", str(tmp_path / "tls"), "10.77.0.1"], cwd=ROOT, check=True, capture_output=True
+    )
+    out, home = tmp_path / "deploy", tmp_path / "home"
+    sets = "num-rounds=5 local-steps=6 eval-untrained=false eval-test=false step-timeout=10 round-timeout=90"
+    command = [
+        *deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")]),
+        "--netns",
+    ]
+    with open(tmp_path / "deploy.log", "w") as log:
+        script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and len(_rounds_done(out)) < 1 and script.poll() is None:
+                time.sleep(0.2)
+            assert _rounds_done(out), (tmp_path / "deploy.log").read_text()[-3000:]
+            namespaces = (home / "netns").read_text().split("\n")
+            _, _, ns, link = next(line for line in namespaces if line.startswith("node 1 ")).split()
+            time.sleep(2)  # into round 2's steps
+            cut_after = len(_rounds_done(out))
+            subprocess.run(["ip", "-n", ns, "link", "set", link, "down"], check=True)
+            while time.monotonic() < deadline and len(_rounds_done(out)) <= cut_after and script.poll() is None:
+                time.sleep(0.2)
+            subprocess.run(["ip", "-n", ns, "link", "set", link, "up"], check=True)
+            script.wait(900)
+        finally:
+            stop([script.pid])
+    results = finished_results(out, (tmp_path / "deploy.log").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5] and rounds[0]["clients"] == [0, 1]
+    cut = rounds[cut_after]  # the round the link went down in
+    assert [d["client"] for d in cut["dropped"]] == [1] and cut["clients"] == [0], cut
+    rejoined = [r for r in rounds[cut_after + 1 :] if 1 in r["clients"]]
+    assert rejoined and rounds[-1]["clients"] == [0, 1] and rounds[-1]["dropped"] == []
+    assert results["refused"] == {} and results["config"]["stream-host"] == "10.77.0.1"
+    assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
+
+
 def _final_run_round(out: Path) -> int:
     """Rounds of a tuning run's final run recorded so far (0 while tuning, or before results.json)."""
     try:
@@ -299,7 +366,8 @@ def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path)
     from benchmarks.flower_sim import run_simulation
 
     smoke = ROOT / "sim_configs/smoke_tiny.toml"
-    common = ["num-clients=4", "fraction-train=0.5", "max-concurrent-clients=1", "eval-test=false", "num-rounds=5"]
+    common = ["num-clients=4", "fraction-train=0.5", "max-concurrent-clients=1", "eval-test=false", "num-rounds=3"]
+    common += ["seed=42"]  # samples clients [2, 3], [1, 3], [1, 2]: client 2 goes first, then second
     four = run_simulation(smoke, [f"out-dir={tmp_path / 'four'}", *common], supernodes=4, timeout=600)
     two = run_simulation(
         smoke, [f"out-dir={tmp_path / 'two'}", *common, "virtual-clients=true"], supernodes=2, timeout=600
@@ -310,7 +378,7 @@ def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path)
     assert all(r["dropped"] == [] for r in two["rounds"])
     assert [h["train_loss"] for h in two["history"]] == [h["train_loss"] for h in four["history"]]
     # a round's two sessions go to the two nodes in turn (the first to the lower node id): a client
-    # that is first in one round and second in another moved between the nodes (seed 0: client 2 in round 5)
+    # that is first in one round and second in another moved between the nodes (client 2 in round 3)
     nodes_of = {c: {clients.index(c) for clients in sampled if c in clients} for c in range(4)}
     assert any(len(nodes) == 2 for nodes in nodes_of.values())
     moved, stayed = _final_client_states(tmp_path / "two"), _final_client_states(tmp_path / "four")
@@ -333,16 +401,16 @@ def test_hundred_simulated_clients_complete_and_are_measured(tmp_path):
 
 
 def test_virtual_clients_beyond_the_node_count_keep_their_seeds_states_on_disk(tmp_path):
-    """A virtual point of the scaling study in miniature: 300 clients on 3 nodes, 10 % per round, each
+    """A virtual point of the scaling study in miniature: 300 clients on 3 nodes, 4 % per round, each
     bottom kept as seeds: nobody dropped, every round's sessions done, a client's state some KiB."""
     from benchmarks.scaling import TINY, Point, run_point
 
-    row = run_point(Point(TINY, 300, fraction=0.1, nodes=3, client_state="seeds"), tmp_path / "v300")
-    assert row["supernodes"] == 3 and row["clients_per_round"] == 30 and row["dropped"] == 0
+    row = run_point(Point(TINY, 300, fraction=0.04, nodes=3, client_state="seeds"), tmp_path / "v300")
+    assert row["supernodes"] == 3 and row["clients_per_round"] == 12 and row["dropped"] == 0
     assert len(row["round_seconds"]) == 2 and row["server_peak_rss"] > 2**27
     assert 0 < row["client_state_bytes"] < 20 * 2**10  # 1 step of 2 queries per round: a few KiB
     trained = {int(p.name.removeprefix("client-")) for p in (tmp_path / "v300").glob("clients/*/client-*")}
-    assert len(trained) >= 30 and max(trained) < 300
+    assert len(trained) >= 12 and max(trained) < 300
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
