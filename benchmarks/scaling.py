@@ -203,6 +203,9 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
         "client_step_peak": results["client"].get("peak_memory_bytes", 0),
         "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / len(rounds),  # incl. messages
         "client_state_bytes": client_state_bytes(out),
+        # per training session: reading the client's state and restoring its weights or replaying its steps
+        "state_seconds": sum(r.get("state_seconds", 0.0) for r in rounds)
+        / max(1, sum(len(r["clients"]) for r in rounds)),
         "accuracy": [r["accuracy"] for r in rounds],
         "test_accuracy": (results["eval"].get("test") or {}).get("accuracy"),
     }
@@ -292,6 +295,7 @@ COLUMNS = (
     ("dev acc per round", "accuracy", "accs"),
     ("test acc", "test_accuracy", "{:.3f}"),
     ("state KiB / client", "client_state_bytes", "kib"),
+    ("state s / session", "state_seconds", "{:.3f}"),
     ("dropped", "dropped", "{}"),
 )
 

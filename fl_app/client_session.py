@@ -256,12 +256,14 @@ class _Prepared:
     state: ClientState
     caught_up: int
     restored_round: int = 0  # the round of the state read from disk (a restarted node, a resumed run); 0: none
+    seconds: float = 0.0  # reading the state, restoring its weights or replaying its steps (client-state)
 
 
 def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Prepared:
     """The session's client: the saved state if it is this trial's (from the node's state folder on
     disk, the newest up to ``upto_round``, when none is in memory: a resumed run or a restarted node),
     the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
+    started = time.perf_counter()
     session, partition_id = request.session, side.partition_id
     if session.client != partition_id:
         raise ValueError(f"the session is for client {session.client}, but this node holds partition-id {partition_id}")
@@ -283,10 +285,11 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
     client, data = make_client(config, partition_id, state)
     if state.updates:
         replay_own(client, state.updates)
+    seconds = time.perf_counter() - started
     caught_up = 0
     if request.history is not None and client.zo is not None:
         caught_up = catch_up(client, request.history, partition_id, state.synced_round)
-    return _Prepared(config, client, data, state, caught_up, restored)
+    return _Prepared(config, client, data, state, caught_up, restored, seconds)
 
 
 def run_session(
@@ -351,6 +354,7 @@ def run_session(
         bottom_params=counts["params"],
         bottom_trainable=counts["trainable"],
         restored_round=ready.restored_round,
+        state_seconds=ready.seconds,
     )
     updates = None
     if config.federation.client_state == "seeds":  # the steps, not the weights they led to

@@ -296,6 +296,7 @@ class Coordinator:
             "message_bytes_up": sum(r.message_bytes_up for r in reports),
             "message_bytes_down": sum(r.message_bytes_down for r in reports),
             "steps": sum(r.steps for r in reports),
+            "state_seconds": sum(r.state_seconds for r in reports),  # clients getting their states ready
             "selection_seconds": sum(r.selection_seconds for r in reports),
             "selection_bytes": sum(r.selection_bytes_up + r.selection_bytes_down for r in reports),
             "selection_quality": self.take_selections(),

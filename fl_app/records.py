@@ -316,6 +316,7 @@ class TrainReport:
     bottom_params: int
     bottom_trainable: int
     restored_round: int = 0  # the round of the state on disk the session started from (restarted node, resume)
+    state_seconds: float = 0.0  # getting the client's state ready: read (memory or disk), restored or replayed
     weights: dict[str, torch.Tensor] | None = None  # synced FO clients: the bottom, for the server's average
     message_bytes_up: int = 0  # under Flower, set by the server: the session messages' own sizes
     message_bytes_down: int = 0

@@ -56,6 +56,7 @@ def test_a_bottom_kept_as_seeds_is_replayed_bit_identically_wherever_it_is_loade
     # the weights the same run kept as weights differ by float rounding only (the walk's perturbations)
     weights = load_client_state(_store(both["weights"][1]), 0, 3).weights
     assert all(torch.allclose(from_memory[n], w, rtol=0, atol=1e-5) for n, w in weights.items())
+    assert all(r["state_seconds"] > 0 for r in results["rounds"])  # timed: the replay, per session
     other = [h["train_loss"] for h in both["weights"][0]["history"]]
     assert [h["train_loss"] for h in results["history"]] == pytest.approx(other, abs=1e-4)
 
