@@ -152,9 +152,10 @@ def headlines(docs: Path) -> list[str]:
     found = []
     if (study := _data(docs, "zo_bottom")) is not None:
         found += [f"**zo_bottom**: {line}" for line in zo_bottom_headline(study)]
+    budgets = {"accuracy": "30 steps, a pipeline check", "accuracy_smollm2": "120 steps, a short-budget check"}
     for stem in ("accuracy", "accuracy_smollm2"):
         if (rows := _data(docs, stem)) is not None:
-            found.append(f"**{stem}**: {accuracy_headline(rows)}")
+            found.append(f"**{stem}** ({budgets[stem]}): {accuracy_headline(rows)}")
     if (tuning := _data(docs, "tuning")) is not None:
         floors = [floor_line(tuning["aggregate"], tuning["constant_answer"])] if tuning.get("constant_answer") else []
         found += [f"**tuning**: {line}" for line in [*floors, *verdicts(tuning["study"])]]
