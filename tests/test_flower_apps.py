@@ -291,7 +291,9 @@ def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network
         ["bash", "scripts/make_certs.sh", str(tmp_path / "tls"), "10.77.0.1"], cwd=ROOT, check=True, capture_output=True
     )
     out, home = tmp_path / "deploy", tmp_path / "home"
-    sets = "num-rounds=5 local-steps=6 eval-untrained=false eval-test=false step-timeout=10 round-timeout=90"
+    sets = (
+        "num-rounds=5 local-steps=6 eval-untrained=false eval-test=false eval-every=5 step-timeout=10 round-timeout=90"
+    )
     command = [
         *deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")]),
         "--netns",
@@ -367,7 +369,7 @@ def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path)
 
     smoke = ROOT / "sim_configs/smoke_tiny.toml"
     common = ["num-clients=4", "fraction-train=0.5", "max-concurrent-clients=1", "eval-test=false", "num-rounds=3"]
-    common += ["seed=42"]  # samples clients [2, 3], [1, 3], [1, 2]: client 2 goes first, then second
+    common += ["seed=42", "eval-every=3"]  # samples [2, 3], [1, 3], [1, 2]: client 2 goes first, then second
     four = run_simulation(smoke, [f"out-dir={tmp_path / 'four'}", *common], supernodes=4, timeout=600)
     two = run_simulation(
         smoke, [f"out-dir={tmp_path / 'two'}", *common, "virtual-clients=true"], supernodes=2, timeout=600
