@@ -108,7 +108,7 @@ PILOT: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {  # per cl
     "zo-zo": ({"mode": "zo-zo"}, _grid((1e-4, 3e-4), ("cosine",))),
     # BitFit: the norms and biases alone (d_c = 20,736 at cut 4, against ~7.1M layer values for the full
     # client), so ZO's variance per query falls ~340x; fo-bitfit is its first-order ceiling. 3e-2 was
-    # dropped unrun once 1e-2 had hurt (flips +39 / -73 against the initial bottom)
+    # dropped unrun once 1e-2 had hurt (flips +39 / -73 against the initial bottom). Pilot only (LONG_KINDS)
     "hosl-bitfit": ({"mode": "hosl", "client-freeze": BITFIT}, _grid((1e-3, 3e-3, 1e-2), ("cosine",))),
     "fo-bitfit": ({"mode": "fo-fo", "client-freeze": BITFIT}, _grid((0.03, 0.3), ("constant",))),
 }
@@ -332,9 +332,12 @@ def pilot_picks(done: dict[str, Any]) -> dict[str, Any]:
     return picks
 
 
+LONG_KINDS = ("hosl-full", "hosl-lora", "zo-zo")  # BitFit stops at the pilot: it moved nothing that helped, even FO
+
+
 def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every long run by name (``long/<kind>/s<seed>``), each client kind at its pilot pick; the
-    controls (frozen bottom, fo-fo) of every seed first, since every comparison needs them."""
+    """Every long run by name (``long/<kind>/s<seed>``), each client kind of :data:`LONG_KINDS` at its
+    pilot pick; the controls (frozen bottom, fo-fo) of every seed first, since every comparison needs them."""
     runs = {}
     common = {**budget(1000, 100), "cut-layer": cut, "server-lr": server_lr}
     for seed in SEEDS:
@@ -342,6 +345,8 @@ def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any])
     for seed in SEEDS:
         runs[f"long/fo-fo/s{seed}"] = {**common, "seed": seed, "mode": "fo-fo", "client-lr": fofo_lr}
     for kind, chosen in picks.items():
+        if kind not in LONG_KINDS:
+            continue
         top = {"server-lr": chosen["keys"]["client-lr"]} if kind == "zo-zo" else {}
         for seed in SEEDS:
             runs[f"long/{kind}/s{seed}"] = {**common, "seed": seed, **PILOT[kind][0], **chosen["keys"], **top}
@@ -547,9 +552,7 @@ def _pooled(a: list[list[int]], b: list[list[int]]) -> str:
 
 
 def _long_comparisons(runs: dict[str, Any]) -> list[str]:
-    return _headroom(runs, "long", SEEDS) + _comparisons(
-        runs, "long", ("hosl-full", "hosl-lora", "hosl-bitfit", "fo-bitfit"), SEEDS
-    )
+    return _headroom(runs, "long", SEEDS) + _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
 
 
 def _smollm2_comparisons(runs: dict[str, Any]) -> list[str]:
