@@ -16,7 +16,7 @@ counts, the fraction and concurrency sweeps and MiniLM (its accuracy is the one 
 anything: the tiny model is randomly initialised). ``virtual`` serves many clients from few nodes
 (``virtual-clients``): 10,000 tiny clients with 1,000 per round on 10, 20 and 50 nodes (the
 clients-per-node axis), and 100,000 tiny clients, 1 % per round, on 20 nodes. ``minilm-1000``
-gives 1,000 MiniLM clients personal bottoms (5 % per round, on 4 nodes) with each client state
+gives 1,000 MiniLM clients personal bottoms (5 % per round, 2 steps each, on 4 nodes) with each client state
 representation (weights, seeds), beside the 1-client run, and records each client's state bytes.
 With ``--profile`` (needs ``py-spy``) the largest tiny point is also sampled, and the functions
 the server process and a ClientApp actor spend their time in are written down: where a curve
@@ -57,6 +57,7 @@ class Point:
     rounds: int = 2
     nodes: int = 0  # 0: one SuperNode per client; else this many, each serving any client (virtual-clients)
     client_state: str = "weights"  # or seeds (a ZO bottom kept as its own steps)
+    steps: int = 0  # local-steps per session; 0: the scenario's
 
     @property
     def model(self) -> str:
@@ -80,12 +81,13 @@ class Point:
             "eval-untrained=false",
             f"virtual-clients={str(bool(self.nodes)).lower()}",
             f"client-state={self.client_state}",
-        ]
+        ] + ([f"local-steps={self.steps}"] if self.steps else [])
 
     def key(self) -> str:
         parts = [self.model, f"c{self.clients}", f"f{self.fraction}", f"w{self.concurrency}"]
         parts += [f"a{self.alpha}" if self.alpha else "iid", self.bottoms, f"r{self.rounds}"]
         parts += [f"n{self.nodes}"] if self.nodes else []
+        parts += [f"s{self.steps}"] if self.steps else []
         return "-".join(parts + ([self.client_state] if self.client_state != "weights" else []))
 
     @property
@@ -113,9 +115,9 @@ def sweep(size: str) -> list[tuple[str, Point]]:
         ]
     if size == "minilm-1000":
         study = "1,000 MiniLM clients with personal bottoms, 5 % per round"
-        one = [(study, Point(MINILM, 1, rounds=3, client_state=kept)) for kept in ("weights", "seeds")]
+        one = [(study, Point(MINILM, 1, rounds=3, client_state=kept, steps=2)) for kept in ("weights", "seeds")]
         return one + [
-            (study, Point(MINILM, 1000, fraction=0.05, rounds=3, nodes=4, client_state=kept))
+            (study, Point(MINILM, 1000, fraction=0.05, rounds=3, nodes=4, client_state=kept, steps=2))
             for kept in ("weights", "seeds")
         ]
     points: list[tuple[str, Point]] = []
