@@ -15,9 +15,10 @@ own step peak, the bytes per round and the dev accuracy per round and on test. I
 counts, the fraction and concurrency sweeps and MiniLM (its accuracy is the one that means
 anything: the tiny model is randomly initialised). ``virtual`` serves many clients from few nodes
 (``virtual-clients``): 10,000 tiny clients with 1,000 per round on 10, 20 and 50 nodes (the
-clients-per-node axis), and 100,000 tiny clients, 1 % per round, on 20 nodes. ``minilm-1000``
-gives 1,000 MiniLM clients personal bottoms (5 % per round, 2 steps each, on 4 nodes) with each client state
-representation (weights, seeds), beside the 1-client run, and records each client's state bytes.
+clients-per-node axis), and 100,000 tiny clients, 1 % per round, on 20 nodes, their states kept as
+seeds. ``minilm-1000`` gives 1,000 MiniLM clients personal bottoms (5 % per round, 2 steps each, on 4
+nodes) with each client state representation (weights, seeds), beside the 1-client run, and
+records each client's state bytes.
 With ``--profile`` (needs ``py-spy``) the largest tiny point is also sampled, and the functions
 the server process and a ClientApp actor spend their time in are written down: where a curve
 bends, that says why.
@@ -110,9 +111,8 @@ def sweep(size: str) -> list[tuple[str, Point]]:
     if size == "virtual":
         study = "10,000 virtual clients, 1,000 per round, by node count"
         points = [(study, Point(TINY, 10_000, fraction=0.1, nodes=n)) for n in VIRTUAL_NODES]
-        return points + [
-            ("100,000 virtual clients, 1 % per round", Point(TINY, 100_000, fraction=0.01, rounds=3, nodes=20))
-        ]
+        everyone = Point(TINY, 100_000, fraction=0.01, rounds=3, nodes=20, client_state="seeds")
+        return points + [("100,000 virtual clients, 1 % per round", everyone)]
     if size == "minilm-1000":
         study = "1,000 MiniLM clients with personal bottoms, 5 % per round"
         one = [(study, Point(MINILM, 1, rounds=3, client_state=kept, steps=2)) for kept in ("weights", "seeds")]
@@ -193,6 +193,7 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
         **dataclasses.asdict(point),
         "model": point.model,
         "supernodes": point.supernodes,
+        "partition": dict(o.split("=", 1) for o in point.overrides(out))["partition"],
         "run_seconds": time.perf_counter() - started,
         "round_seconds": seconds,
         "seconds_per_round": sum(seconds) / len(seconds),
@@ -305,6 +306,8 @@ COLUMNS = (
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if key == "alpha":
+        if row.get("partition") == "draw":
+            return "drawn per client"
         return f"Dirichlet {value}" if value else "IID"
     if value is None:
         return "n/a"
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     points = sweep(args.size)
-    largest = max((p for _, p in points if p.scenario == TINY), key=lambda p: p.clients)
+    largest = max((p for _, p in points if p.scenario == TINY), key=lambda p: p.clients, default=None)
     done: dict[Point, dict[str, Any]] = {}
     rows_by_study: dict[str, list[dict[str, Any]]] = {}
     for study, point in points:

@@ -77,6 +77,7 @@ def test_table_names_the_partition_and_formats_missing_figures():
     line = table([row]).splitlines()[-1]
     assert "| Dirichlet 0.1 |" in line and "| 1024.0 |" in line and "| 0.500 / n/a |" in line
     assert line.endswith("| n/a | 3.0 | 0.250 | 0 |") and line.startswith("| 8 | 8 | weights |")
+    assert "| drawn per client |" in table([{**row, "partition": "draw"}])
 
 
 def test_plots_are_written_for_the_studies_present(tmp_path):
