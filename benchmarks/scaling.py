@@ -361,6 +361,30 @@ def plot(rows_by_study: dict[str, list[dict[str, Any]]], docs: Path) -> list[Pat
     return paths
 
 
+def plot_virtual(rows_by_study: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Virtual clients: per run, the wall time per round and the server process's peak memory,
+    labelled by clients, nodes and client state (``--size virtual`` or ``minilm-1000``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for study in rows_by_study.values() for r in study]
+    names = [f"{r['clients']:,} clients\n{r['supernodes']} nodes\n{r.get('client_state', 'weights')}" for r in rows]
+    fig, (wall, memory) = plt.subplots(1, 2, figsize=(max(9, 3.0 * len(rows)), 4.5))
+    wall.bar(names, [r["seconds_per_round"] for r in rows])
+    wall.set(ylabel="s", title="wall time per round")
+    memory.bar(names, [r["server_peak_rss"] / 2**20 for r in rows])
+    memory.set(ylabel="MiB", title="server process peak memory")
+    for ax in (wall, memory):
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _save(fig, axes: list, path: Path) -> Path:
     """Legends and grids on ``axes``, then ``fig`` written to ``path`` and closed."""
     import matplotlib.pyplot as plt
@@ -397,7 +421,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         rows_by_study.setdefault(study, []).append(done[point])
     args.docs.mkdir(parents=True, exist_ok=True)
-    plots = plot(rows_by_study, args.docs) if args.size in ("quick", "full") else []
+    stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size.replace('-', '_')}")
+    if args.size in ("quick", "full"):
+        plots = plot(rows_by_study, args.docs)
+    elif args.size in ("virtual", "minilm-1000"):
+        plots = [plot_virtual(rows_by_study, stem.with_suffix(".png"))]
+    else:
+        plots = []
     minutes = (time.perf_counter() - started) / 60
     sections = [
         "# Many-client scaling\n",
@@ -421,7 +451,6 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(
                 f"{role} (all threads: {summary['busy']:.2f}):\n\n| busy | function |\n|---|---|\n{lines}\n"
             )
-    stem = args.docs / ("scaling" if args.size in ("quick", "full") else f"scaling_{args.size.replace('-', '_')}")
     write_report(stem, "\n".join(sections), rows_by_study)
     print(f"[scaling] {len(done)} runs in {minutes:.1f} min; wrote {stem}.md", flush=True)
 

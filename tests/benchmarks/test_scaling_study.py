@@ -1,6 +1,6 @@
 """The scaling study's sweep and report (benchmarks.scaling); its runs are in test_flower_apps."""
 
-from benchmarks.scaling import MINILM, TINY, Point, busiest, plot, sweep, table
+from benchmarks.scaling import MINILM, TINY, Point, busiest, plot, plot_virtual, sweep, table
 
 
 def test_sweeps_cover_each_study_and_share_equal_runs():
@@ -100,3 +100,10 @@ def test_plots_are_written_for_the_studies_present(tmp_path):
     paths = plot(rows, tmp_path)
     assert [p.name for p in paths] == ["scaling_cost.png", "scaling_accuracy.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_the_virtual_sizes_plot_each_runs_round_time_and_server_memory(tmp_path):
+    row = {"clients": 10_000, "supernodes": 20, "client_state": "seeds", "seconds_per_round": 38.0}
+    rows = {"a": [{**row, "server_peak_rss": 2**29}], "b": [{**row, "clients": 100_000, "server_peak_rss": 2**30}]}
+    path = plot_virtual(rows, tmp_path / "scaling_virtual.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
