@@ -71,6 +71,11 @@ def _session_inputs(msg: Message, context: Context) -> tuple[SessionRequest, Cli
     node = NodeSettings.from_node_config(context.node_config)
     if clients.single_client is not None:
         return request, ClientSide(config, client, num_partitions, _load_state(context), node), True
+    if request.session.node_auth:
+        raise ValueError(
+            f"the server authenticates nodes (stream-secret-file), and a node key proves one client, but this node "
+            f"serves clients {clients.text!r}: give each client its own SuperNode, or run without stream-secret-file"
+        )
     if node.state_folder(request.session) is None:
         raise ValueError(
             f"this node serves clients {clients.text!r} and keeps their states in the client store on disk (the "

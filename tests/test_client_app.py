@@ -9,9 +9,9 @@ from client_app.app import _save_state, _session_inputs, query
 from fl_app.records import ClientState, SessionSettings
 
 
-def _message(client: int, state_dir: str = "") -> SimpleNamespace:
+def _message(client: int, state_dir: str = "", node_auth: bool = False) -> SimpleNamespace:
     session = SessionSettings(client=client, round=2, token="t", address="a:1", local_steps=1, run_id="r1")
-    session = SessionSettings(**{**session.__dict__, "state_dir": state_dir})
+    session = SessionSettings(**{**session.__dict__, "state_dir": state_dir, "node_auth": node_auth})
     return SimpleNamespace(content=RecordDict({"session": ConfigRecord(session.to_record())}))
 
 
@@ -28,6 +28,8 @@ def test_a_node_serves_only_the_clients_its_config_allows_and_keeps_none_of_thei
         _session_inputs(_message(43, store), node)
     with pytest.raises(ValueError, match=r"keeps no client states \(client-checkpoints = false\)"):
         _session_inputs(_message(42), node)  # the run keeps no client store: this node could not keep states
+    with pytest.raises(ValueError, match="a node key proves one client, but this node serves clients '0-98/2'"):
+        _session_inputs(_message(42, store, node_auth=True), node)
 
 
 def test_virtual_clients_let_a_simulated_node_serve_any_client_and_a_bound_node_only_its_own(tmp_path):
