@@ -36,13 +36,20 @@ class Federation(Protocol):
     :meth:`run_sessions` runs the sessions ``requests`` yields (``kind`` "train" or "evaluate"), at
     most ``window`` at a time: it draws the next request, which opens that session on the server,
     only when a slot is free. It yields ``(partition id, reply)`` as each session ends; a client
-    that does not answer within ``timeout`` of its request gets a reply without a report. ``tick``
-    is called while waiting."""
+    that does not answer within ``timeout`` of its request gets a reply without a report, and so does
+    one whose session ``failed(partition id)`` says has already failed on the step stream (a node
+    that lost its network: the round need not wait for its reply). ``tick`` is called while waiting."""
 
     def partitions(self) -> list[int]: ...
 
     def run_sessions(
-        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+        self,
+        kind: str,
+        requests: Iterable[SessionRequest],
+        window: int,
+        timeout: float,
+        tick: Callable[[], Any],
+        failed: Callable[[int], bool] = lambda pid: False,
     ) -> Iterator[tuple[int, SessionReply]]: ...
 
 
@@ -70,7 +77,12 @@ def _run_sessions(
     federation = coord.config.federation
     try:
         for pid, reply in fed.run_sessions(
-            kind, requests(), federation.max_concurrent_clients, federation.round_timeout, coord.expire_idle
+            kind,
+            requests(),
+            federation.max_concurrent_clients,
+            federation.round_timeout,
+            coord.expire_idle,
+            lambda pid: pid in opened and opened[pid].status == "failed",
         ):
             yield opened.pop(pid), reply
     finally:  # the round broke off (the federation or the caller raised): no session stays open

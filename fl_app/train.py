@@ -43,7 +43,13 @@ class InProcessFederation:
         return list(range(self.num_clients))
 
     def run_sessions(
-        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+        self,
+        kind: str,
+        requests: Iterable[SessionRequest],
+        window: int,
+        timeout: float,
+        tick: Callable[[], Any],
+        failed: Callable[[int], bool] = lambda pid: False,
     ) -> Iterator[tuple[int, SessionReply]]:
         for request in requests:  # one at a time: this process has one working bottom
             pid = request.partition_id

@@ -53,12 +53,18 @@ def record_bytes(content: RecordDict) -> int:
 
 
 def flow(
-    grid: Grid, messages: Iterable[tuple[Any, Message]], window: int, timeout: float, tick: Callable[[], Any]
+    grid: Grid,
+    messages: Iterable[tuple[Any, Message]],
+    window: int,
+    timeout: float,
+    tick: Callable[[], Any],
+    given_up: Callable[[Any], bool] = lambda key: False,
 ) -> Iterator[tuple[Any, Message | None]]:
     """Push the ``(key, message)`` pairs with at most ``window`` awaiting replies, drawing the next
     pair only when a slot frees; yield ``(key, reply)`` as each reply arrives, or ``(key, None)``
-    once ``timeout`` has passed since its push. ``tick`` runs at every poll; polls follow each other
-    fast while replies come and back off to POLL_SECONDS when they do not."""
+    once ``timeout`` has passed since its push or ``given_up(key)`` says its reply no longer matters.
+    ``tick`` runs at every poll; polls follow each other fast while replies come and back off to
+    POLL_SECONDS when they do not."""
     messages = iter(messages)
     pending: dict[str, tuple[Any, float]] = {}  # message id -> (key, deadline)
     more, poll = True, FIRST_POLL_SECONDS
@@ -71,7 +77,9 @@ def flow(
             (mid,) = grid.push_messages([item[1]])
             pending[mid] = (item[0], time.monotonic() + timeout)
         ended = [(r.metadata.reply_to_message_id, r) for r in grid.pull_messages(list(pending))]
-        ended += [(mid, None) for mid, (_, deadline) in pending.items() if time.monotonic() > deadline]
+        ended += [
+            (mid, None) for mid, (key, deadline) in pending.items() if time.monotonic() > deadline or given_up(key)
+        ]
         for mid, reply in ended:
             if mid in pending:
                 yield pending.pop(mid)[0], reply
@@ -230,7 +238,13 @@ class FlowerFederation:
         return counts.most_common(1)[0][0] if counts else len(self.nodes) + len(self._shared_clients())
 
     def run_sessions(
-        self, kind: str, requests: Iterable[SessionRequest], window: int, timeout: float, tick: Callable[[], Any]
+        self,
+        kind: str,
+        requests: Iterable[SessionRequest],
+        window: int,
+        timeout: float,
+        tick: Callable[[], Any],
+        failed: Callable[[int], bool] = lambda pid: False,
     ) -> Iterator[tuple[int, SessionReply]]:
         """Each session as a message, pushed as soon as a slot of ``window`` is free (see :func:`flow`),
         to the node bound to its client, or else to the several-client node that may serve it and has
@@ -244,8 +258,9 @@ class FlowerFederation:
                 sent[node] += 1
                 yield (request.partition_id, content), Message(content, dst_node_id=node, message_type=kind)
 
-        for (pid, content), reply in flow(self.grid, messages(), window, timeout, tick):
-            yield pid, _session_reply(kind, content, reply)
+        given_up = lambda key: failed(key[0])  # noqa: E731 - the session already failed on the step stream
+        for (pid, content), reply in flow(self.grid, messages(), window, timeout, tick, given_up):
+            yield pid, SessionReply(None) if reply is None and failed(pid) else _session_reply(kind, content, reply)
 
     def node_for(self, client: int, sent: Counter[int]) -> int:
         """The node a session of ``client`` goes to, given the sessions ``sent`` to each node so far."""

@@ -413,13 +413,13 @@ def test_evaluation_asks_only_clients_whose_shard_can_hold_an_example(tmp_path, 
     asked = []
     original = train.InProcessFederation.run_sessions
 
-    def recording(self, kind, requests, window, timeout, tick):
+    def recording(self, kind, requests, window, timeout, tick, failed):
         def logged():
             for request in requests:
                 asked.append((kind, request.partition_id))
                 yield request
 
-        return original(self, kind, logged(), window, timeout, tick)
+        return original(self, kind, logged(), window, timeout, tick, failed)
 
     monkeypatch.setattr(train.InProcessFederation, "run_sessions", recording)
     over = {"num-clients": 6, "n-dev": 4, "eval-examples": examples, "n-test": 2, "num-rounds": 1}
@@ -500,7 +500,7 @@ def test_a_round_that_breaks_off_leaves_no_session_open(coord):
         def partitions(self):
             return [0, 1, 2]
 
-        def run_sessions(self, kind, requests, window, timeout, tick):
+        def run_sessions(self, kind, requests, window, timeout, tick, failed):
             pending = iter(requests)
             sessions.extend(c.stream.sessions[next(pending).session.token] for _ in range(2))
             raise ConnectionError("the grid went away")

@@ -220,7 +220,9 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
     so it rejoins a later round from its state on disk (the round's ``restored``) and trains to the end."""
     subprocess.run(["bash", "scripts/make_certs.sh", str(tmp_path / "tls")], cwd=ROOT, check=True, capture_output=True)
     out, home = tmp_path / "deploy", tmp_path / "home"
-    sets = "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=3 eval-untrained=false round-timeout=120"
+    sets = (
+        "tune-trials=2 tune-rounds=2 tune-pruner=none num-rounds=3 eval-untrained=false eval-every=3 round-timeout=120"
+    )
     command = deploy_command(tmp_path, "sim_configs/tune_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")])
     with open(tmp_path / "deploy.log", "w") as log:
         script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -281,9 +283,9 @@ def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network
     """deploy_local.sh --netns: the SuperLink and ServerApp on one network namespace (10.77.0.1), each
     SuperNode on its own, joined by a bridge, with TLS (the certificate names 10.77.0.1), SuperNode
     authentication and node keys, the step stream bound and advertised at 10.77.0.1. Node 1's link is
-    cut in the middle of a round: its session is dropped (whatever it did on the server rolled back) and
-    the round ends without it, as soon as Flower reports the node unavailable; the link comes back and
-    the node rejoins a later round and trains to the end."""
+    cut in the middle of its round-1 session: the session is dropped (its steps rolled back on the server)
+    and the round ends without it, as soon as Flower reports the node unavailable; the link comes back
+    and the node rejoins a later round and trains to the end."""
     why = _netns_available()
     if why:
         pytest.skip(why)
@@ -291,26 +293,25 @@ def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network
         ["bash", "scripts/make_certs.sh", str(tmp_path / "tls"), "10.77.0.1"], cwd=ROOT, check=True, capture_output=True
     )
     out, home = tmp_path / "deploy", tmp_path / "home"
-    sets = (
-        "num-rounds=5 local-steps=6 eval-untrained=false eval-test=false eval-every=5 step-timeout=10 round-timeout=90"
-    )
+    sets = "num-rounds=4 local-steps=20 eval-untrained=false eval-test=false eval-every=4 step-timeout=10"
     command = [
-        *deploy_command(tmp_path, "sim_configs/smoke_tiny.toml", sets, ["--tls-dir", str(tmp_path / "tls")]),
+        *deploy_command(
+            tmp_path, "sim_configs/smoke_tiny.toml", f"{sets} round-timeout=90", ["--tls-dir", str(tmp_path / "tls")]
+        ),
         "--netns",
     ]
     with open(tmp_path / "deploy.log", "w") as log:
         script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and len(_rounds_done(out)) < 1 and script.poll() is None:
-                time.sleep(0.2)
-            assert _rounds_done(out), (tmp_path / "deploy.log").read_text()[-3000:]
+            node_log, deadline = home / "logs" / "supernode-1.log", time.monotonic() + 600
+            while time.monotonic() < deadline and script.poll() is None:  # until node 1 reports steps (each 5th)
+                if node_log.exists() and "round 1 client 1: step " in node_log.read_text(errors="replace"):
+                    break
+                time.sleep(0.05)
             namespaces = (home / "netns").read_text().split("\n")
             _, _, ns, link = next(line for line in namespaces if line.startswith("node 1 ")).split()
-            time.sleep(2)  # into round 2's steps
-            cut_after = len(_rounds_done(out))
             subprocess.run(["ip", "-n", ns, "link", "set", link, "down"], check=True)
-            while time.monotonic() < deadline and len(_rounds_done(out)) <= cut_after and script.poll() is None:
+            while time.monotonic() < deadline and not _rounds_done(out) and script.poll() is None:
                 time.sleep(0.2)
             subprocess.run(["ip", "-n", ns, "link", "set", link, "up"], check=True)
             script.wait(900)
@@ -318,11 +319,11 @@ def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network
             stop([script.pid])
     results = finished_results(out, (tmp_path / "deploy.log").read_text())
     rounds = results["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5] and rounds[0]["clients"] == [0, 1]
-    cut = rounds[cut_after]  # the round the link went down in
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    cut = rounds[0]  # the link went down mid-session: its session dropped, its steps rolled back
     assert [d["client"] for d in cut["dropped"]] == [1] and cut["clients"] == [0], cut
-    rejoined = [r for r in rounds[cut_after + 1 :] if 1 in r["clients"]]
-    assert rejoined and rounds[-1]["clients"] == [0, 1] and rounds[-1]["dropped"] == []
+    assert any(1 in r["clients"] for r in rounds[1:]), rounds  # back on the network, it rejoined
+    assert rounds[-1]["clients"] == [0, 1] and rounds[-1]["dropped"] == []
     assert results["refused"] == {} and results["config"]["stream-host"] == "10.77.0.1"
     assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
 
@@ -368,8 +369,8 @@ def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path)
     from benchmarks.flower_sim import run_simulation
 
     smoke = ROOT / "sim_configs/smoke_tiny.toml"
-    common = ["num-clients=4", "fraction-train=0.5", "max-concurrent-clients=1", "eval-test=false", "num-rounds=3"]
-    common += ["seed=42", "eval-every=3"]  # samples [2, 3], [1, 3], [1, 2]: client 2 goes first, then second
+    common = ["num-clients=4", "fraction-train=0.5", "max-concurrent-clients=1", "eval-test=false", "num-rounds=2"]
+    common += ["seed=5", "eval-every=2"]  # samples [0, 2], then [2, 3]: client 2 goes second, then first
     four = run_simulation(smoke, [f"out-dir={tmp_path / 'four'}", *common], supernodes=4, timeout=600)
     two = run_simulation(
         smoke, [f"out-dir={tmp_path / 'two'}", *common, "virtual-clients=true"], supernodes=2, timeout=600
@@ -380,7 +381,7 @@ def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path)
     assert all(r["dropped"] == [] for r in two["rounds"])
     assert [h["train_loss"] for h in two["history"]] == [h["train_loss"] for h in four["history"]]
     # a round's two sessions go to the two nodes in turn (the first to the lower node id): a client
-    # that is first in one round and second in another moved between the nodes (client 2 in round 3)
+    # that is first in one round and second in another moved between the nodes (client 2 in round 2)
     nodes_of = {c: {clients.index(c) for clients in sampled if c in clients} for c in range(4)}
     assert any(len(nodes) == 2 for nodes in nodes_of.values())
     moved, stayed = _final_client_states(tmp_path / "two"), _final_client_states(tmp_path / "four")

@@ -1,5 +1,6 @@
 """The ServerApp's node discovery, against a stand-in Grid: nodes are asked again every round."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -217,3 +218,38 @@ def test_nodes_serving_several_clients_share_them_evenly_and_a_bound_node_keeps_
 def test_a_node_answering_with_an_unreadable_client_set_is_left_out(caplog):
     fed = FlowerFederation(FakeGrid({11: 0, 12: "0-x"}), query_timeout=5, wait=0)
     assert fed.partitions() == [0] and "node 12 answered the query with no usable client set" in caplog.text
+
+
+def test_a_session_that_failed_on_the_step_stream_is_not_waited_for(monkeypatch):
+    """A node that lost its network never replies; once its session has failed on the step stream
+    (step timeout, disconnect) the round stops waiting for the reply, long before round-timeout, and
+    the reply carries no reason of its own (the session's says why)."""
+    monkeypatch.setattr(
+        server_app,
+        "Message",
+        lambda content, dst_node_id, message_type: SimpleNamespace(
+            metadata=SimpleNamespace(dst_node_id=dst_node_id, message_type=message_type)
+        ),
+    )
+    monkeypatch.setattr(server_app, "POLL_SECONDS", 0.001)
+    monkeypatch.setattr(server_app, "FIRST_POLL_SECONDS", 0.001)
+    grid = SessionGrid({10: 0, 11: 1}, delay={10: 3})  # node 11 never answers
+    fed = FlowerFederation(grid, query_timeout=5, wait=0)
+    requests = (
+        server_app.SessionRequest(SessionSettings(client=pid, round=1, token="t", address="a:1", local_steps=1))
+        for pid in (0, 1)
+    )
+    polls = []
+    started = time.monotonic()
+    replies = dict(
+        fed.run_sessions(
+            "evaluate",
+            requests,
+            2,
+            timeout=600,
+            tick=lambda: polls.append(1),
+            failed=lambda pid: pid == 1 and len(polls) > 5,
+        )
+    )
+    assert time.monotonic() - started < 5  # not round-timeout's 600 s
+    assert replies[0].report is not None and replies[1].report is None and replies[1].reason == ""
