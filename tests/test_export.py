@@ -231,8 +231,10 @@ def test_a_run_still_going_exports_its_latest_checkpoint(tmp_path):
     proc = subprocess.Popen([*cmd, "--set", "num-rounds=6"], cwd=ROOT, **quiet)
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (out / "checkpoint.pt").exists():
-            time.sleep(0.02)
+        while time.monotonic() < deadline and not (
+            (out / "checkpoint.pt").exists() and (out / "results.json").exists()
+        ):
+            time.sleep(0.02)  # round 1's checkpoint and the results.json that follows it
         proc.kill()
     finally:
         proc.wait()
