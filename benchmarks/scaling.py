@@ -65,9 +65,8 @@ class Point:
         return "MiniLM" if self.scenario == MINILM else "tiny"
 
     def overrides(self, out: Path) -> list[str]:
-        per_client = 4 if self.scenario == TINY else 32  # examples per client: the data grows with the clients
-        draw = per_client * self.clients > SST2_TRAIN  # more clients than disjoint partitions: each draws its own
-        scheme = "draw" if draw else "dirichlet" if self.alpha else "iid"
+        per_client, scheme = self.per_client, self.partition
+        draw = scheme == "draw"
         return [
             f"out-dir={out}",
             f"num-clients={self.clients}",
@@ -90,6 +89,19 @@ class Point:
         parts += [f"n{self.nodes}"] if self.nodes else []
         parts += [f"s{self.steps}"] if self.steps else []
         return "-".join(parts + ([self.client_state] if self.client_state != "weights" else []))
+
+    @property
+    def per_client(self) -> int:
+        """Examples per client: the data grows with the clients."""
+        return 4 if self.scenario == TINY else 32
+
+    @property
+    def partition(self) -> str:
+        """The partition scheme: each client draws its own examples when there are more clients than
+        disjoint partitions of SST-2, else IID or Dirichlet(alpha)."""
+        if self.per_client * self.clients > SST2_TRAIN:
+            return "draw"
+        return "dirichlet" if self.alpha else "iid"
 
     @property
     def supernodes(self) -> int:
@@ -193,7 +205,7 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
         **dataclasses.asdict(point),
         "model": point.model,
         "supernodes": point.supernodes,
-        "partition": dict(o.split("=", 1) for o in point.overrides(out))["partition"],
+        "partition": point.partition,
         "run_seconds": time.perf_counter() - started,
         "round_seconds": seconds,
         "seconds_per_round": sum(seconds) / len(seconds),

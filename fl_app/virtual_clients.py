@@ -81,12 +81,18 @@ def assign(clients: list[int], nodes: Mapping[int, PartitionSet]) -> dict[int, l
     far (ties: the lowest node id): an even, deterministic spread. A client no node may serve raises."""
     load: dict[int, list[int]] = {node: [] for node in sorted(nodes)}
     for client in clients:
-        able = [node for node in load if client in nodes[node]]
-        if not able:
+        least = least_loaded(client, nodes, {node: len(served) for node, served in load.items()})
+        if least is None:
             raise ValueError(f"no node may serve client {client} (node config 'partitions' of the online nodes)")
-        least = min(able, key=lambda node: len(load[node]))
         load[least].append(client)
     return {node: served for node, served in load.items() if served}
+
+
+def least_loaded(client: int, nodes: Mapping[int, PartitionSet], load: Mapping[int, int]) -> int | None:
+    """Among the nodes that may serve ``client``, the one with the least ``load`` (ties: the lowest
+    node id; a node missing from ``load`` has none); None when no node may serve it."""
+    able = [node for node in sorted(nodes) if client in nodes[node]]
+    return min(able, key=lambda node: load.get(node, 0)) if able else None
 
 
 def node_clients(node_config: Mapping[str, Any], virtual: bool, num_clients: int) -> tuple[PartitionSet, int]:

@@ -30,7 +30,7 @@ from fl_app.metrics import log_to_stderr
 from fl_app.preflight import check_out_dir, check_scenario
 from fl_app.records import EvalReport, SessionReply, SessionRequest, TrainReport, history_to_record
 from fl_app.rounds import NO_REPLY
-from fl_app.virtual_clients import PartitionSet
+from fl_app.virtual_clients import PartitionSet, least_loaded
 
 log = logging.getLogger("hosl.server")
 app = ServerApp()
@@ -266,10 +266,10 @@ class FlowerFederation:
         """The node a session of ``client`` goes to, given the sessions ``sent`` to each node so far."""
         if client in self.nodes:
             return self.nodes[client]
-        able = [node for node in sorted(self.shared) if client in self.shared[node]]
-        if not able:
+        node = least_loaded(client, self.shared, sent)
+        if node is None:
             raise ValueError(f"no online node serves client {client}")
-        return min(able, key=lambda node: sent[node])
+        return node
 
 
 def _session_reply(kind: str, content: RecordDict, reply: Message | None) -> SessionReply:

@@ -128,9 +128,8 @@ class SessionGrid(FakeGrid):
         return out
 
 
-def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkeypatch):
-    """At most ``window`` sessions in flight; the next request is drawn (its session opened) only
-    when one ends, not when the whole group ends; a silent node is missing after the timeout."""
+def _session_messages(monkeypatch):
+    """Messages that say their type (SessionGrid answers sessions, FakeGrid queries) and fast polls."""
     monkeypatch.setattr(
         server_app,
         "Message",
@@ -140,6 +139,12 @@ def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkey
     )
     monkeypatch.setattr(server_app, "POLL_SECONDS", 0.001)
     monkeypatch.setattr(server_app, "FIRST_POLL_SECONDS", 0.001)
+
+
+def test_sessions_run_in_a_sliding_window_and_replies_come_as_they_arrive(monkeypatch):
+    """At most ``window`` sessions in flight; the next request is drawn (its session opened) only
+    when one ends, not when the whole group ends; a silent node is missing after the timeout."""
+    _session_messages(monkeypatch)
     nodes = {10 + pid: pid for pid in range(5)}
     grid = SessionGrid(nodes, delay={10: 6, 11: 1, 12: 1, 13: 1})  # node 14 never answers
     fed = FlowerFederation(grid, query_timeout=5, wait=0)
@@ -224,15 +229,7 @@ def test_a_session_that_failed_on_the_step_stream_is_not_waited_for(monkeypatch)
     """A node that lost its network never replies; once its session has failed on the step stream
     (step timeout, disconnect) the round stops waiting for the reply, long before round-timeout, and
     the reply carries no reason of its own (the session's says why)."""
-    monkeypatch.setattr(
-        server_app,
-        "Message",
-        lambda content, dst_node_id, message_type: SimpleNamespace(
-            metadata=SimpleNamespace(dst_node_id=dst_node_id, message_type=message_type)
-        ),
-    )
-    monkeypatch.setattr(server_app, "POLL_SECONDS", 0.001)
-    monkeypatch.setattr(server_app, "FIRST_POLL_SECONDS", 0.001)
+    _session_messages(monkeypatch)
     grid = SessionGrid({10: 0, 11: 1}, delay={10: 3})  # node 11 never answers
     fed = FlowerFederation(grid, query_timeout=5, wait=0)
     requests = (
