@@ -69,7 +69,7 @@ def run_case(case: str, overrides: dict) -> dict[str, float]:
     out["torch"] = status_mib()["VmRSS"]
     if case == "torch":
         return {**out, "peak": status_mib()["VmHWM"]}
-    import client_app.app  # noqa: F401  everything a ClientApp imports
+    import client_app.sessions  # noqa: F401  everything a ClientApp (or its worker) imports
     from fl_app.config import make_config
 
     out["imports"] = status_mib()["VmRSS"]
@@ -141,7 +141,7 @@ def matrix_case(spec: dict) -> dict[str, float]:
     import torch
 
     out["torch"] = status_mib()["VmRSS"]
-    import client_app.app  # noqa: F401  everything a ClientApp imports
+    import client_app.sessions  # noqa: F401  everything a ClientApp (or its worker) imports
     from fl_app.client_session import make_client
     from fl_app.config import make_config
     from fl_app.protocol import StepReply

@@ -1,141 +1,53 @@
 """Flower ClientApp: holds a bottom (ZO in hosl) and its data partition, or serves several clients.
 
-On a session message it opens the step stream named in the message, runs its steps, and
-replies with its report. A node bound to one partition keeps its trainable weights, step counter
-and sync position in ``context.state`` (the only per-node state Flower keeps between messages). A
-node serving several clients (node config ``partitions``, or the run's ``virtual-clients``) keeps
-nothing per client in memory: each session loads its client's state from the client store on disk
-and writes it back, so a client can move between nodes and the server process (which holds every
-simulated node's ``context``) does not grow with the clients (see :mod:`fl_app.virtual_clients`).
+Each message is handled by :mod:`client_app.sessions`: here, or on the node's warm worker when the
+node config names one (``worker-socket``, set by ``scripts/start_node.sh``). This module imports only
+Flower, so a deployment's per-message ``flwr-clientapp`` process starts in well under a second when
+a worker holds torch, transformers and the bottom (:mod:`client_app.warm`).
 """
 
 from __future__ import annotations
 
-import logging
-import traceback
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.client_session import ClientSide, NodeSettings, run_eval_session, run_session
-from fl_app.config import Config, make_config
-from fl_app.records import (
-    ClientState,
-    SessionRequest,
-    SessionSettings,
-    history_from_record,
-    state_from_records,
-    state_to_records,
-)
-from fl_app.virtual_clients import PartitionSet, node_clients
+from client_app.replies import error_reply
+from client_app.warm import WorkerUnavailable, forward
 
-log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _clients(context: Context, config: Config) -> tuple[PartitionSet, int]:
-    """The clients this node serves and the partition count the data is cut by."""
-    return node_clients(context.node_config, config.federation.virtual_clients, config.federation.num_clients)
+def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The reply content for a ``kind`` message: from the node's worker if it has one, else from here."""
+    path = str(context.node_config.get("worker-socket", ""))
+    if path:
+        return forward(path, kind, content, context)
+    from client_app import sessions  # torch, transformers: only where no worker holds them
+
+    return getattr(sessions, kind)(content, context)
 
 
-def _load_state(context: Context) -> ClientState | None:
-    if "client" not in context.state.config_records:
-        return None
-    arrays = context.state.array_records
-    weights = arrays["bottom"].to_torch_state_dict() if "bottom" in arrays else {}
-    return state_from_records(weights, context.state.config_records["client"])
-
-
-def _save_state(context: Context, state: ClientState) -> None:
-    weights, counters = state_to_records(state)
-    context.state.array_records["bottom"] = ArrayRecord(weights)
-    context.state.config_records["client"] = ConfigRecord(counters)
-
-
-def _session_inputs(msg: Message, context: Context) -> tuple[SessionRequest, ClientSide, bool]:
-    """The session the message asks for, what this node brings to it (its config, the client's
-    partition, saved state and node settings), and whether the node keeps that state in memory (it
-    serves one client) rather than in the client store."""
-    records, arrays = msg.content.config_records, msg.content.array_records
-    request = SessionRequest(
-        SessionSettings.from_record(records["session"]),
-        dict(records["overrides"]) if "overrides" in records else {},
-        history_from_record(records["history"]) if "history" in records else None,
-        arrays["average"].to_torch_state_dict() if "average" in arrays else None,
-    )
-    config = make_config(context.run_config)
-    clients, num_partitions = _clients(context, config)
-    client = request.session.client
-    if client not in clients:
-        raise ValueError(f"the session is for client {client}, but this node serves clients {clients.text!r}")
-    node = NodeSettings.from_node_config(context.node_config)
-    if clients.single_client is not None:
-        return request, ClientSide(config, client, num_partitions, _load_state(context), node), True
-    if request.session.node_auth:
-        raise ValueError(
-            f"the server authenticates nodes (stream-secret-file), and a node key proves one client, but this node "
-            f"serves clients {clients.text!r}: give each client its own SuperNode, or run without stream-secret-file"
-        )
-    if node.state_folder(request.session) is None:
-        raise ValueError(
-            f"this node serves clients {clients.text!r} and keeps their states in the client store on disk (the "
-            "run folder's, or node config state-dir), but the run keeps no client states (client-checkpoints = false)"
-        )
-    return request, ClientSide(config, client, num_partitions, None, node), False
-
-
-def _error_reply(msg: Message, context: Context, err: Exception) -> Message:
-    log.error("client session failed: %s", err)
-    session = msg.content.config_records.get("session", {})
-    partition_id = int(session.get("client", context.node_config.get("partition-id", -1)))
-    record = ConfigRecord({"ok": False, "error": f"{type(err).__name__}: {err}"[:2000], "partition-id": partition_id})
-    return Message(RecordDict({"report": record}), reply_to=msg)
+def _session(kind: str, msg: Message, context: Context) -> Message:
+    try:
+        reply = handle(kind, msg.content, context)
+    except WorkerUnavailable as err:  # the server learns why and rolls the session back
+        reply = error_reply(msg.content, context, str(err))
+    return Message(reply, reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which clients this node serves (the ServerApp cannot read node configs)."""
-    clients, num_partitions = _clients(context, make_config(context.run_config))
-    single = clients.single_client
-    node = {
-        "partition-id": -1 if single is None else single,
-        "num-partitions": num_partitions,
-        "partitions": clients.text,
-    }
-    return Message(RecordDict({"node": ConfigRecord(node)}), reply_to=msg)
+    return Message(handle("query", msg.content, context), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one training session over the step stream and report."""
-    try:
-        request, side, in_memory = _session_inputs(msg, context)
-        report, state = run_session(request, side)
-    except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
-        log.debug(traceback.format_exc())
-        return _error_reply(msg, context, err)
-    if in_memory:  # a node serving several clients: run_session wrote it to the client store
-        _save_state(context, state)
-    content = RecordDict({"report": ConfigRecord({"ok": True, **report.to_record()})})
-    if report.weights is not None:  # synced FO clients: their bottom, for the server's average
-        content["weights"] = ArrayRecord({k: v.contiguous() for k, v in report.weights.items()})
-    return Message(content, reply_to=msg)
+    return _session("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this node's shard of the dev or test split through its bottom and the server's top."""
-    try:
-        request, side, _ = _session_inputs(msg, context)
-        result = run_eval_session(request, side)
-    except Exception as err:
-        return _error_reply(msg, context, err)
-    return Message(
-        RecordDict(
-            {
-                "report": ConfigRecord({"ok": True, "partition-id": side.partition_id}),
-                "metrics": MetricRecord(result.to_record()),
-            }
-        ),
-        reply_to=msg,
-    )
+    return _session("evaluate", msg, context)

@@ -296,6 +296,11 @@ class Coordinator:
             "message_bytes_up": sum(r.message_bytes_up for r in reports),
             "message_bytes_down": sum(r.message_bytes_down for r in reports),
             "steps": sum(r.steps for r in reports),
+            # the sessions' step time, summed and the longest: the rest of the round's seconds is fixed cost
+            "step_seconds": {
+                "sum": sum(r.step_seconds for r in reports),
+                "max": max((r.step_seconds for r in reports), default=0.0),
+            },
             "state_seconds": sum(r.state_seconds for r in reports),  # clients getting their states ready
             "selection_seconds": sum(r.selection_seconds for r in reports),
             "selection_bytes": sum(r.selection_bytes_up + r.selection_bytes_down for r in reports),

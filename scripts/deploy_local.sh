@@ -5,6 +5,11 @@
 #
 #   scripts/deploy_local.sh [--nodes N] [--port P] [--run-config FILE] [--set 'k=v k2=v2']
 #                           [--tls-dir DIR | --insecure] [--flwr-home DIR] [--database FILE] [--netns]
+#                           [--cold | --idle-poll S]
+#
+# Each node is started by scripts/start_node.sh (SuperNode + warm worker, state and logs in
+# $FLWR_HOME/nodes/<i>: logs/supernode.log, logs/worker.log); --cold starts plain SuperNodes whose
+# every message imports torch and loads the bottom, --idle-poll S sets the nodes' idle poll.
 #
 # --tls-dir DIR expects ca.crt, server.pem and server.key (server cert valid for 127.0.0.1 /
 # localhost); scripts/make_certs.sh creates a self-signed set. With it everything is secured:
@@ -28,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NODES=2 PORT="" RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR="" DATABASE="" NETNS=0
+NODES=2 PORT="" RUN_CONFIG="" SETS="" TLS_DIR="" INSECURE=0 FLWR_HOME_DIR="" DATABASE="" NETNS=0 NODE_MODE=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) NODES=$2; shift 2 ;;
@@ -40,6 +45,8 @@ while [ $# -gt 0 ]; do
     --flwr-home) FLWR_HOME_DIR=$2; shift 2 ;;
     --database) DATABASE=$2; shift 2 ;;
     --netns) NETNS=1; shift ;;
+    --cold) NODE_MODE=(--cold); shift ;;
+    --idle-poll) NODE_MODE=(--idle-poll "$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -150,11 +157,12 @@ for ((i = 0; i < NODES; i++)); do
   if [ -n "$TLS_DIR" ]; then  # only registered SuperNodes may connect
     "${IN_HUB[@]}" flwr supernode register "$KEYS/supernode-$i.pub" deploy > "$FLWR_HOME/logs/register-$i.log" 2>&1 \
       || { echo "registering SuperNode $i failed; see $FLWR_HOME/logs/register-$i.log" >&2; exit 1; }
-    NODE_AUTH=(--auth-supernode-private-key "$KEYS/supernode-$i")
+    NODE_AUTH=(--auth-key "$KEYS/supernode-$i")
   fi
   # shellcheck disable=SC2086  # IN_NODE[i]: "ip netns exec <ns>" or nothing
-  ${IN_NODE[i]:-} flower-supernode "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "$HOST:$PORT" --port "${NODE_PORTS[i]}" \
-    --node-config "partition-id=$i num-partitions=$NODES ${NODE_EXTRA[i]:-}" > "$FLWR_HOME/logs/supernode-$i.log" 2>&1 &
+  ${IN_NODE[i]:-} bash scripts/start_node.sh "${NODE_SEC[@]}" "${NODE_AUTH[@]}" "${NODE_MODE[@]}" --superlink "$HOST:$PORT" \
+    --port "${NODE_PORTS[i]}" --dir "$FLWR_HOME/nodes/$i" \
+    --node-config "partition-id=$i num-partitions=$NODES ${NODE_EXTRA[i]:-}" > "$FLWR_HOME/logs/node-$i.log" 2>&1 &
   PIDS+=($!)
 done
 sleep 2  # let the SuperNodes register

@@ -1,18 +1,16 @@
 """The ClientApp's side of virtual clients: which clients a node serves, and where their states live."""
 
-from types import SimpleNamespace
-
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client_app.app import _save_state, _session_inputs, query
+from client_app.sessions import _save_state, _session_inputs, query
 from fl_app.records import ClientState, SessionSettings
 
 
-def _message(client: int, state_dir: str = "", node_auth: bool = False) -> SimpleNamespace:
+def _message(client: int, state_dir: str = "", node_auth: bool = False) -> RecordDict:
     session = SessionSettings(client=client, round=2, token="t", address="a:1", local_steps=1, run_id="r1")
     session = SessionSettings(**{**session.__dict__, "state_dir": state_dir, "node_auth": node_auth})
-    return SimpleNamespace(content=RecordDict({"session": ConfigRecord(session.to_record())}))
+    return RecordDict({"session": ConfigRecord(session.to_record())})
 
 
 def _context(node_config: dict, run_config: dict | None = None) -> Context:
@@ -46,10 +44,7 @@ def test_virtual_clients_let_a_simulated_node_serve_any_client_and_a_bound_node_
         _session_inputs(_message(1, store), bound)
 
 
-def test_the_query_reply_names_the_clients_the_node_serves(monkeypatch):
-    import client_app.app as client_app
-
-    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+def test_the_query_reply_names_the_clients_the_node_serves():
     shared = query(None, _context({"partitions": "0-99999/20", "num-partitions": 100000}))
     assert dict(shared["node"]) == {"partition-id": -1, "num-partitions": 100000, "partitions": "0-99980/20"}
     bound = query(None, _context({"partition-id": 3, "num-partitions": 4}))

@@ -70,6 +70,8 @@ def test_session_trains_and_state_round_trips(coord):
     before = server_weights(c)
     reports = session_round(c, 1, [0, 1], states)
     assert [r.steps for r in reports] == [2, 2] and all(r.bytes_up > 0 for r in reports)
+    steps = c.results["rounds"][0]["step_seconds"]  # what a round's fixed cost is measured against
+    assert steps == {"sum": sum(r.step_seconds for r in reports), "max": max(r.step_seconds for r in reports)}
     assert any(not torch.equal(a, b) for a, b in zip(before, server_weights(c)))
     assert states[0].steps == 2 and states[0].weights
     client, _ = make_client(c.config, 0, states[0])

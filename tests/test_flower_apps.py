@@ -215,10 +215,11 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
     """deploy_local.sh --tls-dir (TLS on Flower's links and on the step stream, SuperNode
     authentication, node keys for the step stream) running the tuning study over SuperNodes in
     separate processes: subsets persist in each node across messages (a new trial resets them:
-    test_tuning.py), the best config is retrained and tested. SuperNode 1 is stopped once round 1 of
-    the final run's 3 is checkpointed and started again with its own command line: Flower forgot its
-    in-memory state, so it rejoins a later round from its state on disk (the round's ``restored``) and
-    trains to the end."""
+    test_tuning.py), the best config is retrained and tested. Node 1 (scripts/start_node.sh: SuperNode
+    and warm worker) is stopped once round 1 of the final run's 3 is checkpointed and started again
+    with its own command line: Flower forgot its in-memory state, so it rejoins a later round from its
+    state on disk (the round's ``restored``) and trains to the end. Node 0's worker is killed then:
+    start_node.sh restarts it and node 0 trains to the end too."""
     subprocess.run(["bash", "scripts/make_certs.sh", str(tmp_path / "tls")], cwd=ROOT, check=True, capture_output=True)
     out, home = tmp_path / "deploy", tmp_path / "home"
     sets = (
@@ -231,11 +232,13 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and not _final_run_round(out) and script.poll() is None:
                 time.sleep(0.2)
-            (node,) = [p for p in home_pids(home, b"flower-supernode") if b"partition-id=1" in _cmdline(p)]
+            scripts = [p for p in home_pids(home, b"start_node.sh") if b"partition-id=1" in _cmdline(p)]
+            (node,) = [p for p in scripts if _ancestors(p)[0] not in scripts]  # not its worker's supervising subshell
             argv, env = _cmdline(node).split(b"\0")[:-1], _environ(node)
             stop([node])  # SIGTERM: after a SIGKILL the SuperLink refuses its key until the node's heartbeat lapses
             killed_after = _final_run_round(out)
             restarted = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            os.kill(int((home / "nodes/0/run/worker.pid").read_text()), signal.SIGKILL)  # node 0's worker dies
             try:
                 script.wait(900)
                 assert restarted.poll() is None  # the restarted node served until the end
@@ -259,6 +262,7 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
     assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
     assert results["refused"] == {} and results["config"]["stream-secret-file"] and results["config"]["stream-tls-cert"]
     assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
+    assert "worker exited (137); restarting" in (home / "nodes/0/logs/worker.log").read_text()  # and came back
 
 
 def _netns_available() -> str:
@@ -304,7 +308,7 @@ def test_separate_hosts_with_tls_and_node_auth_survive_a_node_losing_its_network
     with open(tmp_path / "deploy.log", "w") as log:
         script = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            node_log, deadline = home / "logs" / "supernode-1.log", time.monotonic() + 600
+            node_log, deadline = home / "nodes/1/logs/worker.log", time.monotonic() + 600
             while time.monotonic() < deadline and script.poll() is None:  # until node 1 reports steps (each 5th)
                 if node_log.exists() and "round 1 client 1: step " in node_log.read_text(errors="replace"):
                     break
@@ -423,7 +427,7 @@ def test_client_state_round_trips_through_the_node_context(dtype):
     (client-dtype) survive it exactly (bfloat16 is stored as float32: numpy has no bfloat16)."""
     from flwr.app import Context, RecordDict
 
-    from client_app.app import _load_state, _save_state
+    from client_app.sessions import _load_state, _save_state
     from fl_app.records import ClientState
 
     weights = {"embed.weight": torch.randn(5, 3).to(dtype), "layer.bias": torch.randn(3).to(dtype)}

@@ -1,0 +1,161 @@
+"""A node's warm worker: runs the ClientApp's messages in one long-lived process.
+
+    python -m client_app.worker --socket DIR/worker.sock --node-config "partition-id=0 ..."
+
+Started with the SuperNode by ``scripts/start_node.sh`` (which restarts it if it exits), with the
+same ``--node-config`` as the SuperNode. It imports torch, transformers and the sessions before it
+listens, keeps the bottom and the data between messages (:mod:`fl_app.client_session` caches
+them), and serves one message at a time on a Unix socket in a folder only its user can open. It is
+bound to its node: a message whose node config (the node's key file, state folder, partitions...)
+differs from the worker's, whose code differs from the worker's, or whose peer is another user, is
+refused with the reason, which the ClientApp reports to the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from client_app.warm import (
+    KINDS,
+    PROTOCOL,
+    code_fingerprint,
+    pack_reply,
+    recv_frames,
+    send_frames,
+    socket_dir_problem,
+    unpack_request,
+)
+
+log = logging.getLogger("hosl.worker")
+_PEER = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def config_mismatch(bound: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    """How the message's node config differs from the worker's ('' when it does not)."""
+    keys = sorted(set(bound) | set(given))
+    diffs = [f"{k}: worker {bound.get(k)!r}, message {given.get(k)!r}" for k in keys if bound.get(k) != given.get(k)]
+    return "; ".join(diffs)
+
+
+class Worker:
+    """Serves messages for one node: ``serve`` forever, ``handle_connection`` one at a time."""
+
+    def __init__(self, path: str, node_config: Mapping[str, Any]):
+        if node_config.get("worker-socket") != path:
+            raise ValueError(
+                f"--node-config must name this worker's socket (worker-socket = {path!r}), as the SuperNode's does; "
+                f"it names {node_config.get('worker-socket')!r}"
+            )
+        self.path, self.node_config = path, dict(node_config)
+        self.code = code_fingerprint()
+        from client_app import sessions  # the imports the worker exists to keep warm
+
+        self.sessions = sessions
+
+    def refusal(self, header: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+        """Why this worker will not run the message ('' when it will)."""
+        if header.get("protocol") != PROTOCOL or header.get("kind") not in KINDS:
+            return f"unknown request (protocol {header.get('protocol')!r}, kind {header.get('kind')!r})"
+        if header.get("code") != self.code:
+            return (
+                "the worker runs other code than this run's app (client_app / fl_app differ): install the run's "
+                "version on the node and restart it (scripts/start_node.sh)"
+            )
+        mismatch = config_mismatch(self.node_config, node_config)
+        return f"the worker is bound to another node config ({mismatch})" if mismatch else ""
+
+    def handle_connection(self, conn: socket.socket) -> None:
+        """Read one request, run it (unless refused), and reply."""
+        peer_uid = _PEER.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))[1]
+        if peer_uid != os.getuid():
+            log.warning("refused a connection from uid %d", peer_uid)
+            return
+        header, content, context = unpack_request(recv_frames(conn, 3))
+        why = self.refusal(header, context.node_config)
+        if why:
+            log.warning("refused a %s message: %s", header.get("kind"), why)
+            send_frames(conn, pack_reply({"ok": False, "error": why}, content, context.state))
+            return
+        started = time.perf_counter()
+        try:
+            reply = getattr(self.sessions, header["kind"])(content, context)
+        except Exception as err:  # e.g. a query on a bad config: the ClientApp reports it
+            log.exception("%s message failed", header["kind"])
+            failed = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            send_frames(conn, pack_reply(failed, content, context.state))
+            return
+        send_frames(conn, pack_reply({"ok": True}, reply, context.state))
+        log.info("%s message done in %.2f s", header["kind"], time.perf_counter() - started)
+
+    def serve(self) -> None:
+        """Listen on the socket until stopped (SIGTERM / SIGINT), one message at a time."""
+        problem = socket_dir_problem(self.path)
+        if problem:
+            raise SystemExit(f"worker socket folder is not private: {problem}")
+        _claim(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(4)
+        signal.signal(signal.SIGTERM, _stop)
+        log.info("warm worker ready on %s (code %s)", self.path, self.code[:12])
+        try:
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    try:
+                        self.handle_connection(conn)
+                    except (OSError, ValueError) as err:  # a ClientApp that went away; the next one is served
+                        log.warning("message dropped: %s", err)
+        finally:
+            listener.close()
+            Path(self.path).unlink(missing_ok=True)
+
+
+def _stop(*_: object) -> None:
+    """SIGTERM: leave (once; start_node.sh may send it twice) through the ``finally`` that removes the socket."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
+def _claim(path: str) -> None:
+    """Remove a dead worker's socket file; refuse if a live worker still answers on it."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise SystemExit(f"another worker already serves {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on (in a folder of mode 700)")
+    parser.add_argument("--node-config", required=True, help="the SuperNode's --node-config, worker-socket included")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Worker(args.socket, parse_config_args([args.node_config])).serve()
+
+
+if __name__ == "__main__":
+    main()

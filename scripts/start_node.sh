@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One complete node of a deployment, as it runs on an edge device: Flower's SuperNode and the node's
+# warm worker (which keeps torch, transformers and the bottom loaded between messages), bound to one
+# node config, with the node's keys, state folder and logs in one folder. Stops both when the
+# SuperNode exits, or on SIGTERM / Ctrl-C; the worker is restarted whenever it exits meanwhile.
+#
+#   scripts/start_node.sh --superlink HOST:PORT --dir NODE_DIR --node-config "partition-id=0 num-partitions=2 ..."
+#                         [--root-certificates CA | --insecure] [--auth-key FILE] [--port P]
+#                         [--idle-poll S] [--cold]
+#
+# --node-config is the SuperNode's (partition-id / partitions, num-partitions, stream-ca,
+# stream-key-file, ...); this script adds worker-socket and, unless it names one, state-dir.
+# NODE_DIR (created, mode 700): run/worker.sock (the worker's socket: only this user can open it),
+# state/ (client states kept on this device: node config state-dir), logs/worker.log and
+# logs/supernode.log, pids (the SuperNode's and the worker's, for whoever must stop them).
+# --root-certificates CA: Flower's link to the SuperLink uses TLS trusting CA; --auth-key FILE: the
+# node's SuperNode-authentication private key (its .pub registered on the SuperLink with
+# `flwr supernode register FILE.pub <federation>`; python scripts/supernode_keys.py makes pairs).
+# --port P: the SuperNode's local ClientAppIo port (default: a free one).
+# --idle-poll S: the SuperNode waits at most S s between pulls when idle (default 0.5; Flower's own: 3).
+# --cold: no worker, Flower's own 3 s poll: every message starts a process that imports torch and
+# loads the bottom (what a node was before warm workers; for comparisons).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUPERLINK="" NODE_DIR="" NODE_CONFIG="" SECURITY=() PORT="" IDLE_POLL=0.5 COLD=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --superlink) SUPERLINK=$2; shift 2 ;;
+    --dir) NODE_DIR=$2; shift 2 ;;
+    --node-config) NODE_CONFIG=$2; shift 2 ;;
+    --root-certificates) SECURITY+=(--root-certificates "$2"); shift 2 ;;
+    --insecure) SECURITY+=(--insecure); shift ;;
+    --auth-key) SECURITY+=(--auth-supernode-private-key "$2"); shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --idle-poll) IDLE_POLL=$2; shift 2 ;;
+    --cold) COLD=1; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$SUPERLINK" ] && [ -n "$NODE_DIR" ] && [ -n "$NODE_CONFIG" ] \
+  || { echo "give --superlink HOST:PORT, --dir NODE_DIR and --node-config '...'" >&2; exit 2; }
+[ ${#SECURITY[@]} -gt 0 ] || { echo "give --root-certificates CA (TLS) or ask for --insecure explicitly" >&2; exit 2; }
+[ -n "$PORT" ] || read -r PORT < <(python scripts/free_ports.py 1)
+
+mkdir -p "$NODE_DIR" && chmod 700 "$NODE_DIR" && NODE_DIR=$(cd "$NODE_DIR" && pwd)
+mkdir -p -m 700 "$NODE_DIR/run" "$NODE_DIR/state" "$NODE_DIR/logs"
+case " $NODE_CONFIG" in *" state-dir="*) ;; *) NODE_CONFIG="$NODE_CONFIG state-dir='$NODE_DIR/state'" ;; esac
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+NODE_PID="" SUPERVISOR_PID=""
+cleanup() {
+  [ -z "$NODE_PID" ] || kill "$NODE_PID" 2>/dev/null || true
+  [ -z "$SUPERVISOR_PID" ] || kill "$SUPERVISOR_PID" 2>/dev/null || true
+  if [ -f "$NODE_DIR/run/worker.pid" ]; then kill "$(cat "$NODE_DIR/run/worker.pid")" 2>/dev/null || true; fi
+  wait 2>/dev/null || true
+  rm -f "$NODE_DIR/run/worker.pid" "$NODE_DIR/pids"
+}
+trap cleanup EXIT INT TERM
+
+if [ "$COLD" -eq 1 ]; then
+  flower-supernode "${SECURITY[@]}" --superlink "$SUPERLINK" --port "$PORT" --node-config "$NODE_CONFIG" \
+    > "$NODE_DIR/logs/supernode.log" 2>&1 &
+  NODE_PID=$!
+else
+  SOCK="$NODE_DIR/run/worker.sock"
+  NODE_CONFIG="$NODE_CONFIG worker-socket='$SOCK'"
+  (  # the worker, restarted whenever it exits (a message meanwhile waits for it, then reports it down)
+    trap 'kill "$(cat "$NODE_DIR/run/worker.pid" 2>/dev/null)" 2>/dev/null; exit 0' TERM
+    while true; do
+      python -m client_app.worker --socket "$SOCK" --node-config "$NODE_CONFIG" >> "$NODE_DIR/logs/worker.log" 2>&1 &
+      echo $! > "$NODE_DIR/run/worker.pid"
+      wait $! && code=0 || code=$?
+      echo "$(date -u +%FT%TZ) worker exited ($code); restarting in 1 s" >> "$NODE_DIR/logs/worker.log"
+      sleep 1
+    done
+  ) &
+  SUPERVISOR_PID=$!
+  python -m client_app.supernode --idle-poll "$IDLE_POLL" "${SECURITY[@]}" --superlink "$SUPERLINK" --port "$PORT" \
+    --node-config "$NODE_CONFIG" > "$NODE_DIR/logs/supernode.log" 2>&1 &
+  NODE_PID=$!
+fi
+echo "supernode $NODE_PID" > "$NODE_DIR/pids"
+echo "node up: SuperNode pid $NODE_PID ($SUPERLINK), logs in $NODE_DIR/logs"
+wait "$NODE_PID" || true
