@@ -206,6 +206,7 @@ def run(fed: Federation, coord: Coordinator) -> Path:
 
 def _run(fed: Federation, coord: Coordinator) -> Path:
     config = coord.base_config
+    coord.write_results(status="running")  # before any checkpoint: a run killed after one is readable
     done = coord.finished_round  # > 0 when resuming: those rounds are in the results already
     rounds = itertools.count(1)
     selector, warm = config.subset.selector, warm_rounds(config, config.federation.num_rounds)

@@ -143,6 +143,30 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_result(tmp
     assert resumed["eval"]["test"] == uninterrupted["eval"]["test"]
 
 
+def test_a_run_killed_between_its_first_checkpoint_and_results_resumes_and_exports(tmp_path):
+    """results.json (status running, the config) is written before round 1, so a run killed right
+    after its first checkpoint.pt, before that round's results.json, leaves a folder that resume and
+    export can read: the round it finished is not lost."""
+    from fl_app.export import read_run
+
+    out = tmp_path / "killed"
+    kill_after_checkpoint = (
+        "import os, sys; import fl_app.coordinator as c; save = c.save_checkpoint\n"
+        "def save_then_die(*a, **k):\n    save(*a, **k); os._exit(9)\n"
+        "c.save_checkpoint = save_then_die; from fl_app.train import main; main(sys.argv[1:])"
+    )
+    args = [SMOKE, "--out", str(out), "--set", "num-rounds=2"]
+    done = subprocess.run([sys.executable, "-c", kill_after_checkpoint, *args], cwd=ROOT, capture_output=True)
+    assert done.returncode == 9, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "running" and results["rounds"] == [] and results["config"]["num-rounds"] == 2
+    assert read_run(out).round == 1  # export reads the round the checkpoint holds
+    train_cli.main([*args, "--set", "resume=true"])
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["status"] == "finished" and resumed["resumed"][0]["after_round"] == 1
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+
+
 def test_resume_refuses_a_folder_trained_with_other_settings(tmp_path, capsys):
     out = tmp_path / "run"
     train_cli.main([SMOKE, "--out", str(out), "--set", "num-rounds=1", "--set", "eval-test=false"])
