@@ -356,6 +356,11 @@ def test_deployment_refuses_to_run_insecure_unless_asked():
         ["bash", "scripts/deploy_local.sh", "--nodes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 2 and "--insecure" in proc.stderr
+    node = ["bash", "scripts/start_node.sh", "--superlink", "127.0.0.1:1", "--dir", "/nonexistent/node"]
+    proc = subprocess.run([*node, "--node-config", "partition-id=0"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "give --root-certificates CA (TLS) or ask for --insecure explicitly" in proc.stderr
+    proc = subprocess.run([*node, "--insecure"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--node-config" in proc.stderr and not Path("/nonexistent/node").exists()
 
 
 def _final_client_states(out: Path) -> dict[int, dict[str, torch.Tensor]]:
