@@ -1,11 +1,12 @@
-"""Flower's SuperNode with a shorter idle poll: ``python -m client_app.supernode [--idle-poll S] ARGS``.
+"""Flower's SuperNode with shorter waits: ``python -m client_app.supernode [--idle-poll S] ARGS``.
 
 ARGS are ``flower-supernode``'s own. Flower 1.42's SuperNode waits a hard-coded 3 s after each
-empty pull from the SuperLink, and its SuperExec 1 s between checks for a ClientApp to start
-(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``): a node that just replied to its training message sees the
-round's evaluation message up to 4 s late, twice a round. This runs the same SuperNode with both
-waits at most S seconds (default 0.5): S is the latency a message may wait and 1/S the pulls per
-second the SuperLink serves per idle node. Nothing else about the SuperNode changes.
+empty pull from the SuperLink, 0.5 s at a time for its ClientApp's reply, and its SuperExec 1 s
+between checks for a ClientApp to start (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``): a node that just
+replied to its training message sees the round's evaluation message up to 4.5 s late, twice a
+round. This runs the same SuperNode with the pull's wait at most S seconds (default 0.5: S is the
+latency a message may wait and 1/S the pulls per second the SuperLink serves per idle node) and
+the node's local waits (reply, SuperExec) at most 0.1 s. Nothing else about the SuperNode changes.
 """
 
 from __future__ import annotations
@@ -21,29 +22,32 @@ from flwr.supernode import start_client_internal
 from flwr.supernode.cli.flower_supernode import flower_supernode
 
 DEFAULT_IDLE_POLL = 0.5
+LOCAL_WAIT = 0.1  # the node's own waits: for its ClientApp's reply, the SuperExec's checks (no network)
 FLOWER_IDLE_WAIT = "time.sleep(3)"  # the line in start_client_internal this shortens
 
 
 class ShortWaits:
-    """The ``time`` module as the SuperNode's loop sees it, with every wait at most ``limit`` s."""
+    """The ``time`` module as the SuperNode's loop sees it: its idle pull's 3 s wait at most
+    ``idle_poll`` s, its shorter (local) waits at most :data:`LOCAL_WAIT` s."""
 
-    def __init__(self, limit: float):
-        self.limit = limit
+    def __init__(self, idle_poll: float):
+        self.idle_poll = idle_poll
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.limit))
+        time.sleep(min(seconds, self.idle_poll if seconds >= 3 else LOCAL_WAIT))
 
 
-def shorten_idle_poll(limit: float) -> bool:
-    """Make the SuperNode's waits at most ``limit`` s; False if this Flower's loop no longer has the
-    wait this shortens (then nothing is changed)."""
+def shorten_idle_poll(idle_poll: float) -> bool:
+    """Make the SuperNode's idle pull wait at most ``idle_poll`` s and its local waits at most
+    :data:`LOCAL_WAIT` s; False if this Flower's loop no longer has the wait this shortens (then
+    nothing is changed)."""
     if FLOWER_IDLE_WAIT not in inspect.getsource(start_client_internal):
         return False
-    start_client_internal.time = ShortWaits(limit)  # type: ignore[assignment]
-    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(limit)  # read by the SuperExec it starts
+    start_client_internal.time = ShortWaits(idle_poll)  # type: ignore[assignment]
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(LOCAL_WAIT)  # read by the SuperExec it starts
     return True
 
 

@@ -158,8 +158,9 @@ def test_the_supernodes_idle_poll_is_shortened_and_flowers_wait_is_still_where_i
     assert isinstance(start_client_internal.time, ShortWaits)
     started = time.monotonic()
     start_client_internal.time.sleep(3)  # the SuperNode's idle wait
+    start_client_internal.time.sleep(0.5)  # its wait for the ClientApp's reply
     assert time.monotonic() - started < 2.5
-    assert os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.05"
+    assert os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
     assert start_client_internal.time.monotonic() > 0  # everything else is the time module's
     assert split_idle_poll(["--insecure", "--idle-poll", "0.2", "--port", "1"]) == (0.2, ["--insecure", "--port", "1"])
     assert split_idle_poll(["--insecure"]) == (0.5, ["--insecure"])
