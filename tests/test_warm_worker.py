@@ -166,3 +166,18 @@ def test_the_supernodes_idle_poll_is_shortened_and_flowers_wait_is_still_where_i
     assert split_idle_poll(["--insecure"]) == (0.5, ["--insecure"])
     with pytest.raises(SystemExit, match="give 0.01 to 3 seconds"):
         split_idle_poll(["--idle-poll", "10"])
+
+
+def test_the_clientapp_launcher_runs_flowers_own_flwr_clientapp_without_the_supernode_command():
+    probe = (
+        "import sys; sys.path.insert(0, 'client_app'); import clientapp_process as c; f = c.load_flwr_clientapp(); "
+        "print(f.__name__, 'flwr.supernode.cli.flower_supernode' in sys.modules, 'client_app' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["flwr_clientapp", "False", "False"], done.stderr[-2000:]
+    helped = subprocess.run(
+        [sys.executable, "client_app/clientapp_process.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert (
+        helped.returncode == 0 and "usage: flwr-clientapp" in helped.stdout and "--runtime-api-address" in helped.stdout
+    )
