@@ -48,7 +48,7 @@ from typing import Any
 from benchmarks.accuracy import run_once
 from benchmarks.ledger import Ledger
 from benchmarks.report import ROOT, mean_sd, write_report
-from fl_app.bottom_effect import mcnemar_exact, paired_flips
+from fl_app.bottom_effect import divergence, mcnemar_exact, paired_flips
 from fl_app.config import make_config
 
 PHASES = ("headroom", "pilot", "long", "smollm2")
@@ -412,6 +412,16 @@ def measure(phase: str, out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
     return data
 
 
+def diverging_rounds(r: dict[str, Any]) -> list[int]:
+    """The rounds :func:`fl_app.bottom_effect.divergence` flags, judged again from the run's stored
+    curves (one evaluation per round), so runs recorded under an older rule read like the rest."""
+    history = [
+        {"round": i + 1, "loss": loss, "drift": drift, "swap": swap}
+        for i, (loss, drift, swap) in enumerate(zip(r["dev_loss"], r["drift"], r["swaps"]))
+    ]
+    return [h["round"] for i, h in enumerate(history) if divergence(history[: i + 1])]
+
+
 def _run_row(name: str, r: dict[str, Any] | None) -> str:
     if r is None:
         return f"| {name} | not run yet | | | | | |"
@@ -420,7 +430,7 @@ def _run_row(name: str, r: dict[str, Any] | None) -> str:
     flips = f"+{swap['gained']} / -{swap['lost']} (p {swap['p_value']:.2g})" if swap else ""
     return (
         f"| {name} | {100 * r['test']:.1f} | {late_loss(r):.4f} | {100 * drift.get('params', 0):.2f} / "
-        f"{100 * drift.get('activations', 0):.2f} | {flips} | {r['diverging'] or ''} | {r['seconds'] / 60:.0f} |"
+        f"{100 * drift.get('activations', 0):.2f} | {flips} | {diverging_rounds(r) or ''} | {r['seconds'] / 60:.0f} |"
     )
 
 
