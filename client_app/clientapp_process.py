@@ -18,7 +18,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import flwr
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]  # run as a script: this folder's app.py, worker.py... must not shadow other modules
+
+import flwr  # noqa: E402
 
 
 def load_flwr_clientapp() -> Callable[[], None]:

@@ -33,17 +33,23 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 PROTOCOL = 1
 KINDS = ("query", "train", "evaluate")
 CONNECT_SECONDS = 60.0  # how long a message waits for a worker being restarted (imports take ~10 s)
+REPLY_MARGIN = 60.0  # a worker's reply may take the run's round-timeout and this much more
+MAX_SOCKET_PATH = 100  # bytes; Linux's sun_path holds 107 and a terminating zero
 _LENGTH = struct.Struct(">Q")
+_PEER = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SOURCES = ("client_app", "fl_app")  # the packages whose code a worker must share with the run
 
 
 def code_fingerprint(root: Path | None = None) -> str:
-    """SHA-256 of the node-side code (``client_app`` and ``fl_app`` sources) under ``root``."""
+    """SHA-256 of the node-side code (``client_app`` and ``fl_app`` sources, subpackages included)
+    under ``root``; files a Flower FAB leaves out (``test_*.py``, ``*_test.py``) are left out here too."""
     root = root or Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for package in _SOURCES:
-        for path in sorted((root / package).glob("*.py")):
-            digest.update(f"{package}/{path.name}\0".encode())
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name.startswith("test_") or path.name.endswith("_test.py") or "__pycache__" in path.parts:
+                continue
+            digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -78,11 +84,12 @@ def pack_request(kind: str, content: RecordDict, context: Context, code: str) ->
     ]
 
 
-def unpack_request(parts: list[bytes]) -> tuple[dict[str, Any], RecordDict, Context]:
+def unpack_request(parts: list[bytes]) -> tuple[RecordDict, Context]:
+    """The content and context of a request's last two frames (the header is read apart)."""
     content, context = ProtoRecordDict(), ProtoContext()
-    content.ParseFromString(parts[1])
-    context.ParseFromString(parts[2])
-    return json.loads(parts[0]), recorddict_from_proto(content), context_from_proto(context)
+    content.ParseFromString(parts[0])
+    context.ParseFromString(parts[1])
+    return recorddict_from_proto(content), context_from_proto(context)
 
 
 def pack_reply(header: dict[str, Any], content: RecordDict, state: RecordDict) -> list[bytes]:
@@ -115,10 +122,22 @@ class WorkerUnavailable(RuntimeError):
     """The node's warm worker could not be reached, or failed mid-message."""
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket."""
+    return _PEER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))[1]
+
+
 def forward(path: str, kind: str, content: RecordDict, context: Context, wait: float | None = None) -> RecordDict:
     """Run ``kind`` on the worker at ``path``; the context's state becomes the worker's reply state.
-    A worker that refuses (another node's config, other code) or fails raises WorkerUnavailable."""
+    The socket's folder must be private and the worker this user's. A worker that refuses (another
+    node's config, other code), fails or outlasts the run's round-timeout raises WorkerUnavailable."""
+    problem = socket_dir_problem(path)
+    if problem:
+        raise WorkerUnavailable(f"this node's worker-socket {path!r} is not private ({problem}); no session sent")
     with _connect(path, CONNECT_SECONDS if wait is None else wait) as sock:
+        if peer_uid(sock) != os.getuid():
+            raise WorkerUnavailable(f"the process at {path!r} belongs to another user; no session sent")
+        sock.settimeout(float(context.run_config.get("round-timeout", 3600.0)) + REPLY_MARGIN)
         try:
             send_frames(sock, pack_request(kind, content, context, code_fingerprint()))
             header, reply, state = recv_frames(sock, 3)
@@ -135,7 +154,10 @@ def forward(path: str, kind: str, content: RecordDict, context: Context, wait: f
 
 
 def socket_dir_problem(path: str) -> str:
-    """Why the worker socket's folder is not private to this user ('' when it is)."""
+    """Why the worker socket cannot be used: too long a path, or a folder not private to this user
+    ('' when it can)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        return f"the path is {len(os.fsencode(path))} bytes; Unix sockets take at most {MAX_SOCKET_PATH}"
     folder = Path(path).parent
     try:
         info = folder.stat()

@@ -14,17 +14,19 @@ refused with the reason, which the ClientApp reports to the server.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import socket
-import struct
+import stat
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import RecordDict
 from flwr.common.config import parse_config_args
 
 from client_app.warm import (
@@ -32,6 +34,7 @@ from client_app.warm import (
     PROTOCOL,
     code_fingerprint,
     pack_reply,
+    peer_uid,
     recv_frames,
     send_frames,
     socket_dir_problem,
@@ -39,7 +42,7 @@ from client_app.warm import (
 )
 
 log = logging.getLogger("hosl.worker")
-_PEER = struct.Struct("3i")  # struct ucred: pid, uid, gid
+REQUEST_SECONDS = 30.0  # to read a request or write a reply; the session itself may take the run's time
 
 
 def config_mismatch(bound: Mapping[str, Any], given: Mapping[str, Any]) -> str:
@@ -60,14 +63,12 @@ class Worker:
             )
         self.path, self.node_config = path, dict(node_config)
         self.code = code_fingerprint()
-        from client_app import sessions  # the imports the worker exists to keep warm
+        self.sessions: Any = None
 
-        self.sessions = sessions
-
-    def refusal(self, header: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+    def refusal(self, header: Any, node_config: Mapping[str, Any]) -> str:
         """Why this worker will not run the message ('' when it will)."""
-        if header.get("protocol") != PROTOCOL or header.get("kind") not in KINDS:
-            return f"unknown request (protocol {header.get('protocol')!r}, kind {header.get('kind')!r})"
+        if not isinstance(header, dict) or header.get("protocol") != PROTOCOL or header.get("kind") not in KINDS:
+            return f"unknown request header {str(header)[:200]}"
         if header.get("code") != self.code:
             return (
                 "the worker runs other code than this run's app (client_app / fl_app differ): install the run's "
@@ -78,33 +79,43 @@ class Worker:
 
     def handle_connection(self, conn: socket.socket) -> None:
         """Read one request, run it (unless refused), and reply."""
-        peer_uid = _PEER.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))[1]
-        if peer_uid != os.getuid():
-            log.warning("refused a connection from uid %d", peer_uid)
+        if peer_uid(conn) != os.getuid():
+            log.warning("refused a connection from uid %d", peer_uid(conn))
             return
-        header, content, context = unpack_request(recv_frames(conn, 3))
+        conn.settimeout(REQUEST_SECONDS)
+        parts = recv_frames(conn, 3)
+        header = json.loads(parts[0])
+        content, context = unpack_request(parts[1:])
         why = self.refusal(header, context.node_config)
         if why:
-            log.warning("refused a %s message: %s", header.get("kind"), why)
-            send_frames(conn, pack_reply({"ok": False, "error": why}, content, context.state))
+            log.warning("refused a message: %s", why)
+            send_frames(conn, pack_reply({"ok": False, "error": why}, RecordDict(), RecordDict()))
             return
         started = time.perf_counter()
+        conn.settimeout(None)  # the session takes what the run allows; the ClientApp side times it out
         try:
             reply = getattr(self.sessions, header["kind"])(content, context)
         except Exception as err:  # e.g. a query on a bad config: the ClientApp reports it
             log.exception("%s message failed", header["kind"])
             failed = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-            send_frames(conn, pack_reply(failed, content, context.state))
+            reply, context.state = RecordDict(), RecordDict()
+            conn.settimeout(REQUEST_SECONDS)
+            send_frames(conn, pack_reply(failed, reply, context.state))
             return
+        conn.settimeout(REQUEST_SECONDS)
         send_frames(conn, pack_reply({"ok": True}, reply, context.state))
         log.info("%s message done in %.2f s", header["kind"], time.perf_counter() - started)
 
     def serve(self) -> None:
-        """Listen on the socket until stopped (SIGTERM / SIGINT), one message at a time."""
+        """Check the socket's place, load the sessions, then listen until stopped (SIGTERM / SIGINT),
+        one message at a time."""
         problem = socket_dir_problem(self.path)
         if problem:
-            raise SystemExit(f"worker socket folder is not private: {problem}")
+            raise SystemExit(f"worker socket {self.path}: {problem}")
         _claim(self.path)
+        from client_app import sessions  # the imports the worker exists to keep warm
+
+        self.sessions = sessions
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -120,8 +131,8 @@ class Worker:
                 with conn:
                     try:
                         self.handle_connection(conn)
-                    except (OSError, ValueError) as err:  # a ClientApp that went away; the next one is served
-                        log.warning("message dropped: %s", err)
+                    except Exception as err:  # a ClientApp that went away or sent garbage; the next one is served
+                        log.warning("message dropped: %s: %s", type(err).__name__, err)
         finally:
             listener.close()
             Path(self.path).unlink(missing_ok=True)
@@ -134,13 +145,18 @@ def _stop(*_: object) -> None:
 
 
 def _claim(path: str) -> None:
-    """Remove a dead worker's socket file; refuse if a live worker still answers on it."""
-    if not os.path.exists(path):
+    """Remove a dead worker's socket file; refuse if a live worker still answers on it, or if the
+    path is something other than a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise SystemExit(f"{path} exists and is not a socket: not removing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:  # nobody listens: a dead worker's
         os.unlink(path)
         return
     finally:

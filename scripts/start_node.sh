@@ -45,8 +45,12 @@ done
 [ ${#SECURITY[@]} -gt 0 ] || { echo "give --root-certificates CA (TLS) or ask for --insecure explicitly" >&2; exit 2; }
 [ -n "$PORT" ] || read -r PORT < <(python scripts/free_ports.py 1)
 
+case "$NODE_CONFIG" in *.toml) echo "--node-config: give key=value pairs, not a TOML file ($NODE_CONFIG)" >&2; exit 2 ;; esac
 mkdir -p "$NODE_DIR" && chmod 700 "$NODE_DIR" && NODE_DIR=$(cd "$NODE_DIR" && pwd)
 mkdir -p -m 700 "$NODE_DIR/run" "$NODE_DIR/state" "$NODE_DIR/logs"
+exec 9> "$NODE_DIR/lock"  # held by this node's processes while they live
+flock -n 9 || { echo "another node already runs from $NODE_DIR" >&2; exit 3; }
+PY=$(python -c 'import sys; print(sys.executable)')  # the interpreter itself, not a pyenv shim
 case " $NODE_CONFIG" in *" state-dir="*) ;; *) NODE_CONFIG="$NODE_CONFIG state-dir='$NODE_DIR/state'" ;; esac
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
@@ -66,21 +70,28 @@ if [ "$COLD" -eq 1 ]; then
   NODE_PID=$!
 else
   SOCK="$NODE_DIR/run/worker.sock"
+  [ "${#SOCK}" -le 100 ] || { echo "--dir: $SOCK is too long for a Unix socket (100 bytes at most)" >&2; exit 2; }
   NODE_CONFIG="$NODE_CONFIG worker-socket='$SOCK'"
-  (  # the worker, restarted whenever it exits (a message meanwhile waits for it, then reports it down)
-    trap 'kill "$(cat "$NODE_DIR/run/worker.pid" 2>/dev/null)" 2>/dev/null; exit 0' TERM
+  (  # the worker, restarted whenever it exits (a message meanwhile waits for it, then reports it down);
+     # one that keeps exiting within 30 s is restarted after 1, 2, 4 ... 60 s
+    set +e
+    wpid="" delay=1
+    trap '[ -z "$wpid" ] || kill "$wpid" 2>/dev/null; exit 0' TERM
     while true; do
-      python -m client_app.worker --socket "$SOCK" --node-config "$NODE_CONFIG" >> "$NODE_DIR/logs/worker.log" 2>&1 &
-      echo $! > "$NODE_DIR/run/worker.pid"
-      wait $! && code=0 || code=$?
-      echo "$(date -u +%FT%TZ) worker exited ($code); restarting in 1 s" >> "$NODE_DIR/logs/worker.log"
-      sleep 1
+      started=$SECONDS
+      "$PY" -m client_app.worker --socket "$SOCK" --node-config "$NODE_CONFIG" >> "$NODE_DIR/logs/worker.log" 2>&1 &
+      wpid=$!
+      echo "$wpid" > "$NODE_DIR/run/worker.pid"
+      wait "$wpid"
+      code=$?
+      if [ $((SECONDS - started)) -ge 30 ]; then delay=1; else delay=$((delay * 2 > 60 ? 60 : delay * 2)); fi
+      echo "$(date -u +%FT%TZ) worker exited ($code); restarting in $delay s" >> "$NODE_DIR/logs/worker.log"
+      sleep "$delay"
     done
   ) &
   SUPERVISOR_PID=$!
   # Flower starts `flwr-clientapp` for each message: this one skips the rest of Flower's CLI package (0.6 s)
   # (the interpreter's own bin folder next: a pyenv shim would put it before ours for Flower's children)
-  PY=$(python -c 'import sys; print(sys.executable)')
   mkdir -p "$NODE_DIR/bin"
   printf '#!/bin/sh\nexec %q %q "$@"\n' "$PY" "$PWD/client_app/clientapp_process.py" > "$NODE_DIR/bin/flwr-clientapp"
   chmod 700 "$NODE_DIR/bin/flwr-clientapp"

@@ -361,6 +361,8 @@ def test_deployment_refuses_to_run_insecure_unless_asked():
     assert proc.returncode == 2 and "give --root-certificates CA (TLS) or ask for --insecure explicitly" in proc.stderr
     proc = subprocess.run([*node, "--insecure"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--node-config" in proc.stderr and not Path("/nonexistent/node").exists()
+    proc = subprocess.run([*node, "--insecure", "--node-config", "node.toml"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "give key=value pairs, not a TOML file" in proc.stderr
 
 
 def _final_client_states(out: Path) -> dict[int, dict[str, torch.Tensor]]:

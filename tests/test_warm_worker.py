@@ -97,7 +97,14 @@ def test_the_worker_refuses_another_nodes_config_and_other_code_and_the_context_
     with pytest.raises(warm.WorkerUnavailable, match="runs other code than this run's app"):
         handle("query", RecordDict(), _context(node))
     monkeypatch.undo()
-    reply = handle("query", RecordDict(), _context(node))  # still serving after refusing
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as garbage:  # frames that are no request at all
+        garbage.connect(path)
+        warm.send_frames(garbage, [b"[1]", b"\xff" * 64, b"not a protobuf"])
+        garbage.settimeout(60)
+        assert garbage.recv(1) == b""  # the worker drops it ...
+    reply = handle("query", RecordDict(), _context(node))  # ... and still serves, after refusing and garbage
     assert dict(reply.config_records["node"])["partitions"] == "0"
 
 
@@ -129,12 +136,20 @@ def test_the_worker_socket_folder_must_be_private(tmp_path):
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     assert warm.socket_dir_problem(str(private / "w.sock")) == ""
+    assert "Unix sockets take at most 100" in warm.socket_dir_problem(str(private / ("w" * 120)))
+    with pytest.raises(warm.WorkerUnavailable, match="is not private .*open to other users"):
+        warm.forward(str(shared / "w.sock"), "query", RecordDict(), _context(NODE), wait=0)
+    from client_app.worker import _claim
+
+    (private / "not-a-socket").write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not a socket"):
+        _claim(str(private / "not-a-socket"))
     done = subprocess.run(
         [sys.executable, "-m", "client_app.worker", "--socket", str(shared / "w.sock"), "--node-config",
          f"partition-id=0 worker-socket='{shared / 'w.sock'}'"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert done.returncode != 0 and "worker socket folder is not private" in done.stderr
+    assert done.returncode != 0 and "open to other users" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_code_fingerprint_covers_the_node_side_code(tmp_path):
