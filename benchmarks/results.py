@@ -76,6 +76,11 @@ SECTIONS = (
         "transport", "Step transport: stream against local runner", "python -m benchmarks.transport --out docs/results"
     ),
     Section(
+        "deploy_rounds",
+        "Deployment rounds: warm nodes against cold ones",
+        "python -m benchmarks.deploy_rounds --repeats 2",
+    ),
+    Section(
         "wire_dtype",
         "Half-precision activations on the wire",
         "python -m benchmarks.wire_dtype --out docs/results/wire_dtype",
