@@ -48,8 +48,8 @@ done
 case "$NODE_CONFIG" in *.toml) echo "--node-config: give key=value pairs, not a TOML file ($NODE_CONFIG)" >&2; exit 2 ;; esac
 mkdir -p "$NODE_DIR" && chmod 700 "$NODE_DIR" && NODE_DIR=$(cd "$NODE_DIR" && pwd)
 mkdir -p -m 700 "$NODE_DIR/run" "$NODE_DIR/state" "$NODE_DIR/logs"
-exec 9> "$NODE_DIR/lock"  # held by this node's processes while they live
-flock -n 9 || { echo "another node already runs from $NODE_DIR" >&2; exit 3; }
+exec 9> "$NODE_DIR/lock"  # held by this script while it runs (its children close it: 9>&-)
+flock -w 10 9 || { echo "another node already runs from $NODE_DIR" >&2; exit 3; }
 PY=$(python -c 'import sys; print(sys.executable)')  # the interpreter itself, not a pyenv shim
 case " $NODE_CONFIG" in *" state-dir="*) ;; *) NODE_CONFIG="$NODE_CONFIG state-dir='$NODE_DIR/state'" ;; esac
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
@@ -66,7 +66,7 @@ trap cleanup EXIT INT TERM
 
 if [ "$COLD" -eq 1 ]; then
   flower-supernode "${SECURITY[@]}" --superlink "$SUPERLINK" --port "$PORT" --node-config "$NODE_CONFIG" \
-    > "$NODE_DIR/logs/supernode.log" 2>&1 &
+    > "$NODE_DIR/logs/supernode.log" 2>&1 9>&- &
   NODE_PID=$!
 else
   SOCK="$NODE_DIR/run/worker.sock"
@@ -75,6 +75,7 @@ else
   (  # the worker, restarted whenever it exits (a message meanwhile waits for it, then reports it down);
      # one that keeps exiting within 30 s is restarted after 1, 2, 4 ... 60 s
     set +e
+    exec 9>&-
     wpid="" delay=1
     trap '[ -z "$wpid" ] || kill "$wpid" 2>/dev/null; exit 0' TERM
     while true; do
@@ -96,7 +97,7 @@ else
   printf '#!/bin/sh\nexec %q %q "$@"\n' "$PY" "$PWD/client_app/clientapp_process.py" > "$NODE_DIR/bin/flwr-clientapp"
   chmod 700 "$NODE_DIR/bin/flwr-clientapp"
   PATH="$NODE_DIR/bin:$(dirname "$PY"):$PATH" "$PY" -m client_app.supernode --idle-poll "$IDLE_POLL" "${SECURITY[@]}" \
-    --superlink "$SUPERLINK" --port "$PORT" --node-config "$NODE_CONFIG" > "$NODE_DIR/logs/supernode.log" 2>&1 &
+    --superlink "$SUPERLINK" --port "$PORT" --node-config "$NODE_CONFIG" > "$NODE_DIR/logs/supernode.log" 2>&1 9>&- &
   NODE_PID=$!
 fi
 echo "supernode $NODE_PID" > "$NODE_DIR/pids"

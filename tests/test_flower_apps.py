@@ -365,6 +365,21 @@ def test_deployment_refuses_to_run_insecure_unless_asked():
     assert proc.returncode == 2 and "give key=value pairs, not a TOML file" in proc.stderr
 
 
+def test_a_node_folder_serves_one_node_at_a_time(tmp_path):
+    """start_node.sh locks its --dir: a second node on a folder in use gives up (after 10 s) and says why."""
+    import fcntl
+
+    (tmp_path / "node").mkdir(mode=0o700)
+    with open(tmp_path / "node" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        command = ["bash", "scripts/start_node.sh", "--superlink", "127.0.0.1:1", "--dir", str(tmp_path / "node")]
+        proc = subprocess.run(
+            [*command, "--insecure", "--node-config", "partition-id=0"], cwd=ROOT, capture_output=True, text=True
+        )
+    assert proc.returncode == 3 and "another node already runs from" in proc.stderr
+    assert not (tmp_path / "node" / "pids").exists()
+
+
 def _final_client_states(out: Path) -> dict[int, dict[str, torch.Tensor]]:
     """Each client's newest state in the run's client store: client id -> its bottom's weights."""
     states = {}
