@@ -155,7 +155,6 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "dev_loss": [e["loss"] for e in evals],
         "drift": [e.get("drift") for e in evals],
         "swaps": [e.get("swap") for e in evals],
-        "diverging": [r["round"] for r in results["rounds"] if r.get("diverging")],
         "zo_grad_abs": [r.get("zo_grad_abs") for r in results["rounds"]],
         "test": test["accuracy"],
         "test_loss": test["loss"],

@@ -75,29 +75,30 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _records_bytes(records: RecordDict) -> bytes:
+    return recorddict_to_proto(records).SerializeToString()
+
+
+def _records(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
 def pack_request(kind: str, content: RecordDict, context: Context, code: str) -> list[bytes]:
     header = {"protocol": PROTOCOL, "kind": kind, "code": code}
-    return [
-        json.dumps(header).encode(),
-        recorddict_to_proto(content).SerializeToString(),
-        context_to_proto(context).SerializeToString(),
-    ]
+    return [json.dumps(header).encode(), _records_bytes(content), context_to_proto(context).SerializeToString()]
 
 
 def unpack_request(parts: list[bytes]) -> tuple[RecordDict, Context]:
     """The content and context of a request's last two frames (the header is read apart)."""
-    content, context = ProtoRecordDict(), ProtoContext()
-    content.ParseFromString(parts[0])
+    context = ProtoContext()
     context.ParseFromString(parts[1])
-    return recorddict_from_proto(content), context_from_proto(context)
+    return _records(parts[0]), context_from_proto(context)
 
 
 def pack_reply(header: dict[str, Any], content: RecordDict, state: RecordDict) -> list[bytes]:
-    return [
-        json.dumps(header).encode(),
-        recorddict_to_proto(content).SerializeToString(),
-        recorddict_to_proto(state).SerializeToString(),
-    ]
+    return [json.dumps(header).encode(), _records_bytes(content), _records_bytes(state)]
 
 
 def _connect(path: str, wait: float) -> socket.socket:
@@ -146,11 +147,8 @@ def forward(path: str, kind: str, content: RecordDict, context: Context, wait: f
     meta = json.loads(header)
     if not meta.get("ok"):
         raise WorkerUnavailable(f"this node's warm worker at {path!r} refused the message: {meta.get('error')}")
-    reply_proto, state_proto = ProtoRecordDict(), ProtoRecordDict()
-    reply_proto.ParseFromString(reply)
-    state_proto.ParseFromString(state)
-    context.state = recorddict_from_proto(state_proto)
-    return recorddict_from_proto(reply_proto)
+    context.state = _records(state)
+    return _records(reply)
 
 
 def socket_dir_problem(path: str) -> str:

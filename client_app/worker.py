@@ -79,8 +79,9 @@ class Worker:
 
     def handle_connection(self, conn: socket.socket) -> None:
         """Read one request, run it (unless refused), and reply."""
-        if peer_uid(conn) != os.getuid():
-            log.warning("refused a connection from uid %d", peer_uid(conn))
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            log.warning("refused a connection from uid %d", uid)
             return
         conn.settimeout(REQUEST_SECONDS)
         parts = recv_frames(conn, 3)
@@ -89,21 +90,15 @@ class Worker:
         why = self.refusal(header, context.node_config)
         if why:
             log.warning("refused a message: %s", why)
-            send_frames(conn, pack_reply({"ok": False, "error": why}, RecordDict(), RecordDict()))
-            return
+            return _answer(conn, {"ok": False, "error": why})
         started = time.perf_counter()
         conn.settimeout(None)  # the session takes what the run allows; the ClientApp side times it out
         try:
             reply = getattr(self.sessions, header["kind"])(content, context)
         except Exception as err:  # e.g. a query on a bad config: the ClientApp reports it
             log.exception("%s message failed", header["kind"])
-            failed = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-            reply, context.state = RecordDict(), RecordDict()
-            conn.settimeout(REQUEST_SECONDS)
-            send_frames(conn, pack_reply(failed, reply, context.state))
-            return
-        conn.settimeout(REQUEST_SECONDS)
-        send_frames(conn, pack_reply({"ok": True}, reply, context.state))
+            return _answer(conn, {"ok": False, "error": f"{type(err).__name__}: {err}"})
+        _answer(conn, {"ok": True}, reply, context.state)
         log.info("%s message done in %.2f s", header["kind"], time.perf_counter() - started)
 
     def serve(self) -> None:
@@ -136,6 +131,14 @@ class Worker:
         finally:
             listener.close()
             Path(self.path).unlink(missing_ok=True)
+
+
+def _answer(
+    conn: socket.socket, header: dict[str, Any], reply: RecordDict | None = None, state: RecordDict | None = None
+) -> None:
+    """Send the reply (a refusal or failure carries neither content nor state)."""
+    conn.settimeout(REQUEST_SECONDS)
+    send_frames(conn, pack_reply(header, reply or RecordDict(), state or RecordDict()))
 
 
 def _stop(*_: object) -> None:

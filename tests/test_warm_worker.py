@@ -2,22 +2,26 @@
 same sessions as the node itself, bound to its node config and code, reported when down."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.supernode import start_client_internal
 
+import client_app.app
 from client_app import warm
 from client_app.app import _session, handle
 from client_app.sessions import _load_state
 from client_app.supernode import ShortWaits, shorten_idle_poll, split_idle_poll
-from client_app.worker import config_mismatch
-from fl_app.config import read_scenario
-from fl_app.records import SessionRequest
+from client_app.worker import _claim, config_mismatch
+from fl_app.config import make_config, read_scenario
+from fl_app.records import SessionRequest, TrainReport
 from server_app.app import session_content
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +65,6 @@ def _train_content(coordinator, rnd: int) -> tuple[object, RecordDict]:
 def test_the_worker_trains_a_node_exactly_as_the_node_itself_and_keeps_its_state_in_flowers_context(
     worker, coordinators
 ):
-    from fl_app.config import make_config
-
     path, node, proc = worker
     here, there = coordinators(make_config(RUN_CONFIG)), coordinators(make_config(RUN_CONFIG))
     local, remote = _context(NODE), _context(node)
@@ -74,8 +76,6 @@ def test_the_worker_trains_a_node_exactly_as_the_node_itself_and_keeps_its_state
         a, b = dict(mine.config_records["report"]), dict(theirs.config_records["report"])
         assert a["ok"] and b["ok"], (a, b)
         assert a["losses"] == b["losses"] and a["seeds"] == b["seeds"] and a["grads"] == b["grads"]
-        from fl_app.records import TrainReport
-
         assert here.finish_train(session, TrainReport.from_record(a))
         assert there.finish_train(session_w, TrainReport.from_record(b))
     mine_state, their_state = _load_state(local), _load_state(remote)
@@ -97,8 +97,6 @@ def test_the_worker_refuses_another_nodes_config_and_other_code_and_the_context_
     with pytest.raises(warm.WorkerUnavailable, match="runs other code than this run's app"):
         handle("query", RecordDict(), _context(node))
     monkeypatch.undo()
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as garbage:  # frames that are no request at all
         garbage.connect(path)
         warm.send_frames(garbage, [b"[1]", b"\xff" * 64, b"not a protobuf"])
@@ -111,12 +109,6 @@ def test_the_worker_refuses_another_nodes_config_and_other_code_and_the_context_
 def test_a_node_whose_worker_is_down_reports_it_to_the_server_and_never_runs_the_session_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(warm, "CONNECT_SECONDS", 0.5)
     path = str(tmp_path / "worker.sock")
-    from types import SimpleNamespace
-
-    from flwr.app import ConfigRecord
-
-    import client_app.app
-
     msg = SimpleNamespace(content=RecordDict({"session": ConfigRecord({"client": 0})}))
     ran = []
     monkeypatch.setattr("client_app.sessions.train", lambda *a: ran.append(a))
@@ -139,8 +131,6 @@ def test_the_worker_socket_folder_must_be_private(tmp_path):
     assert "Unix sockets take at most 100" in warm.socket_dir_problem(str(private / ("w" * 120)))
     with pytest.raises(warm.WorkerUnavailable, match="is not private .*open to other users"):
         warm.forward(str(shared / "w.sock"), "query", RecordDict(), _context(NODE), wait=0)
-    from client_app.worker import _claim
-
     (private / "not-a-socket").write_text("x")
     with pytest.raises(SystemExit, match="exists and is not a socket"):
         _claim(str(private / "not-a-socket"))
@@ -165,8 +155,6 @@ def test_the_code_fingerprint_covers_the_node_side_code(tmp_path):
 
 
 def test_the_supernodes_idle_poll_is_shortened_and_flowers_wait_is_still_where_it_is_shortened(monkeypatch):
-    from flwr.supernode import start_client_internal
-
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
     monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
     assert shorten_idle_poll(0.05)  # False would mean Flower moved its 3 s wait: the patch would do nothing

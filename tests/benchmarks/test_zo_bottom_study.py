@@ -101,12 +101,11 @@ def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
 def test_the_report_judges_every_run_again_with_the_current_divergence_rule():
     from benchmarks.zo_bottom import diverging_rounds
 
-    run = {  # recorded under an older rule: nothing flagged; its cut activations ran away as dev loss rose
+    run = {  # its cut activations ran away as dev loss rose
         "dev_loss": [0.35, 0.30, 0.45, 0.60],
         "drift": [{"params": 1.0, "activations": 0.10}, {"params": 2.0, "activations": 0.12},
                   {"params": 3.0, "activations": 0.50}, {"params": 4.0, "activations": 1.00}],
         "swaps": [None] * 4,
-        "diverging": [],
     }  # fmt: skip
     assert diverging_rounds(run) == [3, 4]
     steady = {**run, "dev_loss": [0.35, 0.30, 0.29, 0.28]}
