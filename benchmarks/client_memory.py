@@ -8,12 +8,13 @@ alone, one working bottom). Each case runs in a fresh subprocess and reads /proc
 RSS counts memory-mapped checkpoint pages only once touched, so each build case also reports RSS
 after one client step's worth of work (a forward pass and a ZO perturbation of every trainable tensor).
 
-    python -m benchmarks.client_memory --matrix [--out docs/results/client_memory]
+    python -m benchmarks.client_memory --matrix [--out docs/results/client_memory] [--allocator glibc]
 
 The matrix: inference (a frozen bottom's forward) / hosl / fo-fo SGD / fo-fo Adam clients on MiniLM
 (full) and SmolLM2 cut 10 (full and LoRA), batch x length 16x64, 16x256 and 32x256 (real task tokens
 packed to that shape), each in a fresh process built the ClientApp's way and stepped 3 times
-against a server that answers at once. Per case: the project's measure (resident tensors + the
+against a server that answers at once, each started with the allocator a node's worker runs
+(:mod:`fl_app.allocator`; default mimalloc). Per case: the project's measure (resident tensors + the
 step's transient peak, ``StepStats.peak_memory_bytes``) and process RSS above a torch-only
 interpreter, after loading and at the end (steady), and the peak (VmHWM).
 """
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from benchmarks.report import write_report
+from fl_app.allocator import DEFAULT, process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -175,22 +178,34 @@ def matrix_case(spec: dict) -> dict[str, float]:
                 ).to_bytes()
             return StepReply(clean_loss=0.7, grad=1e-4 * torch.randn(shape) if client.params else None).to_bytes()
 
-    peaks = [client.train_step(batch, Answering()).peak_memory_bytes for _ in range(3)]
+    import time
+
+    peaks, seconds = [], []
+    for _ in range(spec.get("steps", 3)):
+        start = time.perf_counter()
+        peaks.append(client.train_step(batch, Answering()).peak_memory_bytes)
+        seconds.append(time.perf_counter() - start)
+    out["step_seconds"] = seconds
+    from fl_app.metrics import release_freed_memory
+
+    release_freed_memory(force=True)  # as a node's worker does after each message
     out["steady_rss"], out["peak_hwm"] = status_mib()["VmRSS"], status_mib()["VmHWM"]
     out["project"] = max(peaks) / 2**20
     out["weights"] = sum(p.numel() * p.element_size() for p in client.bottom.parameters()) / 2**20
     return out
 
 
-def run_matrix(out_path: Path) -> None:
-    """Every matrix cell in a fresh process; writes ``<out>.md`` and ``<out>.json``."""
-    torch_only = _subprocess(["--case", "torch"])
+def run_matrix(out_path: Path, allocator: str = DEFAULT) -> None:
+    """Every matrix cell in a fresh process started as a node starts its worker (with ``allocator``);
+    writes ``<out>.md`` and ``<out>.json``."""
+    env = process_env(allocator)
+    torch_only = _subprocess(["--case", "torch"], env)
     rows = []
     for model_name, model in MATRIX_MODELS.items():
         for rows_, length in MATRIX_SHAPES:
             for mode_name, mode in MATRIX_MODES.items():
                 spec = {"model": model, "mode": mode, "rows": rows_, "length": length}
-                cell = _subprocess(["--matrix-case", json.dumps(spec)])
+                cell = _subprocess(["--matrix-case", json.dumps(spec)], env)
                 above = {k: cell[k] - torch_only["torch"] for k in ("load_rss", "steady_rss", "peak_hwm")}
                 rows.append(
                     {
@@ -209,15 +224,18 @@ def run_matrix(out_path: Path) -> None:
     lines = [
         "# Client memory by mode, model and batch shape",
         "",
-        "`python -m benchmarks.client_memory --matrix`",
+        f"`python -m benchmarks.client_memory --matrix --allocator {allocator}`",
         "",
-        f"MiB. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
+        f"MiB. Every process runs with the {allocator} allocator ({env or 'no preload'}), as a node's worker "
+        f"does. Torch-only interpreter: {torch_only['torch']:.0f} MiB RSS. 'Project': resident tensors + the "
         "step's transient peak (what results.json reports). RSS columns are above the torch-only "
-        "interpreter: after loading, at the end of 3 steps (steady) and the process peak.",
+        "interpreter: after loading, after 3 steps and the worker's end-of-message release (steady), and "
+        "the process peak; 'peak / inference' is the process peak (VmHWM, torch included) over the "
+        "inference-only client's at the same model and shape.",
         "",
         "| model | batch x length | client | weights | project | project / inference | RSS load | "
-        "RSS steady | RSS peak | peak / (2 x project) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "RSS steady | RSS peak | peak / inference | peak / (2 x project) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = next(
@@ -227,16 +245,16 @@ def run_matrix(out_path: Path) -> None:
             f"| {r['model']} | {r['shape']} | {r['mode']} | {r['weights']:.1f} | {r['project']:.1f} "
             f"| {r['project'] / base['project']:.2f}x | {r['load_rss_above_torch']:.0f} "
             f"| {r['steady_rss_above_torch']:.0f} | {r['peak_hwm_above_torch']:.0f} "
-            f"| {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |"
+            f"| {r['peak_hwm'] / base['peak_hwm']:.2f}x | {r['peak_hwm_above_torch'] / (2 * r['project']):.2f} |"
         )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_report(out_path, "\n".join(lines), {"torch_only": torch_only, "rows": rows})
     print("\n".join(lines))
 
 
-def _subprocess(args: list[str]) -> dict:
+def _subprocess(args: list[str], env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -250,12 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--matrix", action="store_true", help="the mode x model x batch-shape matrix")
     parser.add_argument("--matrix-case", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="docs/results/client_memory", help="with --matrix: <out>.md and <out>.json")
+    parser.add_argument("--allocator", default=DEFAULT, help="with --matrix: fl_app.allocator's")
     args = parser.parse_args(argv)
     if args.matrix_case:
         print(json.dumps(matrix_case(json.loads(args.matrix_case))))
         return
     if args.matrix:
-        run_matrix(ROOT / args.out)
+        run_matrix(ROOT / args.out, args.allocator)
         return
     from fl_app.config import parse_overrides
 

@@ -81,6 +81,11 @@ SECTIONS = (
         "python -m benchmarks.deploy_rounds --repeats 2",
     ),
     Section(
+        "client_allocator",
+        "A client's peak memory and step time by allocator (what a node's worker runs with)",
+        "python -m benchmarks.client_allocator",
+    ),
+    Section(
         "wire_dtype",
         "Half-precision activations on the wire",
         "python -m benchmarks.wire_dtype --out docs/results/wire_dtype",

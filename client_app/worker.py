@@ -40,6 +40,8 @@ from client_app.warm import (
     socket_dir_problem,
     unpack_request,
 )
+from fl_app.allocator import active_allocator
+from fl_app.metrics import release_freed_memory
 
 log = logging.getLogger("hosl.worker")
 REQUEST_SECONDS = 30.0  # to read a request or write a reply; the session itself may take the run's time
@@ -99,6 +101,7 @@ class Worker:
             log.exception("%s message failed", header["kind"])
             return _answer(conn, {"ok": False, "error": f"{type(err).__name__}: {err}"})
         _answer(conn, {"ok": True}, reply, context.state)
+        release_freed_memory(force=True)  # hold no step's memory until the next message
         log.info("%s message done in %.2f s", header["kind"], time.perf_counter() - started)
 
     def serve(self) -> None:
@@ -119,7 +122,7 @@ class Worker:
             os.umask(old_umask)
         listener.listen(4)
         signal.signal(signal.SIGTERM, _stop)
-        log.info("warm worker ready on %s (code %s)", self.path, self.code[:12])
+        log.info("warm worker ready on %s (code %s, allocator %s)", self.path, self.code[:12], active_allocator())
         try:
             while True:
                 conn, _ = listener.accept()

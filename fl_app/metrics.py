@@ -35,14 +35,22 @@ try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc
     _LIBC = None
+_PROCESS = ctypes.CDLL(None)  # the process's global symbols: mimalloc's when it was preloaded
+_MI_COLLECT = getattr(_PROCESS, "mi_collect", None)
 
 
-def release_freed_memory() -> bool:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``). glibc's dynamic mmap threshold
-    rises to the largest block freed (up to 32 MiB); blocks below it then come from the heap and stay
-    there when freed, so without this a SmolLM2 client at 16 x 256 held ~500 MiB of freed activations,
-    direction chunks and frames. Called after each client step (a few ms; a fixed low threshold
-    instead cost 55 % of the step). False if the C library is not glibc."""
+def release_freed_memory(force: bool = False) -> bool:
+    """Give freed heap pages back to the OS. Under glibc's malloc (``malloc_trim``): its dynamic mmap
+    threshold rises to the largest block freed (up to 32 MiB); blocks below it then come from the heap
+    and stay there when freed, so without this a SmolLM2 client at 16 x 256 held ~500 MiB of freed
+    activations, direction chunks and frames. Called after each client step (a few ms). Under mimalloc
+    (:mod:`fl_app.allocator`), which purges freed pages on its own after ``MIMALLOC_PURGE_DELAY``,
+    ``force`` purges them now (``mi_collect``): a node's worker does after each message, so it holds
+    no step's memory between rounds. False if neither allocator is there to ask."""
+    if _MI_COLLECT is not None:
+        if force:
+            _MI_COLLECT(ctypes.c_bool(True))
+        return True
     if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
         return False
     _LIBC.malloc_trim(0)

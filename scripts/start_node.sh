@@ -6,7 +6,7 @@
 #
 #   scripts/start_node.sh --superlink HOST:PORT --dir NODE_DIR --node-config "partition-id=0 num-partitions=2 ..."
 #                         [--root-certificates CA | --insecure] [--auth-key FILE] [--port P]
-#                         [--idle-poll S] [--cold]
+#                         [--idle-poll S] [--allocator mimalloc|glibc] [--cold]
 #
 # --node-config is the SuperNode's (partition-id / partitions, num-partitions, stream-ca,
 # stream-key-file, ...); this script adds worker-socket and, unless it names one, state-dir.
@@ -18,6 +18,9 @@
 # `flwr supernode register FILE.pub <federation>`; python scripts/supernode_keys.py makes pairs).
 # --port P: the SuperNode's local ClientAppIo port (default: a free one).
 # --idle-poll S: the SuperNode waits at most S s between pulls when idle (default 0.5; Flower's own: 3).
+# --allocator: the client process's malloc (default mimalloc, preloaded from the cmeel-mimalloc package:
+# a hosl step's peak stays near inference's at glibc's speed; glibc: the C library's own; see
+# fl_app/allocator.py). It applies to the worker, and on a --cold node to every ClientApp process.
 # --cold: no worker, Flower's own waits and flwr-clientapp: every message starts a process that
 # imports torch and loads the bottom (what a node was before warm workers; for comparisons).
 # Warm nodes also start each message's ClientApp process through client_app/clientapp_process.py
@@ -25,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUPERLINK="" NODE_DIR="" NODE_CONFIG="" SECURITY=() PORT="" IDLE_POLL=0.5 COLD=0
+SUPERLINK="" NODE_DIR="" NODE_CONFIG="" SECURITY=() PORT="" IDLE_POLL=0.5 COLD=0 ALLOCATOR=mimalloc
 while [ $# -gt 0 ]; do
   case "$1" in
     --superlink) SUPERLINK=$2; shift 2 ;;
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
     --auth-key) SECURITY+=(--auth-supernode-private-key "$2"); shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --idle-poll) IDLE_POLL=$2; shift 2 ;;
+    --allocator) ALLOCATOR=$2; shift 2 ;;
     --cold) COLD=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -51,6 +55,7 @@ mkdir -p -m 700 "$NODE_DIR/run" "$NODE_DIR/state" "$NODE_DIR/logs"
 exec 9> "$NODE_DIR/lock"  # held by this script while it runs (its children close it: 9>&-)
 flock -w 10 9 || { echo "another node already runs from $NODE_DIR" >&2; exit 3; }
 PY=$(python -c 'import sys; print(sys.executable)')  # the interpreter itself, not a pyenv shim
+ALLOCATOR_ENV=$("$PY" -m fl_app.allocator --allocator "$ALLOCATOR") || exit 2  # export lines (none for glibc)
 case " $NODE_CONFIG" in *" state-dir="*) ;; *) NODE_CONFIG="$NODE_CONFIG state-dir='$NODE_DIR/state'" ;; esac
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
@@ -65,8 +70,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [ "$COLD" -eq 1 ]; then
-  flower-supernode "${SECURITY[@]}" --superlink "$SUPERLINK" --port "$PORT" --node-config "$NODE_CONFIG" \
-    > "$NODE_DIR/logs/supernode.log" 2>&1 9>&- &
+  (eval "$ALLOCATOR_ENV"; exec flower-supernode "${SECURITY[@]}" --superlink "$SUPERLINK" --port "$PORT" \
+    --node-config "$NODE_CONFIG") > "$NODE_DIR/logs/supernode.log" 2>&1 9>&- &
   NODE_PID=$!
 else
   SOCK="$NODE_DIR/run/worker.sock"
@@ -76,6 +81,7 @@ else
      # one that keeps exiting within 30 s is restarted after 1, 2, 4 ... 60 s
     set +e
     exec 9>&-
+    eval "$ALLOCATOR_ENV"
     wpid="" delay=1
     trap '[ -z "$wpid" ] || kill "$wpid" 2>/dev/null; exit 0' TERM
     while true; do

@@ -262,7 +262,9 @@ def test_tuning_study_in_a_tls_deployment_with_supernode_auth_survives_a_superno
     assert tuning["final"]["params"] == tuning["best"]["params"] and tuning["final"]["test_accuracy"] is not None
     assert results["refused"] == {} and results["config"]["stream-secret-file"] and results["config"]["stream-tls-cert"]
     assert "SuperNode authentication is disabled" not in (home / "logs/superlink.log").read_text()
-    assert "worker exited (137); restarting" in (home / "nodes/0/logs/worker.log").read_text()  # and came back
+    worker_log = (home / "nodes/0/logs/worker.log").read_text()
+    assert "worker exited (137); restarting" in worker_log  # and came back
+    assert worker_log.count("allocator mimalloc") == 2 and "allocator glibc" not in worker_log  # start_node's default
 
 
 def _netns_available() -> str:
