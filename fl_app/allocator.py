@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 ALLOCATORS = ("mimalloc", "glibc")
-DEFAULT = "mimalloc"
+DEFAULT = "mimalloc" if sys.platform.startswith("linux") else "glibc"  # preloading is Linux's
 MIMALLOC_DIST = "cmeel-mimalloc"
 # mimalloc gives freed pages back this long after they were freed (its default, 1 s, re-faults a
 # SmolLM2 step's large blocks: ~10 % of its time); a worker gives them back after each message instead

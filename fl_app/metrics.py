@@ -35,8 +35,10 @@ try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc
     _LIBC = None
-_PROCESS = ctypes.CDLL(None)  # the process's global symbols: mimalloc's when it was preloaded
-_MI_COLLECT = getattr(_PROCESS, "mi_collect", None)
+try:  # the process's global symbols: mimalloc's when it was preloaded
+    _MI_COLLECT = getattr(ctypes.CDLL(None), "mi_collect", None)
+except (OSError, TypeError):  # no global symbol table to ask (Windows)
+    _MI_COLLECT = None
 
 
 def release_freed_memory(force: bool = False) -> bool:

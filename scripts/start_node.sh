@@ -18,9 +18,9 @@
 # `flwr supernode register FILE.pub <federation>`; python scripts/supernode_keys.py makes pairs).
 # --port P: the SuperNode's local ClientAppIo port (default: a free one).
 # --idle-poll S: the SuperNode waits at most S s between pulls when idle (default 0.5; Flower's own: 3).
-# --allocator: the client process's malloc (default mimalloc, preloaded from the cmeel-mimalloc package:
+# --allocator: the client process's malloc (default on Linux mimalloc, preloaded from the cmeel-mimalloc package:
 # a hosl step's peak stays near inference's at glibc's speed; glibc: the C library's own; see
-# fl_app/allocator.py). It applies to the worker, and on a --cold node to every ClientApp process.
+# fl_app/allocator.py; elsewhere glibc). It applies to the worker, and on a --cold node to every ClientApp process.
 # --cold: no worker, Flower's own waits and flwr-clientapp: every message starts a process that
 # imports torch and loads the bottom (what a node was before warm workers; for comparisons).
 # Warm nodes also start each message's ClientApp process through client_app/clientapp_process.py
@@ -28,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUPERLINK="" NODE_DIR="" NODE_CONFIG="" SECURITY=() PORT="" IDLE_POLL=0.5 COLD=0 ALLOCATOR=mimalloc
+SUPERLINK="" NODE_DIR="" NODE_CONFIG="" SECURITY=() PORT="" IDLE_POLL=0.5 COLD=0 ALLOCATOR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --superlink) SUPERLINK=$2; shift 2 ;;
@@ -55,7 +55,7 @@ mkdir -p -m 700 "$NODE_DIR/run" "$NODE_DIR/state" "$NODE_DIR/logs"
 exec 9> "$NODE_DIR/lock"  # held by this script while it runs (its children close it: 9>&-)
 flock -w 10 9 || { echo "another node already runs from $NODE_DIR" >&2; exit 3; }
 PY=$(python -c 'import sys; print(sys.executable)')  # the interpreter itself, not a pyenv shim
-ALLOCATOR_ENV=$("$PY" -m fl_app.allocator --allocator "$ALLOCATOR") || exit 2  # export lines (none for glibc)
+ALLOCATOR_ENV=$("$PY" -m fl_app.allocator ${ALLOCATOR:+--allocator "$ALLOCATOR"}) || exit 2  # export lines (none for glibc)
 case " $NODE_CONFIG" in *" state-dir="*) ;; *) NODE_CONFIG="$NODE_CONFIG state-dir='$NODE_DIR/state'" ;; esac
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
