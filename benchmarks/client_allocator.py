@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-from benchmarks.client_memory import MATRIX_MODELS, MATRIX_MODES
-from benchmarks.report import write_report
+from benchmarks.client_memory import MATRIX_MODELS, MATRIX_MODES, run_in_subprocess
+from benchmarks.report import ROOT, write_report
 from fl_app.allocator import DEFAULT, process_env
 
-ROOT = Path(__file__).resolve().parents[1]
 # per model: batch x length, steps per process (the first is not timed), timed processes per setting
 CASES = {"MiniLM full": (16, 64, 10, 4), "SmolLM2 full": (16, 256, 4, 2)}
 
@@ -42,11 +37,7 @@ def run_cell(model: str, mode: str, env: dict[str, str], steps: int) -> dict:
     """One matrix cell in a fresh process under ``env``."""
     rows, length = CASES[model][:2]
     spec = {"model": MATRIX_MODELS[model], "mode": MATRIX_MODES[mode], "rows": rows, "length": length, "steps": steps}
-    cmd = [sys.executable, "-m", "benchmarks.client_memory", "--matrix-case", json.dumps(spec)]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{model} {mode} under {env} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_subprocess(["--matrix-case", json.dumps(spec)], env)
 
 
 def parse_env(text: str) -> dict[str, str]:

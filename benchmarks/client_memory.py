@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.report import write_report
@@ -178,8 +179,6 @@ def matrix_case(spec: dict) -> dict[str, float]:
                 ).to_bytes()
             return StepReply(clean_loss=0.7, grad=1e-4 * torch.randn(shape) if client.params else None).to_bytes()
 
-    import time
-
     peaks, seconds = [], []
     for _ in range(spec.get("steps", 3)):
         start = time.perf_counter()
@@ -199,13 +198,13 @@ def run_matrix(out_path: Path, allocator: str = DEFAULT) -> None:
     """Every matrix cell in a fresh process started as a node starts its worker (with ``allocator``);
     writes ``<out>.md`` and ``<out>.json``."""
     env = process_env(allocator)
-    torch_only = _subprocess(["--case", "torch"], env)
+    torch_only = run_in_subprocess(["--case", "torch"], env)
     rows = []
     for model_name, model in MATRIX_MODELS.items():
         for rows_, length in MATRIX_SHAPES:
             for mode_name, mode in MATRIX_MODES.items():
                 spec = {"model": model, "mode": mode, "rows": rows_, "length": length}
-                cell = _subprocess(["--matrix-case", json.dumps(spec)], env)
+                cell = run_in_subprocess(["--matrix-case", json.dumps(spec)], env)
                 above = {k: cell[k] - torch_only["torch"] for k in ("load_rss", "steady_rss", "peak_hwm")}
                 rows.append(
                     {
@@ -252,11 +251,12 @@ def run_matrix(out_path: Path, allocator: str = DEFAULT) -> None:
     print("\n".join(lines))
 
 
-def _subprocess(args: list[str], env: dict[str, str] | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+def run_in_subprocess(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """This module run with ``args`` in a fresh process (its environment plus ``env``): its JSON line."""
+    cmd = [sys.executable, "-m", "benchmarks.client_memory", *args]  # from ROOT: a script's folder lacks it
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise SystemExit(f"{' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(args)[:200]} failed{f' under {env}' if env else ''}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(run_case(args.case, overrides)))
         return
-    results = {case: _subprocess(["--case", case, *sum((["--set", s] for s in args.set), [])]) for case in CASES}
+    results = {case: run_in_subprocess(["--case", case, *sum((["--set", s] for s in args.set), [])]) for case in CASES}
     columns = ("torch", "imports", "peft", "built", "stepped", "peak", "bottom_weights")
     print(f"{'case':<14}" + "".join(f"{c:>15}" for c in columns) + "   (MiB)")
     for case, row in results.items():

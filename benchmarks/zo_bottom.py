@@ -527,6 +527,11 @@ def learned_task(r: dict[str, Any], majority: float) -> bool:
     return r["test"] - majority > max(LEARNED, 2 * se)
 
 
+def learned_by(runs: dict[str, Any], task: str, majority: float) -> list[str]:
+    """The kinds whose finished run on ``task`` learned it (:func:`learned_task`)."""
+    return [k for k in TASK_KINDS if (r := runs.get(f"tasks/{task}/{k}/s0")) and learned_task(r, majority)]
+
+
 def _gap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
     if a is None or b is None:
         return ""
@@ -557,17 +562,15 @@ def _tasks_section(runs: dict[str, Any], majority: dict[str, float]) -> list[str
             for r in got.values()
         ]
         hosl = got["hosl-full"]
-        who = [k for k, r in got.items() if r is not None and learned_task(r, majority[task])]
+        who = learned_by(runs, task, majority[task])
         verdict = ", ".join(who) if who else ("none" if all(r is not None for r in got.values()) else "")
         lines.append(
             f"| {task} | {100 * majority[task]:.1f} | {' | '.join(cells)} | {_gap(hosl, got['frozen'])} "
             f"| {_gap(hosl, got['fo-fo'])} | {_gap(hosl, got['zo-zo'])} | {verdict} |"
         )
-        steps = [f"{(i + 1) * r['steps_per_round']}" for r in got.values() if r for i in range(len(r["dev_loss"]))]
-        if steps:
-            loss = "; ".join(
-                f"{k} {' -> '.join(f'{x:.3f}' for x in r['dev_loss'])}" for k, r in got.items() if r is not None
-            )
+        finished = {k: r for k, r in got.items() if r is not None}
+        if finished:
+            loss = "; ".join(f"{k} {' -> '.join(f'{x:.3f}' for x in r['dev_loss'])}" for k, r in finished.items())
             curves.append(f"- {task}{' (no mode learned it)' if verdict == 'none' else ''}: {loss}")
     lines += ["", "Dev cross-entropy at each evaluation (every 100 steps):", "", *curves]
     return lines
@@ -679,17 +682,10 @@ def headline(data: dict[str, Any]) -> list[str]:
     if "long" in data:
         lines += [line.removeprefix("- ") for line in _long_comparisons(data["long"])]
     if "tasks" in data:
-        learned_by = {
-            t: [
-                k
-                for k in TASK_KINDS
-                if (r := data["tasks"].get(f"tasks/{t}/{k}/s0")) and learned_task(r, data["tasks_majority"][t])
-            ]
-            for t in TASKS
-        }
+        who = {t: learned_by(data["tasks"], t, data["tasks_majority"][t]) for t in TASKS}
         lines.append(
             f"six tasks at {TASK_STEPS} steps (seed 0), modes that learned each: "
-            + "; ".join(f"{t} {', '.join(k) or 'none'}" for t, k in learned_by.items())
+            + "; ".join(f"{t} {', '.join(k) or 'none'}" for t, k in who.items())
         )
     if "long" in data.get("smollm2", {}):
         lines += _smollm2_comparisons(data["smollm2"]["long"])

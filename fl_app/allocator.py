@@ -12,17 +12,23 @@ inference-only client. A fixed low threshold bounds the peak but maps every larg
 from __future__ import annotations
 
 import argparse
+import ctypes
 import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
 
 ALLOCATORS = ("mimalloc", "glibc")
-DEFAULT = "mimalloc" if sys.platform.startswith("linux") else "glibc"  # preloading is Linux's
+_LINUX = sys.platform.startswith("linux")  # preloading (LD_PRELOAD) is Linux's
+DEFAULT = "mimalloc" if _LINUX else "glibc"
 MIMALLOC_DIST = "cmeel-mimalloc"
 # mimalloc gives freed pages back this long after they were freed (its default, 1 s, re-faults a
 # SmolLM2 step's large blocks: ~10 % of its time); a worker gives them back after each message instead
 PURGE_DELAY_MS = 10_000
+try:  # the process's global symbols: mimalloc's when it was preloaded
+    _MI_COLLECT = getattr(ctypes.CDLL(None), "mi_collect", None)
+except (OSError, TypeError):  # no global symbol table to ask (Windows)
+    _MI_COLLECT = None
 
 
 def mimalloc_library() -> Path | None:
@@ -45,7 +51,7 @@ def process_env(allocator: str = DEFAULT) -> dict[str, str]:
         raise ValueError(f"allocator: {allocator!r} is not one of {', '.join(ALLOCATORS)}")
     if allocator == "glibc":
         return {}
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         raise ValueError(f"allocator: mimalloc is preloaded on Linux only (this is {sys.platform}); use glibc")
     library = mimalloc_library()
     if library is None:
@@ -54,11 +60,16 @@ def process_env(allocator: str = DEFAULT) -> dict[str, str]:
 
 
 def active_allocator() -> str:
-    """The allocator this process runs with: mimalloc if its library is mapped, else the C library's."""
-    maps = Path("/proc/self/maps")
-    if maps.exists() and "libmimalloc" in maps.read_text():
-        return "mimalloc"
-    return "glibc"
+    """The allocator this process runs with: mimalloc if it was preloaded, else the C library's."""
+    return "glibc" if _MI_COLLECT is None else "mimalloc"
+
+
+def purge_mimalloc() -> bool:
+    """Give mimalloc's freed pages back to the OS now (``mi_collect``); False if it is not this process's."""
+    if _MI_COLLECT is None:
+        return False
+    _MI_COLLECT(ctypes.c_bool(True))
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from fl_app.allocator import active_allocator, purge_mimalloc
 from fl_app.bottom_effect import pool_drift, pool_swap
 from fl_app.records import EvalReport
 
@@ -35,10 +36,6 @@ try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc
     _LIBC = None
-try:  # the process's global symbols: mimalloc's when it was preloaded
-    _MI_COLLECT = getattr(ctypes.CDLL(None), "mi_collect", None)
-except (OSError, TypeError):  # no global symbol table to ask (Windows)
-    _MI_COLLECT = None
 
 
 def release_freed_memory(force: bool = False) -> bool:
@@ -49,10 +46,8 @@ def release_freed_memory(force: bool = False) -> bool:
     (:mod:`fl_app.allocator`), which purges freed pages on its own after ``MIMALLOC_PURGE_DELAY``,
     ``force`` purges them now (``mi_collect``): a node's worker does after each message, so it holds
     no step's memory between rounds. False if neither allocator is there to ask."""
-    if _MI_COLLECT is not None:
-        if force:
-            _MI_COLLECT(ctypes.c_bool(True))
-        return True
+    if active_allocator() == "mimalloc":
+        return purge_mimalloc() if force else True
     if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
         return False
     _LIBC.malloc_trim(0)

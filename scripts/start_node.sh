@@ -18,9 +18,10 @@
 # `flwr supernode register FILE.pub <federation>`; python scripts/supernode_keys.py makes pairs).
 # --port P: the SuperNode's local ClientAppIo port (default: a free one).
 # --idle-poll S: the SuperNode waits at most S s between pulls when idle (default 0.5; Flower's own: 3).
-# --allocator: the client process's malloc (default on Linux mimalloc, preloaded from the cmeel-mimalloc package:
-# a hosl step's peak stays near inference's at glibc's speed; glibc: the C library's own; see
-# fl_app/allocator.py; elsewhere glibc). It applies to the worker, and on a --cold node to every ClientApp process.
+# --allocator: the client process's malloc. mimalloc (the default on Linux, preloaded from the
+# cmeel-mimalloc package) keeps a hosl step's peak near inference's at glibc's speed; glibc is the C
+# library's own (the default elsewhere). See fl_app/allocator.py. It applies to the worker, and on a
+# --cold node to every ClientApp process.
 # --cold: no worker, Flower's own waits and flwr-clientapp: every message starts a process that
 # imports torch and loads the bottom (what a node was before warm workers; for comparisons).
 # Warm nodes also start each message's ClientApp process through client_app/clientapp_process.py

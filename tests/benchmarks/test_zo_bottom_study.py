@@ -7,6 +7,16 @@ import benchmarks.zo_bottom as study
 from benchmarks.ledger import Ledger
 
 
+def _miniature(monkeypatch):
+    """Every run on the tiny encoder, 16 dev and test examples, 2 rounds of 2 steps."""
+    monkeypatch.setattr(
+        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
+    )
+    monkeypatch.setattr(
+        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
+    )
+
+
 def _summary(dev_loss, correct):
     return {"dev_loss": [1.0, dev_loss], "test_correct": correct}
 
@@ -41,12 +51,7 @@ def test_the_cut_is_the_largest_headroom_that_clears_two_standard_errors(monkeyp
 
 @pytest.mark.slow
 def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
-    )
-    monkeypatch.setattr(
-        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
-    )
+    _miniature(monkeypatch)
     monkeypatch.setattr(study, "CUTS", (1, 2))
     monkeypatch.setattr(study, "SEEDS", (0, 1))
     first = {kind: (keys, dict(list(grid.items())[:1])) for kind, (keys, grid) in study.PILOT.items()}
@@ -77,13 +82,8 @@ def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, 
 
 @pytest.mark.slow
 def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
-    )
+    _miniature(monkeypatch)
     monkeypatch.setattr(study, "SMOL", {**study.SMOL, "model": "tiny-llama", "cut-layer": 2})
-    monkeypatch.setattr(
-        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
-    )
     ledger = Ledger(tmp_path / "ledger.json")
     data = study.measure("smollm2", tmp_path / "runs", 1, ledger)
     assert all(r is None for e in data["headroom"].values() for r in e["runs"].values())  # MiniLM: not run
@@ -114,12 +114,7 @@ def test_the_report_judges_every_run_again_with_the_current_divergence_rule():
 
 @pytest.mark.slow
 def test_the_six_task_phase_runs_each_task_at_the_long_phases_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        study, "BASE", {**study.BASE, "model": "tiny-bert", "n-dev": 16, "eval-examples": 16, "n-test": 16}
-    )
-    monkeypatch.setattr(
-        study, "budget", lambda steps, every, batch=16: {"num-rounds": 2, "local-steps": 2, "n-train": 32}
-    )
+    _miniature(monkeypatch)
     monkeypatch.setattr(study, "CUTS", (1,))
     monkeypatch.setattr(study, "SERVER_LRS", (2e-4,))
     monkeypatch.setattr(study, "FOFO_LRS", (0.01,))
