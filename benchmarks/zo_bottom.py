@@ -593,6 +593,7 @@ def _smollm2_section(found: dict[str, Any]) -> list[str]:
     lines += [f"- pilot pick, {kind}: rate {lr:g} ({where})" for kind, (lr, where) in found["pilot"]["picks"].items()]
     if "long" in found:
         lines += _comparisons(found["long"], "smollm2/long", ("hosl",), SMOL_SEEDS)
+        lines += _stability_line(found["long"], "smollm2/long", "hosl", SMOL_SEEDS)
     return lines
 
 
@@ -656,12 +657,58 @@ def _pooled(a: list[list[int]], b: list[list[int]]) -> str:
     )
 
 
+def stability(runs: dict[str, Any], prefix: str, kind: str, seeds: tuple[int, ...]) -> dict[str, Any] | None:
+    """Whether ``kind``'s runs stayed stable, by the issue's rule, over the seeds that finished: per seed
+    the rise of dev cross-entropy over the last half of training (the last ``PICK_LAST`` evaluations'
+    mean less the mean of those up to half-way), the cut activations' drift at half-way and at the end,
+    and the rounds :func:`diverging_rounds` flags (by seed). Stable: every rise within the seed-to-seed
+    spread (the SD over seeds of the late cross-entropy of the frozen bottom's runs: a seed that diverges
+    would widen the kind's own), every drift growing slower than the steps (at most
+    twice its half-way value at twice the steps) and no round flagged. None before two seeds of each finished."""
+    finished = {s: r for s in seeds if (r := runs.get(f"{prefix}/{kind}/s{s}")) is not None}
+    frozen = [r for s in seeds if (r := runs.get(f"{prefix}/frozen/s{s}")) is not None]
+    if len(finished) < 2 or len(frozen) < 2:
+        return None
+    rises, drifts, flagged = [], [], {}
+    for seed, r in finished.items():
+        losses, half = r["dev_loss"], len(r["dev_loss"]) // 2
+        rises.append(late_loss(r) - statistics.fmean(losses[max(0, half - PICK_LAST) : half]))
+        moved = [(d or {}).get("activations") or 0.0 for d in r["drift"]]
+        drifts.append((moved[half - 1], moved[-1]))
+        if rounds := diverging_rounds(r):
+            flagged[seed] = rounds
+    spread = statistics.stdev(late_loss(r) for r in frozen)
+    stable = all(rise <= spread for rise in rises) and all(end <= 2 * mid for mid, end in drifts) and not any(flagged)
+    return {"stable": stable, "rises": rises, "spread": spread, "drifts": drifts, "flagged": flagged}
+
+
+def _stability_line(runs: dict[str, Any], prefix: str, kind: str, seeds: tuple[int, ...]) -> list[str]:
+    got = stability(runs, prefix, kind, seeds)
+    if got is None:
+        return []
+    flagged = [f"seed {seed}: rounds {rounds}" for seed, rounds in got["flagged"].items()]
+    return [
+        f"- {kind} {'stable on every seed' if got['stable'] else '**not stable**'}: dev cross-entropy over the "
+        f"last half {' / '.join(f'{x:+.3f}' for x in got['rises'])} against a seed-to-seed spread of "
+        f"{got['spread']:.4f} (the frozen bottom's); cut activations' drift at half-way -> end "
+        + ", ".join(f"{100 * a:.1f} -> {100 * b:.1f} %" for a, b in got["drifts"])
+        + f"; {'diverging ' + '; '.join(flagged) if flagged else 'no round flagged as diverging'}"
+    ]
+
+
 def _long_comparisons(runs: dict[str, Any]) -> list[str]:
-    return _headroom(runs, "long", SEEDS) + _comparisons(runs, "long", ("hosl-full", "hosl-lora"), SEEDS)
+    kinds = ("hosl-full", "hosl-lora")
+    return (
+        _headroom(runs, "long", SEEDS)
+        + _comparisons(runs, "long", kinds, SEEDS)
+        + [line for kind in kinds for line in _stability_line(runs, "long", kind, SEEDS)]
+    )
 
 
 def _smollm2_comparisons(runs: dict[str, Any]) -> list[str]:
-    return [f"SmolLM2: {line[2:]}" for line in _comparisons(runs, "smollm2/long", ("hosl",), SMOL_SEEDS)]
+    lines = _comparisons(runs, "smollm2/long", ("hosl",), SMOL_SEEDS)
+    lines += _stability_line(runs, "smollm2/long", "hosl", SMOL_SEEDS)
+    return [f"SmolLM2: {line[2:]}" for line in lines]
 
 
 def headline(data: dict[str, Any]) -> list[str]:

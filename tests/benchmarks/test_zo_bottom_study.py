@@ -49,6 +49,38 @@ def test_the_cut_is_the_largest_headroom_that_clears_two_standard_errors(monkeyp
     assert study.chosen_cut({"cut1": h(1.0, 1.0)}) is None
 
 
+def _curve(losses, drift):
+    return {
+        "dev_loss": losses,
+        "drift": [{"activations": d, "params": d} for d in drift],
+        "swaps": [None] * len(losses),
+    }
+
+
+def test_stability_needs_every_seed_within_the_spread_a_drift_slower_than_the_steps_and_no_flag():
+    steady = [0.5, 0.45, 0.42, 0.40, 0.40, 0.39]
+    runs = {  # the spread is the frozen bottom's: 0.0141
+        "long/frozen/s0": _curve([0.5, 0.4, 0.4, 0.4, 0.4, 0.4], [0.0] * 6),
+        "long/frozen/s1": _curve([0.5, 0.4, 0.4, 0.42, 0.42, 0.42], [0.0] * 6),
+        "long/hosl-full/s0": _curve(steady, [0.1, 0.14, 0.17, 0.19, 0.21, 0.22]),
+        "long/hosl-full/s1": _curve([x + 0.02 for x in steady], [0.1, 0.14, 0.17, 0.19, 0.21, 0.23]),
+    }
+    got = study.stability(runs, "long", "hosl-full", (0, 1, 2))  # seed 2 not finished: judged on two
+    assert got["stable"] and len(got["rises"]) == 2 and got["rises"][0] == pytest.approx((1.19 - 1.37) / 3)
+    assert got["drifts"][0] == (0.17, 0.22) and got["flagged"] == {}
+    rising = {**runs, "long/hosl-full/s1": _curve([0.5, 0.45, 0.42, 0.5, 0.55, 0.6], [0.1, 0.14, 0.17, 0.19, 0.2, 0.2])}
+    assert not study.stability(rising, "long", "hosl-full", (0, 1))["stable"]  # rose by more than the spread
+    walking = {**runs, "long/hosl-full/s1": _curve(steady, [0.01, 0.02, 0.05, 0.08, 0.1, 0.11])}
+    assert not study.stability(walking, "long", "hosl-full", (0, 1))["stable"]  # drift more than doubled
+    blown = {**runs, "long/hosl-full/s1": _curve([0.3, 0.3, 0.3, 0.6, 0.6, 0.6], [0.1, 0.1, 0.1, 0.5, 0.55, 0.55])}
+    got = study.stability(blown, "long", "hosl-full", (0, 1))
+    assert not got["stable"] and list(got["flagged"]) == [1] and 4 in got["flagged"][1]
+    assert "**not stable**" in study._stability_line(blown, "long", "hosl-full", (0, 1))[0]
+    assert got["spread"] == pytest.approx(0.02 / 2**0.5)
+    assert study.stability({**runs, "long/hosl-full/s1": None}, "long", "hosl-full", (0, 1)) is None
+    assert study.stability({**runs, "long/frozen/s1": None}, "long", "hosl-full", (0, 1)) is None
+
+
 @pytest.mark.slow
 def test_every_phase_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, monkeypatch):
     _miniature(monkeypatch)
