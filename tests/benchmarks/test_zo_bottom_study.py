@@ -1,6 +1,10 @@
 """The ZO-bottom study (benchmarks.zo_bottom) in miniature on the tiny encoder: every phase runs,
 picks go by dev cross-entropy with grid edges said, finished runs are read back from the ledger."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 import benchmarks.zo_bottom as study
@@ -121,7 +125,8 @@ def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
     assert all(r is None for e in data["headroom"].values() for r in e["runs"].values())  # MiniLM: not run
     found = data["smollm2"]
     assert set(found["pilot"]["picks"]) == {"fo-fo", "hosl"}
-    assert len(found["long"]) == 4 * len(study.SMOL_SEEDS) and all(r is not None for r in found["long"].values())
+    assert len(found["long"]) == 4 * len(study.SMOL_SEEDS) + 1 and all(r is not None for r in found["long"].values())
+    assert "smollm2/long/fo-fo-constant/s0" in found["long"]  # the pilot's pick at a constant rate, beside
     assert found["long"]["smollm2/long/frozen/s0"]["drift"][-1]["params"] == 0.0
     assert found["long"]["smollm2/long/hosl/s0"]["drift"][-1]["params"] > 0
     again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # read back, not run
@@ -176,3 +181,42 @@ def test_the_six_task_phase_runs_each_task_at_the_long_phases_settings(tmp_path,
     r = data["tasks"]["tasks/cb/fo-fo/s0"]
     assert study.learned_task({**r, "test": 1.0, "test_correct": [1] * 16}, 0.5)
     assert not study.learned_task({**r, "test": 0.51, "test_correct": [1] * 8 + [0] * 8}, 0.5)
+
+
+TINY_RUN = {
+    "model": "tiny-bert",
+    "n-dev": 16,
+    "eval-examples": 16,
+    "n-test": 16,
+    "num-rounds": 3,
+    "local-steps": 2,
+    "n-train": 96,
+    "mode": "hosl",
+}
+DIE_AT_SECOND_CHECKPOINT = """
+import os, sys; from pathlib import Path; import fl_app.coordinator as c; save = c.save_checkpoint; saved = []
+def save_then_die(*a, **k):
+    save(*a, **k); saved.append(1)
+    if len(saved) == 2: os._exit(9)
+c.save_checkpoint = save_then_die
+import benchmarks.zo_bottom as study; study._run(Path(sys.argv[1]), "cut", study.TINY)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_cut_off_mid_way_continues_from_its_last_round_to_the_uninterrupted_result(tmp_path):
+    """A study run killed after round 2's checkpoint (as a session's end kills it) continues from there
+    when the study runs it again, and ends where a run never cut off ends."""
+    whole = study._run(tmp_path, "whole", TINY_RUN)
+    code = DIE_AT_SECOND_CHECKPOINT.replace("study.TINY", repr(TINY_RUN))
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=study.ROOT, capture_output=True)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["status"] == "running" and len(cut["rounds"]) < 3
+    again = study._run(tmp_path, "cut", TINY_RUN)
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert resumed["status"] == "finished" and resumed["resumed"][0]["after_round"] == 2
+    for key in ("dev_loss", "drift", "test_correct", "test_swap", "zo_grad_abs"):
+        assert again[key] == whole[key], key
+    fresh = study._run(tmp_path, "cut", {**TINY_RUN, "seed": 1})  # other settings: starts afresh
+    assert "resumed" not in json.loads((tmp_path / "cut" / "results.json").read_text()) and fresh["dev_loss"]
