@@ -687,9 +687,9 @@ def stability(runs: dict[str, Any], prefix: str, kind: str, seeds: tuple[int, ..
     the rise of dev cross-entropy over the last half of training (the last ``PICK_LAST`` evaluations'
     mean less the mean of those up to half-way), the cut activations' drift at half-way and at the end,
     and the rounds :func:`diverging_rounds` flags (by seed). Stable: every rise within the seed-to-seed
-    spread (the SD over seeds of the late cross-entropy of the frozen bottom's runs: a seed that diverges
-    would widen the kind's own), every drift growing slower than the steps (at most
-    twice its half-way value at twice the steps) and no round flagged. None before two seeds of each finished."""
+    spread (the SD over seeds of the frozen bottom's late cross-entropy: a seed that diverges would widen
+    the kind's own), every drift growing slower than the steps (at the end at most twice its half-way
+    value) and no round flagged. None before two seeds of the kind and of the frozen bottom finished."""
     finished = {s: r for s in seeds if (r := runs.get(f"{prefix}/{kind}/s{s}")) is not None}
     frozen = [r for s in seeds if (r := runs.get(f"{prefix}/frozen/s{s}")) is not None]
     if len(finished) < 2 or len(frozen) < 2:
@@ -703,7 +703,7 @@ def stability(runs: dict[str, Any], prefix: str, kind: str, seeds: tuple[int, ..
         if rounds := diverging_rounds(r):
             flagged[seed] = rounds
     spread = statistics.stdev(late_loss(r) for r in frozen)
-    stable = all(rise <= spread for rise in rises) and all(end <= 2 * mid for mid, end in drifts) and not any(flagged)
+    stable = all(rise <= spread for rise in rises) and all(end <= 2 * mid for mid, end in drifts) and not flagged
     return {"stable": stable, "rises": rises, "spread": spread, "drifts": drifts, "flagged": flagged}
 
 
