@@ -220,3 +220,17 @@ def test_a_run_cut_off_mid_way_continues_from_its_last_round_to_the_uninterrupte
         assert again[key] == whole[key], key
     fresh = study._run(tmp_path, "cut", {**TINY_RUN, "seed": 1})  # other settings: starts afresh
     assert "resumed" not in json.loads((tmp_path / "cut" / "results.json").read_text()) and fresh["dev_loss"]
+
+
+def test_the_shipped_long_scenario_is_the_studys_hosl_run_that_stayed_stable(tmp_path):
+    """sim_configs/sst2_minilm_long.toml is the run the committed ledger holds as long/hosl-full (client
+    states on disk aside), and the study judges that kind stable on every seed."""
+    from fl_app.config import make_config, read_scenario
+
+    ledger = Ledger(study.ROOT / "docs/results/ledgers/zo_bottom.json")
+    scenario = read_scenario(study.ROOT / "sim_configs/sst2_minilm_long.toml")
+    for seed in study.SEEDS:
+        wanted = dict(make_config({**scenario, "seed": seed, "client-checkpoints": False}))
+        assert ledger.get(f"long/hosl-full/s{seed}", wanted) is not None, seed
+    data = study.measure("long", tmp_path, 0, ledger)  # read back, nothing runs
+    assert study.stability(data["long"], "long", "hosl-full", study.SEEDS)["stable"]
