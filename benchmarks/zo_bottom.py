@@ -755,10 +755,15 @@ def headline(data: dict[str, Any]) -> list[str]:
     if "long" in data:
         lines += [line.removeprefix("- ") for line in _long_comparisons(data["long"])]
     if "tasks" in data:
+        ran = {t: [k for k in TASK_KINDS if data["tasks"].get(f"tasks/{t}/{k}/s0")] for t in TASKS}
         who = {t: learned_by(data["tasks"], t, data["tasks_majority"][t]) for t in TASKS}
         lines.append(
             f"six tasks at {TASK_STEPS} steps (seed 0), modes that learned each: "
-            + "; ".join(f"{t} {', '.join(k) or 'none'}" for t, k in who.items())
+            + "; ".join(
+                f"{t} {', '.join(who[t]) or ('none' if len(ran[t]) == len(TASK_KINDS) else 'none yet')}"
+                + (f" ({len(ran[t])} of {len(TASK_KINDS)} modes run)" if len(ran[t]) < len(TASK_KINDS) else "")
+                for t in TASKS
+            )
         )
     if "long" in data.get("smollm2", {}):
         lines += _smollm2_comparisons(data["smollm2"]["long"])
