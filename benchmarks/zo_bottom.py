@@ -552,9 +552,14 @@ def learned_task(r: dict[str, Any], majority: float) -> bool:
     return r["test"] - majority > max(LEARNED, 2 * se)
 
 
+def task_runs(runs: dict[str, Any], task: str) -> dict[str, dict[str, Any] | None]:
+    """``task``'s run per kind of :data:`TASK_KINDS` (None until it finished)."""
+    return {kind: runs.get(f"tasks/{task}/{kind}/s0") for kind in TASK_KINDS}
+
+
 def learned_by(runs: dict[str, Any], task: str, majority: float) -> list[str]:
     """The kinds whose finished run on ``task`` learned it (:func:`learned_task`)."""
-    return [k for k in TASK_KINDS if (r := runs.get(f"tasks/{task}/{k}/s0")) and learned_task(r, majority)]
+    return [k for k, r in task_runs(runs, task).items() if r and learned_task(r, majority)]
 
 
 def _gap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
@@ -581,7 +586,7 @@ def _tasks_section(runs: dict[str, Any], majority: dict[str, float]) -> list[str
     ]
     curves = []
     for task in TASKS:
-        got = {kind: runs.get(f"tasks/{task}/{kind}/s0") for kind in TASK_KINDS}
+        got = task_runs(runs, task)
         cells = [
             "not run yet" if r is None else f"{100 * r['test']:.1f}{'*' if learned_task(r, majority[task]) else ''}"
             for r in got.values()
@@ -755,7 +760,7 @@ def headline(data: dict[str, Any]) -> list[str]:
     if "long" in data:
         lines += [line.removeprefix("- ") for line in _long_comparisons(data["long"])]
     if "tasks" in data:
-        ran = {t: [k for k in TASK_KINDS if data["tasks"].get(f"tasks/{t}/{k}/s0")] for t in TASKS}
+        ran = {t: [k for k, r in task_runs(data["tasks"], t).items() if r] for t in TASKS}
         who = {t: learned_by(data["tasks"], t, data["tasks_majority"][t]) for t in TASKS}
         lines.append(
             f"six tasks at {TASK_STEPS} steps (seed 0), modes that learned each: "
