@@ -145,7 +145,7 @@ SMOL_PILOT = {  # per kind: its keys, its rates (fo-fo's 3e-3 diverged at 120 st
 # from step 100), diverged after ~200 steps at a constant rate; 3e-4's was still falling at 200 steps.
 SMOL_FOFO_LONG = 3e-4
 SMOL_ZOZO = 3e-3  # zo-zo's best in the SmolLM2 accuracy sweep (it did not move below)
-SMOL_SEEDS = (0, 1)
+SMOL_SEEDS = (0, 1, 2)
 PICK_LAST = 3  # evaluations whose mean dev cross-entropy picks a run (one evaluation is noisy, +-0.03)
 SEEDS = (0, 1, 2)
 TASKS = ("sst2", "rte", "cb", "boolq", "wic", "wsc")

@@ -132,7 +132,7 @@ def test_the_smollm2_phase_runs_alone_in_miniature(tmp_path, monkeypatch):
     again = study.measure("long", tmp_path / "runs", 0, Ledger(tmp_path / "ledger.json"))  # read back, not run
     assert again["smollm2"]["long"] == found["long"]
     assert "## 5. SmolLM2" in study.report(again)
-    assert any(line.startswith("SmolLM2: hosl over 2 seeds") for line in study.headline(again))
+    assert any(line.startswith(f"SmolLM2: hosl over {len(study.SMOL_SEEDS)} seeds") for line in study.headline(again))
 
 
 def test_the_report_judges_every_run_again_with_the_current_divergence_rule():
