@@ -172,6 +172,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "steps_per_round": results["config"]["local-steps"],
         "dev_accuracy": [e["accuracy"] for e in evals],
         "dev_loss": [e["loss"] for e in evals],
+        "dev_correct": evals[-1].get("correct") if evals else None,  # the last evaluation's, per example
         "drift": [e.get("drift") for e in evals],
         "swaps": [e.get("swap") for e in evals],
         "zo_grad_abs": [r.get("zo_grad_abs") for r in results["rounds"]],
