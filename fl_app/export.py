@@ -103,7 +103,7 @@ def trained_split(
     run: RunCheckpoint, client: int | None = None, synced: bool = False, states: Path | None = None
 ) -> tuple[ClientBottom, ServerTop, Any, dict[str, Any]]:
     """(bottom, top, tokenizer, which bottom) of the run as trained, built as the run built them."""
-    from fl_app.client_session import catch_up, restore
+    from fl_app.client_session import catch_up, replay_own, restore
     from fl_app.scenario import build_server, client_trainable, load_split, split_client
 
     config = run.config
@@ -119,7 +119,10 @@ def trained_split(
     which = _bottom_choice(run, trainable, client, synced, states)
     side = split_client(config, bottom, trainable, index)  # the bottom as a client holds it
     if which["bottom"] == "client":
-        restore(side, which.pop("state"))
+        state = which.pop("state")
+        restore(side, state)
+        if state.updates:  # a state kept as seeds (client-state = seeds): its own steps, replayed
+            replay_own(side, state.updates)
     elif which["bottom"] == "synced" and config.client_order == "zo":  # every client's updates, replayed
         catch_up(side, History(**run.saved["history"]), partition_id=-1, synced_round=0)
     elif which["bottom"] == "synced":  # FO: the clients' average, taken as a client takes it
