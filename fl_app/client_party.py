@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from fl_app import step_timing
@@ -18,7 +19,7 @@ from fl_app.schedules import lr_factor
 from fl_app.split import ClientBottom
 from fl_app.subset import Subset
 from fl_app.trainable import make_fo_optimizer
-from fl_app.zo import ZOEstimator, draw_seeds, pack_rows, step_generator
+from fl_app.zo import make_estimator, pack_rows
 
 
 class Link(Protocol):
@@ -121,9 +122,11 @@ class SplitClient:
         config: Config,
         index: int = 0,
         memory: StepMemory | None = None,
+        masks: Sequence[np.ndarray | None] | None = None,
     ):
         """Client ``index`` training ``params`` of ``bottom`` as ``config`` says (its rate, optimiser or ZO
-        estimator, wire dtype); its seed is ``config.client_seed(index)``."""
+        estimator, wire dtype); its seed is ``config.client_seed(index)``. A sparse ZO estimator needs the
+        ``masks`` of its parameters (:func:`fl_app.scenario.client_masks`)."""
         self.bottom, self.params, self.config, self.client_id = bottom, params, config, str(index)
         self.seed = config.client_seed(index)
         self.lr = config.optim.client_lr  # the base rate; a session sets the schedule's horizon below
@@ -137,9 +140,7 @@ class SplitClient:
         if config.client_order == "zo" and params:
             synced = config.federation.bottoms == "synced"  # other parties replay z: drawn on the CPU
             draw_on = torch.device("cpu") if synced else None
-            self.zo = ZOEstimator(
-                params, zo.eps, self.lr, optim.weight_decay, zo.directions, draw_on, clip=zo.grad_clip
-            )
+            self.zo = make_estimator(params, zo, self.lr, optim.weight_decay, draw_on, masks)
             self.optimizer = None
             self.row_roles = embedding_roles(bottom, params) if zo.embedding_rows == "batch" else []
         else:
@@ -221,7 +222,7 @@ class SplitClient:
         """The clean activations are computed first; each perturbed one goes to the server as soon as it is
         computed (the client holds at most two); the clean request follows and its reply carries all 2Q
         losses. The restore of the last query shares the update's pass."""
-        seeds = draw_seeds(step_generator(self.seed, self.steps), self.config.zo.queries)
+        seeds = self.zo.draw(self.seed, self.steps, self.config.zo.queries)
         meta = {"client": self.client_id, "step": self.steps, **weighting[1]}  # parts are scored as they come
         clean = self._forward(batch)
         up = 0
@@ -239,10 +240,11 @@ class SplitClient:
             up += len(payload)
             reply = StepReply.from_bytes(answer)
         except BaseException:
-            self.zo.perturb(seeds[-1], +1.0, rows)  # leave the weights as they were before the step
+            self.zo.undo_walk(seeds, rows)  # leave the weights as they were before the step
             raise
         losses = [] if reply.perturbed_losses is None else reply.perturbed_losses.tolist()
-        grads = self.zo.finish(seeds, losses, rows, weighting[0], lr)  # restores the weights itself if losses are bad
+        # a forward difference's unperturbed loss is the server's on the clean activations, before its update
+        grads = self.zo.finish(seeds, losses, rows, weighting[0], lr, clean_loss=reply.clean_loss)  # bad: restores
         return reply.clean_loss, up, len(answer), seeds, grads
 
     @torch.no_grad()
@@ -251,7 +253,7 @@ class SplitClient:
         dL/dh at the cut (the server trains its top as in any step); each query's loss difference is then
         <dL/dh, h+ - h->, equal to the server's l+ - l- up to O(eps^3), so no perturbed activation leaves
         the client: one upload and one download per step instead of 2Q + 1 uploads."""
-        seeds = draw_seeds(step_generator(self.seed, self.steps), self.config.zo.queries)
+        seeds = self.zo.draw(self.seed, self.steps, self.config.zo.queries)
         clean = self._forward(batch)
         payload = self._request("fo", clean, batch, weighting[1]).to_bytes()
         answer = link.exchange(payload)
@@ -261,7 +263,7 @@ class SplitClient:
         losses = self.zo.walk(
             seeds, lambda: float(torch.dot(grad, self._forward(batch).float().flatten().sub_(clean))), rows
         )
-        grads = self.zo.finish(seeds, losses, rows, lr=lr)
+        grads = self.zo.finish(seeds, losses, rows, lr=lr, clean_loss=0.0)  # losses relative to the clean one
         return reply.clean_loss, len(payload), len(answer), seeds, grads
 
     def _fo_step(self, batch, exchange, weighting: tuple[float, dict], lr: float):

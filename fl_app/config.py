@@ -30,6 +30,14 @@ MODES = {"hosl": ("zo", "fo"), "fo-fo": ("fo", "fo"), "zo-zo": ("zo", "zo")}  # 
 PARAM_MODES = ("full", "lora", "frozen")  # what a side trains
 DTYPES = ("float32", "float16", "bfloat16")  # activations on the wire; a ZO client's weights
 DIRECTIONS = ("gaussian", "rademacher")  # ZO perturbation directions
+ESTIMATORS = {  # a ZO client's estimator (zo-estimator): (difference, shape of z), fl_app.zo
+    "two-point": ("central", "dense"),
+    "one-sided": ("forward", "dense"),
+    "low-rank": ("central", "low-rank"),
+    "sparse": ("central", "sparse"),
+    "one-sided-low-rank": ("forward", "low-rank"),
+    "one-sided-sparse": ("forward", "sparse"),
+}
 TRACKERS = ("none", "tensorboard", "mlflow")  # where a run is also logged
 EMBEDDING_ROWS = ("batch", "all")  # which embedding rows a ZO client perturbs
 HOSL_FEEDBACK = ("losses", "gradient")  # what a HOSL server returns for the client's ZO estimate
@@ -202,6 +210,32 @@ class ZOSettings:
     queries: int = setting(4, "zo-queries", check=QUERIES, help="Q directions per step (2Q perturbed passes)")
     eps: float = setting(1e-3, "zo-eps", check=POSITIVE, help="perturbation size")
     directions: str = setting("rademacher", "zo-directions", DIRECTIONS, help="+-1 (cheap to draw) or MeZO's gaussian")
+    estimator: str = setting(
+        "two-point",
+        "zo-estimator",
+        tuple(ESTIMATORS),
+        help="a ZO client's estimate (fl_app.zo): two-point (MeZO: 2Q perturbed activations per step), one-sided "
+        "(against the step's unperturbed loss: Q + 1 activations), low-rank (z = U V^T / sqrt(zo-rank) per matrix, "
+        "V kept zo-subspace-steps steps: LOZO), sparse (z on each matrix's smallest-magnitude pristine weights, "
+        "1 - zo-sparsity of them: Sparse-MeZO), and one-sided-low-rank / one-sided-sparse; a zo-zo server's top "
+        "always uses two-point",
+    )
+    rank: int = setting(2, "zo-rank", check=between(1, 4096), help="low-rank estimators: r of z = U V^T / sqrt(r)")
+    subspace_steps: int = setting(
+        50, "zo-subspace-steps", check=MANY, help="low-rank estimators: steps a subspace V is kept (LOZO's nu)"
+    )
+    sparsity: float = setting(
+        0.8,
+        "zo-sparsity",
+        check=between(0.01, 0.99),
+        help="sparse estimators: share of each matrix left unperturbed (its largest-magnitude pristine weights)",
+    )
+
+    @property
+    def per_query(self) -> int:
+        """Perturbed activations a client sends per direction: 2 (central differences) or 1 (forward)."""
+        return 2 if ESTIMATORS[self.estimator][0] == "central" else 1
+
     embedding_rows: str = setting("batch", "zo-embedding-rows", EMBEDDING_ROWS, help="batch: only the rows it uses")
     hosl_feedback: str = setting(
         "losses",

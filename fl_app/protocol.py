@@ -371,9 +371,11 @@ def validate_request(
     streamed: bool = False,
     vocab_size: int | None = None,
     decoder: bool | None = None,
+    per_query: int = 2,
 ) -> None:
     """Check every field's dtype, shape and values against the server's model; raise ProtocolError.
 
+    ``per_query``: perturbed activations per direction (2: central differences, 1: forward ones).
     ``streamed``: the perturbed activations of this ``zo`` step arrived (and were scored) as parts.
     ``vocab_size``: a decoder's LM-head rows, the range of ``score_ids`` and ``target_ids``.
     ``decoder``: the model scores candidates (``score_ids`` or ``target_ids`` required) or is an
@@ -397,7 +399,7 @@ def validate_request(
             f"field 'labels' has values {labels.tolist()} outside [0, {classes})",
         )
     _check_class_weights(req, classes)
-    _check_perturbed(req, streamed)
+    _check_perturbed(req, streamed, per_query)
 
 
 def _check_kind(req: StepRequest) -> None:
@@ -502,8 +504,9 @@ def _check_class_weights(req: StepRequest, classes: int | None) -> None:
     )
 
 
-def _check_perturbed(req: StepRequest, streamed: bool) -> None:
-    """Field ``perturbed``: only on ``zo`` steps, [2Q, rows, seq_len, hidden] finite floats (or streamed)."""
+def _check_perturbed(req: StepRequest, streamed: bool, per_query: int = 2) -> None:
+    """Field ``perturbed``: only on ``zo`` steps, [per_query x Q, rows, seq_len, hidden] finite floats (or
+    streamed)."""
     if req.perturbed is None:
         _expect(req.kind != "zo" or streamed, "a 'zo' step request must carry field 'perturbed' or follow its parts")
         return
@@ -512,9 +515,9 @@ def _check_perturbed(req: StepRequest, streamed: bool) -> None:
     _expect(
         pert.dtype in WIRE_DTYPES.values()
         and pert.ndim == 4
-        and pert.shape[0] % 2 == 0
+        and pert.shape[0] % per_query == 0
         and _shape(pert)[1:] == _shape(clean),
         f"field 'perturbed' has shape {_shape(pert)} dtype {pert.dtype}, expected "
-        f"[2Q, {clean.shape[0]}, {clean.shape[1]}, {clean.shape[2]}] float",
+        f"[{'2Q' if per_query == 2 else 'Q'}, {clean.shape[0]}, {clean.shape[1]}, {clean.shape[2]}] float",
     )
     _expect(torch.isfinite(pert).all().item(), "field 'perturbed' contains NaN or Inf activations")

@@ -8,13 +8,15 @@ also build both parties in one process (:func:`load_split`, :func:`build_client`
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fl_app.client_party import SplitClient, StepMemory
-from fl_app.config import Config
+from fl_app.config import ESTIMATORS, Config
 from fl_app.data import BatchEncoder, partition, sample_splits
 from fl_app.devices import resolve_device
 from fl_app.model_catalog import LoadedModel
@@ -24,6 +26,7 @@ from fl_app.server_party import BufferLimits, SplitServer
 from fl_app.split import ClientBottom, ServerTop
 from fl_app.tasks import Example, Task, get_task
 from fl_app.trainable import TrainableSpec, configure_trainable, init_lora
+from fl_app.zo import magnitude_masks
 
 
 @dataclass
@@ -156,10 +159,10 @@ def build_server(config: Config, top: ServerTop, num_classes: int) -> SplitServe
 
 def frame_limits(config: Config, num_classes: int) -> FrameLimits:
     """The largest frame ``config``'s clients send: rows by batch-size (times the candidates), tokens by
-    the max-length its batches are cut to, perturbed activations by 2 zo-queries."""
+    the max-length its batches are cut to, perturbed activations by zo-queries (twice for two-point estimates)."""
     batch, classes = config.data.batch_size, max(1, num_classes)
     tokens = config.data.max_length or get_task(config.data.task).max_length
-    return FrameLimits(batch, batch * classes, tokens, classes, 2 * config.zo.queries)
+    return FrameLimits(batch, batch * classes, tokens, classes, config.zo.per_query * config.zo.queries)
 
 
 def server_device(config: Config) -> torch.device:
@@ -212,7 +215,45 @@ def split_client(
 ) -> SplitClient:
     """Client ``index`` training ``params`` of an already configured ``bottom`` (see :func:`client_trainable`);
     clients taking turns on one bottom pass the same ``memory``."""
-    return SplitClient(bottom, params, config, index, memory=memory)
+    masks = client_masks(config, bottom, params) if _sparse_client(config) else None
+    return SplitClient(bottom, params, config, index, memory=memory, masks=masks)
+
+
+def _sparse_client(config: Config) -> bool:
+    return config.client_order == "zo" and ESTIMATORS[config.zo.estimator][1] == "sparse"
+
+
+def client_masks(config: Config, bottom: ClientBottom, params: list[torch.nn.Parameter]) -> list[np.ndarray | None]:
+    """A sparse ZO client's masks, one per parameter of ``params``: for each pretrained matrix (not a
+    LoRA adapter, not a vector) its smallest-magnitude pristine entries (:func:`fl_app.zo.magnitude_masks`),
+    None for the rest. Read from the pristine checkpoint, whatever ``bottom`` holds now, so every party
+    and every session of a run gets the same masks."""
+    names = {id(p): n for n, p in bottom.named_parameters()}
+    masked = tuple(names[id(p)] if p.ndim >= 2 and "lora_" not in names[id(p)] else "" for p in params)
+    return list(
+        _pristine_masks(
+            config.model.name,
+            config.model.cut_layer,
+            masked,
+            _num_classes(config),
+            config.run.seed,
+            config.model.client_dtype,
+            config.zo.sparsity,
+        )
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _pristine_masks(
+    model: str, cut: int, names: tuple[str, ...], num_labels: int, seed: int, dtype: str, sparsity: float
+) -> tuple[np.ndarray | None, ...]:
+    wanted = [n for n in names if n]
+    pristine = (
+        pristine_bottom_tensors(model, cut, wanted, num_labels=num_labels, seed=seed, dtype=getattr(torch, dtype))
+        if wanted
+        else {}
+    )
+    return tuple(magnitude_masks([pristine[n] if n else None for n in names], sparsity))
 
 
 def build_client(config: Config, bottom: ClientBottom, index: int, copy_bottom: bool = True) -> SplitClient:

@@ -265,6 +265,7 @@ class SplitServer:
         self.proxies: dict[str, dict[int, torch.Tensor]] = {}  # GradMatch class parts [C, d] per session and batch
         self.selections: list[dict[str, float]] = []  # per GradMatch selection: its error vs random subsets'
         optim, zo = config.optim, config.zo
+        self.per_query = zo.per_query  # perturbed activations per direction in the clients' ZO steps
         if config.server_order == "fo":
             self.optimizer = make_fo_optimizer(optim.server_optimizer, params, optim.server_lr, optim.weight_decay)
             self.zo = None
@@ -359,9 +360,9 @@ class SplitServer:
         if len(pending.losses) + pending.deferred + buffered > most:
             raise ProtocolError(f"more than {most} perturbed activations streamed for one step (2 x zo-queries)")
         job = None
-        if buffered >= 2:
+        if buffered >= self.per_query:
             stacked = torch.cat(pending.buffer)
-            pairs = buffered - buffered % 2
+            pairs = buffered - buffered % self.per_query
             job = ScoreJob(key, pending.head, stacked[:pairs])
             pending.deferred += pairs
             pending.buffer = [stacked[pairs:].clone()] if pairs < buffered else []
@@ -372,8 +373,8 @@ class SplitServer:
         return job
 
     def _model_fields(self) -> dict[str, Any]:
-        """What :func:`validate_request` checks a frame's candidate fields against."""
-        return {"vocab_size": self.top.vocab_size, "decoder": self.top.family != "bert"}
+        """What :func:`validate_request` checks a frame's fields against."""
+        return {"vocab_size": self.top.vocab_size, "decoder": self.top.family != "bert", "per_query": self.per_query}
 
     def add_scores(self, job: ScoreJob, losses: torch.Tensor) -> None:
         """The losses of ``job``'s activations, in order, back into its step (ignored if the session

@@ -391,6 +391,26 @@ def _final_client_states(out: Path) -> dict[int, dict[str, torch.Tensor]]:
     return states
 
 
+@pytest.mark.parametrize("estimator", ["one-sided-sparse", "one-sided-low-rank"])
+def test_each_estimator_shape_trains_under_flower_as_in_the_local_runner(tmp_path, estimator):
+    """A one-sided estimate over the step stream (Q + 1 activations, Q scored), a sparse mask read in
+    the ClientApp's process and low-rank seeds in the synced history Flower carries: the simulation's
+    per-step losses and dev outcomes are the local runner's."""
+    from benchmarks.flower_sim import run_simulation
+
+    smoke = ROOT / "sim_configs/smoke_tiny.toml"
+    common = ["num-rounds=2", "bottoms=synced", "max-concurrent-clients=1", "eval-test=false"]
+    common += [f"zo-estimator={estimator}", "zo-subspace-steps=2"]
+    sim = run_simulation(smoke, [f"out-dir={tmp_path / 'sim'}", *common], supernodes=2, timeout=600)
+    settings = {**read_scenario(smoke), **{k: v for k, v in (o.split("=", 1) for o in common)}}
+    local = run(make_config(settings), tmp_path / "local")
+    assert sim["config"]["zo-estimator"] == estimator
+    assert [h["train_loss"] for h in sim["history"]] == pytest.approx(
+        [h["train_loss"] for h in local["history"]], abs=1e-6
+    )
+    assert [e["correct"] for e in sim["eval"]["history"]] == [e["correct"] for e in local["eval"]["history"]]
+
+
 def test_four_virtual_clients_on_two_nodes_train_exactly_as_four_nodes(tmp_path):
     """virtual-clients: 4 clients on 2 simulated nodes sample the same clients, get the same per-step
     losses and end with bit-identical personal bottoms as 4 clients on 4 nodes, although their
