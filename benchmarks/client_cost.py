@@ -72,8 +72,9 @@ class EchoLink:
     """A server that answers at once with plausible losses, or (``gradient``) a plausible cut gradient
     of the request's activations' shape: the client's own cost only."""
 
-    def __init__(self, queries: int, gradient: bool) -> None:
+    def __init__(self, queries: int, gradient: bool, per_query: int = 2) -> None:
         self.queries, self.gradient, self.bytes_up, self.bytes_down = queries, gradient, 0, 0
+        self.per_query = per_query  # losses per direction: 2 two-point, 1 one-sided
 
     def send(self, payload: bytes) -> None:
         self.bytes_up += len(payload)
@@ -83,7 +84,7 @@ class EchoLink:
         if self.gradient:
             shape = StepRequest.from_bytes(payload).clean.shape
             return StepReply(clean_loss=0.69, grad=1e-3 * torch.randn(shape)).to_bytes()
-        losses = 0.69 + 0.01 * torch.randn(2 * self.queries, dtype=torch.float64)
+        losses = 0.69 + 0.01 * torch.randn(self.per_query * self.queries, dtype=torch.float64)
         return StepReply(clean_loss=0.69, perturbed_losses=losses).to_bytes()
 
 
@@ -102,25 +103,29 @@ def timed_steps(client: SplitClient, batches: list[dict[str, torch.Tensor]], lin
     }
 
 
-def _floor(client: SplitClient, batches: list[dict[str, torch.Tensor]], queries: int) -> float:
-    """(2Q + 1) no-grad forwards of the bottom on each batch, seconds per batch (median of 3)."""
+def _floor(client: SplitClient, batches: list[dict[str, torch.Tensor]], queries: int, per_query: int = 2) -> float:
+    """(per_query x Q + 1) no-grad forwards of the bottom on each batch (2Q + 1 for two-point estimates),
+    seconds per batch (median of 3)."""
     floors = []
     for _ in range(3):
         started = time.perf_counter()
         for batch in batches:
-            for _ in range(2 * queries + 1):
+            for _ in range(per_query * queries + 1):
                 client.cut_activations(batch)
         floors.append((time.perf_counter() - started) / len(batches))
     return statistics.median(floors)
 
 
-def _server_floor(server: Any, client: SplitClient, batch: dict[str, torch.Tensor], queries: int | None) -> float:
-    """The server's own work per step, timed alone (median of 3): with losses feedback it scores 2Q
-    activations and takes one FO step; otherwise one FO step that returns the cut gradient."""
+def _server_floor(
+    server: Any, client: SplitClient, batch: dict[str, torch.Tensor], queries: int | None, per_query: int = 2
+) -> float:
+    """The server's own work per step, timed alone (median of 3): with losses feedback it scores
+    per_query x Q activations (2Q two-point) and takes one FO step; otherwise one FO step that returns
+    the cut gradient."""
     clean = client.cut_activations(batch)
     labels = {k: batch[k] for k in ("labels", "score_ids", "target_ids") if k in batch}
     if queries:
-        perturbed = clean.unsqueeze(0).repeat(2 * queries, 1, 1, 1)
+        perturbed = clean.unsqueeze(0).repeat(per_query * queries, 1, 1, 1)
         request = StepRequest(
             kind="zo", clean=clean, attention_mask=batch["attention_mask"], perturbed=perturbed, **labels
         )
@@ -148,19 +153,39 @@ def measure_variant(scenario: str, overrides: dict[str, Any], steps: int) -> dic
     batches = [stream.batch(step) for step in range(steps + 1)]
     zo = client.zo is not None
     queries = config.zo.queries if zo else None
-    scored = zo and config.zo.hosl_feedback == "losses"  # the server sends back 2Q losses
+    per_query = config.zo.per_query
+    scored = zo and config.zo.hosl_feedback == "losses"  # the server sends back per_query x Q losses
     link = InProcessLink(server.handle_bytes)
     timed_steps(client, batches[:1], link)  # warm-up
+    counts = {"forwards": 0, "scored": 0}
+    hook = client.bottom.register_forward_hook(lambda *_: counts.__setitem__("forwards", counts["forwards"] + 1))
+    score_jobs = server.score_jobs
+
+    def counted(jobs):
+        counts["scored"] += sum(job.perturbed.shape[0] for job in jobs)
+        return score_jobs(jobs)
+
+    server.score_jobs = counted
+    up, down = link.bytes_up, link.bytes_down
     full = timed_steps(client, batches[1:], link)
     link.close()
-    alone = timed_steps(client, batches[1:], EchoLink(queries or 0, gradient=not scored))
+    hook.remove()
+    server.score_jobs = score_jobs
+    measured = len(batches) - 1
+    alone = timed_steps(client, batches[1:], EchoLink(queries or 0, gradient=not scored, per_query=per_query))
     return {
         "full": full,
         "client_only": alone,
-        "floor": _floor(client, batches[1:], queries) if zo else None,
-        "server_floor": _server_floor(server, client, batches[1], queries if scored else None),
+        "floor": _floor(client, batches[1:], queries, per_query) if zo else None,
+        "server_floor": _server_floor(server, client, batches[1], queries if scored else None, per_query),
         "queries": queries,
         "trainable": sum(p.numel() for p in client.params),
+        "per_step": {  # counted over the whole steps
+            "client_forwards": counts["forwards"] / measured,
+            "server_scorings": counts["scored"] / measured,
+            "bytes_up": (link.bytes_up - up) / measured,
+            "bytes_down": (link.bytes_down - down) / measured,
+        },
     }
 
 
