@@ -54,11 +54,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from benchmarks import stats
 from benchmarks.accuracy import LEARNED, run_once
 from benchmarks.ledger import Ledger
-from benchmarks.report import ROOT, mean_sd, write_report
+from benchmarks.report import ROOT, write_report
 from fl_app import train
-from fl_app.bottom_effect import divergence, mcnemar_exact, paired_flips
+from fl_app.bottom_effect import divergence
 from fl_app.config import make_config
 from fl_app.preflight import check_out_dir
 from fl_app.scenario import majority_test_accuracy
@@ -261,21 +262,6 @@ def late_loss(run: dict[str, Any]) -> float:
     return statistics.fmean(late) if all(math.isfinite(x) for x in late) else math.inf
 
 
-def paired(a: list[int], b: list[int]) -> dict[str, float]:
-    """a - b on the same examples: the accuracy difference in points, its per-example standard error,
-    the flips and McNemar's exact p."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    gained, lost = paired_flips(a, b)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return {
-        "points": 100 * statistics.fmean(diffs),
-        "se": 100 * sd / math.sqrt(len(diffs)),
-        "gained": gained,
-        "lost": lost,
-        "p": mcnemar_exact(gained, lost),
-    }
-
-
 def headroom_runs(cut: int, server_lr: float | None) -> dict[str, dict[str, Any]]:
     """The headroom runs at ``cut``: the frozen bottom's server-rate sweep, then (once its pick is
     known) fo-fo at that server rate."""
@@ -317,7 +303,9 @@ def headroom(out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
         if fofo is not None:
             best_frozen = done[f"headroom/cut{cut}/frozen/s-lr{frozen[0]:g}"]
             best_fofo = done[f"headroom/cut{cut}/fo-fo/c-lr{fofo[0]:g}"]
-            entry.update(client_lr=fofo, headroom=paired(best_fofo["test_correct"], best_frozen["test_correct"]))
+            entry.update(
+                client_lr=fofo, headroom=stats.per_example(best_fofo["test_correct"], best_frozen["test_correct"])
+            )
         found[f"cut{cut}"] = entry
     return found
 
@@ -566,8 +554,8 @@ def learned_by(runs: dict[str, Any], task: str, majority: float) -> list[str]:
 def _gap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
     if a is None or b is None:
         return ""
-    d = paired(a["test_correct"], b["test_correct"])
-    return f"{d['points']:+.1f} ± {d['se']:.1f} (+{d['gained']} / -{d['lost']}, p {d['p']:.2g})"
+    d = stats.per_example(a["test_correct"], b["test_correct"])
+    return f"{d['points']:+.1f} ± {d['se']:.1f} SE (+{d['gained']} / -{d['lost']}, p {d['p']:.2g})"
 
 
 def _tasks_section(runs: dict[str, Any], majority: dict[str, float]) -> list[str]:
@@ -630,9 +618,10 @@ def _smollm2_section(found: dict[str, Any]) -> list[str]:
 
 
 def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[str]:
-    """Per hosl kind, paired per seed on the same test examples, then over seeds: hosl - frozen (with
-    the standard error over seeds and the per-example one of all seeds' pairs pooled), its share of
-    the headroom (hosl - frozen) / (fo-fo - frozen), hosl - fo-fo and hosl - zo-zo (once zo-zo ran)."""
+    """Per hosl kind, paired per seed on the same test examples, then over seeds: hosl - frozen in both
+    tests of :mod:`benchmarks.stats` (over seeds: SE, SD, paired t; per example with the seeds pooled:
+    SE, McNemar), its share of the headroom (hosl - frozen) / (fo-fo - frozen) with its interval, hosl -
+    fo-fo and hosl - zo-zo (once zo-zo ran; ± the SD over seeds)."""
     lines = []
     for kind in kinds:
         pairs: dict[str, list[float]] = {"frozen": [], "fo-fo": [], "zo-zo": [], "headroom": []}
@@ -643,25 +632,24 @@ def _comparisons(runs: dict[str, Any], prefix: str, kinds: tuple[str, ...], seed
             fofo, zozo = runs.get(f"{prefix}/fo-fo/s{seed}"), runs.get(f"{prefix}/zo-zo/s{seed}")
             if None in (mine, frozen, fofo):
                 continue
-            pairs["frozen"].append(paired(mine["test_correct"], frozen["test_correct"])["points"])
-            pairs["fo-fo"].append(paired(mine["test_correct"], fofo["test_correct"])["points"])
+            pairs["frozen"].append(stats.per_example(mine["test_correct"], frozen["test_correct"])["points"])
+            pairs["fo-fo"].append(stats.per_example(mine["test_correct"], fofo["test_correct"])["points"])
             if zozo is not None:
-                pairs["zo-zo"].append(paired(mine["test_correct"], zozo["test_correct"])["points"])
-            pairs["headroom"].append(paired(fofo["test_correct"], frozen["test_correct"])["points"])
+                pairs["zo-zo"].append(stats.per_example(mine["test_correct"], zozo["test_correct"])["points"])
+            pairs["headroom"].append(stats.per_example(fofo["test_correct"], frozen["test_correct"])["points"])
             mine_all.append(mine["test_correct"])
             frozen_all.append(frozen["test_correct"])
         if not pairs["frozen"]:
             continue
-        headroom = statistics.fmean(pairs["headroom"])
-        share = statistics.fmean(pairs["frozen"]) / headroom if headroom else math.nan
-        n = len(pairs["frozen"])
-        se = statistics.stdev(pairs["frozen"]) / math.sqrt(n) if n > 1 else math.nan
+        share, low, high = stats.share_interval(pairs["frozen"], pairs["headroom"])
+        interval = f" (95 % interval {low:.2f} to {high:.2f})" if math.isfinite(low) else ""
+        seeds_test = stats.fmt_seeds(stats.over_seeds(pairs["frozen"]))
         lines.append(
-            f"- {kind} over {n} seeds: - frozen {mean_sd(pairs['frozen'], 1, signed=True)} (SE over seeds "
-            f"{se:.1f}; {_pooled(mine_all, frozen_all)}), share of the headroom "
-            f"{share:.2f}, - fo-fo {mean_sd(pairs['fo-fo'], 1, signed=True)}, - zo-zo "
-            f"{mean_sd(pairs['zo-zo'], 1, signed=True) if pairs['zo-zo'] else 'not run yet'}; headroom fo-fo - frozen "
-            f"{mean_sd(pairs['headroom'], 1, signed=True)}"
+            f"- {kind} over {len(pairs['frozen'])} seeds: - frozen {seeds_test}; "
+            f"{stats.fmt_per_example(stats.pooled(mine_all, frozen_all), 'per example, seeds pooled')}; share of the "
+            f"headroom {share:.2f}{interval}, - fo-fo {stats.fmt_sd(pairs['fo-fo'])}, - zo-zo "
+            f"{stats.fmt_sd(pairs['zo-zo']) if pairs['zo-zo'] else 'not run yet'}; headroom fo-fo - frozen "
+            f"{stats.fmt_sd(pairs['headroom'])}"
         )
     return lines
 
@@ -673,20 +661,12 @@ def _headroom(runs: dict[str, Any], prefix: str, seeds: tuple[int, ...]) -> list
         return []
     fofo = [runs[f"{prefix}/fo-fo/s{s}"]["test_correct"] for s in done]
     frozen = [runs[f"{prefix}/frozen/s{s}"]["test_correct"] for s in done]
-    per_seed = [paired(a, b)["points"] for a, b in zip(fofo, frozen)]
+    per_seed = [stats.per_example(a, b)["points"] for a, b in zip(fofo, frozen)]
     return [
-        f"- headroom fo-fo - frozen over {len(done)} seeds: {mean_sd(per_seed, 1, signed=True)} points "
-        f"(per seed {', '.join(f'{x:+.1f}' for x in per_seed)}; {_pooled(fofo, frozen)})"
+        f"- headroom fo-fo - frozen over {len(done)} seeds: {stats.fmt_seeds(stats.over_seeds(per_seed))} "
+        f"(per seed {', '.join(f'{x:+.1f}' for x in per_seed)}; "
+        f"{stats.fmt_per_example(stats.pooled(fofo, frozen), 'per example, seeds pooled')})"
     ]
-
-
-def _pooled(a: list[list[int]], b: list[list[int]]) -> str:
-    """a - b with every seed's per-example pairs pooled: points, standard error, flips, McNemar p."""
-    pooled = paired([x for run in a for x in run], [x for run in b for x in run])
-    return (
-        f"per example, seeds pooled, {pooled['points']:+.1f} ± {pooled['se']:.1f}, flips +{pooled['gained']} / "
-        f"-{pooled['lost']}, McNemar p {pooled['p']:.2g}"
-    )
 
 
 def stability(runs: dict[str, Any], prefix: str, kind: str, seeds: tuple[int, ...]) -> dict[str, Any] | None:
@@ -750,7 +730,9 @@ def headline(data: dict[str, Any]) -> list[str]:
     if measured:
         lines.append(
             "headroom fo-fo - frozen bottom at 1,000 steps (seed 0, paired per example): "
-            + "; ".join(f"{k} {h['points']:+.1f} ± {h['se']:.1f} points (p {h['p']:.2g})" for k, h in measured.items())
+            + "; ".join(
+                f"{k} {h['points']:+.1f} ± {h['se']:.1f} SE points (p {h['p']:.2g})" for k, h in measured.items()
+            )
             + (f"; the study's cut is {data['cut']['cut']}" if "cut" in data else "")
         )
     if data.get("pilot", {}).get("picks"):

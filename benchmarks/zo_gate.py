@@ -26,9 +26,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from benchmarks import stats
 from benchmarks.ledger import Ledger
 from benchmarks.report import ROOT, write_report
-from benchmarks.zo_bottom import COSINE, SMOL, budget, diverging_rounds, late_loss, paired, pick, run_all
+from benchmarks.zo_bottom import COSINE, SMOL, budget, diverging_rounds, late_loss, pick, run_all
 
 GATE_POINTS = 3.0  # dev points of first-order headroom a setting needs (issue 43)
 MINILM_CUTS = (5, 6)
@@ -94,12 +95,12 @@ def verdict(runs: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
     best_frozen, best_fofo = runs[frozen[0]], runs[fofo[0]]
     if best_frozen.get("dev_correct") is None or best_fofo.get("dev_correct") is None:
         return None
-    headroom = paired(best_fofo["dev_correct"], best_frozen["dev_correct"])
+    headroom = stats.per_example(best_fofo["dev_correct"], best_frozen["dev_correct"])
     diverged = diverging_rounds(best_fofo)
     per_kind = {}
     for name, r in runs.items():
         if "/fo-fo/" in name:
-            per_kind[name.split("/fo-fo/")[1]] = paired(r["dev_correct"], best_frozen["dev_correct"])
+            per_kind[name.split("/fo-fo/")[1]] = stats.per_example(r["dev_correct"], best_frozen["dev_correct"])
     return {
         "frozen": frozen[0],
         "fo-fo": fofo[0],

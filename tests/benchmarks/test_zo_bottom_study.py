@@ -37,13 +37,6 @@ def test_pick_goes_by_late_dev_cross_entropy_and_says_when_it_is_at_an_edge():
     assert study.late_loss({"dev_loss": [5.0, 0.3, 0.4, 0.5]}) == pytest.approx(0.4)  # the last three only
 
 
-def test_paired_difference_has_a_per_example_standard_error_and_mcnemar():
-    a, b = [1, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 1]
-    got = study.paired(a, b)
-    assert got["points"] == pytest.approx(100 * 1 / 6) and got["gained"] == 2 and got["lost"] == 1
-    assert got["se"] > 0 and got["p"] == pytest.approx(1.0)
-
-
 def test_the_cut_is_the_largest_headroom_that_clears_two_standard_errors(monkeypatch):
     monkeypatch.setattr(study, "CUTS", (1, 2, 4))
     h = lambda points, se: {"headroom": {"points": points, "se": se}}  # noqa: E731
