@@ -379,7 +379,9 @@ def _draw(kind: str, gen: torch.Generator, numel: int) -> torch.Tensor:
     """``numel`` float32 values of unit variance on the CPU: N(0, 1) or +-1."""
     if kind == "gaussian":
         return torch.randn(numel, generator=gen, dtype=torch.float32)
-    return torch.randint(0, 2, (numel,), generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, generator=gen)  # 64 signs each
+    bits = np.unpackbits(words.numpy().view(np.uint8), count=numel)
+    return torch.from_numpy(bits).to(torch.float32).mul_(2).sub_(1)
 
 
 class _PerParameter(ZOEstimator):
@@ -504,12 +506,11 @@ class SparseEstimator(_PerParameter):
         for block, start in enumerate(range(0, row_ids.numel(), block_rows)):
             ids = row_ids[start : start + block_rows].numpy()
             bits = np.unpackbits(by_row[ids], axis=1) if whole is None else whole[ids]
-            mask = torch.from_numpy(bits.astype(bool))
-            with step_timing.section("generate"):
+            with step_timing.section("generate"):  # z over the whole block, zeroed off the mask
                 gen = torch.Generator().manual_seed(_mix(seed, (2 * index + 1) << 20 | block))
-                values = _draw(self.directions, gen, int(mask.sum()))
+                z = _draw(self.directions, gen, bits.size).mul_(torch.from_numpy(bits.reshape(-1)))
             part = rows_view[start : start + len(ids)]
-            part[mask.to(part.device)] += coef * values.to(part.device)
+            part.view(-1).add_(z.to(part.device), alpha=coef)
 
 
 def make_estimator(
