@@ -74,7 +74,9 @@ def between(low: float, high: float) -> str:
     return text
 
 
-MANY = between(1, 1_000_000)  # rounds, steps, clients, trials: far past any run, far short of exhausting memory
+MOST = 1_000_000  # the largest count of rounds, steps, clients or trials a scenario may ask for
+MANY = between(1, MOST)  # rounds, steps, clients, trials: far past any run, far short of exhausting memory
+SECONDS = between(0.001, 30 * 86_400)  # a timeout: up to 30 days
 PORT = between(0, 65_535)
 FRAME_MB = between(1, 2047)  # gRPC's message limit is a signed 32-bit byte count
 BUFFER_MB = between(1, 1 << 20)
@@ -95,7 +97,7 @@ class RunSettings:
         "", "out-dir", help="results, checkpoint, plots; '' = a new runs/<time>-<mode>-<task> per run"
     )
     probe_messages: int = setting(
-        0, "probe-messages", check=NON_NEGATIVE, help="> 0: time this many Flower round trips"
+        0, "probe-messages", check=between(0, 10_000), help="> 0: time this many Flower round trips"
     )
     resume: str = setting("", "resume", help="'true': continue the run in out-dir from its last round; or a run folder")
     client_checkpoints: bool = setting(
@@ -332,9 +334,9 @@ class FederationSettings:
         "gain measured on a 2-core CPU: docs/results/cross_scoring.md)",
     )
     step_timeout: float = setting(
-        120.0, "step-timeout", check=POSITIVE, help="a connected client silent this long drops"
+        120.0, "step-timeout", check=SECONDS, help="a connected client silent this long drops"
     )
-    round_timeout: float = setting(3600.0, "round-timeout", check=POSITIVE, help="a client not done by then drops")
+    round_timeout: float = setting(3600.0, "round-timeout", check=SECONDS, help="a client not done by then drops")
 
 
 @dataclass(frozen=True)

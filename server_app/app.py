@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app import rounds
 from fl_app.checkpoint import CheckpointRefused, RunFolderBusy, WriteFailed, run_folder
+from fl_app.config import MOST as MAX_CLIENTS
 from fl_app.config import make_config
 from fl_app.coordinator import Coordinator, stream_credentials
 from fl_app.metrics import log_to_stderr
@@ -89,11 +90,14 @@ def flow(
         poll = FIRST_POLL_SECONDS if ended else min(2 * poll, POLL_SECONDS)
 
 
-def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, tuple[PartitionSet, int]]:
+def ask_partitions(
+    grid: Grid, node_ids: list[int], timeout: float, max_clients: int = MAX_CLIENTS
+) -> dict[int, tuple[PartitionSet, int]]:
     """node id -> (the clients it serves, the partition count it was given; 0 if none), asked of
-    ``node_ids`` (nodes that do not answer are left out), QUERY_WINDOW at a time (10,000 queries at
-    once would stall Flower's simulation engine). A node that names no ``partitions`` (an older
-    ClientApp) serves its ``partition-id``."""
+    ``node_ids`` (nodes that do not answer, or answer with a claim :func:`node_claim` refuses, are left
+    out with one logged line), QUERY_WINDOW at a time (10,000 queries at once would stall Flower's
+    simulation engine). A node that names no ``partitions`` (an older ClientApp) serves its
+    ``partition-id``."""
     messages = ((n, Message(RecordDict(), dst_node_id=n, message_type="query")) for n in node_ids)
     claims = {}
     for node_id, reply in flow(grid, messages, QUERY_WINDOW, timeout, lambda: None):
@@ -101,18 +105,29 @@ def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int,
             reason = reply.error.reason if reply else f"no reply within {timeout:.0f} s"
             log.warning("node %s did not answer the query: %s", node_id, reason)
             continue
-        node = reply.content.config_records["node"]
         try:
-            served = (
-                PartitionSet.parse(str(node["partitions"]), f"node {node_id}'s partitions")
-                if "partitions" in node
-                else PartitionSet.single(int(node["partition-id"]))
-            )
-        except (ValueError, KeyError) as err:
+            claims[node_id] = node_claim(reply.content.config_records["node"], node_id, max_clients)
+        except (ValueError, KeyError, TypeError) as err:  # every field of a reply is untrusted: drop the node
             log.warning("node %s answered the query with no usable client set: %s", node_id, err)
-            continue
-        claims[node_id] = (served, int(node.get("num-partitions", 0)))
     return claims
+
+
+def node_claim(node: Any, node_id: int, max_clients: int) -> tuple[PartitionSet, int]:
+    """(the clients a node's query reply says it serves, its partition count; 0 if none), checked before
+    anything is built from it: the count in [0, ``max_clients``], every client id in [0, the count) (or
+    [0, ``max_clients``) without one), judged on the ranges' ends (a claim is never expanded here)."""
+    count = int(node.get("num-partitions", 0))
+    if not 0 <= count <= max_clients:
+        raise ValueError(f"num-partitions = {count} is outside [0, {max_clients}]")
+    served = (
+        PartitionSet.parse(str(node["partitions"]), f"node {node_id}'s partitions")
+        if "partitions" in node
+        else PartitionSet.single(int(node["partition-id"]))
+    )
+    bound = count or max_clients
+    if any(r.start < 0 or r[-1] >= bound for r in served.ranges):
+        raise ValueError(f"client set {served.text!r} names clients outside [0, {bound})")
+    return served, count
 
 
 def num_clients_mismatch(scenario: int, federation: int) -> str:
@@ -170,8 +185,16 @@ class FlowerFederation:
     may serve its client and has been sent the fewest sessions of the round so far (ties: the
     lowest node id), an even and deterministic spread."""
 
-    def __init__(self, grid: Grid, query_timeout: float, min_nodes: int = 1, wait: float = 3600.0):
+    def __init__(
+        self,
+        grid: Grid,
+        query_timeout: float,
+        min_nodes: int = 1,
+        wait: float = 3600.0,
+        max_clients: int = MAX_CLIENTS,
+    ):
         self.grid, self.query_timeout = grid, query_timeout
+        self.max_clients = max_clients  # no node may claim a client id at or beyond this
         self.claims: dict[int, int] = {}  # node id -> partition id of a one-client node, in the order first seen
         self.served: dict[int, PartitionSet] = {}  # node id -> the clients of a node serving several
         self.counts: dict[int, int] = {}  # node id -> the partition count its node config gives (num-partitions)
@@ -190,7 +213,9 @@ class FlowerFederation:
         online = [int(n) for n in self.grid.get_node_ids()]
         new = [n for n in online if n not in self.claims and n not in self.served]
         if new:
-            for node_id, (served, count) in sorted(ask_partitions(self.grid, new, self.query_timeout).items()):
+            for node_id, (served, count) in sorted(
+                ask_partitions(self.grid, new, self.query_timeout, self.max_clients).items()
+            ):
                 self.counts[node_id] = count
                 if served.single_client is None:
                     self.served[node_id] = served
@@ -221,6 +246,10 @@ class FlowerFederation:
             )
         self.nodes, self.shared = nodes, shared
         return sorted(set(nodes) | self._shared_clients())
+
+    def probe_node(self) -> int:
+        """A node to time Flower round trips with: the lowest-numbered partition's, else a several-client node."""
+        return self.nodes[min(self.nodes)] if self.nodes else min(self.shared)
 
     def _shared_clients(self) -> frozenset[int]:
         """The clients the several-client nodes online serve (worked out again only when they change)."""
@@ -345,7 +374,10 @@ def _run(grid: Grid, coord: Coordinator) -> None:
         except CheckpointRefused as err:  # one line first (resume marked the run it would continue failed)
             print(f"[hosl] error: {err}", flush=True)
             raise
-    fed = FlowerFederation(grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout)
+    bound = config.federation.num_clients if config.federation.virtual_clients else MAX_CLIENTS
+    fed = FlowerFederation(
+        grid, QUERY_TIMEOUT, config.federation.min_clients, wait=config.federation.round_timeout, max_clients=bound
+    )
     print(
         f"[hosl] {len(fed.nodes) + len(fed.shared)} client nodes"
         + (f" ({len(fed.shared)} serving {len(fed._shared_clients())} clients)" if fed.shared else "")
@@ -357,7 +389,7 @@ def _run(grid: Grid, coord: Coordinator) -> None:
     if fed.num_clients() != config.federation.num_clients:
         print(f"[hosl] warning: {num_clients_mismatch(config.federation.num_clients, fed.num_clients())}", flush=True)
     if config.run.probe_messages:
-        rtts = probe_message_rtt(grid, fed.nodes[min(fed.nodes)], config.run.probe_messages)
+        rtts = probe_message_rtt(grid, fed.probe_node(), config.run.probe_messages)
         coord.results["flower_message_rtt_seconds"] = rtts
         print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
     rounds.run(fed, coord)

@@ -121,3 +121,11 @@ def test_numeric_keys_have_ranges_that_keep_a_run_possible(key, value, bound):
 def test_every_shipped_scenario_is_a_valid_config(path):
     config = make_config(read_scenario(path))
     assert config.federation.num_clients >= 1 and config.data.task
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("probe-messages", 10**9), ("round-timeout", 1e300), ("step-timeout", 1e12)]
+)
+def test_round_trips_and_timeouts_are_bounded(key, value):
+    with pytest.raises(ValueError, match=key):
+        make_config({key: value})

@@ -250,3 +250,24 @@ def test_a_session_that_failed_on_the_step_stream_is_not_waited_for(monkeypatch)
     )
     assert time.monotonic() - started < 5  # not round-timeout's 600 s
     assert replies[0].report is not None and replies[1].report is None and replies[1].reason == ""
+
+
+def test_a_node_claiming_clients_beyond_the_data_or_with_unreadable_fields_is_left_out_not_the_run(caplog):
+    """Issue 44 items 1-3: a claim is checked on its ranges' ends against the node's num-partitions (or
+    the run's bound) before anything is built from it: ten million or a trillion ids cost nothing; a
+    malformed num-partitions, a negative id or clients beyond the data drop that node alone."""
+    grid = FakeGrid({11: 0, 12: "0-1000000000000", 13: "0-99", 14: -1, 15: "0-9999999", 16: 1}, {11: 8, 13: 8, 16: 8})
+    started = time.monotonic()
+    fed = FlowerFederation(grid, query_timeout=5, wait=0, max_clients=8)
+    assert time.monotonic() - started < 2
+    assert fed.partitions() == [0, 1] and sorted(fed.nodes.values()) == [11, 16] and not fed.shared
+    for node in (12, 13, 14, 15):
+        assert f"node {node} answered the query with no usable client set" in caplog.text
+    grid.claims[17], grid.counts[17] = 2, "x"  # joins at a later round with an unreadable count
+    assert fed.partitions() == [0, 1] and "node 17 answered the query with no usable client set" in caplog.text
+
+
+def test_flower_round_trips_are_timed_on_a_several_client_node_when_no_node_is_bound():
+    fed = FlowerFederation(FakeGrid({11: "0-9", 12: "0-9"}, {11: 10, 12: 10}), query_timeout=5, wait=0)
+    assert not fed.nodes and fed.probe_node() == 11
+    assert FlowerFederation(FakeGrid({21: 1, 22: 0}), query_timeout=5, wait=0).probe_node() == 22
