@@ -23,6 +23,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -396,9 +397,9 @@ def export_run(
         num_classes = get_task(config.data.task).num_classes
         copies = 2 if parts == "both" else 1  # the adapters wrap one pristine model, the merged model fills one
         fresh = [load_model(config.model.name, num_classes, config.run.seed).model for _ in range(copies)]
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # ours alone: safe to remove
+    partial.chmod(0o755)
     try:
         with quiet_loading():
             _write_parts(partial, parts, config, bottom, top, fresh, tokenizer, provenance(run, which))

@@ -161,6 +161,22 @@ def test_a_frozen_bottom_exports_the_pristine_one_and_refuses_a_client(tmp_path)
         export.export_run(folder, out)
 
 
+def test_export_never_removes_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    """Issue 44 item 7: a user's mymodel.partial/ survives an export to mymodel, one that fails included;
+    the export's own work folder is gone either way."""
+    folder = _train(tmp_path, "run", **{"client-params": "frozen"})
+    mine = tmp_path / "mymodel.partial"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep me")
+    monkeypatch.setattr(export, "_write_parts", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export.export_run(folder, tmp_path / "mymodel")
+    monkeypatch.undo()
+    out = export.export_run(folder, tmp_path / "mymodel")
+    assert (mine / "important.txt").read_text() == "keep me" and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mymodel", "mymodel.partial", "run"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "client_params", "server_params"), [("tiny-bert", "lora", "lora"), ("tiny-opt", "frozen", "lora")]
