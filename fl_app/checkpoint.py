@@ -100,6 +100,23 @@ def check_weights(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor]
             raise CheckpointRefused(f"{what}: {name} holds values that are not finite")
 
 
+def check_run_checkpoint(saved: Mapping[str, Any], top: torch.nn.Module, what: str) -> None:
+    """A read checkpoint fits a run whose server holds ``top``: the top's trainable weights by name,
+    shape, float dtype and finite values, and a round its own results reached; else CheckpointRefused
+    (prefixed ``what``: resume or export) saying in one line what does not."""
+    trainable = {n: p for n, p in top.named_parameters() if p.requires_grad}
+    check_weights(saved["server"], trainable, f"{what}: the checkpoint's server weights")
+    try:
+        recorded = [r["round"] for r in json.loads(saved["results"])["rounds"]]
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointRefused(f"{what}: the checkpoint's results are unreadable ({err})") from None
+    if not isinstance(saved["round"], int) or not recorded or saved["round"] != recorded[-1]:
+        raise CheckpointRefused(
+            f"{what}: the checkpoint says round {saved['round']!r}, its results end at round "
+            f"{recorded[-1] if recorded else None}"
+        )
+
+
 def mark_failed(folder: Path, error: str) -> None:
     """Set an existing results.json's status to failed with ``error``, keeping everything else in it."""
     path = folder / "results.json"

@@ -26,7 +26,7 @@ from fl_app.bottom_effect import divergence
 from fl_app.checkpoint import (
     CheckpointRefused,
     RunFolderLock,
-    check_weights,
+    check_run_checkpoint,
     mark_failed,
     read_checkpoint,
     save_checkpoint,
@@ -387,7 +387,7 @@ class Coordinator:
         not fit this run is refused (CheckpointRefused) and that run's results.json marked failed."""
         try:
             saved = read_checkpoint(folder / "checkpoint.pt")
-            self._check_resumable(saved)
+            check_run_checkpoint(saved, self.server.top, "resume")
         except CheckpointRefused as err:  # the run it would continue is marked failed, kept as it was
             mark_failed(folder, str(err))
             raise
@@ -408,21 +408,6 @@ class Coordinator:
         self.started = time.perf_counter() - self.results.get("wall_seconds", 0.0)
         torch.set_rng_state(saved["rng"])
         self.finished_round, self.run_id = saved["round"], saved["run_id"]
-
-    def _check_resumable(self, saved: dict[str, Any]) -> None:
-        """The checkpoint fits this run: the server's trainable weights by name, shape and finite
-        values, and a round that its own results reached; else a ValueError saying what does not."""
-        trainable = {n: p for n, p in self.server.top.named_parameters() if p.requires_grad}
-        check_weights(saved["server"], trainable, "resume: the checkpoint's server weights")
-        try:
-            recorded = [r["round"] for r in json.loads(saved["results"])["rounds"]]
-        except (TypeError, ValueError, KeyError) as err:
-            raise CheckpointRefused(f"resume: the checkpoint's results are unreadable ({err})") from None
-        if not isinstance(saved["round"], int) or not recorded or saved["round"] != recorded[-1]:
-            raise CheckpointRefused(
-                f"resume: the checkpoint says round {saved['round']!r}, its results end at round "
-                f"{recorded[-1] if recorded else None}"
-            )
 
     def write_results(self, status: str = "running", error: str = "") -> Path:
         """Write results.json; ``status`` is "running" after a round, "finished" at the end and

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from fl_app.checkpoint import CheckpointRefused, read_checkpoint
+from fl_app.checkpoint import CheckpointRefused, check_run_checkpoint, read_checkpoint
 from fl_app.client_store import load_client_state
 from fl_app.config import Config, make_config
 from fl_app.part_loading import BOTTOM_KEY_PREFIXES, layer_of, load_model
@@ -111,6 +111,10 @@ def trained_split(
     loaded, bottom, top = load_split(config)
     num_classes = get_task(config.data.task).num_classes
     server = build_server(config, top, num_classes)
+    try:  # what resume checks: names, shapes, float dtypes, finite values, a round its results reached
+        check_run_checkpoint(run.saved, server.top, "export")
+    except CheckpointRefused as err:
+        raise ExportError(str(err)) from None
     params = dict(server.top.named_parameters())
     with torch.no_grad():
         for name, value in run.saved["server"].items():
@@ -488,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         chosen = "adapters" if args.adapters else "model" if args.merge else "auto"
         out = export_run(args.run_dir.resolve(), args.out.resolve(), args.client, args.synced, args.states, chosen)
-    except ExportError as err:
+    except (ExportError, CheckpointRefused) as err:  # a client state that does not fit is refused by restore
         print(f"hosl-export: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"[hosl] exported to {out}")

@@ -258,3 +258,29 @@ def test_a_run_still_going_exports_its_latest_checkpoint(tmp_path):
     assert json.loads((out / "results.json").read_text())["status"] == "running" and run_.round < 6
     model = export.export_run(out, tmp_path / "model", client=0)  # checked against the split model inside
     assert json.loads((model / "config.json").read_text())["hosl_export"]["round"] == run_.round
+
+
+@pytest.mark.parametrize("case", ["scalar", "missing", "integer", "far-round", "nan"])
+def test_export_refuses_in_one_line_every_checkpoint_resume_refuses(tmp_path, capsys, case):
+    """Issue 44 item 6: the checkpoint's server weights go through resume's checks (names, shapes, float
+    dtypes, finite values, a round its results reached) before export copies them."""
+    folder = _train(tmp_path, "run")
+    path = folder / "checkpoint.pt"
+    saved = torch.load(path, weights_only=False)
+    name = next(iter(saved["server"]))
+    if case == "scalar":
+        saved["server"][name] = torch.tensor(0.5)
+    elif case == "missing":
+        del saved["server"][name]
+    elif case == "integer":
+        saved["server"][name] = saved["server"][name].to(torch.int64)
+    elif case == "far-round":
+        saved["round"] = 999
+    else:
+        saved["server"][name] = torch.full_like(saved["server"][name], float("nan"))
+    torch.save(saved, path)
+    with pytest.raises(SystemExit) as stop:
+        export.main([str(folder), "--out", str(tmp_path / "model"), "--client", "0"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("hosl-export: error: export:")
+    assert not (tmp_path / "model").exists()
