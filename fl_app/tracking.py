@@ -14,6 +14,8 @@ A tuning run logs each trial's rounds under ``trial<N>/`` and the final training
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,13 +58,18 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+SAFE_PATH = re.compile(r"[A-Za-z0-9/._+-]+")  # a path that means the same inside an sqlite:/// URI
+
+
 class MlflowTracker:
     """Metrics and the config's keys as parameters in an MLflow run of the local file store."""
 
     def __init__(self, folder: Path, config: dict[str, Any], name: str) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no file under the user's home, no upload
         import mlflow
 
-        self.client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+        self.folder_fd: int | None = None
+        self.client = mlflow.MlflowClient(tracking_uri=self._store_uri(folder))
         experiment = self.client.get_experiment_by_name("hosl")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("hosl")
         self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
@@ -78,8 +85,28 @@ class MlflowTracker:
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
+    def _store_uri(self, folder: Path) -> str:
+        """``sqlite:///<folder>/mlflow.db``, built so that no character of the path can change it: a path
+        with anything but letters, digits and ``/._+-`` (``?`` and ``#`` end a URI's path, ``%`` escapes)
+        is reached through a descriptor of the folder held open while the tracker lives (Linux)."""
+        path = (folder / "mlflow.db").resolve()
+        if SAFE_PATH.fullmatch(str(path)):
+            return f"sqlite:///{path}"
+        if not Path("/proc/self/fd").is_dir():
+            raise ValueError(
+                f"tracker = mlflow cannot keep its store in {folder}: the path has characters an SQLite URI "
+                "cannot carry on this system (choose an out-dir of letters, digits and /._+-)"
+            )
+        self.folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        return f"sqlite:////proc/self/fd/{self.folder_fd}/mlflow.db"
+
     def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+        try:
+            self.client.set_terminated(self.run_id)
+        finally:
+            if self.folder_fd is not None:
+                os.close(self.folder_fd)
+                self.folder_fd = None
 
 
 def open_tracker(kind: str, folder: Path, config: dict[str, Any], name: str) -> Tracker:

@@ -86,3 +86,26 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_the_run(monkeypatc
     preflight.check_tracker(make_config({**SMOKE, "tracker": "none"}))  # nothing to check
     with pytest.raises(ValueError, match="tracker"):
         make_config({**SMOKE, "tracker": "wandb"})
+
+
+@pytest.mark.slow
+def test_the_mlflow_store_stays_in_a_run_folder_whose_path_has_uri_characters_and_home_stays_clean(tmp_path):
+    """Issue 44 item 8: ``?``, ``#`` and ``%`` in out-dir cannot move or break the store, and MLflow's
+    telemetry writes nothing under the user's home (off unless MLFLOW_DISABLE_TELEMETRY says otherwise)."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    out, home = tmp_path / "runs?x#y%20z" / "run", tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"HOME": str(home)}
+    cmd = [sys.executable, "-m", "fl_app.train", str(ROOT / "sim_configs" / "smoke_tiny.toml"), "--out", str(out)]
+    done = subprocess.run([*cmd, "--set", "tracker=mlflow"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    with sqlite3.connect(out / "mlflow.db") as db:
+        (steps,) = db.execute("select count(*) from metrics where key = 'train/loss'").fetchone()
+    assert steps == len(results["history"]) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "runs?x#y%20z"]  # nothing written beside
+    assert [p for p in home.rglob("*") if p.name in ("mlflow", "telemetry.json")] == []  # was ~/.config/mlflow/...
