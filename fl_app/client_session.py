@@ -24,7 +24,7 @@ from fl_app.batches import BatchStream, SubsetStream, eval_batches, fixed_batche
 from fl_app.bottom_effect import activation_change, relative_change
 from fl_app.checkpoint import check_weights
 from fl_app.client_party import Link, SplitClient, StepMemory
-from fl_app.client_store import load_client_state, save_client_state, saved_round
+from fl_app.client_store import check_updates, load_client_state, save_client_state, saved_round
 from fl_app.config import Config, DataSettings, FederationSettings, ModelSettings, RunSettings
 from fl_app.data import load_examples
 from fl_app.frame_auth import read_key_file, read_pem
@@ -118,6 +118,20 @@ def restore(client: SplitClient, state: ClientState) -> None:
             for name, value in state.weights.items():
                 named[name].copy_(value)
     client.steps = state.steps
+
+
+def most_steps(config: Config, rounds: int) -> int:
+    """The most steps one client can have taken in ``rounds`` rounds (its local steps per round, or with
+    local-epochs its passes over the whole training set, an upper bound of its partition, per round);
+    tuning trials run tune-rounds rounds each, so a study's trials count too."""
+    optim, data = config.optim, config.data
+    per_round = (
+        optim.local_steps
+        if not optim.local_epochs
+        else math.ceil(optim.local_epochs * max(1, data.n_train) / data.batch_size)
+    )
+    trials = config.tune.trials * config.tune.rounds
+    return per_round * (rounds + trials)
 
 
 def replay_own(client: SplitClient, updates: History) -> None:
@@ -282,6 +296,8 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
         raise ValueError(
             f"client {partition_id}'s saved state holds weights, but this run keeps states as seeds (client-state)"
         )
+    if state.updates:  # bounded by the steps the run can have taken by then, before any is replayed
+        check_updates(state, f"client {partition_id}'s state up to round {upto_round}", most_steps(config, upto_round))
     client, data = make_client(config, partition_id, state)
     if state.updates:
         replay_own(client, state.updates)

@@ -9,6 +9,7 @@ each client's newest file is kept (its final bottom).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -60,9 +61,39 @@ def load_client_state(folder: Path, partition_id: int, upto_round: int) -> Clien
     payload = load_checkpoint(path)
     try:
         updates = payload.pop("updates", None)
-        return ClientState(**payload, updates=history_from_record(updates) if updates is not None else None)
+        state = ClientState(**payload, updates=history_from_record(updates) if updates is not None else None)
     except (TypeError, KeyError, ValueError) as err:
         raise CheckpointRefused(f"{path} is not a client state of this project ({type(err).__name__}: {err})") from None
+    if state.updates is not None:
+        check_updates(state, str(path))
+    return state
+
+
+def check_updates(state: ClientState, where: str, most_steps: int | None = None) -> None:
+    """A state kept as seeds is replayable: one finite rate and finite projected gradients per step,
+    as many steps as its step counter says, and (``most_steps``) no more than the run can have taken;
+    else CheckpointRefused naming ``where`` (its file, or the node memory it came from)."""
+    updates = state.updates
+    if updates is None:
+        return
+    if len(updates) != state.steps:
+        raise CheckpointRefused(
+            f"{where}: holds {len(updates)} steps to replay, but its step counter says {state.steps}"
+        )
+    if most_steps is not None and len(updates) > most_steps:
+        raise CheckpointRefused(
+            f"{where}: holds {len(updates)} steps to replay, more than the run can have taken ({most_steps})"
+        )
+    bad = next(
+        (
+            i
+            for i, (lr, grads) in enumerate(zip(updates.lrs, updates.grads))
+            if not all(map(math.isfinite, [lr, *grads]))
+        ),
+        None,
+    )
+    if bad is not None:
+        raise CheckpointRefused(f"{where}: step {bad} has a rate or projected gradient that is not finite")
 
 
 def keep_newest_states(folder: Path) -> int:

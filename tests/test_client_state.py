@@ -78,3 +78,39 @@ def test_a_state_kept_as_seeds_is_kilobytes_on_disk_and_in_node_memory(both):
 def test_seeds_are_refused_where_a_bottom_is_not_a_personal_zo_one(wrong):
     with pytest.raises(ValueError, match="client-state' = 'seeds'"):
         make_config({**SETTINGS, "client-state": "seeds", **wrong})
+
+
+@pytest.mark.parametrize("tamper", ["too-many", "nan", "counter"])
+def test_a_seeds_state_that_cannot_be_this_runs_is_refused_naming_it_before_any_replay(both, tmp_path, tamper):
+    """Issue 44 item 5: replay is bounded by the steps the run can have taken, and a state with a
+    non-finite rate or gradient, or a step counter that disagrees, is refused naming its file."""
+    import math
+
+    from fl_app.checkpoint import CheckpointRefused, load_checkpoint, save_checkpoint
+    from fl_app.records import history_from_record, history_to_record
+
+    _, out = both["seeds"]
+    source = _store(out) / "client-0"
+    (newest,) = sorted(source.glob("round-*.pt"))[-1:]
+    payload = load_checkpoint(newest)
+    updates = history_from_record(payload["updates"])
+    if tamper == "too-many":  # ten times the steps 3 rounds of 3 can take
+        for _ in range(9):
+            updates.extend(1, 0, updates.lrs[:9], updates.seeds[:9], updates.grads[:9], updates.rows[:9])
+        payload["steps"] = len(updates)
+    elif tamper == "nan":
+        updates.grads[4] = [math.nan] * len(updates.grads[4])
+    else:
+        payload["steps"] += 1
+    payload["updates"] = history_to_record(updates)
+    store = tmp_path / "run" / "clients" / "store"
+    save_checkpoint(store / "client-0" / newest.name, payload)
+    config = make_config({**SETTINGS, "client-state": "seeds"})
+    session = SessionSettings(
+        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+    )
+    side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
+    expected = {"too-many": "more than the run can have taken", "nan": "step 4 has a rate", "counter": "step counter"}
+    with pytest.raises(CheckpointRefused, match=expected[tamper]) as refused:
+        _prepare(SessionRequest(session), side, 3)
+    assert tamper == "too-many" or newest.name in str(refused.value)  # the file is named
