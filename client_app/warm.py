@@ -59,14 +59,24 @@ def send_frames(sock: socket.socket, parts: list[bytes]) -> None:
     sock.sendall(b"".join(_LENGTH.pack(len(p)) + p for p in parts))
 
 
-def recv_frames(sock: socket.socket, count: int) -> list[bytes]:
-    """Read ``count`` length-prefixed frames; ConnectionError if the peer goes first."""
-    return [_recv_exact(sock, _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))[0]) for _ in range(count)]
+def recv_frames(sock: socket.socket, count: int, within: float | None = None) -> list[bytes]:
+    """Read ``count`` length-prefixed frames; ConnectionError if the peer goes first, TimeoutError if they
+    have not all arrived ``within`` seconds (a whole-request deadline: a peer trickling a byte at a time
+    cannot hold the reader longer)."""
+    deadline = None if within is None else time.monotonic() + within
+    return [
+        _recv_exact(sock, _LENGTH.unpack(_recv_exact(sock, _LENGTH.size, deadline))[0], deadline) for _ in range(count)
+    ]
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def _recv_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
     chunks, left = [], size
     while left:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the request did not arrive whole in time ({size - left} of {size} bytes)")
+            sock.settimeout(remaining)
         chunk = sock.recv(min(left, 1 << 22))
         if not chunk:
             raise ConnectionError("the peer closed the connection mid-message")
@@ -106,8 +116,10 @@ def _connect(path: str, wait: float) -> socket.socket:
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.2, deadline - time.monotonic()))  # a full backlog must not block past the wait
         try:
             sock.connect(path)
+            sock.settimeout(None)
             return sock
         except OSError as err:
             sock.close()

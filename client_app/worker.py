@@ -85,8 +85,7 @@ class Worker:
         if uid != os.getuid():
             log.warning("refused a connection from uid %d", uid)
             return
-        conn.settimeout(REQUEST_SECONDS)
-        parts = recv_frames(conn, 3)
+        parts = recv_frames(conn, 3, within=REQUEST_SECONDS)  # the whole request, not each read
         header = json.loads(parts[0])
         content, context = unpack_request(parts[1:])
         why = self.refusal(header, context.node_config)

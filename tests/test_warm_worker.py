@@ -184,3 +184,61 @@ def test_the_clientapp_launcher_runs_flowers_own_flwr_clientapp_without_the_supe
     assert (
         helped.returncode == 0 and "usage: flwr-clientapp" in helped.stdout and "--runtime-api-address" in helped.stdout
     )
+
+
+def test_a_peer_trickling_a_request_is_cut_at_the_whole_requests_deadline():
+    """Issue 44 item 9: the worker's request timeout holds for the whole request, not per read: a
+    peer sending one byte every 0.2 s is cut at the deadline, not held for as long as it keeps trickling."""
+    import threading
+
+    reader, writer = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                writer.send(b"\x00")
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="did not arrive whole in time"):
+            warm.recv_frames(reader, 3, within=1.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+        reader.close()
+        writer.close()
+        thread.join()
+
+
+def test_connecting_to_a_worker_whose_backlog_is_full_gives_up_after_its_wait(tmp_path):
+    """Issue 44 item 9: with the listener's backlog full of idle connections, a message waits at most its
+    connect wait (and says so), instead of blocking in connect() before any timeout is set."""
+    path = str(tmp_path / "w.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)  # never accepts
+    idle = []
+    try:
+        for _ in range(8):  # fill the backlog; connects beyond it would block
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            idle.append(s)
+        started = time.monotonic()
+        with pytest.raises(warm.WorkerUnavailable, match="did not answer for 1 s"):
+            warm._connect(path, 1.0)
+        assert time.monotonic() - started < 4.0
+    finally:
+        for s in idle:
+            s.close()
+        listener.close()
