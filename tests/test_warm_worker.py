@@ -206,7 +206,7 @@ def test_a_peer_trickling_a_request_is_cut_at_the_whole_requests_deadline():
     thread.start()
     started = time.monotonic()
     try:
-        with pytest.raises(TimeoutError, match="did not arrive whole in time"):
+        with pytest.raises(TimeoutError):  # at the check between reads, or in the read the deadline cut short
             warm.recv_frames(reader, 3, within=1.0)
         assert time.monotonic() - started < 3.0
     finally:
