@@ -89,10 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = [summarise(name, result) for name, result in runs.items()]
     title = f"{Path(args.scenario).name} {' '.join(args.set)}, Q = {args.queries}, {args.steps} steps x {args.repeats}"
     text = markdown(rows, title)
-    command = f"python -m benchmarks.estimator_cost --scenario {args.scenario} " + " ".join(
-        f"--set {s}" for s in args.set
+    command = " ".join(
+        [
+            f"python -m benchmarks.estimator_cost --scenario {args.scenario}",
+            *(f"--set {s}" for s in args.set),
+            f"--queries {args.queries} --steps {args.steps} --repeats {args.repeats} --out {args.out}",
+        ]
     )
-    write_report(ROOT / args.out, text, rows, f"{command} --queries {args.queries} --steps {args.steps}")
+    write_report(ROOT / args.out, text, rows, command)
     print(text)
 
 

@@ -41,6 +41,28 @@ SECTIONS = (
         "python -m benchmarks.zo_bottom --phase long --jobs 2",
     ),
     Section(
+        "zo_gate",
+        "The estimator study's gate: where first-order training of the bottom pays 3 dev points",
+        "python -m benchmarks.zo_gate --jobs 2",
+    ),
+    Section(
+        "estimator_cost_minilm",
+        "ZO client estimators' cost per step (all-MiniLM-L6-v2, cut 5, Q = 4)",
+        "python -m benchmarks.estimator_cost --set cut-layer=5 --queries 4 --steps 4 --repeats 2",
+    ),
+    Section(
+        "estimator_cost_smollm2",
+        "ZO client estimators' cost per step (SmolLM2-135M with LoRA, cut 10, Q = 2: its study's setting)",
+        "python -m benchmarks.estimator_cost --scenario sim_configs/sst2_smollm2_lora.toml --queries 2 --steps 3 "
+        "--repeats 2 --out docs/results/estimator_cost_smollm2",
+    ),
+    Section(
+        "estimator_cost_smollm2_q4",
+        "ZO client estimators' cost per step (SmolLM2-135M with LoRA, cut 10, Q = 4)",
+        "python -m benchmarks.estimator_cost --scenario sim_configs/sst2_smollm2_lora.toml --queries 4 --steps 3 "
+        "--repeats 2 --out docs/results/estimator_cost_smollm2_q4",
+    ),
+    Section(
         "accuracy",
         "Six tasks, three modes, three seeds (all-MiniLM-L6-v2; 30 steps: a pipeline check, too short to "
         "show what the ZO bottom adds)",
@@ -157,11 +179,42 @@ def accuracy_headline(rows: dict[str, Any]) -> str:
     )
 
 
+def gate_headline(rows: dict[str, Any]) -> str:
+    """Per gate setting: its dev headroom (± per-example SE) and whether it cleared, or how far it ran."""
+    parts = []
+    for setting, row in rows.items():
+        v = row["verdict"]
+        if v is None:
+            done = sum(r is not None for r in row["runs"].values())
+            parts.append(f"{setting} {done} of {len(row['runs'])} runs finished")
+        else:
+            h, verdict = v["headroom"], "cleared" if v["cleared"] else "not cleared"
+            parts.append(f"{setting} {h['points']:+.1f} ± {h['se']:.1f} SE dev points ({verdict})")
+    return "first-order headroom over the frozen bottom on dev: " + "; ".join(parts)
+
+
+def cost_headline(rows: list[dict[str, Any]]) -> str:
+    """One-sided against two-point per step: bytes up, server scorings and the whole step's time."""
+    by = {r["variant"]: r for r in rows}
+    two, one = by["two-point"], by["one-sided"]
+    return (
+        f"one-sided sends {one['bytes_up'] / two['bytes_up']:.3f}x two-point's bytes up with "
+        f"{one['server_scorings'] / two['server_scorings']:.2f}x its server scorings and "
+        f"{one['client_forwards']:.0f} client forwards against {two['client_forwards']:.0f}; its whole step takes "
+        f"{one['step'] / two['step']:.2f}x the time (measured side by side)"
+    )
+
+
 def headlines(docs: Path) -> list[str]:
     """One computed sentence per report that has a headline and exists."""
     found = []
     if (study := _data(docs, "zo_bottom")) is not None:
         found += [f"**zo_bottom**: {line}" for line in zo_bottom_headline(study)]
+    if (gate := _data(docs, "zo_gate")) is not None:
+        found.append(f"**zo_gate**: {gate_headline(gate)}")
+    for stem in ("estimator_cost_minilm", "estimator_cost_smollm2", "estimator_cost_smollm2_q4"):
+        if (rows := _data(docs, stem)) is not None:
+            found.append(f"**{stem}**: {cost_headline(rows)}")
     budgets = {"accuracy": "30 steps, a pipeline check", "accuracy_smollm2": "120 steps, a short-budget check"}
     for stem in ("accuracy", "accuracy_smollm2"):
         if (rows := _data(docs, stem)) is not None:
