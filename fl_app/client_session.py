@@ -287,7 +287,7 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
     state, folder = side.state, side.node.state_folder(session)
     restored = 0
     if state is None and folder is not None:
-        state = load_client_state(folder, partition_id, upto_round)
+        state = load_client_state(folder, partition_id, upto_round, session.run_id)
         restored = saved_round(folder, partition_id, upto_round) if state is not None else 0
     state = state_for_trial(state, session.trial) or ClientState(trial=session.trial)
     if request.average:

@@ -37,6 +37,7 @@ def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientSt
         "subset_ids": list(state.subset_ids),
         "subset_weights": list(state.subset_weights),
         "updates": history_to_record(state.updates) if state.updates is not None else None,
+        "run_id": folder.name,  # the run it belongs to (its folder is named by it): see load_client_state
     }
     save_checkpoint(path, payload)
     files = _rounds(folder, partition_id)
@@ -52,13 +53,19 @@ def saved_round(folder: Path, partition_id: int, upto_round: int) -> int:
     return max((r for r in _rounds(folder, partition_id) if r <= upto_round), default=0)
 
 
-def load_client_state(folder: Path, partition_id: int, upto_round: int) -> ClientState | None:
-    """The state saved after the newest round <= ``upto_round`` (None if there is none)."""
+def load_client_state(
+    folder: Path, partition_id: int, upto_round: int, run_id: str | None = None
+) -> ClientState | None:
+    """The state saved after the newest round <= ``upto_round`` (None if there is none); with ``run_id``,
+    a state another run wrote (copied into this run's folder) is refused naming its file."""
     rnd = saved_round(folder, partition_id, upto_round)
     if not rnd:
         return None
     path = _rounds(folder, partition_id)[rnd]
     payload = load_checkpoint(path)
+    owner = payload.pop("run_id", None) if isinstance(payload, dict) else None  # files written before it: none
+    if run_id is not None and owner is not None and owner != run_id:
+        raise CheckpointRefused(f"{path} is a client state of run {str(owner)[:64]!r}, not of this run ({run_id})")
     try:
         updates = payload.pop("updates", None)
         state = ClientState(**payload, updates=history_from_record(updates) if updates is not None else None)

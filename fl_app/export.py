@@ -95,7 +95,7 @@ def client_states(run: RunCheckpoint, states: Path | None = None) -> dict[int, C
     found = {}
     for own in sorted(folder.glob("client-*")) if folder.is_dir() else ():
         suffix = own.name.removeprefix("client-")
-        if suffix.isdigit() and (state := load_client_state(folder, int(suffix), run.round)) is not None:
+        if suffix.isdigit() and (state := load_client_state(folder, int(suffix), run.round, run.run_id)) is not None:
             found[int(suffix)] = state
     return found
 

@@ -104,6 +104,7 @@ def test_a_seeds_state_that_cannot_be_this_runs_is_refused_naming_it_before_any_
         payload["steps"] += 1
     payload["updates"] = history_to_record(updates)
     store = tmp_path / "run" / "clients" / "store"
+    payload["run_id"] = store.name  # a state of the run it is read in: only the tampering is wrong
     save_checkpoint(store / "client-0" / newest.name, payload)
     config = make_config({**SETTINGS, "client-state": "seeds"})
     session = SessionSettings(
@@ -114,3 +115,23 @@ def test_a_seeds_state_that_cannot_be_this_runs_is_refused_naming_it_before_any_
     with pytest.raises(CheckpointRefused, match=expected[tamper]) as refused:
         _prepare(SessionRequest(session), side, 3)
     assert tamper == "too-many" or newest.name in str(refused.value)  # the file is named
+
+
+def test_a_state_another_run_wrote_is_refused_naming_its_file(both, tmp_path):
+    """Issue 44 item 5: a client state copied into another run's folder is not replayed silently."""
+    import shutil
+
+    from fl_app.checkpoint import CheckpointRefused
+
+    _, out = both["seeds"]
+    (newest,) = sorted((_store(out) / "client-0").glob("round-*.pt"))[-1:]
+    store = tmp_path / "run" / "clients" / "otherrun1234"
+    (store / "client-0").mkdir(parents=True)
+    shutil.copy(newest, store / "client-0" / newest.name)
+    config = make_config({**SETTINGS, "client-state": "seeds"})
+    session = SessionSettings(
+        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+    )
+    side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
+    with pytest.raises(CheckpointRefused, match=f"{newest.name} is a client state of run '{_store(out).name}'"):
+        _prepare(SessionRequest(session), side, 3)
