@@ -11,8 +11,9 @@ continues from its last round (:func:`benchmarks.zo_bottom.run_all`).
    a. each estimator at three client rates (cosine decay after a 40-step warm-up): two-point at the
       setting's Q, one-sided at twice that Q (the same client forwards and server scorings per step),
       low-rank (rank 2, subspace kept 50 steps), sparse (80 % of each matrix left out; full-parameter
-      clients only); fo-fo with Adam at three rates, the same schedule (the ceiling gets the same
-      tuning effort);
+      clients only); on MiniLM also two-point and one-sided on the small parameterisations whose
+      first-order ceiling the gate measured (the norms alone; LoRA on the last client layer); fo-fo
+      with Adam at three rates, the same schedule (the ceiling gets the same tuning effort);
    b. at the best estimator's pick: its Q doubled and its eps times 10; and the server rate swept over
       three points (x 1/4, x 1, x 4) for the frozen bottom, fo-fo's pick and the best estimator's.
 2. ``main`` (:data:`MAIN_STEPS` steps, seeds 0-4): the frozen bottom, fo-fo and hosl with the two best
@@ -58,6 +59,11 @@ ESTIMATOR_RATES = {  # per model family, per estimator: its client rates
     },
 }
 FOFO_RATES = {"minilm": (1e-5, 3e-5, 1e-4), "smollm2": (1e-4, 3e-4, 1e-3)}  # Adam
+# The small parameterisations whose first-order ceiling the gate measured (MiniLM's full-parameter client
+# only): ZO over a few thousand values (the norms: d ~ 5k at cut 6; LoRA on the last layer's q and v:
+# d ~ 12k) against ~21M for the full client, so sqrt(T Q / d) is ~60x larger. Two-point and one-sided each.
+SMALL_PARTS = {"norms": (1e-3, 3e-3, 1e-2), "lora-last": (1e-3, 3e-3, 1e-2)}
+SMALL_DIFFERENCES = ("two-point", "one-sided")
 SERVER_FACTORS = (0.25, 1.0, 4.0)
 
 
@@ -90,6 +96,26 @@ def estimator_keys(setting: str, name: str) -> dict[str, Any]:
     return {"mode": "hosl", "zo-estimator": name, "zo-queries": q, **COSINE}
 
 
+def part_keys(setting: str, part: str) -> dict[str, Any]:
+    """The client keys of a small parameterisation at ``setting``'s cut (as the gate's fo-fo variants)."""
+    if part == "norms":
+        return {"client-freeze": zo_gate.NORMS_ONLY}
+    last = f"layer.{setting_keys(setting)['cut-layer'] - 1}.attention.self"
+    return {"client-params": "lora", "lora-targets": f"{last}.query,{last}.value", "zo-eps": 1e-2}  # MeZO's LoRA eps
+
+
+def hosl_kinds(setting: str) -> dict[str, tuple[dict[str, Any], tuple[float, ...]]]:
+    """Every hosl kind of the pilot by name: its keys and its client rates (each estimator on the full
+    client; two-point and one-sided on each small parameterisation, MiniLM only)."""
+    fam = family(setting)
+    kinds = {name: (estimator_keys(setting, name), rates) for name, rates in ESTIMATOR_RATES[fam].items()}
+    if fam == "minilm":
+        for part, rates in SMALL_PARTS.items():
+            for name in SMALL_DIFFERENCES:
+                kinds[f"{name}-{part}"] = ({**estimator_keys(setting, name), **part_keys(setting, part)}, rates)
+    return kinds
+
+
 def chosen_setting(gate: dict[str, Any]) -> tuple[str, str] | None:
     """(setting, why): the gate's cleared setting with the largest headroom, else :data:`FALLBACK`; None
     while the gate has settings left to run."""
@@ -115,8 +141,8 @@ def pilot_runs(setting: str, server_lr: float) -> dict[str, dict[str, Any]]:
     common = {**budget(PILOT_STEPS[family(setting)], 50, batch(setting)), **setting_keys(setting, server_lr)}
     common["seed"] = 0
     runs = {
-        f"pilot/{name}/lr{lr:g}": {**common, **estimator_keys(setting, name), "client-lr": lr}
-        for name, rates in ESTIMATOR_RATES[family(setting)].items()
+        f"pilot/{name}/lr{lr:g}": {**common, **keys, "client-lr": lr}
+        for name, (keys, rates) in hosl_kinds(setting).items()
         for lr in rates
     }
     fofo = {"mode": "fo-fo", "client-optimizer": "adam", **COSINE}
@@ -185,7 +211,7 @@ def measure(phase: str, out: Path, jobs: int, ledger: Ledger, gate_ledger: Ledge
     done = run_all(first, out, jobs, ledger)
     data["pilot"] = done
     chosen = picks(done)
-    if len(chosen) < len(ESTIMATOR_RATES[family(setting)]) + 1:
+    if len(chosen) < len(hosl_kinds(setting)) + 1:
         return data
     second = second_stage(setting, server_lr, done, chosen, first)
     done_b = run_all(second, out, jobs, ledger)

@@ -81,12 +81,15 @@ def test_the_study_runs_in_miniature_and_reads_back_from_its_ledger(tmp_path, mo
         study, "ESTIMATOR_RATES", {"minilm": {"two-point": (1e-3,), "one-sided": (1e-3,), "sparse": (1e-2,)}}
     )
     monkeypatch.setattr(study, "FOFO_RATES", {"minilm": (1e-3,)})
+    monkeypatch.setattr(study, "SMALL_PARTS", {"norms": (1e-2,)})
+    monkeypatch.setattr(study, "SMALL_DIFFERENCES", ("one-sided",))
     monkeypatch.setattr(study, "SEEDS", (0, 1))
     monkeypatch.setattr(study, "SERVER_FACTORS", (1.0, 4.0))
     ledger, gate = Ledger(tmp_path / "ledger.json"), Ledger(tmp_path / "gate.json")
     data = study.measure("main", tmp_path / "runs", 1, ledger, gate)
     assert data["setting"]["setting"] == "minilm/cut1" and data["setting"]["server_lr"] == 2e-4
     assert data["pilot"]["pilot/one-sided/lr0.001"] is not None
+    assert data["pilot"]["pilot/one-sided-norms/lr0.01"] is not None  # ZO on the norms alone
     picked = data["picked"]
     assert set(picked) == {
         "frozen",
