@@ -26,10 +26,10 @@ SMOKE = {**read_scenario("sim_configs/smoke_tiny.toml"), "eval-test": False}
 NEW = ("one-sided", "low-rank", "sparse")  # two-point's runs are covered by the rest of the suite
 
 
-def model(seed=0):
+def model(seed=0, rows=40):
     torch.manual_seed(seed)
     return torch.nn.ModuleDict(
-        {"emb": torch.nn.Embedding(40, 16), "mid": torch.nn.Linear(16, 12), "out": torch.nn.Linear(12, 3)}
+        {"emb": torch.nn.Embedding(rows, 16), "mid": torch.nn.Linear(16, 12), "out": torch.nn.Linear(12, 3)}
     )
 
 
@@ -153,10 +153,10 @@ def test_a_row_restricted_step_leaves_other_rows_bit_identical(name):
 def test_estimates_approach_the_gradient_they_can_see(name):
     """The mean of g_q z_q over many directions points along the gradient (for sparse z: the gradient on
     the masked entries; for low-rank z: over directions from many subspaces), more so with more (the
-    model has d = 883 values)."""
-    m = model()
+    model has d = 403 values)."""
+    m = model(rows=10)
     gen = torch.Generator().manual_seed(0)
-    ids, y = torch.randint(0, 40, (16, 5), generator=gen), torch.arange(16) % 3
+    ids, y = torch.randint(0, 10, (16, 5), generator=gen), torch.arange(16) % 3
     loss_of(m, ids, y).backward()
     zo = estimator(m, name, subspace_steps=1)
     visible = torch.cat(
@@ -166,7 +166,7 @@ def test_estimates_approach_the_gradient_they_can_see(name):
         ]
     )
     cosines = []
-    for count in (4, 64, 1024):
+    for count in (4, 64, 512):
         probe = copy.deepcopy(m)
         zo = estimator(probe, name, subspace_steps=1)
         zo.eps = 1e-4
@@ -177,7 +177,7 @@ def test_estimates_approach_the_gradient_they_can_see(name):
         before = flat(probe).clone()
         zo.finish(seeds, losses, lr=1.0, clean_loss=clean)
         cosines.append(torch.nn.functional.cosine_similarity(before - flat(probe), visible, dim=0).item())
-    assert cosines == sorted(cosines) and cosines[-1] > 0.6, cosines  # sqrt(Q / (Q + d)): 0.73 for dense z
+    assert cosines == sorted(cosines) and cosines[-1] > 0.6, cosines  # sqrt(Q / (Q + d)): 0.75 for dense z
 
 
 def _store(out):
