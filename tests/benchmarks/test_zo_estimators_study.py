@@ -22,6 +22,11 @@ def test_the_setting_is_the_largest_cleared_headroom_else_the_fallback():
     assert study.chosen_setting(none)[0] == study.FALLBACK
     assert study.chosen_setting({**gate, "smollm2/cut20": {"verdict": None}}) is None  # the gate is running
     assert study.server_rate("minilm/cut6", gate) == 2e-4
+    tie = {
+        "smollm2/cut15": {"verdict": _verdict(7.2, True)},
+        "minilm/cut6": {"verdict": _verdict(7.199999999999999, True)},
+    }
+    assert study.chosen_setting(tie)[0] == "minilm/cut6"  # equal headrooms: the cheaper model
 
 
 def _run(correct, drift=0.1, dev_loss=0.4):
