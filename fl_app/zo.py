@@ -77,6 +77,11 @@ def direction_chunk(kind: str, seed: int, chunk_index: int, numel: int, device: 
         return torch.randn(numel, generator=gen, dtype=torch.float32, device=device)
     if device.type != "cpu":
         return torch.randint(0, 2, (numel,), generator=gen, device=device).to(torch.float32)
+    return _random_bits(gen, numel)
+
+
+def _random_bits(gen: torch.Generator, numel: int) -> torch.Tensor:
+    """``numel`` fair 0/1 floats on the CPU, unpacked from random 64-bit words (one word per 64 values)."""
     words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, generator=gen)
     return torch.from_numpy(np.unpackbits(words.numpy().view(np.uint8), count=numel)).to(torch.float32)
 
@@ -379,9 +384,7 @@ def _draw(kind: str, gen: torch.Generator, numel: int) -> torch.Tensor:
     """``numel`` float32 values of unit variance on the CPU: N(0, 1) or +-1."""
     if kind == "gaussian":
         return torch.randn(numel, generator=gen, dtype=torch.float32)
-    words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, generator=gen)  # 64 signs each
-    bits = np.unpackbits(words.numpy().view(np.uint8), count=numel)
-    return torch.from_numpy(bits).to(torch.float32).mul_(2).sub_(1)
+    return _random_bits(gen, numel).mul_(2).sub_(1)
 
 
 class _PerParameter(ZOEstimator):
