@@ -105,7 +105,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     except Exception as err:  # the server must learn why; state stays as it was (nothing half-saved)
         log.debug(traceback.format_exc())
         return error_reply(content, context, f"{type(err).__name__}: {err}")
-    if in_memory:  # a node serving several clients: run_session wrote it to the client store
+    if in_memory:  # a node serving one client keeps it in memory too (run_session wrote the client store)
         _save_state(context, state)
     reply = RecordDict({"report": ConfigRecord({"ok": True, **report.to_record()})})
     if report.weights is not None:  # synced FO clients: their bottom, for the server's average

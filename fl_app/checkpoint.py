@@ -7,12 +7,15 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+SESSION_ID = re.compile(r"[0-9a-f]{16}")  # a session's public id (fl_app.records.session_id)
 
 
 def _on_cpu(value: Any) -> Any:
@@ -65,7 +68,19 @@ class CheckpointRefused(ValueError):
 
 
 CHECKPOINT_KEYS = frozenset(
-    {"round", "run_id", "server", "optimizer", "server_steps", "history", "average", "synced", "results", "rng"}
+    {
+        "round",
+        "run_id",
+        "server",
+        "optimizer",
+        "server_steps",
+        "history",
+        "average",
+        "synced",
+        "results",
+        "rng",
+        "committed",
+    }
 )
 
 
@@ -115,6 +130,11 @@ def check_run_checkpoint(saved: Mapping[str, Any], top: torch.nn.Module, what: s
             f"{what}: the checkpoint says round {saved['round']!r}, its results end at round "
             f"{recorded[-1] if recorded else None}"
         )
+    committed = saved["committed"]  # client -> its last committed session (fl_app.records.session_id)
+    if not isinstance(committed, dict) or not all(
+        isinstance(c, int) and isinstance(s, str) and SESSION_ID.fullmatch(s) and s for c, s in committed.items()
+    ):
+        raise CheckpointRefused(f"{what}: the checkpoint's committed sessions are not client -> session id")
 
 
 def mark_failed(folder: Path, error: str) -> None:

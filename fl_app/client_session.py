@@ -274,9 +274,10 @@ class _Prepared:
 
 
 def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Prepared:
-    """The session's client: the saved state if it is this trial's (from the node's state folder on
-    disk, the newest up to ``upto_round``, when none is in memory: a resumed run or a restarted node),
-    the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
+    """The session's client: the state its last committed session wrote (``session.base``; none: the
+    pristine bottom), from memory or else the node's state folder on disk (a resumed run, a restarted
+    node, a client that moved between nodes, a session the server rolled back), refused when neither
+    holds it; the synced ``average`` (FO) as its weights, the synced ``history`` (ZO) applied."""
     started = time.perf_counter()
     session, partition_id = request.session, side.partition_id
     if session.client != partition_id:
@@ -284,11 +285,19 @@ def _prepare(request: SessionRequest, side: ClientSide, upto_round: int) -> _Pre
     if not 0 <= partition_id < side.num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {side.num_partitions})")
     config = side.config.updated({**request.overrides, "num-clients": side.num_partitions})
-    state, folder = side.state, side.node.state_folder(session)
+    state, folder, base = side.state, side.node.state_folder(session), session.base
+    if state is not None and state.session != base:  # memory holds a rolled-back or superseded session's state
+        state = None
     restored = 0
-    if state is None and folder is not None:
-        state = load_client_state(folder, partition_id, upto_round, session.run_id)
-        restored = saved_round(folder, partition_id, upto_round) if state is not None else 0
+    if state is None and folder is not None and base:
+        state = load_client_state(folder, partition_id, upto_round, session.run_id, session=base)
+        restored = saved_round(folder, partition_id, upto_round, session=base)
+    if base and state is None:
+        raise ValueError(
+            f"client {partition_id}'s state from its last committed session ({base}) is not on this node, neither "
+            f"in memory nor in {folder or 'a client store (client-checkpoints = false)'}: every node that serves a "
+            "client must share its state folder (node config state-dir)"
+        )
     state = state_for_trial(state, session.trial) or ClientState(trial=session.trial)
     if request.average:
         state = dataclasses.replace(state, weights=dict(request.average))
@@ -384,13 +393,15 @@ def run_session(
         subset_ids=list(subset.batch_ids) if subset else [],
         subset_weights=list(subset.weights) if subset else [],
         updates=updates,
+        session=session.session_id,
     )
     if config.federation.bottoms == "synced" and config.client_order == "fo":  # FO clients sync by FedAvg
         report.weights = new_state.weights
     folder = side.node.state_folder(session)
     if folder is not None:
         try:
-            save_client_state(folder, partition_id, session.round, new_state, session.finished_round)
+            started_from = saved_round(folder, partition_id, 0, session=session.base) if session.base else session.round
+            save_client_state(folder, partition_id, session.round, new_state, keep_from=started_from)
         except OSError as err:  # the session's work stands; only a later resume or restart cannot use it
             log.warning(
                 "cannot keep client %d's state in %s (set node config state-dir): %s", partition_id, folder, err

@@ -1,34 +1,40 @@
-"""Client states on the client's own disk, one file per round it trained, so a resumed run (or a
-restarted SuperNode, whose in-memory state Flower forgot) continues each bottom exactly.
+"""Client states on the client's own disk, one file per training session, so a resumed run (or a
+restarted SuperNode, whose in-memory state Flower forgot, or another node the client moved to) continues
+each bottom exactly as the server committed it.
 
-Files live in ``<folder>/client-<partition id>/round-<round>.pt`` and are written atomically. A
-client loads the newest file up to the last round the server finished; older files are pruned
-once a newer one is finished (the server's checkpoint is past it), and when the run finishes only
-each client's newest file is kept (its final bottom).
+Files live in ``<folder>/client-<partition id>/round-<round>-<session id>.pt`` and are written
+atomically. A session loads the file of the client's last committed session (the server names it:
+``SessionSettings.base``), never merely the newest: a session the server rolled back, or a second
+session of the client that ran at once on another node, leaves a file nobody loads. Files of rounds
+before the one a session started from are pruned when it saves; when the run finishes only each
+client's committed file is kept (its final bottom).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from fl_app.checkpoint import CheckpointRefused, load_checkpoint, save_checkpoint
 from fl_app.records import ClientState, history_from_record, history_to_record
 
-_NAME = re.compile(r"round-(\d+)\.pt")
+_NAME = re.compile(r"round-(\d+)(?:-([0-9a-f]{16}))?\.pt")
 
 
-def _rounds(folder: Path, partition_id: int) -> dict[int, Path]:
+def _files(folder: Path, partition_id: int) -> list[tuple[int, str, Path]]:
+    """(round, session id, path) of a client's state files ("" for a file named without an id), oldest first."""
     own = folder / f"client-{partition_id}"
     found = (_NAME.fullmatch(p.name) for p in own.glob("round-*.pt")) if own.is_dir() else ()
-    return {int(m.group(1)): own / m.group(0) for m in found if m}
+    return sorted((int(m.group(1)), m.group(2) or "", own / m.group(0)) for m in found if m)
 
 
-def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientState, finished_round: int) -> Path:
-    """Write the state after round ``rnd``; drop files older than the newest one the server has
-    finished with (``finished_round``: its last checkpointed round)."""
-    path = folder / f"client-{partition_id}" / f"round-{rnd:05d}.pt"
+def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientState, keep_from: int) -> Path:
+    """Write the state after round ``rnd`` (named by the session that wrote it, ``state.session``); drop
+    the client's files of rounds before ``keep_from`` (the round of the state the session started from)."""
+    name = f"round-{rnd:05d}" + (f"-{state.session}" if state.session else "") + ".pt"
+    path = folder / f"client-{partition_id}" / name
     payload = {
         "weights": state.weights,
         "steps": state.steps,
@@ -37,31 +43,42 @@ def save_client_state(folder: Path, partition_id: int, rnd: int, state: ClientSt
         "subset_ids": list(state.subset_ids),
         "subset_weights": list(state.subset_weights),
         "updates": history_to_record(state.updates) if state.updates is not None else None,
+        "session": state.session,
         "run_id": folder.name,  # the run it belongs to (its folder is named by it): see load_client_state
     }
     save_checkpoint(path, payload)
-    files = _rounds(folder, partition_id)
-    keep_from = max((r for r in files if r <= finished_round), default=0)
-    for r, old in files.items():
+    for r, _, old in _files(folder, partition_id):
         if r < keep_from:
             old.unlink(missing_ok=True)
     return path
 
 
-def saved_round(folder: Path, partition_id: int, upto_round: int) -> int:
-    """The newest round <= ``upto_round`` whose state is saved (0 if none is)."""
-    return max((r for r in _rounds(folder, partition_id) if r <= upto_round), default=0)
+def saved_round(folder: Path, partition_id: int, upto_round: int, session: str | None = None) -> int:
+    """The round of the state :func:`load_client_state` loads with the same arguments (0 if none)."""
+    found = _find(folder, partition_id, upto_round, session)
+    return found[0] if found else 0
+
+
+def _find(folder: Path, partition_id: int, upto_round: int, session: str | None) -> tuple[int, Path] | None:
+    """The newest file up to ``upto_round``, or (``session`` given) the one that session wrote."""
+    files = [
+        (r, path)
+        for r, sid, path in _files(folder, partition_id)
+        if (r <= upto_round if session is None else sid == session != "")
+    ]
+    return files[-1] if files else None
 
 
 def load_client_state(
-    folder: Path, partition_id: int, upto_round: int, run_id: str | None = None
+    folder: Path, partition_id: int, upto_round: int, run_id: str | None = None, session: str | None = None
 ) -> ClientState | None:
-    """The state saved after the newest round <= ``upto_round`` (None if there is none); with ``run_id``,
-    a state another run wrote (copied into this run's folder) is refused naming its file."""
-    rnd = saved_round(folder, partition_id, upto_round)
-    if not rnd:
+    """The state saved after the newest round <= ``upto_round`` or, with ``session``, the one that
+    session wrote (None if there is none; always None for ``session = ""``); with ``run_id``, a state
+    another run wrote (copied into this run's folder) is refused naming its file."""
+    found = _find(folder, partition_id, upto_round, session)
+    if found is None:
         return None
-    path = _rounds(folder, partition_id)[rnd]
+    path = found[1]
     payload = load_checkpoint(path)
     owner = payload.pop("run_id", None) if isinstance(payload, dict) else None  # files written before it: none
     if run_id is not None and owner is not None and owner != run_id:
@@ -71,6 +88,8 @@ def load_client_state(
         state = ClientState(**payload, updates=history_from_record(updates) if updates is not None else None)
     except (TypeError, KeyError, ValueError) as err:
         raise CheckpointRefused(f"{path} is not a client state of this project ({type(err).__name__}: {err})") from None
+    if session and state.session != session:
+        raise CheckpointRefused(f"{path} holds the state of session {state.session[:40]!r}, not {session} (renamed?)")
     if state.updates is not None:
         check_updates(state, str(path))
     return state
@@ -103,14 +122,15 @@ def check_updates(state: ClientState, where: str, most_steps: int | None = None)
         raise CheckpointRefused(f"{where}: step {bad} has a rate or projected gradient that is not finite")
 
 
-def keep_newest_states(folder: Path) -> int:
-    """A finished run's client states: each client's newest file stays (its final bottom), older ones
-    go, since nothing resumes from them; returns how many files were removed."""
+def keep_committed_states(folder: Path, committed: Mapping[int, str]) -> int:
+    """A finished run's client states: each client's file of its last committed session (``committed``:
+    client -> session id) stays, its final bottom; every other file goes, since nothing resumes from
+    them; returns how many files were removed."""
     removed = 0
     for own in sorted(folder.glob("client-*")) if folder.is_dir() else ():
-        files = _rounds(folder, int(own.name.removeprefix("client-"))) if own.name[7:].isdigit() else {}
-        for r, path in files.items():
-            if r < max(files):
+        client = own.name.removeprefix("client-")
+        for _, sid, path in _files(folder, int(client)) if client.isdigit() else ():
+            if sid != committed.get(int(client)):
                 path.unlink(missing_ok=True)
                 removed += 1
     return removed

@@ -32,14 +32,14 @@ from fl_app.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from fl_app.client_store import keep_newest_states
+from fl_app.client_store import keep_committed_states
 from fl_app.config import Config
 from fl_app.cross_scoring import CrossClientScorer
 from fl_app.frame_auth import node_key, read_key_file, read_pem
 from fl_app.metrics import pool_eval, release_freed_memory
 from fl_app.plots import plot_results
 from fl_app.protocol import ProtocolError
-from fl_app.records import EvalReport, History, SessionSettings, TrainReport
+from fl_app.records import EvalReport, History, SessionSettings, TrainReport, session_id
 from fl_app.scenario import build_server, load_server_top
 from fl_app.server_party import ScoreJob
 from fl_app.split import param_counts
@@ -116,6 +116,8 @@ class Coordinator:
         self.history = History()
         self.average: dict[str, torch.Tensor] | None = None
         self.synced: dict[int, int] = {}  # client -> the round through which it has the synced updates
+        self.committed: dict[int, str] = {}  # client -> id of its last committed training session, this trial
+        self._bases: dict[str, str] = {}  # open session token -> the committed session it started from
         self.refused_before: dict[str, int] = {}  # refusals counted before a resume
         self.finished_round = 0  # the last round checkpointed (what a resumed run continues from)
         self.run_id = secrets.token_hex(8)  # names this run's client states (a resumed run keeps it)
@@ -146,7 +148,7 @@ class Coordinator:
             self.config = self.base_config.updated(overrides)
             self.server = build_server(self.config, copy.deepcopy(self.pristine_top), self.num_classes)
         self.trial, self.overrides = trial, dict(overrides)
-        self.history, self.average, self.synced = History(), None, {}
+        self.history, self.average, self.synced, self.committed = History(), None, {}, {}
         self.results.update(history=[], rounds=[], step_seconds=0.0)
         self.results["eval"] = {"history": []}
 
@@ -193,6 +195,7 @@ class Coordinator:
         """A new session for ``client_id`` and the settings its session message carries (``extra``: a
         training session's ``subset`` plan, an evaluation's ``split``, ``shard`` and ``num_shards``)."""
         session = self.stream.open_session(str(client_id), node_key(self.secret, client_id) if self.secret else None)
+        self._bases[session.token] = base = self.committed.get(client_id, "")
         settings = {
             "client": client_id,
             "round": rnd,
@@ -207,6 +210,7 @@ class Coordinator:
             if self.config.run.client_checkpoints
             else "",
             "finished_round": self.finished_round,
+            "base": base,  # the client loads the state of that session, whichever node it is on
         }
         return session, SessionSettings(**{**settings, **extra})
 
@@ -218,19 +222,24 @@ class Coordinator:
 
     def finish_train(self, session: Session, report: TrainReport | None, reason: str = "") -> bool:
         """Commit a session's updates if the client reported success in a report that holds up
-        (:meth:`TrainReport.problem`), otherwise roll them back."""
+        (:meth:`TrainReport.problem`) and no other session of its client was committed since it opened
+        (it started from the client's last committed state), otherwise roll them back."""
         if report is not None and session.status == "open":
             zo_client = self.client_order == "zo" and self.config.model.client_params != "frozen"
             queries = self.config.zo.queries if zo_client else 0
             problem = report.problem(int(session.client_id), queries)
             if problem is not None:  # never committed, never in the synced history: the client is dropped
                 report, reason = None, f"bad report: {problem}"
+            elif self._bases.get(session.token) != self.committed.get(int(session.client_id), ""):
+                report = None  # two sessions of one client at once: the client kept the other's state
+                reason = f"another session of client {session.client_id} was committed after this one opened"
         if report is None or session.status != "open":
             self.stream.fail(session, reason or session.reason or "no report")
             self._end(session)
             return False
         with self.lock:
             self.server.ledger.commit(session.token)
+        self.committed[int(session.client_id)] = session_id(session.token)
         self._end(session)
         return True
 
@@ -241,6 +250,7 @@ class Coordinator:
         """Close a session and free what the server buffered for it (streamed parts, proxies), on
         every end: a client that closes cleanly mid-step leaves nothing behind."""
         self.stream.close_session(session)
+        self._bases.pop(session.token, None)
         with self.lock:
             self.server.discard_parts(session.token)
         release_freed_memory()
@@ -375,6 +385,7 @@ class Coordinator:
                 "history": self.history.__dict__,
                 "average": self.average,
                 "synced": self.synced,
+                "committed": self.committed,
                 "results": json.dumps(self.results, default=float),  # plain JSON, as results.json
                 "rng": torch.get_rng_state(),
             },
@@ -401,6 +412,7 @@ class Coordinator:
             self.server.steps = saved["server_steps"]
         self.history = History(**saved["history"])
         self.average, self.synced = saved["average"], dict(saved["synced"])
+        self.committed = dict(saved["committed"])
         self.results = json.loads(saved["results"])
         self.refused_before = self.results.get("refused", {})
         self.results.setdefault("resumed", []).append({"after_round": saved["round"], "config": dict(self.config)})
@@ -416,7 +428,7 @@ class Coordinator:
         if status == "finished" and self.results["rounds"]:
             self.results["plot"] = str(plot_results(self.results, self.out_dir / "results.png"))
         if status == "finished":  # nothing resumes a finished run: each client's final state is enough
-            keep_newest_states(self.out_dir / "clients" / self.run_id)
+            keep_committed_states(self.out_dir / "clients" / self.run_id, self.committed)
         if status != "running" and self.tracker is not None:
             test = self.results["eval"].get("test")
             if test:

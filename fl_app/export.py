@@ -89,14 +89,13 @@ def read_run(folder: Path) -> RunCheckpoint:
 
 
 def client_states(run: RunCheckpoint, states: Path | None = None) -> dict[int, ClientState]:
-    """Each client's newest state up to the checkpoint's round, from ``states`` (a node's
-    ``state-dir`` for this run) or the run folder's ``clients/<run id>``."""
+    """Each client's state as of the checkpoint (the one its last committed session wrote), from
+    ``states`` (a node's ``state-dir`` for this run) or the run folder's ``clients/<run id>``."""
     folder = states if states is not None else run.folder / "clients" / run.run_id
     found = {}
-    for own in sorted(folder.glob("client-*")) if folder.is_dir() else ():
-        suffix = own.name.removeprefix("client-")
-        if suffix.isdigit() and (state := load_client_state(folder, int(suffix), run.round, run.run_id)) is not None:
-            found[int(suffix)] = state
+    for client, session in sorted(run.saved["committed"].items()):
+        if (state := load_client_state(folder, client, run.round, run.run_id, session=session)) is not None:
+            found[client] = state
     return found
 
 

@@ -7,6 +7,7 @@ once, for both apps (``client_app`` stores and sends them, ``server_app`` sends 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fl_app.checkpoint import SESSION_ID
 from fl_app.subset import PLANS
 
 
@@ -89,9 +91,15 @@ class ClientState:
     subset_ids: list[int] = field(default_factory=list)
     subset_weights: list[float] = field(default_factory=list)
     updates: History | None = None
+    session: str = ""  # the id of the training session that wrote it ("": none); see SessionSettings.base
 
 
 SPLITS = ("", "dev", "test")  # "" for a training session
+
+
+def session_id(token: str) -> str:
+    """The public id of the session with secret ``token``: 16 hex digits of its SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class SessionSettings:
     run_id: str = ""
     state_dir: str = ""  # where clients keep per-round states ("": none)
     finished_round: int = 0  # the server's last checkpointed round (older client states may go)
+    base: str = ""  # the id of the client's last committed training session of this trial ("": none yet)
     subset: str = "full"  # a training session's data plan (fl_app.subset.PLANS)
     split: str = ""  # an evaluation's split (dev or test); "" for training
     shard: int = 0  # the evaluation's contiguous shard of the split ...
@@ -123,11 +132,18 @@ class SessionSettings:
                 raise ValueError(f"field '{_record_key(f.name)}' of the session is {value!r}, expected {f.type}")
         if self.subset not in PLANS:
             raise ValueError(f"field 'subset' of the session is {self.subset!r}, expected one of {PLANS}")
+        if self.base and not SESSION_ID.fullmatch(self.base):
+            raise ValueError(f"field 'base' of the session is {self.base[:40]!r}, expected a session id or ''")
         if self.split not in SPLITS or not 0 <= self.shard < self.num_shards:
             raise ValueError(
                 f"fields 'split', 'shard', 'num-shards' of the session are {self.split!r}, {self.shard}, "
                 f"{self.num_shards}: expected dev or test (or none), and 0 <= shard < num-shards"
             )
+
+    @property
+    def session_id(self) -> str:
+        """This session's public id (a hash of its secret token): names the client state it writes."""
+        return session_id(self.token)
 
     def to_record(self) -> dict[str, Any]:
         """The flat record a Flower ConfigRecord holds (hyphenated keys)."""
@@ -268,6 +284,7 @@ def state_to_records(state: ClientState) -> tuple[dict[str, torch.Tensor], dict[
         "trial": state.trial,
         "subset-ids": list(state.subset_ids),
         "subset-weights": list(state.subset_weights),
+        "session": state.session,
         **(history_to_record(state.updates) if state.updates is not None else {}),
     }
 
@@ -282,6 +299,7 @@ def state_from_records(weights: Mapping[str, torch.Tensor], counters: Mapping[st
         subset_ids=[int(i) for i in counters["subset-ids"]],
         subset_weights=[float(w) for w in counters["subset-weights"]],
         updates=history_from_record(counters) if "h-rounds" in counters else None,
+        session=str(counters.get("session", "")),
     )
 
 

@@ -12,10 +12,13 @@ evenly and deterministically.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fl_app.config import MOST
 
 _PART = re.compile(r"(\d+)(?:-(\d+)(?:/(\d+))?)?")
 
@@ -65,7 +68,7 @@ class PartitionSet:
         return any(client in r for r in self.ranges)
 
     def __len__(self) -> int:
-        return len(set(self))
+        return len(set(itertools.chain.from_iterable(self.ranges)))
 
     def __iter__(self) -> Iterator[int]:
         seen: set[int] = set()
@@ -112,6 +115,8 @@ def node_clients(node_config: Mapping[str, Any], virtual: bool, num_clients: int
                 f"node config is missing {err} (set --node-config 'partition-id=0 num-partitions=2', or "
                 "'partitions=0-99 num-partitions=1000' for a node serving several clients)"
             ) from err
+    if not 1 <= count <= MOST:  # judged before anything is built from it
+        raise ValueError(f"node config num-partitions = {count} is outside [1, {MOST}]")
     beyond = [r[-1] for r in clients.ranges if r[-1] >= count]
     if beyond:
         raise ValueError(

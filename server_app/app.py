@@ -11,6 +11,7 @@ first. This module only discovers the nodes and turns sessions into messages and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import threading
@@ -255,7 +256,10 @@ class FlowerFederation:
         """The clients the several-client nodes online serve (worked out again only when they change)."""
         key = tuple(sorted(self.shared))
         if key != self._reachable[0]:
-            self._reachable = (key, frozenset(c for node in key for c in self.shared[node]))
+            self._reachable = (
+                key,
+                frozenset(itertools.chain.from_iterable(r for n in key for r in self.shared[n].ranges)),
+            )
         return self._reachable[1]
 
     def num_clients(self) -> int:

@@ -15,10 +15,12 @@ import torch
 
 from fl_app import train as train_cli
 from fl_app.checkpoint import (
+    CheckpointRefused,
     RunFolderBusy,
     RunFolderLock,
     WriteFailed,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     write_json_atomic,
 )
@@ -179,38 +181,53 @@ def test_resume_refuses_a_folder_trained_with_other_settings(tmp_path, capsys):
 
 
 def test_client_states_on_disk_keep_what_a_resume_needs(tmp_path):
-    """A client's per-round states: loading takes the newest round up to the one asked for; a file
-    is pruned only once a newer round is finished (checkpointed) by the server."""
-    from fl_app.client_store import keep_newest_states, load_client_state, save_client_state
+    """A client's states, one file per session: a session loads the one its last committed session
+    wrote (not merely the newest: a rolled-back session's file is never loaded), a file goes once a
+    session starting from a later round saves, and a finished run keeps the committed files only."""
+    from fl_app.client_store import keep_committed_states, load_client_state, save_client_state, saved_round
     from fl_app.records import ClientState
 
-    def state(steps):
+    def state(steps, session):
         return ClientState(
-            weights={"w": torch.full((2,), float(steps))}, steps=steps, subset_ids=[1], subset_weights=[0.5]
+            weights={"w": torch.full((2,), float(steps))},
+            steps=steps,
+            subset_ids=[1],
+            subset_weights=[0.5],
+            session=session,
         )
 
-    save_client_state(tmp_path, 3, 1, state(3), finished_round=0)
-    save_client_state(tmp_path, 3, 2, state(6), finished_round=1)
-    save_client_state(tmp_path, 3, 4, state(9), finished_round=2)  # not selected in round 3
-    assert sorted(p.name for p in (tmp_path / "client-3").iterdir()) == ["round-00002.pt", "round-00004.pt"]
-    back = load_client_state(tmp_path, 3, upto_round=3)  # resuming after round 3: round 2's state
+    a, b, c, d = (f"{i:016x}" for i in (10, 11, 12, 13))
+    save_client_state(tmp_path, 3, 1, state(3, a), keep_from=1)
+    save_client_state(tmp_path, 3, 2, state(6, b), keep_from=1)  # started from round 1's: it stays
+    save_client_state(tmp_path, 3, 4, state(9, c), keep_from=2)  # rolled back by the server later
+    files = sorted(p.name for p in (tmp_path / "client-3").iterdir())
+    assert files == [f"round-00002-{b}.pt", f"round-00004-{c}.pt"]
+    back = load_client_state(tmp_path, 3, upto_round=9, session=b)  # the committed one, not the newest
     assert back.steps == 6 and torch.equal(back.weights["w"], torch.full((2,), 6.0)) and back.subset_weights == [0.5]
-    assert load_client_state(tmp_path, 3, upto_round=1) is None and load_client_state(tmp_path, 4, 9) is None
-    save_client_state(tmp_path, 5, 2, state(2), finished_round=0)
-    save_client_state(tmp_path, 5, 3, state(4), finished_round=1)  # round 2's file kept: round 3 not finished
+    assert saved_round(tmp_path, 3, 9, session=b) == 2 and load_client_state(tmp_path, 3, 9).steps == 9
+    assert (
+        load_client_state(tmp_path, 3, 9, session=a) is None and load_client_state(tmp_path, 3, 9, session="") is None
+    )
+    assert load_client_state(tmp_path, 4, 9, session=b) is None
+    save_client_state(tmp_path, 5, 2, state(2, d), keep_from=2)
     (tmp_path / "client-notes").mkdir()  # not a client's folder: left alone
-    assert keep_newest_states(tmp_path) == 2  # the run finished: each client's final state only
-    assert [p.name for p in (tmp_path / "client-3").iterdir()] == ["round-00004.pt"]
-    assert [p.name for p in (tmp_path / "client-5").iterdir()] == ["round-00003.pt"]
-    assert load_client_state(tmp_path, 5, upto_round=9).steps == 4 and keep_newest_states(tmp_path / "none") == 0
+    assert keep_committed_states(tmp_path, {3: b, 5: d}) == 1  # the run finished: each client's committed state
+    assert [p.name for p in (tmp_path / "client-3").iterdir()] == [f"round-00002-{b}.pt"]
+    assert [p.name for p in (tmp_path / "client-5").iterdir()] == [f"round-00002-{d}.pt"]
+    assert keep_committed_states(tmp_path / "none", {}) == 0
+    (tmp_path / "client-3" / f"round-00002-{b}.pt").rename(tmp_path / "client-3" / f"round-00002-{a}.pt")
+    with pytest.raises(CheckpointRefused, match=f"holds the state of session '{b}', not {a}"):
+        load_client_state(tmp_path, 3, 9, session=a)
 
 
 def test_a_finished_run_keeps_each_clients_final_state_only(tmp_path):
     config = make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-rounds": 3, "eval-test": False})
     train_cli.run(config, tmp_path)
     (folder,) = (tmp_path / "clients").iterdir()  # the run's own
-    assert sorted(p.name for p in (folder / "client-0").iterdir()) == ["round-00003.pt"]
-    assert sorted(p.name for p in (folder / "client-1").iterdir()) == ["round-00003.pt"]
+    committed = read_checkpoint(tmp_path / "checkpoint.pt")["committed"]
+    assert sorted(committed) == [0, 1]
+    for client in (0, 1):
+        assert [p.name for p in (folder / f"client-{client}").iterdir()] == [f"round-00003-{committed[client]}.pt"]
 
 
 def test_a_checkpoint_with_empty_byte_strings_loads_as_a_synced_lora_run_writes_it(tmp_path):

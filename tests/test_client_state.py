@@ -36,7 +36,14 @@ def test_a_bottom_kept_as_seeds_is_replayed_bit_identically_wherever_it_is_loade
     assert kept.weights == {} and len(kept.updates) == kept.steps == 3 * SETTINGS["local-steps"]
     store = _store(out)
     session = SessionSettings(
-        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+        client=0,
+        round=4,
+        token="t",
+        address="a:1",
+        local_steps=1,
+        run_id=store.name,
+        state_dir=str(store),
+        base=kept.session,  # the server names the client's last committed session: its state is loaded
     )
     in_memory = ClientSide(config, 0, SETTINGS["num-clients"], kept)  # a node bound to the client
     from_memory = trainable_state(_prepare(SessionRequest(session), in_memory, 3).client)
@@ -108,7 +115,14 @@ def test_a_seeds_state_that_cannot_be_this_runs_is_refused_naming_it_before_any_
     save_checkpoint(store / "client-0" / newest.name, payload)
     config = make_config({**SETTINGS, "client-state": "seeds"})
     session = SessionSettings(
-        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+        client=0,
+        round=4,
+        token="t",
+        address="a:1",
+        local_steps=1,
+        run_id=store.name,
+        state_dir=str(store),
+        base=payload["session"],
     )
     side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
     expected = {"too-many": "more than the run can have taken", "nan": "step 4 has a rate", "counter": "step counter"}
@@ -130,7 +144,14 @@ def test_a_state_another_run_wrote_is_refused_naming_its_file(both, tmp_path):
     shutil.copy(newest, store / "client-0" / newest.name)
     config = make_config({**SETTINGS, "client-state": "seeds"})
     session = SessionSettings(
-        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store)
+        client=0,
+        round=4,
+        token="t",
+        address="a:1",
+        local_steps=1,
+        run_id=store.name,
+        state_dir=str(store),
+        base=newest.name.removesuffix(".pt").split("-")[-1],
     )
     side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
     with pytest.raises(CheckpointRefused, match=f"{newest.name} is a client state of run '{_store(out).name}'"):

@@ -377,7 +377,7 @@ def test_evaluation_after_a_restart_scores_the_bottom_trained_this_round(coord):
     reloaded = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 3, None))
     _, message = c.open(0, 1, split="dev", shard=0, num_shards=1)
     untrained = run_eval_session(
-        SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 3, None)
+        SessionRequest(dataclasses.replace(message, state_dir="", base="")), ClientSide(c.config, 0, 3, None)
     )
     assert reloaded == dataclasses.replace(kept, bytes_up=reloaded.bytes_up, bytes_down=reloaded.bytes_down)
     assert reloaded.loss != untrained.loss
@@ -591,8 +591,42 @@ def test_a_dropped_virtual_client_is_rolled_back_and_the_next_node_starts_from_i
     assert not c.finish_train(session, None, "the node died")
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(committed, server_weights(c)))
     store = Path(message.state_dir) / "client-0"
-    assert sorted(p.name for p in store.iterdir()) == ["round-00001.pt"]  # nothing of the broken round
+    assert [p.name for p in store.iterdir()] == [f"round-00001-{kept.session}.pt"]  # nothing of the broken round
     _, message = c.open(0, 3)
     again = _prepare(SessionRequest(message), side, 2)  # what the next node's session starts from
     assert again.restored_round == 1 and again.state.steps == kept.steps
     assert all(torch.equal(again.state.weights[k], v) for k, v in kept.weights.items())
+
+
+def test_two_sessions_of_one_client_at_once_commit_one_and_every_node_loads_that_one(coord):
+    """Issue 44 item 4: two nodes serving one client run a session each in one round (both start from
+    the client's last committed state). The server commits the first to report and rolls the other
+    back; the next session loads the committed one's state wherever it runs, never the newest file
+    or the rolled-back state a node still holds in memory, and a node that lacks it refuses to train."""
+    from fl_app.records import session_id
+
+    c = coord()
+    side = ClientSide(c.config, 0, 3, None, NodeSettings())  # state: from the client store only
+    session, message = c.open(0, 1)
+    report, _ = run_session(SessionRequest(message), side)
+    assert c.finish_train(session, report)
+    c.record_round(1, [report], [], None, 0.0)
+    (first, first_msg), (second, second_msg) = c.open(0, 2), c.open(0, 2)  # one client, two nodes
+    first_report, first_state = run_session(SessionRequest(first_msg), side)
+    second_report, second_state = run_session(SessionRequest(second_msg), side)  # its file is written last
+    assert first_msg.base == second_msg.base == session_id(session.token)
+    assert c.finish_train(first, first_report)
+    assert not c.finish_train(second, second_report)
+    assert "another session of client 0 was committed after this one opened" in second.reason
+    assert c.committed == {0: first_state.session} and first_state.session != second_state.session
+    _, message = c.open(0, 3)
+    assert message.base == first_state.session
+    elsewhere = _prepare(SessionRequest(message), side, 2)  # a node with nothing in memory
+    holding = _prepare(SessionRequest(message), ClientSide(c.config, 0, 3, second_state, NodeSettings()), 2)
+    for ready in (elsewhere, holding):
+        assert ready.state.session == first_state.session and ready.state.steps == first_state.steps
+        assert all(torch.equal(ready.state.weights[k], v) for k, v in first_state.weights.items())
+    assert any(not torch.equal(first_state.weights[k], v) for k, v in second_state.weights.items())
+    no_store = dataclasses.replace(message, state_dir="")  # a node on another disk, holding the other state
+    with pytest.raises(ValueError, match=f"last committed session \\({first_state.session}\\) is not on this node"):
+        _prepare(SessionRequest(no_store), ClientSide(c.config, 0, 3, second_state), 2)

@@ -56,3 +56,6 @@ def test_a_node_serves_its_partitions_or_every_client_when_virtual_or_else_its_p
         node_clients({}, virtual=False, num_clients=2)
     with pytest.raises(ValueError, match="partitions = '0-10' names client 10, but the data is cut into 10"):
         node_clients({"partitions": "0-10", "num-partitions": 10}, virtual=False, num_clients=2)
+    huge = {"partitions": "0-1000000000000", "num-partitions": 10**12 + 1}  # issue 44 item 1, on the node side
+    with pytest.raises(ValueError, match="num-partitions = 1000000000001 is outside \\[1, 1000000\\]"):
+        node_clients(huge, virtual=False, num_clients=2)
