@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -300,7 +301,8 @@ def model_card(record: dict[str, Any], parts: str, family: str) -> str:
         "of each candidate, read at the prompt's last token)."
     )
     bottom = record["bottom"] + (f" (client {record['client']})" if "client" in record else "")
-    model_lines = [f"model = {loader}.from_pretrained(PATH)  # LoRA merged into the weights"]
+    lora = "lora" in (config["client-params"], config["server-params"])
+    model_lines = [f"model = {loader}.from_pretrained(PATH)" + ("  # LoRA merged into the weights" if lora else "")]
     adapter_dir = "PATH/adapter" if parts == "both" else "PATH"
     adapter_lines = [
         "from peft import PeftModel",
@@ -438,10 +440,18 @@ def _write_parts(
         model = stitch(bottom, top, fresh.pop(), config.model.cut_layer)
         record["logit_gap"] = _check(whole_logits(model, ids, mask), expected, mask, "stitched model")
         model.config.hosl_export = {k: v for k, v in record.items() if k != "config"}
+        if bottom.family == "bert":  # a classifier: its logits named by the task's classes in pipelines
+            names = get_task(config.data.task).class_names
+            model.config.id2label = dict(enumerate(names))
+            model.config.label2id = {name: i for i, name in enumerate(names)}
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text(model_card(record, parts, bottom.family))
     (folder / "hosl_run_config.json").write_text(json.dumps(record["config"], indent=1, default=float))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):  # every file as the user's other files (some writers make theirs 0600)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def adapters_possible(config: Config) -> bool:

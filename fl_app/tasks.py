@@ -31,6 +31,7 @@ class Task:
     groups: tuple[str, ...] = ()
     passage: str = ""  # the long field a too-long prompt is shortened in (its question and answer cue kept)
     max_length: int = 64  # default tokens per example (config max-length = 0): ~95 % of prompts fit whole
+    class_names: tuple[str, ...] = ()  # per class index, the dataset's own name (an exported classifier's id2label)
 
     def prompt(self, ex: Example) -> str:
         return self._prompt(ex.fields)
@@ -67,6 +68,7 @@ TASKS: dict[str, Task] = {
             _const([" terrible", " great"]),
             lambda f: (f["sentence"], None),
             groups=("sentence",),
+            class_names=("negative", "positive"),
         ),
         Task(
             "rte",
@@ -79,6 +81,7 @@ TASKS: dict[str, Task] = {
             groups=("premise",),
             passage="premise",
             max_length=192,
+            class_names=("entailment", "not_entailment"),
         ),
         Task(
             "cb",
@@ -91,6 +94,7 @@ TASKS: dict[str, Task] = {
             groups=("premise",),
             passage="premise",
             max_length=192,
+            class_names=("entailment", "contradiction", "neutral"),
         ),
         Task(
             "boolq",
@@ -103,6 +107,7 @@ TASKS: dict[str, Task] = {
             groups=("passage",),
             passage="passage",
             max_length=256,
+            class_names=("false", "true"),
         ),
         Task(
             "wic",
@@ -116,6 +121,7 @@ TASKS: dict[str, Task] = {
             _const(["No", "Yes"]),
             lambda f: (f"{f['word']}: {f['sentence1']}", f["sentence2"]),
             groups=("sentence1", "sentence2"),
+            class_names=("false", "true"),
         ),
         Task(
             "wsc",
@@ -130,6 +136,7 @@ TASKS: dict[str, Task] = {
             lambda f: (f["text"], f"{f['span2_text']} refers to {f['span1_text']}"),
             groups=("text",),
             max_length=96,
+            class_names=("false", "true"),
         ),
         Task(
             "copa",
@@ -140,6 +147,7 @@ TASKS: dict[str, Task] = {
             lambda f: [_lower_first(f["choice1"]), _lower_first(f["choice2"])],
             lambda f: (f"{f['premise']} What was the {f['question']}?", f"{f['choice1']} / {f['choice2']}"),
             groups=("premise",),
+            class_names=("choice1", "choice2"),
         ),
         Task(
             "multirc",
@@ -155,6 +163,7 @@ TASKS: dict[str, Task] = {
             groups=("paragraph",),
             passage="paragraph",
             max_length=384,
+            class_names=("false", "true"),
         ),
     )
 }

@@ -3,6 +3,7 @@ transformers, in a process that never imports fl_app, and gives the split model'
 then top); which bottom is exported is the user's choice, checked against what the run kept."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -105,6 +106,15 @@ def test_the_exported_model_gives_the_split_models_logits_in_plain_transformers(
     assert "Exported from run" in card and f"after round 1, bottom: {which['bottom']}" in card
     recorded = json.loads((out / "config.json").read_text())["hosl_export"]
     assert recorded["round"] == 1 and recorded["bottom"] == which["bottom"]
+    assert ("LoRA merged into the weights" in card) == ("lora" in (client_params, server_params))
+    if model == "tiny-bert":  # a classifier: the task's class names, not LABEL_0 / LABEL_1, in pipelines
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["id2label"] == {"0": "negative", "1": "positive"} and saved["label2id"]["positive"] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {
+        p.name: 0o666 & ~umask for p in out.rglob("*") if p.is_file()
+    }  # model.safetensors too (its writer makes it 0600)
 
 
 @pytest.mark.slow
