@@ -3,7 +3,9 @@
 SuperLink on ports of its own, kept for later runs while that SuperLink lives (a stand-in `flwr` on
 PATH prints what it was given). scripts/deploy_local.sh refuses a SuperLink port already in use."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -21,27 +23,38 @@ def _fake_flwr(bin_dir: Path) -> None:
         'echo "HOME $FLWR_HOME"\n'
         'echo "NODEPS $FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"\n'
         'echo "PORTS $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT $FLWR_LOCAL_CONTROL_API_PORT"\n'
+        '[ -z "${FAKE_LOG:-}" ] || echo "$FAKE_LOG"\n'  # what the run's ServerApp would print last
     )
     fake.chmod(0o755)
 
 
-def _run(tmp_path: Path, *args: str, **env: str) -> dict[str, str]:
+def _results(tmp_path: Path, status: str) -> str:
+    path = tmp_path / f"results-{status}.json"
+    path.write_text(json.dumps({"status": status}))
+    return f"[hosl] results written to {path}"
+
+
+def _run(tmp_path: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
-    proc = subprocess.run(
+    env = {"FAKE_LOG": _results(tmp_path, "finished"), **env}
+    return subprocess.run(
         ["bash", str(SCRIPT), *args],
         env={**base, "PATH": path, "FLWR_HOME": str(tmp_path / "home"), **env},
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=check,
     )
+
+
+def _seen(proc: subprocess.CompletedProcess) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if not line.startswith("["))
 
 
 def test_the_run_gets_its_own_home_no_dependency_installation_and_private_ports(tmp_path):
     _fake_flwr(tmp_path / "bin")
-    got = _run(tmp_path, "--stream", "--run-config", "sim_configs/smoke_tiny.toml")
+    got = _seen(_run(tmp_path, "--stream", "--run-config", "sim_configs/smoke_tiny.toml"))
     assert got["ARGS"] == f"run {ROOT} --stream --run-config sim_configs/smoke_tiny.toml"
     assert got["HOME"] == str(tmp_path / "home") and got["NODEPS"] == "1"
     http, control = (int(p) for p in got["PORTS"].split())
@@ -51,7 +64,7 @@ def test_the_run_gets_its_own_home_no_dependency_installation_and_private_ports(
 
 def test_ports_you_export_are_used_as_they_are(tmp_path):
     _fake_flwr(tmp_path / "bin")
-    got = _run(tmp_path, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="40001", FLWR_LOCAL_CONTROL_API_PORT="40003")
+    got = _seen(_run(tmp_path, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="40001", FLWR_LOCAL_CONTROL_API_PORT="40003"))
     assert got["PORTS"] == "40001 40003"
 
 
@@ -70,7 +83,7 @@ def test_stop_with_no_superlink_of_this_home_stops_nothing(tmp_path):
 
 def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tmp_path):
     _fake_flwr(tmp_path / "bin")
-    first = _run(tmp_path)["PORTS"]
+    first = _seen(_run(tmp_path))["PORTS"]
     stand_in = tmp_path / "bin" / "flower-superlink"  # a process named like the SuperLink, of this home
     stand_in.write_text("#!/usr/bin/env bash\nsleep 120\n")
     stand_in.chmod(0o755)
@@ -78,7 +91,7 @@ def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tm
     ours = subprocess.Popen([str(stand_in)], env={**base, "FLWR_HOME": str(tmp_path / "home")})
     other = subprocess.Popen([str(stand_in)], env={**base, "FLWR_HOME": str(tmp_path / "other")})
     try:
-        assert _run(tmp_path)["PORTS"] == first  # the running SuperLink's ports, read back
+        assert _seen(_run(tmp_path))["PORTS"] == first  # the running SuperLink's ports, read back
         subprocess.run(["bash", str(SCRIPT), "--stop"], env={**base, "FLWR_HOME": str(tmp_path / "home")}, check=True)
         assert ours.wait(timeout=30) != 0  # stopped
         assert other.poll() is None  # another home's SuperLink is left running
@@ -103,3 +116,19 @@ def test_deploy_refuses_a_superlink_port_already_in_use(tmp_path):
     assert proc.returncode == 2
     assert f"--port {port}: something already listens on 127.0.0.1:{port}" in proc.stderr
     assert not (tmp_path / "home").exists()  # refused before anything started
+
+
+def test_a_streamed_run_exits_non_zero_unless_it_says_it_finished(tmp_path):
+    """flwr run exits 0 when the ServerApp fails: with --stream the script reads the run's last line
+    and its results.json, and exits 1 saying why when the run did not finish (issue 45)."""
+    _fake_flwr(tmp_path / "bin")
+    assert _run(tmp_path, "--stream").returncode == 0
+    cases = {
+        _results(tmp_path, "failed"): "the run did not finish: .*results-failed.json says status 'failed'",
+        "[hosl] error: unknown task 'sst3'": "the run failed: \\[hosl\\] error: unknown task 'sst3'",
+        "": "the log ended before the run's last line",
+    }
+    for log, message in cases.items():
+        proc = _run(tmp_path, "--stream", check=False, FAKE_LOG=log)
+        assert proc.returncode == 1 and re.search(message, proc.stderr), proc.stderr
+    assert _run(tmp_path, check=False, FAKE_LOG="").returncode == 0  # without --stream: flwr run's own status
