@@ -14,6 +14,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+import difflib
 import math
 import re
 import sys
@@ -491,13 +492,20 @@ def _coerce(key: str, value: Any) -> Any:
     raise ValueError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
 
 
+def unknown_key(key: str, value: Any) -> str:
+    """The error for an unknown key: the nearest known keys, not all of them."""
+    near = difflib.get_close_matches(key.replace("_", "-").lower(), DEFAULTS, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(k) for k in near)}?" if near else "no known key is close"
+    return f"unknown config key '{key}' (value {value!r}): {hint} (hosl-config --keys lists every key)"
+
+
 def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
     """The defaults updated with ``overrides`` (run-config keys), type-checked and validated: every
     error names the key and the value."""
     flat = dict(DEFAULTS)
     for key, value in (overrides or {}).items():
         if key not in DEFAULTS:
-            raise ValueError(f"unknown config key '{key}' (value {value!r}); known keys: {', '.join(sorted(DEFAULTS))}")
+            raise ValueError(unknown_key(str(key), value))
         flat[key] = _coerce(key, value)
     for key, (_, f) in SETTINGS.items():
         value, allowed, check = flat[key], f.metadata["choices"], f.metadata["check"]

@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
         args.overrides, args.scenario = [args.scenario, *args.overrides], None
-    from fl_app.preflight import check_scenario  # loads torch and transformers: only when checking
-
     try:
-        config, keys = scenario_config(args.scenario, args.overrides)
+        config, keys = scenario_config(args.scenario, args.overrides)  # key errors answered before torch loads
+        from fl_app.preflight import check_scenario  # loads torch and transformers: only when checking
+
         check_scenario(config, data=not args.no_data)
     except ValueError as err:
         exit_with_error(str(err))

@@ -1,7 +1,6 @@
 """What a user takes away from a run: the trained model in Hugging Face format.
 
-    hosl-export RUN_DIR --out DIR [--client N | --synced] [--states DIR]
-    python -m fl_app.export ...
+    hosl-export RUN_DIR --out DIR [--client N | --synced] [--states DIR]   (fl_app.export_cli)
 
 The run's trained top (``checkpoint.pt``: its latest finished round, so a run still going exports
 too) is stitched with a bottom into the model family's own class, LoRA adapters merged into their
@@ -16,14 +15,12 @@ logits on a probe batch are checked against the split model's (bottom, then top)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -486,26 +483,7 @@ def _check(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, what: 
     return gap
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hosl-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="the run's folder (results.json, checkpoint.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the model")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--client", type=int, help="export client N's personal bottom")
-    which.add_argument("--synced", action="store_true", help="export the synced bottom")
-    parts = parser.add_mutually_exclusive_group()
-    parts.add_argument("--adapters", action="store_true", help="LoRA runs: peft adapters only")
-    parts.add_argument("--merge", action="store_true", help="LoRA runs: the merged model only (no adapters)")
-    parser.add_argument("--states", type=Path, help="where the clients' states are (default: RUN_DIR/clients/<run>)")
-    args = parser.parse_args(argv)
-    try:
-        chosen = "adapters" if args.adapters else "model" if args.merge else "auto"
-        out = export_run(args.run_dir.resolve(), args.out.resolve(), args.client, args.synced, args.states, chosen)
-    except (ExportError, CheckpointRefused) as err:  # a client state that does not fit is refused by restore
-        print(f"hosl-export: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"[hosl] exported to {out}")
+if __name__ == "__main__":  # the command line lives in fl_app.export_cli (answers argument errors before torch)
+    from fl_app.export_cli import main
 
-
-if __name__ == "__main__":
     main()

@@ -57,6 +57,27 @@ def test_config_check_and_local_runner_refuse_bad_input_in_one_line(capsys, tmp_
     assert not out.exists()  # refused before anything ran
 
 
+def test_argument_and_key_errors_are_answered_before_torch_loads():
+    """hosl-config and hosl-export answer a mistyped key or a missing argument in a fraction of a
+    second: torch and transformers are imported only for what needs them (issue 45)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from fl_app import config_cli, export_cli\n"
+        "for main, args in ((config_cli.main, [{smoke!r}, 'cut_layer=2']), (export_cli.main, [])):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 2, exit.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    ).format(smoke=SMOKE)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "[]", proc.stderr
+    assert "did you mean 'cut-layer'?" in proc.stderr and "the following arguments are required: run_dir" in proc.stderr
+
+
 def test_missing_scenario_file_and_corrupt_data_file_are_named(capsys, tmp_path, corrupt_data):
     assert "scenario file not found: nope.toml" in one_line_error(capsys, lambda: config_cli.main(["nope.toml"]))
     err = one_line_error(capsys, lambda: config_cli.main([SMOKE, f"data-dir={corrupt_data}"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_app import export
+from fl_app import export, export_cli
 from fl_app.config import make_config, read_scenario
 from fl_app.scenario import load_split
 from fl_app.train import run
@@ -144,7 +144,7 @@ def test_bad_requests_are_one_line_errors_with_exit_2_and_nothing_written(tmp_pa
     for index, (args, message) in enumerate(cases):
         if index == 0:  # the installed command line, once: a process that exits 2 with one line
             proc = subprocess.run(
-                [sys.executable, "-m", "fl_app.export", *args, "--out", str(tmp_path / "out")],
+                [sys.executable, "-m", "fl_app.export_cli", *args, "--out", str(tmp_path / "out")],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -153,7 +153,7 @@ def test_bad_requests_are_one_line_errors_with_exit_2_and_nothing_written(tmp_pa
             code, stderr = proc.returncode, proc.stderr
         else:  # the same main() in this process (each interpreter start costs seconds of imports)
             with pytest.raises(SystemExit) as exited:
-                export.main([*args, "--out", str(tmp_path / "out")])
+                export_cli.main([*args, "--out", str(tmp_path / "out")])
             code, stderr = exited.value.code, capsys.readouterr().err
         assert code == 2, stderr
         lines = stderr.strip().splitlines()
@@ -290,7 +290,7 @@ def test_export_refuses_in_one_line_every_checkpoint_resume_refuses(tmp_path, ca
         saved["server"][name] = torch.full_like(saved["server"][name], float("nan"))
     torch.save(saved, path)
     with pytest.raises(SystemExit) as stop:
-        export.main([str(folder), "--out", str(tmp_path / "model"), "--client", "0"])
+        export_cli.main([str(folder), "--out", str(tmp_path / "model"), "--client", "0"])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("hosl-export: error: export:")
     assert not (tmp_path / "model").exists()

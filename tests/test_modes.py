@@ -137,7 +137,7 @@ def test_peak_memory_counts_own_thread_only():
 def test_bad_config_names_the_key():
     with pytest.raises(ValueError, match="mode"):
         make_config({"mode": "fo-zo"})
-    with pytest.raises(ValueError, match="unknown config key 'cut_layer'"):
+    with pytest.raises(ValueError, match="unknown config key 'cut_layer' \\(value 2\\): did you mean 'cut-layer'\\?"):
         make_config({"cut_layer": 2})
     with pytest.raises(ValueError, match="zo-eps"):
         make_config({"zo-eps": "-1"})
