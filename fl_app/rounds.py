@@ -237,7 +237,10 @@ def _run(fed: Federation, coord: Coordinator) -> Path:
         )
     if config.eval.test:
         last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
-        test = evaluate_round(fed, coord, numbers[-1], last or sorted(fed.partitions()), "test")
+        testers = evaluators(coord, last or sorted(fed.partitions()), "test")
+        swap = ", and the final top over the initial bottom (swap evaluation)" if config.eval.swap != "none" else ""
+        print(f"[hosl] testing: {len(testers)} clients score the test split with the final model{swap}", flush=True)
+        test = evaluate_round(fed, coord, numbers[-1], testers, "test")
         coord.results["eval"]["test"] = test
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
     if config.tune.trials:

@@ -330,3 +330,13 @@ def test_a_client_state_that_is_not_the_bottoms_is_refused(tmp_path):
     nan = {n: torch.full_like(p, float("nan")) for n, p in named.items()}
     with pytest.raises(ValueError, match="holds values that are not finite"):
         restore(client, ClientState(weights=nan))
+
+
+def test_the_final_test_evaluation_says_it_is_running_before_it_runs(tmp_path, capsys):
+    """Issue 45: no silence after the last round: a line says the test split (and the swap
+    evaluation) is being scored before the scores come."""
+    config = make_config({**read_scenario("sim_configs/smoke_tiny.toml"), "num-rounds": 1})
+    train_cli.run(config, tmp_path)
+    out = capsys.readouterr().out
+    said = out.index("[hosl] testing: 2 clients score the test split with the final model, and the final top over")
+    assert said < out.index("[hosl] test accuracy") and out.index("[hosl] round 1:") < said
