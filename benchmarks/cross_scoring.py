@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def measure(clients: int, across: bool, steps: int) -> dict[str, Any]:
         batches = coord.scorer.forwards if coord.scorer else []
     finally:
         coord.close()
+        shutil.rmtree(coord.out_dir, ignore_errors=True)  # a temporary run folder
     total = sum(n for _, n, _ in done)
     return {
         "clients": clients,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,13 +134,18 @@ def run_simulation(
     allow), with FLWR_HOME ``home`` (default: a new temporary folder); waits until results.json
     says "finished"."""
     out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("out-dir=")))
-    home = home or Path(tempfile.mkdtemp(prefix="hosl-bench-"))
+    made, home = home is None, home or Path(tempfile.mkdtemp(prefix="hosl-bench-"))
     cfg = home / "run.toml"
     cfg.write_text(merge_scenario(scenario, overrides))
     env = {**os.environ, **private_superlink_env(home)}
     federation = f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}"
-    with home_stopped_on_exit(home):
-        results, _ = flwr_run_results(["--run-config", str(cfg), "--federation-config", federation], env, out, timeout)
+    try:
+        with home_stopped_on_exit(home):
+            args = ["--run-config", str(cfg), "--federation-config", federation]
+            results, _ = flwr_run_results(args, env, out, timeout)
+    finally:
+        if made:  # a temporary FLWR_HOME of ours (the app's copy, Flower's logs): the run folder holds the results
+            shutil.rmtree(home, ignore_errors=True)
     return results
 
 

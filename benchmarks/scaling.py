@@ -192,12 +192,15 @@ def run_point(point: Point, out: Path, profile_seconds: int = 0) -> dict[str, An
     home = Path(tempfile.mkdtemp(prefix="hosl-scaling-"))
     profiler = threading.Thread(target=_profile, args=(home, out, profile_seconds), daemon=True)
     started = time.perf_counter()
-    with MemorySampler(home) as memory:
+    try:
+        with MemorySampler(home) as memory:
+            if profile_seconds:
+                profiler.start()
+            results = run_simulation(ROOT / point.scenario, point.overrides(out), point.supernodes, home=home)
         if profile_seconds:
-            profiler.start()
-        results = run_simulation(ROOT / point.scenario, point.overrides(out), point.supernodes, home=home)
-    if profile_seconds:
-        profiler.join()
+            profiler.join()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # the run's temporary FLWR_HOME; the run folder stays
     rounds = results["rounds"]
     seconds = [r["seconds"] for r in rounds]
     steps = sum(r["steps"] for r in rounds)

@@ -8,6 +8,7 @@ core each (two clients at once, each torch using its own thread pool), measured 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,10 @@ SCENARIO = ROOT / "sim_configs/quick_minilm.toml"
 def one(cpus: int, rounds: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="hosl-side-"))
     sets = [f"out-dir={out}", f"num-rounds={rounds}", "eval-untrained=false", "eval-test=false"]
-    results = run_simulation(SCENARIO, sets, supernodes=2, cpus_per_client=cpus)
+    try:
+        results = run_simulation(SCENARIO, sets, supernodes=2, cpus_per_client=cpus)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # a temporary run folder: only the figures below are kept
     rounds_s = [r["seconds"] for r in results["rounds"]]
     return {
         "cpus_per_client": cpus,

@@ -67,14 +67,21 @@ fi
 read -r -a NODE_PORTS < <(python scripts/free_ports.py "$NODES")
 
 export FLWR_HOME="${FLWR_HOME_DIR:-$(mktemp -d /tmp/hosl-deploy.XXXXXX)}"
+OWN_HOME=0; [ -n "$FLWR_HOME_DIR" ] || OWN_HOME=1  # a temporary home of ours: removed after a run that ended well
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 KEYS="$FLWR_HOME/keys"
 mkdir -p "$FLWR_HOME/logs" "$KEYS" && chmod 700 "$KEYS"
 PIDS=() NAMESPACES=()
 cleanup() {
+  local status=$?
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  if [ "$OWN_HOME" -eq 1 ] && [ "$status" -eq 0 ]; then
+    rm -rf "$FLWR_HOME"
+  elif [ "$OWN_HOME" -eq 1 ]; then
+    echo "logs kept in $FLWR_HOME/logs (remove the folder when done)" >&2
+  fi
 }
 trap cleanup EXIT INT TERM
 
@@ -166,7 +173,8 @@ for ((i = 0; i < NODES; i++)); do
   PIDS+=($!)
 done
 sleep 2  # let the SuperNodes register
-echo "SuperLink $HOST:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs"
+echo "SuperLink $HOST:$PORT, $NODES SuperNodes, logs in $FLWR_HOME/logs" \
+  "$([ "$OWN_HOME" -eq 1 ] && echo '(a temporary folder, removed after a run that ends well; --flwr-home DIR keeps it)')"
 "${IN_HUB[@]}" flwr run . deploy --stream --run-config "$FLWR_HOME/run-config.toml" 2>&1 | tee "$FLWR_HOME/logs/run.log"
 # `flwr run --stream` can return before the run ends (its log stream may attach late): keep the
 # SuperLink and SuperNodes up until the SuperLink reports the run finished.
@@ -177,3 +185,4 @@ if [ -n "$RUN_ID" ]; then
     sleep 2
   done
 fi
+python scripts/run_finished.py "$FLWR_HOME/logs/run.log" "$FLWR_HOME/run-config.toml"  # non-zero, saying why, unless finished

@@ -53,26 +53,4 @@ flwr run "$ROOT" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" -eq 0 ] || exit "$rc"
-python - "$log" <<'PY'
-import json, re, sys
-text = open(sys.argv[1], errors="replace").read()
-written = re.findall(r"\[hosl\] results written to (.+)", text)
-errors = re.findall(r"\[hosl\] error: .*", text)
-if written:
-    path = written[-1].strip()
-    try:
-        status = json.load(open(path)).get("status")
-    except (OSError, ValueError) as err:
-        sys.exit(f"[flwr_run] the run wrote {path}, which cannot be read: {err}")
-    if status == "finished":
-        sys.exit(0)
-    sys.exit(f"[flwr_run] the run did not finish: {path} says status {status!r}")
-if errors:
-    sys.exit(f"[flwr_run] the run failed: {errors[-1]}")
-if "Exit Code:" in text or "Traceback" in text:
-    sys.exit("[flwr_run] the run failed: the ServerApp raised (its traceback is above)")
-sys.exit(
-    "[flwr_run] the log ended before the run's last line ('[hosl] results written to ...'): it may still be "
-    "running or have failed; `flwr ls` and `flwr log <run id>` say which, its results.json's status whether it finished"
-)
-PY
+python "$ROOT/scripts/run_finished.py" "$log"
