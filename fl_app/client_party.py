@@ -137,7 +137,7 @@ class SplitClient:
         self.memory = memory if memory is not None else StepMemory()
         self.row_roles: list[tuple[str, int] | None] = []
         optim, zo = config.optim, config.zo
-        if config.client_order == "zo" and params:
+        if config.zo_trained_client and params:
             synced = config.federation.bottoms == "synced"  # other parties replay z: drawn on the CPU
             draw_on = torch.device("cpu") if synced else None
             self.zo = make_estimator(params, zo, self.lr, optim.weight_decay, draw_on, masks)

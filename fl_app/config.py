@@ -81,7 +81,8 @@ SECONDS = between(0.001, 30 * 86_400)  # a timeout: up to 30 days
 PORT = between(0, 65_535)
 FRAME_MB = between(1, 2047)  # gRPC's message limit is a signed 32-bit byte count
 BUFFER_MB = between(1, 1 << 20)
-QUERIES = between(1, 256)  # 2Q perturbed passes per step; MeZO uses 1 to 16
+MOST_QUERIES = 256  # Q's one bound: the config's, and the server's frame limit when it has none of its own
+QUERIES = between(1, MOST_QUERIES)  # 2Q perturbed passes per step; MeZO uses 1 to 16
 
 
 def setting(default: Any, key: str, choices: tuple | None = None, check: str | None = None, *, help: str) -> Any:
@@ -454,6 +455,12 @@ class Config(Mapping):
         return MODES[self.run.mode][0]
 
     @property
+    def zo_trained_client(self) -> bool:
+        """Whether clients train their bottoms with ZO estimates (a ZO mode, and a bottom that trains):
+        the one rule for ZO state, seeds and per-step reports."""
+        return self.client_order == "zo" and self.model.client_params != "frozen"
+
+    @property
     def server_order(self) -> str:
         return MODES[self.run.mode][1]
 
@@ -559,7 +566,7 @@ def _check_combinations(config: Config) -> None:
             "for an untrained bottom set client-params = 'frozen'"
         )
     if config.federation.client_state == "seeds" and (
-        config.client_order != "zo" or config.federation.bottoms != "personal" or config.model.client_params == "frozen"
+        not config.zo_trained_client or config.federation.bottoms != "personal"
     ):
         raise ValueError(
             "config key 'client-state' = 'seeds' keeps a ZO client's personal bottom as its own steps, got mode "

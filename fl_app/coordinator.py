@@ -225,8 +225,7 @@ class Coordinator:
         (:meth:`TrainReport.problem`) and no other session of its client was committed since it opened
         (it started from the client's last committed state), otherwise roll them back."""
         if report is not None and session.status == "open":
-            zo_client = self.client_order == "zo" and self.config.model.client_params != "frozen"
-            queries = self.config.zo.queries if zo_client else 0
+            queries = self.config.zo.queries if self.config.zo_trained_client else 0
             problem = report.problem(int(session.client_id), queries)
             if problem is not None:  # never committed, never in the synced history: the client is dropped
                 report, reason = None, f"bad report: {problem}"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fl_app.config import DTYPES
+from fl_app.config import DTYPES, MOST_QUERIES
 
 STEP_KINDS = ("zo", "fo", "frozen", "eval", "proxy")  # client update rule, evaluation, or a GradMatch proxy
 WIRE_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # activation dtypes a frame may carry
@@ -24,7 +24,7 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 PART_KIND = "zo-part"
 SELECT_KIND = "select"
 MAX_STEP_WEIGHT = 1e4
-MAX_QUERIES = 1024  # bound on Q for a server without frame limits, so a client cannot make it buffer without limit
+MAX_QUERIES = MOST_QUERIES  # Q for a server without frame limits: a client cannot make it buffer without limit
 MAX_META_BYTES = 64 * 1024  # a frame's metadata: a flat JSON object of scalars and lists of numbers
 MAX_META_KEYS = 32
 
