@@ -652,8 +652,3 @@ def exit_with_error(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
-
-if __name__ == "__main__":  # python -m fl_app.config: the command line lives in fl_app.config_cli
-    from fl_app.config_cli import main
-
-    main()

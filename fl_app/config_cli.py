@@ -1,4 +1,4 @@
-"""The scenario command line (``hosl-config``, ``python -m fl_app.config``): check a scenario and
+"""The scenario command line (``hosl-config``, ``python -m fl_app.config_cli``): check a scenario and
 print it merged, or print the reference of every setting.
 
     hosl-config sim_configs/smoke_tiny.toml mode=zo-zo > my.toml   # check + merge a scenario

@@ -482,8 +482,3 @@ def _check(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, what: 
         raise RuntimeError(f"the {what}'s logits differ from the split model's by {gap:.2e} of their scale")
     return gap
 
-
-if __name__ == "__main__":  # the command line lives in fl_app.export_cli (answers argument errors before torch)
-    from fl_app.export_cli import main
-
-    main()

@@ -143,7 +143,7 @@ EOF
 
 # flwr takes a TOML file or key=value pairs, not both: merge them into one checked file.
 # shellcheck disable=SC2086
-python -m fl_app.config $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
+python -m fl_app.config_cli $RUN_CONFIG $SETS > "$FLWR_HOME/run-config.toml"
 
 "${IN_HUB[@]}" flower-superlink "${LINK_SEC[@]}" "${LINK_STATE[@]}" --host "$HOST" --port "$PORT" \
   --disable-runtime-dependency-installation > "$FLWR_HOME/logs/superlink.log" 2>&1 &

@@ -94,7 +94,7 @@ done
 echo "Ray cluster at $HEAD_IP:$RAY_PORT (2 nodes x $CPUS CPUs, temp dir $RAY_TMP); logs in $LOGS"
 
 # shellcheck disable=SC2086
-python -m fl_app.config "$RUN_CONFIG" stream-host=0.0.0.0 stream-advertise-host="$HEAD_IP" $SETS \
+python -m fl_app.config_cli "$RUN_CONFIG" stream-host=0.0.0.0 stream-advertise-host="$HEAD_IP" $SETS \
   > "$FLWR_HOME/run-config.toml"
 RAY_ADDRESS="$HEAD_IP:$RAY_PORT" flwr run . --stream --run-config "$FLWR_HOME/run-config.toml" \
   --federation-config "num-supernodes=$SUPERNODES client-resources-num-cpus=$CPUS" 2>&1 | tee "$LOGS/run.log"

@@ -109,7 +109,7 @@ def test_unknown_hub_model_offline_is_one_line_without_a_traceback():
     folder nor in the local hub cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fl_app.config", SMOKE, "model=no-such-model"],
+        [sys.executable, "-m", "fl_app.config_cli", SMOKE, "model=no-such-model"],
         cwd=ROOT,
         env=env,
         capture_output=True,

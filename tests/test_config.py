@@ -66,7 +66,7 @@ def test_every_key_has_help_and_hosl_config_keys_lists_them_all():
     assert all(f"  {key} = " in text for key in DEFAULTS) and "[optim]" in text
     assert '  client-lr-schedule = "constant"   (constant, linear, cosine)' in text
     out = subprocess.run(
-        [sys.executable, "-m", "fl_app.config", "--keys"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "fl_app.config_cli", "--keys"], capture_output=True, text=True, check=True
     ).stdout
     assert out == text
     shipped = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md").read_text()
