@@ -109,7 +109,7 @@ def test_swap_scores_the_initial_bottom_and_leaves_the_trained_one_in_place(coor
     trained = run_eval_session(SessionRequest(message), ClientSide(c.config, 0, 2, state))
     _, message = c.open(0, 1, **test)
     untrained = run_eval_session(
-        SessionRequest(dataclasses.replace(message, state_dir="")), ClientSide(c.config, 0, 2, None)
+        SessionRequest(dataclasses.replace(message, state_dir="", base="")), ClientSide(c.config, 0, 2, None)
     )
     assert trained.drift_params > 0 and trained.drift_activations > 0
     assert trained.swap_correct == untrained.correct  # the same top over the initial bottom
