@@ -651,4 +651,3 @@ def exit_with_error(message: str) -> NoReturn:
     """A command-line input error: one line on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
-

@@ -481,4 +481,3 @@ def _check(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, what: 
     if not gap <= AGREEMENT:
         raise RuntimeError(f"the {what}'s logits differ from the split model's by {gap:.2e} of their scale")
     return gap
-

@@ -206,7 +206,7 @@ def test_a_seeds_state_replays_exactly_and_exports_the_replayed_bottom(tmp_path,
     store = _store(tmp_path / "a")
     session = SessionSettings(client=0, round=3, token="t", address="a:1", local_steps=1, run_id=store.name)
     side = ClientSide(config, 0, SMOKE["num-clients"], None, NodeSettings())
-    session = dataclasses.replace(session, state_dir=str(store))
+    session = dataclasses.replace(session, state_dir=str(store), base=kept.session)  # its last committed session
     from_disk = trainable_state(_prepare(SessionRequest(session), side, 2).client)
     bottom, _, _, which = export.trained_split(export.read_run(tmp_path / "a"), client=0)
     exported = dict(bottom.named_parameters())
