@@ -15,7 +15,7 @@ from fl_app.scenario import majority_test_accuracy, sample_and_partition
 from fl_app.train import run
 
 SCENARIO = Path(__file__).resolve().parents[2] / "sim_configs" / "tune_tiny.toml"
-SMALL = ["tune-trials=2", "tune-rounds=2", "num-rounds=1", "n-train=64", "n-dev=16", "n-test=16", "eval-examples=16"]
+SMALL = ["tune-trials=1", "tune-rounds=2", "num-rounds=1", "n-train=64", "n-dev=16", "n-test=16", "eval-examples=16"]
 
 
 def local_simulation(scenario: Path, overrides: list[str], supernodes: int) -> dict:
@@ -49,7 +49,7 @@ def test_study_over_seeds_runs_each_row_once_and_reports_spread(tmp_path, monkey
 
     shutil.rmtree(tmp_path / "runs" / "sst2")  # the run folders are lost (a new machine): the ledger is enough
     assert tune_compare.measure(*args) == study and len(calls) == 6  # read back, not rerun
-    tune_compare.measure(SCENARIO, ["sst2"], [0], rows[:1], tmp_path / "runs", 2, [*SMALL, "tune-trials=3"])
+    tune_compare.measure(SCENARIO, ["sst2"], [0], rows[:1], tmp_path / "runs", 2, [*SMALL, "tune-trials=2"])
     assert len(calls) == 7  # another request in the same folder runs again
 
     agg = tune_compare.aggregate(study)
