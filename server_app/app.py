@@ -246,13 +246,13 @@ class FlowerFederation:
                 flush=True,
             )
         self.nodes, self.shared = nodes, shared
-        return sorted(set(nodes) | self._shared_clients())
+        return sorted(set(nodes) | self.shared_clients())
 
     def probe_node(self) -> int:
         """A node to time Flower round trips with: the lowest-numbered partition's, else a several-client node."""
         return self.nodes[min(self.nodes)] if self.nodes else min(self.shared)
 
-    def _shared_clients(self) -> frozenset[int]:
+    def shared_clients(self) -> frozenset[int]:
         """The clients the several-client nodes online serve (worked out again only when they change)."""
         key = tuple(sorted(self.shared))
         if key != self._reachable[0]:
@@ -268,7 +268,7 @@ class FlowerFederation:
         of partitions online."""
         nodes = [*self.nodes.values(), *self.shared]
         counts = Counter(self.counts[node] for node in nodes if self.counts.get(node))
-        return counts.most_common(1)[0][0] if counts else len(self.nodes) + len(self._shared_clients())
+        return counts.most_common(1)[0][0] if counts else len(self.nodes) + len(self.shared_clients())
 
     def run_sessions(
         self,
@@ -384,7 +384,7 @@ def _run(grid: Grid, coord: Coordinator) -> None:
     )
     print(
         f"[hosl] {len(fed.nodes) + len(fed.shared)} client nodes"
-        + (f" ({len(fed.shared)} serving {len(fed._shared_clients())} clients)" if fed.shared else "")
+        + (f" ({len(fed.shared)} serving {len(fed.shared_clients())} clients)" if fed.shared else "")
         + f"; step stream on {coord.advertised_address}; mode {config.run.mode}, "
         f"bottoms {config.federation.bottoms}",
         flush=True,
