@@ -48,9 +48,16 @@ def test_limits_follow_the_scenario(opt_server):
     assert (limits.batch, limits.rows, limits.tokens, limits.classes, limits.activations) == (4, 8, 32, 2, 4)
 
 
+def _scored(reply: bytes, rows: int) -> bool:
+    """Whether ``reply`` is an evaluation of ``rows`` examples: a finite loss and one verdict per example."""
+    got = protocol.StepReply.from_bytes(reply)
+    verdicts = got.example_correct
+    return got.count == rows and torch.isfinite(torch.tensor(got.clean_loss)) and verdicts.shape == (rows,)
+
+
 def test_a_frame_at_the_limits_is_served(opt_server):
     _, server = opt_server
-    assert server.handle_bytes(eval_frame(server, rows=4, tokens=32)) is not None
+    assert _scored(server.handle_bytes(eval_frame(server, rows=4, tokens=32)), rows=4)
 
 
 @pytest.mark.parametrize(
@@ -174,4 +181,4 @@ def test_candidate_fields_must_match_the_model_family():
     _, bert, _ = server_for("tiny-bert")
     with pytest.raises(ProtocolError, match=r"fields \['score_ids'\] sent to an encoder"):
         bert.handle_bytes(eval_frame(bert, rows=2, tokens=8))
-    assert bert.handle_bytes(eval_frame(bert, rows=2, tokens=8, decoder=False)) is not None
+    assert _scored(bert.handle_bytes(eval_frame(bert, rows=2, tokens=8, decoder=False)), rows=2)
