@@ -26,6 +26,7 @@ def test_the_default_is_mimalloc_from_its_package() -> None:
     assert process_env("glibc") == {}
 
 
+@pytest.mark.subprocess
 def test_an_unknown_allocator_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="allocator: 'jemalloc' is not one of mimalloc, glibc"):
         process_env("jemalloc")
@@ -35,6 +36,7 @@ def test_an_unknown_allocator_is_refused_by_name() -> None:
     assert done.returncode != 0 and "'tcmalloc' is not one of" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_a_process_started_with_the_env_runs_mimalloc_and_one_without_runs_glibc() -> None:
     def active(env: dict[str, str]) -> str:
         done = subprocess.run([sys.executable, "-c", ACTIVE], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -45,6 +47,7 @@ def test_a_process_started_with_the_env_runs_mimalloc_and_one_without_runs_glibc
     assert active(_clean_env()) == "glibc"
 
 
+@pytest.mark.subprocess
 def test_the_shell_lines_start_node_evaluates_preload_mimalloc() -> None:
     script = f'eval "$({sys.executable} -m fl_app.allocator)"; exec {sys.executable} -c "{ACTIVE}"'
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=_clean_env(), capture_output=True, text=True)
@@ -55,6 +58,7 @@ def test_the_shell_lines_start_node_evaluates_preload_mimalloc() -> None:
     assert glibc.returncode == 0 and glibc.stdout == ""
 
 
+@pytest.mark.subprocess
 def test_the_end_of_message_release_gives_mimallocs_freed_pages_back() -> None:
     """Under mimalloc freed pages stay mapped for MIMALLOC_PURGE_DELAY; a step's release leaves them (they
     are reused by the next step), the worker's forced release after each message gives them back."""

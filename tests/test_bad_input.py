@@ -57,6 +57,7 @@ def test_config_check_and_local_runner_refuse_bad_input_in_one_line(capsys, tmp_
     assert not out.exists()  # refused before anything ran
 
 
+@pytest.mark.subprocess
 def test_argument_and_key_errors_are_answered_before_torch_loads():
     """hosl-config and hosl-export answer a mistyped key or a missing argument in a fraction of a
     second: torch and transformers are imported only for what needs them (issue 45)."""

@@ -145,6 +145,7 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_result(tmp
     assert resumed["eval"]["test"] == uninterrupted["eval"]["test"]
 
 
+@pytest.mark.subprocess
 def test_a_run_killed_between_its_first_checkpoint_and_results_resumes_and_exports(tmp_path):
     """results.json (status running, the config) is written before round 1, so a run killed right
     after its first checkpoint.pt, before that round's results.json, leaves a folder that resume and

@@ -58,6 +58,7 @@ def test_resume_takes_a_boolean_or_a_run_folder():
         make_config({"resume": "/runs/a", "tune-trials": 2})
 
 
+@pytest.mark.subprocess
 def test_every_key_has_help_and_hosl_config_keys_lists_them_all():
     from fl_app.config_cli import keys_markdown, keys_text
 

@@ -130,6 +130,7 @@ def test_a_personal_bottom_is_the_clients_own(tmp_path):
         assert not torch.equal(zero(ids, mask), pristine(ids, mask))  # each trained
 
 
+@pytest.mark.subprocess
 def test_bad_requests_are_one_line_errors_with_exit_2_and_nothing_written(tmp_path, capsys):
     folder = _train(tmp_path, "run")
     cases = [

@@ -273,6 +273,7 @@ def test_with_a_server_secret_only_the_node_holding_its_key_trains(coordinators,
     assert json.loads(c.write_results().read_text())["refused"] == {"stream": 1}
 
 
+@pytest.mark.subprocess
 def test_a_node_with_its_own_ca_trusts_only_it(coordinators, tmp_path):
     """Node config stream-ca replaces the certificate in the session message: a server certificate
     from another CA fails the handshake, and a plain-text stream is refused before connecting."""

@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "flwr_run.sh"
 
@@ -68,6 +70,7 @@ def test_ports_you_export_are_used_as_they_are(tmp_path):
     assert got["PORTS"] == "40001 40003"
 
 
+@pytest.mark.subprocess
 def test_stop_with_no_superlink_of_this_home_stops_nothing(tmp_path):
     _fake_flwr(tmp_path / "bin")
     proc = subprocess.run(
@@ -81,6 +84,7 @@ def test_stop_with_no_superlink_of_this_home_stops_nothing(tmp_path):
     assert proc.stdout.strip() == f"no SuperLink running with FLWR_HOME={tmp_path / 'home'}"
 
 
+@pytest.mark.subprocess
 def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tmp_path):
     _fake_flwr(tmp_path / "bin")
     first = _seen(_run(tmp_path))["PORTS"]
@@ -101,6 +105,7 @@ def test_a_live_superlink_of_this_home_keeps_its_ports_and_stop_stops_only_it(tm
             proc.wait()
 
 
+@pytest.mark.subprocess
 def test_deploy_refuses_a_superlink_port_already_in_use(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -141,6 +141,7 @@ def test_ledger_rolls_back_only_the_failed_session():
     assert ledger.rollback("b") == "" and w.tolist() == [10.0] * 3
 
 
+@pytest.mark.subprocess
 def test_certificates_name_the_addresses_clients_use(tmp_path):
     """scripts/make_certs.sh DIR NAME...: the server certificate is valid for each given IP or DNS name
     (a second machine reaches the server at its own address, not 127.0.0.1)."""
@@ -161,6 +162,7 @@ def test_certificates_name_the_addresses_clients_use(tmp_path):
     assert names.get_values_for_type(x509.DNSName) == ["server.example"]
 
 
+@pytest.mark.subprocess
 def test_tls_stream_with_self_signed_certificates(tmp_path):
     import subprocess
     from pathlib import Path

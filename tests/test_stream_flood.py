@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from fl_app import frame_auth
 from fl_app.client_session import ClientSide, NodeSettings, run_session
@@ -35,6 +36,7 @@ def _flood(address: str, ca: bytes, stop: threading.Event, codes: list[grpc.Stat
     channel.close()
 
 
+@pytest.mark.subprocess
 def test_a_flood_of_unauthenticated_streams_leaves_every_session_of_the_round_to_complete(
     coordinators, tmp_path, caplog
 ):

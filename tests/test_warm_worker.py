@@ -120,6 +120,7 @@ def test_a_node_whose_worker_is_down_reports_it_to_the_server_and_never_runs_the
     assert "scripts/start_node.sh" in report["error"]
 
 
+@pytest.mark.subprocess
 def test_the_worker_socket_folder_must_be_private(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
@@ -171,6 +172,7 @@ def test_the_supernodes_idle_poll_is_shortened_and_flowers_wait_is_still_where_i
         split_idle_poll(["--idle-poll", "10"])
 
 
+@pytest.mark.subprocess
 def test_the_clientapp_launcher_runs_flowers_own_flwr_clientapp_without_the_supernode_command():
     probe = (
         "import sys; sys.path.insert(0, 'client_app'); import clientapp_process as c; f = c.load_flwr_clientapp(); "
