@@ -26,17 +26,15 @@ config is read back, not rerun, so a study spread over sessions and machines pic
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import shutil
 import statistics
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ledger import Ledger
+from benchmarks.ledger import Ledger, run_pending
 from benchmarks.report import mean_sd, spread, standard_error, write_report
 from fl_app.config import Config, make_config
 from fl_app.scenario import majority_test_accuracy
@@ -219,20 +217,12 @@ def _one_run(size: Size, out: Path, key: tuple[str, str, float, int]) -> dict[st
     return summary(run_once(scenario(size, *key), out / run_name(*key)))
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _run_all(
     size: Size, out: Path, keys: list[tuple[str, str, float, int]], jobs: int, ledger: Ledger
 ) -> dict[tuple, Any]:
-    """Every run of ``keys``: read from the ledger if finished there with the same config, else run in
-    this process or in ``jobs`` worker processes of one torch thread each (the ZO directions are drawn
-    on one core: on 2 cores, two one-thread SST-2 hosl runs side by side took 2.5 s/step each, one
-    two-thread run 1.65 s/step, so about 1.3x the throughput) and recorded in the ledger as each
-    finishes; ``jobs = 0`` runs nothing and gives None for each run not in the ledger."""
+    """Every run of ``keys``: read from the ledger if finished there with the same config, else run
+    (:func:`benchmarks.ledger.run_pending`) and recorded in the ledger as each finishes; ``jobs = 0``
+    runs nothing and gives None for each run not in the ledger."""
     done = {key: ledger.get(run_name(*key), dict(scenario(size, *key))) for key in keys}
     missing = [key for key, found in done.items() if found is None]
     if jobs <= 0 or not missing:
@@ -242,21 +232,9 @@ def _run_all(
         ledger.put(run_name(*key), dict(scenario(size, *key)), found)
         done[key] = found
 
-    if jobs == 1:
-        for key in missing:
-            record(key, _one_run(size, out, key))
-        return done
-    failed: list[str] = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = {pool.submit(_one_run, size, out, key): key for key in missing}
-        for future in as_completed(futures):  # a failed run does not stop the others being recorded
-            try:
-                record(futures[future], future.result())
-            except Exception as err:  # noqa: BLE001 - reported below, once every other run is recorded
-                failed.append(f"{run_name(*futures[future])}: {type(err).__name__}: {err}")
-    if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed (the others are in {ledger.path}): " + "; ".join(failed))
+    names = {run_name(*key): key for key in missing}  # failures are reported by run name
+    pending = {name: (_one_run, (size, out, key)) for name, key in names.items()}
+    run_pending(pending, jobs, lambda name, found: record(names[name], found), ledger)
     return done
 
 

@@ -48,15 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from benchmarks import stats
 from benchmarks.accuracy import LEARNED, run_once
-from benchmarks.ledger import Ledger
+from benchmarks.ledger import Ledger, run_pending
 from benchmarks.report import ROOT, write_report
 from fl_app import train
 from fl_app.bottom_effect import divergence
@@ -186,12 +184,6 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _run(out: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One run in ``out/name``, continued from its last finished round when an earlier attempt with the
     same settings was cut off there (a study outlives the sessions that run it; a resumed run equals an
@@ -213,32 +205,19 @@ def _run(out: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(runs: dict[str, dict[str, Any]], out: Path, jobs: int, ledger: Ledger) -> dict[str, Any]:
     """Each run's summary: from the ledger when a run finished there with the same config (under this
-    name or another phase's), else run
-    (``jobs`` one-thread processes) and recorded as it finishes; ``jobs = 0`` runs nothing (None)."""
+    name or another phase's), else run (:func:`benchmarks.ledger.run_pending`) and recorded as it
+    finishes; ``jobs = 0`` runs nothing (None)."""
     done = {name: ledger.get(name, request(o)) or ledger.find(request(o)) for name, o in runs.items()}
     missing = [name for name, found in done.items() if found is None]
     if jobs <= 0 or not missing:
         return done
-    if jobs == 1:  # in this process
-        for name in missing:
-            done[name] = _run(out, name, runs[name])
-            ledger.put(name, request(runs[name]), done[name])
-        return done
-    failed = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = {pool.submit(_run, out, name, runs[name]): name for name in missing}
-        for future in as_completed(futures):
-            name = futures[future]
-            try:
-                done[name] = future.result()
-            except Exception as err:  # noqa: BLE001 - reported once the others are recorded
-                failed.append(f"{name}: {type(err).__name__}: {err}")
-                continue
-            ledger.put(name, request(runs[name]), done[name])
-            print(f"[zo_bottom] {name}: test {done[name]['test']:.4f}, dev loss {done[name]['dev_loss'][-1]:.4f}")
-    if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed (the others are in {ledger.path}): " + "; ".join(failed))
+
+    def record(name: str, found: dict[str, Any]) -> None:
+        ledger.put(name, request(runs[name]), found)
+        done[name] = found
+        print(f"[zo_bottom] {name}: test {found['test']:.4f}, dev loss {found['dev_loss'][-1]:.4f}", flush=True)
+
+    run_pending({name: (_run, (out, name, runs[name])) for name in missing}, jobs, record, ledger)
     return done
 
 
