@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ledger import Ledger, run_pending
-from benchmarks.report import mean_sd, spread, standard_error, write_report
+from benchmarks.report import write_report
+from benchmarks.stats import mean_sd, spread, standard_error
 from fl_app.config import Config, make_config
 from fl_app.scenario import majority_test_accuracy
 from fl_app.train import run

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -38,21 +36,3 @@ def write_report(stem: Path | str, markdown: str, data: Any, command: str | None
     record = {"provenance": stamp, **({"command": command} if command else {}), "data": data}
     js.write_text(json.dumps(record, indent=2, default=float))
     return md, js
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation; 0 for one value) of results over seeds."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def mean_sd(values: list[float], digits: int = 3, scale: float = 1.0, signed: bool = False) -> str:
-    """``mean ± sd`` of results over seeds as table text (times ``scale``, the mean with its sign if
-    ``signed``); the mean alone for one value, which has no spread to show."""
-    m, sd = spread(values)
-    mean = f"{scale * m:{'+' if signed else ''}.{digits}f}"
-    return mean + (f" ± {scale * sd:.{digits}f}" if len(values) > 1 else "")
-
-
-def standard_error(values: list[float]) -> float:
-    """The standard error of the mean of results over seeds (0 for one value)."""
-    return spread(values)[1] / math.sqrt(len(values))

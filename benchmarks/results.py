@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import LEARNED, control_gaps, learned
-from benchmarks.report import standard_error
+from benchmarks.stats import standard_error
 from benchmarks.tune_compare import floor_line, verdicts
 from benchmarks.zo_bottom import headline as zo_bottom_headline
 

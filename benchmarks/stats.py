@@ -24,6 +24,24 @@ from scipy import stats as scipy_stats
 from fl_app.bottom_effect import mcnemar_exact, paired_flips
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value) of results over seeds."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_sd(values: list[float], digits: int = 3, scale: float = 1.0, signed: bool = False) -> str:
+    """``mean ± sd`` of results over seeds as table text (times ``scale``, the mean with its sign if
+    ``signed``); the mean alone for one value, which has no spread to show."""
+    m, sd = spread(values)
+    mean = f"{scale * m:{'+' if signed else ''}.{digits}f}"
+    return mean + (f" ± {scale * sd:.{digits}f}" if len(values) > 1 else "")
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of results over seeds (0 for one value)."""
+    return spread(values)[1] / math.sqrt(len(values))
+
+
 def per_example(a: Sequence[int], b: Sequence[int]) -> dict[str, float]:
     """a - b on the same examples (0/1 outcomes): points, per-example SE, flips, McNemar's exact p."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
@@ -47,8 +65,7 @@ def over_seeds(diffs: Sequence[float]) -> dict[str, Any]:
     """Per-seed differences: n, mean, SD, SE of the mean and the paired t-test's two-sided p (None below
     two seeds, or when every seed gave the same difference)."""
     n = len(diffs)
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    mean, sd = spread(list(diffs))
     p = float(scipy_stats.ttest_1samp(list(diffs), 0.0).pvalue) if n > 1 and sd > 0 else None
     return {"n": n, "mean": mean, "sd": sd, "se": sd / math.sqrt(n) if n > 1 else math.nan, "p": p}
 

@@ -29,7 +29,8 @@ from typing import Any
 from benchmarks.accuracy import LEARNED, beats_floor
 from benchmarks.flower_sim import ROOT, run_simulation
 from benchmarks.ledger import Ledger
-from benchmarks.report import mean_sd, spread, standard_error, write_report
+from benchmarks.report import write_report
+from benchmarks.stats import mean_sd, spread, standard_error
 from fl_app.config import SELECTORS, scenario_config
 from fl_app.scenario import majority_test_accuracy
 

@@ -23,7 +23,7 @@ from benchmarks.accuracy import (
     table,
 )
 from benchmarks.ledger import Ledger
-from benchmarks.report import mean_sd
+from benchmarks.stats import mean_sd
 from fl_app.scenario import sample_and_partition
 
 TINY = Size(
