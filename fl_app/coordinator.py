@@ -366,6 +366,38 @@ class Coordinator:
             self.results["comm"]["bytes_down"] += rep.bytes_down
         return result
 
+    def record_tuning(self, tuning: dict[str, Any]) -> None:
+        """The tuning study's summary (before the best configuration's run)."""
+        self.results["tuning"] = tuning
+
+    def record_untrained(self, evaluation: dict[str, Any]) -> None:
+        """The untrained bottom's dev evaluation: the baseline, recorded as round 0."""
+        self.results["eval"]["history"].append({"round": 0, **evaluation})
+
+    def record_test(self, evaluation: dict[str, Any] | None) -> None:
+        self.results["eval"]["test"] = evaluation
+
+    def record_tuned_run(self, seconds: float) -> None:
+        """What the tuned configuration's run on full data gave (after tuning): its rate, time, accuracies."""
+        self.results["tuning"]["final"] = {
+            "params": self.overrides,
+            "rounds": self.config.federation.num_rounds,
+            "seconds": seconds,
+            "dev_accuracy": self.results["rounds"][-1]["accuracy"],  # the last round always evaluates
+            "test_accuracy": (self.results["eval"].get("test") or {}).get("accuracy"),
+        }
+
+    def record_federation(self, num_clients: int) -> None:
+        """The federation's client count (under Flower it, not the scenario, decides)."""
+        self.results["num_clients"] = num_clients
+
+    def record_message_rtts(self, seconds: list[float]) -> None:
+        self.results["flower_message_rtt_seconds"] = seconds
+
+    def last_round_clients(self) -> list[int]:
+        """The clients of the last recorded round ([] before any)."""
+        return self.results["rounds"][-1]["clients"] if self.results["rounds"] else []
+
     def checkpoint(self, rnd: int) -> None:
         """Everything a resumed run needs after round ``rnd`` (the server's weights, optimiser state and
         step count, the synced state, the results so far, the RNG), in one atomic file; then results.json."""

@@ -213,7 +213,7 @@ def _run(fed: Federation, coord: Coordinator) -> Path:
     if config.tune.trials:
         tuning = tune(fed, coord, rounds)
         coord.reset(config.tune.trials + 1, tuning["best"]["params"])  # best config, full data
-        coord.results["tuning"] = tuning
+        coord.record_tuning(tuning)
         selector = "full"
     final_started = time.perf_counter()
     numbers = [next(rounds) for _ in range(config.federation.num_rounds)]  # after tuning's rounds
@@ -222,7 +222,7 @@ def _run(fed: Federation, coord: Coordinator) -> Path:
     elif config.eval.untrained:  # the baseline, scored by the clients round 1 selects
         untrained = evaluate_round(fed, coord, 0, coord.select(fed.partitions(), numbers[0]), "dev")
         if untrained is not None and untrained["count"]:
-            coord.results["eval"]["history"].append({"round": 0, **untrained})
+            coord.record_untrained(untrained)
             print(f"[hosl] round 0 (untrained): dev accuracy {untrained['accuracy']:.4f}", flush=True)
     for index, rnd in enumerate(numbers, start=1):
         if rnd <= done:
@@ -236,21 +236,14 @@ def _run(fed: Federation, coord: Coordinator) -> Path:
             evaluate=index % config.eval.every == 0 or index == config.federation.num_rounds,
         )
     if config.eval.test:
-        last = coord.results["rounds"][-1]["clients"] if coord.results["rounds"] else []
-        testers = evaluators(coord, last or sorted(fed.partitions()), "test")
+        testers = evaluators(coord, coord.last_round_clients() or sorted(fed.partitions()), "test")
         swap = ", and the final top over the initial bottom (swap evaluation)" if config.eval.swap != "none" else ""
         print(f"[hosl] testing: {len(testers)} clients score the test split with the final model{swap}", flush=True)
         test = evaluate_round(fed, coord, numbers[-1], testers, "test")
-        coord.results["eval"]["test"] = test
+        coord.record_test(test)
         print(f"[hosl] test accuracy {test['accuracy'] if test else None}", flush=True)
     if config.tune.trials:
-        coord.results["tuning"]["final"] = {
-            "params": coord.overrides,
-            "rounds": config.federation.num_rounds,
-            "seconds": time.perf_counter() - final_started,
-            "dev_accuracy": coord.results["rounds"][-1]["accuracy"],  # the last round always evaluates
-            "test_accuracy": (coord.results["eval"].get("test") or {}).get("accuracy"),
-        }
+        coord.record_tuned_run(time.perf_counter() - final_started)
     path = coord.write_results(status="finished")
     print(f"[hosl] results written to {path}", flush=True)  # the run's last line, under Flower and locally
     return path

@@ -389,11 +389,11 @@ def _run(grid: Grid, coord: Coordinator) -> None:
         f"bottoms {config.federation.bottoms}",
         flush=True,
     )
-    coord.results["num_clients"] = fed.num_clients()  # the federation decides, not the scenario
+    coord.record_federation(fed.num_clients())  # the federation decides, not the scenario
     if fed.num_clients() != config.federation.num_clients:
         print(f"[hosl] warning: {num_clients_mismatch(config.federation.num_clients, fed.num_clients())}", flush=True)
     if config.run.probe_messages:
         rtts = probe_message_rtt(grid, fed.probe_node(), config.run.probe_messages)
-        coord.results["flower_message_rtt_seconds"] = rtts
+        coord.record_message_rtts(rtts)
         print(f"[hosl] Flower message round trip: mean {sum(rtts) / len(rtts):.3f} s over {len(rtts)}", flush=True)
     rounds.run(fed, coord)
