@@ -90,3 +90,37 @@ def train_report():
         return TrainReport(**{**fields, **overrides})
 
     return build
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (subprocess runs, Flower)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_CPU: dict[str, float] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With HOSL_TEST_CPU=<file>: each test's CPU seconds (setup, call, teardown; its waited-for
+    subprocesses included), written to <file> as JSON at the end: what shrinking the suite must target
+    on a 2-core machine, and far less sensitive to a loaded machine than wall time."""
+    if not os.environ.get("HOSL_TEST_CPU"):
+        return (yield)
+    started = _cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        _CPU[item.nodeid] = _cpu_seconds() - started
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("HOSL_TEST_CPU")
+    if path and _CPU:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(dict(sorted(_CPU.items(), key=lambda kv: -kv[1])), indent=1))
