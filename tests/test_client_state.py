@@ -29,22 +29,21 @@ def _store(out):
     return folder
 
 
+def _round_4_session(store, base: str) -> SessionSettings:
+    """Client 0's session of round 4, its states in ``store``, starting from session ``base``'s state."""
+    return SessionSettings(
+        client=0, round=4, token="t", address="a:1", local_steps=1, run_id=store.name, state_dir=str(store), base=base
+    )
+
+
 def test_a_bottom_kept_as_seeds_is_replayed_bit_identically_wherever_it_is_loaded(both):
     results, out = both["seeds"]
     config = make_config({**SETTINGS, "client-state": "seeds"})
     kept = load_client_state(_store(out), 0, 3)
     assert kept.weights == {} and len(kept.updates) == kept.steps == 3 * SETTINGS["local-steps"]
     store = _store(out)
-    session = SessionSettings(
-        client=0,
-        round=4,
-        token="t",
-        address="a:1",
-        local_steps=1,
-        run_id=store.name,
-        state_dir=str(store),
-        base=kept.session,  # the server names the client's last committed session: its state is loaded
-    )
+    # the server names the client's last committed session: its state is loaded
+    session = _round_4_session(store, kept.session)
     in_memory = ClientSide(config, 0, SETTINGS["num-clients"], kept)  # a node bound to the client
     from_memory = trainable_state(_prepare(SessionRequest(session), in_memory, 3).client)
     anywhere = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())  # any node: the store
@@ -114,16 +113,7 @@ def test_a_seeds_state_that_cannot_be_this_runs_is_refused_naming_it_before_any_
     payload["run_id"] = store.name  # a state of the run it is read in: only the tampering is wrong
     save_checkpoint(store / "client-0" / newest.name, payload)
     config = make_config({**SETTINGS, "client-state": "seeds"})
-    session = SessionSettings(
-        client=0,
-        round=4,
-        token="t",
-        address="a:1",
-        local_steps=1,
-        run_id=store.name,
-        state_dir=str(store),
-        base=payload["session"],
-    )
+    session = _round_4_session(store, payload["session"])
     side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
     expected = {"too-many": "more than the run can have taken", "nan": "step 4 has a rate", "counter": "step counter"}
     with pytest.raises(CheckpointRefused, match=expected[tamper]) as refused:
@@ -143,16 +133,7 @@ def test_a_state_another_run_wrote_is_refused_naming_its_file(both, tmp_path):
     (store / "client-0").mkdir(parents=True)
     shutil.copy(newest, store / "client-0" / newest.name)
     config = make_config({**SETTINGS, "client-state": "seeds"})
-    session = SessionSettings(
-        client=0,
-        round=4,
-        token="t",
-        address="a:1",
-        local_steps=1,
-        run_id=store.name,
-        state_dir=str(store),
-        base=newest.name.removesuffix(".pt").split("-")[-1],
-    )
+    session = _round_4_session(store, newest.name.removesuffix(".pt").split("-")[-1])
     side = ClientSide(config, 0, SETTINGS["num-clients"], None, NodeSettings())
     with pytest.raises(CheckpointRefused, match=f"{newest.name} is a client state of run '{_store(out).name}'"):
         _prepare(SessionRequest(session), side, 3)

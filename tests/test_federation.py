@@ -555,16 +555,22 @@ def test_a_report_that_does_not_hold_up_is_rolled_back_and_its_client_dropped(co
     assert c.finish_train(session, train_report(queries=q)) is True  # a sound report commits
 
 
+def _first_round_committed(c, side):
+    """Client 0 trains round 1 on ``side`` and the server commits it: (its session, the state it kept)."""
+    session, message = c.open(0, 1)
+    report, kept = run_session(SessionRequest(message), side)
+    assert c.finish_train(session, report)
+    c.record_round(1, [report], [], None, 0.0)
+    return session, kept
+
+
 def test_a_dropped_virtual_client_is_rolled_back_and_the_next_node_starts_from_its_last_kept_state(coord):
     """A client served by a node that keeps nothing in memory (virtual clients): a session that breaks
     off mid-way leaves the server as it was and no state in the client store for its round, so the
     node that serves the client next starts from the state of its last finished round, exactly."""
     c = coord()
     side = ClientSide(c.config, 0, 3, None, NodeSettings())  # state: from the client store only
-    session, message = c.open(0, 1)
-    report, kept = run_session(SessionRequest(message), side)
-    assert c.finish_train(session, report)
-    c.record_round(1, [report], [], None, 0.0)
+    session, kept = _first_round_committed(c, side)
     committed = server_weights(c)
 
     class BreaksOff:
@@ -608,10 +614,7 @@ def test_two_sessions_of_one_client_at_once_commit_one_and_every_node_loads_that
 
     c = coord()
     side = ClientSide(c.config, 0, 3, None, NodeSettings())  # state: from the client store only
-    session, message = c.open(0, 1)
-    report, _ = run_session(SessionRequest(message), side)
-    assert c.finish_train(session, report)
-    c.record_round(1, [report], [], None, 0.0)
+    session, _ = _first_round_committed(c, side)
     (first, first_msg), (second, second_msg) = c.open(0, 2), c.open(0, 2)  # one client, two nodes
     first_report, first_state = run_session(SessionRequest(first_msg), side)
     second_report, second_state = run_session(SessionRequest(second_msg), side)  # its file is written last
