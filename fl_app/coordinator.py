@@ -117,7 +117,6 @@ class Coordinator:
         self.average: dict[str, torch.Tensor] | None = None
         self.synced: dict[int, int] = {}  # client -> the round through which it has the synced updates
         self.committed: dict[int, str] = {}  # client -> id of its last committed training session, this trial
-        self._bases: dict[str, str] = {}  # open session token -> the committed session it started from
         self.refused_before: dict[str, int] = {}  # refusals counted before a resume
         self.finished_round = 0  # the last round checkpointed (what a resumed run continues from)
         self.run_id = secrets.token_hex(8)  # names this run's client states (a resumed run keeps it)
@@ -195,7 +194,7 @@ class Coordinator:
         """A new session for ``client_id`` and the settings its session message carries (``extra``: a
         training session's ``subset`` plan, an evaluation's ``split``, ``shard`` and ``num_shards``)."""
         session = self.stream.open_session(str(client_id), node_key(self.secret, client_id) if self.secret else None)
-        self._bases[session.token] = base = self.committed.get(client_id, "")
+        session.base = self.committed.get(client_id, "")
         settings = {
             "client": client_id,
             "round": rnd,
@@ -209,8 +208,7 @@ class Coordinator:
             "state_dir": str(self.out_dir.resolve() / "clients" / self.run_id)  # absolute: clients check it
             if self.config.run.client_checkpoints
             else "",
-            "finished_round": self.finished_round,
-            "base": base,  # the client loads the state of that session, whichever node it is on
+            "base": session.base,  # the client loads the state of that session, whichever node it is on
         }
         return session, SessionSettings(**{**settings, **extra})
 
@@ -229,7 +227,7 @@ class Coordinator:
             problem = report.problem(int(session.client_id), queries)
             if problem is not None:  # never committed, never in the synced history: the client is dropped
                 report, reason = None, f"bad report: {problem}"
-            elif self._bases.get(session.token) != self.committed.get(int(session.client_id), ""):
+            elif session.base != self.committed.get(int(session.client_id), ""):
                 report = None  # two sessions of one client at once: the client kept the other's state
                 reason = f"another session of client {session.client_id} was committed after this one opened"
         if report is None or session.status != "open":
@@ -249,7 +247,6 @@ class Coordinator:
         """Close a session and free what the server buffered for it (streamed parts, proxies), on
         every end: a client that closes cleanly mid-step leaves nothing behind."""
         self.stream.close_session(session)
-        self._bases.pop(session.token, None)
         with self.lock:
             self.server.discard_parts(session.token)
         release_freed_memory()

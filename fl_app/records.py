@@ -118,7 +118,6 @@ class SessionSettings:
     trial: int = 0  # a state saved in another tuning trial is dropped
     run_id: str = ""
     state_dir: str = ""  # where clients keep per-round states ("": none)
-    finished_round: int = 0  # the server's last checkpointed round (older client states may go)
     base: str = ""  # the id of the client's last committed training session of this trial ("": none yet)
     subset: str = "full"  # a training session's data plan (fl_app.subset.PLANS)
     split: str = ""  # an evaluation's split (dev or test); "" for training

@@ -55,6 +55,7 @@ class Session:
     key: bytes = b""  # the session's MAC key (from the token and the node's key, if any)
     status: str = "open"  # open -> done | failing -> failed
     reason: str = ""
+    base: str = ""  # a training session's starting state: the id of its client's last committed session
     steps: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
